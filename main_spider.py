@@ -1,0 +1,94 @@
+"""The toolkit's distributed crawler: takes start URLs from Redis and follows links on the same host.
+
+Run ``scrapy crawl main_spider`` on as many machines as you like, all with the same ``REDIS_URL``, then push
+URLs: ``redis-cli LPUSH distributed:start_urls '{"url": "https://example.com/"}'`` (a plain URL works too).
+"""
+
+import json
+import time
+from urllib.parse import urlsplit
+
+from scrapy import Request, signals
+from scrapy.utils.defer import deferred_from_coro
+from scrapy_redis.spiders import RedisSpider
+from twisted.internet import task
+
+# How often an idle node looks for new start URLs (the engine's own idle check runs only every 5 s).
+START_URLS_POLL_INTERVAL = 1.0
+
+
+class DistributedSpider(RedisSpider):
+    """Crawl every page of the hosts whose URLs are pushed to ``distributed:start_urls``."""
+
+    name = "main_spider"
+    redis_key = "distributed:start_urls"
+    test_flag = "VERSION_2.3"
+    custom_settings = {"HTTPERROR_ALLOW_ALL": True}  # 404 and 500 pages become items too
+
+    @classmethod
+    def from_crawler(cls, crawler, *args, **kwargs):
+        spider = super().from_crawler(crawler, *args, **kwargs)
+        crawler.signals.connect(spider.spider_opened, signal=signals.spider_opened)
+        crawler.signals.connect(spider.spider_closed, signal=signals.spider_closed)
+        return spider
+
+    async def start(self):
+        """Scrapy >= 2.13 calls this instead of start_requests: the first batch waiting in Redis."""
+        for request in self.next_requests():
+            yield request
+
+    def make_request_from_data(self, data):
+        """A request from a queue entry: JSON ``{"url": ..., "meta": {...}, "dont_filter": false}`` or a URL."""
+        text = data.decode(self.redis_encoding) if isinstance(data, bytes) else str(data)
+        try:
+            entry = json.loads(text)
+        except ValueError:
+            entry = {"url": text.strip()}
+        if isinstance(entry, str):
+            entry = {"url": entry}
+        url = entry.get("url") if isinstance(entry, dict) else None
+        if not url or urlsplit(url).scheme not in ("http", "https"):
+            self.logger.warning("Ignoring start URL entry without an http(s) url: %.200r", text)
+            return []
+        meta = entry.get("meta") if isinstance(entry.get("meta"), dict) else {}
+        # Filtered like any link, so a start page that other pages link to is fetched once per cluster.
+        return Request(url, meta=meta, dont_filter=bool(entry.get("dont_filter", False)))
+
+    def parse(self, response):
+        title = None
+        if hasattr(response, "css"):
+            title = (response.css("title::text").get() or "").strip() or None
+        yield {"url": response.url, "status": response.status, "title": title}
+        if not hasattr(response, "css") or response.status >= 400:
+            return
+        host = urlsplit(response.url).netloc
+        for href in response.css("a::attr(href)").getall():
+            url = response.urljoin(href.strip())
+            parts = urlsplit(url)
+            if parts.scheme in ("http", "https") and parts.netloc == host:
+                yield Request(url.split("#", 1)[0], callback=self.parse)
+
+    def spider_opened(self, spider):
+        self.spider_idle_start_time = time.time()
+        self.poller = task.LoopingCall(self.poll_start_urls)
+        self.poller.start(START_URLS_POLL_INTERVAL, now=False)
+
+    def spider_closed(self, spider, reason):
+        if getattr(self, "poller", None) is not None and self.poller.running:
+            self.poller.stop()
+        self.logger.info("Node closed (%s); start URLs still waiting in %s", reason, self.redis_key)
+
+    def poll_start_urls(self):
+        """Pick up pushed start URLs promptly, and close an idle node once MAX_IDLE_TIME_BEFORE_CLOSE passes."""
+        engine = self.crawler.engine
+        now = time.time()
+        if engine.spider is None or not engine.spider_is_idle():
+            # scrapy-redis counts idle time only from the last start URL seen; count it from the last work.
+            self.spider_idle_start_time = now
+            return
+        if self.count_size(self.redis_key) > 0:
+            self.spider_idle_start_time = now
+            self.schedule_next_requests()
+        elif self.max_idle_time and now - self.spider_idle_start_time >= self.max_idle_time:
+            self.poller.stop()
+            deferred_from_coro(engine.close_spider_async(reason="finished"))

@@ -1,0 +1,520 @@
+"""Node metrics for distributed Scrapy crawlers: the Redis schema, its readers and the writing extension.
+
+Enable the writer in any Scrapy project with ``EXTENSIONS = {"monitors.SpiderMonitor": 500}``.
+``monitor_api.py`` and ``alert.py`` import the read helpers below; every Redis key and snapshot field
+the toolkit uses is named in this file.
+"""
+
+import json
+import logging
+import os
+import socket
+import time
+from urllib.parse import urlsplit, urlunsplit
+
+import psutil
+import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_REDIS_URL = "redis://localhost:6379/0"
+DEFAULT_PREFIX = "scrapy"
+DEFAULT_INTERVAL = 10.0
+# A metrics write gives up after this long: a slow Redis must never hold up a crawl.
+REDIS_TIMEOUT = 1.0
+# A node is stale when it has not reported for this many of its own intervals.
+STALE_INTERVALS = 3
+# Full-resolution history covers the last hour; the second tier covers a day in 5-minute means.
+HISTORY_SECONDS = 3600
+TREND_BUCKET = 300
+TREND_SECONDS = 86400
+# History keys outlive their node by a day, so a dead node's last day can still be charted.
+HISTORY_TTL = TREND_SECONDS + HISTORY_SECONDS
+
+# The columns of one history row, stored as a compact JSON array (names are not repeated per row).
+HISTORY_FIELDS = (
+    "timestamp", "cpu", "memory", "process_cpu", "rss", "net_sent_rate", "net_recv_rate",
+    "pages", "items", "errors", "pages_per_min", "items_per_min", "errors_per_min", "queue_requests",
+)
+# In a 5-minute bucket these are averaged; the other columns keep the bucket's last value.
+MEAN_FIELDS = frozenset(
+    ("cpu", "memory", "process_cpu", "rss", "net_sent_rate", "net_recv_rate",
+     "pages_per_min", "items_per_min", "errors_per_min")
+)
+
+# Counters read from Scrapy's own stats (snapshot field -> stats key).
+STAT_COUNTERS = {
+    "pages": "response_received_count",
+    "items": "item_scraped_count",
+    "requests": "downloader/request_count",
+    "errors": "log_count/ERROR",
+    "warnings": "log_count/WARNING",
+    "retries": "retry/count",
+    "exceptions": "downloader/exception_count",
+    "dropped": "item_dropped_count",
+}
+STATUS_STAT = "downloader/response_status_count/"
+RATE_FIELDS = ("pages", "items", "errors", "requests")
+# (counter, rate field, scale): network in bytes per second, crawl counters per minute.
+RATES = (("bytes_sent", "net_sent_rate", 1), ("bytes_recv", "net_recv_rate", 1)) + tuple(
+    (f, f"{f}_per_min", 60) for f in RATE_FIELDS)
+# CPU percentages and rates over less than this many seconds are noise; a sample that soon reuses the last.
+MIN_WINDOW = 0.5
+WINDOW_FIELDS = frozenset(["cpu", "process_cpu"] + [rate for _, rate, _ in RATES])
+
+# One round trip for the three scrapy-redis queue sizes, whatever container each key is.
+QUEUE_SIZES_LUA = """
+local out = {}
+for i, key in ipairs(KEYS) do
+  local kind = redis.call('TYPE', key).ok
+  if kind == 'list' then out[i] = redis.call('LLEN', key)
+  elseif kind == 'zset' then out[i] = redis.call('ZCARD', key)
+  elseif kind == 'set' then out[i] = redis.call('SCARD', key)
+  else out[i] = 0 end
+end
+return out
+"""
+
+
+# ---------------------------------------------------------------------------- shared helpers
+
+def env(name, default=None):
+    """An environment variable, with empty counting as unset."""
+    value = os.environ.get(name, "")
+    return value if value != "" else default
+
+
+def redis_url():
+    return env("REDIS_URL", DEFAULT_REDIS_URL)
+
+
+def key_prefix():
+    return env("MONITOR_KEY_PREFIX", DEFAULT_PREFIX)
+
+
+def status_key(prefix):
+    return f"{prefix}:node:status"
+
+
+def history_key(prefix, node):
+    """Full-resolution history of one node: a LIST of rows, newest first, the last hour."""
+    return f"{prefix}:node:history:{node}"
+
+
+def trend_key(prefix, node):
+    """The 24-hour tier of one node's history: 5-minute rows, newest first."""
+    return f"{prefix}:node:trend:{node}"
+
+
+def connect(url=None, timeout=REDIS_TIMEOUT):
+    """A Redis client that fails fast: short socket timeouts and no retries with backoff."""
+    return redis.Redis.from_url(
+        url or redis_url(),
+        socket_timeout=timeout,
+        socket_connect_timeout=timeout,
+        retry=Retry(NoBackoff(), 0),
+        health_check_interval=0,
+    )
+
+
+def redact(url):
+    """The URL with any password replaced, fit for a log line."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.hostname or ""
+    if parts.port:
+        host = f"{host}:{parts.port}"
+    user = f"{parts.username}:***@" if parts.username else ":***@"
+    return urlunsplit((parts.scheme, user + host, parts.path, parts.query, parts.fragment))
+
+
+# ---------------------------------------------------------------------------- read side
+
+def node_state(snapshot, now=None):
+    """``closed``, ``stale`` (silent for more than three intervals) or ``live``; derived, never stored."""
+    if snapshot.get("status") == "closed":
+        return "closed"
+    now = time.time() if now is None else now
+    interval = _number(snapshot.get("interval"), DEFAULT_INTERVAL) or DEFAULT_INTERVAL
+    if now - _number(snapshot.get("timestamp"), 0) > STALE_INTERVALS * interval:
+        return "stale"
+    return "live"
+
+
+def decode_snapshot(raw):
+    """A stored snapshot as a dict, or None when the value is not a JSON object."""
+    try:
+        value = json.loads(raw)
+    except (ValueError, TypeError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def parse_nodes(raw_hash, now=None):
+    """Decode an HGETALL of the status hash: ``({node: snapshot with state}, malformed_count)``."""
+    now = time.time() if now is None else now
+    nodes, bad = {}, 0
+    for field, raw in raw_hash.items():
+        snapshot = decode_snapshot(raw)
+        if snapshot is None:
+            bad += 1
+            continue
+        node = field.decode("utf-8", "replace") if isinstance(field, bytes) else str(field)
+        snapshot["state"] = node_state(snapshot, now)
+        nodes[node] = snapshot
+    return nodes, bad
+
+
+def list_nodes(r, prefix=None, now=None):
+    """Every node's latest snapshot with its state, and how many stored values were malformed."""
+    return parse_nodes(r.hgetall(status_key(prefix or key_prefix())), now)
+
+
+def get_node(r, node, prefix=None, now=None):
+    """One node's snapshot with its state, or None."""
+    snapshot = decode_snapshot(r.hget(status_key(prefix or key_prefix()), node))
+    if snapshot is not None:
+        snapshot["state"] = node_state(snapshot, now)
+    return snapshot
+
+
+def cluster_view(nodes, spider):
+    """One spider over its nodes: newest timestamp, mean cpu/memory, summed counters, and its nodes.
+
+    ``nodes`` is a ``{node: snapshot}`` mapping as ``list_nodes`` returns; None when the spider has none.
+    """
+    mine = {n: s for n, s in nodes.items() if s.get("spider") == spider}
+    if not mine:
+        return None
+    snaps = list(mine.values())
+    live = [s for s in snaps if s.get("state") == "live"] or snaps
+
+    def total(field, among=snaps):
+        return sum(_number(s.get(field), 0) for s in among)
+
+    def mean(field):
+        return round(total(field, live) / len(live), 2)
+
+    states = {"live": 0, "stale": 0, "closed": 0}
+    for s in snaps:
+        states[s.get("state", "live")] = states.get(s.get("state", "live"), 0) + 1
+    view = {
+        "spider": spider,
+        "timestamp": max(int(_number(s.get("timestamp"), 0)) for s in snaps),
+        "cpu": mean("cpu"),
+        "memory": mean("memory"),
+        **{f: int(total(f)) for f in ("bytes_sent", "bytes_recv", "pages", "items", "requests", "errors")},
+        # Rates only count nodes still crawling; queue sizes are shared, so take the newest reading.
+        **{f"{f}_per_min": round(total(f"{f}_per_min", [s for s in snaps if s.get("state") == "live"]), 2)
+           for f in RATE_FIELDS},
+        **{f: _newest(snaps, f) for f in ("queue_requests", "queue_start_urls", "queue_dupefilter")},
+        "nodes_live": states["live"],
+        "nodes_stale": states["stale"],
+        "nodes_closed": states["closed"],
+        "nodes": mine,
+    }
+    return view
+
+
+def spiders_view(nodes):
+    """``{spider: cluster view without its nodes}`` for every spider that has nodes."""
+    out = {}
+    for spider in sorted({str(s.get("spider")) for s in nodes.values()}):
+        view = cluster_view(nodes, spider)
+        view["nodes"] = sorted(view["nodes"])
+        out[spider] = view
+    return out
+
+
+def read_history(r, node, minutes=60, prefix=None, now=None):
+    """A node's time series for the last ``minutes``, oldest first, as dicts of HISTORY_FIELDS.
+
+    Up to an hour comes from the full-resolution list; longer spans (up to a day) from the 5-minute tier.
+    """
+    prefix = prefix or key_prefix()
+    now = time.time() if now is None else now
+    since = now - minutes * 60
+    key = history_key(prefix, node) if minutes * 60 <= HISTORY_SECONDS else trend_key(prefix, node)
+    rows = []
+    for raw in r.lrange(key, 0, -1):
+        try:
+            values = json.loads(raw)
+        except ValueError:
+            continue
+        if isinstance(values, list) and len(values) == len(HISTORY_FIELDS) and _number(values[0], 0) >= since:
+            rows.append(dict(zip(HISTORY_FIELDS, values)))
+    rows.reverse()
+    return rows
+
+
+def prune_nodes(r, nodes, retention, prefix=None, now=None):
+    """Delete nodes silent for longer than ``retention`` seconds, with their history. Returns their ids."""
+    prefix = prefix or key_prefix()
+    now = time.time() if now is None else now
+    gone = [n for n, s in nodes.items() if now - _number(s.get("timestamp"), 0) > retention]
+    if gone:
+        with r.pipeline(transaction=False) as pipe:
+            pipe.hdel(status_key(prefix), *gone)
+            for node in gone:
+                pipe.delete(history_key(prefix, node), trend_key(prefix, node))
+            pipe.execute()
+    return gone
+
+
+def _number(value, default):
+    if isinstance(value, bool):
+        return default
+    if isinstance(value, (int, float)):
+        return value
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return default
+
+
+def _newest(snaps, field):
+    values = [s for s in snaps if isinstance(s.get(field), (int, float))]
+    if not values:
+        return None
+    return max(values, key=lambda s: _number(s.get("timestamp"), 0))[field]
+
+
+# ---------------------------------------------------------------------------- write side
+
+def history_row(snapshot):
+    """The snapshot's history columns as a list, numbers rounded to keep the row small."""
+    return [_compact(snapshot.get(f)) for f in HISTORY_FIELDS]
+
+
+def merge_rows(rows):
+    """One 5-minute trend row from full-resolution rows: mean of gauges, last value of counters."""
+    merged = []
+    for i, field in enumerate(HISTORY_FIELDS):
+        values = [row[i] for row in rows if row[i] is not None]
+        if field in MEAN_FIELDS and values:
+            merged.append(_compact(sum(values) / len(values)))
+        else:
+            merged.append(rows[-1][i])
+    return merged
+
+
+def write_snapshot(pipe, prefix, snapshot, history_len, trend_rows=()):
+    """Queue the commands that publish one snapshot: status hash, capped history, trend, expiries."""
+    node = snapshot["node"]
+    pipe.hset(status_key(prefix), node, json.dumps(snapshot, separators=(",", ":")))
+    hkey = history_key(prefix, node)
+    pipe.lpush(hkey, json.dumps(history_row(snapshot), separators=(",", ":")))
+    pipe.ltrim(hkey, 0, history_len - 1)
+    pipe.expire(hkey, HISTORY_TTL)
+    if trend_rows:
+        tkey = trend_key(prefix, node)
+        pipe.lpush(tkey, *(json.dumps(row, separators=(",", ":")) for row in trend_rows))
+        pipe.ltrim(tkey, 0, TREND_SECONDS // TREND_BUCKET - 1)
+        pipe.expire(tkey, HISTORY_TTL)
+
+
+class TrendBuffer:
+    """Collects full-resolution rows and hands back one merged row per 5-minute bucket."""
+
+    def __init__(self):
+        self.rows = []
+
+    def add(self, row):
+        """Add a row; returns the previous bucket's merged row when this one starts a new bucket."""
+        done = None
+        if self.rows and int(self.rows[0][0]) // TREND_BUCKET != int(row[0]) // TREND_BUCKET:
+            done = self.flush()
+        self.rows.append(row)
+        return done
+
+    def flush(self):
+        rows, self.rows = self.rows, []
+        return merge_rows(rows) if rows else None
+
+
+def _compact(value):
+    if isinstance(value, float):
+        return round(value, 1) if abs(value) >= 100 or value == int(value) else round(value, 2)
+    return value
+
+
+class Sampler:
+    """Host, process and crawl metrics for one node; each call to ``sample`` covers the time since the last."""
+
+    def __init__(self, process=None):
+        self.process = process or psutil.Process()
+        # psutil's first cpu_percent() is 0.0: prime both so the first real sample means something.
+        psutil.cpu_percent(None)
+        self.process.cpu_percent(None)
+        self.prev = None
+
+    def sample(self, stats, now):
+        """A dict of metrics from a copy of Scrapy's stats, with rates over the time since the last call."""
+        net = psutil.net_io_counters()
+        out = {"memory": psutil.virtual_memory().percent, "bytes_sent": net.bytes_sent,
+               "bytes_recv": net.bytes_recv, "rss": self.process.memory_info().rss}
+        for field, key in STAT_COUNTERS.items():
+            out[field] = int(stats.get(key, 0) or 0)
+        classes = {f"status_{c}xx": 0 for c in range(1, 6)}
+        for key, count in stats.items():
+            if isinstance(key, str) and key.startswith(STATUS_STAT):
+                name = f"status_{key[len(STATUS_STAT):][:1]}xx"
+                if name in classes:
+                    classes[name] += int(count)
+        out.update(classes)
+        if self.prev and now - self.prev[0] < MIN_WINDOW:
+            # Too soon after the last sample (a close right after a tick): keep its CPU figures and rates.
+            out.update({k: v for k, v in self.prev[1].items() if k in WINDOW_FIELDS})
+            return out
+        out["cpu"] = psutil.cpu_percent(None)
+        out["process_cpu"] = round(self.process.cpu_percent(None), 1)
+        prev, self.prev = self.prev, (now, out)
+        elapsed = now - prev[0] if prev else 0
+        for field, rate_name, scale in RATES:
+            rate = (out[field] - prev[1][field]) * scale / elapsed if elapsed > 0 else 0.0
+            out[rate_name] = round(max(rate, 0.0), 1)
+        return out
+
+
+class SpiderMonitor:
+    """Scrapy extension: every MONITOR_INTERVAL seconds, publish this process's metrics to Redis."""
+
+    def __init__(self, crawler, interval, url, queue_url, node_id, prefix):
+        self.crawler = crawler
+        self.stats = crawler.stats
+        self.interval = interval
+        self.url = url
+        self.queue_url = queue_url
+        self.node_id = node_id
+        self.prefix = prefix
+        self.history_len = max(1, int(HISTORY_SECONDS // interval))
+        self.task = None
+        self.pending = None  # the Deferred of the tick in flight: ticks never overlap
+        self.redis_down = False
+        self.trend = TrendBuffer()
+        self.queue_keys = None
+        self.base = {}
+        self.sampler = Sampler()  # primed now, so the first tick's CPU figures cover start-up
+
+    @classmethod
+    def from_crawler(cls, crawler):
+        from scrapy.exceptions import NotConfigured
+        from scrapy import signals
+
+        settings = crawler.settings
+        enabled = settings.get("MONITOR_ENABLED", env("MONITOR_ENABLED", "1"))
+        if str(enabled).strip().lower() in ("0", "false", "no", "off", ""):
+            raise NotConfigured("MONITOR_ENABLED is off")
+        interval = settings.getfloat("MONITOR_INTERVAL", float(env("MONITOR_INTERVAL", DEFAULT_INTERVAL)))
+        if interval <= 0:
+            raise NotConfigured("MONITOR_INTERVAL must be positive")
+        queue_url = settings.get("REDIS_URL") or redis_url()
+        url = settings.get("MONITOR_REDIS_URL") or env("MONITOR_REDIS_URL") or queue_url
+        node_id = settings.get("MONITOR_NODE_ID") or env("MONITOR_NODE_ID")
+        prefix = settings.get("MONITOR_KEY_PREFIX") or key_prefix()
+        ext = cls(crawler, interval, url, queue_url, node_id, prefix)
+        crawler.signals.connect(ext.spider_opened, signal=signals.spider_opened)
+        crawler.signals.connect(ext.spider_closed, signal=signals.spider_closed)
+        return ext
+
+    def spider_opened(self, spider):
+        from twisted.internet import task
+
+        host = socket.gethostname()
+        pid = os.getpid()
+        self.node_id = self.node_id or f"{spider.name}:{host}:{pid}"
+        self.redis = connect(self.url)
+        self.queue_redis = self.redis if self.queue_url == self.url else connect(self.queue_url)
+        self.queue_keys = self._queue_keys(spider)
+        self.base = {"node": self.node_id, "spider": spider.name, "host": host, "pid": pid,
+                     "interval": self.interval, "start_time": int(time.time())}
+        logger.info("Monitor: node %s reports to %s every %ss", self.node_id, redact(self.url), self.interval)
+        self.task = task.LoopingCall(self.tick)
+        self.task.start(self.interval, now=True)
+
+    async def spider_closed(self, spider, reason):
+        """Stop the loop and publish the final ``closed`` snapshot (Scrapy waits for it)."""
+        from scrapy.utils.defer import maybe_deferred_to_future
+
+        if self.task and self.task.running:
+            self.task.stop()
+        if self.queue_keys is None:  # never opened
+            return
+        stats = dict(self.stats.get_stats())
+        extra = {"status": "closed", "finish_reason": str(reason)}
+        await maybe_deferred_to_future(self._after_pending(stats, extra, final=True))
+
+    def tick(self):
+        """Runs on the reactor thread: copy the stats and hand sampling and Redis I/O to a thread."""
+        if self.pending is not None:
+            return  # the previous tick is still talking to Redis
+        self._after_pending(dict(self.stats.get_stats()), {"status": "running"})
+
+    def _after_pending(self, stats, extra, final=False):
+        from twisted.internet import defer, threads
+
+        def run(_):
+            self.pending = threads.deferToThread(self.collect_and_publish, stats, extra, final)
+            self.pending.addErrback(lambda f: logger.error("Monitor: tick failed: %s", f.getErrorMessage()))
+            self.pending.addBoth(self._clear_pending)
+            return self.pending
+
+        previous = self.pending
+        if previous is None:
+            return run(None)
+        d = defer.Deferred()
+        previous.addBoth(lambda _: d.callback(None))
+        return d.addCallback(run)
+
+    def _clear_pending(self, _):
+        self.pending = None
+
+    def collect_and_publish(self, stats, extra, final=False):
+        """Runs in a thread: sample, read queue sizes, write to Redis. Returns the snapshot."""
+        now = time.time()
+        snapshot = {"timestamp": int(now), **self.base, **self.sampler.sample(stats, now), **extra}
+        snapshot.update(self._queue_sizes())
+        trend_rows = [self.trend.add(history_row(snapshot))]
+        if final:
+            trend_rows.append(self.trend.flush())
+        try:
+            with self.redis.pipeline(transaction=False) as pipe:
+                write_snapshot(pipe, self.prefix, snapshot, self.history_len, [r for r in trend_rows if r])
+                pipe.execute()
+        except redis.RedisError as exc:
+            if not self.redis_down:
+                logger.warning("Monitor: cannot write metrics to Redis at %s (%s); the crawl goes on, "
+                               "retrying every %ss", redact(self.url), exc, self.interval)
+            self.redis_down = True
+            return snapshot
+        if self.redis_down:
+            logger.info("Monitor: Redis at %s is back; node %s reports again", redact(self.url), self.node_id)
+        self.redis_down = False
+        return snapshot
+
+    def _queue_keys(self, spider):
+        """The scrapy-redis keys of this spider (requests, start URLs, dupefilter), or None if it has none."""
+        settings = self.crawler.settings
+        scheduler = str(settings.get("SCHEDULER", ""))
+        start_key = getattr(spider, "redis_key", None)
+        if "scrapy_redis" not in scheduler and not start_key:
+            return ()
+        name = {"spider": spider.name}
+        return (
+            settings.get("SCHEDULER_QUEUE_KEY", "%(spider)s:requests") % name,
+            start_key or "",
+            settings.get("SCHEDULER_DUPEFILTER_KEY", "%(spider)s:dupefilter") % name,
+        )
+
+    def _queue_sizes(self):
+        if not self.queue_keys:
+            return {}
+        names = ("queue_requests", "queue_start_urls", "queue_dupefilter")
+        try:
+            sizes = self.queue_redis.eval(QUEUE_SIZES_LUA, 3, *self.queue_keys)
+        except redis.RedisError:
+            return dict.fromkeys(names)
+        return dict(zip(names, (int(s) for s in sizes)))
