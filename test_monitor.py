@@ -1,0 +1,307 @@
+"""The node monitor end to end: real redis-server, real local website, real ``scrapy crawl`` processes."""
+
+import json
+import os
+import signal
+import socket
+import textwrap
+import threading
+import time
+
+import pytest
+from scrapy.exceptions import NotConfigured
+from scrapy.utils.test import get_crawler
+
+import monitors
+from conftest import RedisServer, crawl_log, free_port, wait_for
+from demo_site import Site
+from main_spider import DistributedSpider
+
+SEED_FIELDS = {"timestamp", "spider", "cpu", "memory", "bytes_sent", "bytes_recv"}
+CONTRACT_FIELDS = SEED_FIELDS | {"node", "host", "pid", "status", "interval", "pages", "items"}
+
+PLAIN_SPIDER = '''
+import scrapy
+
+class PlainSpider(scrapy.Spider):
+    name = "plain"
+
+    async def start(self):
+        yield scrapy.Request(self.url)  # filtered, so the links back to it are not fetched again
+
+    def parse(self, response):
+        yield {"url": response.url}
+        yield from response.follow_all(css="a")
+'''
+
+
+def nodes(client, prefix="scrapy"):
+    return monitors.list_nodes(client, prefix)[0]
+
+
+def crawler_env(url, **extra):
+    return {"REDIS_URL": url, "MONITOR_INTERVAL": "1", **extra}
+
+
+@pytest.fixture
+def plain_project(tmp_path):
+    """A plain Scrapy project whose settings hold nothing but its spider and the monitor's one line."""
+    (tmp_path / "scrapy.cfg").write_text("[settings]\ndefault = plain_settings\n")
+    (tmp_path / "plain_settings.py").write_text(textwrap.dedent('''
+        SPIDER_MODULES = ["plain_spider"]
+        EXTENSIONS = {"monitors.SpiderMonitor": 500}
+    '''))
+    (tmp_path / "plain_spider.py").write_text(PLAIN_SPIDER)
+    return tmp_path
+
+
+@pytest.fixture
+def hanging_port():
+    """A port that accepts connections and never answers a byte."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(64)
+    held, stop = [], threading.Event()
+
+    def accept():
+        listener.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                held.append(listener.accept()[0])
+            except OSError:
+                pass
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    yield listener.getsockname()[1]
+    stop.set()
+    thread.join()
+    for conn in held:
+        conn.close()
+    listener.close()
+
+
+def test_two_nodes_share_one_queue_and_report_separately(redis_client, redis_url, crawlers):
+    site = Site(pages=60, delay=0.25).start()
+    try:
+        settings = {"MAX_IDLE_TIME_BEFORE_CLOSE": 5, "CONCURRENT_REQUESTS": 2}
+        procs = [crawlers(env=crawler_env(redis_url), settings=settings) for _ in range(2)]
+        ids = {f"main_spider:{socket.gethostname()}:{p.pid}" for p in procs}
+        wait_for(lambda: set(nodes(redis_client)) == ids, 30, what="both nodes registered")
+        redis_client.lpush("distributed:start_urls", json.dumps({"url": site.url}))
+
+        first = wait_for(lambda: [n for n in nodes(redis_client).values() if n["pages"] >= 3], 20,
+                         what="pages counted")[0]
+        for proc in procs:
+            assert proc.wait(90) == 0, crawl_log(proc)
+
+        final = nodes(redis_client)
+        assert set(final) == ids
+        for node_id, snap in final.items():
+            assert CONTRACT_FIELDS <= set(snap), snap
+            assert snap["node"] == node_id and snap["spider"] == "main_spider"
+            assert snap["status"] == "closed" and snap["state"] == "closed"
+            assert snap["finish_reason"] == "finished"
+            assert snap["interval"] == 1
+            assert 0 <= snap["cpu"] <= 100 and 0 < snap["memory"] <= 100
+            assert snap["bytes_recv"] > 0 and snap["rss"] > 10_000_000
+            assert snap["items"] > 0, f"{node_id} crawled nothing: {snap}"
+            assert snap["queue_requests"] == 0 and snap["queue_start_urls"] == 0
+            assert snap["queue_dupefilter"] == 60
+        grown = final[first["node"]]
+        assert grown["pages"] > first["pages"] and grown["items"] >= first["items"]
+        # Every page fetched exactly once across the two processes, and every item counted once.
+        assert site.page_hits() == {p: 1 for p in site.page_paths()}
+        assert sum(s["items"] for s in final.values()) == 60
+        assert sum(s["status_2xx"] for s in final.values()) >= 60
+        # The history grew while they crawled and never went backwards.
+        for node_id in ids:
+            points = monitors.read_history(redis_client, node_id, 10)
+            pages = [p["pages"] for p in points]
+            assert len(points) >= 3 and pages == sorted(pages) and pages[-1] == final[node_id]["pages"]
+    finally:
+        site.stop()
+
+
+def test_start_urls_are_picked_up_promptly_in_both_formats(redis_client, redis_url, site, crawlers):
+    proc = crawlers(env=crawler_env(redis_url, MONITOR_NODE_ID="waiting-node"))
+    wait_for(lambda: "waiting-node" in nodes(redis_client), 30, what="node registered")
+    time.sleep(1.5)  # well inside the engine's 5-second idle tick
+    pushed = time.monotonic()
+    redis_client.lpush("distributed:start_urls", site.url)  # a plain URL string
+    wait_for(lambda: site.first_hit, 10, what="the start URL fetched")
+    assert site.first_hit - pushed < 3.0
+    wait_for(lambda: site.page_hits().get("/page/39"), 30, what="the whole site crawled")
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(30) == 0
+    assert nodes(redis_client)["waiting-node"]["finish_reason"] == "shutdown"
+
+
+def test_make_request_from_data_accepts_json_and_plain_urls():
+    spider = DistributedSpider.from_crawler(get_crawler(DistributedSpider, {"REDIS_URL": "redis://127.0.0.1:1"}))
+    req = spider.make_request_from_data(b'{"url": "http://a.test/x", "meta": {"job": 7}}')
+    assert (req.url, req.meta["job"], req.dont_filter, req.method) == ("http://a.test/x", 7, False, "GET")
+    assert spider.make_request_from_data(b"http://a.test/y").url == "http://a.test/y"
+    assert spider.make_request_from_data(b'"http://a.test/z"').url == "http://a.test/z"
+    assert spider.make_request_from_data(b'{"url": "http://a.test/", "dont_filter": true}').dont_filter
+    assert spider.make_request_from_data(b'{"no": "url"}') == []
+    assert spider.make_request_from_data(b"javascript:alert(1)") == []
+
+
+def test_killed_node_reads_stale_after_three_intervals(redis_client, redis_url, site, crawlers):
+    proc = crawlers(env=crawler_env(redis_url, MONITOR_INTERVAL="1"))
+    node = f"main_spider:{socket.gethostname()}:{proc.pid}"
+    wait_for(lambda: nodes(redis_client).get(node, {}).get("state") == "live", 30, what="node live")
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(10)
+    last = nodes(redis_client)[node]
+    assert last["status"] == "running"
+    assert monitors.node_state(last, last["timestamp"] + 3) == "live"
+    assert monitors.node_state(last, last["timestamp"] + 3.01) == "stale"
+    wait_for(lambda: nodes(redis_client)[node]["state"] == "stale", 6, what="node stale")
+    assert time.time() - last["timestamp"] > 3
+
+
+def test_plain_spider_is_monitored_with_the_extension_line_only(redis_client, redis_url, site, crawlers,
+                                                                plain_project):
+    proc = crawlers("plain", env=crawler_env(redis_url), cwd=plain_project, args=["-a", f"url={site.url}"])
+    assert proc.wait(60) == 0, crawl_log(proc)
+    (node_id, snap), = nodes(redis_client).items()
+    assert node_id == f"plain:{socket.gethostname()}:{proc.pid}"
+    assert snap["status"] == "closed" and snap["finish_reason"] == "finished"
+    assert snap["items"] == 40 and snap["pages"] >= 40
+    assert "queue_requests" not in snap  # not a scrapy-redis spider
+    assert site.page_hits() == {p: 1 for p in site.page_paths()}
+
+
+def test_monitor_redis_outage_never_stops_the_crawl(redis_url, crawlers, plain_project):
+    metrics = RedisServer().start()
+    site = Site(pages=80, delay=0.2).start()
+    try:
+        env = crawler_env(redis_url, MONITOR_REDIS_URL=metrics.url, CONCURRENT_REQUESTS="2")
+        proc = crawlers("plain", env=env, cwd=plain_project,
+                        args=["-a", f"url={site.url}", "-s", "CONCURRENT_REQUESTS=2"])
+        wait_for(lambda: nodes(metrics.client()), 30, what="node registered")
+        metrics.stop()
+        hits = sum(site.page_hits().values())
+        time.sleep(3)
+        assert sum(site.page_hits().values()) > hits + 5, "the crawl stalled while Redis was down"
+        metrics.start()  # empty: it keeps nothing on disk
+        back = wait_for(lambda: [s for s in nodes(metrics.client()).values() if s["status"] == "running"],
+                        15, what="node reporting again while it crawls")
+        assert proc.wait(60) == 0
+        snap = next(iter(nodes(metrics.client()).values()))
+        assert snap["status"] == "closed" and snap["items"] == 80
+        assert 0 < back[0]["items"] < 80
+        assert site.page_hits() == {p: 1 for p in site.page_paths()}
+        log = crawl_log(proc)
+        assert log.count("cannot write metrics to Redis") == 1, log
+        assert log.count("is back; node") == 1
+        assert "Traceback" not in log
+    finally:
+        metrics.cleanup()
+        site.stop()
+
+
+def test_hanging_monitor_redis_does_not_slow_the_crawl(redis_url, crawlers, plain_project, hanging_port):
+    site = Site(pages=80, delay=0.05).start()
+    try:
+        args = ["-a", f"url={site.url}", "-s", "CONCURRENT_REQUESTS=4"]
+        times = {}
+        for label, extra in (("off", {"MONITOR_ENABLED": "0"}),
+                             ("hanging", {"MONITOR_REDIS_URL": f"redis://127.0.0.1:{hanging_port}/0"})):
+            site.hits.clear()
+            started = time.monotonic()
+            proc = crawlers("plain", env=crawler_env(redis_url, **extra), cwd=plain_project, args=args)
+            assert proc.wait(60) == 0
+            times[label] = time.monotonic() - started
+            assert site.page_hits() == {p: 1 for p in site.page_paths()}, label
+        log = crawl_log(proc)
+        assert log.count("cannot write metrics to Redis") == 1, log
+        # Each Redis call gives up after a second, off the reactor: the crawl and its exit barely notice.
+        assert times["hanging"] < times["off"] + 4.0, times
+    finally:
+        site.stop()
+
+
+def test_disabled_monitor_raises_not_configured():
+    with pytest.raises(NotConfigured):
+        monitors.SpiderMonitor.from_crawler(get_crawler(settings_dict={"MONITOR_ENABLED": False}))
+    with pytest.raises(NotConfigured):
+        monitors.SpiderMonitor.from_crawler(get_crawler(settings_dict={"MONITOR_INTERVAL": 0}))
+    ext = monitors.SpiderMonitor.from_crawler(get_crawler(settings_dict={
+        "MONITOR_INTERVAL": 2.5, "MONITOR_KEY_PREFIX": "p", "MONITOR_NODE_ID": "n1",
+        "REDIS_URL": "redis://q:1/0", "MONITOR_REDIS_URL": "redis://m:2/0"}))
+    assert (ext.interval, ext.prefix, ext.node_id, ext.queue_url, ext.url) == (
+        2.5, "p", "n1", "redis://q:1/0", "redis://m:2/0")
+    assert ext.history_len == 1440
+
+
+def test_history_is_bounded_and_keeps_a_day(redis_client):
+    """8,640 ticks at 10 s: an hour at full resolution, a day in 5-minute rows, both expiring."""
+    trend, start = monitors.TrendBuffer(), 1_699_999_800  # on a 5-minute boundary
+    for i in range(8640):
+        snap = {"node": "n", "timestamp": start + 10 * i, "cpu": i % 100, "memory": 50.0,
+                "pages": i * 3, "items": i, "errors": 0, "rss": 80_000_000 + i}
+        rows = [r for r in [trend.add(monitors.history_row(snap))] if r]
+        with redis_client.pipeline() as pipe:
+            monitors.write_snapshot(pipe, "p", snap, 360, rows)
+            pipe.execute()
+    now = start + 10 * 8639
+    hour = monitors.read_history(redis_client, "n", 60, "p", now)
+    day = monitors.read_history(redis_client, "n", 1440, "p", now)
+    assert len(hour) == 360 and hour[-1]["pages"] == 8639 * 3
+    assert [p["timestamp"] for p in hour] == sorted(p["timestamp"] for p in hour)
+    assert len(day) == 287  # the bucket in progress is still in memory
+    assert day[0]["cpu"] == 14.5 and day[0]["timestamp"] == start  # mean of its 30 rows, first timestamp
+    assert day[-1]["items"] == 8639 - 30  # last value of its bucket
+    assert 0 < redis_client.ttl(monitors.history_key("p", "n")) <= monitors.HISTORY_TTL
+    assert 0 < redis_client.ttl(monitors.trend_key("p", "n")) <= monitors.HISTORY_TTL
+
+
+def test_read_side_states_cluster_view_and_malformed_values(redis_client):
+    now = 1_000_000
+    key = monitors.status_key("scrapy")
+    base = {"spider": "s", "interval": 10, "bytes_sent": 1, "bytes_recv": 2, "pages": 10, "items": 5}
+    redis_client.hset(key, mapping={
+        "a": json.dumps({**base, "node": "a", "timestamp": now - 5, "cpu": 10, "memory": 40,
+                         "status": "running", "pages_per_min": 60, "queue_requests": 7}),
+        "b": json.dumps({**base, "node": "b", "timestamp": now - 31, "cpu": 90, "memory": 60,
+                         "status": "running", "pages_per_min": 600}),
+        "c": json.dumps({**base, "node": "c", "timestamp": now - 500, "status": "closed"}),
+        "x": json.dumps({**base, "spider": "other", "timestamp": now, "cpu": 1, "memory": 1}),
+        "bad1": "{not json", "bad2": "[1, 2]", "bad3": '{"trunc',
+    })
+    found, bad = monitors.list_nodes(redis_client, "scrapy", now)
+    assert bad == 3 and set(found) == {"a", "b", "c", "x"}
+    assert [found[n]["state"] for n in "abc"] == ["live", "stale", "closed"]
+    view = monitors.cluster_view(found, "s")
+    assert (view["nodes_live"], view["nodes_stale"], view["nodes_closed"]) == (1, 1, 1)
+    assert view["cpu"] == 10 and view["memory"] == 40  # means over live nodes
+    assert view["pages"] == 30 and view["items"] == 15 and view["bytes_recv"] == 6
+    assert view["pages_per_min"] == 60 and view["queue_requests"] == 7
+    assert view["timestamp"] == now - 5 and set(view["nodes"]) == {"a", "b", "c"}
+    assert monitors.cluster_view(found, "nobody") is None
+    assert set(monitors.spiders_view(found)) == {"s", "other"}
+    assert monitors.get_node(redis_client, "a", "scrapy", now)["state"] == "live"
+    assert monitors.get_node(redis_client, "bad1", "scrapy") is None
+    assert monitors.prune_nodes(redis_client, found, 400, "scrapy", now) == ["c"]
+    assert not redis_client.hexists(key, "c")
+
+
+def test_sampler_rates_and_redacted_urls():
+    sampler = monitors.Sampler()
+    stats = {"response_received_count": 10, "item_scraped_count": 4, "log_count/ERROR": 1,
+             "downloader/response_status_count/200": 8, "downloader/response_status_count/404": 2}
+    first = sampler.sample(stats, 100.0)
+    assert (first["pages"], first["items"], first["errors"], first["pages_per_min"]) == (10, 4, 1, 0.0)
+    assert (first["status_2xx"], first["status_4xx"], first["status_5xx"]) == (8, 2, 0)
+    later = sampler.sample({**stats, "response_received_count": 40, "log_count/ERROR": 3}, 110.0)
+    assert later["pages_per_min"] == 180.0 and later["errors_per_min"] == 12.0
+    assert 0 <= later["cpu"] <= 100 and later["rss"] > 0
+    too_soon = sampler.sample({**stats, "response_received_count": 41}, 110.1)
+    assert too_soon["pages"] == 41 and too_soon["pages_per_min"] == 180.0
+    assert monitors.redact("redis://:s3cret@h:6379/0") == "redis://:***@h:6379/0"
+    assert monitors.redact("rediss://user:pw@h/1") == "rediss://user:***@h/1"
+    assert monitors.redact("redis://h:6379/0") == "redis://h:6379/0"
+    assert "s3cret" not in monitors.redact("redis://u:s3cret@[::1]:7/0")
