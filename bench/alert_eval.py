@@ -1,0 +1,102 @@
+"""How long one alert.py evaluation takes over 10,000 nodes: ``python bench/alert_eval.py [--nodes N]``.
+
+A private redis-server holds N node snapshots written as the extension writes them (every node reports
+again before each evaluation); a local HTTP receiver takes the webhook. Each figure is one
+``Alerter.run_once``: read the status hash and the alert state, evaluate, write state and outbox, deliver.
+The issue's budget is 1 s per evaluation at 10,000 nodes.
+"""
+
+import argparse
+import os
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import alert  # noqa: E402
+import monitors  # noqa: E402
+from conftest import RedisServer  # noqa: E402
+
+BUDGET = 1.0
+INTERVAL = 60
+
+
+class Receiver(BaseHTTPRequestHandler):
+    received = []
+
+    def do_POST(self):
+        self.received.append(len(self.rfile.read(int(self.headers["Content-Length"]))))
+        self.send_response(200)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, *args):
+        pass
+
+
+def snapshot(i, now, calm):
+    """Node i's report: 1 in 10 runs hot, 1 in 20 is silent (down), 1 in 50 closed, 1 in 30 stalled."""
+    stale, closed, stalled = i % 20 == 1, i % 50 == 2, i % 30 == 3
+    return {
+        "timestamp": int(now - (300 if stale else 0)), "spider": f"spider{i % 7}",
+        "node": f"spider{i % 7}:host{i}:{i}", "host": f"host{i}", "pid": i,
+        "status": "closed" if closed else "running", "interval": 10,
+        "cpu": 95.0 if i % 10 == 0 and not calm else 20.0, "memory": 50.0, "bytes_sent": 1000 * i,
+        "bytes_recv": 2000 * i, "rss": 300 * 1024 * 1024, "process_cpu": 30.0,
+        "pages": 5 if stalled else int(now), "items": int(now), "requests": int(now), "errors": 0,
+        "errors_per_min": 0.0, "pages_per_min": 0.0 if stalled else 60.0, "items_per_min": 60.0,
+        "net_sent_rate": 100.0, "net_recv_rate": 100.0, "queue_requests": 500, "queue_start_urls": 0,
+        "queue_dupefilter": 10000,
+    }
+
+
+def publish(r, nodes, now, calm=False):
+    with r.pipeline(transaction=False) as pipe:
+        for i in range(nodes):
+            monitors.write_snapshot(pipe, "scrapy", snapshot(i, now, calm), 60)
+        pipe.execute()
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--nodes", type=int, default=10_000)
+    args = parser.parse_args()
+    for name, *_ in alert.SETTINGS:
+        os.environ.pop(name, None)
+    server = RedisServer().start()
+    receiver = ThreadingHTTPServer(("127.0.0.1", 0), Receiver)
+    threading.Thread(target=receiver.serve_forever, daemon=True).start()
+    try:
+        cfg = alert.load_config([
+            "--redis-url", server.url, "--webhook-url", f"http://127.0.0.1:{receiver.server_address[1]}/hook",
+            "--for", str(INTERVAL), "--interval", str(INTERVAL), "--stall-seconds", str(2 * INTERVAL)])
+        alerter = alert.Alerter(cfg, client=monitors.connect(server.url, timeout=10))
+        t0 = time.time()
+        steps = [("first sight (all pending)", False), ("fires (one big message)", False),
+                 ("steady (nothing new)", False), ("hot nodes cool down (resolved)", True)]
+        worst = 0.0
+        print(f"{args.nodes} nodes in a private Redis, webhook to a local receiver")
+        for n, (what, calm) in enumerate(steps):
+            now = t0 + n * INTERVAL
+            publish(server.client(), args.nodes, now, calm)
+            start = time.perf_counter()
+            notes = alerter.run_once(now)
+            took = time.perf_counter() - start
+            worst = max(worst, took)
+            print(f"  evaluation {n + 1}, {what}: {took:.3f} s, {len(notes)} alert(s) sent")
+        firing = server.client().hlen("scrapy:alert:state")
+        print(f"alert records in Redis: {firing}; webhook posts: {len(Receiver.received)}, "
+              f"largest {max(Receiver.received or [0]) // 1024} KiB")
+        verdict = "within" if worst <= BUDGET else "OVER"
+        print(f"slowest evaluation: {worst:.3f} s, {verdict} the {BUDGET:.0f} s budget "
+              f"for {args.nodes} nodes")
+    finally:
+        receiver.shutdown()
+        server.cleanup()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,606 @@
+"""alert.py against real things: a private redis-server, an aiosmtpd SMTP server, a local webhook receiver.
+
+Most tests drive ``Alerter.run_once(now)`` with an explicit clock, so ALERT_FOR and ALERT_REPEAT are
+checked without sleeping; a few run ``python alert.py`` as a subprocess, and one kills a real crawler.
+"""
+
+import datetime
+import email
+import email.policy
+import json
+import logging
+import os
+import signal
+import ssl
+import subprocess
+import sys
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+from aiosmtpd.controller import Controller
+from aiosmtpd.smtp import AuthResult
+
+import alert
+import monitors
+from conftest import ROOT, RedisServer, free_port, wait_for
+
+MB = 1024 * 1024
+T0 = 1_700_000_000  # the explicit clock of most tests
+TO = "ops@example.com"
+
+
+# ---------------------------------------------------------------------------- receivers
+
+class Inbox:
+    """aiosmtpd handler: keeps what it accepts; refuses the next ``refuse`` messages with a 451."""
+
+    def __init__(self):
+        self.envelopes = []
+        self.refuse = 0
+        self.refused = 0
+        self.logins = []
+
+    async def handle_DATA(self, server, session, envelope):
+        if self.refuse > 0:
+            self.refuse -= 1
+            self.refused += 1
+            return "451 4.3.0 Try again later"
+        self.envelopes.append(envelope)
+        return "250 OK"
+
+    def messages(self):
+        return [email.message_from_bytes(e.content, policy=email.policy.default) for e in self.envelopes]
+
+    def subjects(self):
+        return [m["Subject"] for m in self.messages()]
+
+    def authenticate(self, server, session, envelope, mechanism, auth_data):
+        self.logins.append(auth_data.login.decode())
+        ok = auth_data.login == b"robot" and auth_data.password == b"s3cret-pw"
+        return AuthResult(success=ok, handled=False)  # not handled: aiosmtpd answers 235 or 535
+
+
+def start_smtp(**kwargs):
+    inbox = Inbox()
+    controller = Controller(inbox, hostname="127.0.0.1", port=free_port(), **kwargs)
+    controller.start()
+    inbox.controller = controller
+    inbox.port = controller.port
+    return inbox
+
+
+@pytest.fixture
+def smtp():
+    inbox = start_smtp()
+    yield inbox
+    inbox.controller.stop()
+
+
+@pytest.fixture
+def webhook():
+    """A local HTTP receiver: keeps every JSON body; answers 500 to the next ``fail`` posts."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), None)
+    server.bodies, server.fail = [], 0
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self):
+            body = self.rfile.read(int(self.headers["Content-Length"]))
+            if server.fail > 0:
+                server.fail -= 1
+                self.send_response(500)
+            else:
+                server.bodies.append(json.loads(body))
+                self.send_response(200)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server.RequestHandlerClass = Handler
+    server.url = f"http://127.0.0.1:{server.server_address[1]}/hooks/SECRET-TOKEN"
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server
+    server.shutdown()
+    server.server_close()
+
+
+# ---------------------------------------------------------------------------- helpers
+
+def clean_env(env):
+    """The test's environment without any setting of the developer's shell."""
+    names = {s[0] for s in alert.SETTINGS}
+    out = {k: v for k, v in os.environ.items() if k not in names and not k.startswith(("ALERT_", "SMTP_"))}
+    out.update({k: v for k, v in env.items() if v is not None})
+    return out
+
+
+@pytest.fixture
+def make(redis_url, smtp, monkeypatch):
+    """``make(*flags, **env)``: an Alerter on the test's Redis, mailing the test's SMTP server."""
+
+    def build(*argv, **env):
+        for name, *_ in alert.SETTINGS:
+            monkeypatch.delenv(name, raising=False)
+        settings = {"REDIS_URL": redis_url, "SMTP_HOST": "127.0.0.1", "SMTP_PORT": str(smtp.port),
+                    "ALERT_TO": TO, "ALERT_INTERVAL": "60", "ALERT_FOR": "120", "ALERT_REPEAT": "3600"}
+        settings.update(env)
+        for name, value in settings.items():
+            if value is None:
+                monkeypatch.delenv(name, raising=False)
+            else:
+                monkeypatch.setenv(name, value)
+        cfg = alert.load_config(list(argv))
+        return alert.Alerter(cfg, client=monitors.connect(cfg.redis_url, timeout=5))
+
+    return build
+
+
+def report(r, node, ts, prefix="scrapy", **fields):
+    """Write a node's snapshot as the extension does."""
+    snapshot = {"timestamp": int(ts), "spider": "main_spider", "cpu": 10.0, "memory": 20.0, "bytes_sent": 0,
+                "bytes_recv": 0, "node": node, "host": "h1", "pid": 1, "status": "running", "interval": 10,
+                "pages": 0, "items": 0, "errors": 0, "errors_per_min": 0.0, "rss": 100 * MB,
+                "queue_requests": 0, "queue_start_urls": 0, "queue_dupefilter": 0}
+    snapshot.update(fields)
+    with r.pipeline(transaction=False) as pipe:
+        monitors.write_snapshot(pipe, prefix, snapshot, 10)
+        pipe.execute()
+
+
+def run_script(*args, env, timeout=30):
+    return subprocess.run([sys.executable, os.path.join(ROOT, "alert.py"), *args], env=clean_env(env),
+                          capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+
+
+# ---------------------------------------------------------------------------- semantics
+
+def test_fires_once_repeats_after_alert_repeat_and_resolves(make, redis_client, smtp):
+    alerter = make()
+    for t in (0, 60):  # pending: true for less than ALERT_FOR
+        report(redis_client, "n1", T0 + t, cpu=95.0)
+        assert alerter.run_once(T0 + t) == []
+    assert smtp.envelopes == []
+    report(redis_client, "n1", T0 + 120, cpu=95.0)
+    alerter.run_once(T0 + 120)
+    assert smtp.subjects() == ["[scrapy] FIRING 1: cpu on n1"]
+    for t in range(180, 3720, 600):  # still firing, inside ALERT_REPEAT: nothing more
+        report(redis_client, "n1", T0 + t, cpu=96.0)
+        alerter.run_once(T0 + t)
+    assert len(smtp.envelopes) == 1
+    report(redis_client, "n1", T0 + 3720, cpu=97.0)
+    alerter.run_once(T0 + 3720)  # 3600 s after it was sent
+    assert len(smtp.envelopes) == 2
+    repeat = smtp.messages()[1]
+    assert repeat["Subject"] == "[scrapy] FIRING 1: cpu on n1"
+    assert "(still firing)" in repeat.get_body(("plain",)).get_content()
+    report(redis_client, "n1", T0 + 3780, cpu=12.0)
+    alerter.run_once(T0 + 3780)
+    assert smtp.subjects()[2] == "[scrapy] RESOLVED 1: cpu on n1"
+    body = smtp.messages()[2].get_body(("plain",)).get_content()
+    assert "back to normal: host CPU 12%" in body and "after 1h01m" in body
+    for t in (3840, 3900):
+        report(redis_client, "n1", T0 + t, cpu=12.0)
+        alerter.run_once(T0 + t)
+    assert len(smtp.envelopes) == 3
+    assert redis_client.hlen("scrapy:alert:state") == 0
+    assert smtp.envelopes[0].rcpt_tos == [TO]
+
+
+def test_pending_alert_that_clears_sends_nothing(make, redis_client, smtp):
+    alerter = make()
+    report(redis_client, "n1", T0, memory=95.0)
+    alerter.run_once(T0)
+    assert json.loads(redis_client.hget("scrapy:alert:state", "memory:n1"))["state"] == "pending"
+    report(redis_client, "n1", T0 + 60, memory=50.0)
+    alerter.run_once(T0 + 60)
+    report(redis_client, "n1", T0 + 400, memory=50.0)
+    alerter.run_once(T0 + 400)
+    assert smtp.envelopes == []
+    assert redis_client.hlen("scrapy:alert:state") == 0
+
+
+def test_one_message_per_evaluation_and_node_down_silences_its_other_alerts(make, redis_client, smtp,
+                                                                           webhook):
+    alerter = make("--for", "0", ALERT_WEBHOOK_URL=webhook.url)
+    report(redis_client, "a", T0, cpu=99.0)
+    report(redis_client, "b", T0, memory=99.0)
+    report(redis_client, "c", T0 - 100, cpu=99.0, rss=5000 * MB)  # silent for 10 intervals: down
+    report(redis_client, "d", T0 - 100, status="closed", cpu=99.0)  # closed normally: never down
+    redis_client.hset("scrapy:node:status", "junk", "{not json")
+    alerter.run_once(T0)
+    assert smtp.subjects() == ["[scrapy] FIRING 3: down on c, cpu on a, memory on b"]
+    [body] = webhook.bodies
+    assert body["firing"] == 3 and body["resolved"] == 0
+    assert body["text"].startswith("[scrapy] FIRING 3")
+    assert sorted((a["rule"], a["node"], a["status"]) for a in body["alerts"]) == [
+        ("cpu", "a", "firing"), ("down", "c", "firing"), ("memory", "b", "firing")]
+    down = next(a for a in body["alerts"] if a["rule"] == "down")
+    assert down["value"] == 100 and down["spider"] == "main_spider" and down["host"] == "h1"
+    # a's CPU goes down as c comes back: both in one message; c's high CPU is news only now it is up
+    report(redis_client, "a", T0 + 60, cpu=10.0)
+    report(redis_client, "b", T0 + 60, memory=99.0)
+    report(redis_client, "c", T0 + 60, cpu=10.0, rss=5000 * MB)
+    alerter.run_once(T0 + 60)
+    assert smtp.subjects()[1] == "[scrapy] FIRING 1: rss on c; RESOLVED 2: down on c, cpu on a"
+    assert len(webhook.bodies) == 2 and webhook.bodies[1]["resolved"] == 2
+
+
+def test_a_firing_alert_waits_while_its_node_is_down(make, redis_client, smtp):
+    alerter = make("--for", "0", "--repeat", "60")
+    report(redis_client, "n1", T0, cpu=99.0)
+    alerter.run_once(T0)
+    alerter.run_once(T0 + 100)  # no report since T0: down; the CPU alert is neither repeated nor resolved
+    alerter.run_once(T0 + 200)  # the down alert repeats (ALERT_REPEAT 60); the CPU alert stays silent
+    assert smtp.subjects() == ["[scrapy] FIRING 1: cpu on n1", "[scrapy] FIRING 1: down on n1",
+                               "[scrapy] FIRING 1: down on n1"]
+    report(redis_client, "n1", T0 + 260, cpu=10.0)
+    alerter.run_once(T0 + 260)
+    assert smtp.subjects()[3] == "[scrapy] RESOLVED 2: down on n1, cpu on n1"
+    redis_client.hdel("scrapy:node:status", "n1")
+    alerter.run_once(T0 + 320)
+    assert len(smtp.envelopes) == 4
+
+
+@pytest.mark.parametrize("rule, fields, off", [
+    ("errors", {"errors_per_min": 45.0}, {"ALERT_ERRORS_PER_MIN": "0"}),
+    ("rss", {"rss": 3000 * MB}, {"ALERT_RSS_MB": "0"}),
+    ("cpu", {"cpu": 85.0}, {"ALERT_RULES": "down,memory,stalled,errors,rss"}),
+    ("memory", {"memory": 95.0}, {"ALERT_MEMORY_PERCENT": "0"}),
+])
+def test_each_threshold_rule_fires_and_each_can_be_turned_off(make, redis_client, smtp, rule, fields, off):
+    report(redis_client, "n1", T0, **fields)
+    make("--for", "0").run_once(T0)
+    assert smtp.subjects() == [f"[scrapy] FIRING 1: {rule} on n1"]
+    turned_off = make("--for", "0", **off)
+    turned_off.run_once(T0 + 1)  # the firing alert is closed, saying why
+    assert smtp.subjects()[1] == f"[scrapy] RESOLVED 1: {rule} on n1"
+    assert "rule turned off" in smtp.messages()[1].get_body(("plain",)).get_content()
+    turned_off.run_once(T0 + 2)
+    assert len(smtp.envelopes) == 2 and redis_client.hlen("scrapy:alert:state") == 0
+
+
+def test_stalled_needs_work_queued_and_pages_standing_still(make, redis_client, smtp):
+    alerter = make("--for", "0", "--stall-seconds", "300")
+    report(redis_client, "busy", T0, pages=10, queue_requests=50)
+    report(redis_client, "stuck", T0, pages=10, queue_requests=50)
+    report(redis_client, "idle", T0, pages=10, queue_requests=0, queue_start_urls=0)
+    report(redis_client, "plain", T0, pages=10, queue_requests=None, queue_start_urls=None)  # no redis queue
+    for t in range(0, 360, 60):
+        report(redis_client, "busy", T0 + t, pages=10 + t, queue_requests=50)
+        report(redis_client, "stuck", T0 + t, pages=10, queue_requests=50)
+        report(redis_client, "idle", T0 + t, pages=10, queue_requests=0, queue_start_urls=0)
+        report(redis_client, "plain", T0 + t, pages=10, queue_requests=None, queue_start_urls=None)
+        alerter.run_once(T0 + t)
+    assert smtp.subjects() == ["[scrapy] FIRING 1: stalled on stuck"]
+    assert "requests queued" in smtp.messages()[0].get_body(("plain",)).get_content()
+    for node in ("busy", "stuck", "idle", "plain"):
+        report(redis_client, node, T0 + 360, pages=11, queue_requests=50)
+    alerter.run_once(T0 + 360)
+    assert smtp.subjects()[1] == "[scrapy] RESOLVED 1: stalled on stuck"
+
+
+def test_messages_are_utf8_and_hostile_names_are_escaped(make, redis_client, smtp, webhook):
+    node = "蜘蛛:<b>主机</b>\r\nBcc: victim@example.com:7"
+    report(redis_client, node, T0, cpu=99.0)
+    make("--for", "0", ALERT_WEBHOOK_URL=webhook.url).run_once(T0)
+    [msg] = smtp.messages()
+    shown = "蜘蛛:<b>主机</b>??Bcc: victim@example.com:7"
+    assert msg["Subject"] == f"[scrapy] FIRING 1: cpu on {shown}"
+    assert msg["Bcc"] is None and smtp.envelopes[0].rcpt_tos == [TO]
+    assert msg["To"] == TO and msg["Message-ID"] and msg["Date"]
+    plain, page = msg.get_body(("plain",)), msg.get_body(("html",))
+    assert plain.get_content_charset() == "utf-8" and page.get_content_charset() == "utf-8"
+    assert shown in plain.get_content() and "host CPU 99% (limit 80%)" in plain.get_content()
+    assert "蜘蛛:&lt;b&gt;主机&lt;/b&gt;" in page.get_content() and "<b>主机" not in page.get_content()
+    assert "<table" in page.get_content()
+    [body] = webhook.bodies
+    assert body["alerts"][0]["node"] == node  # the structured part keeps the real id
+    assert "cpu on 蜘蛛:&lt;b&gt;主机&lt;/b&gt;" in body["text"] and "<b>" not in body["text"]
+
+
+# ---------------------------------------------------------------------------- delivery
+
+def test_smtp_refusing_twice_then_accepting_delivers_exactly_once(make, redis_client, smtp, caplog):
+    alerter = make("--for", "0", SMTP_USER=None)
+    smtp.refuse = 2
+    report(redis_client, "n1", T0, cpu=99.0)
+    with caplog.at_level(logging.WARNING, logger="alert"):
+        for t in range(0, 600, 60):
+            report(redis_client, "n1", T0 + t, cpu=99.0)
+            alerter.run_once(T0 + t)
+    assert smtp.refused == 2
+    assert smtp.subjects() == ["[scrapy] FIRING 1: cpu on n1"]
+    failures = [r.getMessage() for r in caplog.records if "failed" in r.getMessage()]
+    assert len(failures) == 2, failures
+    assert "attempt 1, next try in 60s" in failures[0] and "attempt 2, next try in 120s" in failures[1]
+    assert "451" in failures[0]
+    assert redis_client.hlen("scrapy:alert:outbox") == 0
+
+
+def test_smtp_server_down_then_back_loses_nothing(make, redis_client, smtp, monkeypatch):
+    down = free_port()  # nothing listens there
+    alerter = make("--for", "0", SMTP_PORT=str(down))
+    report(redis_client, "n1", T0, cpu=99.0)
+    alerter.run_once(T0)
+    report(redis_client, "n1", T0 + 60, cpu=10.0)
+    alerter.run_once(T0 + 60)  # resolved while mail is down: queued behind the firing message
+    assert redis_client.hlen("scrapy:alert:outbox") == 2
+    fixed = make("--for", "0")
+    for t in (120, 240):
+        report(redis_client, "n1", T0 + t, cpu=10.0)
+        fixed.run_once(T0 + t)
+    assert smtp.subjects() == ["[scrapy] FIRING 1: cpu on n1", "[scrapy] RESOLVED 1: cpu on n1"]
+    report(redis_client, "n1", T0 + 300, cpu=10.0)
+    fixed.run_once(T0 + 300)
+    assert len(smtp.envelopes) == 2
+
+
+def test_webhook_and_mail_are_retried_separately(make, redis_client, smtp, webhook):
+    alerter = make("--for", "0", ALERT_WEBHOOK_URL=webhook.url)
+    webhook.fail = 1
+    report(redis_client, "n1", T0, errors_per_min=100.0)
+    alerter.run_once(T0)
+    assert len(smtp.envelopes) == 1 and webhook.bodies == []
+    for t in (60, 120):
+        report(redis_client, "n1", T0 + t, errors_per_min=100.0)
+        alerter.run_once(T0 + t)
+    assert len(smtp.envelopes) == 1
+    [body] = webhook.bodies
+    assert body["alerts"][0]["rule"] == "errors" and body["alerts"][0]["value"] == 100.0
+
+
+def test_login_only_with_smtp_user_and_password_never_logged(make, redis_client, caplog):
+    server = Inbox()
+    controller = Controller(server, hostname="127.0.0.1", port=free_port(), auth_require_tls=False,
+                            authenticator=server.authenticate)
+    controller.start()
+    try:
+        report(redis_client, "n1", T0, cpu=99.0)
+        make("--for", "0", SMTP_PORT=str(controller.port)).run_once(T0)
+        assert len(server.envelopes) == 1 and server.logins == []
+        redis_client.delete("scrapy:alert:state")
+        report(redis_client, "n1", T0 + 60, cpu=99.0)
+        with caplog.at_level(logging.WARNING, logger="alert"):
+            wrong = make("--for", "0", SMTP_PORT=str(controller.port), SMTP_USER="robot",
+                         SMTP_PASSWORD="hunter2-pw")
+            wrong.run_once(T0 + 60)
+        assert server.logins and set(server.logins) == {"robot"} and len(server.envelopes) == 1
+        [failure] = [r.getMessage() for r in caplog.records if "failed" in r.getMessage()]
+        assert "535" in failure
+        assert "hunter2-pw" not in caplog.text
+        right = make("--for", "0", SMTP_PORT=str(controller.port), SMTP_USER="robot",
+                     SMTP_PASSWORD="s3cret-pw")
+        report(redis_client, "n1", T0 + 120, cpu=99.0)
+        right.run_once(T0 + 120)
+        assert len(server.envelopes) == 2 and server.envelopes[1].mail_from.startswith("alerts@")
+        assert server.messages()[1]["Subject"] == "[scrapy] FIRING 1: cpu on n1"
+    finally:
+        controller.stop()
+
+
+@pytest.fixture(scope="module")
+def tls_files(tmp_path_factory):
+    """A self-signed certificate for 127.0.0.1, and its key."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+    import ipaddress
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(days=1))
+            .not_valid_after(now + datetime.timedelta(days=2))
+            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+                           critical=False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(key, hashes.SHA256()))
+    folder = tmp_path_factory.mktemp("tls")
+    cert_path, key_path = folder / "cert.pem", folder / "key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return str(cert_path), str(key_path)
+
+
+@pytest.mark.parametrize("security", ["starttls", "ssl"])
+def test_smtp_security_starttls_and_ssl(make, redis_client, tls_files, monkeypatch, security):
+    # A plain client waits for a greeting that an ssl port never sends: do not wait 10 s for it.
+    monkeypatch.setattr(alert, "SEND_TIMEOUT", 2)
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(*tls_files)
+    server = Inbox()
+    if security == "ssl":
+        controller = Controller(server, hostname="127.0.0.1", port=free_port(), ssl_context=context)
+    else:
+        controller = Controller(server, hostname="127.0.0.1", port=free_port(), tls_context=context,
+                                require_starttls=True)
+    controller.start()
+    try:
+        monkeypatch.setenv("SSL_CERT_FILE", tls_files[0])  # the client trusts our certificate, nothing else
+        report(redis_client, "n1", T0, cpu=99.0)
+        make("--for", "0", SMTP_PORT=str(controller.port), SMTP_SECURITY=security).run_once(T0)
+        assert len(server.envelopes) == 1
+        assert server.messages()[0]["Subject"] == "[scrapy] FIRING 1: cpu on n1"
+        redis_client.delete("scrapy:alert:state")
+        plain = make("--for", "0", SMTP_PORT=str(controller.port), SMTP_SECURITY="none")
+        report(redis_client, "n1", T0 + 60, cpu=99.0)
+        plain.run_once(T0 + 60)  # a plain-text client is refused (ssl) or told to STARTTLS first
+        assert len(server.envelopes) == 1
+    finally:
+        controller.stop()
+
+
+# ---------------------------------------------------------------------------- state in Redis
+
+def test_restart_sends_no_duplicate_and_keeps_alert_for(make, redis_client, smtp):
+    report(redis_client, "n1", T0, cpu=99.0)
+    make().run_once(T0)  # pending since T0 ...
+    report(redis_client, "n1", T0 + 120, cpu=99.0)
+    make().run_once(T0 + 120)  # ... so a new process fires it on time
+    assert len(smtp.envelopes) == 1
+    for t in (180, 240):
+        report(redis_client, "n1", T0 + t, cpu=99.0)
+        make().run_once(T0 + t)
+    assert len(smtp.envelopes) == 1
+
+
+def test_two_instances_at_once_send_one_message(make, redis_client, smtp):
+    for round_ in range(5):  # a few rounds, so the two really race
+        node, now, before = f"n{round_}", T0 + round_ * 1000, len(smtp.envelopes)
+        alerters = [make("--for", "0"), make("--for", "0")]
+        barrier = threading.Barrier(2)
+        errors = []
+
+        def race(at):
+            def run(a):
+                barrier.wait()
+                try:
+                    a.run_once(at)
+                except Exception as exc:  # noqa: BLE001 - reported by the assertion below
+                    errors.append(exc)
+            threads = [threading.Thread(target=run, args=(a,)) for a in alerters]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(30)
+
+        report(redis_client, node, now, cpu=99.0)
+        race(now)
+        assert smtp.subjects()[before:] == [f"[scrapy] FIRING 1: cpu on {node}"]
+        report(redis_client, node, now + 60, cpu=99.0, status="closed")
+        race(now + 60)
+        assert smtp.subjects()[before:] == [f"[scrapy] FIRING 1: cpu on {node}",
+                                            f"[scrapy] RESOLVED 1: cpu on {node}"]
+        assert errors == []
+
+
+def test_redis_outage_is_logged_once_and_recovered_from(make, smtp, caplog):
+    server = RedisServer().start()
+    try:
+        alerter = make("--for", "0", REDIS_URL=server.url)
+        client = server.client()
+        report(client, "n1", T0, cpu=99.0)
+        server.stop()
+        with caplog.at_level(logging.INFO, logger="alert"):
+            assert [alerter.tick(T0 + t) for t in (0, 60, 120)] == [False, False, False]
+            server.start()
+            report(client, "n1", T0 + 180, cpu=99.0)
+            assert alerter.tick(T0 + 180) is True
+        outages = [r for r in caplog.records if "cannot reach Redis" in r.getMessage()]
+        assert len(outages) == 1 and server.url in outages[0].getMessage()
+        assert any("is back" in r.getMessage() for r in caplog.records)
+        assert smtp.subjects() == ["[scrapy] FIRING 1: cpu on n1"]
+    finally:
+        server.cleanup()
+
+
+# ---------------------------------------------------------------------------- the command line
+
+def script_env(redis_url, smtp, **env):
+    base = {"REDIS_URL": redis_url, "SMTP_HOST": "127.0.0.1", "SMTP_PORT": str(smtp.port), "ALERT_TO": TO,
+            "ALERT_FOR": "0"}
+    base.update(env)
+    return base
+
+
+def test_once_from_cron_and_two_processes_at_once_send_one_message(redis_url, redis_client, smtp):
+    import time
+    now = time.time()
+    report(redis_client, "n1", now, cpu=99.0)
+    env = script_env(redis_url, smtp)
+    procs = [subprocess.Popen([sys.executable, os.path.join(ROOT, "alert.py"), "--once"], env=clean_env(env),
+                              cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    for proc in procs:
+        out, err = proc.communicate(timeout=30)
+        assert proc.returncode == 0, err
+    assert smtp.subjects() == ["[scrapy] FIRING 1: cpu on n1"]
+    again = run_script("--once", env=env)  # the next cron run: no duplicate
+    assert again.returncode == 0, again.stderr
+    assert len(smtp.envelopes) == 1
+    assert redis_client.hexists("scrapy:alert:state", "cpu:n1")
+
+
+def test_dry_run_prints_and_sends_and_stores_nothing(redis_url, redis_client, smtp, webhook):
+    import time
+    report(redis_client, "n1", time.time(), cpu=99.0)
+    env = script_env(redis_url, smtp, ALERT_WEBHOOK_URL=webhook.url)
+    result = run_script("--once", "--dry-run", env=env)
+    assert result.returncode == 0, result.stderr
+    assert "would send to mail to ops@example.com" in result.stdout
+    assert "[scrapy] FIRING 1: cpu on n1" in result.stdout
+    assert "SECRET-TOKEN" not in result.stdout + result.stderr
+    assert smtp.envelopes == [] and webhook.bodies == []
+    assert not redis_client.exists("scrapy:alert:state", "scrapy:alert:outbox")
+    nothing = run_script("--once", "--dry-run", env={"REDIS_URL": redis_url, "ALERT_FOR": "0"})
+    assert nothing.returncode == 0 and "set ALERT_TO or ALERT_WEBHOOK_URL" in nothing.stdout
+    real = run_script("--once", env=env)  # the dry runs took nothing away
+    assert real.returncode == 0 and len(smtp.envelopes) == 1 and len(webhook.bodies) == 1
+
+
+@pytest.mark.parametrize("env, args, message", [
+    ({"ALERT_TO": TO, "ALERT_CPU_PERCENT": "lots"}, [], "ALERT_CPU_PERCENT must be a number, not 'lots'"),
+    ({"ALERT_TO": TO}, ["--for", "-5"], "ALERT_FOR must be a number 0 or more"),
+    ({"SMTP_HOST": "mail.example.com"}, [], "ALERT_TO is not set"),
+    ({}, [], "nothing to send to"),
+    ({"ALERT_TO": TO, "SMTP_SECURITY": "tls"}, [], "SMTP_SECURITY must be one of none, starttls, ssl"),
+    ({"ALERT_TO": TO, "ALERT_RULES": "cpu,disk"}, [], "unknown rule 'disk'"),
+    ({"ALERT_TO": TO}, ["--bogus"], "unrecognized arguments: --bogus"),
+])
+def test_bad_configuration_exits_2_with_one_line(redis_url, env, args, message):
+    result = run_script(*args, "--once", env={"REDIS_URL": redis_url, **env})
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1 and result.stderr.startswith("alert.py: error: ")
+    assert message in result.stderr
+    assert result.stdout == ""
+
+
+def test_help_lists_every_setting_and_test_mail_sends_one(redis_url, smtp):
+    result = run_script("--help", env={})
+    assert result.returncode == 0
+    for name, *_ in alert.SETTINGS:
+        assert name in result.stdout
+    sent = run_script("--test-mail", env=script_env(redis_url, smtp))
+    assert sent.returncode == 0, sent.stderr
+    assert smtp.subjects() == ["[scrapy] test message from alert.py"]
+    refused = run_script("--test-mail", env=script_env(redis_url, smtp, SMTP_PORT=str(free_port())))
+    assert refused.returncode == 1 and refused.stderr.count("failed") == 1
+
+
+# ---------------------------------------------------------------------------- a real crawler node
+
+def test_killed_crawler_gives_one_down_and_one_resolved_message(make, redis_client, redis_url, smtp, site,
+                                                                 crawlers):
+    import time
+    redis_client.lpush("distributed:start_urls", json.dumps({"url": site.url}))
+    env = {"REDIS_URL": redis_url, "MONITOR_INTERVAL": "1", "MONITOR_NODE_ID": "main_spider:box:1"}
+    node = crawlers(env=env, settings={"MAX_IDLE_TIME_BEFORE_CLOSE": 0})
+    alerter = make("--for", "0", ALERT_RULES="down")
+
+    def snapshot():
+        return monitors.get_node(redis_client, "main_spider:box:1", "scrapy")
+
+    wait_for(lambda: (snapshot() or {}).get("state") == "live", 60, what="the crawler's first report")
+    alerter.run_once(time.time())
+    assert smtp.envelopes == []
+    node.send_signal(signal.SIGKILL)
+    node.wait(10)
+    wait_for(lambda: snapshot()["state"] == "stale", 10, what="the killed node to go stale")
+    for _ in range(3):
+        alerter.run_once(time.time())
+    assert smtp.subjects() == ["[scrapy] FIRING 1: down on main_spider:box:1"]
+    assert "no report for" in smtp.messages()[0].get_body(("plain",)).get_content()
+    back = crawlers(env=env, settings={"MAX_IDLE_TIME_BEFORE_CLOSE": 0})
+    wait_for(lambda: snapshot()["state"] == "live", 60, what="the node to report again")
+    for _ in range(3):
+        alerter.run_once(time.time())
+    assert smtp.subjects() == ["[scrapy] FIRING 1: down on main_spider:box:1",
+                               "[scrapy] RESOLVED 1: down on main_spider:box:1"]
+    assert "reporting again" in smtp.messages()[1].get_body(("plain",)).get_content()
+    assert back.poll() is None
