@@ -1,0 +1,835 @@
+"""The monitor's JSON API: every node's latest metrics, cluster views, history and Prometheus, from Redis.
+
+Run ``python monitor_api.py`` (waitress on MONITOR_API_HOST:MONITOR_API_PORT), then
+``curl http://localhost:5000/metrics`` or open http://localhost:5000/ for the dashboard.
+Tests build their own app with ``create_app({"REDIS_URL": ..., ...})``.
+"""
+
+import argparse
+import gzip
+import hashlib
+import hmac
+import json
+import logging
+import math
+import os
+import sys
+import threading
+import time
+from urllib.parse import parse_qs
+
+import redis
+import waitress
+from flask import Blueprint, Flask, Response, abort, current_app, jsonify, request, send_file
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from werkzeug.datastructures import WWWAuthenticate
+from werkzeug.exceptions import HTTPException, Unauthorized
+from werkzeug.http import parse_accept_header
+from werkzeug.routing import PathConverter
+from werkzeug.wsgi import get_host
+
+import monitors
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 5000
+# Nodes silent for longer than this many seconds are deleted, with their history.
+DEFAULT_RETENTION = 86400
+# Pollers repeat the same request every few seconds: a response up to this old is fine.
+DEFAULT_CACHE = 1.0
+# Lower than the extension's timeout, so a request fails with 503 well within a second when Redis hangs.
+REDIS_TIMEOUT = 0.5
+# Pruning is housekeeping: once a minute is plenty.
+PRUNE_EVERY = 60.0
+# A chart needs no more points than this; it keeps a history response to a few tens of KB.
+MAX_POINTS = 360
+MAX_MINUTES = monitors.TREND_SECONDS // 60
+# Distinct URLs cached at once; a client inventing query strings cannot grow the cache past this.
+CACHE_ENTRIES = 256
+# Bodies smaller than this go out uncompressed.
+GZIP_MIN = 1024
+STATES = ("live", "stale", "closed")
+# Waitress worker threads: a request waiting on a slow Redis must not hold up the cached ones.
+THREADS = 16
+# Warn about Redis being down at most this often, not once per request.
+WARN_EVERY = 10.0
+
+ENVIRONMENT = (
+    ("REDIS_URL", f"Redis holding the metrics (default {monitors.DEFAULT_REDIS_URL})"),
+    ("MONITOR_KEY_PREFIX", f"prefix of the Redis keys (default {monitors.DEFAULT_PREFIX})"),
+    ("MONITOR_API_HOST", f"address to listen on (default {DEFAULT_HOST}); --host overrides it"),
+    ("MONITOR_API_PORT", f"port to listen on (default {DEFAULT_PORT}); --port overrides it"),
+    ("MONITOR_API_TOKEN", "when set, every route but /health needs 'Authorization: Bearer <token>' or ?token="),
+    ("MONITOR_CORS_ORIGINS", "comma-separated origins allowed to read the API from a browser, '*' for any "
+                             "(default null: a dashboard opened as a file)"),
+    ("MONITOR_RETENTION", f"seconds a silent node is kept before it is pruned with its history, 0 keeps "
+                          f"them forever (default {DEFAULT_RETENTION})"),
+    ("MONITOR_API_CACHE", f"seconds a response may be reused, 0 for never (default {DEFAULT_CACHE:g})"),
+)
+
+bp = Blueprint("api", __name__)
+
+
+class NodeIdConverter(PathConverter):
+    """Any node id, including ones with slashes, a leading slash or a trailing one."""
+
+    regex = ".+?"
+    part_isolating = False
+
+
+# ---------------------------------------------------------------------------- the app
+
+def create_app(config=None):
+    """The API app; ``config`` overrides the settings, which are keyed by their environment variable names."""
+    app = Flask(__name__)
+    app.config.update(
+        REDIS_URL=monitors.redis_url(),
+        MONITOR_KEY_PREFIX=monitors.key_prefix(),
+        MONITOR_API_TOKEN=monitors.env("MONITOR_API_TOKEN"),
+        MONITOR_CORS_ORIGINS=monitors.env("MONITOR_CORS_ORIGINS", "null"),
+        MONITOR_RETENTION=monitors.env("MONITOR_RETENTION", DEFAULT_RETENTION),
+        MONITOR_API_CACHE=monitors.env("MONITOR_API_CACHE", DEFAULT_CACHE),
+        DASHBOARD_PATH=os.path.join(app.root_path, "dashboard.html"),
+    )
+    app.config.update(config or {})
+    app.debug = False  # never, whatever FLASK_DEBUG says: errors are JSON, tracebacks go to the log
+    app.extensions["monitor"] = Monitor(app.config)
+    app.url_map.merge_slashes = False  # "a//b" is a node id, not a typo to redirect
+    app.url_map.converters["node"] = NodeIdConverter
+    app.register_blueprint(bp)
+    app.wsgi_app = FastPath(app.wsgi_app, app.extensions["monitor"])
+    return app
+
+
+def seconds(config, name):
+    """A non-negative number of seconds from the settings, or ValueError naming the setting."""
+    try:
+        value = float(config[name])
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a number of seconds, not {config[name]!r}") from None
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"{name} must be a number of seconds, not {config[name]!r}")
+    return value
+
+
+class Monitor:
+    """What the API knows: a fail-fast Redis client, the settings, and the response cache."""
+
+    def __init__(self, config):
+        self.prefix = config["MONITOR_KEY_PREFIX"] or monitors.DEFAULT_PREFIX
+        self.key = monitors.status_key(self.prefix)
+        self.retention = seconds(config, "MONITOR_RETENTION")
+        self.cache = Cache(seconds(config, "MONITOR_API_CACHE"))
+        self.token = config["MONITOR_API_TOKEN"] or None
+        self.origins = {o.strip() for o in str(config["MONITOR_CORS_ORIGINS"] or "").split(",") if o.strip()}
+        self.url = config["REDIS_URL"]
+        try:
+            self.redis = monitors.connect(self.url, REDIS_TIMEOUT)
+        except ValueError:
+            raise ValueError(f"REDIS_URL is not a Redis URL: {monitors.redact(str(self.url))}") from None
+        self.known = {}  # node -> [raw value, snapshot, JSON]: see nodes()
+        self.last_prune = -PRUNE_EVERY
+        self.last_warning = -WARN_EVERY
+
+    def nodes(self):
+        """``({node: snapshot with state}, skipped)``, straight from Redis; prunes dead nodes now and then.
+
+        Values unchanged since the last read are not parsed again (with 1,000 nodes reporting every 10 s,
+        a read a second finds about 100 new ones); snapshots are shared between reads, so never modify one.
+        """
+        now = time.time()
+        known, current, nodes, skipped = self.known, {}, {}, 0
+        for field, raw in self.redis.hgetall(self.key).items():
+            node = field.decode("utf-8", "replace")
+            entry = known.get(node)
+            if entry is None or entry[0] != raw:
+                entry = [raw, parse_snapshot(node, raw, now), None]
+            elif entry[1] is not None and entry[1]["state"] != monitors.node_state(entry[1], now):
+                entry = [raw, dict(entry[1], state=monitors.node_state(entry[1], now)), None]
+            current[node] = entry  # [raw value, snapshot or None if malformed, its JSON once asked for]
+            if entry[1] is None:
+                skipped += 1
+            else:
+                nodes[node] = entry[1]
+        self.known = current
+        if self.retention and time.monotonic() - self.last_prune >= PRUNE_EVERY:
+            self.last_prune = time.monotonic()
+            try:
+                gone = monitors.prune_nodes(self.redis, nodes, self.retention, self.prefix, now)
+            except redis.RedisError as exc:  # a read-only replica, say: reading still works
+                logger.warning("Cannot prune stale nodes: %s", exc)
+                gone = ()
+            for node in gone:
+                del nodes[node]
+            if gone:
+                logger.info("Pruned %d node(s) silent for more than %gs", len(gone), self.retention)
+        return nodes, skipped
+
+    def nodes_json(self, nodes):
+        """``{node: snapshot}`` as JSON bytes, in node order, reusing each unchanged snapshot's JSON."""
+        parts = []
+        for node in sorted(nodes):
+            entry = self.known.get(node)
+            if entry is not None and entry[1] is nodes[node]:
+                if entry[2] is None:
+                    entry[2] = to_json({node: nodes[node]})[1:-1]
+                parts.append(entry[2])
+            else:
+                parts.append(to_json({node: nodes[node]})[1:-1])
+        return b"{" + b",".join(parts) + b"}"
+
+    def node(self, name):
+        """``(snapshot with state or None, malformed)`` for one node id."""
+        raw = self.redis.hget(self.key, name)
+        if raw is None:
+            return None, False
+        snapshot = parse_snapshot(name, raw, time.time())
+        return snapshot, snapshot is None
+
+    def spider_names(self):
+        """The spiders that have nodes, up to a cache period old: unknown names cost no full read each."""
+        return self.cache.get("spider names", lambda: {s["spider"] for s in self.nodes()[0].values()})
+
+    def warn_down(self, exc):
+        if time.monotonic() - self.last_warning >= WARN_EVERY:
+            self.last_warning = time.monotonic()
+            logger.warning("Redis at %s is unavailable: %s", monitors.redact(str(self.url)), exc)
+
+
+def parse_snapshot(node, raw, now):
+    """The stored value as a snapshot with its state, or None: ``monitors.parse_nodes`` for one value, also
+    refusing what it lets through and the views cannot use (deep nesting, and see ``usable``)."""
+    try:
+        snapshot = monitors.parse_nodes({node: raw}, now)[0].get(node)
+    except RecursionError:  # json.loads of "[[[[..."
+        return None
+    return snapshot if snapshot is not None and usable(snapshot) else None
+
+
+def usable(snapshot):
+    """Strict JSON (no NaN or infinities, which browsers cannot parse), a string spider, a numeric
+    timestamp, and integers within 64 bits (so means and sums stay finite)."""
+    if not isinstance(snapshot.get("spider"), str) or not is_number(snapshot.get("timestamp")):
+        return False
+    if any(isinstance(v, int) and not -2 ** 63 <= v < 2 ** 63 for v in snapshot.values()):
+        return False
+    try:
+        json.dumps(snapshot, allow_nan=False)
+    except (ValueError, RecursionError):
+        return False
+    return True
+
+
+def is_number(value):
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def api():
+    return current_app.extensions["monitor"]
+
+
+# ---------------------------------------------------------------------------- cached responses
+
+class Cache:
+    """Values computed at most once per ``ttl`` seconds per key; while one request recomputes an expired
+    value, the others get the old one instead of waiting (or all recomputing it at once)."""
+
+    def __init__(self, ttl):
+        self.ttl = ttl
+        self.entries = {}  # key -> (expires, value)
+        self.busy = set()
+        self.lock = threading.Lock()
+
+    def get(self, key, compute):
+        if self.ttl <= 0:
+            return compute()
+        entry = self.entries.get(key)
+        if entry and time.monotonic() < entry[0]:
+            return entry[1]
+        with self.lock:
+            mine = key not in self.busy
+            self.busy.add(key)
+        if not mine and entry:
+            return entry[1]
+        try:
+            value = compute()
+        except redis.RedisError:
+            self.entries.clear()  # Redis is down: nobody gets old figures as if they were current
+            raise
+        finally:
+            if mine:
+                with self.lock:
+                    self.busy.discard(key)
+        if len(self.entries) >= CACHE_ENTRIES:
+            self.entries.clear()
+        self.entries[key] = (time.monotonic() + self.ttl, value)
+        return value
+
+    def fresh(self, key):
+        """The value if it is cached and not expired, else None."""
+        entry = self.entries.get(key)
+        return entry[1] if entry and time.monotonic() < entry[0] else None
+
+
+class Body:
+    """A prepared response: bytes, a gzipped copy, ETags and headers, ready to send again and again."""
+
+    def __init__(self, data, mimetype="application/json", headers=None):
+        tag = hashlib.blake2b(data, digest_size=12).hexdigest()
+        # no-cache: browsers keep the body but revalidate it each time, and get a 304 if it still holds.
+        common = [("Content-Type", mimetype), ("Cache-Control", "no-cache"), *(headers or {}).items()]
+        self.zipped = None
+        if len(data) >= GZIP_MIN:
+            vary = ("Vary", "Accept-Encoding, Origin")
+            self.zipped = (gzip.compress(data, 4, mtime=0), tag + "-gz",
+                           common + [("ETag", f'"{tag}-gz"'), ("Content-Encoding", "gzip"), vary])
+        else:
+            vary = ("Vary", "Origin")
+        self.plain = (data, tag, common + [("ETag", f'"{tag}"'), vary])
+
+    def pick(self, environ):
+        """``(status, headers, bytes)`` for this request: gzipped if it takes gzip, 304 if its ETag holds."""
+        accept = environ.get("HTTP_ACCEPT_ENCODING", "")
+        zipped = self.zipped is not None and "gzip" in accept and (
+            ";" not in accept or parse_accept_header(accept)["gzip"] > 0)
+        data, tag, headers = self.zipped if zipped else self.plain
+        match = environ.get("HTTP_IF_NONE_MATCH")
+        if match and (f'"{tag}"' in match or match.strip() == "*"):
+            return 304, headers, b""
+        return 200, headers, data
+
+
+def json_body(payload, skipped=None):
+    """A Body of ``payload`` (a JSON-able value, or JSON bytes already), with its skipped-entries count."""
+    headers = {} if skipped is None else {"X-Skipped-Entries": str(skipped)}
+    return Body(payload if isinstance(payload, bytes) else to_json(payload), headers=headers)
+
+
+def to_json(payload):
+    return json.dumps(payload, separators=(",", ":"), allow_nan=False).encode()
+
+
+def cache_key(environ):
+    """Responses are cached per path and query string, any ``token`` left out."""
+    query = environ.get("QUERY_STRING", "")
+    if "token" in query:
+        query = "&".join(part for part in query.split("&") if not part.startswith("token="))
+    return environ.get("PATH_INFO", ""), query
+
+
+def cached(compute):
+    """The response for this URL, computed at most once per cache period (see ``Body.pick``)."""
+    body = api().cache.get(cache_key(request.environ), compute)
+    status, headers, data = body.pick(request.environ)
+    return Response(data, status, headers)
+
+
+class FastPath:
+    """WSGI middleware: answers a GET whose response is cached and fresh without going through Flask's
+    request handling (a third of the cost of a request); everything else goes on to the app."""
+
+    def __init__(self, app, monitor):
+        self.app = app
+        self.monitor = monitor
+
+    def __call__(self, environ, start_response):
+        mon = self.monitor
+        if environ["REQUEST_METHOD"] == "GET" and (mon.token is None or token_ok(environ, mon.token)):
+            body = mon.cache.fresh(cache_key(environ))
+            if body is not None:
+                status, headers, data = body.pick(environ)
+                if status == 200:
+                    headers = headers + [("Content-Length", str(len(data)))]
+                start_response("200 OK" if status == 200 else "304 Not Modified",
+                               headers + cors_headers(environ, mon.origins))
+                return [data]
+        return self.app(environ, start_response)
+
+
+# ---------------------------------------------------------------------------- routes
+
+@bp.get("/metrics")
+def metrics():
+    """Every node's latest snapshot with its state: ``{node: snapshot}``; ``?spider=`` and ``?state=``."""
+    spider = request.args.get("spider")
+    states = request.args.get("state")
+    if states is not None:
+        states = set(states.split(","))
+        if not states <= set(STATES):
+            abort(400, f"state must be one or more of {', '.join(STATES)}, comma-separated")
+
+    def compute():
+        nodes, skipped = api().nodes()
+        chosen = {n: s for n, s in nodes.items()
+                  if (spider is None or s["spider"] == spider) and (states is None or s["state"] in states)}
+        return json_body(api().nodes_json(chosen), skipped)
+
+    return cached(compute)
+
+
+@bp.get("/metrics/<node:name>")
+def metric(name):
+    """A node id gives its snapshot; a spider name gives the spider's cluster view."""
+
+    def compute():
+        snapshot, malformed = api().node(name)
+        if snapshot is not None:
+            return json_body(snapshot)
+        if name in api().spider_names():
+            nodes, skipped = api().nodes()
+            view = monitors.cluster_view(nodes, name)
+            if view is not None:  # the view with its nodes' JSON spliced in: {..., "nodes": {...}}
+                members = view.pop("nodes")
+                return json_body(to_json(view)[:-1] + b',"nodes":' + api().nodes_json(members) + b"}", skipped)
+        if malformed:
+            abort(404, "that node's stored snapshot is malformed")
+        abort(404, "no node or spider by that name")
+
+    return cached(compute)
+
+
+@bp.get("/metrics/<node:name>/history")
+def history(name):
+    """A node's time series, or its spider's summed over nodes: ``?minutes=`` 1 to 1440, default 60."""
+    minutes = request.args.get("minutes", "60")
+    if not (minutes.isascii() and minutes.isdigit() and 1 <= int(minutes) <= MAX_MINUTES):
+        abort(400, f"minutes must be a whole number from 1 to {MAX_MINUTES}")
+    minutes = int(minutes)
+    return cached(lambda: json_body(read_series(name, minutes)))
+
+
+@bp.get("/spiders")
+def spiders():
+    """``{spider: cluster view}``, each view's ``nodes`` being the list of its node ids."""
+
+    def compute():
+        nodes, skipped = api().nodes()
+        return json_body(monitors.spiders_view(nodes), skipped)
+
+    return cached(compute)
+
+
+@bp.get("/health")
+def health():
+    """200 when Redis answers, 503 (through the Redis error handler) when it does not. Never cached."""
+    count = api().redis.hlen(api().key)
+    return {"status": "ok", "redis": "ok", "nodes": count}
+
+
+@bp.get("/prometheus")
+def prometheus():
+    """Prometheus text format, one collector built per scrape."""
+
+    def compute():
+        registry = CollectorRegistry()
+        registry.register(ClusterCollector(*api().nodes()))
+        return Body(generate_latest(registry), CONTENT_TYPE_LATEST)
+
+    return cached(compute)
+
+
+@bp.get("/")
+def dashboard():
+    path = current_app.config["DASHBOARD_PATH"]
+    if not os.path.isfile(path):
+        abort(404, "dashboard.html is not installed next to monitor_api.py")
+    return send_file(path, mimetype="text/html", max_age=0)
+
+
+@bp.get("/openapi.json")
+def openapi():
+    return jsonify(OPENAPI)
+
+
+# ---------------------------------------------------------------------------- token, CORS, errors
+
+@bp.before_app_request
+def check_token():
+    token = api().token
+    if token is None or request.method == "OPTIONS" or request.endpoint == "api.health":
+        return
+    if not token_ok(request.environ, token):
+        raise Unauthorized("a valid token is required: 'Authorization: Bearer <token>' or ?token=",
+                           www_authenticate=WWWAuthenticate("Bearer"))
+
+
+def token_ok(environ, token):
+    """Whether the request offers the token, as a Bearer header or ``?token=``; compared in constant time."""
+    header = environ.get("HTTP_AUTHORIZATION", "")
+    offered = [header[7:].strip()] if header[:7].lower() == "bearer " else []
+    query = environ.get("QUERY_STRING", "")
+    if "token" in query:
+        offered += parse_qs(query).get("token", [])
+    expected = token.encode()
+    return any(hmac.compare_digest(o.encode(), expected) for o in offered)
+
+
+@bp.after_app_request
+def cors(response):
+    response.headers.extend(cors_headers(request.environ, api().origins))
+    if "Origin" not in response.headers.get("Vary", ""):  # cached bodies carry it already
+        response.vary.add("Origin")
+    return response
+
+
+def cors_headers(environ, origins):
+    """CORS headers for an allowed Origin (one of ``origins``, any with ``*``, or the API's own), else none."""
+    origin = environ.get("HTTP_ORIGIN")
+    if not origin or not (origin in origins or "*" in origins
+                          or origin == f"{environ['wsgi.url_scheme']}://{get_host(environ)}"):
+        return []
+    headers = [("Access-Control-Allow-Origin", origin),
+               ("Access-Control-Expose-Headers", "ETag, X-Skipped-Entries")]
+    if environ["REQUEST_METHOD"] == "OPTIONS":  # a preflight
+        headers += [("Access-Control-Allow-Methods", "GET, HEAD, OPTIONS"),
+                    ("Access-Control-Allow-Headers", "Authorization, If-None-Match"),
+                    ("Access-Control-Max-Age", "600")]
+    return headers
+
+
+@bp.app_errorhandler(HTTPException)
+def http_error(exc):
+    response = exc.get_response()  # keeps headers such as Allow and WWW-Authenticate
+    response.data = json.dumps({"error": exc.description})
+    response.content_type = "application/json"
+    return response
+
+
+@bp.app_errorhandler(redis.RedisError)
+def redis_error(exc):
+    api().warn_down(exc)
+    response = jsonify(error="Redis is unavailable")
+    response.status_code = 503
+    response.headers["Retry-After"] = "1"
+    return response
+
+
+@bp.app_errorhandler(Exception)
+def internal_error(exc):
+    logger.exception("Unhandled error on %s %s", request.method, request.path[:200])
+    return jsonify(error="internal error"), 500
+
+
+# ---------------------------------------------------------------------------- history
+
+# How a spider's point combines its nodes' rows: summed, averaged, or the largest (the queue is shared).
+SUMMED = ("rss", "process_cpu", "net_sent_rate", "net_recv_rate", "pages", "items", "errors",
+          "pages_per_min", "items_per_min", "errors_per_min")
+AVERAGED = ("cpu", "memory")
+LARGEST = ("queue_requests",)
+
+
+def read_series(name, minutes):
+    """``{"name", "kind", "minutes", "step", "points"}`` for a node, or for a spider summed over its nodes."""
+    mon = api()
+    now = time.time()
+    snapshot, _ = mon.node(name)
+    if snapshot is not None:
+        members, kind = {name: snapshot}, "node"
+    elif name in mon.spider_names():
+        members = {n: s for n, s in mon.nodes()[0].items() if s["spider"] == name}
+        kind = "spider"
+    else:
+        members = {}
+    if not members:
+        abort(404, "no node or spider by that name")
+    long = minutes * 60 > monitors.HISTORY_SECONDS
+    intervals = {n: s["interval"] if is_number(s.get("interval")) and s["interval"] > 0 else monitors.DEFAULT_INTERVAL
+                 for n, s in members.items()}
+    # One point per step: no more than MAX_POINTS, and no finer than the nodes report.
+    step = math.ceil(max(minutes * 60 / MAX_POINTS, monitors.TREND_BUCKET if long else max(intervals.values())))
+    series = read_histories(mon.redis, list(members), minutes, mon.prefix, now)
+    if kind == "node":
+        points = list({int(row["timestamp"] // step): row for row in series[name]}.values())
+    else:
+        holds = {n: monitors.STALE_INTERVALS * intervals[n] for n in members}
+        points = spider_points(series, holds, step, now)
+    return {"name": name, "kind": kind, "minutes": minutes, "step": step, "points": points}
+
+
+def read_histories(r, nodes, minutes, prefix, now):
+    """``{node: rows oldest first}`` as ``monitors.read_history`` reads them, for many nodes in one round
+    trip; numbers JSON cannot hold become None and rows without a usable timestamp are dropped."""
+    since = now - minutes * 60
+    key = monitors.history_key if minutes * 60 <= monitors.HISTORY_SECONDS else monitors.trend_key
+    with r.pipeline(transaction=False) as pipe:
+        for node in nodes:
+            pipe.lrange(key(prefix, node), 0, -1)
+        lists = pipe.execute()
+    out = {}
+    for node, raws in zip(nodes, lists):
+        rows = []
+        for raw in reversed(raws):
+            try:
+                values = json.loads(raw)
+            except (ValueError, RecursionError):
+                continue
+            if isinstance(values, list) and len(values) == len(monitors.HISTORY_FIELDS):
+                row = {f: v if is_number(v) else None for f, v in zip(monitors.HISTORY_FIELDS, values)}
+                if row["timestamp"] is not None and row["timestamp"] >= since:
+                    rows.append(row)
+        out[node] = rows
+    return out
+
+
+def spider_points(series, holds, step, now):
+    """One point per ``step``-second bucket over every node's rows; a node's last row counts in later
+    buckets until it is ``holds[node]`` seconds old (so a late report is not a dip in the totals)."""
+    buckets = {}  # bucket -> {node: row}
+    last = int(now // step)
+    for node, rows in series.items():
+        for row, following in zip(rows, rows[1:] + [None]):
+            b = int(row["timestamp"] // step)
+            end = int(following["timestamp"] // step) if following else last + 1
+            while b < end and b * step - row["timestamp"] <= holds[node]:
+                buckets.setdefault(b, {})[node] = row
+                b += 1
+    points = []
+    for b in sorted(buckets):
+        rows = list(buckets[b].values())
+        point = {"timestamp": b * step, "nodes": len(rows)}
+        for field in SUMMED + AVERAGED + LARGEST:
+            values = [row[field] for row in rows if row[field] is not None]
+            if not values:
+                point[field] = None
+            elif field in SUMMED:
+                point[field] = round(sum(values), 2)
+            elif field in AVERAGED:
+                point[field] = round(sum(values) / len(values), 2)
+            else:
+                point[field] = max(values)
+        points.append(point)
+    return points
+
+
+# ---------------------------------------------------------------------------- Prometheus
+
+# (snapshot field, metric name, help, scale): base units, so percentages become ratios.
+GAUGES = (
+    ("cpu", "scrapy_host_cpu_usage_ratio", "Host CPU in use, 0 to 1.", 0.01),
+    ("memory", "scrapy_host_memory_usage_ratio", "Host memory in use, 0 to 1.", 0.01),
+    ("process_cpu", "scrapy_process_cpu_usage_ratio", "CPU used by the crawler process (1 = one core).", 0.01),
+    ("rss", "scrapy_process_resident_memory_bytes", "Resident memory of the crawler process.", 1),
+    ("timestamp", "scrapy_node_last_report_timestamp_seconds", "When the node last reported.", 1),
+    ("start_time", "scrapy_node_start_time_seconds", "When the node's crawl started.", 1),
+    ("interval", "scrapy_node_report_interval_seconds", "Seconds between the node's reports.", 1),
+)
+COUNTERS = (
+    ("bytes_sent", "scrapy_host_network_sent_bytes", "Bytes sent by the host."),
+    ("bytes_recv", "scrapy_host_network_received_bytes", "Bytes received by the host."),
+    ("pages", "scrapy_responses_received", "Responses received (response_received_count)."),
+    ("items", "scrapy_items_scraped", "Items scraped (item_scraped_count)."),
+    ("dropped", "scrapy_items_dropped", "Items dropped by pipelines (item_dropped_count)."),
+    ("requests", "scrapy_downloader_requests", "Requests sent (downloader/request_count)."),
+    ("exceptions", "scrapy_downloader_exceptions", "Download exceptions (downloader/exception_count)."),
+    ("retries", "scrapy_retries", "Requests retried (retry/count)."),
+    ("errors", "scrapy_log_errors", "ERROR log lines (log_count/ERROR)."),
+    ("warnings", "scrapy_log_warnings", "WARNING log lines (log_count/WARNING)."),
+)
+QUEUES = (("queue_requests", "requests"), ("queue_start_urls", "start_urls"), ("queue_dupefilter", "dupefilter"))
+
+
+class ClusterCollector:
+    """A prometheus_client collector over one read of the status hash."""
+
+    def __init__(self, nodes, skipped):
+        self.nodes = nodes
+        self.skipped = skipped
+
+    def collect(self):
+        labels = ["node", "spider"]
+        for field, name, doc, scale in GAUGES:
+            family = GaugeMetricFamily(name, doc, labels=labels)
+            self.add(family, field, scale)
+            yield family
+        for field, name, doc in COUNTERS:
+            family = CounterMetricFamily(name, doc, labels=labels)
+            self.add(family, field)
+            yield family
+        family = CounterMetricFamily("scrapy_http_responses", "Responses by status class.",
+                                     labels=labels + ["status_class"])
+        for node, s in self.nodes.items():
+            for c in range(1, 6):
+                if is_number(s.get(f"status_{c}xx")):
+                    family.add_metric([node, s["spider"], f"{c}xx"], s[f"status_{c}xx"])
+        yield family
+        up = GaugeMetricFamily("scrapy_node_up", "1 while the node reports on time, else 0.", labels=labels)
+        for node, s in self.nodes.items():
+            up.add_metric([node, s["spider"]], 1 if s["state"] == "live" else 0)
+        yield up
+        views = monitors.spiders_view(self.nodes)
+        count = GaugeMetricFamily("scrapy_nodes", "Nodes of each spider by state.", labels=["spider", "state"])
+        queue = GaugeMetricFamily("scrapy_queue_size", "Entries in the spider's shared scrapy-redis queues.",
+                                  labels=["spider", "queue"])
+        for spider, view in views.items():
+            for state in STATES:
+                count.add_metric([spider, state], view[f"nodes_{state}"])
+            for field, kind in QUEUES:
+                if is_number(view.get(field)):
+                    queue.add_metric([spider, kind], view[field])
+        yield count
+        yield queue
+        yield GaugeMetricFamily("scrapy_monitor_skipped_entries",
+                                "Malformed values in the status hash, left out above.", value=self.skipped)
+
+    def add(self, family, field, scale=1):
+        for node, s in self.nodes.items():
+            if is_number(s.get(field)):
+                family.add_metric([node, s["spider"]], s[field] * scale)
+
+
+# ---------------------------------------------------------------------------- OpenAPI
+
+def _ref(name):
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _json(description, schema, headers=False):
+    out = {"description": description, "content": {"application/json": {"schema": schema}}}
+    if headers:
+        out["headers"] = {"X-Skipped-Entries": {"description": "Malformed values in Redis, left out.",
+                                                "schema": {"type": "integer"}}}
+    return out
+
+
+_ERRORS = {"401": _json("Missing or wrong token (when MONITOR_API_TOKEN is set).", _ref("Error")),
+           "503": _json("Redis is unavailable.", _ref("Error"))}
+_NAME = {"name": "name", "in": "path", "required": True, "schema": {"type": "string"},
+         "description": "A node id (its slashes may be sent as they are) or a spider name."}
+_SEED = ["timestamp", "spider", "cpu", "memory", "bytes_sent", "bytes_recv"]
+
+OPENAPI = {
+    "openapi": "3.0.3",
+    "info": {"title": "scrapy-cluster-monitor API", "version": "1.0.0",
+             "description": "Live metrics of scrapy-redis crawler nodes, read from Redis. Responses may be up to "
+                            "MONITOR_API_CACHE seconds old; they carry an ETag and answer If-None-Match with 304."},
+    "security": [{}, {"bearer": []}, {"query": []}],
+    "paths": {
+        "/metrics": {"get": {
+            "summary": "Every node's latest snapshot, keyed by node id.",
+            "parameters": [
+                {"name": "spider", "in": "query", "schema": {"type": "string"}, "description": "Only this spider's nodes."},
+                {"name": "state", "in": "query", "schema": {"type": "string"},
+                 "description": "live, stale or closed; several comma-separated."}],
+            "responses": {"200": _json("{node id: snapshot}", {"type": "object", "additionalProperties": _ref("Snapshot")},
+                                       headers=True),
+                          "400": _json("Unknown state.", _ref("Error")), **_ERRORS}}},
+        "/metrics/{name}": {"get": {
+            "summary": "A node's snapshot, or a spider's cluster view.",
+            "parameters": [_NAME],
+            "responses": {"200": _json("The node's snapshot, or the spider's view (it has `nodes`).",
+                                       {"oneOf": [_ref("Snapshot"), _ref("ClusterView")]}, headers=True),
+                          "404": _json("No such node or spider.", _ref("Error")), **_ERRORS}}},
+        "/metrics/{name}/history": {"get": {
+            "summary": "Time series for charts: a node's, or a spider's summed over its nodes.",
+            "parameters": [_NAME, {"name": "minutes", "in": "query",
+                                   "schema": {"type": "integer", "minimum": 1, "maximum": MAX_MINUTES, "default": 60}}],
+            "responses": {"200": _json("Points oldest first.", _ref("History")),
+                          "400": _json("Bad minutes.", _ref("Error")),
+                          "404": _json("No such node or spider.", _ref("Error")), **_ERRORS}}},
+        "/spiders": {"get": {
+            "summary": "One cluster view per spider; `nodes` lists the node ids.",
+            "responses": {"200": _json("{spider: view}", {"type": "object", "additionalProperties": _ref("SpiderView")},
+                                       headers=True), **_ERRORS}}},
+        "/health": {"get": {
+            "summary": "Whether Redis answers. Needs no token.", "security": [{}],
+            "responses": {"200": _json("Redis answers.", _ref("Health")), "503": _ERRORS["503"]}}},
+        "/prometheus": {"get": {
+            "summary": "Prometheus text format: base units, _total counters, node and spider labels.",
+            "responses": {"200": {"description": "Metrics.", "content": {"text/plain": {"schema": {"type": "string"}}}},
+                          **_ERRORS}}},
+        "/": {"get": {
+            "summary": "The dashboard page (dashboard.html).",
+            "responses": {"200": {"description": "The page.", "content": {"text/html": {"schema": {"type": "string"}}}},
+                          "404": _json("dashboard.html is not installed.", _ref("Error")), "401": _ERRORS["401"]}}},
+        "/openapi.json": {"get": {
+            "summary": "This description.",
+            "responses": {"200": _json("OpenAPI 3 document.", {"type": "object", "required": ["openapi", "paths"]}),
+                          "401": _ERRORS["401"]}}},
+    },
+    "components": {
+        "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"},
+                            "query": {"type": "apiKey", "in": "query", "name": "token"}},
+        "schemas": {
+            "Error": {"type": "object", "required": ["error"], "properties": {"error": {"type": "string"}}},
+            "Health": {"type": "object", "required": ["status", "redis", "nodes"],
+                       "properties": {"status": {"type": "string"}, "redis": {"type": "string"},
+                                      "nodes": {"type": "integer"}}},
+            "Snapshot": {
+                "type": "object",
+                "description": "A node's latest report as monitors.py writes it (see the README for every field), "
+                               "plus its derived state.",
+                "required": _SEED + ["node", "host", "pid", "status", "interval", "pages", "items", "state"],
+                "properties": {"timestamp": {"type": "integer"}, "spider": {"type": "string"},
+                               "cpu": {"type": "number"}, "memory": {"type": "number"},
+                               "bytes_sent": {"type": "integer"}, "bytes_recv": {"type": "integer"},
+                               "node": {"type": "string"}, "host": {"type": "string"}, "pid": {"type": "integer"},
+                               "status": {"type": "string", "enum": ["running", "closed"]},
+                               "interval": {"type": "number"}, "pages": {"type": "integer"},
+                               "items": {"type": "integer"}, "state": {"type": "string", "enum": list(STATES)}}},
+            "SpiderView": {
+                "type": "object",
+                "required": _SEED + ["pages", "items", "requests", "errors", "pages_per_min", "items_per_min",
+                                     "requests_per_min", "errors_per_min", "queue_requests", "queue_start_urls",
+                                     "queue_dupefilter", "nodes_live", "nodes_stale", "nodes_closed", "nodes"],
+                "properties": {"nodes": {"type": "array", "items": {"type": "string"}}}},
+            "ClusterView": {
+                "type": "object",
+                "required": _SEED + ["pages", "items", "nodes_live", "nodes_stale", "nodes_closed", "nodes"],
+                "properties": {"nodes": {"type": "object", "additionalProperties": _ref("Snapshot")}}},
+            "History": {
+                "type": "object", "required": ["name", "kind", "minutes", "step", "points"],
+                "properties": {
+                    "name": {"type": "string"}, "kind": {"type": "string", "enum": ["node", "spider"]},
+                    "minutes": {"type": "integer"}, "step": {"type": "integer"},
+                    "points": {"type": "array", "items": {
+                        "type": "object", "required": ["timestamp", "cpu", "memory", "pages", "items"],
+                        "description": "A node's points are its rows (one per step); a spider's add `nodes`, the "
+                                       "number of nodes summed, with cpu/memory averaged and queue_requests the largest."}}}},
+        },
+    },
+}
+
+
+# ---------------------------------------------------------------------------- command line
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def main(argv=None):
+    epilog = "environment:\n" + "\n".join(f"  {name:22} {text}" for name, text in ENVIRONMENT)
+    parser = Parser(prog="monitor_api.py", description=__doc__.splitlines()[0], epilog=epilog,
+                    formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--host", default=monitors.env("MONITOR_API_HOST", DEFAULT_HOST),
+                        help="address to listen on (default: $MONITOR_API_HOST or %(default)s)")
+    parser.add_argument("--port", default=monitors.env("MONITOR_API_PORT", str(DEFAULT_PORT)),
+                        help="port to listen on (default: $MONITOR_API_PORT or %(default)s)")
+    args = parser.parse_args(argv)
+    if not (args.port.isascii() and args.port.isdigit() and 1 <= int(args.port) <= 65535):
+        parser.error(f"the port must be a number from 1 to 65535, not {args.port!r}")
+    try:
+        app = create_app()
+    except ValueError as exc:
+        parser.error(str(exc))
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.getLogger("waitress.queue").setLevel(logging.ERROR)  # "Task queue depth" on every busy second
+    mon = app.extensions["monitor"]
+    logger.info("Reading %s (prefix %r); token %s", monitors.redact(str(mon.url)), mon.prefix,
+                "required" if mon.token else "not required")
+    if mon.token is None and args.host not in ("127.0.0.1", "localhost", "::1"):
+        logger.warning("Listening on %s without MONITOR_API_TOKEN: anyone who can reach it can read the metrics",
+                       args.host)
+    try:
+        waitress.serve(app, host=args.host, port=int(args.port), threads=THREADS, ident="scrapy-cluster-monitor")
+    except OSError as exc:
+        parser.error(f"cannot listen on {args.host}:{args.port}: {exc.strerror or exc}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

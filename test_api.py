@@ -1,0 +1,733 @@
+"""The Monitor API end to end: a private redis-server, Flask's test client, a real waitress server, curl,
+and a real ``scrapy crawl`` node."""
+
+import contextlib
+import gzip
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import types
+from urllib.parse import quote
+
+import pytest
+import requests
+import waitress
+from waitress import wasyncore
+from prometheus_client.parser import text_string_to_metric_families
+
+import monitor_api
+import monitors
+from conftest import ROOT, RedisServer, free_port, wait_for
+
+SEED_FIELDS = {"timestamp", "spider", "cpu", "memory", "bytes_sent", "bytes_recv"}
+CONTRACT_FIELDS = SEED_FIELDS | {"node", "host", "pid", "status", "interval", "pages", "items", "state"}
+LOAD_CLIENTS = 64
+LOAD_SECONDS = 30
+
+
+def snap(node, spider="main_spider", age=0, **fields):
+    """A snapshot as the extension writes it, ``age`` seconds old."""
+    now = int(time.time())
+    out = {"timestamp": now - age, "spider": spider, "cpu": 12.5, "memory": 45.3, "bytes_sent": 102400,
+           "bytes_recv": 409600, "node": node, "host": "host-a", "pid": 4242, "status": "running", "interval": 10,
+           "start_time": now - 600, "pages": 10, "items": 8, "requests": 12, "errors": 1, "warnings": 0,
+           "retries": 2, "exceptions": 0, "dropped": 0, "status_1xx": 0, "status_2xx": 9, "status_3xx": 0,
+           "status_4xx": 1, "status_5xx": 0, "rss": 50_000_000, "process_cpu": 7.5, "net_sent_rate": 100.0,
+           "net_recv_rate": 400.0, "pages_per_min": 6.0, "items_per_min": 4.8, "errors_per_min": 0.0,
+           "requests_per_min": 7.0, "queue_requests": 5, "queue_start_urls": 0, "queue_dupefilter": 20}
+    out.update(fields)
+    return out
+
+
+def store(client, *snaps, prefix="scrapy", trend_rows=()):
+    with client.pipeline(transaction=False) as pipe:
+        for s in snaps:
+            monitors.write_snapshot(pipe, prefix, s, 360, trend_rows)
+        pipe.execute()
+
+
+def make_app(url, **config):
+    """An app with every setting given, so the environment of the test run does not leak in."""
+    settings = {"REDIS_URL": url, "MONITOR_KEY_PREFIX": "scrapy", "MONITOR_API_TOKEN": None,
+                "MONITOR_CORS_ORIGINS": "null", "MONITOR_RETENTION": 86400, "MONITOR_API_CACHE": 0}
+    settings.update(config)
+    return monitor_api.create_app(settings)
+
+
+@pytest.fixture
+def client(redis_url):
+    return make_app(redis_url).test_client()
+
+
+@contextlib.contextmanager
+def serving(app):
+    """The app on a real waitress server on loopback, in a thread: yields its base URL."""
+    server = waitress.create_server(app, host="127.0.0.1", port=0, threads=monitor_api.THREADS)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.effective_port}"
+    finally:
+        server.close()
+        server.task_dispatcher.shutdown(timeout=5)
+        wasyncore.close_all(server._map)  # connections clients left open
+        thread.join(5)
+
+
+def path_of(name):
+    """The URL path of a node or spider: every character but letters and digits escaped (dots too, or
+    clients would resolve a node named ".." as a relative path)."""
+    return "/metrics/" + quote(name, safe="").replace(".", "%2E")
+
+
+def strict_json(data):
+    """Parse as a browser would: NaN and Infinity are not JSON."""
+    return json.loads(data, parse_constant=lambda c: pytest.fail(f"{c} in a JSON body"))
+
+
+# ---------------------------------------------------------------------------- the seed's commands
+
+def test_seed_curl_commands_work_as_written(redis_url, redis_client):
+    """``curl localhost:5000/metrics`` and ``/metrics/main_spider`` against ``python monitor_api.py``."""
+    now = int(time.time())
+    a = snap("main_spider:host-a:1", cpu=12.5, memory=45.3, bytes_sent=102400, bytes_recv=409600)
+    b = snap("main_spider:host-b:2", age=5, cpu=27.5, memory=54.7, bytes_sent=1000, bytes_recv=2000)
+    store(redis_client, a, b)
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MONITOR_", "REDIS_"))}
+    proc = subprocess.Popen([sys.executable, "monitor_api.py", "--port", str(port)], cwd=ROOT,
+                            env=dict(env, REDIS_URL=redis_url), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        def curl(path):
+            out = subprocess.run(["curl", "-s", "--max-time", "5", f"http://localhost:{port}{path}"],
+                                 capture_output=True, timeout=10)
+            return json.loads(out.stdout) if out.returncode == 0 and out.stdout else None
+
+        wait_for(lambda: curl("/health"), 20, what="python monitor_api.py serving")
+        everything = curl("/metrics")
+        assert set(everything) == {a["node"], b["node"]}
+        node = everything[a["node"]]
+        assert CONTRACT_FIELDS <= set(node)
+        assert {f: node[f] for f in SEED_FIELDS} == {"timestamp": now, "spider": "main_spider", "cpu": 12.5,
+                                                     "memory": 45.3, "bytes_sent": 102400, "bytes_recv": 409600}
+        assert node["state"] == "live"
+
+        view = curl("/metrics/main_spider")
+        assert SEED_FIELDS <= set(view) and view["spider"] == "main_spider"
+        assert view["timestamp"] == now  # the newest
+        assert view["cpu"] == 20.0 and view["memory"] == 50.0  # means
+        assert view["bytes_sent"] == 103400 and view["bytes_recv"] == 411600  # sums
+        assert set(view["nodes"]) == {a["node"], b["node"]} and view["nodes_live"] == 2
+    finally:
+        proc.terminate()
+        proc.wait(10)
+    assert b"Traceback" not in proc.stderr.read()
+
+
+def test_a_seed_era_value_is_served_in_the_seeds_shape(client, redis_client):
+    """The seed wrote one field per spider with six fields: that value still reads as the seed showed it."""
+    seed = {"timestamp": int(time.time()), "spider": "main_spider", "cpu": 12.5, "memory": 45.3,
+            "bytes_sent": 102400, "bytes_recv": 409600}
+    redis_client.hset("scrapy:node:status", "main_spider", json.dumps(seed))
+    assert client.get("/metrics").get_json() == {"main_spider": dict(seed, state="live")}
+    assert client.get("/metrics/main_spider").get_json() == dict(seed, state="live")
+
+
+# ---------------------------------------------------------------------------- routes
+
+def test_metrics_filters_by_spider_and_state(client, redis_client):
+    store(redis_client, snap("a:1"), snap("a:2", age=100), snap("a:3", status="closed", finish_reason="finished"),
+          snap("b:1", spider="other"))
+    body = client.get("/metrics").get_json()
+    assert {n: s["state"] for n, s in body.items()} == {"a:1": "live", "a:2": "stale", "a:3": "closed", "b:1": "live"}
+    assert set(client.get("/metrics?spider=other").get_json()) == {"b:1"}
+    assert set(client.get("/metrics?state=live").get_json()) == {"a:1", "b:1"}
+    assert set(client.get("/metrics?state=stale,closed").get_json()) == {"a:2", "a:3"}
+    assert set(client.get("/metrics?spider=main_spider&state=live").get_json()) == {"a:1"}
+    assert client.get("/metrics?spider=nobody").get_json() == {}
+    bad = client.get("/metrics?state=dead")
+    assert bad.status_code == 400 and "state" in bad.get_json()["error"]
+
+
+def test_a_silent_node_turns_stale_though_its_stored_value_is_unchanged(client, redis_client, monkeypatch):
+    store(redis_client, snap("a:1"), snap("a:2"))
+    assert {s["state"] for s in client.get("/metrics").get_json().values()} == {"live"}
+    store(redis_client, snap("a:2", pages=11))  # a:2 reports again, a:1 falls silent for a minute
+    later = time.time() + 60
+    monkeypatch.setattr(monitor_api, "time", types.SimpleNamespace(time=lambda: later, monotonic=time.monotonic))
+    store(redis_client, snap("a:2", timestamp=int(later), pages=12))
+    body = client.get("/metrics").get_json()
+    assert (body["a:1"]["state"], body["a:2"]["state"], body["a:2"]["pages"]) == ("stale", "live", 12)
+    assert client.get("/metrics/a:1").get_json()["state"] == "stale"
+
+
+def test_metrics_name_gives_a_node_or_a_spider_view_or_404(client, redis_client):
+    store(redis_client, snap("main_spider:h:1", pages=10, items=8, queue_requests=3),
+          snap("main_spider:h:2", age=100, pages=5, items=4, queue_requests=9),
+          snap("other:h:1", spider="other"))
+    node = client.get("/metrics/main_spider:h:1")
+    assert node.status_code == 200 and node.get_json()["node"] == "main_spider:h:1"
+    assert node.get_json()["state"] == "live" and "nodes" not in node.get_json()
+
+    view = client.get("/metrics/main_spider").get_json()
+    assert view["pages"] == 15 and view["items"] == 12
+    assert (view["nodes_live"], view["nodes_stale"], view["nodes_closed"]) == (1, 1, 0)
+    assert view["queue_requests"] == 3  # the newest reading of the shared queue
+    assert set(view["nodes"]) == {"main_spider:h:1", "main_spider:h:2"}
+    assert view["nodes"]["main_spider:h:2"]["state"] == "stale"
+
+    missing = client.get("/metrics/nobody")
+    assert missing.status_code == 404 and missing.is_json and missing.get_json()["error"]
+
+
+def test_spiders_lists_one_view_per_spider(client, redis_client):
+    store(redis_client, snap("a:1", pages=10), snap("a:2", pages=20, status="closed"), snap("b:1", spider="other"))
+    redis_client.hset("scrapy:node:status", "junk", b"{not json")
+    resp = client.get("/spiders")
+    body = resp.get_json()
+    assert set(body) == {"main_spider", "other"}
+    assert body["main_spider"]["nodes"] == ["a:1", "a:2"]
+    assert body["main_spider"]["pages"] == 30 and body["main_spider"]["nodes_closed"] == 1
+    assert body["main_spider"]["pages_per_min"] == 6.0  # rates count live nodes only
+    assert resp.headers["X-Skipped-Entries"] == "1"
+
+
+def test_health_reports_redis_and_needs_no_token(redis_url, redis_client):
+    store(redis_client, snap("a:1"), snap("a:2"))
+    c = make_app(redis_url, MONITOR_API_TOKEN="s3cret").test_client()
+    resp = c.get("/health")
+    assert resp.status_code == 200 and resp.get_json() == {"status": "ok", "redis": "ok", "nodes": 2}
+
+
+def test_history_of_a_node_and_of_its_spider(client, redis_client):
+    base = int(time.time()) // 10 * 10 - 100
+    with redis_client.pipeline(transaction=False) as pipe:
+        for k in range(10):
+            a = snap("a:1", cpu=10.0, pages=100 + k, queue_requests=5, timestamp=base + 10 * k + 1)
+            monitors.write_snapshot(pipe, "scrapy", a, 360)
+            if k != 5:  # node b misses one report: its last row still counts, not a dip to zero
+                b = snap("b:1", cpu=30.0, pages=1000 + k, queue_requests=7, timestamp=base + 10 * k + 5)
+                monitors.write_snapshot(pipe, "scrapy", b, 360)
+        pipe.execute()
+
+    node = client.get("/metrics/a:1/history?minutes=5").get_json()
+    assert (node["name"], node["kind"], node["minutes"], node["step"]) == ("a:1", "node", 5, 10)
+    assert [p["pages"] for p in node["points"]] == list(range(100, 110))
+    assert [p["timestamp"] for p in node["points"]] == [base + 10 * k + 1 for k in range(10)]
+    assert set(monitors.HISTORY_FIELDS) == set(node["points"][0])
+
+    spider = client.get("/metrics/main_spider/history?minutes=5").get_json()
+    assert spider["kind"] == "spider" and spider["step"] == 10
+    points = {p["timestamp"]: p for p in spider["points"]}
+    for k in range(10):
+        p = points[base + 10 * k]
+        assert p["nodes"] == 2
+        assert p["pages"] == 100 + k + (1004 if k == 5 else 1000 + k)
+        assert p["cpu"] == 20.0 and p["queue_requests"] == 7
+    assert client.get("/metrics/main_spider/history").get_json()["minutes"] == 60
+
+
+def test_history_beyond_an_hour_comes_from_the_5_minute_tier(client, redis_client):
+    now = int(time.time())
+    rows = [monitors.history_row(snap("a:1", timestamp=now - 7200 + 300 * i, pages=i)) for i in range(20)]
+    store(redis_client, snap("a:1"), trend_rows=rows)  # LPUSHed in order: the tier reads newest first
+    body = client.get("/metrics/a:1/history?minutes=180").get_json()
+    assert body["step"] == 300
+    assert [p["pages"] for p in body["points"]] == list(range(20))
+    assert client.get("/metrics/a:1/history?minutes=30").get_json()["points"][-1]["pages"] == 10
+
+
+@pytest.mark.parametrize("minutes", ["0", "-5", "1441", "abc", "1.5", "", "٣"])
+def test_history_rejects_bad_minutes(client, redis_client, minutes):
+    store(redis_client, snap("a:1"))
+    resp = client.get(f"/metrics/a:1/history?minutes={quote(minutes)}")
+    assert resp.status_code == 400 and "minutes" in resp.get_json()["error"]
+
+
+def test_history_of_an_unknown_name_is_404(client, redis_client):
+    store(redis_client, snap("a:1"))
+    resp = client.get("/metrics/nobody/history")
+    assert resp.status_code == 404 and resp.get_json()["error"]
+
+
+def test_prometheus_exposition(client, redis_client):
+    odd = 'main_spider:we"ird\\host\n:1'
+    store(redis_client, snap("main_spider:h:1", cpu=12.5, items=8, rss=1234, bytes_sent=100, status_2xx=9),
+          snap(odd, status="closed", items=3), snap("other:h:1", spider="other", queue_requests=42))
+    redis_client.hset("scrapy:node:status", "junk", b"not json")
+    resp = client.get("/prometheus")
+    assert resp.status_code == 200 and resp.content_type.startswith("text/plain")
+    families = {f.name: f for f in text_string_to_metric_families(resp.get_data(as_text=True))}
+
+    def value(family, **labels):
+        return [s.value for s in families[family].samples
+                if all(s.labels.get(k) == v for k, v in labels.items()) and not s.name.endswith("_created")]
+
+    assert families["scrapy_items_scraped"].type == "counter"
+    assert value("scrapy_items_scraped", node="main_spider:h:1", spider="main_spider") == [8]
+    assert value("scrapy_items_scraped", node=odd) == [3]  # hostile label values are escaped
+    assert value("scrapy_host_cpu_usage_ratio", node="main_spider:h:1") == [0.125]
+    assert value("scrapy_process_resident_memory_bytes", node="main_spider:h:1") == [1234]
+    assert value("scrapy_host_network_sent_bytes", node="main_spider:h:1") == [100]
+    assert value("scrapy_http_responses", node="main_spider:h:1", status_class="2xx") == [9]
+    assert value("scrapy_node_up", node="main_spider:h:1") == [1] and value("scrapy_node_up", node=odd) == [0]
+    assert value("scrapy_nodes", spider="main_spider", state="closed") == [1]
+    assert value("scrapy_queue_size", spider="other", queue="requests") == [42]
+    assert value("scrapy_monitor_skipped_entries") == [1]
+    assert "scrapy_items_scraped_total{" in resp.get_data(as_text=True)
+
+
+def test_dashboard_is_served_or_404_json(redis_url, tmp_path):
+    page = tmp_path / "dashboard.html"
+    page.write_text("<!DOCTYPE html><title>dash</title>")
+    c = make_app(redis_url, DASHBOARD_PATH=str(page)).test_client()
+    resp = c.get("/")
+    assert resp.status_code == 200 and resp.content_type.startswith("text/html") and b"dash" in resp.data
+    missing = make_app(redis_url, DASHBOARD_PATH=str(tmp_path / "none.html")).test_client().get("/")
+    assert missing.status_code == 404 and "dashboard" in missing.get_json()["error"]
+
+
+# ---------------------------------------------------------------------------- faults
+
+def test_malformed_values_are_skipped_and_counted(client, redis_client):
+    good = snap("main_spider:h:1", extra=[1.0, 2.0])
+    text = json.dumps(good)
+    store(redis_client, good)
+    bad = {
+        "not-json": b"hello", "truncated": text[:60].encode(), "a-list": b"[1, 2]", "a-string": b'"x"',
+        "empty": b"", "binary": b"\xff\xfe\x00", "deep": b"[" * 100_000 + b"]" * 100_000,
+        "nan-cpu": text.replace('"cpu": 12.5', '"cpu": NaN').encode(),
+        "inf-timestamp": text.replace(f'"timestamp": {good["timestamp"]}', '"timestamp": 1e999').encode(),
+        "no-spider": b'{"timestamp": 1}', "spider-list": b'{"timestamp": 1, "spider": ["x"]}',
+        "huge-int": text.replace('"pages": 10', '"pages": 100000000000000000000000').encode(),
+        "nested-inf": text.replace("[1.0, 2.0]", "[1.0, Infinity]").encode(),
+        "nested-nan": text.replace("[1.0, 2.0]", "[[[NaN]]]").encode(),
+    }
+    redis_client.hset("scrapy:node:status", mapping=bad)
+
+    resp = client.get("/metrics")
+    assert resp.status_code == 200
+    body = strict_json(resp.data)
+    assert set(body) == {"main_spider:h:1"} and body["main_spider:h:1"]["extra"] == [1.0, 2.0]
+    assert resp.headers["X-Skipped-Entries"] == str(len(bad))
+    for path in ("/metrics/main_spider", "/spiders", "/prometheus", "/metrics/main_spider/history"):
+        resp = client.get(path)
+        assert resp.status_code == 200, path
+        if resp.is_json:
+            strict_json(resp.data)
+    for name in bad:
+        resp = client.get(path_of(name))
+        assert resp.status_code == 404 and resp.is_json, name
+        assert client.get(path_of(name) + "/history").status_code == 404
+
+
+HOSTILE_IDS = [
+    "main_spider:host/with/slashes:1", "/leading-slash", "trailing-slash/", "double//slash", "//", "..",
+    "../../etc/passwd", "爬虫:主机:7", "emoji 🕷 spider:x", "q?x=1&y=2", "hash#frag", "pct%2Fencoded",
+    "sp ace\ttab", '<script>alert("x")</script>', "nul\x00byte", "x" * 10240,
+]
+
+
+def test_hostile_node_ids_are_found_or_404_never_500(client, redis_client):
+    store(redis_client, *(snap(n) for n in HOSTILE_IDS))
+    listed = client.get("/metrics").get_json()
+    assert set(listed) == set(HOSTILE_IDS)
+    for node in HOSTILE_IDS:
+        for safe in ("", "/"):  # slashes sent encoded or as they are
+            resp = client.get("/metrics/" + quote(node, safe=safe))
+            assert resp.status_code == 200 and resp.get_json()["node"] == node, node[:50]
+            hist = client.get("/metrics/" + quote(node, safe=safe) + "/history?minutes=5")
+            assert hist.status_code == 200 and hist.get_json()["name"] == node, node[:50]
+        for other in (node + "x", "x" + node):
+            resp = client.get(path_of(other))
+            assert resp.status_code == 404 and resp.is_json, other[:50]
+    assert client.get("/metrics/%FF%FE").status_code == 404  # not UTF-8
+
+
+def test_hostile_ids_over_real_http(redis_url, redis_client):
+    store(redis_client, *(snap(n) for n in HOSTILE_IDS))
+    with serving(make_app(redis_url)) as base:
+        for node in HOSTILE_IDS:
+            resp = requests.get(base + path_of(node), timeout=10)
+            assert resp.status_code == 200 and resp.json()["node"] == node, node[:50]
+        resp = requests.get(base + path_of("y" * 10240), timeout=10)
+        assert resp.status_code == 404 and resp.json()["error"]
+
+
+def test_redis_down_is_503_within_a_second_and_recovers_by_itself():
+    server = RedisServer().start()
+    try:
+        store(server.client(), snap("main_spider:h:1"))
+        c = make_app(server.url, MONITOR_API_CACHE=1).test_client()
+        assert c.get("/metrics").status_code == 200
+
+        server.stop()
+        stopped = time.monotonic()
+        start = time.monotonic()
+        health = c.get("/health")
+        assert health.status_code == 503 and health.get_json() == {"error": "Redis is unavailable"}
+        assert time.monotonic() - start < 1.0
+        while True:  # the cached /metrics may answer for up to its second, then 503
+            start = time.monotonic()
+            resp = c.get("/metrics")
+            assert time.monotonic() - start < 1.0
+            if resp.status_code == 503:
+                break
+            assert resp.status_code == 200 and time.monotonic() - stopped < 1.5
+            time.sleep(0.05)
+        assert resp.get_json() == {"error": "Redis is unavailable"}
+        assert c.get("/metrics/main_spider").status_code == 503
+        assert c.get("/prometheus").status_code == 503
+
+        server.start()  # same port (and empty: the node reports again): the app recovers without a restart
+        store(server.client(), snap("main_spider:h:1"))
+        wait_for(lambda: c.get("/metrics").status_code == 200, 3, what="recovery")
+        assert c.get("/health").status_code == 200
+        assert c.get("/metrics/main_spider").get_json()["nodes_live"] == 1
+
+        os.kill(server.proc.pid, signal.SIGSTOP)  # a hung Redis: accepts, never answers
+        try:
+            for path in ("/health", "/metrics/main_spider:h:1/history", "/spiders?hung"):
+                start = time.monotonic()
+                resp = c.get(path)
+                assert resp.status_code == 503 and resp.is_json, path
+                assert time.monotonic() - start < 1.0, path
+        finally:
+            os.kill(server.proc.pid, signal.SIGCONT)
+        wait_for(lambda: c.get("/health").status_code == 200, 3, what="recovery from the hang")
+        assert c.get("/metrics/main_spider:h:1/history").status_code == 200
+    finally:
+        server.cleanup()
+
+
+def test_token_is_required_everywhere_but_health(redis_url, redis_client):
+    store(redis_client, snap("main_spider:h:1"))
+    c = make_app(redis_url, MONITOR_API_TOKEN="s3cret", MONITOR_API_CACHE=1).test_client()
+    ok = {"Authorization": "Bearer s3cret"}
+    for path in ("/metrics", "/metrics/main_spider", "/metrics/main_spider/history", "/spiders", "/prometheus",
+                 "/openapi.json", "/", "/no/such/route"):
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "Basic czNjcmV0"}):
+            resp = c.get(path, headers=headers)
+            assert resp.status_code == 401, (path, headers)
+            assert resp.get_json()["error"] and resp.headers["WWW-Authenticate"].startswith("Bearer")
+        assert c.get(path + "?token=wrong").status_code == 401
+    assert c.get("/metrics", headers=ok).status_code == 200
+    assert c.get("/metrics?token=s3cret").status_code == 200
+    # The answer is cached now: the cached path checks the token too.
+    assert c.get("/metrics").status_code == 401 and c.get("/metrics?token=s3cre").status_code == 401
+    assert c.get("/metrics", headers=ok).status_code == 200
+    assert c.get("/health").status_code == 200
+    # A browser's preflight carries no token.
+    pre = c.options("/metrics", headers={"Origin": "null", "Access-Control-Request-Method": "GET",
+                                         "Access-Control-Request-Headers": "authorization"})
+    assert pre.status_code == 200 and "Authorization" in pre.headers["Access-Control-Allow-Headers"]
+
+
+def test_cors_headers(redis_url, redis_client):
+    store(redis_client, snap("main_spider:h:1"))
+    c = make_app(redis_url, MONITOR_API_CACHE=1).test_client()  # default origins: null
+    for _ in range(2):  # computed, then from the cache
+        resp = c.get("/metrics", headers={"Origin": "null"})
+        assert resp.headers["Access-Control-Allow-Origin"] == "null"
+        assert "ETag" in resp.headers["Access-Control-Expose-Headers"]
+        assert "X-Skipped-Entries" in resp.headers["Access-Control-Expose-Headers"]
+        assert "Origin" in resp.headers["Vary"]
+        assert "Access-Control-Allow-Origin" not in c.get("/metrics", headers={"Origin": "http://evil.test"}).headers
+    own = c.get("/metrics", headers={"Origin": "http://localhost"})  # the API's own origin
+    assert own.headers["Access-Control-Allow-Origin"] == "http://localhost"
+    error = c.get("/metrics/nobody", headers={"Origin": "null"})  # errors are readable too
+    assert error.status_code == 404 and error.headers["Access-Control-Allow-Origin"] == "null"
+    pre = c.options("/metrics/main_spider/history", headers={
+        "Origin": "null", "Access-Control-Request-Method": "GET", "Access-Control-Request-Headers": "authorization"})
+    assert pre.status_code == 200 and pre.headers["Access-Control-Allow-Origin"] == "null"
+    assert "GET" in pre.headers["Access-Control-Allow-Methods"]
+    assert "Authorization" in pre.headers["Access-Control-Allow-Headers"]
+
+    listed = make_app(redis_url, MONITOR_CORS_ORIGINS="http://a.test, http://b.test").test_client()
+    assert listed.get("/metrics", headers={"Origin": "http://b.test"}).headers["Access-Control-Allow-Origin"] == "http://b.test"
+    assert "Access-Control-Allow-Origin" not in listed.get("/metrics", headers={"Origin": "null"}).headers
+    anyone = make_app(redis_url, MONITOR_CORS_ORIGINS="*").test_client()
+    assert anyone.get("/spiders", headers={"Origin": "http://x.test"}).headers["Access-Control-Allow-Origin"] == "http://x.test"
+
+
+def test_every_error_is_json(client, redis_client, monkeypatch):
+    store(redis_client, snap("main_spider:h:1"))
+    missing = client.get("/no/such/page")
+    assert missing.status_code == 404 and missing.is_json and missing.get_json()["error"]
+    for method in ("post", "put", "delete", "patch"):
+        resp = getattr(client, method)("/metrics")
+        assert resp.status_code == 405 and resp.is_json and resp.get_json()["error"]
+        assert "GET" in resp.headers["Allow"]
+    assert client.post("/metrics/main_spider").status_code == 405
+
+    def boom(nodes):
+        raise RuntimeError("secret detail")
+
+    monkeypatch.setattr(monitors, "spiders_view", boom)
+    monkeypatch.setenv("FLASK_DEBUG", "1")  # debug mode is never on, whatever the environment says
+    c = make_app(client.application.config["REDIS_URL"]).test_client()
+    assert c.application.debug is False
+    resp = c.get("/spiders")
+    assert resp.status_code == 500 and resp.get_json() == {"error": "internal error"}
+    assert b"secret" not in resp.data and b"Traceback" not in resp.data
+
+
+def test_no_route_writes_to_redis(redis_url, redis_client):
+    store(redis_client, snap("main_spider:h:1"), snap("main_spider:h:2", age=100), snap("b:1", spider="b"))
+    redis_client.hset("scrapy:node:status", "junk", b"nope")
+
+    def changes():
+        return redis_client.info("persistence")["rdb_changes_since_last_save"]
+
+    before = changes()
+    keys = sorted(redis_client.keys("*"))
+    c = make_app(redis_url).test_client()
+    for path in ("/metrics", "/metrics?state=stale", "/metrics/main_spider", "/metrics/main_spider:h:1",
+                 "/metrics/main_spider/history", "/metrics/main_spider:h:1/history?minutes=600", "/spiders",
+                 "/health", "/prometheus", "/openapi.json", "/metrics/junk", "/metrics/nobody"):
+        assert c.get(path).status_code in (200, 404)
+    assert changes() == before and sorted(redis_client.keys("*")) == keys
+
+
+def test_nodes_silent_past_retention_are_pruned_with_their_history(redis_url, redis_client):
+    store(redis_client, snap("old:1", age=7200), snap("young:1", age=60))
+    assert redis_client.exists(monitors.history_key("scrapy", "old:1"))
+    app = make_app(redis_url, MONITOR_RETENTION=3600)
+    c = app.test_client()
+    assert set(c.get("/metrics").get_json()) == {"young:1"}
+    assert redis_client.hkeys("scrapy:node:status") == [b"young:1"]
+    assert not redis_client.exists(monitors.history_key("scrapy", "old:1"), monitors.trend_key("scrapy", "old:1"))
+    assert redis_client.exists(monitors.history_key("scrapy", "young:1"))
+
+    store(redis_client, snap("old:2", age=7200))  # housekeeping runs at most once a minute
+    assert "old:2" in c.get("/metrics").get_json()
+    app.extensions["monitor"].last_prune -= monitor_api.PRUNE_EVERY
+    assert "old:2" not in c.get("/spiders").get_json()["main_spider"]["nodes"]
+    assert not redis_client.hexists("scrapy:node:status", "old:2")
+
+    store(redis_client, snap("old:3", age=10 ** 6))
+    assert "old:3" in make_app(redis_url, MONITOR_RETENTION=0).test_client().get("/metrics").get_json()
+
+
+def test_cache_etag_304_and_gzip(redis_url, redis_client):
+    store(redis_client, snap("main_spider:h:1", pages=1), snap("other:h:1", spider="other"))
+    c = make_app(redis_url, MONITOR_API_CACHE=1).test_client()
+    first = c.get("/metrics")
+    etag = first.headers["ETag"]
+    assert first.headers["Cache-Control"] == "no-cache"
+    again = c.get("/metrics", headers={"If-None-Match": etag})
+    assert again.status_code == 304 and again.data == b"" and again.headers["ETag"] == etag
+
+    zipped = c.get("/metrics", headers={"Accept-Encoding": "gzip, deflate"})
+    assert zipped.headers["Content-Encoding"] == "gzip" and zipped.headers["ETag"] != etag
+    assert json.loads(gzip.decompress(zipped.data)) == first.get_json()
+    assert "Content-Encoding" not in c.get("/metrics", headers={"Accept-Encoding": "gzip;q=0"}).headers
+    assert set(c.get("/metrics?spider=other").get_json()) == {"other:h:1"}  # cached per query string
+
+    store(redis_client, snap("main_spider:h:1", pages=2))
+    changed = time.monotonic()
+    fresh = wait_for(lambda: (r := c.get("/metrics", headers={"If-None-Match": etag})).status_code == 200 and r, 2,
+                     what="a new body")
+    assert time.monotonic() - changed <= 1.2  # a response is at most about a second old
+    assert fresh.get_json()["main_spider:h:1"]["pages"] == 2 and fresh.headers["ETag"] != etag
+
+
+def test_openapi_describes_the_routes_and_real_responses_match(redis_url, redis_client, tmp_path):
+    store(redis_client, snap("main_spider:h:1"), snap("main_spider:h:2", status="closed"))
+    page = tmp_path / "dashboard.html"
+    page.write_text("<!DOCTYPE html>")
+    app = make_app(redis_url, DASHBOARD_PATH=str(page))
+    c = app.test_client()
+    spec = c.get("/openapi.json").get_json()
+    assert spec["openapi"].startswith("3.")
+
+    routes = {r.rule.replace("<node:name>", "{name}") for r in app.url_map.iter_rules() if r.endpoint != "static"}
+    assert routes == set(spec["paths"])
+
+    def resolve(schema):
+        while "$ref" in schema:
+            schema = spec["components"]["schemas"][schema["$ref"].rsplit("/", 1)[1]]
+        return schema
+
+    def check(schema, value, where):
+        schema = resolve(schema)
+        if "oneOf" in schema:
+            fits = []
+            for option in schema["oneOf"]:
+                try:
+                    check(option, value, where)
+                    fits.append(option)
+                except AssertionError:
+                    pass
+            assert fits, f"{where}: matches none of oneOf"
+            return
+        kind = schema.get("type")
+        if kind == "object":
+            assert isinstance(value, dict), where
+            missing = set(schema.get("required", ())) - set(value)
+            assert not missing, f"{where}: missing {missing}"
+            for key, sub in schema.get("properties", {}).items():
+                if key in value:
+                    check(sub, value[key], f"{where}.{key}")
+            if isinstance(schema.get("additionalProperties"), dict):
+                for key, sub in value.items():
+                    check(schema["additionalProperties"], sub, f"{where}[{key}]")
+        elif kind == "array":
+            assert isinstance(value, list), where
+            for i, item in enumerate(value):
+                check(schema.get("items", {}), item, f"{where}[{i}]")
+        elif kind in ("integer", "number"):
+            assert isinstance(value, (int, float)) and not isinstance(value, bool), where
+        elif kind == "string":
+            assert isinstance(value, str), where
+        if "enum" in schema:
+            assert value in schema["enum"], where
+
+    def call(path):
+        resp = c.get(path)
+        op = spec["paths"][template]["get"]
+        assert str(resp.status_code) in op["responses"], f"{path}: {resp.status_code} not documented"
+        content = op["responses"][str(resp.status_code)].get("content", {})
+        if "application/json" in content:
+            check(content["application/json"]["schema"], resp.get_json(), path)
+        else:
+            assert any(resp.content_type.startswith(t) for t in content), path
+        return resp.status_code
+
+    for template in spec["paths"]:
+        if "{name}" in template:
+            for name in ("main_spider:h:1", "main_spider"):  # a node and a spider
+                assert call(template.replace("{name}", quote(name, safe=""))) == 200
+            assert call(template.replace("{name}", "nobody")) == 404
+        else:
+            assert call(template) == 200
+    template = "/metrics"
+    assert call("/metrics?state=nope") == 400
+    template = "/metrics/{name}/history"
+    assert call("/metrics/main_spider/history?minutes=0") == 400
+
+
+# ---------------------------------------------------------------------------- command line
+
+def run_cli(*args, **env):
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("MONITOR_", "REDIS_"))}
+    return subprocess.run([sys.executable, "monitor_api.py", *args], cwd=ROOT, env=dict(base, **env),
+                          capture_output=True, text=True, timeout=30)
+
+
+def test_cli_help_lists_the_environment():
+    out = run_cli("--help")
+    assert out.returncode == 0
+    for name in ("REDIS_URL", "MONITOR_KEY_PREFIX", "MONITOR_API_HOST", "MONITOR_API_PORT", "MONITOR_API_TOKEN",
+                 "MONITOR_CORS_ORIGINS", "MONITOR_RETENTION", "MONITOR_API_CACHE", "--host", "--port"):
+        assert name in out.stdout
+
+
+@pytest.mark.parametrize("args, env, words", [
+    (["--port", "99999"], {}, "port"),
+    (["--bogus"], {}, "unrecognized"),
+    ([], {"MONITOR_API_PORT": "http"}, "port"),
+    ([], {"MONITOR_RETENTION": "a day"}, "MONITOR_RETENTION"),
+    ([], {"REDIS_URL": "http://user:hunter2@example.com/"}, "REDIS_URL"),
+])
+def test_cli_bad_arguments_and_settings_are_one_line_and_exit_2(args, env, words):
+    out = run_cli(*args, **env)
+    assert out.returncode == 2
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and words in lines[0] and "hunter2" not in lines[0], out.stderr
+
+
+def test_cli_port_in_use_is_one_line_and_exit_2():
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        out = run_cli("--port", str(busy.getsockname()[1]), REDIS_URL="redis://127.0.0.1:1/0")
+    assert out.returncode == 2 and "cannot listen" in out.stderr.strip().splitlines()[-1]
+    assert "Traceback" not in out.stderr
+
+
+# ---------------------------------------------------------------------------- real crawler, real load
+
+def test_a_real_crawler_node_through_the_api(redis_url, redis_client, site, crawlers):
+    c = make_app(redis_url).test_client()
+    redis_client.lpush("distributed:start_urls", json.dumps({"url": site.url}))
+    proc = crawlers(env={"REDIS_URL": redis_url, "MONITOR_INTERVAL": "1"}, settings={"MAX_IDLE_TIME_BEFORE_CLOSE": 2})
+    node = f"main_spider:{socket.gethostname()}:{proc.pid}"
+    live = wait_for(lambda: c.get("/metrics?state=live").get_json().get(node), 30, what="the node live in the API")
+    assert CONTRACT_FIELDS <= set(live) and live["spider"] == "main_spider"
+    assert proc.wait(60) == 0
+
+    final = c.get(path_of(node)).get_json()
+    assert final["state"] == "closed" and final["finish_reason"] == "finished"
+    assert final["items"] == 40 and final["pages"] >= 40
+    view = c.get("/metrics/main_spider").get_json()
+    assert view["nodes_closed"] == 1 and view["items"] == 40 and set(view["nodes"]) == {node}
+    points = c.get(path_of(node) + "/history?minutes=5").get_json()["points"]
+    assert len(points) >= 2 and points[-1]["items"] == 40
+    assert points == sorted(points, key=lambda p: p["timestamp"])
+    assert c.get("/spiders").get_json()["main_spider"]["items"] == 40
+    assert f'scrapy_items_scraped_total{{node="{node}",spider="main_spider"}} 40.0' in c.get("/prometheus").get_data(as_text=True)
+
+
+def test_load_64_clients_for_30_seconds_without_an_error(redis_url, redis_client):
+    nodes = [snap(f"main_spider:crawler-{i}:{1000 + i}", spider=("main_spider", "other")[i % 2]) for i in range(200)]
+    store(redis_client, *nodes)
+    stop = threading.Event()
+
+    def keep_reporting():  # nodes keep reporting while the API is read
+        i = 0
+        while not stop.wait(0.1):
+            store(redis_client, *(dict(nodes[(i + k) % 200], timestamp=int(time.time())) for k in range(5)))
+            i += 5
+
+    paths = ["/metrics", "/metrics?state=live", "/metrics/main_spider", path_of(nodes[0]["node"]),
+             path_of(nodes[0]["node"]) + "/history?minutes=10", "/metrics/other/history", "/spiders", "/health",
+             "/prometheus", "/metrics/nobody"]
+    counts, errors, lock = {p: 0 for p in paths}, [], threading.Lock()
+    app = make_app(redis_url, MONITOR_API_CACHE=1)
+    writer = threading.Thread(target=keep_reporting, daemon=True)
+    writer.start()
+    try:
+        with serving(app) as base:
+            deadline = time.monotonic() + LOAD_SECONDS
+
+            def client(n):
+                session, etags = requests.Session(), {}
+                i = n
+                while time.monotonic() < deadline:
+                    path = paths[i % len(paths)]
+                    i += 1
+                    headers = {"If-None-Match": etags[path]} if n % 2 and path in etags else {}
+                    try:
+                        resp = session.get(base + path, headers=headers, timeout=10)
+                        expected = 404 if path == "/metrics/nobody" else (200, 304)
+                        if resp.status_code not in (expected if isinstance(expected, tuple) else (expected,)):
+                            raise AssertionError(f"{resp.status_code} {resp.text[:200]}")
+                        if path == "/metrics" and resp.status_code == 200 and len(resp.json()) != 200:
+                            raise AssertionError("incomplete /metrics")
+                        if "ETag" in resp.headers:
+                            etags[path] = resp.headers["ETag"]
+                    except Exception as exc:  # noqa: BLE001 - every failure counts
+                        with lock:
+                            errors.append(f"{path}: {exc!r}")
+                        continue
+                    with lock:
+                        counts[path] += 1
+                session.close()
+
+            threads = [threading.Thread(target=client, args=(n,)) for n in range(LOAD_CLIENTS)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(LOAD_SECONDS + 30)
+    finally:
+        stop.set()
+        writer.join(5)
+    assert errors == [], errors[:5]
+    assert all(counts.values()), counts
+    assert sum(counts.values()) > LOAD_CLIENTS * LOAD_SECONDS, counts  # more than one answer a second each
