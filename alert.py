@@ -170,18 +170,9 @@ def _convert(name, raw, default, kind):
 
 # ---------------------------------------------------------------------------- rules
 
-def _num(value):
-    if isinstance(value, bool):
-        return None
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        return None
-
-
 def queued(snapshot):
     """Requests plus start URLs waiting in the node's scrapy-redis queue; None when it has no such queue."""
-    sizes = [_num(snapshot.get(f)) for f in ("queue_requests", "queue_start_urls")]
+    sizes = [monitors.number(snapshot.get(f)) for f in ("queue_requests", "queue_start_urls")]
     sizes = [s for s in sizes if s is not None]
     return sum(sizes) if sizes else None
 
@@ -190,7 +181,7 @@ def over(field, threshold, scale):
     """A rule that holds while ``snapshot[field] / scale`` is over the threshold setting (0 turns it off)."""
     def check(snapshot, cfg, stuck_since, now):
         limit = getattr(cfg, threshold)
-        value = _num(snapshot.get(field))
+        value = monitors.number(snapshot.get(field))
         if limit and value is not None and value / scale > limit:
             return round(value / scale, 1)
         return None
@@ -224,9 +215,9 @@ def track_stall(snapshot, previous, now):
     """
     if snapshot.get("state") != "live" or snapshot.get("status") != "running" or not queued(snapshot):
         return None
-    if (_num(snapshot.get("pages_per_min")) or 0) > 0:
+    if (monitors.number(snapshot.get("pages_per_min")) or 0) > 0:
         return None
-    pages = _num(snapshot.get("pages"))
+    pages = monitors.number(snapshot.get("pages"))
     if previous and previous[0] == pages:
         return previous
     return [pages, now]
@@ -291,7 +282,7 @@ def evaluate(nodes, state, stall, now, cfg):
         records = records_of.pop(node, {})
         for rule in rules:
             if rule == "down":
-                value = round(now - (_num(snapshot.get("timestamp")) or 0)) if node_now == "stale" else None
+                value = round(now - (monitors.number(snapshot.get("timestamp")) or 0)) if node_now == "stale" else None
             elif node_now == "stale":
                 value = SILENCED
             elif node_now == "closed":
@@ -319,7 +310,7 @@ def notification(event, rule, node, snapshot, old, new, value, now, cfg):
     if event == "firing":
         summary = f"{LABELS[rule]} {_fmt(value)}{UNITS[rule]}"
         if rule == "down":
-            summary += f" (reports every {_fmt(_num(snapshot.get('interval')) or 0)} s)"
+            summary += f" (reports every {_fmt(monitors.number(snapshot.get('interval')) or 0)} s)"
         elif threshold is not None:
             summary += f" (limit {_fmt(threshold)}{UNITS[rule]})"
         if rule == "stalled":
@@ -338,7 +329,7 @@ def notification(event, rule, node, snapshot, old, new, value, now, cfg):
         else:
             summary = "back to normal"
             field, scale = FIGURES.get(rule, (None, 1))
-            figure = _num(snapshot.get(field)) if field else None
+            figure = monitors.number(snapshot.get(field)) if field else None
             if figure is not None:
                 summary += f": {LABELS[rule]} {_fmt(figure / scale)}{UNITS[rule]}"
         summary += f" after {_duration(now - record['fired'])}"

@@ -75,7 +75,7 @@ class Demo:
         crawl = [sys.executable, "-m", "scrapy", "crawl", "main_spider", "-s", "CONCURRENT_REQUESTS=4",
                  "-s", f"DOWNLOAD_DELAY={a.delay}", "-s", "MAX_IDLE_TIME_BEFORE_CLOSE=20"]
         nodes = [self.spawn(f"node{i + 1}", crawl, env) for i in range(a.nodes)]
-        alert_env = {**env, "ALERT_INTERVAL": "5", "ALERT_FOR": "10"}
+        alert_env = {"ALERT_INTERVAL": "5", "ALERT_FOR": "10", **env}  # quick alerts, unless set
         self.spawn("alert", [sys.executable, "alert.py", "--dry-run"], alert_env, log=False)
 
         wait_for(lambda: not port_free(port), 30, what="the API")

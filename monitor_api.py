@@ -145,7 +145,7 @@ class Monitor:
             node = field.decode("utf-8", "replace")
             entry = known.get(node)
             if entry is None or entry[0] != raw:
-                entry = [raw, parse_snapshot(node, raw, now), None]
+                entry = [raw, monitors.parse_snapshot(raw, now), None]
             elif entry[1] is not None and entry[1]["state"] != monitors.node_state(entry[1], now):
                 entry = [raw, dict(entry[1], state=monitors.node_state(entry[1], now)), None]
             current[node] = entry  # [raw value, snapshot or None if malformed, its JSON once asked for]
@@ -185,7 +185,7 @@ class Monitor:
         raw = self.redis.hget(self.key, name)
         if raw is None:
             return None, False
-        snapshot = parse_snapshot(name, raw, time.time())
+        snapshot = monitors.parse_snapshot(raw, time.time())
         return snapshot, snapshot is None
 
     def spider_names(self):
@@ -196,34 +196,6 @@ class Monitor:
         if time.monotonic() - self.last_warning >= WARN_EVERY:
             self.last_warning = time.monotonic()
             logger.warning("Redis at %s is unavailable: %s", monitors.redact(str(self.url)), exc)
-
-
-def parse_snapshot(node, raw, now):
-    """The stored value as a snapshot with its state, or None: ``monitors.parse_nodes`` for one value, also
-    refusing what it lets through and the views cannot use (deep nesting, and see ``usable``)."""
-    try:
-        snapshot = monitors.parse_nodes({node: raw}, now)[0].get(node)
-    except RecursionError:  # json.loads of "[[[[..."
-        return None
-    return snapshot if snapshot is not None and usable(snapshot) else None
-
-
-def usable(snapshot):
-    """Strict JSON (no NaN or infinities, which browsers cannot parse), a string spider, a numeric
-    timestamp, and integers within 64 bits (so means and sums stay finite)."""
-    if not isinstance(snapshot.get("spider"), str) or not is_number(snapshot.get("timestamp")):
-        return False
-    if any(isinstance(v, int) and not -2 ** 63 <= v < 2 ** 63 for v in snapshot.values()):
-        return False
-    try:
-        json.dumps(snapshot, allow_nan=False)
-    except (ValueError, RecursionError):
-        return False
-    return True
-
-
-def is_number(value):
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def api():
@@ -536,42 +508,17 @@ def read_series(name, minutes):
     if not members:
         abort(404, "no node or spider by that name")
     long = minutes * 60 > monitors.HISTORY_SECONDS
-    intervals = {n: s["interval"] if is_number(s.get("interval")) and s["interval"] > 0 else monitors.DEFAULT_INTERVAL
+    intervals = {n: s["interval"] if monitors.is_number(s.get("interval")) and s["interval"] > 0 else monitors.DEFAULT_INTERVAL
                  for n, s in members.items()}
     # One point per step: no more than MAX_POINTS, and no finer than the nodes report.
     step = math.ceil(max(minutes * 60 / MAX_POINTS, monitors.TREND_BUCKET if long else max(intervals.values())))
-    series = read_histories(mon.redis, list(members), minutes, mon.prefix, now)
+    series = monitors.read_histories(mon.redis, list(members), minutes, mon.prefix, now)
     if kind == "node":
         points = list({int(row["timestamp"] // step): row for row in series[name]}.values())
     else:
         holds = {n: monitors.STALE_INTERVALS * intervals[n] for n in members}
         points = spider_points(series, holds, step, now)
     return {"name": name, "kind": kind, "minutes": minutes, "step": step, "points": points}
-
-
-def read_histories(r, nodes, minutes, prefix, now):
-    """``{node: rows oldest first}`` as ``monitors.read_history`` reads them, for many nodes in one round
-    trip; numbers JSON cannot hold become None and rows without a usable timestamp are dropped."""
-    since = now - minutes * 60
-    key = monitors.history_key if minutes * 60 <= monitors.HISTORY_SECONDS else monitors.trend_key
-    with r.pipeline(transaction=False) as pipe:
-        for node in nodes:
-            pipe.lrange(key(prefix, node), 0, -1)
-        lists = pipe.execute()
-    out = {}
-    for node, raws in zip(nodes, lists):
-        rows = []
-        for raw in reversed(raws):
-            try:
-                values = json.loads(raw)
-            except (ValueError, RecursionError):
-                continue
-            if isinstance(values, list) and len(values) == len(monitors.HISTORY_FIELDS):
-                row = {f: v if is_number(v) else None for f, v in zip(monitors.HISTORY_FIELDS, values)}
-                if row["timestamp"] is not None and row["timestamp"] >= since:
-                    rows.append(row)
-        out[node] = rows
-    return out
 
 
 def spider_points(series, holds, step, now):
@@ -652,7 +599,7 @@ class ClusterCollector:
                                      labels=labels + ["status_class"])
         for node, s in self.nodes.items():
             for c in range(1, 6):
-                if is_number(s.get(f"status_{c}xx")):
+                if monitors.is_number(s.get(f"status_{c}xx")):
                     family.add_metric([node, s["spider"], f"{c}xx"], s[f"status_{c}xx"])
         yield family
         up = GaugeMetricFamily("scrapy_node_up", "1 while the node reports on time, else 0.", labels=labels)
@@ -667,7 +614,7 @@ class ClusterCollector:
             for state in STATES:
                 count.add_metric([spider, state], view[f"nodes_{state}"])
             for field, kind in QUEUES:
-                if is_number(view.get(field)):
+                if monitors.is_number(view.get(field)):
                     queue.add_metric([spider, kind], view[field])
         yield count
         yield queue
@@ -676,7 +623,7 @@ class ClusterCollector:
 
     def add(self, family, field, scale=1):
         for node, s in self.nodes.items():
-            if is_number(s.get(field)):
+            if monitors.is_number(s.get(field)):
                 family.add_metric([node, s["spider"]], s[field] * scale)
 
 

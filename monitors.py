@@ -7,6 +7,7 @@ the toolkit uses is named in this file.
 
 import json
 import logging
+import math
 import os
 import socket
 import time
@@ -33,6 +34,8 @@ TREND_SECONDS = 86400
 # History keys outlive their node by a day, so a dead node's last day can still be charted.
 HISTORY_TTL = TREND_SECONDS + HISTORY_SECONDS
 
+# Stored integers must fit in 64 bits, as Redis, Prometheus and JavaScript-friendly sums expect.
+INT64 = 2 ** 63
 # The columns of one history row, stored as a compact JSON array (names are not repeated per row).
 HISTORY_FIELDS = (
     "timestamp", "cpu", "memory", "process_cpu", "rss", "net_sent_rate", "net_recv_rate",
@@ -116,8 +119,7 @@ def connect(url=None, timeout=REDIS_TIMEOUT):
         socket_connect_timeout=timeout,
         retry=Retry(NoBackoff(), 0),
         health_check_interval=0,
-        lib_name=None,  # no CLIENT SETINFO round trips on connect
-        lib_version=None,
+        driver_info=None,  # no CLIENT SETINFO round trips on connect
     )
 
 
@@ -138,19 +140,30 @@ def node_state(snapshot, now=None):
     if snapshot.get("status") == "closed":
         return "closed"
     now = time.time() if now is None else now
-    interval = _number(snapshot.get("interval"), DEFAULT_INTERVAL) or DEFAULT_INTERVAL
-    if now - _number(snapshot.get("timestamp"), 0) > STALE_INTERVALS * interval:
+    interval = number(snapshot.get("interval"), DEFAULT_INTERVAL) or DEFAULT_INTERVAL
+    if now - number(snapshot.get("timestamp"), 0) > STALE_INTERVALS * interval:
         return "stale"
     return "live"
 
 
 def decode_snapshot(raw):
-    """A stored snapshot as a dict, or None when the value is not a JSON object."""
+    """A stored snapshot as a dict, or None unless it is a strict JSON object with a string ``spider`` and a
+    numeric ``timestamp``, holding no NaN, infinity or integer beyond 64 bits (sums and browsers need that)."""
     try:
-        value = json.loads(raw)
-    except (ValueError, TypeError):
+        value = json.loads(raw, parse_constant=_not_json, parse_float=_finite_float, parse_int=_int64)
+    except (ValueError, TypeError, RecursionError):
         return None
-    return value if isinstance(value, dict) else None
+    if isinstance(value, dict) and isinstance(value.get("spider"), str) and is_number(value.get("timestamp")):
+        return value
+    return None
+
+
+def parse_snapshot(raw, now=None):
+    """``decode_snapshot`` plus the node's derived ``state``."""
+    snapshot = decode_snapshot(raw)
+    if snapshot is not None:
+        snapshot["state"] = node_state(snapshot, now)
+    return snapshot
 
 
 def parse_nodes(raw_hash, now=None):
@@ -158,13 +171,11 @@ def parse_nodes(raw_hash, now=None):
     now = time.time() if now is None else now
     nodes, bad = {}, 0
     for field, raw in raw_hash.items():
-        snapshot = decode_snapshot(raw)
+        snapshot = parse_snapshot(raw, now)
         if snapshot is None:
             bad += 1
             continue
-        node = field.decode("utf-8", "replace") if isinstance(field, bytes) else str(field)
-        snapshot["state"] = node_state(snapshot, now)
-        nodes[node] = snapshot
+        nodes[field.decode("utf-8", "replace") if isinstance(field, bytes) else str(field)] = snapshot
     return nodes, bad
 
 
@@ -175,10 +186,7 @@ def list_nodes(r, prefix=None, now=None):
 
 def get_node(r, node, prefix=None, now=None):
     """One node's snapshot with its state, or None."""
-    snapshot = decode_snapshot(r.hget(status_key(prefix or key_prefix()), node))
-    if snapshot is not None:
-        snapshot["state"] = node_state(snapshot, now)
-    return snapshot
+    return parse_snapshot(r.hget(status_key(prefix or key_prefix()), node), now)
 
 
 def cluster_view(nodes, spider):
@@ -193,7 +201,7 @@ def cluster_view(nodes, spider):
     live = [s for s in snaps if s.get("state") == "live"] or snaps
 
     def total(field, among=snaps):
-        return sum(_number(s.get(field), 0) for s in among)
+        return sum(number(s.get(field), 0) for s in among)
 
     def mean(field):
         return round(total(field, live) / len(live), 2)
@@ -203,7 +211,7 @@ def cluster_view(nodes, spider):
         states[s.get("state", "live")] = states.get(s.get("state", "live"), 0) + 1
     view = {
         "spider": spider,
-        "timestamp": max(int(_number(s.get("timestamp"), 0)) for s in snaps),
+        "timestamp": max(int(number(s.get("timestamp"), 0)) for s in snaps),
         "cpu": mean("cpu"),
         "memory": mean("memory"),
         **{f: int(total(f)) for f in ("bytes_sent", "bytes_recv", "pages", "items", "requests", "errors")},
@@ -230,31 +238,43 @@ def spiders_view(nodes):
 
 
 def read_history(r, node, minutes=60, prefix=None, now=None):
-    """A node's time series for the last ``minutes``, oldest first, as dicts of HISTORY_FIELDS.
+    """One node's time series: ``read_histories`` for a single node."""
+    return read_histories(r, [node], minutes, prefix, now)[node]
 
-    Up to an hour comes from the full-resolution list; longer spans (up to a day) from the 5-minute tier.
-    """
+
+def read_histories(r, nodes, minutes=60, prefix=None, now=None):
+    """``{node: rows}`` for the last ``minutes``, oldest first, each row a dict of HISTORY_FIELDS, in one
+    round trip. Up to an hour comes from the full-resolution lists, longer spans (up to a day) from the
+    5-minute tier. Values that are not numbers read as None; rows without a timestamp are dropped."""
     prefix = prefix or key_prefix()
     now = time.time() if now is None else now
     since = now - minutes * 60
-    key = history_key(prefix, node) if minutes * 60 <= HISTORY_SECONDS else trend_key(prefix, node)
-    rows = []
-    for raw in r.lrange(key, 0, -1):
-        try:
-            values = json.loads(raw)
-        except ValueError:
-            continue
-        if isinstance(values, list) and len(values) == len(HISTORY_FIELDS) and _number(values[0], 0) >= since:
-            rows.append(dict(zip(HISTORY_FIELDS, values)))
-    rows.reverse()
-    return rows
+    key = history_key if minutes * 60 <= HISTORY_SECONDS else trend_key
+    with r.pipeline(transaction=False) as pipe:
+        for node in nodes:
+            pipe.lrange(key(prefix, node), 0, -1)
+        lists = pipe.execute()
+    out = {}
+    for node, raws in zip(nodes, lists):
+        rows = []
+        for raw in reversed(raws):
+            try:
+                values = json.loads(raw)
+            except (ValueError, RecursionError):
+                continue
+            if isinstance(values, list) and len(values) == len(HISTORY_FIELDS):
+                row = {f: v if is_number(v) else None for f, v in zip(HISTORY_FIELDS, values)}
+                if row["timestamp"] is not None and row["timestamp"] >= since:
+                    rows.append(row)
+        out[node] = rows
+    return out
 
 
 def prune_nodes(r, nodes, retention, prefix=None, now=None):
     """Delete nodes silent for longer than ``retention`` seconds, with their history. Returns their ids."""
     prefix = prefix or key_prefix()
     now = time.time() if now is None else now
-    gone = [n for n, s in nodes.items() if now - _number(s.get("timestamp"), 0) > retention]
+    gone = [n for n, s in nodes.items() if now - number(s.get("timestamp"), 0) > retention]
     if gone:
         with r.pipeline(transaction=False) as pipe:
             pipe.hdel(status_key(prefix), *gone)
@@ -264,22 +284,39 @@ def prune_nodes(r, nodes, retention, prefix=None, now=None):
     return gone
 
 
-def _number(value, default):
-    if isinstance(value, bool):
-        return default
-    if isinstance(value, (int, float)):
-        return value
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        return default
+def is_number(value):
+    """A finite int or float, not a bool."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def number(value, default=None):
+    """``value`` if it is a number (``is_number``), else ``default``."""
+    return value if is_number(value) else default
+
+
+def _not_json(name):
+    raise ValueError(f"{name} is not JSON")
+
+
+def _finite_float(text):
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"{text} is out of range")
+    return value
+
+
+def _int64(text):
+    value = int(text)
+    if not -INT64 <= value < INT64:
+        raise ValueError(f"{text} is out of range")
+    return value
 
 
 def _newest(snaps, field):
     values = [s for s in snaps if isinstance(s.get(field), (int, float))]
     if not values:
         return None
-    return max(values, key=lambda s: _number(s.get("timestamp"), 0))[field]
+    return max(values, key=lambda s: number(s.get("timestamp"), 0))[field]
 
 
 # ---------------------------------------------------------------------------- write side
@@ -401,20 +438,34 @@ class SpiderMonitor:
 
     @classmethod
     def from_crawler(cls, crawler):
-        from scrapy.exceptions import NotConfigured
+        # Scrapy and Twisted are imported here and below, not at the top: the API and the alerter
+        # import this module for its read side and should not pay for them.
         from scrapy import signals
+        from scrapy.exceptions import NotConfigured
 
         settings = crawler.settings
-        enabled = settings.get("MONITOR_ENABLED", env("MONITOR_ENABLED", "1"))
-        if str(enabled).strip().lower() in ("0", "false", "no", "off", ""):
+
+        def setting(name, default=None):
+            value = settings.get(name)
+            return env(name, default) if value is None or value == "" else value
+
+        if str(setting("MONITOR_ENABLED", "1")).strip().lower() in ("0", "false", "no", "off"):
             raise NotConfigured("MONITOR_ENABLED is off")
-        interval = settings.getfloat("MONITOR_INTERVAL", float(env("MONITOR_INTERVAL", DEFAULT_INTERVAL)))
-        if interval <= 0:
-            raise NotConfigured("MONITOR_INTERVAL must be positive")
-        queue_url = settings.get("REDIS_URL") or redis_url()
-        url = settings.get("MONITOR_REDIS_URL") or env("MONITOR_REDIS_URL") or queue_url
-        node_id = settings.get("MONITOR_NODE_ID") or env("MONITOR_NODE_ID")
-        prefix = settings.get("MONITOR_KEY_PREFIX") or key_prefix()
+        try:
+            interval = float(setting("MONITOR_INTERVAL", DEFAULT_INTERVAL))
+        except ValueError:
+            interval = 0
+        if not interval > 0:
+            raise NotConfigured(f"MONITOR_INTERVAL must be a positive number of seconds, "
+                                f"not {setting('MONITOR_INTERVAL')!r}; the monitor is off")
+        queue_url = setting("REDIS_URL", DEFAULT_REDIS_URL)
+        url = setting("MONITOR_REDIS_URL", queue_url)
+        try:
+            connect(url), connect(queue_url)
+        except ValueError as exc:
+            raise NotConfigured(f"bad Redis URL ({exc}); the monitor is off") from None
+        node_id = setting("MONITOR_NODE_ID")
+        prefix = setting("MONITOR_KEY_PREFIX", DEFAULT_PREFIX)
         ext = cls(crawler, interval, url, queue_url, node_id, prefix)
         crawler.signals.connect(ext.spider_opened, signal=signals.spider_opened)
         crawler.signals.connect(ext.spider_closed, signal=signals.spider_closed)

@@ -1,7 +1,6 @@
 """The node monitor end to end: real redis-server, real local website, real ``scrapy crawl`` processes."""
 
 import json
-import os
 import signal
 import socket
 import textwrap
@@ -13,7 +12,7 @@ from scrapy.exceptions import NotConfigured
 from scrapy.utils.test import get_crawler
 
 import monitors
-from conftest import RedisServer, crawl_log, free_port, wait_for
+from conftest import RedisServer, crawl_log, wait_for
 from demo_site import Site
 from main_spider import DistributedSpider
 
@@ -271,9 +270,12 @@ def test_read_side_states_cluster_view_and_malformed_values(redis_client):
         "c": json.dumps({**base, "node": "c", "timestamp": now - 500, "status": "closed"}),
         "x": json.dumps({**base, "spider": "other", "timestamp": now, "cpu": 1, "memory": 1}),
         "bad1": "{not json", "bad2": "[1, 2]", "bad3": '{"trunc',
+        "nan": '{"spider": "s", "timestamp": 1, "cpu": NaN}', "inf": '{"spider": "s", "timestamp": 1e999}',
+        "huge": '{"spider": "s", "timestamp": 1, "pages": 99999999999999999999}',
+        "deep": "[" * 100_000, "nospider": '{"timestamp": 1}', "oldtime": '{"spider": "s", "timestamp": "1"}',
     })
     found, bad = monitors.list_nodes(redis_client, "scrapy", now)
-    assert bad == 3 and set(found) == {"a", "b", "c", "x"}
+    assert bad == 9 and set(found) == {"a", "b", "c", "x"}
     assert [found[n]["state"] for n in "abc"] == ["live", "stale", "closed"]
     view = monitors.cluster_view(found, "s")
     assert (view["nodes_live"], view["nodes_stale"], view["nodes_closed"]) == (1, 1, 1)
@@ -305,3 +307,13 @@ def test_sampler_rates_and_redacted_urls():
     assert monitors.redact("rediss://user:pw@h/1") == "rediss://user:***@h/1"
     assert monitors.redact("redis://h:6379/0") == "redis://h:6379/0"
     assert "s3cret" not in monitors.redact("redis://u:s3cret@[::1]:7/0")
+
+
+def test_bad_settings_turn_the_monitor_off_with_a_clear_reason(redis_url, site, crawlers, plain_project):
+    for bad, reason in (({"MONITOR_INTERVAL": "soon"}, "MONITOR_INTERVAL must be a positive number"),
+                        ({"MONITOR_REDIS_URL": "http://not-redis/"}, "bad Redis URL")):
+        proc = crawlers("plain", env=crawler_env(redis_url, **bad), cwd=plain_project, args=["-a", f"url={site.url}"])
+        assert proc.wait(60) == 0
+        log = crawl_log(proc)
+        assert reason in log and "Traceback" not in log, log
+    assert site.page_hits()["/page/39"] == 2  # both crawls still ran to the end
