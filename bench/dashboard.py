@@ -1,0 +1,116 @@
+"""Benchmark dashboard.html with 1,000 nodes: render time, and memory over 200 refreshes.
+
+    python bench/dashboard.py [--nodes 1000] [--refreshes 200] [--interval 250] [--churn 10]
+
+Starts its own redis-server and ``monitor_api.py``, fills Redis the way nodes do, and opens the page in
+headless Chromium (Debian's package) polling every ``--interval`` ms, with the detail view of one node open.
+While it runs, a writer reports every node again each round with new figures, and replaces ``--churn`` nodes
+with new ones, so every refresh updates the cards and creates and removes some. The JS heap (after a forced
+garbage collection) and the DOM node count are read through the DevTools protocol after a warm-up and every
+50 refreshes. Prints the first render time (goal: 1 s or less) and the heap growth (goal: flat).
+"""
+
+import argparse
+import os
+import sys
+import threading
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from conftest import RedisServer  # noqa: E402
+from test_dashboard import CHROMIUM, CHROMIUM_ARGS, PREFIX, ApiServer, publish, snapshot  # noqa: E402
+
+WARM_UP = 20  # refreshes before the first reading: caches, JIT and the sparklines on screen settle
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--nodes", type=int, default=1000)
+    parser.add_argument("--refreshes", type=int, default=200)
+    parser.add_argument("--interval", type=int, default=250, help="the page's poll period in ms")
+    parser.add_argument("--churn", type=int, default=10, help="nodes replaced by new ones each round")
+    args = parser.parse_args()
+    if not CHROMIUM:
+        sys.exit("Debian's chromium is not installed (apt-get install chromium)")
+    from playwright.sync_api import sync_playwright
+
+    redis_server = RedisServer().start()
+    client = redis_server.client()
+    # No response cache: every refresh brings new figures.
+    api = ApiServer(redis_server.url, MONITOR_API_CACHE="0").start()
+    serial = [args.nodes]
+
+    def node(i):
+        return f"spider_{i % 4}:crawler-{i:05d}:{10000 + i}"
+
+    alive = list(range(args.nodes))
+    publish(client, *[snapshot(node(i), spider=f"spider_{i % 4}", cpu=float(i % 100)) for i in alive], history=20)
+    stop = threading.Event()
+
+    def writer():
+        turn = 0
+        while not stop.is_set():
+            turn += 1
+            gone, alive[:args.churn] = alive[:args.churn], []
+            client.hdel(f"{PREFIX}:node:status", *[node(i) for i in gone])
+            alive.extend(range(serial[0], serial[0] + args.churn))
+            serial[0] += args.churn
+            publish(client, *[snapshot(node(i), spider=f"spider_{i % 4}", cpu=float((i + turn) % 100),
+                                       pages=1000 * turn + i, rss=(100 + (i + turn) % 50) * 2 ** 20) for i in alive])
+            stop.wait(args.interval / 1000)
+
+    try:
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+            page = browser.new_page(viewport={"width": 1280, "height": 900})
+            cdp = page.context.new_cdp_session(page)
+            cdp.send("Performance.enable")
+            page.goto(f"{api.url}/?interval={args.interval}")
+            page.wait_for_function("() => window.dashboardStats.firstPaintMs !== null", timeout=30000)
+            first, script = page.evaluate("() => [window.dashboardStats.firstPaintMs, window.dashboardStats.firstRenderMs]")
+            print(f"{args.nodes} nodes: first render {first:.0f} ms from data arrival to painted cards "
+                  f"({script:.0f} ms of it script; goal <= 1000 ms)")
+            threading.Thread(target=writer, daemon=True).start()
+            page.locator("[data-node]").nth(5).click()  # keep a detail view open throughout
+
+            def reading():
+                cdp.send("HeapProfiler.collectGarbage")
+                heap = cdp.send("Runtime.getHeapUsage")["usedSize"]
+                metrics = {m["name"]: m["value"] for m in cdp.send("Performance.getMetrics")["metrics"]}
+                s = page.evaluate("() => window.dashboardStats")
+                return s["okPolls"], heap, int(metrics["Nodes"]), int(metrics["JSEventListeners"]), s
+
+            def wait_polls(n):
+                page.wait_for_function("(n) => window.dashboardStats.okPolls >= n", arg=n, timeout=600000)
+
+            start_polls = page.evaluate("() => window.dashboardStats.okPolls")
+            wait_polls(start_polls + WARM_UP)
+            base = reading()
+            print(f"{'refreshes':>9} {'JS heap':>10} {'DOM nodes':>9} {'listeners':>9} {'cards':>5} {'render ms':>9}")
+            rows = [base]
+
+            def show(r, n):
+                print(f"{n:9d} {r[1] / 2 ** 20:8.2f}MB {r[2]:9d} {r[3]:9d} {r[4]['nodes']:5d} {r[4]['renderMs']:9.1f}")
+
+            show(base, 0)
+            for done in range(50, args.refreshes + 1, 50):
+                wait_polls(base[0] + done)
+                rows.append(reading())
+                show(rows[-1], rows[-1][0] - base[0])
+            stop.set()
+            end = rows[-1]
+            growth = (end[1] - base[1]) / 2 ** 20
+            print(f"JS heap after {end[0] - base[0]} refreshes: {base[1] / 2 ** 20:.2f} MB -> {end[1] / 2 ** 20:.2f} MB "
+                  f"({growth:+.2f} MB, {100 * growth * 2 ** 20 / base[1]:+.1f}%); DOM nodes {base[2]} -> {end[2]}; "
+                  f"{end[4]['failedPolls']} failed polls; {end[4]['historyRequests']} history requests in all")
+            browser.close()
+    finally:
+        stop.set()
+        api.stop()
+        redis_server.cleanup()
+
+
+if __name__ == "__main__":
+    main()
