@@ -18,7 +18,7 @@ import time
 
 import redis
 
-from demo_site import RedisServer, Site, free_port, wait_for
+from demo_site import RedisServer, Site, free_port, stop_process, wait_for
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
@@ -102,13 +102,8 @@ class Demo:
         for proc in self.procs:
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + 15
         for proc in self.procs:
-            try:
-                proc.wait(max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            stop_process(proc, 15)
         if self.site:
             self.site.stop()
         if self.server:

