@@ -513,6 +513,7 @@ class Alerter:
         self.redis_down = False
         self.malformed = 0
         self.memory = None  # --dry-run keeps its state here instead of in Redis
+        self.last_summary = None  # --dry-run prints a summary line when it changes
 
     def tick(self, now=None):
         """One evaluation and delivery; Redis errors are logged once per outage. True when Redis answered."""
@@ -635,10 +636,13 @@ class Alerter:
         firing = sum(r["state"] == "firing" for r in self.memory[0].values())
         pending = len(self.memory[0]) - firing
         queued_count = self.r.hlen(self.keys["outbox"])
-        print(f"dry run at {_iso(now)}: {len(nodes)} node(s), {firing} firing, {pending} pending, "
-              f"{queued_count} message(s) waiting in {self.keys['outbox']}", file=self.out)
-        if not notes:
-            print("nothing would be sent", file=self.out)
+        summary = (f"{len(nodes)} node(s), {firing} firing, {pending} pending, "
+                   f"{queued_count} message(s) waiting in {self.keys['outbox']}")
+        if notes or summary != self.last_summary:  # a loop prints only what changed
+            print(f"dry run at {_iso(now)}: {summary}", file=self.out)
+            if not notes:
+                print("nothing would be sent", file=self.out)
+        self.last_summary = summary
         for name, channel in (self.channels or {"(no channel)": None}).items():
             if notes:
                 where = channel.describe() if channel else "nowhere (set ALERT_TO or ALERT_WEBHOOK_URL)"

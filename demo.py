@@ -121,6 +121,7 @@ def main():
     args = parser.parse_args()
     demo = Demo(args)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # Ctrl-C, even if started with SIGINT ignored
     try:
         demo.run()
     except KeyboardInterrupt:
