@@ -5,6 +5,7 @@ Enable the writer in any Scrapy project with ``EXTENSIONS = {"monitors.SpiderMon
 the toolkit uses is named in this file.
 """
 
+import collections
 import json
 import logging
 import math
@@ -198,17 +199,16 @@ def cluster_view(nodes, spider):
     if not mine:
         return None
     snaps = list(mine.values())
-    live = [s for s in snaps if s.get("state") == "live"] or snaps
+    live = [s for s in snaps if s.get("state") == "live"]
+    states = collections.Counter(s.get("state") for s in snaps)
 
     def total(field, among=snaps):
         return sum(number(s.get(field), 0) for s in among)
 
-    def mean(field):
-        return round(total(field, live) / len(live), 2)
+    def mean(field):  # over live nodes; over all when none is live
+        among = live or snaps
+        return round(total(field, among) / len(among), 2)
 
-    states = {"live": 0, "stale": 0, "closed": 0}
-    for s in snaps:
-        states[s.get("state", "live")] = states.get(s.get("state", "live"), 0) + 1
     view = {
         "spider": spider,
         "timestamp": max(int(number(s.get("timestamp"), 0)) for s in snaps),
@@ -216,8 +216,7 @@ def cluster_view(nodes, spider):
         "memory": mean("memory"),
         **{f: int(total(f)) for f in ("bytes_sent", "bytes_recv", "pages", "items", "requests", "errors")},
         # Rates only count nodes still crawling; queue sizes are shared, so take the newest reading.
-        **{f"{f}_per_min": round(total(f"{f}_per_min", [s for s in snaps if s.get("state") == "live"]), 2)
-           for f in RATE_FIELDS},
+        **{f"{f}_per_min": round(total(f"{f}_per_min", live), 2) for f in RATE_FIELDS},
         **{f: _newest(snaps, f) for f in ("queue_requests", "queue_start_urls", "queue_dupefilter")},
         "nodes_live": states["live"],
         "nodes_stale": states["stale"],
@@ -228,9 +227,9 @@ def cluster_view(nodes, spider):
 
 
 def spiders_view(nodes):
-    """``{spider: cluster view without its nodes}`` for every spider that has nodes."""
+    """``{spider: cluster view}`` for every spider that has nodes, each view's ``nodes`` a sorted id list."""
     out = {}
-    for spider in sorted({str(s.get("spider")) for s in nodes.values()}):
+    for spider in sorted({s["spider"] for s in nodes.values()}):
         view = cluster_view(nodes, spider)
         view["nodes"] = sorted(view["nodes"])
         out[spider] = view
