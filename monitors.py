@@ -428,7 +428,7 @@ class SpiderMonitor:
         self.prefix = prefix
         self.history_len = max(1, int(HISTORY_SECONDS // interval))
         self.task = None
-        self.pending = None  # the Deferred of the tick in flight: ticks never overlap
+        self.lock = None  # held while a tick's thread works: ticks never overlap
         self.redis_down = False
         self.trend = TrendBuffer()
         self.queue_keys = None
@@ -471,7 +471,7 @@ class SpiderMonitor:
         return ext
 
     def spider_opened(self, spider):
-        from twisted.internet import task
+        from twisted.internet import defer, task
 
         host = socket.gethostname()
         pid = os.getpid()
@@ -482,6 +482,7 @@ class SpiderMonitor:
         self.base = {"node": self.node_id, "spider": spider.name, "host": host, "pid": pid,
                      "interval": self.interval, "start_time": int(time.time())}
         logger.info("Monitor: node %s reports to %s every %ss", self.node_id, redact(self.url), self.interval)
+        self.lock = defer.DeferredLock()
         self.task = task.LoopingCall(self.tick)
         self.task.start(self.interval, now=True)
 
@@ -495,32 +496,19 @@ class SpiderMonitor:
             return
         stats = dict(self.stats.get_stats())
         extra = {"status": "closed", "finish_reason": str(reason)}
-        await maybe_deferred_to_future(self._after_pending(stats, extra, final=True))
+        await maybe_deferred_to_future(self.lock.run(self._in_thread, stats, extra, True))
 
     def tick(self):
         """Runs on the reactor thread: copy the stats and hand sampling and Redis I/O to a thread."""
-        if self.pending is not None:
-            return  # the previous tick is still talking to Redis
-        self._after_pending(dict(self.stats.get_stats()), {"status": "running"})
+        if self.lock.locked:
+            return  # the previous tick is still talking to Redis: ticks never overlap
+        self.lock.run(self._in_thread, dict(self.stats.get_stats()), {"status": "running"})
 
-    def _after_pending(self, stats, extra, final=False):
-        from twisted.internet import defer, threads
+    def _in_thread(self, stats, extra, final=False):
+        from twisted.internet import threads
 
-        def run(_):
-            self.pending = threads.deferToThread(self.collect_and_publish, stats, extra, final)
-            self.pending.addErrback(lambda f: logger.error("Monitor: tick failed: %s", f.getErrorMessage()))
-            self.pending.addBoth(self._clear_pending)
-            return self.pending
-
-        previous = self.pending
-        if previous is None:
-            return run(None)
-        d = defer.Deferred()
-        previous.addBoth(lambda _: d.callback(None))
-        return d.addCallback(run)
-
-    def _clear_pending(self, _):
-        self.pending = None
+        d = threads.deferToThread(self.collect_and_publish, stats, extra, final)
+        return d.addErrback(lambda f: logger.error("Monitor: tick failed: %s", f.getErrorMessage()))
 
     def collect_and_publish(self, stats, extra, final=False):
         """Runs in a thread: sample, read queue sizes, write to Redis. Returns the snapshot."""

@@ -155,7 +155,7 @@ def reactor_time(ticks=300):
     durations, cpu_times, cpu = [], [], {}
 
     def measured():
-        if ext.pending is not None:
+        if ext.lock.locked:
             return  # wait for the last tick's thread, as the loop itself does
         t, c = time.perf_counter(), time.thread_time()
         ext.tick()
@@ -163,8 +163,7 @@ def reactor_time(ticks=300):
         cpu_times.append(time.thread_time() - c)
         if len(durations) >= ticks:
             loop.stop()
-            d = ext.pending
-            (d.addBoth(lambda _: reactor.stop()) if d else reactor.stop())
+            ext.lock.run(reactor.stop)  # once the last tick's thread is done
 
     def idle():
         cpu["idle_calls"] = cpu.get("idle_calls", 0) + 1
