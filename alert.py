@@ -128,7 +128,7 @@ def load_config(argv=None):
         raise ConfigError("SMTP_PASSWORD is set but SMTP_USER is not")
     if args.webhook_url and urlsplit(args.webhook_url).scheme not in ("http", "https"):
         raise ConfigError("ALERT_WEBHOOK_URL must be an http:// or https:// URL")
-    if not args.to and (args.test_mail or given & set(SMTP_VARS)):
+    if not args.to and (given & set(SMTP_VARS) or args.test_mail and not args.webhook_url):
         raise ConfigError("ALERT_TO is not set: mail needs at least one recipient")
     if not args.to and not args.webhook_url and not args.dry_run:
         raise ConfigError("nothing to send to: set ALERT_TO (mail) and/or ALERT_WEBHOOK_URL, "
@@ -726,10 +726,10 @@ def main(argv=None):
             print(f"would send a test message by {channels}")
             return 0
         return 1 if alerter.test_message() else 0
-    logger.info("Alert: watching %s at %s every %ss (rules: %s; sending by %s)",
+    logger.info("Alert: watching %s at %s every %ss (rules: %s; %s)",
                 monitors.status_key(cfg.prefix), monitors.redact(cfg.redis_url), _fmt(cfg.interval),
                 ",".join(cfg.rules) or "none",
-                "; ".join(c.describe() for c in alerter.channels.values()) or "nothing (dry run)")
+                "dry run: nothing is sent" if cfg.dry_run else "; ".join(c.describe() for c in alerter.channels.values()))
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     try:

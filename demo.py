@@ -38,6 +38,8 @@ def existing_redis():
     except redis.RedisError:
         print("REDIS_URL does not answer; starting a private redis-server instead", flush=True)
         return None
+    print("Using REDIS_URL: the demo adds its start URL, main_spider queue and nodes there, and leaves them.",
+          flush=True)
     return url
 
 
@@ -99,11 +101,15 @@ class Demo:
                     raise SystemExit(f"demo: {proc.name} exited with status {proc.returncode}; see {self.logs}")
 
     def stop(self):
-        for proc in self.procs:
+        for proc in self.procs:  # all at once, so the nodes close (and report "closed") in parallel
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 15
         for proc in self.procs:
-            stop_process(proc, 15)
+            try:
+                proc.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                stop_process(proc, 0)
         if self.site:
             self.site.stop()
         if self.server:

@@ -10,12 +10,23 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import redis
+
+
+class QuietServer(ThreadingHTTPServer):
+    """A threaded HTTP server for which a client hanging up mid-response (a killed crawler) is no error."""
+
+    daemon_threads = True
+
+    def handle_error(self, request, client_address):
+        if not isinstance(sys.exc_info()[1], ConnectionError):
+            super().handle_error(request, client_address)
 
 
 class Site:
@@ -28,8 +39,7 @@ class Site:
         self.hits = collections.Counter()
         self.first_hit = self.last_hit = None  # monotonic times of the first and last page request
         self.lock = threading.Lock()
-        self.server = ThreadingHTTPServer(("127.0.0.1", port), self._handler())
-        self.server.daemon_threads = True
+        self.server = QuietServer(("127.0.0.1", port), self._handler())
         self.thread = None
 
     @property

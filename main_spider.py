@@ -76,7 +76,7 @@ class DistributedSpider(RedisSpider):
     def spider_closed(self, spider, reason):
         if getattr(self, "poller", None) is not None and self.poller.running:
             self.poller.stop()
-        self.logger.info("Node closed (%s); start URLs still waiting in %s", reason, self.redis_key)
+        self.logger.info("Node closed (%s)", reason)
 
     def poll_start_urls(self):
         """Pick up pushed start URLs promptly, and close an idle node once MAX_IDLE_TIME_BEFORE_CLOSE passes."""

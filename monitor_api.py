@@ -490,6 +490,7 @@ def internal_error(exc):
 SUMMED = ("rss", "process_cpu", "net_sent_rate", "net_recv_rate", "pages", "items", "errors",
           "pages_per_min", "items_per_min", "errors_per_min")
 AVERAGED = ("cpu", "memory")
+PER_HOST = ("cpu", "memory", "net_sent_rate", "net_recv_rate")  # machine figures: each host counts once
 LARGEST = ("queue_requests",)
 
 
@@ -517,13 +518,15 @@ def read_series(name, minutes):
         points = list({int(row["timestamp"] // step): row for row in series[name]}.values())
     else:
         holds = {n: monitors.STALE_INTERVALS * intervals[n] for n in members}
-        points = spider_points(series, holds, step, now)
+        hosts = {n: s.get("host", n) for n, s in members.items()}
+        points = spider_points(series, holds, hosts, step, now)
     return {"name": name, "kind": kind, "minutes": minutes, "step": step, "points": points}
 
 
-def spider_points(series, holds, step, now):
+def spider_points(series, holds, hosts, step, now):
     """One point per ``step``-second bucket over every node's rows; a node's last row counts in later
-    buckets until it is ``holds[node]`` seconds old (so a late report is not a dip in the totals)."""
+    buckets until it is ``holds[node]`` seconds old (so a late report is not a dip in the totals).
+    Host network rates count each host (``hosts[node]``) once."""
     buckets = {}  # bucket -> {node: row}
     last = int(now // step)
     for node, rows in series.items():
@@ -537,8 +540,10 @@ def spider_points(series, holds, step, now):
     for b in sorted(buckets):
         rows = list(buckets[b].values())
         point = {"timestamp": b * step, "nodes": len(rows)}
+        one_per_host = list({hosts[node]: row for node, row in buckets[b].items()}.values())
         for field in SUMMED + AVERAGED + LARGEST:
-            values = [row[field] for row in rows if row[field] is not None]
+            among = one_per_host if field in PER_HOST else rows
+            values = [row[field] for row in among if row[field] is not None]
             if not values:
                 point[field] = None
             elif field in SUMMED:
@@ -624,7 +629,7 @@ class ClusterCollector:
     def add(self, family, field, scale=1):
         for node, s in self.nodes.items():
             if monitors.is_number(s.get(field)):
-                family.add_metric([node, s["spider"]], s[field] * scale)
+                family.add_metric([node, s["spider"]], s[field] * scale if scale == 1 else round(s[field] * scale, 6))
 
 
 # ---------------------------------------------------------------------------- OpenAPI

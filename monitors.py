@@ -202,11 +202,14 @@ def cluster_view(nodes, spider):
     live = [s for s in snaps if s.get("state") == "live"]
     states = collections.Counter(s.get("state") for s in snaps)
 
+    # Host figures (cpu, memory, network) are per machine: count each host once, by its newest snapshot.
+    hosts, live_hosts = _per_host(snaps), _per_host(live)
+
     def total(field, among=snaps):
         return sum(number(s.get(field), 0) for s in among)
 
-    def mean(field):  # over live nodes; over all when none is live
-        among = live or snaps
+    def mean(field):  # over the hosts of live nodes; over all hosts when none is live
+        among = live_hosts or hosts
         return round(total(field, among) / len(among), 2)
 
     view = {
@@ -214,7 +217,8 @@ def cluster_view(nodes, spider):
         "timestamp": max(int(number(s.get("timestamp"), 0)) for s in snaps),
         "cpu": mean("cpu"),
         "memory": mean("memory"),
-        **{f: int(total(f)) for f in ("bytes_sent", "bytes_recv", "pages", "items", "requests", "errors")},
+        **{f: int(total(f, hosts)) for f in ("bytes_sent", "bytes_recv")},
+        **{f: int(total(f)) for f in ("pages", "items", "requests", "errors")},
         # Rates only count nodes still crawling; queue sizes are shared, so take the newest reading.
         **{f"{f}_per_min": round(total(f"{f}_per_min", live), 2) for f in RATE_FIELDS},
         **{f: _newest(snaps, f) for f in ("queue_requests", "queue_start_urls", "queue_dupefilter")},
@@ -309,6 +313,14 @@ def _int64(text):
     if not -INT64 <= value < INT64:
         raise ValueError(f"{text} is out of range")
     return value
+
+
+def _per_host(snaps):
+    """The newest snapshot of each host among ``snaps``, as a list."""
+    newest = {}
+    for snap in sorted(snaps, key=lambda s: number(s.get("timestamp"), 0)):
+        newest[snap.get("host", snap.get("node"))] = snap
+    return list(newest.values())
 
 
 def _newest(snaps, field):

@@ -9,8 +9,9 @@ BOT_NAME = "scrapy_cluster_monitor"
 SPIDER_MODULES = ["main_spider"]
 NEWSPIDER_MODULE = "main_spider"
 
-ROBOTSTXT_OBEY = os.environ.get("ROBOTSTXT_OBEY", "1") not in ("0", "false", "False")
-CONCURRENT_REQUESTS = int(os.environ.get("CONCURRENT_REQUESTS", "16"))
+# Environment values are strings; Scrapy's getbool/getint read them (and name a bad one in the error).
+ROBOTSTXT_OBEY = os.environ.get("ROBOTSTXT_OBEY", "True")
+CONCURRENT_REQUESTS = os.environ.get("CONCURRENT_REQUESTS", "16")
 
 # scrapy-redis: one shared request queue and one shared dupefilter for every node.
 SCHEDULER = "scrapy_redis.scheduler.Scheduler"
@@ -18,7 +19,7 @@ DUPEFILTER_CLASS = "scrapy_redis.dupefilter.RFPDupeFilter"
 SCHEDULER_PERSIST = True
 REDIS_URL = os.environ.get("REDIS_URL") or "redis://localhost:6379/0"
 # Seconds a node waits with nothing to do before it closes (0: wait for start URLs forever).
-MAX_IDLE_TIME_BEFORE_CLOSE = int(os.environ.get("MAX_IDLE_TIME_BEFORE_CLOSE", "0"))
+MAX_IDLE_TIME_BEFORE_CLOSE = os.environ.get("MAX_IDLE_TIME_BEFORE_CLOSE", "0")
 
 # The node monitor; MONITOR_* settings default to the environment variables of the same names.
 EXTENSIONS = {"monitors.SpiderMonitor": 500}

@@ -96,7 +96,8 @@ def test_seed_curl_commands_work_as_written(redis_url, redis_client):
     """``curl localhost:5000/metrics`` and ``/metrics/main_spider`` against ``python monitor_api.py``."""
     now = int(time.time())
     a = snap("main_spider:host-a:1", cpu=12.5, memory=45.3, bytes_sent=102400, bytes_recv=409600)
-    b = snap("main_spider:host-b:2", age=5, cpu=27.5, memory=54.7, bytes_sent=1000, bytes_recv=2000)
+    b = snap("main_spider:host-b:2", age=5, cpu=27.5, memory=54.7, bytes_sent=1000, bytes_recv=2000,
+             host="host-b")
     store(redis_client, a, b)
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MONITOR_", "REDIS_"))}
@@ -211,7 +212,8 @@ def test_history_of_a_node_and_of_its_spider(client, redis_client):
             a = snap("a:1", cpu=10.0, pages=100 + k, queue_requests=5, timestamp=base + 10 * k + 1)
             monitors.write_snapshot(pipe, "scrapy", a, 360)
             if k != 5:  # node b misses one report: its last row still counts, not a dip to zero
-                b = snap("b:1", cpu=30.0, pages=1000 + k, queue_requests=7, timestamp=base + 10 * k + 5)
+                b = snap("b:1", cpu=30.0, pages=1000 + k, queue_requests=7, timestamp=base + 10 * k + 5,
+                         host="host-b")
                 monitors.write_snapshot(pipe, "scrapy", b, 360)
         pipe.execute()
 
@@ -731,3 +733,13 @@ def test_load_64_clients_for_30_seconds_without_an_error(redis_url, redis_client
     assert errors == [], errors[:5]
     assert all(counts.values()), counts
     assert sum(counts.values()) > LOAD_CLIENTS * LOAD_SECONDS, counts  # more than one answer a second each
+
+
+def test_nodes_on_one_host_count_its_machine_figures_once(client, redis_client):
+    store(redis_client, snap("s:1", spider="s", cpu=40.0, bytes_recv=1000, net_recv_rate=50.0),
+          snap("s:2", spider="s", cpu=40.0, bytes_recv=1000, net_recv_rate=50.0, pages=5),
+          snap("s:3", spider="s", cpu=10.0, bytes_recv=7, net_recv_rate=5.0, host="host-b"))
+    view = client.get("/metrics/s").get_json()
+    assert (view["cpu"], view["bytes_recv"], view["pages"]) == (25.0, 1007, 25)  # 2 hosts; 3 nodes' pages
+    point = client.get("/metrics/s/history?minutes=5").get_json()["points"][-1]
+    assert (point["nodes"], point["net_recv_rate"], point["pages"]) == (3, 55.0, 25)

@@ -261,12 +261,12 @@ def test_history_is_bounded_and_keeps_a_day(redis_client):
 def test_read_side_states_cluster_view_and_malformed_values(redis_client):
     now = 1_000_000
     key = monitors.status_key("scrapy")
-    base = {"spider": "s", "interval": 10, "bytes_sent": 1, "bytes_recv": 2, "pages": 10, "items": 5}
+    base = {"spider": "s", "interval": 10, "bytes_sent": 1, "bytes_recv": 2, "pages": 10, "items": 5, "host": "h1"}
     redis_client.hset(key, mapping={
         "a": json.dumps({**base, "node": "a", "timestamp": now - 5, "cpu": 10, "memory": 40,
                          "status": "running", "pages_per_min": 60, "queue_requests": 7}),
-        "b": json.dumps({**base, "node": "b", "timestamp": now - 31, "cpu": 90, "memory": 60,
-                         "status": "running", "pages_per_min": 600}),
+        "b": json.dumps({**base, "node": "b", "timestamp": now - 31, "cpu": 90, "memory": 60, "host": "h2",
+                         "status": "running", "pages_per_min": 600, "bytes_recv": 3}),
         "c": json.dumps({**base, "node": "c", "timestamp": now - 500, "status": "closed"}),
         "x": json.dumps({**base, "spider": "other", "timestamp": now, "cpu": 1, "memory": 1}),
         "bad1": "{not json", "bad2": "[1, 2]", "bad3": '{"trunc',
@@ -280,7 +280,8 @@ def test_read_side_states_cluster_view_and_malformed_values(redis_client):
     view = monitors.cluster_view(found, "s")
     assert (view["nodes_live"], view["nodes_stale"], view["nodes_closed"]) == (1, 1, 1)
     assert view["cpu"] == 10 and view["memory"] == 40  # means over live nodes
-    assert view["pages"] == 30 and view["items"] == 15 and view["bytes_recv"] == 6
+    assert view["pages"] == 30 and view["items"] == 15
+    assert view["bytes_recv"] == 2 + 3  # host counters count each host once (a and c share h1)
     assert view["pages_per_min"] == 60 and view["queue_requests"] == 7
     assert view["timestamp"] == now - 5 and set(view["nodes"]) == {"a", "b", "c"}
     assert monitors.cluster_view(found, "nobody") is None
