@@ -573,6 +573,13 @@ def test_help_lists_every_setting_and_test_mail_sends_one(redis_url, smtp):
     assert refused.returncode == 1 and refused.stderr.count("failed") == 1
 
 
+def test_test_mail_with_a_webhook_only(redis_url, webhook):
+    result = run_script("--test-mail", env={"REDIS_URL": redis_url, "ALERT_WEBHOOK_URL": webhook.url})
+    assert result.returncode == 0, result.stderr
+    [body] = webhook.bodies
+    assert "test message" in body["text"]
+
+
 # ---------------------------------------------------------------------------- a real crawler node
 
 def test_killed_crawler_gives_one_down_and_one_resolved_message(make, redis_client, redis_url, smtp, site,
