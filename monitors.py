@@ -324,13 +324,16 @@ def _per_host(snaps):
 
 
 def _newest(snaps, field):
-    values = [s for s in snaps if isinstance(s.get(field), (int, float))]
+    values = [s for s in snaps if is_number(s.get(field))]
     if not values:
         return None
     return max(values, key=lambda s: number(s.get("timestamp"), 0))[field]
 
 
 # ---------------------------------------------------------------------------- write side
+
+_compact_json = json.JSONEncoder(separators=(",", ":")).encode
+
 
 def history_row(snapshot):
     """The snapshot's history columns as a list, numbers rounded to keep the row small."""
@@ -352,14 +355,14 @@ def merge_rows(rows):
 def write_snapshot(pipe, prefix, snapshot, history_len, trend_rows=()):
     """Queue the commands that publish one snapshot: status hash, capped history, trend, expiries."""
     node = snapshot["node"]
-    pipe.hset(status_key(prefix), node, json.dumps(snapshot, separators=(",", ":")))
+    pipe.hset(status_key(prefix), node, _compact_json(snapshot))
     hkey = history_key(prefix, node)
-    pipe.lpush(hkey, json.dumps(history_row(snapshot), separators=(",", ":")))
+    pipe.lpush(hkey, _compact_json(history_row(snapshot)))
     pipe.ltrim(hkey, 0, history_len - 1)
     pipe.expire(hkey, HISTORY_TTL)
     if trend_rows:
         tkey = trend_key(prefix, node)
-        pipe.lpush(tkey, *(json.dumps(row, separators=(",", ":")) for row in trend_rows))
+        pipe.lpush(tkey, *(_compact_json(row) for row in trend_rows))
         pipe.ltrim(tkey, 0, TREND_SECONDS // TREND_BUCKET - 1)
         pipe.expire(tkey, HISTORY_TTL)
 
@@ -436,6 +439,8 @@ class SpiderMonitor:
         self.interval = interval
         self.url = url
         self.queue_url = queue_url
+        self.redis = connect(url)  # clients connect lazily; a malformed URL raises ValueError here
+        self.queue_redis = self.redis if queue_url == url else connect(queue_url)
         self.node_id = node_id
         self.prefix = prefix
         self.history_len = max(1, int(HISTORY_SECONDS // interval))
@@ -471,13 +476,12 @@ class SpiderMonitor:
                                 f"not {setting('MONITOR_INTERVAL')!r}; the monitor is off")
         queue_url = setting("REDIS_URL", DEFAULT_REDIS_URL)
         url = setting("MONITOR_REDIS_URL", queue_url)
-        try:
-            connect(url), connect(queue_url)
-        except ValueError as exc:
-            raise NotConfigured(f"bad Redis URL ({exc}); the monitor is off") from None
         node_id = setting("MONITOR_NODE_ID")
         prefix = setting("MONITOR_KEY_PREFIX", DEFAULT_PREFIX)
-        ext = cls(crawler, interval, url, queue_url, node_id, prefix)
+        try:
+            ext = cls(crawler, interval, url, queue_url, node_id, prefix)
+        except ValueError as exc:
+            raise NotConfigured(f"bad Redis URL ({exc}); the monitor is off") from None
         crawler.signals.connect(ext.spider_opened, signal=signals.spider_opened)
         crawler.signals.connect(ext.spider_closed, signal=signals.spider_closed)
         return ext
@@ -488,8 +492,6 @@ class SpiderMonitor:
         host = socket.gethostname()
         pid = os.getpid()
         self.node_id = self.node_id or f"{spider.name}:{host}:{pid}"
-        self.redis = connect(self.url)
-        self.queue_redis = self.redis if self.queue_url == self.url else connect(self.queue_url)
         self.queue_keys = self._queue_keys(spider)
         self.base = {"node": self.node_id, "spider": spider.name, "host": host, "pid": pid,
                      "interval": self.interval, "start_time": int(time.time())}
@@ -546,7 +548,7 @@ class SpiderMonitor:
         return snapshot
 
     def _queue_keys(self, spider):
-        """The scrapy-redis keys of this spider (requests, start URLs, dupefilter), or None if it has none."""
+        """The scrapy-redis keys of this spider (requests, start URLs, dupefilter), or () if it has none."""
         settings = self.crawler.settings
         scheduler = str(settings.get("SCHEDULER", ""))
         start_key = getattr(spider, "redis_key", None)
