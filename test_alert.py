@@ -23,7 +23,7 @@ from aiosmtpd.smtp import AuthResult
 
 import alert
 import monitors
-from conftest import ROOT, RedisServer, free_port, wait_for
+from conftest import ROOT, RedisServer, clean_env, free_port, wait_for
 
 MB = 1024 * 1024
 T0 = 1_700_000_000  # the explicit clock of most tests
@@ -108,14 +108,6 @@ def webhook():
 
 
 # ---------------------------------------------------------------------------- helpers
-
-def clean_env(env):
-    """The test's environment without any setting of the developer's shell."""
-    names = {s[0] for s in alert.SETTINGS}
-    out = {k: v for k, v in os.environ.items() if k not in names and not k.startswith(("ALERT_", "SMTP_"))}
-    out.update({k: v for k, v in env.items() if v is not None})
-    return out
-
 
 @pytest.fixture
 def make(redis_url, smtp, monkeypatch):

@@ -22,7 +22,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 import monitor_api
 import monitors
-from conftest import ROOT, RedisServer, free_port, wait_for
+from conftest import ROOT, RedisServer, clean_env, free_port, wait_for
 
 SEED_FIELDS = {"timestamp", "spider", "cpu", "memory", "bytes_sent", "bytes_recv"}
 CONTRACT_FIELDS = SEED_FIELDS | {"node", "host", "pid", "status", "interval", "pages", "items", "state"}
@@ -100,9 +100,8 @@ def test_seed_curl_commands_work_as_written(redis_url, redis_client):
              host="host-b")
     store(redis_client, a, b)
     port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MONITOR_", "REDIS_"))}
     proc = subprocess.Popen([sys.executable, "monitor_api.py", "--port", str(port)], cwd=ROOT,
-                            env=dict(env, REDIS_URL=redis_url), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                            env=clean_env(REDIS_URL=redis_url), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         def curl(path):
             out = subprocess.run(["curl", "-s", "--max-time", "5", f"http://localhost:{port}{path}"],
@@ -617,8 +616,7 @@ def test_openapi_describes_the_routes_and_real_responses_match(redis_url, redis_
 # ---------------------------------------------------------------------------- command line
 
 def run_cli(*args, **env):
-    base = {k: v for k, v in os.environ.items() if not k.startswith(("MONITOR_", "REDIS_"))}
-    return subprocess.run([sys.executable, "monitor_api.py", *args], cwd=ROOT, env=dict(base, **env),
+    return subprocess.run([sys.executable, "monitor_api.py", *args], cwd=ROOT, env=clean_env(env),
                           capture_output=True, text=True, timeout=30)
 
 

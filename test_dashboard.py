@@ -18,7 +18,7 @@ import requests
 
 import monitors
 from conftest import RedisServer, free_port, wait_for
-from demo_site import stop_process
+from demo_site import clean_env, stop_process
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 PAGE = os.path.join(ROOT, "dashboard.html")
@@ -41,8 +41,7 @@ class ApiServer:
 
     def __init__(self, redis_url, **env):
         self.port = free_port()
-        self.env = {k: v for k, v in os.environ.items() if not k.startswith(("MONITOR_", "REDIS_"))}
-        self.env.update(REDIS_URL=redis_url, MONITOR_KEY_PREFIX=PREFIX, **env)
+        self.env = clean_env(env, REDIS_URL=redis_url, MONITOR_KEY_PREFIX=PREFIX)
         self.proc = None
 
     @property

@@ -1,6 +1,5 @@
 """The README's first command: the demo runs the whole system, and Ctrl-C leaves nothing running."""
 
-import os
 import queue
 import signal
 import subprocess
@@ -11,13 +10,12 @@ import time
 import psutil
 import requests
 
-from conftest import ROOT, free_port, wait_for
+from conftest import ROOT, clean_env, free_port, wait_for
 
 
 def test_demo_runs_everything_and_stops_cleanly():
     port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MONITOR_", "REDIS_", "ALERT_", "SMTP_"))}
-    env.update(ALERT_INTERVAL="1", ALERT_FOR="1", PYTHONUNBUFFERED="1")  # REDIS_URL unset: a private Redis
+    env = clean_env(ALERT_INTERVAL="1", ALERT_FOR="1", PYTHONUNBUFFERED="1")  # no REDIS_URL: a private Redis
     demo = subprocess.Popen(
         [sys.executable, "demo.py", "--pages", "400", "--interval", "1", "--kill-after", "8", "--port", str(port)],
         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

@@ -28,7 +28,7 @@ sys.path.insert(0, ROOT)
 import requests  # noqa: E402
 
 import monitors  # noqa: E402
-from conftest import RedisServer, free_port, wait_for  # noqa: E402
+from conftest import RedisServer, clean_env, free_port, wait_for  # noqa: E402
 
 NAIVE_APP = """
 import json, sys
@@ -177,7 +177,7 @@ def main():
               f"{args.clients} concurrent clients, {args.seconds:g} s per case, {os.cpu_count()} CPUs")
 
         naive_port, api_port = free_port(), free_port()
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("MONITOR_", "REDIS_"))}
+        env = clean_env()
         procs.append(start([sys.executable, "-c", NAIVE_APP, server.url, str(naive_port)], naive_port, env))
         procs.append(start([sys.executable, "monitor_api.py", "--port", str(api_port)], api_port,
                            dict(env, REDIS_URL=server.url)))

@@ -20,7 +20,7 @@ sys.path.insert(0, ROOT)
 
 import monitors  # noqa: E402
 from conftest import RedisServer  # noqa: E402
-from demo_site import Site  # noqa: E402
+from demo_site import Site, clean_env  # noqa: E402
 
 
 # The crawler gets a core of its own; the site, Redis and this script share the other (less noise).
@@ -46,8 +46,7 @@ def crawl(server, site, env):
     site.hits.clear()
     site.first_hit = site.last_hit = None
     server.client().lpush("distributed:start_urls", json.dumps({"url": site.url}))
-    full_env = {k: v for k, v in os.environ.items() if not k.startswith(("MONITOR_", "REDIS_"))}
-    full_env.update(env, REDIS_URL=server.url)
+    full_env = clean_env(env, REDIS_URL=server.url)
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     subprocess.run([sys.executable, "-m", "scrapy", "crawl", "main_spider", "-s", "LOG_LEVEL=INFO",
                     "-s", "MAX_IDLE_TIME_BEFORE_CLOSE=1"], cwd=ROOT, env=full_env, check=True,
