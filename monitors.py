@@ -5,14 +5,17 @@ Enable the writer in any Scrapy project with ``EXTENSIONS = {"monitors.SpiderMon
 the toolkit uses is named in this file.
 """
 
+import argparse
 import collections
 import json
 import logging
 import math
 import os
+import re
 import socket
+import sys
 import time
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit
 
 import psutil
 import redis
@@ -112,6 +115,21 @@ def trend_key(prefix, node):
     return f"{prefix}:node:trend:{node}"
 
 
+def alert_key(prefix, name):
+    """The alerter's keys: ``state``, ``stall``, ``outbox``, ``lock``, ``dead``, ``silences``, ``heartbeat``."""
+    return f"{prefix}:alert:{name}"
+
+
+def control_key(prefix, name):
+    """Fleet control's keys: ``commands`` (pending, by target) and ``log`` (the capped control log)."""
+    return f"{prefix}:control:{name}"
+
+
+def runs_key(prefix, spider):
+    """A spider's run records, newest first."""
+    return f"{prefix}:runs:{spider}"
+
+
 def connect(url=None, timeout=REDIS_TIMEOUT):
     """A Redis client that fails fast: short socket timeouts and no retries with backoff."""
     return redis.Redis.from_url(
@@ -124,14 +142,111 @@ def connect(url=None, timeout=REDIS_TIMEOUT):
     )
 
 
+# Query options whose value is a secret (redis-py reads ?password=; webhooks put tokens in queries).
+SECRET_OPTIONS = frozenset(("password", "pass", "pw", "token", "secret", "key", "apikey", "api_key",
+                            "access_token", "auth", "sig", "signature"))
+
+
 def redact(url):
-    """The URL with any password replaced, fit for a log line."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    userinfo, _, hostport = parts.netloc.rpartition("@")
-    netloc = f"{userinfo.split(':', 1)[0]}:***@{hostport}"
-    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+    """The URL with any password (``user:pw@``, ``:pw@``, ``?password=``) masked, fit for a log line."""
+    try:
+        parts = urlsplit(str(url))
+        netloc = parts.netloc
+        if "@" in netloc:
+            userinfo, _, hostport = netloc.rpartition("@")
+            if ":" in userinfo:
+                userinfo = f"{userinfo.split(':', 1)[0]}:***"
+            netloc = f"{userinfo}@{hostport}"
+        query = parts.query
+        if query:
+            query = urlencode([(k, "***" if k.lower() in SECRET_OPTIONS else v)
+                               for k, v in parse_qsl(query, keep_blank_values=True)], safe="*")
+        url = str(url)
+        head, sep, rest = url.partition(parts.netloc) if parts.netloc else ("", "", url)
+        if query:
+            rest = rest.replace(parts.query, query, 1)
+        return head + (netloc if sep else "") + rest
+    except ValueError:
+        return "<unparsable URL>"
+
+
+def safe_url(url):
+    """Scheme and host only: a webhook's path and query are often its secret (Slack, Teams, Discord)."""
+    try:
+        parts = urlsplit(str(url))
+        port = f":{parts.port}" if parts.port else ""
+        return f"{parts.scheme}://{parts.hostname}{port}/..."
+    except ValueError:
+        return "<unparsable URL>"
+
+
+def scrub(text, *urls):
+    """``text`` (an error message, say) with each of ``urls`` and any password in a URL it quotes masked."""
+    text = str(text)
+    for url in urls:
+        if url:
+            text = text.replace(str(url), safe_url(url))
+    return re.sub(r"(\w[\w+.-]*://)([^/\s:@]*):[^@\s/]*@", r"\1\2:***@", text)
+
+
+# ---------------------------------------------------------------------------- settings and outages
+
+class ConfigError(ValueError):
+    """A setting a script cannot run with: its ``main`` prints it on one line and exits 2."""
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse whose mistakes raise ConfigError, so every script reports all bad input the same way."""
+
+    def error(self, message):
+        raise ConfigError(message)
+
+
+def exit_config_error(prog, exc):
+    """Print a ConfigError as ``prog: error: ...`` on one line; the exit status for it, 2."""
+    print(f"{prog}: error: {' '.join(str(exc).split())}", file=sys.stderr)
+    return 2
+
+
+# A setting in seconds beyond a year is a typo (1e308 would overflow every sum and sleep).
+MAX_SECONDS = 365 * 86400
+
+
+def seconds(name, raw, minimum=0.0, maximum=MAX_SECONDS, above=False):
+    """``raw`` as a finite number of seconds from ``minimum`` (exclusive with ``above``) to ``maximum``;
+    ConfigError naming the setting otherwise."""
+    try:
+        value = float(str(raw).strip())
+    except ValueError:
+        value = math.nan
+    low_ok = value > minimum if above else value >= minimum
+    if not (math.isfinite(value) and low_ok and value <= maximum):
+        bound = f"more than {minimum:g}" if above else f"{minimum:g} or more"
+        raise ConfigError(f"{name} must be a number of seconds, {bound} and at most {maximum:.0f}, not {raw!r}")
+    return value
+
+
+class Outage:
+    """Logs a lost service once per outage, and once when it answers again, never once per attempt."""
+
+    def __init__(self, log, level=logging.WARNING):
+        self.log = log
+        self.level = level
+        self.down = False
+
+    def failed(self, message, *args):
+        """The service failed: log ``message`` if this starts an outage. Returns True if it did."""
+        started = not self.down
+        if started:
+            self.log.log(self.level, message, *args)
+        self.down = True
+        return started
+
+    def ok(self, message, *args):
+        """The service answered: log ``message`` if an outage ends here."""
+        if self.down:
+            self.log.info(message, *args)
+        self.down = False
 
 
 # ---------------------------------------------------------------------------- read side
