@@ -6,9 +6,11 @@ Tests build their own app with ``create_app({"REDIS_URL": ..., ...})``.
 """
 
 import argparse
+import functools
 import gzip
 import hashlib
 import hmac
+import ipaddress
 import json
 import logging
 import math
@@ -16,20 +18,21 @@ import os
 import sys
 import threading
 import time
+from typing import NamedTuple
 from urllib.parse import parse_qs
 
 import redis
 import waitress
-from flask import Blueprint, Flask, Response, abort, current_app, jsonify, request, send_file
+from flask import Blueprint, Flask, Response, abort, current_app, g, jsonify, request, send_file
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
-from werkzeug.datastructures import WWWAuthenticate
-from werkzeug.exceptions import HTTPException, Unauthorized
+from werkzeug.exceptions import HTTPException
 from werkzeug.http import parse_accept_header
 from werkzeug.routing import PathConverter
 from werkzeug.wsgi import get_host
 
 import monitors
+from monitors import ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -39,6 +42,8 @@ DEFAULT_PORT = 5000
 DEFAULT_RETENTION = 86400
 # Pollers repeat the same request every few seconds: a response up to this old is fine.
 DEFAULT_CACHE = 1.0
+# A response reused for longer than an hour would show a dead cluster as live: such a setting is a typo.
+MAX_CACHE = 3600
 # Lower than the extension's timeout, so a request fails with 503 well within a second when Redis hangs.
 REDIS_TIMEOUT = 0.5
 # A chart needs no more points than this; it keeps a history response to a few tens of KB.
@@ -51,8 +56,8 @@ GZIP_MIN = 1024
 STATES = monitors.STATES
 # Waitress worker threads: a request waiting on a slow Redis must not hold up the cached ones.
 THREADS = 16
-# Warn about Redis being down at most this often, not once per request.
-WARN_EVERY = 10.0
+# A key of the wrong Redis type fails every request that reads it: log each such key once a minute, not each time.
+REPORT_EVERY = 60.0
 
 ENVIRONMENT = (
     ("REDIS_URL", f"Redis holding the metrics (default {monitors.DEFAULT_REDIS_URL})"),
@@ -60,11 +65,15 @@ ENVIRONMENT = (
     ("MONITOR_API_HOST", f"address to listen on (default {DEFAULT_HOST}); --host overrides it"),
     ("MONITOR_API_PORT", f"port to listen on (default {DEFAULT_PORT}); --port overrides it"),
     ("MONITOR_API_TOKEN", "when set, every route but /health needs 'Authorization: Bearer <token>' or ?token="),
+    ("MONITOR_API_HOSTS", "comma-separated Host names accepted without a token, besides the listening address, "
+                          "localhost and loopback addresses (others get 400: no DNS rebinding)"),
     ("MONITOR_CORS_ORIGINS", "comma-separated origins allowed to read the API from a browser, '*' for any "
-                             "(default null: a dashboard opened as a file)"),
+                             "(default null: a dashboard opened as a file; any page can then read a tokenless API)"),
+    ("MONITOR_API_READONLY", "1 turns every route that changes data (control, silences) off (default 0)"),
     ("MONITOR_RETENTION", f"seconds a silent node is kept before it is pruned with its history, 0 keeps "
                           f"them forever (default {DEFAULT_RETENTION})"),
-    ("MONITOR_API_CACHE", f"seconds a response may be reused, 0 for never (default {DEFAULT_CACHE:g})"),
+    ("MONITOR_API_CACHE", f"seconds a response may be reused, 0 for never, at most {MAX_CACHE} "
+                          f"(default {DEFAULT_CACHE:g})"),
 )
 
 bp = Blueprint("api", __name__)
@@ -80,12 +89,16 @@ class NodeIdConverter(PathConverter):
 # ---------------------------------------------------------------------------- the app
 
 def create_app(config=None):
-    """The API app; ``config`` overrides the settings, which are keyed by their environment variable names."""
+    """The API app; ``config`` overrides the settings, which are keyed by their environment variable names.
+    A setting it cannot run with raises ConfigError naming it."""
     app = Flask(__name__)
     app.config.update(
         REDIS_URL=monitors.redis_url(),
         MONITOR_KEY_PREFIX=monitors.key_prefix(),
+        MONITOR_API_HOST=monitors.env("MONITOR_API_HOST", DEFAULT_HOST),
+        MONITOR_API_HOSTS=monitors.env("MONITOR_API_HOSTS"),
         MONITOR_API_TOKEN=monitors.env("MONITOR_API_TOKEN"),
+        MONITOR_API_READONLY=monitors.env("MONITOR_API_READONLY", "0"),
         MONITOR_CORS_ORIGINS=monitors.env("MONITOR_CORS_ORIGINS", "null"),
         MONITOR_RETENTION=monitors.env("MONITOR_RETENTION", DEFAULT_RETENTION),
         MONITOR_API_CACHE=monitors.env("MONITOR_API_CACHE", DEFAULT_CACHE),
@@ -93,51 +106,37 @@ def create_app(config=None):
     )
     app.config.update(config or {})
     app.debug = False  # never, whatever FLASK_DEBUG says: errors are JSON, tracebacks go to the log
-    app.extensions["monitor"] = Monitor(app.config)
+    app.extensions["gate"] = Gate(app.config)
+    app.extensions["reader"] = StatusReader(app.config)
     app.url_map.merge_slashes = False  # "a//b" is a node id, not a typo to redirect
     app.url_map.converters["node"] = NodeIdConverter
     app.register_blueprint(bp)
-    app.wsgi_app = FastPath(app.wsgi_app, app.extensions["monitor"])
+    app.wsgi_app = CachedFastPath(app.wsgi_app, app.extensions["reader"], app.extensions["gate"])
     return app
 
 
-def seconds(config, name):
-    """A non-negative number of seconds from the settings, or ValueError naming the setting."""
-    try:
-        value = float(config[name])
-    except (TypeError, ValueError):
-        raise ValueError(f"{name} must be a number of seconds, not {config[name]!r}") from None
-    if not math.isfinite(value) or value < 0:
-        raise ValueError(f"{name} must be a number of seconds, not {config[name]!r}")
-    return value
-
-
-class Monitor:
-    """What the API knows: a fail-fast Redis client, the settings, and the response cache."""
+class StatusReader:
+    """The API's read side: a fail-fast Redis client on the status hash, its decode cache, and the response cache."""
 
     def __init__(self, config):
         self.prefix = config["MONITOR_KEY_PREFIX"] or monitors.DEFAULT_PREFIX
         self.key = monitors.status_key(self.prefix)
-        self.retention = seconds(config, "MONITOR_RETENTION")
-        self.cache = Cache(seconds(config, "MONITOR_API_CACHE"))
-        self.token = config["MONITOR_API_TOKEN"] or None
-        self.origins = {o.strip() for o in str(config["MONITOR_CORS_ORIGINS"] or "").split(",") if o.strip()}
+        self.retention = monitors.seconds("MONITOR_RETENTION", config["MONITOR_RETENTION"])
+        self.cache = Cache(monitors.seconds("MONITOR_API_CACHE", config["MONITOR_API_CACHE"], maximum=MAX_CACHE))
         self.url = config["REDIS_URL"]
-        try:
-            self.redis = monitors.connect(self.url, REDIS_TIMEOUT)
-        except ValueError:
-            raise ValueError(f"REDIS_URL is not a Redis URL: {monitors.redact(str(self.url))}") from None
-        self.reader = monitors.NodeReader(self.redis, self.prefix, self.retention)
-        self.last_warning = -WARN_EVERY
+        self.redis = redis_client(self.url)
+        self.node_reader = monitors.NodeReader(self.redis, self.prefix, self.retention)
+        self.outage = monitors.Outage(logger)
+        self.reported = {}  # wrong-type problem -> when it was last logged
 
     def nodes(self):
         """``({node: snapshot with state}, skipped, now)`` straight from Redis, ``now`` on its clock; see
         ``monitors.NodeReader`` (snapshots are shared between reads: never modify one)."""
-        return self.reader.read()
+        return self.node_reader.read()
 
     def nodes_json(self, nodes, now):
         """``{node: snapshot + age}`` as JSON bytes, in node order, reusing each unchanged snapshot's JSON."""
-        entries, parts = self.reader.entries, []
+        entries, parts = self.node_reader.entries, []
         for node in sorted(nodes):
             entry = entries.get(node)
             if entry is None or entry.snapshot is not nodes[node]:
@@ -149,7 +148,7 @@ class Monitor:
 
     def node(self, name):
         """``(snapshot with state and age, or None; malformed)`` for one node id."""
-        snapshot, malformed, now = self.reader.node(name)
+        snapshot, malformed, now = self.node_reader.node(name)
         if snapshot is not None:
             snapshot["age"] = monitors.age(snapshot, now)
         return snapshot, malformed
@@ -158,14 +157,245 @@ class Monitor:
         """The spiders that have nodes, up to a cache period old: unknown names cost no full read each."""
         return self.cache.get("spider names", lambda: {s["spider"] for s in self.nodes()[0].values()})
 
-    def warn_down(self, exc):
-        if time.monotonic() - self.last_warning >= WARN_EVERY:
-            self.last_warning = time.monotonic()
-            logger.warning("Redis at %s is unavailable: %s", monitors.redact(str(self.url)), exc)
+    def answered(self):
+        """Redis answered a request: log the end of an outage, if one was going on."""
+        self.outage.ok("Redis at %s answers again", monitors.redact(str(self.url)))
+
+    def wrong_type(self, names=()):
+        """What is wrong when Redis answers WRONGTYPE: the status hash, or the history lists of ``names``,
+        holding another type (``monitors.wrong_type``); None if they all fit."""
+        expected = [(self.key, "hash")]
+        for name in names:
+            expected += [(monitors.history_key(self.prefix, name), "list"),
+                         (monitors.trend_key(self.prefix, name), "list")]
+        return monitors.wrong_type(self.redis, expected)
+
+    def report(self, problem):
+        """Log a data problem at ERROR, each one at most once per REPORT_EVERY seconds."""
+        now = time.monotonic()
+        if now - self.reported.get(problem, -REPORT_EVERY) >= REPORT_EVERY:
+            if len(self.reported) >= CACHE_ENTRIES:
+                self.reported.clear()
+            self.reported[problem] = now
+            logger.error("%s", problem)
 
 
-def api():
-    return current_app.extensions["monitor"]
+def redis_client(url):
+    """A fail-fast client for ``url``, or ConfigError naming what is wrong with it (see ``monitors.connect``)."""
+    try:
+        return monitors.connect(url, REDIS_TIMEOUT)
+    except ValueError as exc:
+        raise ConfigError(f"REDIS_URL: {exc}") from None
+
+
+def reader():
+    """The app's StatusReader."""
+    return current_app.extensions["reader"]
+
+
+def gate():
+    """The app's Gate."""
+    return current_app.extensions["gate"]
+
+
+# ---------------------------------------------------------------------------- the gate: token, Host, CORS, acting
+
+class Refusal(NamedTuple):
+    """Why a request is refused: its status, the JSON error message and any extra headers."""
+
+    status: int
+    message: str
+    headers: tuple = ()
+
+    def response(self):
+        return Response(to_json({"error": self.message}), self.status, list(self.headers),
+                        mimetype="application/json")
+
+
+UNAUTHORIZED = Refusal(401, "a valid token is required: 'Authorization: Bearer <token>' or ?token=",
+                       (("WWW-Authenticate", "Bearer"),))
+HOW_TO_ACT = "set MONITOR_API_TOKEN and send it as 'Authorization: Bearer <token>'"
+
+
+class Gate:
+    """Who may read and who may change data. Every response, the cached fast path's included, goes through
+    ``authorize`` and ``cors_headers``; every route that changes data also through ``acting``."""
+
+    def __init__(self, config):
+        token = config["MONITOR_API_TOKEN"] or None
+        if token is not None and not (token.isascii() and token.isprintable() and token == token.strip()):
+            raise ConfigError("MONITOR_API_TOKEN must be printable ASCII without leading or trailing spaces "
+                              "(it travels in an HTTP header)")
+        self.token = token
+        self.origins = set(split_list(config["MONITOR_CORS_ORIGINS"]))
+        self.listening = str(config["MONITOR_API_HOST"] or DEFAULT_HOST)
+        # Host names accepted without a token; loopback addresses are accepted too (see host_ok).
+        self.hosts = {host_name(self.listening), "localhost"} | {host_name(h) for h in
+                                                                split_list(config["MONITOR_API_HOSTS"])}
+        self.loopback = is_loopback(host_name(self.listening))
+        self.readonly = flag("MONITOR_API_READONLY", config["MONITOR_API_READONLY"])
+
+    def authorize(self, environ):
+        """None if the request may go on, else a Refusal. With a token, every request but /health and
+        CORS preflights must offer it (401); without one, the Host must be this API's (400), which closes
+        DNS rebinding: a foreign page that makes its own name resolve to this address sends its own name."""
+        if environ.get("PATH_INFO") == "/health":
+            return None  # for load balancers and probes: it tells whether Redis answers, and the node count
+        if self.token is None:
+            host = environ.get("HTTP_HOST")
+            if host is None or self.host_ok(host):
+                return None
+            return Refusal(400, f"Host {host[:100]!r} is not accepted without a token: add it to "
+                                "MONITOR_API_HOSTS, or set MONITOR_API_TOKEN")
+        if environ["REQUEST_METHOD"] == "OPTIONS" or offers_token(environ, self.token):
+            return None
+        return UNAUTHORIZED
+
+    def host_ok(self, host):
+        name = host_name(host)
+        return name in self.hosts or is_loopback(name)
+
+    def cors_headers(self, environ):
+        """CORS headers for an allowed Origin (one of the origins, any with ``*``, or the API's own), else none.
+        A preflight is told of POST, DELETE and Content-Type only where a change could be accepted."""
+        origin = environ.get("HTTP_ORIGIN")
+        if not origin:
+            return []
+        own = origin == own_origin(environ)
+        if not (own or origin in self.origins or "*" in self.origins):
+            return []
+        headers = [("Access-Control-Allow-Origin", origin),
+                   ("Access-Control-Expose-Headers", "ETag, X-Skipped-Entries")]
+        if environ["REQUEST_METHOD"] == "OPTIONS":  # a preflight
+            methods, allowed = "GET, HEAD, OPTIONS", "Authorization, If-None-Match"
+            if not self.readonly and (self.token is not None or (own and self.loopback)):
+                methods, allowed = methods + ", POST, DELETE", allowed + ", Content-Type"
+            headers += [("Access-Control-Allow-Methods", methods), ("Access-Control-Allow-Headers", allowed),
+                        ("Access-Control-Max-Age", "600")]
+        return headers
+
+    def acting(self, req):
+        """``(Refusal or None, how it was accepted)`` for a request to a route that changes data."""
+        if self.readonly:
+            return Refusal(403, "this API is read-only (MONITOR_API_READONLY=1): control and silences are off"), ""
+        if req.method in ("GET", "HEAD"):
+            allow = sorted((req.url_rule.methods if req.url_rule else set()) - {"GET", "HEAD", "OPTIONS"})
+            return Refusal(405, f"{req.method} does not change data: use {' or '.join(allow) or 'POST'}",
+                           (("Allow", ", ".join(allow)),)), ""
+        origin = req.headers.get("Origin")
+        if self.token is not None:
+            if not offers_token(req.environ, self.token):
+                return UNAUTHORIZED, ""
+            how = "token"
+        elif not self.loopback:
+            return Refusal(403, f"without a token, changes are accepted only when the API listens on a loopback "
+                                f"address, not {self.listening}: {HOW_TO_ACT}"), ""
+        elif origin is None:
+            how = "no token: loopback, no browser origin"
+        elif origin == own_origin(req.environ):
+            how = "no token: loopback, the API's own page"
+        else:
+            return Refusal(403, f"changes are not accepted from origin {origin[:100]!r} without a token: "
+                                f"{HOW_TO_ACT}"), ""
+        has_body = req.method in ("POST", "PUT", "PATCH") or req.content_length or req.headers.get("Transfer-Encoding")
+        if has_body and req.mimetype != "application/json":
+            return Refusal(415, "send the body as JSON, with 'Content-Type: application/json'"), ""
+        return None, how
+
+
+def acting(view):
+    """Guards a route that changes data (control, silences): put it under the route decorator.
+
+        @bp.post("/control")
+        @acting
+        def control(): ...   # g.actor = {"address": client address, "via": how it was let in}
+
+    Refused with JSON: 403 in read-only mode, or without a token from anywhere but curl or the API's own
+    page on a loopback API; 401 without the token when one is set; 405 for GET; 415 for a body that is not
+    JSON. Every accepted and refused request is logged (method, path, client address, reason; never the token).
+    """
+    @functools.wraps(view)
+    def guarded(*args, **kwargs):
+        refusal, how = gate().acting(request)
+        if refusal is not None:
+            log_acting(refusal)
+            return refusal.response()
+        logger.info("Accepted %s %s from %s (%s)", request.method, request.path[:200], request.remote_addr, how)
+        g.actor = {"address": request.remote_addr, "via": how}
+        return view(*args, **kwargs)
+
+    guarded.changes_data = True
+    return guarded
+
+
+def log_acting(refusal):
+    logger.warning("Refused %s %s from %s (%d): %s", request.method, request.path[:200], request.remote_addr,
+                   refusal.status, refusal.message)
+
+
+def offers_token(environ, token):
+    """Whether the request offers the token, as a Bearer header or ``?token=``; compared in constant time."""
+    header = environ.get("HTTP_AUTHORIZATION", "")
+    offered = [header[7:].strip()] if header[:7].lower() == "bearer " else []
+    query = environ.get("QUERY_STRING", "")
+    if "token" in query:
+        offered += parse_qs(query).get("token", [])
+    expected = token.encode()
+    return any(hmac.compare_digest(o.encode(), expected) for o in offered)
+
+
+def own_origin(environ):
+    return f"{environ['wsgi.url_scheme']}://{get_host(environ)}"
+
+
+def host_name(host):
+    """The name in a Host header or a setting, lower case, without its port or brackets or final dot."""
+    host = host.strip().lower()
+    if host.startswith("["):
+        host = host[1:].partition("]")[0]
+    elif host.count(":") == 1:
+        host = host.partition(":")[0]
+    return host.rstrip(".")
+
+
+def is_loopback(name):
+    if name == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
+
+
+def split_list(raw):
+    return [part.strip() for part in str(raw or "").split(",") if part.strip()]
+
+
+def flag(name, raw):
+    text = str(raw).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off", ""):
+        return False
+    raise ConfigError(f"{name} must be 0 or 1, not {raw!r}")
+
+
+@bp.before_app_request
+def apply_gate():
+    refusal = gate().authorize(request.environ)
+    if refusal is not None:
+        if getattr(current_app.view_functions.get(request.endpoint), "changes_data", False):
+            log_acting(refusal)
+        return refusal.response()
+    return None
+
+
+@bp.after_app_request
+def add_cors_headers(response):
+    response.headers.extend(gate().cors_headers(request.environ))
+    if "Origin" not in response.headers.get("Vary", ""):  # cached bodies carry it already
+        response.vary.add("Origin")
+    return response
 
 
 # ---------------------------------------------------------------------------- cached responses
@@ -259,29 +489,31 @@ def cache_key(environ):
 
 def cached(compute):
     """The response for this URL, computed at most once per cache period (see ``Body.pick``)."""
-    body = api().cache.get(cache_key(request.environ), compute)
+    body = reader().cache.get(cache_key(request.environ), compute)
+    reader().answered()
     status, headers, data = body.pick(request.environ)
     return Response(data, status, headers)
 
 
-class FastPath:
+class CachedFastPath:
     """WSGI middleware: answers a GET whose response is cached and fresh without going through Flask's
-    request handling (a third of the cost of a request); everything else goes on to the app."""
+    request handling (a third of the cost of a request), through the same gate; everything else goes on
+    to the app (a refused request too: the app answers the refusal)."""
 
-    def __init__(self, app, monitor):
+    def __init__(self, app, status_reader, gate):
         self.app = app
-        self.monitor = monitor
+        self.reader = status_reader
+        self.gate = gate
 
     def __call__(self, environ, start_response):
-        mon = self.monitor
-        if environ["REQUEST_METHOD"] == "GET" and (mon.token is None or token_ok(environ, mon.token)):
-            body = mon.cache.fresh(cache_key(environ))
+        if environ["REQUEST_METHOD"] == "GET" and self.gate.authorize(environ) is None:
+            body = self.reader.cache.fresh(cache_key(environ))
             if body is not None:
                 status, headers, data = body.pick(environ)
                 if status == 200:
                     headers = headers + [("Content-Length", str(len(data)))]
                 start_response("200 OK" if status == 200 else "304 Not Modified",
-                               headers + cors_headers(environ, mon.origins))
+                               headers + self.gate.cors_headers(environ))
                 return [data]
         return self.app(environ, start_response)
 
@@ -299,10 +531,10 @@ def metrics():
             abort(400, f"state must be one or more of {', '.join(STATES)}, comma-separated")
 
     def compute():
-        nodes, skipped, now = api().nodes()
+        nodes, skipped, now = reader().nodes()
         chosen = {n: s for n, s in nodes.items()
                   if (spider is None or s["spider"] == spider) and (states is None or s["state"] in states)}
-        return json_body(api().nodes_json(chosen, now), skipped)
+        return json_body(reader().nodes_json(chosen, now), skipped)
 
     return cached(compute)
 
@@ -312,15 +544,15 @@ def metric(name):
     """A node id gives its snapshot; a spider name gives the spider's cluster view."""
 
     def compute():
-        snapshot, malformed = api().node(name)
+        snapshot, malformed = reader().node(name)
         if snapshot is not None:
             return json_body(snapshot)
-        if name in api().spider_names():
-            nodes, skipped, now = api().nodes()
+        if name in reader().spider_names():
+            nodes, skipped, now = reader().nodes()
             view = monitors.cluster_view(nodes, name)
             if view is not None:  # the view with its nodes' JSON spliced in: {..., "nodes": {...}}
                 members = view.pop("nodes")
-                return json_body(to_json(view)[:-1] + b',"nodes":' + api().nodes_json(members, now) + b"}", skipped)
+                return json_body(to_json(view)[:-1] + b',"nodes":' + reader().nodes_json(members, now) + b"}", skipped)
         if malformed:
             abort(404, "that node's stored snapshot is malformed")
         abort(404, "no node or spider by that name")
@@ -343,7 +575,7 @@ def spiders():
     """``{spider: cluster view}``, each view's ``nodes`` being the list of its node ids."""
 
     def compute():
-        nodes, skipped, _ = api().nodes()
+        nodes, skipped, _ = reader().nodes()
         return json_body(monitors.spiders_view(nodes), skipped)
 
     return cached(compute)
@@ -352,7 +584,8 @@ def spiders():
 @bp.get("/health")
 def health():
     """200 when Redis answers, 503 (through the Redis error handler) when it does not. Never cached."""
-    count = api().redis.hlen(api().key)
+    count = reader().redis.hlen(reader().key)
+    reader().answered()
     return {"status": "ok", "redis": "ok", "nodes": count}
 
 
@@ -362,7 +595,7 @@ def prometheus():
 
     def compute():
         registry = CollectorRegistry()
-        registry.register(ClusterCollector(*api().nodes()[:2]))
+        registry.register(ClusterCollector(*reader().nodes()[:2]))
         return Body(generate_latest(registry), CONTENT_TYPE_LATEST)
 
     return cached(compute)
@@ -381,55 +614,11 @@ def openapi():
     return jsonify(OPENAPI)
 
 
-# ---------------------------------------------------------------------------- token, CORS, errors
-
-@bp.before_app_request
-def check_token():
-    token = api().token
-    if token is None or request.method == "OPTIONS" or request.endpoint == "api.health":
-        return
-    if not token_ok(request.environ, token):
-        raise Unauthorized("a valid token is required: 'Authorization: Bearer <token>' or ?token=",
-                           www_authenticate=WWWAuthenticate("Bearer"))
-
-
-def token_ok(environ, token):
-    """Whether the request offers the token, as a Bearer header or ``?token=``; compared in constant time."""
-    header = environ.get("HTTP_AUTHORIZATION", "")
-    offered = [header[7:].strip()] if header[:7].lower() == "bearer " else []
-    query = environ.get("QUERY_STRING", "")
-    if "token" in query:
-        offered += parse_qs(query).get("token", [])
-    expected = token.encode()
-    return any(hmac.compare_digest(o.encode(), expected) for o in offered)
-
-
-@bp.after_app_request
-def cors(response):
-    response.headers.extend(cors_headers(request.environ, api().origins))
-    if "Origin" not in response.headers.get("Vary", ""):  # cached bodies carry it already
-        response.vary.add("Origin")
-    return response
-
-
-def cors_headers(environ, origins):
-    """CORS headers for an allowed Origin (one of ``origins``, any with ``*``, or the API's own), else none."""
-    origin = environ.get("HTTP_ORIGIN")
-    if not origin or not (origin in origins or "*" in origins
-                          or origin == f"{environ['wsgi.url_scheme']}://{get_host(environ)}"):
-        return []
-    headers = [("Access-Control-Allow-Origin", origin),
-               ("Access-Control-Expose-Headers", "ETag, X-Skipped-Entries")]
-    if environ["REQUEST_METHOD"] == "OPTIONS":  # a preflight
-        headers += [("Access-Control-Allow-Methods", "GET, HEAD, OPTIONS"),
-                    ("Access-Control-Allow-Headers", "Authorization, If-None-Match"),
-                    ("Access-Control-Max-Age", "600")]
-    return headers
-
+# ---------------------------------------------------------------------------- errors
 
 @bp.app_errorhandler(HTTPException)
 def http_error(exc):
-    response = exc.get_response()  # keeps headers such as Allow and WWW-Authenticate
+    response = exc.get_response()  # keeps headers such as Allow
     response.data = json.dumps({"error": exc.description})
     response.content_type = "application/json"
     return response
@@ -437,11 +626,35 @@ def http_error(exc):
 
 @bp.app_errorhandler(redis.RedisError)
 def redis_error(exc):
-    api().warn_down(exc)
+    """503 while Redis is down or hanging (logged once per outage); a key of the wrong type (a hand edit,
+    another program sharing the prefix) is named with its type, and any other refusal by Redis quoted."""
+    if isinstance(exc, redis.ResponseError) and "WRONGTYPE" in str(exc):
+        try:
+            problem = (reader().wrong_type() or reader().wrong_type(history_names())
+                       or f"a key read by {request.path[:200]} has the wrong Redis type")
+        except redis.RedisError as again:  # Redis went down meanwhile
+            exc = again
+        else:
+            reader().report(f"{problem}: the routes that read it fail until it is deleted or fixed")
+            return jsonify(error=problem), 500
+    if isinstance(exc, redis.ResponseError):  # NOPERM, OOM, LOADING...
+        problem = f"Redis refused the request: {(str(exc).splitlines() or [type(exc).__name__])[0][:200]}"
+        reader().report(problem)
+        return jsonify(error=problem), 503
+    reader().outage.failed("Redis at %s is unavailable: %s", monitors.redact(str(reader().url)),
+                           monitors.scrub(exc, reader().url))
     response = jsonify(error="Redis is unavailable")
     response.status_code = 503
     response.headers["Retry-After"] = "1"
     return response
+
+
+def history_names():
+    """The nodes whose history lists a history request reads: the node named, or its spider's nodes."""
+    if request.endpoint != "api.history":
+        return ()
+    name = request.view_args["name"]
+    return [name] + sorted(n for n, s in reader().nodes()[0].items() if s["spider"] == name)
 
 
 @bp.app_errorhandler(Exception)
@@ -454,8 +667,8 @@ def internal_error(exc):
 
 def read_series(name, minutes):
     """``{"name", "kind", "minutes", "step", "points"}`` for a node, or for a spider over its nodes."""
-    mon = api()
-    snapshot, _, now = mon.reader.node(name)
+    mon = reader()
+    snapshot, _, now = mon.node_reader.node(name)
     if snapshot is not None:
         members, kind = {name: snapshot}, "node"
     elif name in mon.spider_names():
@@ -579,7 +792,52 @@ class ClusterCollector:
                 family.add_metric([node, s["spider"]], s[field] * scale if scale == 1 else round(s[field] * scale, 6))
 
 
+# ---------------------------------------------------------------------------- command line
+
+def main(argv=None):
+    prog = "monitor_api.py"
+    epilog = "environment:\n" + "\n".join(f"  {name:22} {text}" for name, text in ENVIRONMENT)
+    parser = monitors.Parser(prog=prog, description=__doc__.splitlines()[0], epilog=epilog,
+                             formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--host", default=monitors.env("MONITOR_API_HOST", DEFAULT_HOST),
+                        help="address to listen on (default: $MONITOR_API_HOST or %(default)s)")
+    parser.add_argument("--port", default=monitors.env("MONITOR_API_PORT", str(DEFAULT_PORT)),
+                        help="port to listen on (default: $MONITOR_API_PORT or %(default)s)")
+    try:
+        args = parser.parse_args(argv)
+        port = args.port.strip()
+        if not (port.isascii() and port.isdigit() and 1 <= int(port) <= 65535):
+            raise ConfigError(f"the port must be a number from 1 to 65535, not {args.port!r}")
+        app = create_app({"MONITOR_API_HOST": args.host})
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+        logging.getLogger("waitress.queue").setLevel(logging.ERROR)  # "Task queue depth" on every busy second
+        log_start(app)
+        try:
+            server = waitress.create_server(app, host=args.host, port=int(port), threads=THREADS,
+                                            ident="scrapy-cluster-monitor")
+        except (OSError, ValueError, UnicodeError) as exc:
+            raise ConfigError(f"cannot listen on {args.host}:{port}: {getattr(exc, 'strerror', None) or exc}") from None
+    except ConfigError as exc:
+        return monitors.exit_config_error(prog, exc)
+    server.print_listen("Serving on http://{}:{}")
+    server.run()
+    return 0
+
+
+def log_start(app):
+    reader, gate = app.extensions["reader"], app.extensions["gate"]
+    logger.info("Reading %s (prefix %r); token %s%s", monitors.redact(str(reader.url)), reader.prefix,
+                "required" if gate.token else "not required", "; read-only" if gate.readonly else "")
+    if gate.token is None and not gate.loopback:
+        logger.warning("Listening on %s without MONITOR_API_TOKEN: anyone who can reach it can read the metrics; "
+                       "requests must name this address, localhost or a name in MONITOR_API_HOSTS as their Host, "
+                       "and changes (control, silences) are refused", gate.listening)
+
+
 # ---------------------------------------------------------------------------- OpenAPI
+
+# The description served at /openapi.json; test_api checks that its paths are the app's routes and that real
+# responses fit it. Python rather than a data file, so it uses the module's own limits (STATES, MAX_MINUTES).
 
 def _ref(name):
     return {"$ref": f"#/components/schemas/{name}"}
@@ -593,8 +851,11 @@ def _json(description, schema, headers=False):
     return out
 
 
-_ERRORS = {"401": _json("Missing or wrong token (when MONITOR_API_TOKEN is set).", _ref("Error")),
-           "503": _json("Redis is unavailable.", _ref("Error"))}
+_GATE = {"400": _json("Without a token: a Host that is not this API's (see MONITOR_API_HOSTS).", _ref("Error")),
+         "401": _json("Missing or wrong token (when MONITOR_API_TOKEN is set).", _ref("Error"))}
+_ERRORS = {**_GATE,
+           "500": _json("A Redis key the route reads has the wrong type (the error names it).", _ref("Error")),
+           "503": _json("Redis is unavailable, or refused the request.", _ref("Error"))}
 _NAME = {"name": "name", "in": "path", "required": True, "schema": {"type": "string"},
          "description": "A node id (its slashes may be sent as they are) or a spider name."}
 _SEED = ["timestamp", "spider", "cpu", "memory", "bytes_sent", "bytes_recv"]
@@ -614,7 +875,7 @@ OPENAPI = {
                  "description": "live, stale or closed; several comma-separated."}],
             "responses": {"200": _json("{node id: snapshot}", {"type": "object", "additionalProperties": _ref("Snapshot")},
                                        headers=True),
-                          "400": _json("Unknown state.", _ref("Error")), **_ERRORS}}},
+                          **_ERRORS, "400": _json("Unknown state, or a Host not accepted.", _ref("Error"))}}},
         "/metrics/{name}": {"get": {
             "summary": "A node's snapshot, or a spider's cluster view.",
             "parameters": [_NAME],
@@ -626,15 +887,16 @@ OPENAPI = {
             "parameters": [_NAME, {"name": "minutes", "in": "query",
                                    "schema": {"type": "integer", "minimum": 1, "maximum": MAX_MINUTES, "default": 60}}],
             "responses": {"200": _json("Points oldest first.", _ref("History")),
-                          "400": _json("Bad minutes.", _ref("Error")),
-                          "404": _json("No such node or spider.", _ref("Error")), **_ERRORS}}},
+                          "404": _json("No such node or spider.", _ref("Error")), **_ERRORS,
+                          "400": _json("Bad minutes, or a Host not accepted.", _ref("Error"))}}},
         "/spiders": {"get": {
             "summary": "One cluster view per spider; `nodes` lists the node ids.",
             "responses": {"200": _json("{spider: view}", {"type": "object", "additionalProperties": _ref("SpiderView")},
                                        headers=True), **_ERRORS}}},
         "/health": {"get": {
             "summary": "Whether Redis answers. Needs no token.", "security": [{}],
-            "responses": {"200": _json("Redis answers.", _ref("Health")), "503": _ERRORS["503"]}}},
+            "responses": {"200": _json("Redis answers.", _ref("Health")),
+                          "500": _ERRORS["500"], "503": _ERRORS["503"]}}},
         "/prometheus": {"get": {
             "summary": "Prometheus text format: base units, _total counters, node and spider labels.",
             "responses": {"200": {"description": "Metrics.", "content": {"text/plain": {"schema": {"type": "string"}}}},
@@ -642,11 +904,11 @@ OPENAPI = {
         "/": {"get": {
             "summary": "The dashboard page (dashboard.html).",
             "responses": {"200": {"description": "The page.", "content": {"text/html": {"schema": {"type": "string"}}}},
-                          "404": _json("dashboard.html is not installed.", _ref("Error")), "401": _ERRORS["401"]}}},
+                          "404": _json("dashboard.html is not installed.", _ref("Error")), **_GATE}}},
         "/openapi.json": {"get": {
             "summary": "This description.",
             "responses": {"200": _json("OpenAPI 3 document.", {"type": "object", "required": ["openapi", "paths"]}),
-                          "401": _ERRORS["401"]}}},
+                          **_GATE}}},
     },
     "components": {
         "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"},
@@ -690,44 +952,6 @@ OPENAPI = {
         },
     },
 }
-
-
-# ---------------------------------------------------------------------------- command line
-
-class Parser(argparse.ArgumentParser):
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
-
-def main(argv=None):
-    epilog = "environment:\n" + "\n".join(f"  {name:22} {text}" for name, text in ENVIRONMENT)
-    parser = Parser(prog="monitor_api.py", description=__doc__.splitlines()[0], epilog=epilog,
-                    formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--host", default=monitors.env("MONITOR_API_HOST", DEFAULT_HOST),
-                        help="address to listen on (default: $MONITOR_API_HOST or %(default)s)")
-    parser.add_argument("--port", default=monitors.env("MONITOR_API_PORT", str(DEFAULT_PORT)),
-                        help="port to listen on (default: $MONITOR_API_PORT or %(default)s)")
-    args = parser.parse_args(argv)
-    if not (args.port.isascii() and args.port.isdigit() and 1 <= int(args.port) <= 65535):
-        parser.error(f"the port must be a number from 1 to 65535, not {args.port!r}")
-    try:
-        app = create_app()
-    except ValueError as exc:
-        parser.error(str(exc))
-
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    logging.getLogger("waitress.queue").setLevel(logging.ERROR)  # "Task queue depth" on every busy second
-    mon = app.extensions["monitor"]
-    logger.info("Reading %s (prefix %r); token %s", monitors.redact(str(mon.url)), mon.prefix,
-                "required" if mon.token else "not required")
-    if mon.token is None and args.host not in ("127.0.0.1", "localhost", "::1"):
-        logger.warning("Listening on %s without MONITOR_API_TOKEN: anyone who can reach it can read the metrics",
-                       args.host)
-    try:
-        waitress.serve(app, host=args.host, port=int(args.port), threads=THREADS, ident="scrapy-cluster-monitor")
-    except OSError as exc:
-        parser.error(f"cannot listen on {args.host}:{args.port}: {exc.strerror or exc}")
-    return 0
 
 
 if __name__ == "__main__":

@@ -147,7 +147,10 @@ def connect(url=None, timeout=REDIS_TIMEOUT):
         pool = client.connection_pool
         pool.connection_class(**pool.connection_kwargs)  # builds, does not connect
     except (ValueError, TypeError) as exc:
-        raise ValueError(f"{redact(url or redis_url())} is not a usable Redis URL: {scrub(exc)}") from None
+        reason = str(exc)
+        unknown = re.search(r"unexpected keyword argument '([^']*)'", reason)
+        reason = f"unknown option {unknown.group(1)!r}" if unknown else scrub(reason, url)
+        raise ValueError(f"{redact(url or redis_url())} is not a usable Redis URL ({reason})") from None
     return client
 
 
@@ -271,10 +274,6 @@ TEXT_FIELDS = ("node", "host", "spider", "status", "finish_reason")
 PRUNE_EVERY = 60.0
 
 
-class WrongType(redis.ResponseError):
-    """A toolkit key holds another Redis type than the toolkit writes: names the key and both types."""
-
-
 def node_state(snapshot, now=None):
     """``closed``, ``stale`` (silent for more than three intervals), ``paused`` or ``live``; derived, never
     stored. ``now`` is on Redis's clock, as is the report time (see ``last_report``)."""
@@ -394,7 +393,7 @@ class NodeReader:
         with self.redis.pipeline(transaction=False) as pipe:
             pipe.hgetall(self.key)
             pipe.time()
-            raw_hash, now = self._execute(pipe)
+            raw_hash, now = pipe.execute()
         now = redis_now(now)
         entries, nodes, skipped = {}, {}, 0
         for field, raw in raw_hash.items():
@@ -418,18 +417,12 @@ class NodeReader:
         with self.redis.pipeline(transaction=False) as pipe:
             pipe.hget(self.key, name)
             pipe.time()
-            raw, now = self._execute(pipe)
+            raw, now = pipe.execute()
         now = redis_now(now)
         if raw is None:
             return None, False, now
         snapshot = parse_snapshot(raw, now)
         return snapshot, snapshot is None, now
-
-    def _execute(self, pipe):
-        try:
-            return pipe.execute()
-        except redis.ResponseError as exc:
-            raise wrong_type(self.redis, self.key, "hash", exc) from None
 
     def _prune(self, nodes, now):
         if not self.retention or time.monotonic() - self.last_prune < PRUNE_EVERY:
@@ -447,18 +440,18 @@ class NodeReader:
             logger.info("Pruned %d node(s) silent for more than %gs", len(gone), self.retention)
 
 
-def wrong_type(client, key, expected, exc):
-    """``exc`` (a ResponseError) as a WrongType naming ``key`` and its type when that is the cause, else
-    ``exc`` itself."""
-    if "WRONGTYPE" not in str(exc):
-        return exc
-    try:
-        kind = client.type(key)
-    except redis.RedisError:
-        return exc
-    kind = _text(kind)
-    return WrongType(f"Redis key {key} is a {kind}, not a {expected}: another program wrote it, or "
-                     f"MONITOR_KEY_PREFIX clashes with one")
+def wrong_type(client, expected):
+    """``"<key> is a <type>, not a <type>"`` for the first of ``expected`` (``(key, type)`` pairs) that
+    exists with another Redis type: what to say when Redis answers WRONGTYPE. None if they all fit."""
+    with client.pipeline(transaction=False) as pipe:
+        for key, _ in expected:
+            pipe.type(key)
+        found = pipe.execute()
+    for (key, want), got in zip(expected, found):
+        got = _text(got)
+        if got not in ("none", want):
+            return f"{key} is a {got}, not a {want}"
+    return None
 
 
 def prune_nodes(r, nodes, retention, prefix=None, now=None):

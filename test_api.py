@@ -4,6 +4,7 @@ and a real ``scrapy crawl`` node."""
 import contextlib
 import gzip
 import json
+import logging
 import os
 import signal
 import socket
@@ -16,6 +17,7 @@ from urllib.parse import quote
 import pytest
 import requests
 import waitress
+from flask import g
 from waitress import wasyncore
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -53,7 +55,8 @@ def store(client, *snaps, prefix="scrapy", trend_rows=()):
 def make_app(url, **config):
     """An app with every setting given, so the environment of the test run does not leak in."""
     settings = {"REDIS_URL": url, "MONITOR_KEY_PREFIX": "scrapy", "MONITOR_API_TOKEN": None,
-                "MONITOR_CORS_ORIGINS": "null", "MONITOR_RETENTION": 86400, "MONITOR_API_CACHE": 0}
+                "MONITOR_CORS_ORIGINS": "null", "MONITOR_RETENTION": 86400, "MONITOR_API_CACHE": 0,
+                "MONITOR_API_HOST": "127.0.0.1", "MONITOR_API_HOSTS": None, "MONITOR_API_READONLY": "0"}
     settings.update(config)
     return monitor_api.create_app(settings)
 
@@ -547,7 +550,7 @@ def test_nodes_silent_past_retention_are_pruned_with_their_history(redis_url, re
 
     store(redis_client, snap("old:2", age=7200))  # housekeeping runs at most once a minute
     assert "old:2" in c.get("/metrics").get_json()
-    app.extensions["monitor"].reader.last_prune -= monitors.PRUNE_EVERY
+    app.extensions["reader"].node_reader.last_prune -= monitors.PRUNE_EVERY
     assert "old:2" not in c.get("/spiders").get_json()["main_spider"]["nodes"]
     assert not redis_client.hexists("scrapy:node:status", "old:2")
 
@@ -653,6 +656,244 @@ def test_openapi_describes_the_routes_and_real_responses_match(redis_url, redis_
     assert call("/metrics/main_spider/history?minutes=0") == 400
 
 
+# ---------------------------------------------------------------------------- the gate: Host, cached path, acting
+
+def test_host_is_refused_without_a_token_unless_it_is_the_apis_own(redis_url, redis_client):
+    """DNS rebinding: a foreign page whose name resolves to the API sends its own name as Host."""
+    store(redis_client, snap("main_spider:h:1"))
+    with serving(make_app(redis_url)) as base:
+        port = base.rsplit(":", 1)[1]
+        for host in ("evil.test", f"evil.test:{port}", "localhost.evil.test", "10.1.2.3", "127.0.0.1.evil.test"):
+            resp = requests.get(base + "/metrics", headers={"Host": host}, timeout=10)
+            assert resp.status_code == 400 and "MONITOR_API_HOSTS" in resp.json()["error"], host
+        for host in (f"127.0.0.1:{port}", f"localhost:{port}", "LOCALHOST.", "127.0.0.2", f"[::1]:{port}"):
+            assert requests.get(base + "/metrics", headers={"Host": host}, timeout=10).status_code == 200, host
+        assert requests.get(base + "/health", headers={"Host": "evil.test"}, timeout=10).status_code == 200
+
+    listed = make_app(redis_url, MONITOR_API_HOSTS="monitor.example, Other.Example:5000")
+    with serving(listed) as base:
+        for host in ("monitor.example", "monitor.example:5000", "other.example:8080"):
+            assert requests.get(base + "/metrics", headers={"Host": host}, timeout=10).status_code == 200, host
+        assert requests.get(base + "/metrics", headers={"Host": "evil.test"}, timeout=10).status_code == 400
+
+    with serving(make_app(redis_url, MONITOR_API_TOKEN="s3cret")) as base:  # the token protects it instead
+        headers = {"Host": "evil.test", "Authorization": "Bearer s3cret"}
+        assert requests.get(base + "/metrics", headers=headers, timeout=10).status_code == 200
+        assert requests.get(base + "/metrics", headers={"Host": "evil.test"}, timeout=10).status_code == 401
+
+
+def test_the_cached_fast_path_goes_through_the_same_gate(redis_url, redis_client):
+    store(redis_client, snap("main_spider:h:1"))
+
+    def counted(app):
+        """The app, counting the requests that reach Flask (the others were answered from the cache)."""
+        inner, calls = app.wsgi_app.app, []
+
+        def counting(environ, start_response):
+            calls.append(environ["PATH_INFO"])
+            return inner(environ, start_response)
+
+        app.wsgi_app.app = counting
+        return app, calls
+
+    app, calls = counted(make_app(redis_url, MONITOR_API_CACHE=60))
+    with serving(app) as base:
+        first = requests.get(base + "/metrics", headers={"Origin": "null"}, timeout=10)
+        again = requests.get(base + "/metrics", headers={"Origin": "null"}, timeout=10)
+        assert first.status_code == again.status_code == 200 and len(calls) == 1  # the second came from the cache
+        assert again.headers["Access-Control-Allow-Origin"] == "null"  # reads from a file's page stay allowed
+        foreign = requests.get(base + "/metrics", headers={"Origin": "http://evil.test"}, timeout=10)
+        assert foreign.status_code == 200 and "Access-Control-Allow-Origin" not in foreign.headers
+        refused = requests.get(base + "/metrics", headers={"Host": "evil.test", "Origin": "null"}, timeout=10)
+        assert refused.status_code == 400 and refused.json()["error"] and len(calls) == 2
+        assert refused.headers["Access-Control-Allow-Origin"] == "null"  # the refusal is readable, like any error
+
+    app, calls = counted(make_app(redis_url, MONITOR_API_CACHE=60, MONITOR_API_TOKEN="s3cret"))
+    with serving(app) as base:
+        ok = {"Authorization": "Bearer s3cret"}
+        assert requests.get(base + "/metrics", headers=ok, timeout=10).status_code == 200
+        assert requests.get(base + "/metrics?token=s3cret", timeout=10).status_code == 200 and len(calls) == 1
+        for headers in ({}, {"Authorization": "Bearer s3cre"}, {"Authorization": "Bearer s3cret2"}):
+            resp = requests.get(base + "/metrics", headers=headers, timeout=10)
+            assert resp.status_code == 401 and resp.headers["WWW-Authenticate"] == "Bearer", headers
+        assert len(calls) == 4
+
+
+def acting_app(redis_url, **config):
+    """An app with one route that changes data, guarded as control and silences are (test-only route)."""
+    app = make_app(redis_url, **config)
+
+    @app.route("/test/act", methods=["GET", "POST", "DELETE"])  # GET listed, so the check itself must refuse it
+    @monitor_api.acting
+    def act():
+        return {"accepted": True, **g.actor}
+
+    return app
+
+
+JSON_BODY = {"json": {"command": "pause", "all": True}}
+
+
+def test_acting_without_a_token_only_from_curl_or_the_apis_own_page(redis_url):
+    c = acting_app(redis_url).test_client()  # listens on 127.0.0.1; Host localhost
+    curl = c.post("/test/act", **JSON_BODY)
+    assert curl.status_code == 200 and curl.get_json()["via"] == "no token: loopback, no browser origin"
+    own = c.post("/test/act", headers={"Origin": "http://localhost"}, **JSON_BODY)
+    assert own.status_code == 200 and own.get_json()["via"] == "no token: loopback, the API's own page"
+    assert c.delete("/test/act").status_code == 200  # no body, no content type needed
+    for origin in ("null", "http://evil.test", "http://localhost:1", "https://localhost"):
+        resp = c.post("/test/act", headers={"Origin": origin}, **JSON_BODY)
+        assert resp.status_code == 403 and "MONITOR_API_TOKEN" in resp.get_json()["error"], origin
+        assert c.delete("/test/act", headers={"Origin": origin}).status_code == 403, origin
+
+    wide = acting_app(redis_url, MONITOR_API_HOST="0.0.0.0").test_client()  # reachable from other machines
+    resp = wide.post("/test/act", **JSON_BODY)
+    assert resp.status_code == 403 and "loopback" in resp.get_json()["error"]
+    assert "MONITOR_API_TOKEN" in resp.get_json()["error"]
+
+
+def test_acting_with_a_token_needs_it_whatever_the_origin(redis_url):
+    c = acting_app(redis_url, MONITOR_API_TOKEN="s3cret", MONITOR_API_HOST="0.0.0.0").test_client()
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Origin": "http://localhost"}):
+        resp = c.post("/test/act", headers=headers, **JSON_BODY)
+        assert resp.status_code == 401 and resp.get_json()["error"], headers
+    for origin in (None, "null", "http://evil.test"):
+        headers = {"Authorization": "Bearer s3cret", **({"Origin": origin} if origin else {})}
+        resp = c.post("/test/act", headers=headers, **JSON_BODY)
+        assert resp.status_code == 200 and resp.get_json()["via"] == "token", origin
+    assert c.post("/test/act?token=s3cret", **JSON_BODY).status_code == 200
+
+
+def test_acting_is_off_in_read_only_mode(redis_url):
+    for config in ({}, {"MONITOR_API_TOKEN": "s3cret"}):
+        c = acting_app(redis_url, MONITOR_API_READONLY="1", **config).test_client()
+        resp = c.post("/test/act", headers={"Authorization": "Bearer s3cret"}, **JSON_BODY)
+        assert resp.status_code == 403 and "MONITOR_API_READONLY" in resp.get_json()["error"]
+        assert c.delete("/test/act", headers={"Authorization": "Bearer s3cret"}).status_code == 403
+
+
+def test_acting_refuses_get_and_bodies_that_are_not_json(redis_url):
+    c = acting_app(redis_url).test_client()
+    resp = c.get("/test/act")
+    assert resp.status_code == 405 and resp.headers["Allow"] == "DELETE, POST" and resp.get_json()["error"]
+    form = c.post("/test/act", data={"command": "stop", "all": "1"})  # what a foreign page's <form> can send
+    assert form.status_code == 415 and "application/json" in form.get_json()["error"]
+    for body in ({"data": '{"command": "stop"}', "content_type": "text/plain"}, {},
+                 {"data": b"{}", "content_type": "multipart/form-data; boundary=x"}):
+        assert c.post("/test/act", **body).status_code == 415, body
+    assert c.post("/test/act", data="{}", content_type="application/json; charset=utf-8").status_code == 200
+    assert c.delete("/test/act", data="x", content_type="text/plain").status_code == 415
+    token = acting_app(redis_url, MONITOR_API_TOKEN="s3cret").test_client()
+    assert token.post("/test/act?token=s3cret", data={"command": "stop"}).status_code == 415
+
+
+def test_acting_requests_are_logged_without_the_token(redis_url, caplog):
+    caplog.set_level(logging.INFO, logger="monitor_api")
+    c = acting_app(redis_url).test_client()
+    c.post("/test/act", **JSON_BODY)
+    c.post("/test/act", headers={"Origin": "null"}, **JSON_BODY)
+    t = acting_app(redis_url, MONITOR_API_TOKEN="s3cret").test_client()
+    t.post("/test/act", headers={"Authorization": "Bearer s3cret"}, **JSON_BODY)
+    t.post("/test/act?token=s3cret-wrong", **JSON_BODY)
+    t.delete("/test/act", headers={"Authorization": "Bearer s3cret"}, data="x", content_type="text/plain")
+    acting_app(redis_url, MONITOR_API_READONLY="1").test_client().delete("/test/act")
+    lines = [r.getMessage() for r in caplog.records if r.name == "monitor_api"]
+    assert len(lines) == 6, lines
+    assert all("/test/act from 127.0.0.1" in line for line in lines), lines
+    assert [line.split()[0] for line in lines] == ["Accepted", "Refused", "Accepted", "Refused", "Refused", "Refused"]
+    assert "origin 'null'" in lines[1] and "(401)" in lines[3] and "(415)" in lines[4] and "(403)" in lines[5]
+    assert lines[2].endswith("(token)")
+    assert not any("s3cret" in line for line in lines)
+
+
+def test_preflight_offers_post_and_delete_only_where_a_change_could_be_accepted(redis_url):
+    def preflight(client, origin):
+        return client.options("/test/act", headers={"Origin": origin, "Access-Control-Request-Method": "POST",
+                                                    "Access-Control-Request-Headers": "content-type"}).headers
+
+    tokenless = acting_app(redis_url).test_client()
+    null = preflight(tokenless, "null")  # may read (the page from a file), may not act
+    assert null["Access-Control-Allow-Origin"] == "null"
+    assert "POST" not in null["Access-Control-Allow-Methods"]
+    assert "Content-Type" not in null["Access-Control-Allow-Headers"]
+    assert "Access-Control-Allow-Origin" not in preflight(tokenless, "http://evil.test")
+    own = preflight(tokenless, "http://localhost")
+    assert "POST, DELETE" in own["Access-Control-Allow-Methods"]
+    assert "Content-Type" in own["Access-Control-Allow-Headers"]
+
+    token = acting_app(redis_url, MONITOR_API_TOKEN="s3cret").test_client()
+    null = preflight(token, "null")  # the actual request must then carry the token
+    assert "POST, DELETE" in null["Access-Control-Allow-Methods"]
+    assert "Content-Type" in null["Access-Control-Allow-Headers"]
+    assert "Access-Control-Allow-Origin" not in preflight(token, "http://evil.test")
+
+    readonly = acting_app(redis_url, MONITOR_API_TOKEN="s3cret", MONITOR_API_READONLY="yes").test_client()
+    assert "POST" not in preflight(readonly, "null")["Access-Control-Allow-Methods"]
+
+
+def test_acting_over_real_http_from_curl_and_from_a_page(redis_url, caplog):
+    caplog.set_level(logging.INFO, logger="monitor_api")
+    with serving(acting_app(redis_url)) as base:
+        def curl(*args):
+            out = subprocess.run(["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "--max-time", "5", *args,
+                                  base + "/test/act"], capture_output=True, text=True, timeout=10)
+            return int(out.stdout)
+
+        assert curl("-X", "POST", "-H", "Content-Type: application/json", "-d", '{"command": "pause"}') == 200
+        assert curl("-X", "DELETE") == 200
+        assert curl("-X", "POST", "-H", "Origin: " + base, "-H", "Content-Type: application/json", "-d", "{}") == 200
+        assert curl("-X", "POST", "-H", "Origin: null", "-H", "Content-Type: application/json", "-d", "{}") == 403
+        assert curl("-X", "POST", "-d", "command=stop") == 415  # a form
+        assert curl("-X", "POST", "-H", "Host: evil.test", "-H", "Content-Type: application/json", "-d", "{}") == 400
+        assert curl() == 405
+    refused = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Refused")]
+    assert len(refused) == 4 and "(400)" in refused[2]  # the Host refusal of an acting route is logged too
+
+
+# ---------------------------------------------------------------------------- honest diagnostics
+
+def test_a_key_of_the_wrong_type_is_named_not_called_unavailable(redis_url, redis_client, caplog):
+    caplog.set_level(logging.INFO, logger="monitor_api")
+    redis_client.set("scrapy:node:status", "oops")
+    c = make_app(redis_url).test_client()
+    for path in ("/metrics", "/metrics/main_spider", "/metrics/a:1/history", "/spiders", "/prometheus", "/health"):
+        resp = c.get(path)
+        assert resp.status_code == 500, path
+        assert resp.get_json() == {"error": "scrapy:node:status is a string, not a hash"}, path
+    logged = [r for r in caplog.records if "scrapy:node:status is a string, not a hash" in r.getMessage()]
+    assert len(logged) == 1 and logged[0].levelname == "ERROR"  # once, not once per request
+    assert not any("unavailable" in r.getMessage() for r in caplog.records)
+
+    redis_client.delete("scrapy:node:status")
+    store(redis_client, snap("a:1"), snap("a:2"))
+    redis_client.delete(monitors.history_key("scrapy", "a:2"))
+    redis_client.hset(monitors.history_key("scrapy", "a:2"), "x", "y")
+    assert c.get("/metrics").status_code == 200 and c.get("/metrics/a:1/history").status_code == 200
+    for path in ("/metrics/a:2/history", "/metrics/main_spider/history"):
+        resp = c.get(path)
+        assert resp.status_code == 500, path
+        assert resp.get_json() == {"error": "scrapy:node:history:a:2 is a hash, not a list"}, path
+
+
+def test_redis_down_is_logged_once_per_outage(caplog):
+    caplog.set_level(logging.INFO, logger="monitor_api")
+    server = RedisServer().start()
+    try:
+        c = make_app(server.url).test_client()
+        assert c.get("/health").status_code == 200
+        server.stop()
+        for path in ("/health", "/metrics", "/spiders", "/health"):
+            assert c.get(path).get_json() == {"error": "Redis is unavailable"}, path
+        server.start()
+        wait_for(lambda: c.get("/health").status_code == 200, 3, what="recovery")
+        assert c.get("/metrics").status_code == 200
+    finally:
+        server.cleanup()
+    lines = [(r.levelname, r.getMessage()) for r in caplog.records if r.name == "monitor_api"]
+    assert [level for level, _ in lines] == ["WARNING", "INFO"], lines
+    assert "unavailable" in lines[0][1] and "answers again" in lines[1][1]
+
+
 # ---------------------------------------------------------------------------- command line
 
 def run_cli(*args, **env):
@@ -664,7 +905,8 @@ def test_cli_help_lists_the_environment():
     out = run_cli("--help")
     assert out.returncode == 0
     for name in ("REDIS_URL", "MONITOR_KEY_PREFIX", "MONITOR_API_HOST", "MONITOR_API_PORT", "MONITOR_API_TOKEN",
-                 "MONITOR_CORS_ORIGINS", "MONITOR_RETENTION", "MONITOR_API_CACHE", "--host", "--port"):
+                 "MONITOR_CORS_ORIGINS", "MONITOR_RETENTION", "MONITOR_API_CACHE", "MONITOR_API_HOSTS",
+                 "MONITOR_API_READONLY", "--host", "--port"):
         assert name in out.stdout
 
 
@@ -680,6 +922,35 @@ def test_cli_bad_arguments_and_settings_are_one_line_and_exit_2(args, env, words
     assert out.returncode == 2
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1 and words in lines[0] and "hunter2" not in lines[0], out.stderr
+
+
+@pytest.mark.parametrize("env, words", [
+    ({"REDIS_URL": "redis://localhost:6379/0?bogus=1"}, "unknown option 'bogus'"),
+    ({"REDIS_URL": "redis://:hunter2@localhost:99999/0"}, "REDIS_URL"),
+    ({"REDIS_URL": "redis://localhost/0?socket_timeout=soon"}, "socket_timeout"),
+    ({"REDIS_URL": "redis://[::1/0"}, "REDIS_URL"),
+    ({"MONITOR_RETENTION": "1e308"}, "MONITOR_RETENTION"),
+    ({"MONITOR_RETENTION": "-1"}, "MONITOR_RETENTION"),
+    ({"MONITOR_RETENTION": "nan"}, "MONITOR_RETENTION"),
+    ({"MONITOR_API_CACHE": "1e308"}, "MONITOR_API_CACHE"),
+    ({"MONITOR_API_CACHE": "-0.5"}, "MONITOR_API_CACHE"),
+    ({"MONITOR_API_CACHE": "NaN"}, "MONITOR_API_CACHE"),
+    ({"MONITOR_API_CACHE": "inf"}, "MONITOR_API_CACHE"),
+    ({"MONITOR_API_TOKEN": "pässwörd"}, "MONITOR_API_TOKEN"),
+    ({"MONITOR_API_TOKEN": "line\nbreak"}, "MONITOR_API_TOKEN"),
+    ({"MONITOR_API_READONLY": "maybe"}, "MONITOR_API_READONLY"),
+    ({"MONITOR_API_PORT": "0"}, "port"),
+    ({"MONITOR_API_PORT": "６"}, "port"),
+    ({"MONITOR_API_HOST": "no.such.host.invalid"}, "cannot listen"),
+])
+def test_cli_absurd_settings_are_one_line_and_exit_2(env, words):
+    out = run_cli(**env)
+    assert out.returncode == 2, out.stderr
+    lines = out.stderr.strip().splitlines()
+    assert lines[-1].startswith("monitor_api.py: error: ") and words in lines[-1], out.stderr
+    assert "Traceback" not in out.stderr and "hunter2" not in out.stderr and "pässwörd" not in out.stderr
+    if words != "cannot listen":  # refused before anything is logged
+        assert len(lines) == 1, out.stderr
 
 
 def test_cli_port_in_use_is_one_line_and_exit_2():
