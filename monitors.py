@@ -27,6 +27,8 @@ logger = logging.getLogger(__name__)
 DEFAULT_REDIS_URL = "redis://localhost:6379/0"
 DEFAULT_PREFIX = "scrapy"
 DEFAULT_INTERVAL = 10.0
+# Reporting more often than once a second costs the crawl and tells nothing more.
+MIN_INTERVAL = 1.0
 # A metrics write gives up after this long: a slow Redis must never hold up a crawl.
 REDIS_TIMEOUT = 1.0
 # A node is stale when it has not reported for this many of its own intervals.
@@ -38,8 +40,6 @@ TREND_SECONDS = 86400
 # History keys outlive their node by a day, so a dead node's last day can still be charted.
 HISTORY_TTL = TREND_SECONDS + HISTORY_SECONDS
 
-# Stored integers must fit in 64 bits, as Redis, Prometheus and JavaScript-friendly sums expect.
-INT64 = 2 ** 63
 # The columns of one history row, stored as a compact JSON array (names are not repeated per row).
 HISTORY_FIELDS = (
     "timestamp", "cpu", "memory", "process_cpu", "rss", "net_sent_rate", "net_recv_rate",
@@ -131,15 +131,24 @@ def runs_key(prefix, spider):
 
 
 def connect(url=None, timeout=REDIS_TIMEOUT):
-    """A Redis client that fails fast: short socket timeouts and no retries with backoff."""
-    return redis.Redis.from_url(
-        url or redis_url(),
-        socket_timeout=timeout,
-        socket_connect_timeout=timeout,
-        retry=Retry(NoBackoff(), 0),
-        health_check_interval=0,
-        driver_info=None,  # no CLIENT SETINFO round trips on connect
-    )
+    """A Redis client that fails fast: short socket timeouts and no retries with backoff.
+
+    Clients connect lazily; the URL is checked here, so a malformed one or an option redis-py does not
+    know raises ValueError (naming no password) at start rather than an error on every later call."""
+    try:
+        client = redis.Redis.from_url(
+            url or redis_url(),
+            socket_timeout=timeout,
+            socket_connect_timeout=timeout,
+            retry=Retry(NoBackoff(), 0),
+            health_check_interval=0,
+            driver_info=None,  # no CLIENT SETINFO round trips on connect
+        )
+        pool = client.connection_pool
+        pool.connection_class(**pool.connection_kwargs)  # builds, does not connect
+    except (ValueError, TypeError) as exc:
+        raise ValueError(f"{redact(url or redis_url())} is not a usable Redis URL: {scrub(exc)}") from None
+    return client
 
 
 # Query options whose value is a secret (redis-py reads ?password=; webhooks put tokens in queries).
@@ -251,27 +260,66 @@ class Outage:
 
 # ---------------------------------------------------------------------------- read side
 
+# Stored numbers must stay below this in size, so sums over any number of nodes stay finite and exact
+# enough, and JavaScript, Prometheus and Redis read them.
+NUMBER_LIMIT = 10 ** 18
+# A report interval beyond a day is not a monitor's interval.
+MAX_INTERVAL = 86400
+# Snapshot fields that must be text when present: they become labels, keys and page text.
+TEXT_FIELDS = ("node", "host", "spider", "status", "finish_reason")
+# How often readers delete nodes silent for longer than the retention: housekeeping, once a minute.
+PRUNE_EVERY = 60.0
+
+
+class WrongType(redis.ResponseError):
+    """A toolkit key holds another Redis type than the toolkit writes: names the key and both types."""
+
+
 def node_state(snapshot, now=None):
-    """``closed``, ``stale`` (silent for more than three intervals) or ``live``; derived, never stored."""
+    """``closed``, ``stale`` (silent for more than three intervals), ``paused`` or ``live``; derived, never
+    stored. ``now`` is on Redis's clock, as is the report time (see ``last_report``)."""
     if snapshot.get("status") == "closed":
         return "closed"
     now = time.time() if now is None else now
     interval = number(snapshot.get("interval"), DEFAULT_INTERVAL) or DEFAULT_INTERVAL
-    if now - number(snapshot.get("timestamp"), 0) > STALE_INTERVALS * interval:
+    if now - last_report(snapshot) > STALE_INTERVALS * interval:
         return "stale"
-    return "live"
+    return "paused" if snapshot.get("status") == "paused" else "live"
+
+
+def last_report(snapshot):
+    """When the node last reported, on Redis's clock: ``seen``, which Redis stamps on every write (so a node
+    whose own clock is wrong is judged fairly), else the node's own ``timestamp``."""
+    seen = number(snapshot.get("seen"))
+    return seen if seen is not None else number(snapshot.get("timestamp"), 0)
+
+
+def age(snapshot, now):
+    """Whole seconds since the node last reported, at ``now`` on Redis's clock."""
+    return max(int(now - last_report(snapshot)), 0)
 
 
 def decode_snapshot(raw):
-    """A stored snapshot as a dict, or None unless it is a strict JSON object with a string ``spider`` and a
-    numeric ``timestamp``, holding no NaN, infinity or integer beyond 64 bits (sums and browsers need that)."""
+    """A stored snapshot as a dict, or None unless it passes the one gate every reader goes through:
+    a strict JSON object with a string ``spider`` and a numeric ``timestamp``; ``node``, ``host``,
+    ``spider``, ``status``, ``finish_reason`` text (or absent) that encodes as UTF-8; every number below
+    1e18 in size (no NaN or infinity); ``interval`` within (0, 86400]."""
     try:
-        value = json.loads(raw, parse_constant=_not_json, parse_float=_finite_float, parse_int=_int64)
+        value = json.loads(raw, parse_constant=_not_json, parse_float=_bounded_float, parse_int=_bounded_int)
     except (ValueError, TypeError, RecursionError):
         return None
-    if isinstance(value, dict) and isinstance(value.get("spider"), str) and is_number(value.get("timestamp")):
-        return value
-    return None
+    if not (isinstance(value, dict) and isinstance(value.get("spider"), str) and is_number(value.get("timestamp"))):
+        return None
+    for field in TEXT_FIELDS:
+        text = value.get(field)
+        if text is not None and not (isinstance(text, str) and _utf8(text)):
+            return None
+    interval = value.get("interval")
+    if interval is not None and not (is_number(interval) and 0 < interval <= MAX_INTERVAL):
+        return None
+    if "seen" in value and not is_number(value["seen"]):
+        return None
+    return value
 
 
 def parse_snapshot(raw, now=None):
@@ -291,7 +339,7 @@ def parse_nodes(raw_hash, now=None):
         if snapshot is None:
             bad += 1
             continue
-        nodes[field.decode("utf-8", "replace") if isinstance(field, bytes) else str(field)] = snapshot
+        nodes[_text(field)] = snapshot
     return nodes, bad
 
 
@@ -305,43 +353,204 @@ def get_node(r, node, prefix=None, now=None):
     return parse_snapshot(r.hget(status_key(prefix or key_prefix()), node), now)
 
 
-def cluster_view(nodes, spider):
-    """One spider over its nodes: newest timestamp, mean cpu/memory, summed counters, and its nodes.
+def redis_now(time_reply):
+    """Redis's TIME reply (from redis-py, or raw from a script) as unix seconds."""
+    return int(time_reply[0]) + int(time_reply[1]) / 1e6
 
-    ``nodes`` is a ``{node: snapshot}`` mapping as ``list_nodes`` returns; None when the spider has none.
+
+class NodeEntry:
+    """One node as a reader last saw it: the stored value, its snapshot (None when malformed) and the
+    snapshot's JSON once a caller asked for it (``json`` is the caller's to fill)."""
+
+    __slots__ = ("raw", "snapshot", "json")
+
+    def __init__(self, raw, snapshot):
+        self.raw = raw
+        self.snapshot = snapshot
+        self.json = None
+
+
+class NodeReader:
+    """Every node's snapshot in one round trip, with Redis's clock; used by the API and the alerter.
+
+    A value unchanged since the last read is not decoded again (1,000 nodes reporting every 10 s leave
+    about 100 new values a second); its snapshot is shared between reads, so never modify one. Nodes
+    silent for longer than ``retention`` seconds (0: never) are deleted with their history, at most once
+    every PRUNE_EVERY seconds.
     """
+
+    def __init__(self, client, prefix, retention=0):
+        self.redis = client
+        self.prefix = prefix
+        self.key = status_key(prefix)
+        self.retention = retention
+        self.entries = {}  # node -> NodeEntry
+        self.last_prune = -PRUNE_EVERY
+
+    def read(self):
+        """``(nodes, skipped, now)``: ``{node: snapshot with state}``, how many stored values failed the gate,
+        and Redis's clock at the read."""
+        with self.redis.pipeline(transaction=False) as pipe:
+            pipe.hgetall(self.key)
+            pipe.time()
+            raw_hash, now = self._execute(pipe)
+        now = redis_now(now)
+        entries, nodes, skipped = {}, {}, 0
+        for field, raw in raw_hash.items():
+            node = _text(field)
+            entry = self.entries.get(node)
+            if entry is None or entry.raw != raw:
+                entry = NodeEntry(raw, parse_snapshot(raw, now))
+            elif entry.snapshot is not None and entry.snapshot["state"] != node_state(entry.snapshot, now):
+                entry = NodeEntry(raw, dict(entry.snapshot, state=node_state(entry.snapshot, now)))
+            entries[node] = entry
+            if entry.snapshot is None:
+                skipped += 1
+            else:
+                nodes[node] = entry.snapshot
+        self.entries = entries
+        self._prune(nodes, now)
+        return nodes, skipped, now
+
+    def node(self, name):
+        """``(snapshot with state or None, malformed, now)`` for one node id, in one round trip."""
+        with self.redis.pipeline(transaction=False) as pipe:
+            pipe.hget(self.key, name)
+            pipe.time()
+            raw, now = self._execute(pipe)
+        now = redis_now(now)
+        if raw is None:
+            return None, False, now
+        snapshot = parse_snapshot(raw, now)
+        return snapshot, snapshot is None, now
+
+    def _execute(self, pipe):
+        try:
+            return pipe.execute()
+        except redis.ResponseError as exc:
+            raise wrong_type(self.redis, self.key, "hash", exc) from None
+
+    def _prune(self, nodes, now):
+        if not self.retention or time.monotonic() - self.last_prune < PRUNE_EVERY:
+            return
+        self.last_prune = time.monotonic()
+        try:
+            gone = prune_nodes(self.redis, nodes, self.retention, self.prefix, now)
+        except redis.RedisError as exc:  # a read-only replica, say: reading still works
+            logger.warning("Cannot prune silent nodes: %s", exc)
+            return
+        for node in gone:
+            del nodes[node]
+            self.entries.pop(node, None)
+        if gone:
+            logger.info("Pruned %d node(s) silent for more than %gs", len(gone), self.retention)
+
+
+def wrong_type(client, key, expected, exc):
+    """``exc`` (a ResponseError) as a WrongType naming ``key`` and its type when that is the cause, else
+    ``exc`` itself."""
+    if "WRONGTYPE" not in str(exc):
+        return exc
+    try:
+        kind = client.type(key)
+    except redis.RedisError:
+        return exc
+    kind = _text(kind)
+    return WrongType(f"Redis key {key} is a {kind}, not a {expected}: another program wrote it, or "
+                     f"MONITOR_KEY_PREFIX clashes with one")
+
+
+def prune_nodes(r, nodes, retention, prefix=None, now=None):
+    """Delete nodes silent for longer than ``retention`` seconds, with their history. Returns their ids."""
+    prefix = prefix or key_prefix()
+    now = time.time() if now is None else now
+    gone = [n for n, s in nodes.items() if now - last_report(s) > retention]
+    if gone:
+        with r.pipeline(transaction=False) as pipe:
+            pipe.hdel(status_key(prefix), *gone)
+            for node in gone:
+                pipe.delete(history_key(prefix, node), trend_key(prefix, node))
+            pipe.execute()
+    return gone
+
+
+# ---------------------------------------------------------------------------- a spider over its nodes
+
+# How a spider's figure combines its nodes' figures, one row per field, used alike by the cluster view,
+# the spider's history, Prometheus and the alerter:
+#   sum        added up over the nodes
+#   host_sum   added up over hosts, each host once (by its newest report): machine figures
+#   host_mean  the mean over hosts, each host once
+#   newest     the newest node's reading: the scrapy-redis queue is shared, every node sees the same one
+# Rates and machine gauges count nodes still crawling (``live`` and ``paused`` in a view; in a history
+# bucket, the rows it holds); when none is, gauges fall back to every node so a finished spider still shows
+# its last figures.
+SPIDER_FIELDS = {
+    "cpu": "host_mean", "memory": "host_mean",
+    "bytes_sent": "host_sum", "bytes_recv": "host_sum", "net_sent_rate": "host_sum", "net_recv_rate": "host_sum",
+    "rss": "sum", "process_cpu": "sum",
+    "pages": "sum", "items": "sum", "requests": "sum", "errors": "sum",
+    "pages_per_min": "sum", "items_per_min": "sum", "requests_per_min": "sum", "errors_per_min": "sum",
+    "queue_requests": "newest", "queue_start_urls": "newest", "queue_dupefilter": "newest",
+}
+# Fields that only count crawling nodes (a closed node's last rate is not a rate any more).
+CRAWLING_FIELDS = frozenset(("cpu", "memory", "net_sent_rate", "net_recv_rate", "rss", "process_cpu",
+                             "pages_per_min", "items_per_min", "requests_per_min", "errors_per_min"))
+CRAWLING_STATES = ("live", "paused")
+STATES = ("live", "paused", "stale", "closed")
+
+
+def combine(rows, fields, hosts=None):
+    """``{field: figure}`` over ``rows`` (snapshots or history rows, each with a ``timestamp``), by
+    SPIDER_FIELDS. ``hosts`` maps each row's position to its host (default: the row's ``host``). A field no
+    row has a number for is None. Integer sums stay integers; other figures are rounded to 2 places."""
+    hosts = hosts or [r.get("host", r.get("node")) for r in rows]
+    order = sorted(range(len(rows)), key=lambda i: number(rows[i].get("timestamp"), 0))
+    per_host = list({hosts[i]: i for i in order}.values())  # newest row of each host
+    out = {}
+    for field in fields:
+        rule = SPIDER_FIELDS[field]
+        among = per_host if rule.startswith("host") else order
+        values = [rows[i][field] for i in among if is_number(rows[i].get(field))]
+        if not values:
+            out[field] = None
+        elif rule == "newest":
+            out[field] = values[-1]
+        else:
+            total = finite_sum(values)
+            if rule == "host_mean":
+                out[field] = round(total / len(values), 2)
+            else:
+                out[field] = total if all(isinstance(v, int) for v in values) else round(total, 2)
+    return out
+
+
+def finite_sum(values):
+    """An exact sum of finite numbers (ints stay ints); never inf or nan, whatever the inputs' count."""
+    if all(isinstance(v, int) for v in values):
+        return sum(values)
+    total = math.fsum(values)
+    return total if math.isfinite(total) else 0.0
+
+
+def cluster_view(nodes, spider):
+    """One spider over its nodes: newest timestamp, figures by SPIDER_FIELDS, node counts by state, and its
+    nodes. ``nodes`` is a ``{node: snapshot}`` mapping as ``list_nodes`` returns; None when it has none."""
     mine = {n: s for n, s in nodes.items() if s.get("spider") == spider}
     if not mine:
         return None
     snaps = list(mine.values())
-    live = [s for s in snaps if s.get("state") == "live"]
+    crawling = [s for s in snaps if s.get("state") in CRAWLING_STATES]
     states = collections.Counter(s.get("state") for s in snaps)
-
-    # Host figures (cpu, memory, network) are per machine: count each host once, by its newest snapshot.
-    hosts, live_hosts = _per_host(snaps), _per_host(live)
-
-    def total(field, among=snaps):
-        return sum(number(s.get(field), 0) for s in among)
-
-    def mean(field):  # over the hosts of live nodes; over all hosts when none is live
-        among = live_hosts or hosts
-        return round(total(field, among) / len(among), 2)
-
-    view = {
-        "spider": spider,
-        "timestamp": max(int(number(s.get("timestamp"), 0)) for s in snaps),
-        "cpu": mean("cpu"),
-        "memory": mean("memory"),
-        **{f: int(total(f, hosts)) for f in ("bytes_sent", "bytes_recv")},
-        **{f: int(total(f)) for f in ("pages", "items", "requests", "errors")},
-        # Rates only count nodes still crawling; queue sizes are shared, so take the newest reading.
-        **{f"{f}_per_min": round(total(f"{f}_per_min", live), 2) for f in RATE_FIELDS},
-        **{f: _newest(snaps, f) for f in ("queue_requests", "queue_start_urls", "queue_dupefilter")},
-        "nodes_live": states["live"],
-        "nodes_stale": states["stale"],
-        "nodes_closed": states["closed"],
-        "nodes": mine,
-    }
+    rest = [f for f in SPIDER_FIELDS if f not in CRAWLING_FIELDS]
+    view = {"spider": spider, "timestamp": max(int(number(s.get("timestamp"), 0)) for s in snaps)}
+    view.update(combine(snaps, rest))
+    gauges = combine(crawling or snaps, [f for f in CRAWLING_FIELDS if not f.endswith("_per_min")])
+    rates = combine(crawling, [f for f in CRAWLING_FIELDS if f.endswith("_per_min")])
+    view.update(gauges)
+    view.update({f: v or 0 for f, v in rates.items()})  # no node crawling: nothing per minute
+    view.update({f"nodes_{state}": states[state] for state in STATES})
+    view["nodes"] = mine
     return view
 
 
@@ -360,13 +569,18 @@ def read_history(r, node, minutes=60, prefix=None, now=None):
     return read_histories(r, [node], minutes, prefix, now)[node]
 
 
+# A row this far past ``now`` is from a bad clock or a forgery: dropped, so it cannot widen a chart.
+FUTURE_SLACK = 60
+
+
 def read_histories(r, nodes, minutes=60, prefix=None, now=None):
     """``{node: rows}`` for the last ``minutes``, oldest first, each row a dict of HISTORY_FIELDS, in one
     round trip. Up to an hour comes from the full-resolution lists, longer spans (up to a day) from the
-    5-minute tier. Values that are not numbers read as None; rows without a timestamp are dropped."""
+    5-minute tier. Values that are not numbers (or too large) read as None; rows without a timestamp in the
+    window (``now`` plus FUTURE_SLACK at most) are dropped, and rows are sorted by time."""
     prefix = prefix or key_prefix()
     now = time.time() if now is None else now
-    since = now - minutes * 60
+    since, until = now - minutes * 60, now + FUTURE_SLACK
     key = history_key if minutes * 60 <= HISTORY_SECONDS else trend_key
     with r.pipeline(transaction=False) as pipe:
         for node in nodes:
@@ -381,25 +595,12 @@ def read_histories(r, nodes, minutes=60, prefix=None, now=None):
             except (ValueError, RecursionError):
                 continue
             if isinstance(values, list) and len(values) == len(HISTORY_FIELDS):
-                row = {f: v if is_number(v) else None for f, v in zip(HISTORY_FIELDS, values)}
-                if row["timestamp"] is not None and row["timestamp"] >= since:
+                row = {f: v if is_number(v) and abs(v) < NUMBER_LIMIT else None for f, v in zip(HISTORY_FIELDS, values)}
+                if row["timestamp"] is not None and since <= row["timestamp"] <= until:
                     rows.append(row)
+        rows.sort(key=lambda row: row["timestamp"])
         out[node] = rows
     return out
-
-
-def prune_nodes(r, nodes, retention, prefix=None, now=None):
-    """Delete nodes silent for longer than ``retention`` seconds, with their history. Returns their ids."""
-    prefix = prefix or key_prefix()
-    now = time.time() if now is None else now
-    gone = [n for n, s in nodes.items() if now - number(s.get("timestamp"), 0) > retention]
-    if gone:
-        with r.pipeline(transaction=False) as pipe:
-            pipe.hdel(status_key(prefix), *gone)
-            for node in gone:
-                pipe.delete(history_key(prefix, node), trend_key(prefix, node))
-            pipe.execute()
-    return gone
 
 
 def is_number(value):
@@ -412,37 +613,34 @@ def number(value, default=None):
     return value if is_number(value) else default
 
 
+def _text(value):
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+
+
+def _utf8(text):
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate, from a \ud800 escape
+        return False
+    return True
+
+
 def _not_json(name):
     raise ValueError(f"{name} is not JSON")
 
 
-def _finite_float(text):
+def _bounded_float(text):
     value = float(text)
-    if not math.isfinite(value):
+    if not abs(value) < NUMBER_LIMIT:  # also false for nan and inf
         raise ValueError(f"{text} is out of range")
     return value
 
 
-def _int64(text):
+def _bounded_int(text):
     value = int(text)
-    if not -INT64 <= value < INT64:
+    if not -NUMBER_LIMIT < value < NUMBER_LIMIT:
         raise ValueError(f"{text} is out of range")
     return value
-
-
-def _per_host(snaps):
-    """The newest snapshot of each host among ``snaps``, as a list."""
-    newest = {}
-    for snap in sorted(snaps, key=lambda s: number(s.get("timestamp"), 0)):
-        newest[snap.get("host", snap.get("node"))] = snap
-    return list(newest.values())
-
-
-def _newest(snaps, field):
-    values = [s for s in snaps if is_number(s.get(field))]
-    if not values:
-        return None
-    return max(values, key=lambda s: number(s.get("timestamp"), 0))[field]
 
 
 # ---------------------------------------------------------------------------- write side
@@ -450,9 +648,13 @@ def _newest(snaps, field):
 _compact_json = json.JSONEncoder(separators=(",", ":")).encode
 
 
-def history_row(snapshot):
-    """The snapshot's history columns as a list, numbers rounded to keep the row small."""
-    return [_compact(snapshot.get(f)) for f in HISTORY_FIELDS]
+def history_row(snapshot, at=None):
+    """The snapshot's history columns as a list, numbers rounded to keep the row small; ``at`` (Redis's
+    clock) replaces the node's own timestamp."""
+    row = [_compact(snapshot.get(f)) for f in HISTORY_FIELDS]
+    if at is not None:
+        row[0] = int(at)
+    return row
 
 
 def merge_rows(rows):
@@ -467,12 +669,29 @@ def merge_rows(rows):
     return merged
 
 
-def write_snapshot(pipe, prefix, snapshot, history_len, trend_rows=()):
-    """Queue the commands that publish one snapshot: status hash, capped history, trend, expiries."""
+# Publishes a snapshot stamped with Redis's clock: the stored object gains ``seen``, the server's time of
+# the write, which every reader judges liveness by; the reply is that time (TIME's two parts).
+STAMP_LUA = """
+local t = redis.call('TIME')
+local seen = string.format('%d.%03d', t[1], math.floor(t[2] / 1000))
+redis.call('HSET', KEYS[1], ARGV[1], string.sub(ARGV[2], 1, -2) .. ',"seen":' .. seen .. '}')
+return t
+"""
+
+
+def write_snapshot(pipe, prefix, snapshot, history_len, trend_rows=(), stamp=False, row=None):
+    """Queue the commands that publish one snapshot: status hash, capped history, trend, expiries.
+
+    With ``stamp`` (the extension always stamps) Redis adds ``seen`` and the first reply is its clock;
+    without it the snapshot is stored as given (tests on a made-up clock). ``row`` is the history row
+    (default: from the snapshot)."""
     node = snapshot["node"]
-    pipe.hset(status_key(prefix), node, _compact_json(snapshot))
+    if stamp:
+        pipe.eval(STAMP_LUA, 1, status_key(prefix), node, _compact_json(snapshot))
+    else:
+        pipe.hset(status_key(prefix), node, _compact_json(snapshot))
     hkey = history_key(prefix, node)
-    pipe.lpush(hkey, _compact_json(history_row(snapshot)))
+    pipe.lpush(hkey, _compact_json(row or history_row(snapshot)))
     pipe.ltrim(hkey, 0, history_len - 1)
     pipe.expire(hkey, HISTORY_TTL)
     if trend_rows:
@@ -561,7 +780,8 @@ class SpiderMonitor:
         self.history_len = max(1, int(HISTORY_SECONDS // interval))
         self.task = None
         self.lock = None  # held while a tick's thread works: ticks never overlap
-        self.redis_down = False
+        self.outage = Outage(logger)
+        self.clock_offset = None  # Redis's clock minus ours, learnt from each write's reply
         self.trend = TrendBuffer()
         self.queue_keys = None
         self.base = {}
@@ -582,13 +802,12 @@ class SpiderMonitor:
 
         if str(setting("MONITOR_ENABLED", "1")).strip().lower() in ("0", "false", "no", "off"):
             raise NotConfigured("MONITOR_ENABLED is off")
+        raw = setting("MONITOR_INTERVAL", DEFAULT_INTERVAL)
         try:
-            interval = float(setting("MONITOR_INTERVAL", DEFAULT_INTERVAL))
-        except ValueError:
-            interval = 0
-        if not interval > 0:
-            raise NotConfigured(f"MONITOR_INTERVAL must be a positive number of seconds, "
-                                f"not {setting('MONITOR_INTERVAL')!r}; the monitor is off")
+            interval = seconds("MONITOR_INTERVAL", raw, MIN_INTERVAL, MAX_INTERVAL)
+        except ConfigError:
+            raise NotConfigured(f"MONITOR_INTERVAL must be a positive number of seconds from {MIN_INTERVAL:g} "
+                                f"to {MAX_INTERVAL}, not {raw!r}; the monitor is off") from None
         queue_url = setting("REDIS_URL", DEFAULT_REDIS_URL)
         url = setting("MONITOR_REDIS_URL", queue_url)
         node_id = setting("MONITOR_NODE_ID")
@@ -644,22 +863,24 @@ class SpiderMonitor:
         now = time.time()
         snapshot = {"timestamp": int(now), **self.base, **self.sampler.sample(stats, now), **extra}
         snapshot.update(self._queue_sizes())
-        trend_rows = [self.trend.add(history_row(snapshot))]
-        if final:
-            trend_rows.append(self.trend.flush())
         try:
+            if self.clock_offset is None:  # the first write: history rows go on Redis's clock from the start
+                self.clock_offset = redis_now(self.redis.time()) - time.time()
+            row = history_row(snapshot, now + self.clock_offset)
+            trend_rows = [self.trend.add(row)]
+            if final:
+                trend_rows.append(self.trend.flush())
             with self.redis.pipeline(transaction=False) as pipe:
-                write_snapshot(pipe, self.prefix, snapshot, self.history_len, [r for r in trend_rows if r])
-                pipe.execute()
+                write_snapshot(pipe, self.prefix, snapshot, self.history_len, [r for r in trend_rows if r],
+                               stamp=True, row=row)
+                sent = time.time()
+                server_time = pipe.execute()[0]
         except redis.RedisError as exc:
-            if not self.redis_down:
-                logger.warning("Monitor: cannot write metrics to Redis at %s (%s); the crawl goes on, "
-                               "retrying every %ss", redact(self.url), exc, self.interval)
-            self.redis_down = True
+            self.outage.failed("Monitor: cannot write metrics to Redis at %s (%s); the crawl goes on, "
+                               "retrying every %ss", redact(self.url), scrub(exc), self.interval)
             return snapshot
-        if self.redis_down:
-            logger.info("Monitor: Redis at %s is back; node %s reports again", redact(self.url), self.node_id)
-        self.redis_down = False
+        self.clock_offset = redis_now(server_time) - sent
+        self.outage.ok("Monitor: Redis at %s is back; node %s reports again", redact(self.url), self.node_id)
         return snapshot
 
     def _queue_keys(self, spider):
