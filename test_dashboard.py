@@ -107,8 +107,10 @@ def snapshot(node, spider="main_spider", age=0, interval=10, status="running", *
     return snap
 
 
-def publish(client, *snaps, history=0):
-    """Write snapshots the way a node does; ``history`` earlier rows (one per interval) come first."""
+def publish(client, *snaps, history=0, stamp=False):
+    """Write snapshots the way a node does; ``history`` earlier rows (one per interval) come first. With
+    ``stamp`` Redis stamps each one's report time with its own clock, as the extension's writes do;
+    without, a snapshot's age is its ``timestamp``'s."""
     with client.pipeline(transaction=False) as pipe:
         for snap in snaps:
             trend = monitors.TrendBuffer()
@@ -119,7 +121,7 @@ def publish(client, *snaps, history=0):
                            memory=round(50 + 10 * wave, 1), pages_per_min=round(80 + 80 * wave, 1))
                 done = trend.add(monitors.history_row(old))
                 monitors.write_snapshot(pipe, PREFIX, old, 360, [done] if done else [])
-            monitors.write_snapshot(pipe, PREFIX, snap, 360)
+            monitors.write_snapshot(pipe, PREFIX, snap, 360, stamp=stamp)
         pipe.execute()
 
 
@@ -464,6 +466,58 @@ def test_prototype_names_are_ordinary_nodes_spiders_and_fields(api, redis_client
     assert page.is_hidden("#banner")
 
 
+def test_last_seen_comes_from_the_api_not_the_clocks(redis_server, redis_client, open_page, servers):
+    """Nodes whose clocks are five minutes behind or ahead, reporting now, are live and "last seen" a few
+    seconds ago; silent, they turn stale within three intervals, and "last seen" moves on from there."""
+    server = servers(ApiServer(redis_server.url))
+    offsets = {"main_spider:behind:1": -300, "main_spider:ahead:2": 300, "main_spider:true:3": 0}
+    interval = 2
+
+    def report(*names):  # each stamps `timestamp` with its own clock, Redis the time of the write with its
+        publish(redis_client, *[snapshot(n, age=-offsets[n], interval=interval) for n in names], stamp=True)
+        return time.monotonic()
+
+    def seen(node):
+        text = card(page, node).locator(".c-seen").inner_text()
+        m = re.fullmatch(r"last seen (just now|(\d+) s ago)", text)
+        assert m, (node, text)
+        return int(m.group(2) or 0)
+
+    report(*offsets)
+    page = open_page(f"{server.url}/?interval={FAST}")
+    deadline = time.monotonic() + 20
+    while cards(page) != {n: "live" for n in offsets}:
+        assert time.monotonic() < deadline, cards(page)
+        report(*offsets)
+        time.sleep(0.3)
+    for node in offsets:
+        assert seen(node) < 2 * interval + 2, node
+    card(page, "main_spider:behind:1").click()
+    assert re.search(r"last seen (just now|\d s ago)", page.inner_text("#d-sub")), page.inner_text("#d-sub")
+    page.keyboard.press("Escape")
+
+    # Two fall silent; "true" goes on reporting.
+    last = report(*offsets)
+    silent = ["main_spider:behind:1", "main_spider:ahead:2"]
+    while any(card(page, n).get_attribute("data-state") != "stale" for n in silent):
+        assert time.monotonic() - last < 3 * interval + 6, cards(page)
+        report("main_spider:true:3")
+        time.sleep(0.2)
+    assert time.monotonic() - last > 3 * interval - 1, "stale before three intervals"
+    assert card(page, "main_spider:true:3").get_attribute("data-state") == "live"
+    before = {n: seen(n) for n in silent}
+    assert all(3 * interval - 1 <= s < 3 * interval + 8 for s in before.values()), before
+
+    # The API goes away: the last data stays, and its "last seen" ages on from the API's age.
+    server.stop()
+    banner_is(page, "api")
+    time.sleep(2.5)
+    polls_after_failure = page.evaluate("() => window.dashboardStats.failedPolls")
+    until(page, "(n) => window.dashboardStats.failedPolls > n", polls_after_failure)
+    for n in silent:
+        assert before[n] + 2 <= seen(n) < before[n] + 20, (n, before[n], seen(n))
+
+
 def test_file_mode_with_api_and_token(redis_server, redis_client, open_page, servers):
     publish(redis_client, snapshot("main_spider:a:1"))
     server = servers(ApiServer(redis_server.url, MONITOR_API_TOKEN="s3cret+t0ken/="))
@@ -557,6 +611,8 @@ def test_memory_stays_flat_while_nodes_come_and_go(api, redis_client, open_page)
     cdp.send("Performance.enable")
 
     def measure():
+        # Sparklines still loading would count as growth: let the history requests settle first.
+        until(page, "() => window.dashboardStats.historyInFlight === 0")
         cdp.send("HeapProfiler.collectGarbage")
         metrics = {m["name"]: m["value"] for m in cdp.send("Performance.getMetrics")["metrics"]}
         return cdp.send("Runtime.getHeapUsage")["usedSize"], int(metrics["Nodes"])
