@@ -41,8 +41,6 @@ DEFAULT_RETENTION = 86400
 DEFAULT_CACHE = 1.0
 # Lower than the extension's timeout, so a request fails with 503 well within a second when Redis hangs.
 REDIS_TIMEOUT = 0.5
-# Pruning is housekeeping: once a minute is plenty.
-PRUNE_EVERY = 60.0
 # A chart needs no more points than this; it keeps a history response to a few tens of KB.
 MAX_POINTS = 360
 MAX_MINUTES = monitors.TREND_SECONDS // 60
@@ -50,7 +48,7 @@ MAX_MINUTES = monitors.TREND_SECONDS // 60
 CACHE_ENTRIES = 256
 # Bodies smaller than this go out uncompressed.
 GZIP_MIN = 1024
-STATES = ("live", "stale", "closed")
+STATES = monitors.STATES
 # Waitress worker threads: a request waiting on a slow Redis must not hold up the cached ones.
 THREADS = 16
 # Warn about Redis being down at most this often, not once per request.
@@ -129,64 +127,32 @@ class Monitor:
             self.redis = monitors.connect(self.url, REDIS_TIMEOUT)
         except ValueError:
             raise ValueError(f"REDIS_URL is not a Redis URL: {monitors.redact(str(self.url))}") from None
-        self.known = {}  # node -> [raw value, snapshot, JSON]: see nodes()
-        self.last_prune = -PRUNE_EVERY
+        self.reader = monitors.NodeReader(self.redis, self.prefix, self.retention)
         self.last_warning = -WARN_EVERY
 
     def nodes(self):
-        """``({node: snapshot with state}, skipped)``, straight from Redis; prunes dead nodes now and then.
+        """``({node: snapshot with state}, skipped, now)`` straight from Redis, ``now`` on its clock; see
+        ``monitors.NodeReader`` (snapshots are shared between reads: never modify one)."""
+        return self.reader.read()
 
-        Values unchanged since the last read are not parsed again (with 1,000 nodes reporting every 10 s,
-        a read a second finds about 100 new ones); snapshots are shared between reads, so never modify one.
-        """
-        now = time.time()
-        known, current, nodes, skipped = self.known, {}, {}, 0
-        for field, raw in self.redis.hgetall(self.key).items():
-            node = field.decode("utf-8", "replace")
-            entry = known.get(node)
-            if entry is None or entry[0] != raw:
-                entry = [raw, monitors.parse_snapshot(raw, now), None]
-            elif entry[1] is not None and entry[1]["state"] != monitors.node_state(entry[1], now):
-                entry = [raw, dict(entry[1], state=monitors.node_state(entry[1], now)), None]
-            current[node] = entry  # [raw value, snapshot or None if malformed, its JSON once asked for]
-            if entry[1] is None:
-                skipped += 1
-            else:
-                nodes[node] = entry[1]
-        self.known = current
-        if self.retention and time.monotonic() - self.last_prune >= PRUNE_EVERY:
-            self.last_prune = time.monotonic()
-            try:
-                gone = monitors.prune_nodes(self.redis, nodes, self.retention, self.prefix, now)
-            except redis.RedisError as exc:  # a read-only replica, say: reading still works
-                logger.warning("Cannot prune stale nodes: %s", exc)
-                gone = ()
-            for node in gone:
-                del nodes[node]
-            if gone:
-                logger.info("Pruned %d node(s) silent for more than %gs", len(gone), self.retention)
-        return nodes, skipped
-
-    def nodes_json(self, nodes):
-        """``{node: snapshot}`` as JSON bytes, in node order, reusing each unchanged snapshot's JSON."""
-        parts = []
+    def nodes_json(self, nodes, now):
+        """``{node: snapshot + age}`` as JSON bytes, in node order, reusing each unchanged snapshot's JSON."""
+        entries, parts = self.reader.entries, []
         for node in sorted(nodes):
-            entry = self.known.get(node)
-            if entry is not None and entry[1] is nodes[node]:
-                if entry[2] is None:
-                    entry[2] = to_json({node: nodes[node]})[1:-1]
-                parts.append(entry[2])
-            else:
-                parts.append(to_json({node: nodes[node]})[1:-1])
+            entry = entries.get(node)
+            if entry is None or entry.snapshot is not nodes[node]:
+                entry = monitors.NodeEntry(None, nodes[node])
+            if entry.json is None:
+                entry.json = to_json({node: nodes[node]})[1:-2]  # '"node":{...' without its closing braces
+            parts.append(b'%s,"age":%d}' % (entry.json, monitors.age(nodes[node], now)))
         return b"{" + b",".join(parts) + b"}"
 
     def node(self, name):
-        """``(snapshot with state or None, malformed)`` for one node id."""
-        raw = self.redis.hget(self.key, name)
-        if raw is None:
-            return None, False
-        snapshot = monitors.parse_snapshot(raw, time.time())
-        return snapshot, snapshot is None
+        """``(snapshot with state and age, or None; malformed)`` for one node id."""
+        snapshot, malformed, now = self.reader.node(name)
+        if snapshot is not None:
+            snapshot["age"] = monitors.age(snapshot, now)
+        return snapshot, malformed
 
     def spider_names(self):
         """The spiders that have nodes, up to a cache period old: unknown names cost no full read each."""
@@ -333,10 +299,10 @@ def metrics():
             abort(400, f"state must be one or more of {', '.join(STATES)}, comma-separated")
 
     def compute():
-        nodes, skipped = api().nodes()
+        nodes, skipped, now = api().nodes()
         chosen = {n: s for n, s in nodes.items()
                   if (spider is None or s["spider"] == spider) and (states is None or s["state"] in states)}
-        return json_body(api().nodes_json(chosen), skipped)
+        return json_body(api().nodes_json(chosen, now), skipped)
 
     return cached(compute)
 
@@ -350,11 +316,11 @@ def metric(name):
         if snapshot is not None:
             return json_body(snapshot)
         if name in api().spider_names():
-            nodes, skipped = api().nodes()
+            nodes, skipped, now = api().nodes()
             view = monitors.cluster_view(nodes, name)
             if view is not None:  # the view with its nodes' JSON spliced in: {..., "nodes": {...}}
                 members = view.pop("nodes")
-                return json_body(to_json(view)[:-1] + b',"nodes":' + api().nodes_json(members) + b"}", skipped)
+                return json_body(to_json(view)[:-1] + b',"nodes":' + api().nodes_json(members, now) + b"}", skipped)
         if malformed:
             abort(404, "that node's stored snapshot is malformed")
         abort(404, "no node or spider by that name")
@@ -377,7 +343,7 @@ def spiders():
     """``{spider: cluster view}``, each view's ``nodes`` being the list of its node ids."""
 
     def compute():
-        nodes, skipped = api().nodes()
+        nodes, skipped, _ = api().nodes()
         return json_body(monitors.spiders_view(nodes), skipped)
 
     return cached(compute)
@@ -396,7 +362,7 @@ def prometheus():
 
     def compute():
         registry = CollectorRegistry()
-        registry.register(ClusterCollector(*api().nodes()))
+        registry.register(ClusterCollector(*api().nodes()[:2]))
         return Body(generate_latest(registry), CONTENT_TYPE_LATEST)
 
     return cached(compute)
@@ -486,31 +452,21 @@ def internal_error(exc):
 
 # ---------------------------------------------------------------------------- history
 
-# How a spider's point combines its nodes' rows: summed, averaged, or the largest (the queue is shared).
-SUMMED = ("rss", "process_cpu", "net_sent_rate", "net_recv_rate", "pages", "items", "errors",
-          "pages_per_min", "items_per_min", "errors_per_min")
-AVERAGED = ("cpu", "memory")
-PER_HOST = ("cpu", "memory", "net_sent_rate", "net_recv_rate")  # machine figures: each host counts once
-LARGEST = ("queue_requests",)
-
-
 def read_series(name, minutes):
-    """``{"name", "kind", "minutes", "step", "points"}`` for a node, or for a spider summed over its nodes."""
+    """``{"name", "kind", "minutes", "step", "points"}`` for a node, or for a spider over its nodes."""
     mon = api()
-    now = time.time()
-    snapshot, _ = mon.node(name)
+    snapshot, _, now = mon.reader.node(name)
     if snapshot is not None:
         members, kind = {name: snapshot}, "node"
     elif name in mon.spider_names():
-        members = {n: s for n, s in mon.nodes()[0].items() if s["spider"] == name}
-        kind = "spider"
+        nodes, _, now = mon.nodes()
+        members, kind = {n: s for n, s in nodes.items() if s["spider"] == name}, "spider"
     else:
         members = {}
     if not members:
         abort(404, "no node or spider by that name")
     long = minutes * 60 > monitors.HISTORY_SECONDS
-    intervals = {n: s["interval"] if monitors.is_number(s.get("interval")) and s["interval"] > 0 else monitors.DEFAULT_INTERVAL
-                 for n, s in members.items()}
+    intervals = {n: s.get("interval", monitors.DEFAULT_INTERVAL) for n, s in members.items()}  # gated: (0, 1 day]
     # One point per step: no more than MAX_POINTS, and no finer than the nodes report.
     step = math.ceil(max(minutes * 60 / MAX_POINTS, monitors.TREND_BUCKET if long else max(intervals.values())))
     series = monitors.read_histories(mon.redis, list(members), minutes, mon.prefix, now)
@@ -519,39 +475,30 @@ def read_series(name, minutes):
     else:
         holds = {n: monitors.STALE_INTERVALS * intervals[n] for n in members}
         hosts = {n: s.get("host", n) for n, s in members.items()}
-        points = spider_points(series, holds, hosts, step, now)
-    return {"name": name, "kind": kind, "minutes": minutes, "step": step, "points": points}
+        points = spider_points(series, holds, hosts, step, int(now // step))
+    return {"name": name, "kind": kind, "minutes": minutes, "step": step, "points": points[-MAX_POINTS:]}
 
 
-def spider_points(series, holds, hosts, step, now):
-    """One point per ``step``-second bucket over every node's rows; a node's last row counts in later
-    buckets until it is ``holds[node]`` seconds old (so a late report is not a dip in the totals).
-    Host network rates count each host (``hosts[node]``) once."""
+def spider_points(series, holds, hosts, step, last):
+    """One point per ``step``-second bucket up to ``last`` over every node's rows (sorted, in the window),
+    combined by ``monitors.SPIDER_FIELDS``; a node's last row counts in later buckets until it is
+    ``holds[node]`` seconds old (so a late report is not a dip in the totals). Each row fills at most
+    ``holds / step + 1`` buckets, whatever the stored timestamps."""
     buckets = {}  # bucket -> {node: row}
-    last = int(now // step)
     for node, rows in series.items():
         for row, following in zip(rows, rows[1:] + [None]):
-            b = int(row["timestamp"] // step)
-            end = int(following["timestamp"] // step) if following else last + 1
-            while b < end and b * step - row["timestamp"] <= holds[node]:
+            start = int(row["timestamp"] // step)
+            end = min(int(following["timestamp"] // step) if following else last + 1, last + 1,
+                      int((row["timestamp"] + holds[node]) // step) + 1)
+            for b in range(start, end):
                 buckets.setdefault(b, {})[node] = row
-                b += 1
+    fields = [f for f in monitors.HISTORY_FIELDS if f in monitors.SPIDER_FIELDS]
     points = []
     for b in sorted(buckets):
-        rows = list(buckets[b].values())
+        nodes = list(buckets[b])
+        rows = [buckets[b][n] for n in nodes]
         point = {"timestamp": b * step, "nodes": len(rows)}
-        one_per_host = list({hosts[node]: row for node, row in buckets[b].items()}.values())
-        for field in SUMMED + AVERAGED + LARGEST:
-            among = one_per_host if field in PER_HOST else rows
-            values = [row[field] for row in among if row[field] is not None]
-            if not values:
-                point[field] = None
-            elif field in SUMMED:
-                point[field] = round(sum(values), 2)
-            elif field in AVERAGED:
-                point[field] = round(sum(values) / len(values), 2)
-            else:
-                point[field] = max(values)
+        point.update(monitors.combine(rows, fields, [hosts[n] for n in nodes]))
         points.append(point)
     return points
 

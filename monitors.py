@@ -326,6 +326,7 @@ def parse_snapshot(raw, now=None):
     """``decode_snapshot`` plus the node's derived ``state``."""
     snapshot = decode_snapshot(raw)
     if snapshot is not None:
+        snapshot.pop("age", None)  # readers derive it
         snapshot["state"] = node_state(snapshot, now)
     return snapshot
 
