@@ -140,6 +140,42 @@ def test_a_seed_era_value_is_served_in_the_seeds_shape(client, redis_client):
     assert one.pop("age") in (0, 1) and one == dict(seed, state="live")
 
 
+def test_values_that_fail_the_gate_never_break_a_route(client, redis_client):
+    """Every route answers 200 beside values that decode as JSON but would break a reader; normal nodes are
+    intact, the others are counted as skipped."""
+    hostile = {
+        "lone": '{"spider": "main_spider", "timestamp": 1, "node": "\\ud800", "host": "\\udc00"}',
+        "huge": '{"spider": "main_spider", "timestamp": 1, "pages": 999999999999999999999, "cpu": 1e300}',
+        "forever": '{"spider": "main_spider", "timestamp": 1, "interval": 1e17}',
+        "never": '{"spider": "main_spider", "timestamp": 1, "interval": -10}',
+        "typed": '{"spider": "main_spider", "timestamp": 1, "status": 7, "finish_reason": []}',
+    }
+    store(redis_client, snap("main_spider:h:1"), snap("main_spider:h:2", host="host-b"))
+    redis_client.hset("scrapy:node:status", mapping=hostile)
+    # History rows a forger could write: far future and far past timestamps, absurd numbers.
+    future = [json.dumps([2 ** 62] + [1] * (len(monitors.HISTORY_FIELDS) - 1)),
+              json.dumps([-(2 ** 62)] + [1e300] * (len(monitors.HISTORY_FIELDS) - 1)),
+              json.dumps([time.time() + 86400 * 365] + [1] * (len(monitors.HISTORY_FIELDS) - 1))]
+    redis_client.lpush(monitors.history_key("scrapy", "main_spider:h:1"), *future)
+    for path in ("/metrics", "/metrics/main_spider", "/metrics/main_spider:h:1", "/spiders", "/prometheus",
+                 "/metrics/main_spider/history", "/metrics/main_spider:h:1/history", "/health",
+                 "/metrics/main_spider/history?minutes=1440"):
+        resp = client.get(path)
+        assert resp.status_code == 200, (path, resp.data[:300])
+    body = client.get("/metrics").get_json()
+    assert set(body) == {"main_spider:h:1", "main_spider:h:2"} and body["main_spider:h:1"]["pages"] == 10
+    assert client.get("/metrics").headers["X-Skipped-Entries"] == str(len(hostile))
+    view = client.get("/metrics/main_spider").get_json()
+    assert view["pages"] == 20 and view["nodes_live"] == 2
+    for path in ("/metrics/main_spider:h:1/history", "/metrics/main_spider/history"):
+        points = client.get(path).get_json()["points"]
+        assert 0 < len(points) <= 360 and all(p["timestamp"] <= time.time() + 60 for p in points)
+        assert all(p["pages"] is None or p["pages"] < 10 ** 18 for p in points)
+    samples = {s.name: s for f in text_string_to_metric_families(client.get("/prometheus").data.decode())
+               for s in f.samples if s.labels.get("node") == "main_spider:h:1"}
+    assert samples["scrapy_responses_received_total"].value == 10
+
+
 # ---------------------------------------------------------------------------- routes
 
 def test_metrics_filters_by_spider_and_state(client, redis_client):

@@ -1,5 +1,6 @@
 """The node monitor end to end: real redis-server, real local website, real ``scrapy crawl`` processes."""
 
+import glob
 import json
 import signal
 import socket
@@ -11,6 +12,7 @@ import pytest
 from scrapy.exceptions import NotConfigured
 from scrapy.utils.test import get_crawler
 
+import monitor_api
 import monitors
 from conftest import RedisServer, crawl_log, wait_for
 from demo_site import Site
@@ -318,3 +320,88 @@ def test_bad_settings_turn_the_monitor_off_with_a_clear_reason(redis_url, site, 
         log = crawl_log(proc)
         assert reason in log and "Traceback" not in log, log
     assert site.page_hits()["/page/39"] == 2  # both crawls still ran to the end
+
+
+def test_short_or_odd_intervals_and_unknown_url_options_turn_the_monitor_off_at_start():
+    for interval in (0.5, "inf", "nan", "-1", 86401, "1e308"):
+        with pytest.raises(NotConfigured, match="MONITOR_INTERVAL must be a positive number of seconds from 1"):
+            monitors.SpiderMonitor.from_crawler(get_crawler(settings_dict={"MONITOR_INTERVAL": interval}))
+    assert monitors.SpiderMonitor.from_crawler(get_crawler(settings_dict={"MONITOR_INTERVAL": 1})).interval == 1
+    for url in ("redis://:s3cret@localhost:6379/0?bogus=1", "redis://u:s3cret@localhost:99999/0",
+                "redis://localhost/0?socket_timeout=soon"):
+        with pytest.raises(NotConfigured, match="bad Redis URL") as info:
+            monitors.SpiderMonitor.from_crawler(get_crawler(settings_dict={"MONITOR_REDIS_URL": url}))
+        assert "s3cret" not in str(info.value)
+
+
+def test_the_decode_gate_turns_away_what_would_break_a_reader(redis_client):
+    """Text fields must be text that encodes as UTF-8, numbers below 1e18, interval within (0, 86400]."""
+    good = {"spider": "s", "timestamp": 1000, "node": "n", "host": "h", "status": "running", "interval": 10,
+            "pages": 10 ** 18 - 1, "cpu": -9.9e17, "finish_reason": None}
+    bad = {
+        "surrogate_node": '{"spider": "s", "timestamp": 1, "node": "\\ud800"}',
+        "surrogate_spider": '{"spider": "\\udfff", "timestamp": 1}',
+        "number_host": '{"spider": "s", "timestamp": 1, "host": 5}',
+        "list_status": '{"spider": "s", "timestamp": 1, "status": ["running"]}',
+        "dict_reason": '{"spider": "s", "timestamp": 1, "finish_reason": {}}',
+        "big_int": '{"spider": "s", "timestamp": 1, "pages": 1000000000000000000}',
+        "big_float": '{"spider": "s", "timestamp": 1, "cpu": -1e18}',
+        "nested_big": '{"spider": "s", "timestamp": 1, "x": [1, {"y": 1e300}]}',
+        "zero_interval": '{"spider": "s", "timestamp": 1, "interval": 0}',
+        "long_interval": '{"spider": "s", "timestamp": 1, "interval": 86401}',
+        "text_interval": '{"spider": "s", "timestamp": 1, "interval": "10"}',
+        "text_seen": '{"spider": "s", "timestamp": 1, "seen": "now"}',
+    }
+    redis_client.hset(monitors.status_key("scrapy"), mapping={"good": json.dumps(good), **bad})
+    found, skipped = monitors.list_nodes(redis_client, "scrapy", 1000)
+    assert skipped == len(bad) and set(found) == {"good"} and found["good"]["state"] == "live"
+    # Sums over many nodes at the limit stay finite and exact.
+    view = monitors.cluster_view({f"n{i}": dict(found["good"], node=f"n{i}", host=f"h{i}") for i in range(1000)}, "s")
+    assert view["pages"] == 1000 * (10 ** 18 - 1)
+
+
+def test_liveness_is_judged_on_redis_clock_and_a_stored_age_is_ignored(redis_client):
+    snapshot = {"spider": "s", "timestamp": 1000, "interval": 10, "node": "n", "age": 99999}
+    with redis_client.pipeline() as pipe:
+        monitors.write_snapshot(pipe, "scrapy", snapshot, 10, stamp=True)
+        server = monitors.redis_now(pipe.execute()[0])
+    reader = monitors.NodeReader(redis_client, "scrapy")
+    nodes, skipped, now = reader.read()
+    stored = nodes["n"]
+    assert skipped == 0 and "age" not in stored
+    assert abs(stored["seen"] - server) < 0.002 and now >= server
+    assert stored["state"] == "live"  # its own clock says 1970, Redis's says it just reported
+    assert monitors.node_state(stored, stored["seen"] + 30.01) == "stale"
+    assert monitors.age(stored, stored["seen"] + 12.5) == 12
+
+
+FAKETIME = next(iter(sorted(glob.glob("/usr/lib/*/faketime/libfaketime.so.1"))), None)
+
+
+@pytest.mark.skipif(FAKETIME is None, reason="Debian's faketime package is missing (make test installs it as root)")
+@pytest.mark.parametrize("shift", [-300, 300])
+def test_a_crawler_whose_clock_is_five_minutes_off_is_live_then_stale_on_time(shift, redis_client, redis_url, site,
+                                                                               crawlers):
+    env = crawler_env(redis_url, LD_PRELOAD=FAKETIME, FAKETIME=f"{shift:+d}", FAKETIME_DONT_FAKE_MONOTONIC="1")
+    proc = crawlers(env=env)
+    node = f"main_spider:{socket.gethostname()}:{proc.pid}"
+    api = monitor_api.create_app({"REDIS_URL": redis_url, "MONITOR_KEY_PREFIX": "scrapy", "MONITOR_API_CACHE": 0,
+                                  "MONITOR_API_TOKEN": None, "MONITOR_RETENTION": 86400}).test_client()
+
+    def snapshot():
+        resp = api.get(f"/metrics/{node}")
+        return resp.get_json() if resp.status_code == 200 else {}
+
+    wait_for(lambda: snapshot().get("state") == "live", 30, what="the node's first report")
+    assert abs(snapshot()["timestamp"] - time.time() - shift) < 5  # it does write its own clock
+    for _ in range(5):  # live for more than three intervals while it reports
+        snap = snapshot()
+        assert snap["state"] == "live" and snap["age"] <= 2, snap
+        time.sleep(1)
+    points = api.get(f"/metrics/{node}/history?minutes=5").get_json()["points"]
+    assert len(points) >= 3 and all(abs(p["timestamp"] - time.time()) < 10 for p in points)  # Redis's clock
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(10)
+    killed = time.time()
+    wait_for(lambda: snapshot()["state"] == "stale", 6, what="the killed node to go stale")
+    assert time.time() - killed < 5  # three 1 s intervals after its last report, plus a read
