@@ -538,9 +538,8 @@ def test_dry_run_prints_and_sends_and_stores_nothing(redis_url, redis_client, sm
 
 @pytest.mark.parametrize("env, args, message", [
     ({"ALERT_TO": TO, "ALERT_CPU_PERCENT": "lots"}, [], "ALERT_CPU_PERCENT must be a number, not 'lots'"),
-    ({"ALERT_TO": TO}, ["--for", "-5"], "ALERT_FOR must be a number 0 or more"),
+    ({"ALERT_TO": TO}, ["--for", "-5"], "ALERT_FOR must be a number of seconds, 0 or more"),
     ({"SMTP_HOST": "mail.example.com"}, [], "ALERT_TO is not set"),
-    ({}, [], "nothing to send to"),
     ({"ALERT_TO": TO, "SMTP_SECURITY": "tls"}, [], "SMTP_SECURITY must be one of none, starttls, ssl"),
     ({"ALERT_TO": TO, "ALERT_RULES": "cpu,disk"}, [], "unknown rule 'disk'"),
     ({"ALERT_TO": TO}, ["--bogus"], "unrecognized arguments: --bogus"),
