@@ -753,17 +753,7 @@ def _one_line(exc, *urls):
 # ---------------------------------------------------------------------------- state in Redis
 
 class WrongType(Exception):
-    """A key holds another Redis type than the one alert.py reads: named, never taken for an outage."""
-
-    def __init__(self, key, kind, want="hash"):
-        super().__init__(f"{key} is a {kind}, not a {want}")
-
-
-def wrong_type(r, key, exc):
-    """WrongType for ``key`` when ``exc`` is Redis's WRONGTYPE error, else ``exc`` itself."""
-    if isinstance(exc, redis.ResponseError) and str(exc).startswith("WRONGTYPE"):
-        return WrongType(key, _text(r.type(key)))
-    return exc
+    """The status key holds another Redis type than a hash: named, never taken for an outage."""
 
 
 def move_aside(r, prefix, name, why):
@@ -988,8 +978,11 @@ class Delivery:
         return {**entry, "attempts": attempts, "next_try": now + max(wait - self.cfg.interval / 2, 0)}, []
 
     def dead(self, field, entry, reason, now):
+        """A dead letter for an outbox entry; it keeps the first MAX_LINES alerts, as its text would."""
+        alerts = entry["alerts"]
         return {"at": now, "key": self.store.key["outbox"], "field": _text(field),
-                "reason": f"{len(entry['alerts'])} alert(s) not sent: {reason}", "value": entry}
+                "reason": f"{len(alerts)} alert(s) not sent: {reason}",
+                "value": {**entry, "alerts": alerts[:MAX_LINES], "alert_count": len(alerts)}}
 
 
 # ---------------------------------------------------------------------------- the alerter
@@ -1086,7 +1079,9 @@ class Alerter:
         try:
             raw = self.r.hgetall(key)
         except redis.ResponseError as exc:
-            raise wrong_type(self.r, key, exc) from None
+            if not str(exc).startswith("WRONGTYPE"):
+                raise
+            raise WrongType(f"{key} is a {_text(self.r.type(key))}, not a hash") from None
         nodes, bad = monitors.parse_nodes(raw, now)
         if bad != self.malformed:
             logger.warning("Alert: %d malformed snapshot(s) in %s ignored", bad, key)
