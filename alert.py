@@ -1,11 +1,14 @@
-"""Alerts for a Scrapy cluster: rules over every node's snapshot, sent by mail and webhook, once each.
+"""Alerts for a Scrapy cluster: rules over every node's snapshot, sent by mail and webhook, at least once.
 
 ``python alert.py`` evaluates the rules every ALERT_INTERVAL seconds (``--once`` for cron, ``--dry-run``
 to print instead of send, ``--test-mail``, ``--help`` for every setting). Each rule and node is an alert
 that goes inactive -> pending (condition true for less than ALERT_FOR) -> firing -> resolved, as in
 Prometheus; a firing alert is sent at once and again every ALERT_REPEAT, its end is sent too, and all that
 fires or resolves in one evaluation goes out as one message. State and undelivered messages live in Redis
-under ``<prefix>:alert:``, so restarts, cron runs and several alert.py processes send each message once.
+under ``<prefix>:alert:``, so restarts, cron runs and several alert.py processes send each message once,
+unless one dies between a send and its record (then it is sent again). A message refused for good, or
+failing for longer than ALERT_GIVE_UP, moves to the dead letters. With no channel set, notifications are
+printed on the console.
 """
 
 import argparse
@@ -20,10 +23,12 @@ import ssl
 import sys
 import threading
 import time
+import urllib.error
 import urllib.request
 import uuid
 from email.message import EmailMessage
 from email.utils import formatdate, make_msgid
+from typing import Callable, NamedTuple, Optional
 from urllib.parse import urlsplit
 
 import redis
@@ -32,14 +37,23 @@ import monitors
 
 logger = logging.getLogger(__name__)
 
-RULES = ("down", "cpu", "memory", "stalled", "errors", "rss")
 SECURITY = ("none", "starttls", "ssl")
-# An SMTP or webhook call gives up after this many seconds, so one evaluation always ends.
+# One SMTP or HTTP operation (connect, a command, a read) gives up after this many seconds...
 SEND_TIMEOUT = 10
-# A failed delivery is retried 1, 2, 4, 8... evaluations later, but at least every BACKOFF_MAX seconds.
-BACKOFF_MAX = 900
-# The evaluation lock outlives a crashed holder by this long; the holder renews it before every delivery.
+# ...and a whole send after this many: well inside the lock it runs under, so its holder records the outcome.
+SEND_DEADLINE = 40
+# The evaluation lock outlives a crashed holder by this long; the holder renews it before every send.
 LOCK_TTL_MS = 60_000
+# A failed delivery is retried 1, 2, 4, 8... evaluations later, but at least every BACKOFF_MAX seconds;
+# the doubling stops after BACKOFF_STEPS, so no stored attempt count can overflow it.
+BACKOFF_MAX = 900
+BACKOFF_STEPS = 16
+# Dead letters kept in <prefix>:alert:dead, newest first: enough to read back a day of a broken channel.
+DEAD_MAX = 1000
+# A dead letter keeps this much of a malformed record's text.
+DEAD_TEXT = 10_000
+# A stored time or count beyond this is not one: the record holding it is malformed.
+BOUND = 1e18
 # Mail and the webhook's text list this many alerts at most (the webhook's `alerts` field has them all).
 MAX_LINES = 100
 # The subject names this many alerts of each kind, then says how many more.
@@ -49,23 +63,158 @@ MIB = 1024 * 1024
 RELEASE_LUA = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0"
 RENEW_LUA = ("if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) "
              "end return 0")
+# Only while the lock is ours: set or delete ('' value) fields of one hash and keep dead letters in the
+# capped list, counted. KEYS: lock, hash, dead list, dead counter. ARGV: token, cap, n, n field/value pairs,
+# then the dead letters. Returns -1 when the lock is not ours, else the dead letters counted so far.
+SETTLE_LUA = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return -1 end
+local n = tonumber(ARGV[3])
+for i = 4, 3 + 2 * n, 2 do
+  if ARGV[i + 1] == '' then redis.call('HDEL', KEYS[2], ARGV[i])
+  else redis.call('HSET', KEYS[2], ARGV[i], ARGV[i + 1]) end
+end
+local total = tonumber(redis.call('GET', KEYS[4])) or 0
+if #ARGV > 3 + 2 * n then
+  for i = 4 + 2 * n, #ARGV do redis.call('LPUSH', KEYS[3], ARGV[i]) end
+  redis.call('LTRIM', KEYS[3], 0, tonumber(ARGV[2]) - 1)
+  total = total + #ARGV - 3 - 2 * n
+  redis.call('SET', KEYS[4], total)
+end
+return total
+"""
 
-# (environment variable, flag, attribute, default, kind, help). ``--help`` is built from this table.
+
+# ---------------------------------------------------------------------------- rules
+
+def over(rule, snapshot, limit, stuck_since, now):
+    """``snapshot[rule.field] / rule.scale`` while it is over the threshold."""
+    value = monitors.number(snapshot.get(rule.field))
+    if limit and value is not None and value / rule.scale > limit:
+        return round(value / rule.scale, 1)
+    return None
+
+
+def down_for(rule, snapshot, limit, stuck_since, now):
+    """Seconds since a stale node's last report."""
+    if snapshot.get("state") == "stale":
+        return round(now - (monitors.number(snapshot.get("timestamp")) or 0))
+    return None
+
+
+def stalled_for(rule, snapshot, limit, stuck_since, now):
+    """Seconds the node's pages have stood still with work queued, once that is the threshold."""
+    if limit and stuck_since is not None and now - stuck_since >= limit:
+        return round(now - stuck_since)
+    return None
+
+
+def limit_text(rule, snapshot, limit):
+    return f" (limit {_fmt(limit)}{rule.unit})"
+
+
+def reports_every(rule, snapshot, limit):
+    return f" (reports every {_fmt(monitors.number(snapshot.get('interval')) or 0)} s)"
+
+
+def limit_and_queue(rule, snapshot, limit):
+    return f"{limit_text(rule, snapshot, limit)}, {_fmt(queued(snapshot))} requests queued"
+
+
+class Rule(NamedTuple):
+    """One alert rule: adding a rule is adding a row to RULES."""
+    name: str  # as ALERT_RULES and the messages name it
+    alertname: str  # Prometheus-style
+    severity: str  # critical or warning
+    label: str  # what its figure is, in messages
+    unit: str
+    field: Optional[str] = None  # the snapshot field compared with the threshold...
+    scale: float = 1  # ...after dividing it by this
+    setting: Optional[str] = None  # the environment variable holding the threshold (0 turns the rule off)
+    default: float = 0
+    help: str = ""  # what the setting means, for --help
+    kind: str = "number"  # how the setting is read: number or seconds
+    check: Callable = over  # (rule, snapshot, limit, stuck_since, now) -> its figure while it holds, or None
+    detail: Callable = limit_text  # (rule, snapshot, limit) -> what a firing message adds to the figure
+    back: str = "back to normal"  # what a resolved message says
+    needs_live: bool = True  # judged on reporting nodes only: silenced while down, over once closed
+
+    @property
+    def attr(self):
+        """The setting's attribute on the configuration: ALERT_CPU_PERCENT -> cpu_percent."""
+        return self.setting[len("ALERT_"):].lower() if self.setting else None
+
+
+RULES = (
+    Rule("down", "ScrapyNodeDown", "critical", "no report for", " s", check=down_for, detail=reports_every,
+         back="reporting again", needs_live=False),
+    Rule("cpu", "ScrapyHostCpuHigh", "warning", "host CPU", "%", field="cpu",
+         setting="ALERT_CPU_PERCENT", default=80, help="host CPU %% over this"),
+    Rule("memory", "ScrapyHostMemoryHigh", "warning", "host memory", "%", field="memory",
+         setting="ALERT_MEMORY_PERCENT", default=90, help="host memory %% over this"),
+    Rule("stalled", "ScrapyCrawlStalled", "warning", "pages not rising for", " s", check=stalled_for,
+         detail=limit_and_queue, setting="ALERT_STALL_SECONDS", default=300, kind="seconds",
+         help="pages not rising this long while the queue is not empty"),
+    Rule("errors", "ScrapyErrorsHigh", "warning", "errors", "/min", field="errors_per_min",
+         setting="ALERT_ERRORS_PER_MIN", default=30, help="error log lines per minute over this"),
+    Rule("rss", "ScrapyProcessRssHigh", "warning", "process RSS", " MiB", field="rss", scale=MIB,
+         setting="ALERT_RSS_MB", default=2048, help="process memory (MiB) over this"),
+)
+RULE = {rule.name: rule for rule in RULES}
+ORDER = {rule.name: i for i, rule in enumerate(RULES)}
+
+
+def threshold(rule, cfg):
+    return getattr(cfg, rule.attr) if rule.setting else None
+
+
+def active_rules(cfg):
+    """The rules to evaluate: those in ALERT_RULES whose threshold is not 0."""
+    return [RULE[name] for name in cfg.rules if not RULE[name].setting or threshold(RULE[name], cfg)]
+
+
+def firing_summary(rule, value, snapshot, limit):
+    """``host CPU 95% (limit 80%)``."""
+    return f"{rule.label} {_fmt(value)}{rule.unit}{rule.detail(rule, snapshot, limit)}"
+
+
+def resolved_summary(rule, snapshot, cfg):
+    """Why an alert ended: ``back to normal: host CPU 12%``, ``node closed``..."""
+    if not snapshot:
+        return "node gone from the status hash"
+    if snapshot.get("state") == "closed":
+        return "node closed"
+    if rule not in active_rules(cfg):
+        return "rule turned off"
+    figure = monitors.number(snapshot.get(rule.field)) if rule.field else None
+    if figure is None:
+        return rule.back
+    return f"{rule.back}: {rule.label} {_fmt(figure / rule.scale)}{rule.unit}"
+
+
+def queued(snapshot):
+    """Requests plus start URLs waiting in the node's scrapy-redis queue; None when it has no such queue."""
+    sizes = [monitors.number(snapshot.get(f)) for f in ("queue_requests", "queue_start_urls")]
+    sizes = [s for s in sizes if s is not None]
+    return sum(sizes) if sizes else None
+
+
+# ---------------------------------------------------------------------------- settings
+
+# (environment variable, flag, attribute, default, kind, help). ``--help`` is built from this table; each
+# rule's threshold comes from its row in RULES.
 SETTINGS = (
     ("REDIS_URL", "--redis-url", "redis_url", monitors.DEFAULT_REDIS_URL, str, "Redis the nodes report to"),
     ("MONITOR_KEY_PREFIX", "--prefix", "prefix", monitors.DEFAULT_PREFIX, str, "key prefix of the cluster"),
-    ("ALERT_RULES", "--rules", "rules", ",".join(RULES), "rules", "comma-separated rules to evaluate"),
-    ("ALERT_CPU_PERCENT", "--cpu-percent", "cpu_percent", 80, float, "cpu: host CPU %% over this; 0 = off"),
-    ("ALERT_MEMORY_PERCENT", "--memory-percent", "memory_percent", 90, float,
-     "memory: host memory %% over this; 0 = off"),
-    ("ALERT_STALL_SECONDS", "--stall-seconds", "stall_seconds", 300, float,
-     "stalled: pages not rising this long while the queue is not empty; 0 = off"),
-    ("ALERT_ERRORS_PER_MIN", "--errors-per-min", "errors_per_min", 30, float,
-     "errors: error log lines per minute over this; 0 = off"),
-    ("ALERT_RSS_MB", "--rss-mb", "rss_mb", 2048, float, "rss: process memory (MiB) over this; 0 = off"),
-    ("ALERT_INTERVAL", "--interval", "interval", 60, float, "seconds between evaluations"),
-    ("ALERT_FOR", "--for", "for_seconds", 120, float, "seconds a condition must hold before it fires"),
-    ("ALERT_REPEAT", "--repeat", "repeat", 14400, float, "seconds before a still-firing alert is sent again"),
+    ("ALERT_RULES", "--rules", "rules", ",".join(RULE), "rules", "comma-separated rules to evaluate"),
+) + tuple(
+    (rule.setting, "--" + rule.attr.replace("_", "-"), rule.attr, rule.default, rule.kind,
+     f"{rule.name}: {rule.help}; 0 = off") for rule in RULES if rule.setting
+) + (
+    ("ALERT_INTERVAL", "--interval", "interval", 60, "seconds>0", "seconds between evaluations"),
+    ("ALERT_FOR", "--for", "for_seconds", 120, "seconds", "seconds a condition must hold before it fires"),
+    ("ALERT_REPEAT", "--repeat", "repeat", 14400, "seconds", "seconds before a still-firing alert is sent again"),
+    ("ALERT_GIVE_UP", "--give-up", "give_up", 86400, "seconds>0",
+     "seconds a failing message is retried before it becomes a dead letter"),
     ("ALERT_TO", "--to", "to", None, "list", "comma-separated mail recipients; setting it turns mail on"),
     ("ALERT_FROM", "--from", "from_addr", None, str,
      "sender (default: SMTP_USER if it is an address, else alerts@<hostname>)"),
@@ -80,22 +229,14 @@ SETTINGS = (
 SMTP_VARS = ("SMTP_HOST", "SMTP_PORT", "SMTP_SECURITY", "SMTP_USER", "SMTP_PASSWORD")
 
 
-class ConfigError(Exception):
-    """A setting that alert.py cannot run with; main() prints it on one line and exits 2."""
-
-
-class Parser(argparse.ArgumentParser):
-    def error(self, message):
-        raise ConfigError(message)
-
-
 def build_parser():
-    parser = Parser(
+    parser = monitors.Parser(
         prog="alert.py", description=__doc__.split("\n\n")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Every flag defaults to its environment variable (shown in brackets), then to the default.\n"
-               "SMTP_PASSWORD is read from the environment only. Redis keys: <prefix>:alert:state, "
-               ":stall, :outbox, :lock.",
+               "SMTP_PASSWORD is read from the environment only. With no ALERT_TO and no ALERT_WEBHOOK_URL,\n"
+               "notifications are printed here. Redis keys: <prefix>:alert:state, :stall, :outbox, :lock,\n"
+               ":dead (dead letters), :dead_total.",
     )
     parser.add_argument("--once", action="store_true", help="evaluate once and exit (for cron)")
     parser.add_argument("--dry-run", action="store_true",
@@ -118,21 +259,17 @@ def load_config(argv=None):
         if raw is not None:
             given.add(name)
         setattr(args, attr, _convert(name, raw, default, kind))
+    check_redis_url(args.redis_url)
     if args.smtp_port is None:
         args.smtp_port = 465 if args.smtp_security == "ssl" else 25
     if not 0 < args.smtp_port < 65536:
-        raise ConfigError(f"SMTP_PORT must be a port number, not {args.smtp_port}")
-    if args.interval <= 0:
-        raise ConfigError("ALERT_INTERVAL must be more than 0")
+        raise monitors.ConfigError(f"SMTP_PORT must be a port number, not {args.smtp_port}")
     if args.smtp_password and not args.smtp_user:
-        raise ConfigError("SMTP_PASSWORD is set but SMTP_USER is not")
-    if args.webhook_url and urlsplit(args.webhook_url).scheme not in ("http", "https"):
-        raise ConfigError("ALERT_WEBHOOK_URL must be an http:// or https:// URL")
+        raise monitors.ConfigError("SMTP_PASSWORD is set but SMTP_USER is not")
+    if args.webhook_url:
+        check_webhook_url(args.webhook_url)
     if not args.to and (given & set(SMTP_VARS) or args.test_mail and not args.webhook_url):
-        raise ConfigError("ALERT_TO is not set: mail needs at least one recipient")
-    if not args.to and not args.webhook_url and not args.dry_run:
-        raise ConfigError("nothing to send to: set ALERT_TO (mail) and/or ALERT_WEBHOOK_URL, "
-                          "or use --dry-run")
+        raise monitors.ConfigError("ALERT_TO is not set: mail needs at least one recipient")
     if not args.from_addr:
         user = args.smtp_user or ""
         args.from_addr = user if "@" in user else f"alerts@{socket.gethostname()}"
@@ -145,67 +282,54 @@ def _convert(name, raw, default, kind):
             return default
         raw = default  # a default written as text (ALERT_RULES) is parsed like the setting
     raw = str(raw).strip()
-    if kind in (float, int):
+    if kind in ("seconds", "seconds>0"):
+        return monitors.seconds(name, raw, above=kind == "seconds>0")
+    if kind in ("number", int):
         try:
-            value = kind(raw)
+            value = float(raw) if kind == "number" else int(raw)
         except ValueError:
-            raise ConfigError(f"{name} must be a number, not {raw!r}") from None
+            raise monitors.ConfigError(f"{name} must be a number, not {raw!r}") from None
         if not math.isfinite(value) or value < 0:
-            raise ConfigError(f"{name} must be a number 0 or more, not {raw!r}")
+            raise monitors.ConfigError(f"{name} must be a number 0 or more, not {raw!r}")
         return value
     if kind == "list":
         return [part.strip() for part in raw.split(",") if part.strip()]
     if kind == "rules":
         rules = [part.strip().lower() for part in raw.split(",") if part.strip()]
-        unknown = [rule for rule in rules if rule not in RULES]
+        unknown = [rule for rule in rules if rule not in RULE]
         if unknown:
-            raise ConfigError(f"{name}: unknown rule {unknown[0]!r} (rules: {', '.join(RULES)})")
+            raise monitors.ConfigError(f"{name}: unknown rule {unknown[0]!r} (rules: {', '.join(RULE)})")
         return rules
     if kind == "security":
         if raw.lower() not in SECURITY:
-            raise ConfigError(f"{name} must be one of {', '.join(SECURITY)}, not {raw!r}")
+            raise monitors.ConfigError(f"{name} must be one of {', '.join(SECURITY)}, not {raw!r}")
         return raw.lower()
     return raw
 
 
-# ---------------------------------------------------------------------------- rules
-
-def queued(snapshot):
-    """Requests plus start URLs waiting in the node's scrapy-redis queue; None when it has no such queue."""
-    sizes = [monitors.number(snapshot.get(f)) for f in ("queue_requests", "queue_start_urls")]
-    sizes = [s for s in sizes if s is not None]
-    return sum(sizes) if sizes else None
-
-
-def over(field, threshold, scale):
-    """A rule that holds while ``snapshot[field] / scale`` is over the threshold setting (0 turns it off)."""
-    def check(snapshot, cfg, stuck_since, now):
-        limit = getattr(cfg, threshold)
-        value = monitors.number(snapshot.get(field))
-        if limit and value is not None and value / scale > limit:
-            return round(value / scale, 1)
-        return None
-    return check
+def check_redis_url(url):
+    """ConfigError unless redis-py can build a connection from ``url`` (scheme, port, options)."""
+    try:
+        monitors.connect(url).connection_pool.make_connection()  # builds it; connects only when used
+    except (ValueError, TypeError, redis.RedisError) as exc:
+        raise monitors.ConfigError(
+            f"REDIS_URL {monitors.redact(url)} is not usable: {monitors.scrub(exc, url)}") from None
 
 
-def stalled(snapshot, cfg, stuck_since, now):
-    """Seconds the node's pages have stood still with work queued, once that is ALERT_STALL_SECONDS."""
-    if cfg.stall_seconds and stuck_since is not None and now - stuck_since >= cfg.stall_seconds:
-        return round(now - stuck_since)
-    return None
+def check_webhook_url(url):
+    """ConfigError unless ``url`` is http(s) with a host, a valid port and no blank or control character.
+    The message never quotes the URL: its path is often its secret."""
+    try:
+        parts = urlsplit(url)
+        ok = parts.scheme in ("http", "https") and bool(parts.hostname) and parts.port != 0
+    except ValueError:  # a port that is not a number, or out of range
+        ok = False
+    if not ok or any(c.isspace() or not c.isprintable() for c in url):
+        raise monitors.ConfigError(
+            "ALERT_WEBHOOK_URL must be an http:// or https:// URL with a host, a valid port and no spaces")
 
 
-# The snapshot field (and its scale) behind each threshold rule.
-FIGURES = {"cpu": ("cpu", 1), "memory": ("memory", 1), "errors": ("errors_per_min", 1), "rss": ("rss", MIB)}
-# The setting that holds each rule's threshold.
-THRESHOLDS = {"cpu": "cpu_percent", "memory": "memory_percent", "stalled": "stall_seconds",
-              "errors": "errors_per_min", "rss": "rss_mb"}
-CHECKS = {rule: over(field, THRESHOLDS[rule], scale) for rule, (field, scale) in FIGURES.items()}
-CHECKS["stalled"] = stalled
-UNITS = {"cpu": "%", "memory": "%", "stalled": " s", "errors": "/min", "rss": " MiB", "down": " s"}
-LABELS = {"cpu": "host CPU", "memory": "host memory", "stalled": "pages not rising for",
-          "errors": "errors", "rss": "process RSS", "down": "no report for"}
-
+# ---------------------------------------------------------------------------- evaluation
 
 def track_stall(snapshot, previous, now):
     """The stall tracker of one node, ``[pages, since]``: since when its pages stood still with work queued.
@@ -248,9 +372,15 @@ def step(record, value, now, cfg):
     return record, None
 
 
-def active_rules(cfg):
-    """The rules to evaluate: those in ALERT_RULES whose threshold is not 0."""
-    return [rule for rule in cfg.rules if rule not in THRESHOLDS or getattr(cfg, THRESHOLDS[rule])]
+def figure(rule, snapshot, limit, stuck_since, now):
+    """The rule's figure on one node while its condition holds, else None; SILENCED while the node is down."""
+    if rule.needs_live:
+        state = snapshot.get("state")
+        if state == "stale":
+            return SILENCED
+        if state == "closed":
+            return None
+    return rule.check(rule, snapshot, limit, stuck_since, now)
 
 
 def evaluate(nodes, state, stall, now, cfg):
@@ -261,83 +391,54 @@ def evaluate(nodes, state, stall, now, cfg):
     """
     state_changes, stall_changes, notes = {}, {}, []
     rules = active_rules(cfg)
+    limits = {rule.name: threshold(rule, cfg) for rule in rules}
+    track = RULE["stalled"] in rules
     records_of = {}  # {node: {rule: record}}: few nodes have any, so most nodes cost no key lookups
     for key, record in state.items():
         rule, _, node = key.partition(":")
         records_of.setdefault(node, {})[rule] = record
 
     def apply(rule, node, snapshot, record, value):
-        key = f"{rule}:{node}"
         new, event = step(record, value, now, cfg)
         if new != record:
-            state_changes[key] = new
+            state_changes[f"{rule.name}:{node}"] = new
         if event:
-            notes.append(notification(event, rule, node, snapshot, record, new, value, now, cfg))
+            notes.append(notification(event, rule, node, snapshot, new or record, now, cfg))
 
     for node, snapshot in nodes.items():
-        node_now = snapshot.get("state")
-        tracker = track_stall(snapshot, stall.get(node), now) if "stalled" in rules else None
+        tracker = track_stall(snapshot, stall.get(node), now) if track else None
         if tracker != stall.get(node):
             stall_changes[node] = tracker
         records = records_of.pop(node, {})
         for rule in rules:
-            if rule == "down":
-                value = round(now - (monitors.number(snapshot.get("timestamp")) or 0)) if node_now == "stale" else None
-            elif node_now == "stale":
-                value = SILENCED
-            elif node_now == "closed":
-                value = None
-            else:
-                value = CHECKS[rule](snapshot, cfg, tracker[1] if tracker else None, now)
-            record = records.pop(rule, None)
+            value = figure(rule, snapshot, limits[rule.name], tracker[1] if tracker else None, now)
+            record = records.pop(rule.name, None)
             if record is not None or value is not None:
                 apply(rule, node, snapshot, record, value)
-        for rule, record in records.items():  # rules turned off since
-            apply(rule, node, snapshot, record, None)
+        for name, record in records.items():  # rules turned off since
+            apply(RULE[name], node, snapshot, record, None)
     for node, records in records_of.items():  # nodes gone from the status hash
-        for rule, record in records.items():
-            apply(rule, node, None, record, None)
+        for name, record in records.items():
+            apply(RULE[name], node, None, record, None)
     for node in set(stall) - set(nodes):
         stall_changes[node] = None
-    notes.sort(key=lambda a: (a["status"], RULES.index(a["rule"]) if a["rule"] in RULES else 0, a["node"]))
+    notes.sort(key=lambda a: (a["status"], ORDER[a["rule"]], a["node"]))
     return state_changes, stall_changes, notes
 
 
-def notification(event, rule, node, snapshot, old, new, value, now, cfg):
-    """What a message says of one alert: a JSON-ready dict (the webhook's ``alerts`` items)."""
+def notification(event, rule, node, snapshot, record, now, cfg):
+    """What a message says of one alert (``record``: its firing record): a dict, the webhook's ``alerts``."""
     snapshot = snapshot or {}
-    threshold = getattr(cfg, THRESHOLDS[rule]) if rule in THRESHOLDS else None
+    limit = threshold(rule, cfg)
     if event == "firing":
-        summary = f"{LABELS[rule]} {_fmt(value)}{UNITS[rule]}"
-        if rule == "down":
-            summary += f" (reports every {_fmt(monitors.number(snapshot.get('interval')) or 0)} s)"
-        elif threshold is not None:
-            summary += f" (limit {_fmt(threshold)}{UNITS[rule]})"
-        if rule == "stalled":
-            summary += f", {_fmt(queued(snapshot))} requests queued"
-        record = new
+        summary = firing_summary(rule, record["value"], snapshot, limit)
     else:
-        record = old
-        if not snapshot:
-            summary = "node gone from the status hash"
-        elif snapshot.get("state") == "closed":
-            summary = "node closed"
-        elif rule not in active_rules(cfg):
-            summary = "rule turned off"
-        elif rule == "down":
-            summary = "reporting again"
-        else:
-            summary = "back to normal"
-            field, scale = FIGURES.get(rule, (None, 1))
-            figure = monitors.number(snapshot.get(field)) if field else None
-            if figure is not None:
-                summary += f": {LABELS[rule]} {_fmt(figure / scale)}{UNITS[rule]}"
-        summary += f" after {_duration(now - record['fired'])}"
+        summary = f"{resolved_summary(rule, snapshot, cfg)} after {_duration(now - record['fired'])}"
     return {
-        "status": event, "rule": rule, "node": node,
-        "spider": snapshot.get("spider"), "host": snapshot.get("host"),
-        "value": value if event == "firing" else record.get("value"), "threshold": threshold,
-        "summary": summary, "repeat": event == "firing" and bool(old and old["state"] == "firing"),
+        "status": event, "rule": rule.name, "alertname": rule.alertname, "severity": rule.severity,
+        "node": node, "spider": snapshot.get("spider"), "host": snapshot.get("host"),
+        "value": record.get("value"), "threshold": limit, "summary": summary,
+        "repeat": event == "firing" and record["sent"] > record["fired"],
         "starts_at": _iso(record["fired"]), "ends_at": _iso(now) if event == "resolved" else None,
     }
 
@@ -349,7 +450,10 @@ def _fmt(number):
 
 
 def _iso(ts):
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
+    try:
+        return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
+    except (OverflowError, ValueError, OSError):  # a stored time beyond the calendar
+        return "?"
 
 
 def _duration(seconds):
@@ -359,6 +463,71 @@ def _duration(seconds):
     if seconds < 3600:
         return f"{seconds // 60}m{seconds % 60:02d}s"
     return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
+# ---------------------------------------------------------------------------- records in Redis
+
+def _num(value):
+    """A finite, bounded number (not a bool): what a stored time or count must be."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and -BOUND < value < BOUND
+
+
+def record_problem(field, record):
+    """Why an alert record (field ``rule:node``) cannot be used, or None."""
+    if field.partition(":")[0] not in RULE:
+        return f"unknown rule {field.partition(':')[0]!r}"
+    if not isinstance(record, dict) or record.get("state") not in ("pending", "firing"):
+        return "not a pending or firing alert"
+    times = ("since",) if record["state"] == "pending" else ("since", "fired", "sent")
+    if not all(_num(record.get(name)) for name in times):
+        return f"needs numbers {', '.join(times)}"
+    return None
+
+
+def tracker_problem(field, tracker):
+    """Why a stall tracker cannot be used, or None."""
+    if (isinstance(tracker, list) and len(tracker) == 2 and (tracker[0] is None or _num(tracker[0]))
+            and _num(tracker[1])):
+        return None
+    return "not [pages, since]"
+
+
+def entry_problem(field, entry):
+    """Why an outbox entry cannot be sent, or None."""
+    if not isinstance(entry, dict) or not isinstance(entry.get("channel"), str):
+        return "not a message with a channel"
+    if not all(_num(entry.get(name)) for name in ("created", "attempts", "next_try")) or entry["attempts"] < 0:
+        return "needs numbers created, attempts, next_try"
+    alerts = entry.get("alerts")
+    if not (isinstance(alerts, list) and alerts and all(
+            isinstance(a, dict) and a.get("status") in ("firing", "resolved")
+            and all(isinstance(a.get(k), str) for k in ("rule", "node", "summary", "starts_at"))
+            for a in alerts)):
+        return "alerts must be a list of notifications"
+    to = entry.get("to")
+    if to is not None and not (isinstance(to, list) and to and all(isinstance(t, str) for t in to)):
+        return "to must be a list of addresses"
+    return None
+
+
+def _text(value):
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+
+
+def _load(raw):
+    """Strict JSON (no NaN or Infinity), or raises ValueError."""
+    try:
+        return json.loads(raw, parse_constant=_not_json)
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
+
+
+def _not_json(name):
+    raise ValueError(f"{name} is not JSON")
+
+
+def _dump(value):
+    return json.dumps(value, separators=(",", ":"))
 
 
 # ---------------------------------------------------------------------------- messages
@@ -389,9 +558,9 @@ def text_lines(alerts):
     lines = []
     for a in alerts[:MAX_LINES]:
         when = f"since {a['starts_at']}" if a["status"] == "firing" else f"fired {a['starts_at']}"
-        again = " (still firing)" if a["repeat"] else ""
+        again = " (still firing)" if a.get("repeat") else ""
         name = _printable(a["node"])
-        lines.append(f"{a['status'].upper():8} {a['rule']:7} {name}: {a['summary']}, {when}{again}")
+        lines.append(f"{a['status'].upper():8} {a['rule']:7} {name}: {_printable(a['summary'])}, {when}{again}")
     if len(alerts) > MAX_LINES:
         lines.append(f"... and {len(alerts) - MAX_LINES} more")
     return lines
@@ -400,7 +569,7 @@ def text_lines(alerts):
 def html_table(alerts):
     rows = "".join(
         "<tr>" + "".join(f"<td>{html.escape(str(cell))}</td>" for cell in (
-            a["status"].upper() + (" (again)" if a["repeat"] else ""), a["rule"], a["node"], a["summary"],
+            a["status"].upper() + (" (again)" if a.get("repeat") else ""), a["rule"], a["node"], a["summary"],
             a["starts_at"])) + "</tr>"
         for a in alerts[:MAX_LINES])
     more = f"<p>... and {len(alerts) - MAX_LINES} more</p>" if len(alerts) > MAX_LINES else ""
@@ -408,6 +577,10 @@ def html_table(alerts):
             "<tr><th>status</th><th>rule</th><th>node</th><th>details</th><th>fired</th></tr>"
             f"{rows}</table>{more}")
 
+
+# ---------------------------------------------------------------------------- channels
+# Each has ``name``, ``describe()``, ``send(alerts, prefix, recipients=None)`` returning the recipients
+# refused as ``{address: (code, reply)}`` (raising when the whole message failed) and ``send_test(prefix)``.
 
 class Mail:
     """Sends messages through SMTP (stdlib smtplib): UTF-8 plain text plus a small HTML table."""
@@ -419,6 +592,19 @@ class Mail:
 
     def describe(self):
         return f"mail to {', '.join(self.cfg.to)} via {self.cfg.smtp_host}:{self.cfg.smtp_port}"
+
+    def send(self, alerts, prefix, recipients=None):
+        text = "\n".join([headline(alerts, prefix), ""] + text_lines(alerts)) + "\n"
+        page = f"<p>{html.escape(headline(alerts, prefix))}</p>{html_table(alerts)}"
+        return self.deliver(self.message(subject(alerts, prefix), text, f"<html><body>{page}</body></html>"),
+                            recipients or self.cfg.to)
+
+    def send_test(self, prefix):
+        msg = self.message(f"[{_printable(prefix)}] test message from alert.py",
+                           f"alert.py can send mail to {', '.join(self.cfg.to)} (sent {_iso(time.time())}).\n")
+        refused = self.deliver(msg, self.cfg.to)
+        if refused:
+            raise smtplib.SMTPRecipientsRefused(refused)
 
     def message(self, subject_line, text, html_part=None):
         msg = EmailMessage()
@@ -432,12 +618,9 @@ class Mail:
             msg.add_alternative(html_part, subtype="html", charset="utf-8")
         return msg
 
-    def send(self, alerts, prefix):
-        text = "\n".join([headline(alerts, prefix), ""] + text_lines(alerts)) + "\n"
-        page = f"<p>{html.escape(headline(alerts, prefix))}</p>{html_table(alerts)}"
-        self.deliver(self.message(subject(alerts, prefix), text, f"<html><body>{page}</body></html>"))
-
-    def deliver(self, msg):
+    def deliver(self, msg, recipients):
+        """Send ``msg`` to ``recipients``; returns those refused. The accepted ones have it then, unless all
+        were refused: then nobody has it, and each refused recipient is returned."""
         cfg = self.cfg
         if cfg.smtp_security == "ssl":
             server = smtplib.SMTP_SSL(cfg.smtp_host, cfg.smtp_port, timeout=SEND_TIMEOUT,
@@ -449,7 +632,12 @@ class Mail:
                 server.starttls(context=ssl.create_default_context())
             if cfg.smtp_user:
                 server.login(cfg.smtp_user, cfg.smtp_password or "")
-            server.send_message(msg)
+            try:
+                refused = server.send_message(msg, to_addrs=recipients)
+            except smtplib.SMTPRecipientsRefused as exc:  # no DATA was sent: nobody has it
+                refused = {to: exc.recipients.get(to, (451, b"not sent: other recipients refused"))
+                           for to in recipients}
+        return {to: (code, _text(reply)) for to, (code, reply) in refused.items()}
 
 
 class Webhook:
@@ -461,16 +649,20 @@ class Webhook:
         self.url = cfg.webhook_url
 
     def describe(self):
-        return f"webhook {_safe_url(self.url)}"
+        return f"webhook {monitors.safe_url(self.url)}"
 
-    def send(self, alerts, prefix):
+    def send(self, alerts, prefix, recipients=None):
         text = "\n".join([subject(alerts, prefix)] + text_lines(alerts))
         # Slack reads <...> as links and & as an entity: its docs ask for these three escaped.
         text = text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
-        body = {"text": text, "prefix": prefix,
-                "firing": sum(a["status"] == "firing" for a in alerts),
-                "resolved": sum(a["status"] == "resolved" for a in alerts), "alerts": alerts}
-        self.post(body)
+        self.post({"text": text, "prefix": prefix,
+                   "firing": sum(a["status"] == "firing" for a in alerts),
+                   "resolved": sum(a["status"] == "resolved" for a in alerts), "alerts": alerts})
+        return {}
+
+    def send_test(self, prefix):
+        self.post({"text": f"[{prefix}] test message from alert.py", "alerts": [], "prefix": prefix,
+                   "firing": 0, "resolved": 0})
 
     def post(self, body):
         request = urllib.request.Request(
@@ -481,214 +673,223 @@ class Webhook:
             response.read()
 
 
-def _safe_url(url):
-    """Scheme and host only: a webhook's path is often its secret (Slack, Teams)."""
-    parts = urlsplit(url)
-    port = f":{parts.port}" if parts.port else ""
-    return f"{parts.scheme}://{parts.hostname}{port}/..."
+class Console:
+    """Prints each message: what alert.py does when no channel is configured."""
+
+    name = "console"
+
+    def __init__(self, out):
+        self.out = out
+
+    def describe(self):
+        return "the console only (no channel: set ALERT_TO or ALERT_WEBHOOK_URL)"
+
+    def send(self, alerts, prefix, recipients=None):
+        print("\n  ".join([f"{_iso(time.time())} {subject(alerts, prefix)}"] + text_lines(alerts)),
+              file=self.out, flush=True)
+        return {}
+
+    def send_test(self, prefix):
+        print(f"[{_printable(prefix)}] test message from alert.py", file=self.out, flush=True)
 
 
-def channels_for(cfg):
-    out = {}
-    if cfg.to:
-        out["mail"] = Mail(cfg)
-    if cfg.webhook_url:
-        out["webhook"] = Webhook(cfg)
-    return out
+def channels_for(cfg, out):
+    channels = ([Mail(cfg)] if cfg.to else []) + ([Webhook(cfg)] if cfg.webhook_url else [])
+    return {channel.name: channel for channel in channels or [Console(out)]}
 
 
-# ---------------------------------------------------------------------------- the evaluator
+def permanent(exc):
+    """A refusal of the message itself, which no retry changes: a webhook's 4xx (but 408 and 429), or an SMTP
+    5xx to its sender or its data. Timeouts, refused connections, login and TLS failures, a webhook's 5xx
+    and SMTP 4xx are transient."""
+    if isinstance(exc, urllib.error.HTTPError):
+        return 400 <= exc.code < 500 and exc.code not in (408, 429)
+    if isinstance(exc, (smtplib.SMTPSenderRefused, smtplib.SMTPDataError)):
+        return exc.smtp_code >= 500
+    return False
 
-class Alerter:
-    """Evaluates the rules against Redis and delivers what they send, with state kept in Redis."""
 
-    def __init__(self, cfg, client=None, channels=None, dry_run=False, out=None):
-        self.cfg = cfg
-        self.r = client or monitors.connect(cfg.redis_url)
-        self.channels = channels_for(cfg) if channels is None else channels
-        self.dry_run = dry_run
-        self.out = out or sys.stdout
-        p = cfg.prefix
-        self.keys = {name: f"{p}:alert:{name}" for name in ("state", "stall", "outbox", "lock")}
-        self.redis_down = False
-        self.malformed = 0
-        self.memory = None  # --dry-run keeps its state here instead of in Redis
-        self.last_summary = None  # --dry-run prints a summary line when it changes
+def within(seconds, send, *args):
+    """``send(*args)`` with an overall deadline: its result, or its exception, or TimeoutError when it runs
+    longer (it goes on in the background and may still arrive, so a retry can send it twice)."""
+    outcome = {}
 
-    def tick(self, now=None):
-        """One evaluation and delivery; Redis errors are logged once per outage. True when Redis answered."""
+    def run():
         try:
-            self.run_once(time.time() if now is None else now)
-        except redis.WatchError:
-            logger.warning("Alert: lost the evaluation lock to another alert.py; nothing written")
-        except redis.RedisError as exc:
-            if not self.redis_down:
-                logger.error("Alert: cannot reach Redis at %s (%s); no evaluation until it answers",
-                             monitors.redact(self.cfg.redis_url), exc)
-            self.redis_down = True
-            return False
-        if self.redis_down:
-            logger.info("Alert: Redis at %s is back", monitors.redact(self.cfg.redis_url))
-        self.redis_down = False
-        return True
+            outcome["result"] = send(*args)
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller
+            outcome["error"] = exc
 
-    def run_once(self, now):
-        """Evaluate at ``now`` and deliver due messages; returns this evaluation's notifications, or None
-        when another alert.py holds the lock (it does the work)."""
-        if self.dry_run:
-            return self._dry_run(now)
-        token = uuid.uuid4().hex
-        if not self.r.set(self.keys["lock"], token, nx=True, px=LOCK_TTL_MS):
-            logger.debug("Alert: another alert.py is evaluating; skipping")
-            return None
+    worker = threading.Thread(target=run, name="alert-send", daemon=True)
+    worker.start()
+    worker.join(seconds)
+    if worker.is_alive():
+        raise TimeoutError(f"no answer within {seconds:g} s")
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["result"]
+
+
+def send_tests(channels, prefix, secrets=()):
+    """Send one test message through every channel; returns how many failed."""
+    failures = 0
+    for channel in channels:
         try:
-            notes = self._evaluate(now, token)
-            self._deliver(now, token)
-            return notes
-        finally:
-            try:
-                self.r.eval(RELEASE_LUA, 1, self.keys["lock"], token)
-            except redis.RedisError:
-                pass  # it expires by itself
+            within(SEND_DEADLINE, channel.send_test, prefix)
+        except Exception as exc:  # noqa: BLE001 - reported, counted
+            failures += 1
+            logger.error("Alert: test message by %s failed: %s", channel.describe(), _one_line(exc, *secrets))
+        else:
+            logger.info("Alert: test message sent by %s", channel.describe())
+    return failures
 
-    def _read(self, now):
+
+def _one_line(exc, *urls):
+    """An exception on one line, without the URLs or passwords it may quote."""
+    text = " ".join(str(exc).split()) or exc.__class__.__name__
+    return monitors.scrub(f"{exc.__class__.__name__}: {text}", *urls)[:300]
+
+
+# ---------------------------------------------------------------------------- state in Redis
+
+class WrongType(Exception):
+    """The status key holds another Redis type than a hash: named, never taken for an outage."""
+
+
+def move_aside(r, prefix, name, why):
+    """Rename an alert key alert.py cannot use to ``<name>:aside``, logged with its key, and start it afresh."""
+    key, aside = monitors.alert_key(prefix, name), monitors.alert_key(prefix, f"{name}:aside")
+    try:
+        r.rename(key, aside)
+    except redis.ResponseError:  # gone meanwhile
+        return
+    logger.error("Alert: %s %s: moved to %s, starting afresh", key, why, aside)
+
+
+class Lock:
+    """The evaluation lock: one alert.py at a time evaluates and delivers; it expires if its holder dies."""
+
+    def __init__(self, r, prefix):
+        self.r, self.prefix = r, prefix
+        self.key = monitors.alert_key(prefix, "lock")
+        self.token = None
+
+    def acquire(self):
+        for _ in range(2):
+            token = uuid.uuid4().hex
+            if self.r.set(self.key, token, nx=True, px=LOCK_TTL_MS):
+                self.token = token
+                return True
+            if self.r.pttl(self.key) != -1:  # a live lock, or gone just now
+                return False
+            move_aside(self.r, self.prefix, "lock", "never expires, so no alert.py wrote it")
+        return False
+
+    def renew(self):
+        return bool(self.r.eval(RENEW_LUA, 1, self.key, self.token, LOCK_TTL_MS))
+
+    def release(self):
+        try:
+            self.r.eval(RELEASE_LUA, 1, self.key, self.token)
+        except redis.RedisError:
+            pass  # it expires by itself
+        self.token = None
+
+
+class Store:
+    """The alerter's keys: alert state and stall trackers (hashes of JSON), the outbox (a hash of messages
+    to send) and the dead letters (a capped list, and their count). Read-only without a lock (dry run)."""
+
+    TYPES = {"state": "hash", "stall": "hash", "outbox": "hash", "dead": "list", "dead_total": "string"}
+
+    def __init__(self, r, prefix, lock=None):
+        self.r, self.prefix, self.lock = r, prefix, lock
+        self.key = {name: monitors.alert_key(prefix, name) for name in self.TYPES}
+
+    def read(self, now):
+        """``(state, stall)``, checked: a key of the wrong type is moved aside, a malformed field set aside."""
         with self.r.pipeline(transaction=False) as pipe:
-            pipe.hgetall(monitors.status_key(self.cfg.prefix))
-            pipe.hgetall(self.keys["state"])
-            pipe.hgetall(self.keys["stall"])
-            raw_nodes, raw_state, raw_stall = pipe.execute()
-        nodes, bad = monitors.parse_nodes(raw_nodes, now)
-        if bad != self.malformed:
-            logger.warning("Alert: %d malformed snapshot(s) in %s ignored", bad,
-                           monitors.status_key(self.cfg.prefix))
-            self.malformed = bad
-        return nodes, _decode_hash(raw_state, dict), _decode_hash(raw_stall, list)
+            for name in self.TYPES:
+                pipe.type(self.key[name])
+            pipe.hgetall(self.key["state"])
+            pipe.hgetall(self.key["stall"])
+            *kinds, raw_state, raw_stall = pipe.execute(raise_on_error=False)
+        for name, kind in zip(self.TYPES, kinds):
+            if _text(kind) not in ("none", self.TYPES[name]):
+                if self.lock:
+                    move_aside(self.r, self.prefix, name, f"is a {_text(kind)}, not a {self.TYPES[name]}")
+                else:
+                    logger.error("Alert: %s is a %s, not a %s", self.key[name], _text(kind), self.TYPES[name])
+        state = self._checked("state", raw_state, record_problem, now)
+        stall = self._checked("stall", raw_stall, tracker_problem, now)
+        return state, stall
 
-    def _evaluate(self, now, token):
-        nodes, state, stall = self._read(now)
-        state_changes, stall_changes, notes = evaluate(nodes, state, stall, now, self.cfg)
-        entries = {}
-        if notes:
-            for name in self.channels:
-                entry_id = f"{now:.3f}:{uuid.uuid4().hex[:8]}:{name}"
-                entries[entry_id] = json.dumps({"channel": name, "created": now, "attempts": 0,
-                                                "next_try": now, "alerts": notes})
+    def outbox(self, now):
+        """The messages to send, oldest first: ``[(field, entry)]``; malformed ones are set aside."""
+        raw = self.r.hgetall(self.key["outbox"])
+        entries = self._checked("outbox", raw, entry_problem, now, keep_fields=True)
+        return sorted(entries.values(), key=lambda item: (item[1]["created"], item[0]))
+
+    def queued(self):
+        try:
+            return self.r.hlen(self.key["outbox"])
+        except redis.ResponseError:
+            return "?"
+
+    def _checked(self, name, raw, problem_of, now, keep_fields=False):
+        """Decode a hash's JSON fields; those with a problem go to the dead letters (kept, logged)."""
+        good, dead = {}, []
+        for field, value in (raw.items() if isinstance(raw, dict) else ()):
+            text = _text(field)
+            try:
+                decoded = _load(value)
+                why = problem_of(text, decoded)
+            except ValueError as exc:
+                why = f"not JSON ({exc})"
+            if why is None:
+                good[text] = (field, decoded) if keep_fields else decoded
+            else:
+                dead.append((field, {"at": now, "key": self.key[name], "field": text,
+                                     "reason": f"malformed record in {self.key[name]} field {text!r}: {why}",
+                                     "value": _text(value)[:DEAD_TEXT]}))
+        if dead:
+            self.settle(name, {field: None for field, _ in dead}, [letter for _, letter in dead])
+        return good
+
+    def write(self, state_changes, stall_changes, entries):
+        """Write an evaluation's outcome, only while this process holds the lock (WatchError otherwise)."""
         with self.r.pipeline(transaction=True) as pipe:
-            # Written only while this process still holds the lock: WATCH fails the write otherwise.
-            pipe.watch(self.keys["lock"])
-            if pipe.get(self.keys["lock"]) not in (token, token.encode()):
+            pipe.watch(self.lock.key)
+            if _text(pipe.get(self.lock.key)) != self.lock.token:
                 raise redis.WatchError("evaluation lock expired")
             pipe.multi()
-            _write_hash(pipe, self.keys["state"], state_changes)
-            _write_hash(pipe, self.keys["stall"], stall_changes)
+            _write_hash(pipe, self.key["state"], state_changes)
+            _write_hash(pipe, self.key["stall"], stall_changes)
             if entries:
-                pipe.hset(self.keys["outbox"], mapping=entries)
+                pipe.hset(self.key["outbox"], mapping=entries)
             pipe.execute()
-        if notes:
-            logger.info("Alert: %s", subject(notes, self.cfg.prefix))
-        return notes
 
-    def _deliver(self, now, token):
-        """Send the outbox, oldest first per channel; a failed message waits longer each time, and the
-        channel's later messages wait behind it, so they arrive in order."""
-        raw = self.r.hgetall(self.keys["outbox"])
-        entries = sorted(_decode_hash(raw, dict).items(), key=lambda kv: (kv[1].get("created", 0), kv[0]))
-        blocked = set()
-        for entry_id, entry in entries:
-            channel = self.channels.get(entry.get("channel"))
-            if channel is None:
-                logger.warning("Alert: dropping a queued %s message: that channel is no longer configured",
-                               entry.get("channel"))
-                self.r.hdel(self.keys["outbox"], entry_id)
-                continue
-            if channel.name in blocked:
-                continue
-            if entry.get("next_try", 0) > now:  # a channel sends in order: the rest wait behind this one
-                blocked.add(channel.name)
-                continue
-            if not self.r.eval(RENEW_LUA, 1, self.keys["lock"], token, LOCK_TTL_MS):
-                logger.warning("Alert: lost the evaluation lock; delivery stops here")
-                return
-            try:
-                channel.send(entry["alerts"], self.cfg.prefix)
-            except Exception as exc:  # noqa: BLE001 - any failure means: keep it and try again later
-                blocked.add(channel.name)
-                entry["attempts"] = entry.get("attempts", 0) + 1
-                # Due again 1, 2, 4... evaluations later: half an interval early absorbs timer jitter.
-                wait = min(self.cfg.interval * 2 ** (entry["attempts"] - 1), BACKOFF_MAX)
-                entry["next_try"] = now + max(wait - self.cfg.interval / 2, 0)
-                self.r.hset(self.keys["outbox"], entry_id, json.dumps(entry))
-                logger.warning("Alert: %s failed (attempt %d, next try in %ds, %d alert(s) kept): %s",
-                               channel.describe(), entry["attempts"], round(wait), len(entry["alerts"]),
-                               _one_line(exc))
-                continue
-            self.r.hdel(self.keys["outbox"], entry_id)
-            logger.info("Alert: sent %s (%d alert(s))", channel.describe(), len(entry["alerts"]))
-
-    def _dry_run(self, now):
-        if self.memory is None:
-            nodes, state, stall = self._read(now)
-        else:
-            nodes = self._read(now)[0]
-            state, stall = self.memory
-        state_changes, stall_changes, notes = evaluate(nodes, state, stall, now, self.cfg)
-        self.memory = (_merged(state, state_changes), _merged(stall, stall_changes))
-        firing = sum(r["state"] == "firing" for r in self.memory[0].values())
-        pending = len(self.memory[0]) - firing
-        queued_count = self.r.hlen(self.keys["outbox"])
-        summary = (f"{len(nodes)} node(s), {firing} firing, {pending} pending, "
-                   f"{queued_count} message(s) waiting in {self.keys['outbox']}")
-        if notes or summary != self.last_summary:  # a loop prints only what changed
-            print(f"dry run at {_iso(now)}: {summary}", file=self.out)
-            if not notes:
-                print("nothing would be sent", file=self.out)
-        self.last_summary = summary
-        for name, channel in (self.channels or {"(no channel)": None}).items():
-            if notes:
-                where = channel.describe() if channel else "nowhere (set ALERT_TO or ALERT_WEBHOOK_URL)"
-                print(f"would send to {where}:\n  subject: {subject(notes, self.cfg.prefix)}", file=self.out)
-                for line in text_lines(notes):
-                    print(f"  {line}", file=self.out)
-        self.out.flush()
-        return notes
-
-    def test_message(self):
-        """Send one test message through every channel; returns how many failed."""
-        failures = 0
-        now = time.time()
-        for channel in self.channels.values():
-            try:
-                if isinstance(channel, Mail):
-                    channel.deliver(channel.message(
-                        f"[{self.cfg.prefix}] test message from alert.py",
-                        f"alert.py can send mail to {', '.join(self.cfg.to)} (sent {_iso(now)}).\n"))
-                else:
-                    channel.post({"text": f"[{self.cfg.prefix}] test message from alert.py", "alerts": [],
-                                  "prefix": self.cfg.prefix, "firing": 0, "resolved": 0})
-            except Exception as exc:  # noqa: BLE001
-                failures += 1
-                logger.error("Alert: test message by %s failed: %s", channel.describe(), _one_line(exc))
-            else:
-                logger.info("Alert: test message sent by %s", channel.describe())
-        return failures
-
-
-def _decode_hash(raw, kind):
-    out = {}
-    for field, value in raw.items():
-        try:
-            decoded = json.loads(value)
-        except ValueError:
-            continue
-        if isinstance(decoded, kind):
-            out[field.decode("utf-8", "replace") if isinstance(field, bytes) else field] = decoded
-    return out
+    def settle(self, name, changes, dead):
+        """Set (a value) or delete (None) fields of one hash and keep ``dead`` letters, in one step and only
+        while the lock is ours; logs each dead letter. False when the lock was lost."""
+        if self.lock is None:
+            for letter in dead:
+                logger.warning("Alert: %s (dry run: left in place)", letter["reason"])
+            return True
+        pairs = [item for field, value in changes.items() for item in (field, "" if value is None else _dump(value))]
+        total = self.r.eval(SETTLE_LUA, 4, self.lock.key, self.key[name], self.key["dead"], self.key["dead_total"],
+                            self.lock.token, DEAD_MAX, len(changes), *pairs, *map(_dump, dead))
+        if total < 0:
+            return False
+        for letter in dead:
+            logger.error("Alert: dead letter: %s; kept in %s (%d so far)", letter["reason"], self.key["dead"],
+                         total)
+        return True
 
 
 def _write_hash(pipe, key, changes):
     gone = [field for field, value in changes.items() if value is None]
-    kept = {field: json.dumps(value, separators=(",", ":"))
-            for field, value in changes.items() if value is not None}
+    kept = {field: _dump(value) for field, value in changes.items() if value is not None}
     if gone:
         pipe.hdel(key, *gone)
     if kept:
@@ -705,9 +906,200 @@ def _merged(old, changes):
     return out
 
 
-def _one_line(exc):
-    text = " ".join(str(exc).split()) or exc.__class__.__name__
-    return f"{exc.__class__.__name__}: {text}"[:300]
+# ---------------------------------------------------------------------------- delivery
+
+class Delivery:
+    """Sends the outbox, oldest first per channel. A message refused for good, or failing for ALERT_GIVE_UP,
+    becomes a dead letter; a failing one is retried with backoff, its channel's later messages waiting
+    behind it, so they arrive in order."""
+
+    def __init__(self, cfg, store, lock, channels):
+        self.cfg, self.store, self.lock, self.channels = cfg, store, lock, channels
+        self.secrets = (cfg.webhook_url, cfg.redis_url)
+
+    def run(self, now):
+        blocked = set()
+        for field, entry in self.store.outbox(now):
+            channel = self.channels.get(entry["channel"])
+            if channel is None:
+                gone = self.dead(field, entry, f"channel {entry['channel']!r} is no longer configured", now)
+                if not self.store.settle("outbox", {field: None}, [gone]):
+                    return self.lost()
+                continue
+            if channel.name in blocked or entry["next_try"] > now:
+                blocked.add(channel.name)  # a channel sends in order: the rest wait behind this one
+                continue
+            if not self.lock.renew():
+                return self.lost()
+            update, dead = self.attempt(channel, field, entry, now)
+            if not self.store.settle("outbox", {field: update}, dead):
+                return self.lost()
+            if update:
+                blocked.add(channel.name)
+
+    def lost(self):
+        logger.warning("Alert: lost the evaluation lock; delivery stops here, the lock's holder goes on")
+
+    def attempt(self, channel, field, entry, now):
+        """Send one message: ``(its outbox entry from now on or None, dead letters)``."""
+        count = len(entry["alerts"])
+        try:
+            refused = within(SEND_DEADLINE, channel.send, entry["alerts"], self.cfg.prefix, entry.get("to"))
+        except Exception as exc:  # noqa: BLE001 - any failure is either permanent or retried
+            reason = _one_line(exc, *self.secrets)
+            if permanent(exc):
+                return None, [self.dead(field, entry, f"{channel.describe()} refused it: {reason}", now)]
+            return self.retry(channel, field, entry, reason, now)
+        if not refused:
+            logger.info("Alert: sent %s (%d alert(s))", channel.describe(), count)
+            return None, []
+        said = "; ".join(f"{to}: {code} {' '.join(reply.split())}" for to, (code, reply) in refused.items())
+        logger.warning("Alert: %s: recipients refused (%s)", channel.describe(), said)
+        dead, later = [], [to for to, (code, _) in refused.items() if code < 500]
+        never = [to for to, (code, _) in refused.items() if code >= 500]
+        if never:
+            dead.append(self.dead(field, {**entry, "to": never},
+                                  f"{channel.describe()} refused recipients {', '.join(never)}: {said}", now))
+        if not later:
+            return None, dead
+        update, more = self.retry(channel, field, {**entry, "to": later}, f"recipients refused: {said}", now)
+        return update, dead + more
+
+    def retry(self, channel, field, entry, reason, now):
+        attempts = entry["attempts"] + 1
+        if now - entry["created"] >= self.cfg.give_up:
+            return None, [self.dead(field, {**entry, "attempts": attempts},
+                                    f"{channel.describe()} failing for {_duration(now - entry['created'])} "
+                                    f"({attempts:g} attempts): {reason}", now)]
+        # Due again 1, 2, 4... evaluations later: half an interval early absorbs timer jitter.
+        wait = min(self.cfg.interval * 2 ** min(attempts - 1, BACKOFF_STEPS), BACKOFF_MAX)
+        logger.warning("Alert: %s failed (attempt %d, next try in %ds, %d alert(s) kept): %s",
+                       channel.describe(), attempts, round(wait), len(entry["alerts"]), reason)
+        return {**entry, "attempts": attempts, "next_try": now + max(wait - self.cfg.interval / 2, 0)}, []
+
+    def dead(self, field, entry, reason, now):
+        """A dead letter for an outbox entry; it keeps the first MAX_LINES alerts, as its text would."""
+        alerts = entry["alerts"]
+        return {"at": now, "key": self.store.key["outbox"], "field": _text(field),
+                "reason": f"{len(alerts)} alert(s) not sent: {reason}",
+                "value": {**entry, "alerts": alerts[:MAX_LINES], "alert_count": len(alerts)}}
+
+
+# ---------------------------------------------------------------------------- the alerter
+
+class DryRun:
+    """--dry-run: evaluates as the real thing does, prints what it would send; sends and stores nothing."""
+
+    def __init__(self, cfg, store, channels, out):
+        self.cfg, self.store, self.channels, self.out = cfg, store, channels, out
+        self.memory = None  # (state, stall) after the last evaluation, instead of in Redis
+        self.last_summary = None  # a loop prints a summary line when it changes
+
+    def run(self, nodes, now):
+        state, stall = self.store.read(now) if self.memory is None else self.memory
+        state_changes, stall_changes, notes = evaluate(nodes, state, stall, now, self.cfg)
+        self.memory = (_merged(state, state_changes), _merged(stall, stall_changes))
+        firing = sum(r["state"] == "firing" for r in self.memory[0].values())
+        summary = (f"{len(nodes)} node(s), {firing} firing, {len(self.memory[0]) - firing} pending, "
+                   f"{self.store.queued()} message(s) waiting in {self.store.key['outbox']}")
+        if notes or summary != self.last_summary:
+            print(f"dry run at {_iso(now)}: {summary}", file=self.out)
+            if not notes:
+                print("nothing would be sent", file=self.out)
+        self.last_summary = summary
+        for channel in self.channels.values() if notes else ():
+            print(f"would send to {channel.describe()}:\n  subject: {subject(notes, self.cfg.prefix)}",
+                  file=self.out)
+            for line in text_lines(notes):
+                print(f"  {line}", file=self.out)
+        self.out.flush()
+        return notes
+
+
+class Alerter:
+    """Evaluates the rules against Redis under the lock, queues what they send and delivers the queue."""
+
+    def __init__(self, cfg, client=None, channels=None, dry_run=False, out=None):
+        self.cfg = cfg
+        self.r = client or monitors.connect(cfg.redis_url)
+        out = out or sys.stdout
+        self.channels = channels_for(cfg, out) if channels is None else channels
+        self.lock = Lock(self.r, cfg.prefix)
+        self.store = Store(self.r, cfg.prefix, None if dry_run else self.lock)
+        self.delivery = Delivery(cfg, self.store, self.lock, self.channels)
+        self.dry_run = DryRun(cfg, self.store, self.channels, out) if dry_run else None
+        self.unreachable = monitors.Outage(logger, logging.ERROR)
+        self.broken = monitors.Outage(logger, logging.ERROR)
+        self.malformed = 0
+
+    def tick(self, now=None):
+        """One evaluation and delivery; whatever goes wrong is logged and the next tick tries again.
+        True when the evaluation ran."""
+        url = self.cfg.redis_url
+        try:
+            self.run_once(time.time() if now is None else now)
+        except redis.WatchError:
+            logger.warning("Alert: lost the evaluation lock to another alert.py; nothing written")
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
+            self.unreachable.failed("Alert: cannot reach Redis at %s (%s); no evaluation until it answers",
+                                    monitors.redact(url), _one_line(exc, url))
+            return False
+        except WrongType as exc:
+            self.broken.failed("Alert: %s; no evaluation until it is fixed", exc)
+            return False
+        except Exception:  # noqa: BLE001 - the alerter must outlive any bug or odd data
+            logger.exception("Alert: evaluation failed; trying again in %ss", _fmt(self.cfg.interval))
+            return False
+        self.unreachable.ok("Alert: Redis at %s is back", monitors.redact(url))
+        self.broken.ok("Alert: %s is readable again", monitors.status_key(self.cfg.prefix))
+        return True
+
+    def run_once(self, now):
+        """Evaluate at ``now`` and deliver due messages; returns this evaluation's notifications, or None
+        when another alert.py holds the lock (it does the work)."""
+        if self.dry_run:
+            return self.dry_run.run(self.read_nodes(now), now)
+        if not self.lock.acquire():
+            logger.debug("Alert: another alert.py is evaluating; skipping")
+            return None
+        try:
+            try:
+                notes = self.evaluate(now)
+            except WrongType:
+                self.delivery.run(now)  # what is queued still goes out
+                raise
+            self.delivery.run(now)
+            return notes
+        finally:
+            self.lock.release()
+
+    def read_nodes(self, now):
+        """``{node: snapshot with state}`` from the status hash."""
+        key = monitors.status_key(self.cfg.prefix)
+        try:
+            raw = self.r.hgetall(key)
+        except redis.ResponseError as exc:
+            if not str(exc).startswith("WRONGTYPE"):
+                raise
+            raise WrongType(f"{key} is a {_text(self.r.type(key))}, not a hash") from None
+        nodes, bad = monitors.parse_nodes(raw, now)
+        if bad != self.malformed:
+            logger.warning("Alert: %d malformed snapshot(s) in %s ignored", bad, key)
+            self.malformed = bad
+        return nodes
+
+    def evaluate(self, now):
+        nodes = self.read_nodes(now)
+        state, stall = self.store.read(now)
+        state_changes, stall_changes, notes = evaluate(nodes, state, stall, now, self.cfg)
+        entries = {}
+        for name in self.channels if notes else ():
+            entries[f"{now:.3f}:{uuid.uuid4().hex[:8]}:{name}"] = _dump(
+                {"channel": name, "created": now, "attempts": 0, "next_try": now, "alerts": notes})
+        self.store.write(state_changes, stall_changes, entries)
+        if notes:
+            logger.info("Alert: %s", subject(notes, self.cfg.prefix))
+        return notes
 
 
 # ---------------------------------------------------------------------------- command line
@@ -715,21 +1107,22 @@ def _one_line(exc):
 def main(argv=None):
     try:
         cfg = load_config(argv)
-    except ConfigError as exc:
-        print(f"alert.py: error: {exc}", file=sys.stderr)
-        return 2
+    except monitors.ConfigError as exc:
+        return monitors.exit_config_error("alert.py", exc)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     alerter = Alerter(cfg, dry_run=cfg.dry_run)
+    channels = "; ".join(c.describe() for c in alerter.channels.values())
     if cfg.test_mail:
         if cfg.dry_run:
-            channels = "; ".join(c.describe() for c in alerter.channels.values())
             print(f"would send a test message by {channels}")
             return 0
-        return 1 if alerter.test_message() else 0
+        return 1 if send_tests(alerter.channels.values(), cfg.prefix, alerter.delivery.secrets) else 0
     logger.info("Alert: watching %s at %s every %ss (rules: %s; %s)",
                 monitors.status_key(cfg.prefix), monitors.redact(cfg.redis_url), _fmt(cfg.interval),
-                ",".join(cfg.rules) or "none",
-                "dry run: nothing is sent" if cfg.dry_run else "; ".join(c.describe() for c in alerter.channels.values()))
+                ",".join(cfg.rules) or "none", "dry run: nothing is sent" if cfg.dry_run else channels)
+    if not (cfg.to or cfg.webhook_url or cfg.dry_run):
+        logger.warning("Alert: no channel configured (ALERT_TO, ALERT_WEBHOOK_URL): nothing is sent, "
+                       "each notification is printed here")
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     try:

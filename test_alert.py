@@ -33,19 +33,28 @@ TO = "ops@example.com"
 # ---------------------------------------------------------------------------- receivers
 
 class Inbox:
-    """aiosmtpd handler: keeps what it accepts; refuses the next ``refuse`` messages with a 451."""
+    """aiosmtpd handler: keeps what it accepts; refuses the next ``refuse`` messages with ``refusal`` (a 451)
+    and the recipients in ``refuse_rcpt`` with their reply."""
 
     def __init__(self):
         self.envelopes = []
         self.refuse = 0
+        self.refusal = "451 4.3.0 Try again later"
         self.refused = 0
+        self.refuse_rcpt = {}
         self.logins = []
+
+    async def handle_RCPT(self, server, session, envelope, address, rcpt_options):
+        if address in self.refuse_rcpt:
+            return self.refuse_rcpt[address]
+        envelope.rcpt_tos.append(address)
+        return "250 OK"
 
     async def handle_DATA(self, server, session, envelope):
         if self.refuse > 0:
             self.refuse -= 1
             self.refused += 1
-            return "451 4.3.0 Try again later"
+            return self.refusal
         self.envelopes.append(envelope)
         return "250 OK"
 
@@ -79,16 +88,22 @@ def smtp():
 
 @pytest.fixture
 def webhook():
-    """A local HTTP receiver: keeps every JSON body; answers 500 to the next ``fail`` posts."""
+    """A local HTTP receiver: keeps every JSON body; answers ``status`` (500) with ``headers`` to the next
+    ``fail`` posts; calls ``on_post()`` first if set; counts every post in ``hits``."""
     server = ThreadingHTTPServer(("127.0.0.1", 0), None)
-    server.bodies, server.fail = [], 0
+    server.bodies, server.fail, server.status, server.headers, server.on_post, server.hits = [], 0, 500, {}, None, 0
 
     class Handler(BaseHTTPRequestHandler):
         def do_POST(self):
             body = self.rfile.read(int(self.headers["Content-Length"]))
+            server.hits += 1
+            if server.on_post:
+                server.on_post()
             if server.fail > 0:
                 server.fail -= 1
-                self.send_response(500)
+                self.send_response(server.status)
+                for name, value in server.headers.items():
+                    self.send_header(name, value)
             else:
                 server.bodies.append(json.loads(body))
                 self.send_response(200)
@@ -492,6 +507,259 @@ def test_redis_outage_is_logged_once_and_recovered_from(make, smtp, caplog):
         server.cleanup()
 
 
+# ---------------------------------------------------------------------------- delivery never goes silent
+
+def dead_letters(r):
+    return [json.loads(raw) for raw in r.lrange("scrapy:alert:dead", 0, -1)]
+
+
+@pytest.mark.parametrize("channel", ["webhook", "mail"])
+def test_a_permanent_refusal_is_dead_lettered_and_later_messages_still_arrive(make, redis_client, smtp,
+                                                                              webhook, caplog, channel):
+    alerter = make("--for", "0", ALERT_WEBHOOK_URL=webhook.url)
+    webhook.fail, webhook.status = 1, 404
+    smtp.refuse, smtp.refusal = 1, "554 5.6.0 Message refused"
+    report(redis_client, "n1", T0, cpu=99.0)
+    if channel == "webhook":
+        smtp.refuse = 0
+    else:
+        webhook.fail = 0
+    with caplog.at_level(logging.ERROR, logger="alert"):
+        alerter.run_once(T0)
+    [letter] = dead_letters(redis_client)
+    assert letter["value"]["channel"] == channel and letter["field"].endswith(channel)
+    assert letter["value"]["alerts"][0]["rule"] == "cpu"
+    assert ("404" if channel == "webhook" else "554") in letter["reason"]
+    assert redis_client.get("scrapy:alert:dead_total") == b"1"
+    [error] = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert "dead letter" in error and letter["reason"] in error and "scrapy:alert:dead" in error
+    assert "SECRET-TOKEN" not in caplog.text
+    report(redis_client, "n1", T0 + 60, cpu=10.0)
+    alerter.run_once(T0 + 60)  # the refused message holds nothing back
+    assert [b["alerts"][0]["status"] for b in webhook.bodies] == (
+        ["resolved"] if channel == "webhook" else ["firing", "resolved"])
+    assert smtp.subjects()[-1] == "[scrapy] RESOLVED 1: cpu on n1"
+    assert redis_client.hlen("scrapy:alert:outbox") == 0 and len(dead_letters(redis_client)) == 1
+
+
+def test_a_transient_failure_is_retried_with_capped_backoff_until_alert_give_up(make, redis_client, smtp,
+                                                                                webhook, caplog):
+    alerter = make("--for", "0", "--repeat", "14400", "--give-up", "3600", ALERT_WEBHOOK_URL=webhook.url)
+    webhook.fail, webhook.status = 10**6, 503
+    with caplog.at_level(logging.WARNING, logger="alert"):
+        for t in range(0, 3600, 60):
+            report(redis_client, "n1", T0 + t, cpu=99.0)
+            alerter.run_once(T0 + t)
+    # tried at 0, 60, 180, 420, 900 s, then every 900 s (half an interval early)
+    assert webhook.hits == 7 and len(smtp.envelopes) == 1  # mail is not held back
+    waits = [r.getMessage().split("next try in ")[1].split(",")[0] for r in caplog.records
+             if "next try in" in r.getMessage()]
+    assert waits == ["60s", "120s", "240s", "480s", "900s", "900s", "900s"]
+    assert dead_letters(redis_client) == []
+    report(redis_client, "n1", T0 + 3600, cpu=99.0)
+    alerter.run_once(T0 + 3600)  # failing for ALERT_GIVE_UP: a dead letter
+    assert webhook.hits == 8 and redis_client.hlen("scrapy:alert:outbox") == 0
+    [letter] = dead_letters(redis_client)
+    assert "failing for 1h00m (8 attempts)" in letter["reason"] and "503" in letter["reason"]
+    webhook.fail = 0
+    report(redis_client, "n1", T0 + 3660, cpu=10.0)
+    alerter.run_once(T0 + 3660)
+    assert [b["alerts"][0]["status"] for b in webhook.bodies] == ["resolved"]
+
+
+def test_a_huge_attempt_count_stored_in_redis_neither_crashes_nor_overflows(make, redis_client, webhook,
+                                                                            caplog):
+    alerter = make("--for", "0", ALERT_WEBHOOK_URL=webhook.url)
+    webhook.fail = 1
+    report(redis_client, "n1", T0, cpu=99.0)
+    alerter.run_once(T0)
+    [(field, raw)] = [(f, v) for f, v in redis_client.hgetall("scrapy:alert:outbox").items() if f.endswith(b"webhook")]
+    redis_client.hset("scrapy:alert:outbox", field, json.dumps({**json.loads(raw), "attempts": 10**6}))
+    webhook.fail = 1
+    with caplog.at_level(logging.WARNING, logger="alert"):
+        report(redis_client, "n1", T0 + 60, cpu=99.0)
+        alerter.run_once(T0 + 60)
+    assert "attempt 1000001, next try in 900s" in caplog.text
+    assert json.loads(redis_client.hget("scrapy:alert:outbox", field))["attempts"] == 10**6 + 1
+    report(redis_client, "n1", T0 + 960, cpu=99.0)
+    alerter.run_once(T0 + 960)
+    assert len(webhook.bodies) == 1 and redis_client.hlen("scrapy:alert:outbox") == 0
+
+
+def test_malformed_alert_records_are_set_aside_and_the_loop_goes_on(make, redis_client, smtp, caplog):
+    good_pending = json.dumps({"state": "pending", "since": T0})
+    bad_state = {"cpu:n1": "{not json", "memory:n1": json.dumps({"state": "firing", "since": T0}),
+                 "disk:n1": good_pending, "rss:n1": "[1, 2]",
+                 "errors:n1": '{"state": "firing", "since": NaN, "fired": 1, "sent": 1}'}
+    redis_client.hset("scrapy:alert:state", mapping=bad_state)
+    redis_client.hset("scrapy:alert:stall", mapping={"n1": '"x"', "n2": "[1]"})
+    entry = {"channel": "mail", "created": T0, "attempts": 0, "next_try": T0}
+    bad_outbox = {"o1": "nope", "o2": json.dumps({**entry, "alerts": "x"}),
+                  "o3": json.dumps({**entry, "attempts": "many", "alerts": [{"status": "firing"}]}),
+                  "o4": json.dumps({**entry, "created": 10**30, "alerts": []})}
+    redis_client.hset("scrapy:alert:outbox", mapping=bad_outbox)
+    redis_client.rpush("scrapy:alert:dead_total", "a list")  # the wrong type: moved aside
+    redis_client.set("scrapy:alert:lock", "no expiry")  # no alert.py wrote that: moved aside
+    alerter = make("--for", "0")
+    report(redis_client, "n1", T0, cpu=99.0)
+    with caplog.at_level(logging.WARNING, logger="alert"):
+        alerter.run_once(T0)
+    assert smtp.subjects() == ["[scrapy] FIRING 1: cpu on n1"]
+    letters = dead_letters(redis_client)
+    assert sorted((d["key"], d["field"]) for d in letters) == sorted(
+        [("scrapy:alert:state", f) for f in bad_state] + [("scrapy:alert:stall", f) for f in ("n1", "n2")]
+        + [("scrapy:alert:outbox", f) for f in bad_outbox])
+    for d in letters:
+        assert f"{d['key']} field {d['field']!r}" in caplog.text
+    assert letters[-1]["value"] in list(bad_state.values()) + list(bad_outbox.values()) + ['"x"', "[1]"]
+    assert list(redis_client.hkeys("scrapy:alert:state")) == [b"cpu:n1"]
+    assert redis_client.hlen("scrapy:alert:outbox") == 0
+    assert redis_client.type("scrapy:alert:dead_total:aside") == b"list"
+    assert redis_client.get("scrapy:alert:lock:aside") == b"no expiry"
+    assert "scrapy:alert:dead_total is a list, not a string: moved to scrapy:alert:dead_total:aside" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="alert"):
+        report(redis_client, "n1", T0 + 60, cpu=10.0)
+        alerter.run_once(T0 + 60)  # set aside once: nothing more to say
+    assert smtp.subjects()[1] == "[scrapy] RESOLVED 1: cpu on n1" and caplog.records == []
+
+
+def test_smtp_refusing_some_recipients_retries_or_dead_letters_only_those(make, redis_client, smtp, caplog):
+    later, never = "later@example.com", "nobody@example.com"
+    smtp.refuse_rcpt = {later: "450 4.2.1 Mailbox busy", never: "550 5.1.1 No such user"}
+    alerter = make("--for", "0", ALERT_TO=f"{TO},{later},{never}")
+    report(redis_client, "n1", T0, cpu=99.0)
+    with caplog.at_level(logging.WARNING, logger="alert"):
+        alerter.run_once(T0)
+    assert [e.rcpt_tos for e in smtp.envelopes] == [[TO]]
+    assert f"{later}: 450 4.2.1 Mailbox busy" in caplog.text and f"{never}: 550" in caplog.text
+    [letter] = dead_letters(redis_client)
+    assert letter["value"]["to"] == [never] and "550 5.1.1 No such user" in letter["reason"]
+    [waiting] = [json.loads(v) for v in redis_client.hvals("scrapy:alert:outbox")]
+    assert waiting["to"] == [later] and waiting["attempts"] == 1
+    del smtp.refuse_rcpt[later]
+    report(redis_client, "n1", T0 + 60, cpu=99.0)
+    alerter.run_once(T0 + 60)
+    assert [e.rcpt_tos for e in smtp.envelopes] == [[TO], [later]]  # the accepted ones are not sent twice
+    assert smtp.subjects() == ["[scrapy] FIRING 1: cpu on n1"] * 2
+    smtp.refuse_rcpt = {TO: "550 no", later: "551 no", never: "452 full"}  # all refused: nobody has it
+    report(redis_client, "n1", T0 + 120, cpu=10.0)
+    alerter.run_once(T0 + 120)
+    [waiting] = [json.loads(v) for v in redis_client.hvals("scrapy:alert:outbox")]
+    assert waiting["to"] == [never] and len(smtp.envelopes) == 2
+    assert dead_letters(redis_client)[0]["value"]["to"] == [TO, later]
+
+
+def test_an_alerter_that_lost_the_lock_mid_send_leaves_the_outbox_to_the_holder(make, redis_client, webhook,
+                                                                               caplog):
+    alerter = make("--for", "0", ALERT_TO=None, SMTP_HOST=None, SMTP_PORT=None, ALERT_WEBHOOK_URL=webhook.url)
+    webhook.fail = 1
+    report(redis_client, "n1", T0, cpu=99.0)
+    alerter.run_once(T0)  # failed once: queued
+    [before] = redis_client.hvals("scrapy:alert:outbox")
+    # While the next send runs, the lock passes to another alert.py (as when it expires).
+    webhook.on_post = lambda: redis_client.set("scrapy:alert:lock", "another", px=60_000)
+    report(redis_client, "n1", T0 + 60, cpu=10.0)
+    with caplog.at_level(logging.WARNING, logger="alert"):
+        alerter.run_once(T0 + 60)
+    assert len(webhook.bodies) == 1  # sent, but not recorded: that is the holder's outbox now
+    assert "lost the evaluation lock" in caplog.text
+    assert before in redis_client.hvals("scrapy:alert:outbox") and redis_client.hlen("scrapy:alert:outbox") == 2
+    assert redis_client.get("scrapy:alert:lock") == b"another"
+    webhook.on_post = None
+    redis_client.delete("scrapy:alert:lock")
+    report(redis_client, "n1", T0 + 120, cpu=10.0)
+    alerter.run_once(T0 + 120)  # so the firing message arrives twice: at least once, as the README says
+    assert [b["alerts"][0]["status"] for b in webhook.bodies] == ["firing", "firing", "resolved"]
+
+
+def test_a_send_past_its_deadline_is_kept_for_a_retry(make, redis_client, webhook, monkeypatch, caplog):
+    import time
+    monkeypatch.setattr(alert, "SEND_DEADLINE", 0.5)
+    alerter = make("--for", "0", ALERT_TO=None, SMTP_HOST=None, SMTP_PORT=None, ALERT_WEBHOOK_URL=webhook.url)
+    webhook.on_post = lambda: time.sleep(2)
+    report(redis_client, "n1", T0, cpu=99.0)
+    started = time.monotonic()
+    with caplog.at_level(logging.WARNING, logger="alert"):
+        alerter.run_once(T0)
+    assert time.monotonic() - started < 1.5
+    assert "no answer within 0.5 s" in caplog.text
+    [waiting] = [json.loads(v) for v in redis_client.hvals("scrapy:alert:outbox")]
+    assert waiting["attempts"] == 1
+
+
+def test_tick_logs_any_error_with_its_traceback_and_keeps_going(make, redis_client, smtp, monkeypatch, caplog):
+    alerter = make("--for", "0")
+    report(redis_client, "n1", T0, cpu=99.0)
+    real = alert.evaluate
+
+    def broken(*args):
+        raise KeyError("a bug")
+
+    monkeypatch.setattr(alert, "evaluate", broken)
+    with caplog.at_level(logging.ERROR, logger="alert"):
+        assert alerter.tick(T0) is False
+    [record] = caplog.records
+    assert record.exc_info and "KeyError: 'a bug'" in caplog.text
+    assert not redis_client.exists("scrapy:alert:lock")  # released
+    monkeypatch.setattr(alert, "evaluate", real)
+    report(redis_client, "n1", T0 + 60, cpu=99.0)
+    assert alerter.tick(T0 + 60) is True
+    assert smtp.subjects() == ["[scrapy] FIRING 1: cpu on n1"]
+
+
+# ---------------------------------------------------------------------------- honest diagnostics, no secrets
+
+def test_a_key_of_the_wrong_type_is_named_not_taken_for_an_outage(make, redis_client, smtp, caplog):
+    alerter = make("--for", "0")
+    redis_client.set("scrapy:node:status", "not a hash")
+    with caplog.at_level(logging.INFO, logger="alert"):
+        assert [alerter.tick(T0), alerter.tick(T0 + 60)] == [False, False]
+        messages = [r.getMessage() for r in caplog.records]
+        assert [m for m in messages if "scrapy:node:status is a string, not a hash" in m] == [messages[0]]
+        assert len(messages) == 1 and "cannot reach Redis" not in caplog.text
+        redis_client.delete("scrapy:node:status")
+        redis_client.lpush("scrapy:alert:state", "x")
+        report(redis_client, "n1", T0 + 120, cpu=99.0)
+        assert alerter.tick(T0 + 120) is True
+    assert "scrapy:alert:state is a list, not a hash: moved to scrapy:alert:state:aside" in caplog.text
+    assert "is readable again" in caplog.text
+    assert smtp.subjects() == ["[scrapy] FIRING 1: cpu on n1"]
+
+
+def test_no_secret_in_logs_help_or_errors(make, redis_client, webhook, caplog, capsys):
+    with pytest.raises(SystemExit):
+        alert.main(["--help"])
+    assert "hunter2" not in capsys.readouterr().out
+    down = make(REDIS_URL=f"redis://:hunter2@127.0.0.1:{free_port()}/0")
+    with caplog.at_level(logging.INFO, logger="alert"):
+        assert down.tick(T0) is False
+        # a webhook whose answer quotes a URL with a password
+        webhook.fail, webhook.status = 1, 302
+        webhook.headers = {"Location": "gopher://robot:hunter2@127.0.0.1/elsewhere"}
+        report(redis_client, "n1", T0, cpu=99.0)
+        make("--for", "0", ALERT_WEBHOOK_URL=webhook.url).run_once(T0)
+    assert "redis://:***@127.0.0.1" in caplog.text and "Redirection to url" in caplog.text
+    assert f"webhook http://127.0.0.1:{webhook.server_address[1]}/..." in caplog.text
+    assert "hunter2" not in caplog.text and "SECRET-TOKEN" not in caplog.text
+
+
+def test_each_rule_is_one_row_and_every_notification_names_its_alertname_and_severity(make, redis_client,
+                                                                                      webhook):
+    assert {r.name: (r.alertname, r.severity) for r in alert.RULES} == {
+        "down": ("ScrapyNodeDown", "critical"), "cpu": ("ScrapyHostCpuHigh", "warning"),
+        "memory": ("ScrapyHostMemoryHigh", "warning"), "stalled": ("ScrapyCrawlStalled", "warning"),
+        "errors": ("ScrapyErrorsHigh", "warning"), "rss": ("ScrapyProcessRssHigh", "warning")}
+    report(redis_client, "a", T0, cpu=99.0, memory=99.0, errors_per_min=99.0, rss=9000 * MB)
+    report(redis_client, "b", T0 - 100)
+    make("--for", "0", ALERT_WEBHOOK_URL=webhook.url).run_once(T0)
+    [body] = webhook.bodies
+    assert sorted((a["rule"], a["alertname"], a["severity"]) for a in body["alerts"]) == [
+        ("cpu", "ScrapyHostCpuHigh", "warning"), ("down", "ScrapyNodeDown", "critical"),
+        ("errors", "ScrapyErrorsHigh", "warning"), ("memory", "ScrapyHostMemoryHigh", "warning"),
+        ("rss", "ScrapyProcessRssHigh", "warning")]
+
+
 # ---------------------------------------------------------------------------- the command line
 
 def script_env(redis_url, smtp, **env):
@@ -536,14 +804,65 @@ def test_dry_run_prints_and_sends_and_stores_nothing(redis_url, redis_client, sm
     assert real.returncode == 0 and len(smtp.envelopes) == 1 and len(webhook.bodies) == 1
 
 
+def test_no_channel_prints_each_notification_and_keeps_running(redis_url, redis_client):
+    import time
+    report(redis_client, "n1", time.time(), cpu=99.0)
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "alert.py")], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True,
+                            env=clean_env({"REDIS_URL": redis_url, "ALERT_FOR": "0", "ALERT_INTERVAL": "0.5"}))
+    try:
+        wait_for(lambda: redis_client.hexists("scrapy:alert:state", "cpu:n1")
+                 and not redis_client.exists("scrapy:alert:outbox"), 20, what="the alert to be printed")
+        time.sleep(1)  # a few more evaluations
+        assert proc.poll() is None
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+    assert proc.returncode == 0, err
+    assert out.count("[scrapy] FIRING 1: cpu on n1") == 1 and "host CPU 99% (limit 80%)" in out
+    assert err.count("no channel configured") == 1 and "Traceback" not in err
+
+
+@pytest.mark.parametrize("env, message", [
+    ({"REDIS_URL": "redis://:hunter2@localhost:port/0"}, "REDIS_URL redis://:***@localhost:port/0 is not usable"),
+    ({"REDIS_URL": "localhost:6379"}, "REDIS_URL localhost:6379 is not usable"),
+    ({"REDIS_URL": "redis://localhost/0?password=hunter2&bogus=1"}, "unexpected keyword argument 'bogus'"),
+    ({"ALERT_WEBHOOK_URL": "https://hooks.example.com:99999/hunter2"}, "ALERT_WEBHOOK_URL must be an http://"),
+    ({"ALERT_WEBHOOK_URL": "https://hooks.example.com:x/hunter2"}, "ALERT_WEBHOOK_URL must be an http://"),
+    ({"ALERT_WEBHOOK_URL": "https://hooks.example.com/hunter2 x"}, "ALERT_WEBHOOK_URL must be an http://"),
+    ({"ALERT_WEBHOOK_URL": "ftp://hooks.example.com/hunter2"}, "ALERT_WEBHOOK_URL must be an http://"),
+    ({"ALERT_INTERVAL": "1e308"}, "ALERT_INTERVAL must be a number of seconds, more than 0 and at most"),
+    ({"ALERT_INTERVAL": "0"}, "ALERT_INTERVAL must be a number of seconds, more than 0"),
+    ({"ALERT_FOR": "nan"}, "ALERT_FOR must be a number of seconds"),
+    ({"ALERT_REPEAT": "-1"}, "ALERT_REPEAT must be a number of seconds, 0 or more"),
+    ({"ALERT_GIVE_UP": "inf"}, "ALERT_GIVE_UP must be a number of seconds"),
+    ({"ALERT_STALL_SECONDS": "1e308"}, "ALERT_STALL_SECONDS must be a number of seconds"),
+    ({"ALERT_CPU_PERCENT": "nan"}, "ALERT_CPU_PERCENT must be a number 0 or more"),
+    ({"SMTP_PORT": "70000"}, "SMTP_PORT must be a port number"),
+])
+def test_absurd_settings_are_one_line_and_exit_2(monkeypatch, capsys, env, message):
+    for name, *_ in alert.SETTINGS:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("ALERT_TO", TO)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert alert.main(["--once"]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.count("\n") == 1 and err.startswith("alert.py: error: ")
+    assert message in err and "hunter2" not in err
+
+
 @pytest.mark.parametrize("env, args, message", [
     ({"ALERT_TO": TO, "ALERT_CPU_PERCENT": "lots"}, [], "ALERT_CPU_PERCENT must be a number, not 'lots'"),
-    ({"ALERT_TO": TO}, ["--for", "-5"], "ALERT_FOR must be a number 0 or more"),
+    ({"ALERT_TO": TO}, ["--for", "-5"], "ALERT_FOR must be a number of seconds, 0 or more"),
     ({"SMTP_HOST": "mail.example.com"}, [], "ALERT_TO is not set"),
-    ({}, [], "nothing to send to"),
     ({"ALERT_TO": TO, "SMTP_SECURITY": "tls"}, [], "SMTP_SECURITY must be one of none, starttls, ssl"),
     ({"ALERT_TO": TO, "ALERT_RULES": "cpu,disk"}, [], "unknown rule 'disk'"),
     ({"ALERT_TO": TO}, ["--bogus"], "unrecognized arguments: --bogus"),
+    ({"ALERT_TO": TO, "ALERT_INTERVAL": "1e308"}, [], "ALERT_INTERVAL must be a number of seconds"),
 ])
 def test_bad_configuration_exits_2_with_one_line(redis_url, env, args, message):
     result = run_script(*args, "--once", env={"REDIS_URL": redis_url, **env})
