@@ -97,7 +97,7 @@ def over(rule, snapshot, limit, stuck_since, now):
 def down_for(rule, snapshot, limit, stuck_since, now):
     """Seconds since a stale node's last report."""
     if snapshot.get("state") == "stale":
-        return round(now - (monitors.number(snapshot.get("timestamp")) or 0))
+        return monitors.age(snapshot, now)
     return None
 
 
@@ -310,10 +310,9 @@ def _convert(name, raw, default, kind):
 def check_redis_url(url):
     """ConfigError unless redis-py can build a connection from ``url`` (scheme, port, options)."""
     try:
-        monitors.connect(url).connection_pool.make_connection()  # builds it; connects only when used
-    except (ValueError, TypeError, redis.RedisError) as exc:
-        raise monitors.ConfigError(
-            f"REDIS_URL {monitors.redact(url)} is not usable: {monitors.scrub(exc, url)}") from None
+        monitors.connect(url)
+    except ValueError as exc:
+        raise monitors.ConfigError(f"REDIS_URL: {exc}") from None
 
 
 def check_webhook_url(url):
@@ -1028,6 +1027,7 @@ class Alerter:
         self.store = Store(self.r, cfg.prefix, None if dry_run else self.lock)
         self.delivery = Delivery(cfg, self.store, self.lock, self.channels)
         self.dry_run = DryRun(cfg, self.store, self.channels, out) if dry_run else None
+        self.reader = monitors.NodeReader(self.r, cfg.prefix)
         self.unreachable = monitors.Outage(logger, logging.ERROR)
         self.broken = monitors.Outage(logger, logging.ERROR)
         self.malformed = 0
@@ -1037,7 +1037,7 @@ class Alerter:
         True when the evaluation ran."""
         url = self.cfg.redis_url
         try:
-            self.run_once(time.time() if now is None else now)
+            self.run_once(now)
         except redis.WatchError:
             logger.warning("Alert: lost the evaluation lock to another alert.py; nothing written")
         except (redis.ConnectionError, redis.TimeoutError) as exc:
@@ -1054,42 +1054,41 @@ class Alerter:
         self.broken.ok("Alert: %s is readable again", monitors.status_key(self.cfg.prefix))
         return True
 
-    def run_once(self, now):
-        """Evaluate at ``now`` and deliver due messages; returns this evaluation's notifications, or None
-        when another alert.py holds the lock (it does the work)."""
+    def run_once(self, now=None):
+        """Evaluate and deliver due messages; returns this evaluation's notifications, or None when another
+        alert.py holds the lock (it does the work). The clock is Redis's, unless ``now`` is given (tests)."""
         if self.dry_run:
-            return self.dry_run.run(self.read_nodes(now), now)
+            return self.dry_run.run(*self.read_nodes(now))
         if not self.lock.acquire():
             logger.debug("Alert: another alert.py is evaluating; skipping")
             return None
         try:
             try:
-                notes = self.evaluate(now)
+                nodes, now = self.read_nodes(now)
             except WrongType:
-                self.delivery.run(now)  # what is queued still goes out
+                self.delivery.run(time.time() if now is None else now)  # what is queued still goes out
                 raise
+            notes = self.evaluate(nodes, now)
             self.delivery.run(now)
             return notes
         finally:
             self.lock.release()
 
-    def read_nodes(self, now):
-        """``{node: snapshot with state}`` from the status hash."""
-        key = monitors.status_key(self.cfg.prefix)
+    def read_nodes(self, now=None):
+        """``({node: snapshot with state}, now)``: states judged on Redis's clock, or at ``now`` if given."""
         try:
-            raw = self.r.hgetall(key)
+            nodes, bad, now = self.reader.read(now)
         except redis.ResponseError as exc:
-            if not str(exc).startswith("WRONGTYPE"):
+            key = monitors.status_key(self.cfg.prefix)
+            if "WRONGTYPE" not in str(exc):
                 raise
-            raise WrongType(f"{key} is a {_text(self.r.type(key))}, not a hash") from None
-        nodes, bad = monitors.parse_nodes(raw, now)
+            raise WrongType(monitors.wrong_type(self.r, [(key, "hash")]) or f"{key}: {exc}") from None
         if bad != self.malformed:
-            logger.warning("Alert: %d malformed snapshot(s) in %s ignored", bad, key)
+            logger.warning("Alert: %d malformed snapshot(s) in %s ignored", bad, monitors.status_key(self.cfg.prefix))
             self.malformed = bad
-        return nodes
+        return nodes, now
 
-    def evaluate(self, now):
-        nodes = self.read_nodes(now)
+    def evaluate(self, nodes, now):
         state, stall = self.store.read(now)
         state_changes, stall_changes, notes = evaluate(nodes, state, stall, now, self.cfg)
         entries = {}

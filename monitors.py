@@ -387,14 +387,14 @@ class NodeReader:
         self.entries = {}  # node -> NodeEntry
         self.last_prune = -PRUNE_EVERY
 
-    def read(self):
+    def read(self, now=None):
         """``(nodes, skipped, now)``: ``{node: snapshot with state}``, how many stored values failed the gate,
-        and Redis's clock at the read."""
+        and Redis's clock at the read (states are judged on it), or ``now`` when given (tests, replays)."""
         with self.redis.pipeline(transaction=False) as pipe:
             pipe.hgetall(self.key)
             pipe.time()
-            raw_hash, now = pipe.execute()
-        now = redis_now(now)
+            raw_hash, server_now = pipe.execute()
+        now = redis_now(server_now) if now is None else now
         entries, nodes, skipped = {}, {}, 0
         for field, raw in raw_hash.items():
             node = _text(field)

@@ -827,9 +827,9 @@ def test_no_channel_prints_each_notification_and_keeps_running(redis_url, redis_
 
 
 @pytest.mark.parametrize("env, message", [
-    ({"REDIS_URL": "redis://:hunter2@localhost:port/0"}, "REDIS_URL redis://:***@localhost:port/0 is not usable"),
-    ({"REDIS_URL": "localhost:6379"}, "REDIS_URL localhost:6379 is not usable"),
-    ({"REDIS_URL": "redis://localhost/0?password=hunter2&bogus=1"}, "unexpected keyword argument 'bogus'"),
+    ({"REDIS_URL": "redis://:hunter2@localhost:port/0"}, "REDIS_URL: redis://:***@localhost:port/0 is not a usable Redis URL"),
+    ({"REDIS_URL": "localhost:6379"}, "REDIS_URL: localhost:6379 is not a usable Redis URL"),
+    ({"REDIS_URL": "redis://localhost/0?password=hunter2&bogus=1"}, "unknown option 'bogus'"),
     ({"ALERT_WEBHOOK_URL": "https://hooks.example.com:99999/hunter2"}, "ALERT_WEBHOOK_URL must be an http://"),
     ({"ALERT_WEBHOOK_URL": "https://hooks.example.com:x/hunter2"}, "ALERT_WEBHOOK_URL must be an http://"),
     ({"ALERT_WEBHOOK_URL": "https://hooks.example.com/hunter2 x"}, "ALERT_WEBHOOK_URL must be an http://"),

@@ -1,6 +1,7 @@
 """The node monitor end to end: real redis-server, real local website, real ``scrapy crawl`` processes."""
 
 import glob
+import io
 import json
 import signal
 import socket
@@ -12,6 +13,7 @@ import pytest
 from scrapy.exceptions import NotConfigured
 from scrapy.utils.test import get_crawler
 
+import alert
 import monitor_api
 import monitors
 from conftest import RedisServer, crawl_log, wait_for
@@ -392,11 +394,18 @@ def test_a_crawler_whose_clock_is_five_minutes_off_is_live_then_stale_on_time(sh
         resp = api.get(f"/metrics/{node}")
         return resp.get_json() if resp.status_code == 200 else {}
 
+    alerter = alert.Alerter(alert.load_config(["--redis-url", redis_url, "--for", "0", "--dry-run"]),
+                            dry_run=True, out=io.StringIO())
+
+    def down_alerts():
+        return [n for n in alerter.run_once() or () if n["rule"] == "down"]
+
     wait_for(lambda: snapshot().get("state") == "live", 30, what="the node's first report")
     assert abs(snapshot()["timestamp"] - time.time() - shift) < 5  # it does write its own clock
     for _ in range(5):  # live for more than three intervals while it reports
         snap = snapshot()
         assert snap["state"] == "live" and snap["age"] <= 2, snap
+        assert down_alerts() == []
         time.sleep(1)
     points = api.get(f"/metrics/{node}/history?minutes=5").get_json()["points"]
     assert len(points) >= 3 and all(abs(p["timestamp"] - time.time()) < 10 for p in points)  # Redis's clock
@@ -405,3 +414,4 @@ def test_a_crawler_whose_clock_is_five_minutes_off_is_live_then_stale_on_time(sh
     killed = time.time()
     wait_for(lambda: snapshot()["state"] == "stale", 6, what="the killed node to go stale")
     assert time.time() - killed < 5  # three 1 s intervals after its last report, plus a read
+    assert [n["node"] for n in wait_for(down_alerts, 3, what="the down alert")] == [node]
