@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test browser bench clean
+.PHONY: demo test system-packages bench clean
 
 $(BIN)/.installed: requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -14,14 +14,18 @@ $(BIN)/.installed: requirements.txt
 demo: $(BIN)/.installed
 	$(BIN)/python demo.py
 
-# Browser tests drive Debian's chromium; as root on Debian it is installed here, elsewhere they skip.
-browser:
-	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || \
+# Tests drive Debian's chromium (browser tests), faketime (a crawler with a wrong clock), Alertmanager and
+# promtool (alert integration). As root on Debian they are installed here; elsewhere those tests skip.
+SYSTEM_PACKAGES := chromium:chromium faketime:faketime prometheus-alertmanager:prometheus-alertmanager promtool:prometheus
+system-packages:
+	@missing=""; for pair in $(SYSTEM_PACKAGES); do \
+		command -v $${pair%%:*} >/dev/null 2>&1 || missing="$$missing $${pair#*:}"; done; \
+	if [ -z "$$missing" ]; then exit 0; fi; \
 	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
-		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
-	else echo "No chromium: the browser tests will be skipped (install Debian's chromium package)."; fi
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	else echo "Missing:$$missing: the tests that need them will be skipped (install these Debian packages)."; fi
 
-test: $(BIN)/.installed browser
+test: $(BIN)/.installed system-packages
 	$(BIN)/python -m pytest -q
 
 bench: $(BIN)/.installed

@@ -17,7 +17,6 @@ import sys
 import time
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
-import psutil
 import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
@@ -724,6 +723,9 @@ class Sampler:
     """Host, process and crawl metrics for one node; each call to ``sample`` covers the time since the last."""
 
     def __init__(self, process=None):
+        import psutil  # here, not at the top: the API and the alerter import this module and never sample
+
+        self.psutil = psutil
         self.process = process or psutil.Process()
         # psutil's first cpu_percent() is 0.0: prime both so the first real sample means something.
         psutil.cpu_percent(None)
@@ -732,6 +734,7 @@ class Sampler:
 
     def sample(self, stats, now):
         """A dict of metrics from a copy of Scrapy's stats, with rates over the time since the last call."""
+        psutil = self.psutil
         net = psutil.net_io_counters()
         out = {"memory": psutil.virtual_memory().percent, "bytes_sent": net.bytes_sent,
                "bytes_recv": net.bytes_recv, "rss": self.process.memory_info().rss}
