@@ -11,7 +11,7 @@ import tempfile
 
 import pytest
 
-from demo_site import RedisServer, Site, clean_env, free_port, redis_server_binary, wait_for  # noqa: F401 (re-exported)
+from testbed import RedisServer, Site, clean_env, free_port, redis_server_binary, wait_for  # noqa: F401 (re-exported)
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 

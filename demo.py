@@ -18,7 +18,7 @@ import time
 
 import redis
 
-from demo_site import RedisServer, Site, free_port, stop_process, wait_for
+from testbed import RedisServer, Site, free_port, stop_process, wait_for
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 

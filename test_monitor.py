@@ -13,7 +13,7 @@ from scrapy.utils.test import get_crawler
 
 import monitors
 from conftest import RedisServer, crawl_log, wait_for
-from demo_site import Site
+from testbed import Site
 from main_spider import DistributedSpider
 
 SEED_FIELDS = {"timestamp", "spider", "cpu", "memory", "bytes_sent", "bytes_recv"}

@@ -20,7 +20,7 @@ sys.path.insert(0, ROOT)
 
 import monitors  # noqa: E402
 from conftest import RedisServer  # noqa: E402
-from demo_site import Site, clean_env  # noqa: E402
+from testbed import Site, clean_env  # noqa: E402
 
 
 # The crawler gets a core of its own; the site, Redis and this script share the other (less noise).

@@ -1,6 +1,6 @@
 """Local stand-ins for the demo, tests and benchmarks: a website of linked pages and a private redis-server.
 
-``python demo_site.py --pages 3000`` serves the site. Every page is reachable from ``/``. With ``mix`` on,
+``python testbed.py --pages 3000`` serves the site. Every page is reachable from ``/``. With ``mix`` on,
 some pages answer 404 or 500 and some are slow, as a real site does; ``hits`` counts each path's requests.
 """
 
