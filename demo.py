@@ -3,7 +3,8 @@
     python demo.py        (or: make demo)
 
 One node is killed partway, so the dashboard shows a stale node and the alerter a "node down" alert.
-Ctrl-C stops everything this script started.
+Ctrl-C stops everything this script started. It reads the environment every script reads (``--help``
+lists it) and passes it on to the API, the nodes and the alerter.
 """
 
 import argparse
@@ -18,19 +19,80 @@ import time
 
 import redis
 
-from demo_site import RedisServer, Site, free_port, stop_process, wait_for
+import monitors
+from monitor_api import DEFAULT_HOST, DEFAULT_PORT
+from testbed import ROOT, RedisServer, Site, crawl_command, free_port, stop_process, wait_for
 
-ROOT = os.path.dirname(os.path.abspath(__file__))
+# The demo's nodes report every 2 s unless MONITOR_INTERVAL says otherwise: a demo should move.
+DEMO_INTERVAL = 2
+# Alerts come quickly in the demo, unless ALERT_INTERVAL and ALERT_FOR say otherwise.
+DEMO_ALERT_INTERVAL, DEMO_ALERT_FOR = 5, 10
+
+ENVIRONMENT = (
+    ("REDIS_URL", "a Redis to use; unset or not answering: a private redis-server"),
+    ("MONITOR_API_HOST", f"address the API listens on (default {DEFAULT_HOST}); --host overrides it"),
+    ("MONITOR_API_PORT", f"port the API listens on, which must be free (default {DEFAULT_PORT} if free, "
+                         f"else any); --port overrides it"),
+    ("MONITOR_INTERVAL", f"seconds between a node's reports (default {DEMO_INTERVAL} in the demo); "
+                         f"--interval overrides it"),
+    ("ALERT_INTERVAL", f"seconds between alert evaluations (default {DEMO_ALERT_INTERVAL} in the demo)"),
+    ("ALERT_FOR", f"seconds a condition holds before it fires (default {DEMO_ALERT_FOR} in the demo)"),
+    ("MONITOR_*, ALERT_*, SMTP_*", "every other setting (MONITOR_KEY_PREFIX, MONITOR_API_TOKEN, ...) is "
+                                   "passed on as it is"),
+)
 
 
-def port_free(port):
-    with socket.socket() as s:
-        return s.connect_ex(("127.0.0.1", port)) != 0
+def settings(args):
+    """(host, port, interval) from the flags, else the environment as every script reads it, else the demo's
+    defaults. A port asked for (--port or MONITOR_API_PORT) must be free; with none, 5000 if free, else any.
+    ConfigError for a setting the demo cannot run with."""
+    host = args.host or monitors.env("MONITOR_API_HOST", DEFAULT_HOST)
+    interval = monitors.seconds("--interval" if args.interval else "MONITOR_INTERVAL",
+                                args.interval or monitors.env("MONITOR_INTERVAL", DEMO_INTERVAL), above=True)
+    asked, raw = ("--port", args.port) if args.port else ("MONITOR_API_PORT", monitors.env("MONITOR_API_PORT"))
+    if raw is None:
+        return host, (DEFAULT_PORT if listen_error(host, DEFAULT_PORT) is None else free_port()), interval
+    if not (raw.isascii() and raw.isdigit() and 1 <= int(raw) <= 65535):
+        raise monitors.ConfigError(f"{asked} must be a port number from 1 to 65535, not {raw!r}")
+    error = listen_error(host, int(raw))
+    if error:
+        raise monitors.ConfigError(f"{asked} {raw}: cannot listen on {host}:{raw} ({error}); "
+                                   f"stop what uses it or ask for another port")
+    return host, int(raw), interval
+
+
+def listen_error(host, port):
+    """Why a server could not listen on host:port now (binding as waitress does), or None if it could."""
+    try:
+        addresses = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        return exc.strerror
+    for family, kind, proto, _, address in addresses:
+        with socket.socket(family, kind, proto) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                s.bind(address)
+            except OSError as exc:
+                return exc.strerror or str(exc)
+    return None
+
+
+def local_host(host):
+    """The address that reaches a server listening on ``host`` from this machine (a wildcard: loopback)."""
+    return {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
+
+
+def listening(host, port):
+    try:
+        with socket.create_connection((local_host(host), port), timeout=1):
+            return True
+    except OSError:
+        return False
 
 
 def existing_redis():
     """REDIS_URL when it is set and answers, else None."""
-    url = os.environ.get("REDIS_URL")
+    url = monitors.env("REDIS_URL")
     if not url:
         return None
     try:
@@ -44,8 +106,9 @@ def existing_redis():
 
 
 class Demo:
-    def __init__(self, args):
+    def __init__(self, args, host, port, interval):
         self.args = args
+        self.host, self.port, self.interval = host, port, interval
         self.procs = []
         self.logs = tempfile.mkdtemp(prefix="scm-demo-")
         self.server = None
@@ -60,32 +123,37 @@ class Demo:
         return proc
 
     def run(self):
-        a = self.args
+        a, host, port, interval = self.args, self.host, self.port, self.interval
         url = existing_redis()
         if url is None:
             self.server = RedisServer().start()
             url = self.server.url
-        print(f"Redis: {url if self.server else 'REDIS_URL'}", flush=True)
-        env = {**os.environ, "REDIS_URL": url, "MONITOR_INTERVAL": str(a.interval), "PYTHONUNBUFFERED": "1"}
+        print(f"Redis: {url if self.server else 'REDIS_URL'}, key prefix {monitors.key_prefix()!r}", flush=True)
+        env = {**os.environ, "REDIS_URL": url, "MONITOR_INTERVAL": f"{interval:g}", "PYTHONUNBUFFERED": "1"}
 
         self.site = Site(pages=a.pages, mix=True).start()
         redis.Redis.from_url(url).lpush("distributed:start_urls", json.dumps({"url": self.site.url}))
         print(f"Demo site: {a.pages} pages at {self.site.url} (some 404, 500 and slow pages)", flush=True)
 
-        port = a.port if port_free(a.port) else free_port()
-        self.spawn("api", [sys.executable, "monitor_api.py", "--port", str(port)], env)
-        crawl = [sys.executable, "-m", "scrapy", "crawl", "main_spider", "-s", "CONCURRENT_REQUESTS=4",
-                 "-s", f"DOWNLOAD_DELAY={a.delay}", "-s", "MAX_IDLE_TIME_BEFORE_CLOSE=20"]
+        server = self.spawn("api", [sys.executable, "monitor_api.py", "--host", host, "--port", str(port)], env)
+        crawl = crawl_command("main_spider", CONCURRENT_REQUESTS=4, DOWNLOAD_DELAY=a.delay,
+                              MAX_IDLE_TIME_BEFORE_CLOSE=20)
         nodes = [self.spawn(f"node{i + 1}", crawl, env) for i in range(a.nodes)]
-        alert_env = {"ALERT_INTERVAL": "5", "ALERT_FOR": "10", **env}  # quick alerts, unless set
+        alert_env = {**env, "ALERT_INTERVAL": monitors.env("ALERT_INTERVAL", str(DEMO_ALERT_INTERVAL)),
+                     "ALERT_FOR": monitors.env("ALERT_FOR", str(DEMO_ALERT_FOR))}
         self.spawn("alert", [sys.executable, "alert.py", "--dry-run"], alert_env, log=False)
 
-        wait_for(lambda: not port_free(port), 30, what="the API")
-        api = f"http://127.0.0.1:{port}"
+        wait_for(lambda: server.poll() is not None or listening(host, port), 30, what="the API")
+        self.check_running()
+        reach = local_host(host)
+        api = f"http://[{reach}]:{port}" if ":" in reach else f"http://{reach}:{port}"
         print(f"\nDashboard: {api}/   (or open dashboard.html?api={api})", flush=True)
         print(f"API:       curl {api}/metrics   curl {api}/metrics/main_spider", flush=True)
+        if monitors.env("MONITOR_API_TOKEN"):
+            print("           (MONITOR_API_TOKEN is set: add ?token=<token> to these URLs)", flush=True)
         print(f"Logs:      {self.logs}", flush=True)
-        print(f"Node 3 will be killed after {a.kill_after} s to show a stale node and a down alert.", flush=True)
+        if len(nodes) >= 3:
+            print(f"Node 3 will be killed after {a.kill_after} s to show a stale node and a down alert.", flush=True)
         print("Alerts (dry run) appear below. Ctrl-C stops everything.\n", flush=True)
 
         killed = False
@@ -94,11 +162,15 @@ class Demo:
             time.sleep(0.5)
             if not killed and len(nodes) >= 3 and time.monotonic() - started > a.kill_after:
                 nodes[2].send_signal(signal.SIGKILL)
-                print(f"Killed node 3 (pid {nodes[2].pid}); it turns stale in {3 * a.interval} s.", flush=True)
+                print(f"Killed node 3 (pid {nodes[2].pid}); it turns stale in {3 * interval:g} s.", flush=True)
                 killed = True
-            for proc in self.procs:
-                if proc.name in ("api", "alert") and proc.poll() is not None:
-                    raise SystemExit(f"demo: {proc.name} exited with status {proc.returncode}; see {self.logs}")
+            self.check_running()
+
+    def check_running(self):
+        """The API and the alerter must keep running: the demo ends when either exits."""
+        for proc in self.procs:
+            if proc.name in ("api", "alert") and proc.poll() is not None:
+                raise SystemExit(f"demo: {proc.name} exited with status {proc.returncode}; see {self.logs}")
 
     def stop(self):
         for proc in self.procs:  # all at once, so the nodes close (and report "closed") in parallel
@@ -117,15 +189,23 @@ class Demo:
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    epilog = "environment:\n" + "\n".join(f"  {name:27} {text}" for name, text in ENVIRONMENT)
+    parser = monitors.Parser(prog="demo.py", description=__doc__.splitlines()[0], epilog=epilog,
+                             formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--pages", type=int, default=3000, help="pages on the demo site (default 3000)")
     parser.add_argument("--nodes", type=int, default=3, help="crawler nodes (default 3)")
-    parser.add_argument("--port", type=int, default=5000, help="API port, if free (default 5000)")
-    parser.add_argument("--interval", type=float, default=2, help="MONITOR_INTERVAL of the nodes (default 2)")
+    parser.add_argument("--host", help=f"API address (default: $MONITOR_API_HOST or {DEFAULT_HOST})")
+    parser.add_argument("--port", help=f"API port, which must be free (default: $MONITOR_API_PORT, "
+                                       f"else {DEFAULT_PORT} if free, else any free port)")
+    parser.add_argument("--interval", help=f"MONITOR_INTERVAL of the nodes (default: $MONITOR_INTERVAL "
+                                           f"or {DEMO_INTERVAL})")
     parser.add_argument("--delay", type=float, default=0.1, help="DOWNLOAD_DELAY of the nodes (default 0.1)")
     parser.add_argument("--kill-after", type=float, default=45, help="seconds before node 3 is killed")
-    args = parser.parse_args()
-    demo = Demo(args)
+    try:
+        args = parser.parse_args()
+        demo = Demo(args, *settings(args))  # a bad setting or a busy port ends the demo before it starts anything
+    except monitors.ConfigError as exc:
+        sys.exit(monitors.exit_config_error(parser.prog, exc))
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     signal.signal(signal.SIGINT, signal.default_int_handler)  # Ctrl-C, even if started with SIGINT ignored
     try:

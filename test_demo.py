@@ -2,6 +2,7 @@
 
 import queue
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -10,24 +11,30 @@ import time
 import psutil
 import requests
 
-from conftest import ROOT, clean_env, free_port, wait_for
+from testbed import ROOT, clean_env, free_port, wait_for
+
+
+def start_demo(*args, **env):
+    """``python demo.py *args`` with only the toolkit settings in ``env`` (no REDIS_URL: a private Redis);
+    returns the process and ``printed(text)``, whether a line printed so far contains ``text``."""
+    demo = subprocess.Popen([sys.executable, "demo.py", *args], cwd=ROOT, env=clean_env(env, PYTHONUNBUFFERED="1"),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(line) for line in demo.stdout], daemon=True).start()
+    demo.seen = []
+
+    def printed(text):
+        while not lines.empty():
+            demo.seen.append(lines.get())
+        return any(text in line for line in demo.seen)
+
+    return demo, printed
 
 
 def test_demo_runs_everything_and_stops_cleanly():
     port = free_port()
-    env = clean_env(ALERT_INTERVAL="1", ALERT_FOR="1", PYTHONUNBUFFERED="1")  # no REDIS_URL: a private Redis
-    demo = subprocess.Popen(
-        [sys.executable, "demo.py", "--pages", "400", "--interval", "1", "--kill-after", "8", "--port", str(port)],
-        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    lines = queue.Queue()
-    threading.Thread(target=lambda: [lines.put(line) for line in demo.stdout], daemon=True).start()
-    seen = []
-
-    def printed(text):
-        while not lines.empty():
-            seen.append(lines.get())
-        return any(text in line for line in seen)
-
+    demo, printed = start_demo("--pages", "400", "--interval", "1", "--kill-after", "8", "--port", str(port),
+                               ALERT_INTERVAL="1", ALERT_FOR="1")
     try:
         wait_for(lambda: printed("Dashboard:"), 60, what="the demo to start")
         api = f"http://127.0.0.1:{port}"
@@ -51,7 +58,30 @@ def test_demo_runs_everything_and_stops_cleanly():
         demo.send_signal(signal.SIGINT)
         assert demo.wait(60) == 0
     printed("")
-    assert any("Stopped everything" in line for line in seen), "".join(seen)
+    assert any("Stopped everything" in line for line in demo.seen), "".join(demo.seen)
     time.sleep(0.5)
     alive = [p for p in children if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
     assert not alive, f"left running: {[p.cmdline() for p in alive]}"
+
+
+def test_demo_serves_the_api_on_monitor_api_port_and_never_on_another():
+    port = free_port()
+    demo, printed = start_demo("--pages", "50", "--nodes", "0", MONITOR_API_PORT=str(port))
+    try:
+        wait_for(lambda: printed(f"Dashboard: http://127.0.0.1:{port}/"), 60, what="the demo to start")
+        assert requests.get(f"http://127.0.0.1:{port}/health", timeout=5).status_code == 200
+        assert requests.get(f"http://127.0.0.1:{port}/metrics", timeout=5).json() == {}
+    finally:
+        demo.send_signal(signal.SIGINT)
+        assert demo.wait(60) == 0
+
+    with socket.socket() as busy:  # a port asked for and taken: one line, exit 2, nothing started
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        taken = busy.getsockname()[1]
+        out = subprocess.run([sys.executable, "demo.py"], cwd=ROOT, env=clean_env(MONITOR_API_PORT=str(taken)),
+                             capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and out.stdout == "", out
+    lines = out.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"demo.py: error: MONITOR_API_PORT {taken}: cannot listen on "
+                                                   f"127.0.0.1:{taken} ("), out.stderr

@@ -16,9 +16,8 @@ from scrapy.utils.test import get_crawler
 import alert
 import monitor_api
 import monitors
-from conftest import RedisServer, crawl_log, wait_for
-from demo_site import Site
 from main_spider import DistributedSpider
+from testbed import RedisServer, Site, crawl_log, wait_for
 
 SEED_FIELDS = {"timestamp", "spider", "cpu", "memory", "bytes_sent", "bytes_recv"}
 CONTRACT_FIELDS = SEED_FIELDS | {"node", "host", "pid", "status", "interval", "pages", "items"}

@@ -18,7 +18,8 @@ sys.path.insert(0, ROOT)
 
 import alert  # noqa: E402
 import monitors  # noqa: E402
-from conftest import RedisServer  # noqa: E402
+import testbed  # noqa: E402
+from testbed import RedisServer  # noqa: E402
 
 BUDGET = 1.0
 INTERVAL = 60
@@ -40,24 +41,16 @@ class Receiver(BaseHTTPRequestHandler):
 def snapshot(i, now, calm):
     """Node i's report: 1 in 10 runs hot, 1 in 20 is silent (down), 1 in 50 closed, 1 in 30 stalled."""
     stale, closed, stalled = i % 20 == 1, i % 50 == 2, i % 30 == 3
-    return {
-        "timestamp": int(now - (300 if stale else 0)), "spider": f"spider{i % 7}",
-        "node": f"spider{i % 7}:host{i}:{i}", "host": f"host{i}", "pid": i,
-        "status": "closed" if closed else "running", "interval": 10,
-        "cpu": 95.0 if i % 10 == 0 and not calm else 20.0, "memory": 50.0, "bytes_sent": 1000 * i,
-        "bytes_recv": 2000 * i, "rss": 300 * 1024 * 1024, "process_cpu": 30.0,
-        "pages": 5 if stalled else int(now), "items": int(now), "requests": int(now), "errors": 0,
-        "errors_per_min": 0.0, "pages_per_min": 0.0 if stalled else 60.0, "items_per_min": 60.0,
-        "net_sent_rate": 100.0, "net_recv_rate": 100.0, "queue_requests": 500, "queue_start_urls": 0,
-        "queue_dupefilter": 10000,
-    }
+    return testbed.snapshot(
+        f"spider{i % 7}:host{i}:{i}", spider=f"spider{i % 7}", age=300 if stale else 0, now=now, host=f"host{i}",
+        pid=i, status="closed" if closed else "running", cpu=95.0 if i % 10 == 0 and not calm else 20.0,
+        memory=50.0, bytes_sent=1000 * i, bytes_recv=2000 * i, rss=300 * 1024 * 1024, process_cpu=30.0,
+        pages=5 if stalled else int(now), items=int(now), requests=int(now), errors=0, errors_per_min=0.0,
+        pages_per_min=0.0 if stalled else 60.0, items_per_min=60.0, queue_requests=500)
 
 
 def publish(r, nodes, now, calm=False):
-    with r.pipeline(transaction=False) as pipe:
-        for i in range(nodes):
-            monitors.write_snapshot(pipe, "scrapy", snapshot(i, now, calm), 60)
-        pipe.execute()
+    testbed.publish(r, *(snapshot(i, now, calm) for i in range(nodes)))
 
 
 def main():

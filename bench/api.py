@@ -27,8 +27,8 @@ sys.path.insert(0, ROOT)
 
 import requests  # noqa: E402
 
-import monitors  # noqa: E402
-from conftest import RedisServer, clean_env, free_port, wait_for  # noqa: E402
+import testbed  # noqa: E402
+from testbed import RedisServer, clean_env, free_port, wait_for  # noqa: E402
 
 NAIVE_APP = """
 import json, sys
@@ -52,27 +52,19 @@ app.run(host="127.0.0.1", port=int(sys.argv[2]), debug=False)
 
 
 def snapshot(i, now):
-    """A snapshot with every field the extension writes, numbers varying per node."""
-    node = f"main_spider:crawler-{i // 8:03d}.example.internal:{10000 + i}"
-    return {
-        "timestamp": now, "node": node, "spider": "main_spider", "host": f"crawler-{i // 8:03d}.example.internal",
-        "pid": 10000 + i, "interval": 10.0, "start_time": now - 3600, "status": "running",
-        "cpu": 10 + i % 80 + 0.5, "memory": 30 + i % 60 + 0.25, "bytes_sent": 123456789 + i * 1000,
-        "bytes_recv": 987654321 + i * 3000, "rss": 150_000_000 + i * 4096, "pages": 5000 + i, "items": 4800 + i,
-        "requests": 5100 + i, "errors": i % 7, "warnings": i % 11, "retries": i % 13, "exceptions": i % 5,
-        "dropped": 0, "status_1xx": 0, "status_2xx": 4900 + i, "status_3xx": 50, "status_4xx": 40, "status_5xx": 10,
-        "process_cpu": 20.5 + i % 30, "net_sent_rate": 12345.6, "net_recv_rate": 65432.1,
-        "pages_per_min": 120.5, "items_per_min": 118.0, "errors_per_min": 0.1, "requests_per_min": 125.0,
-        "queue_requests": 123456, "queue_start_urls": 12, "queue_dupefilter": 987654,
-    }
+    """Node i's snapshot, every field the extension writes, numbers varying per node; eight nodes a host."""
+    host = f"crawler-{i // 8:03d}.example.internal"
+    return testbed.snapshot(
+        f"main_spider:{host}:{10000 + i}", now=now, host=host, pid=10000 + i, cpu=10 + i % 80 + 0.5,
+        memory=30 + i % 60 + 0.25, bytes_sent=123456789 + i * 1000, bytes_recv=987654321 + i * 3000,
+        rss=150_000_000 + i * 4096, process_cpu=20.5 + i % 30, pages=5000 + i, items=4800 + i, requests=5100 + i,
+        errors=i % 7, warnings=i % 11, retries=i % 13, exceptions=i % 5, status_2xx=4900 + i,
+        queue_requests=123456, queue_dupefilter=987654)
 
 
 def fill(client, nodes):
     now = int(time.time())
-    with client.pipeline(transaction=False) as pipe:
-        for i in range(nodes):
-            monitors.write_snapshot(pipe, "scrapy", snapshot(i, now), 360)
-        pipe.execute()
+    testbed.publish(client, *(snapshot(i, now) for i in range(nodes)))
 
 
 def keep_reporting(client, nodes, interval, stop, pause):
@@ -82,13 +74,11 @@ def keep_reporting(client, nodes, interval, stop, pause):
         if pause.is_set():
             continue
         now = int(time.time())
-        with client.pipeline(transaction=False) as pipe:
-            for _ in range(batch):
-                snap = snapshot(i % nodes, now)
-                snap["pages"] += now % 1000
-                monitors.write_snapshot(pipe, "scrapy", snap, 360)
-                i += 1
-            pipe.execute()
+        snaps = [snapshot((i + k) % nodes, now) for k in range(batch)]
+        i += batch
+        for snap in snaps:
+            snap["pages"] += now % 1000  # new figures each time
+        testbed.publish(client, *snaps)
 
 
 async def drive(port, path, headers, clients, seconds):

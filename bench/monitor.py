@@ -19,8 +19,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import monitors  # noqa: E402
-from conftest import RedisServer  # noqa: E402
-from demo_site import Site, clean_env  # noqa: E402
+from testbed import RedisServer, Site, clean_env, crawl_command  # noqa: E402
 
 
 # The crawler gets a core of its own; the site, Redis and this script share the other (less noise).
@@ -48,9 +47,8 @@ def crawl(server, site, env):
     server.client().lpush("distributed:start_urls", json.dumps({"url": site.url}))
     full_env = clean_env(env, REDIS_URL=server.url)
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    subprocess.run([sys.executable, "-m", "scrapy", "crawl", "main_spider", "-s", "LOG_LEVEL=INFO",
-                    "-s", "MAX_IDLE_TIME_BEFORE_CLOSE=1"], cwd=ROOT, env=full_env, check=True,
-                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=300,
+    subprocess.run(crawl_command("main_spider", LOG_LEVEL="INFO", MAX_IDLE_TIME_BEFORE_CLOSE=1), cwd=ROOT,
+                   env=full_env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=300,
                    preexec_fn=lambda: os.sched_setaffinity(0, CRAWLER_CPUS))
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     pages = sum(site.page_hits().values())

@@ -1,6 +1,8 @@
-"""Local stand-ins for the demo, tests and benchmarks: a website of linked pages and a private redis-server.
+"""The testbed of the tests, benchmarks and demo: a local website, a private redis-server, crawler and API
+processes, snapshots as nodes write them. No pytest here, so benchmarks and the demo need none;
+``conftest.py`` turns these into fixtures.
 
-``python demo_site.py --pages 3000`` serves the site. Every page is reachable from ``/``. With ``mix`` on,
+``python testbed.py --pages 3000`` serves the site. Every page is reachable from ``/``. With ``mix`` on,
 some pages answer 404 or 500 and some are slow, as a real site does; ``hits`` counts each path's requests.
 """
 
@@ -17,7 +19,14 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import redis
+import requests
 
+import monitors
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+# ---------------------------------------------------------------------------- the website
 
 class QuietServer(ThreadingHTTPServer):
     """A threaded HTTP server for which a client hanging up mid-response (a killed crawler) is no error."""
@@ -115,6 +124,15 @@ class Site:
             return {p: n for p, n in self.hits.items() if p == "/" or p.startswith("/page/")}
 
 
+def _page_number(path):
+    if not path.startswith("/page/"):
+        return None
+    digits = path[len("/page/"):]
+    return int(digits) if digits.isdigit() else None
+
+
+# ---------------------------------------------------------------------------- ports, environments, Redis
+
 def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -209,11 +227,114 @@ class RedisServer:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
-def _page_number(path):
-    if not path.startswith("/page/"):
-        return None
-    digits = path[len("/page/"):]
-    return int(digits) if digits.isdigit() else None
+# ---------------------------------------------------------------------------- crawler and API processes
+
+def crawl_command(spider="main_spider", **settings):
+    """``scrapy crawl <spider>`` run by this Python, with ``-s NAME=VALUE`` for each setting."""
+    cmd = [sys.executable, "-m", "scrapy", "crawl", spider]
+    for name, value in settings.items():
+        cmd += ["-s", f"{name}={value}"]
+    return cmd
+
+
+def start_crawler(spider="main_spider", env=None, settings=None, cwd=ROOT, args=()):
+    """A ``scrapy crawl`` subprocess with only the toolkit settings in ``env``, importing the toolkit from any
+    ``cwd``; it logs at INFO to a temporary file, ``proc.log_path`` (read it with ``crawl_log``)."""
+    full_env = clean_env(env)
+    full_env["PYTHONPATH"] = ROOT + os.pathsep + full_env.get("PYTHONPATH", "")
+    cmd = crawl_command(spider, **{"LOG_LEVEL": "INFO", **(settings or {})}) + list(args)
+    with tempfile.NamedTemporaryFile(prefix="scm-crawl-", suffix=".log", delete=False) as log:
+        proc = subprocess.Popen(cmd, cwd=cwd, env=full_env, stdout=log, stderr=subprocess.STDOUT)
+    proc.log_path = log.name
+    return proc
+
+
+def crawl_log(proc):
+    with open(proc.log_path, encoding="utf-8", errors="replace") as f:
+        return f.read()
+
+
+class ApiServer:
+    """``python monitor_api.py --port N`` in a subprocess, stoppable and restartable on the same port."""
+
+    def __init__(self, redis_url, prefix=monitors.DEFAULT_PREFIX, **env):
+        self.port = free_port()
+        self.env = clean_env(env, REDIS_URL=redis_url, MONITOR_KEY_PREFIX=prefix)
+        self.proc = None
+
+    @property
+    def url(self):
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self):
+        self.proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "monitor_api.py"), "--port", str(self.port)],
+                                     cwd=ROOT, env=self.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+        def up():
+            assert self.proc.poll() is None, "monitor_api.py exited"
+            try:
+                return requests.get(self.url + "/health", timeout=1).status_code in (200, 503)
+            except requests.ConnectionError:
+                return False
+
+        wait_for(up, 15, what="monitor_api.py to listen")
+        return self
+
+    def stop(self):
+        self.proc = stop_process(self.proc)
+
+
+# Debian's chromium, for the dashboard's tests and benchmark (None: not installed).
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+# ---------------------------------------------------------------------------- snapshots as nodes write them
+
+def snapshot(node, spider="main_spider", age=0, now=None, **fields):
+    """A snapshot with every field monitors.SpiderMonitor writes, ``age`` seconds old at ``now`` (default:
+    this second); ``fields`` replace any of them. A ``status="closed"`` one gets ``finish_reason`` too."""
+    now = int(time.time() if now is None else now)
+    snap = {
+        # who reports (SpiderMonitor.spider_opened), when and how
+        "timestamp": now - age, "node": node, "spider": spider, "host": "worker-1", "pid": 4242,
+        "interval": 10.0, "start_time": now - 3600, "status": "running",
+        # host and process (Sampler.sample)
+        "cpu": 37.5, "memory": 61.2, "bytes_sent": 10_000_000, "bytes_recv": 80_000_000,
+        "net_sent_rate": 1234.5, "net_recv_rate": 2.5 * 2 ** 20, "rss": 150 * 2 ** 20, "process_cpu": 12.5,
+        # the crawl: Scrapy's stats counters, status classes and rates (Sampler.sample)
+        "pages": 12345, "items": 6789, "requests": 13000, "errors": 0, "warnings": 1, "retries": 3,
+        "exceptions": 2, "dropped": 0, "status_1xx": 0, "status_2xx": 12000, "status_3xx": 100,
+        "status_4xx": 240, "status_5xx": 5, "pages_per_min": 120.0, "items_per_min": 60.0,
+        "errors_per_min": 0.0, "requests_per_min": 125.0,
+        # the scrapy-redis queues (SpiderMonitor._queue_sizes)
+        "queue_requests": 4321, "queue_start_urls": 12, "queue_dupefilter": 99999,
+    }
+    snap.update(fields)
+    if snap["status"] == "closed":
+        snap.setdefault("finish_reason", "finished")
+    return snap
+
+
+def publish(client, *snapshots, prefix=monitors.DEFAULT_PREFIX, history=0, history_len=None, trend_rows=()):
+    """Write snapshots as their nodes do, in one pipeline. ``history`` earlier rows per node (one per interval,
+    with figures that rise and fall, and their 5-minute trend rows) come first; ``history_len`` rows are kept
+    (default: an hour's worth, as a node keeps); ``trend_rows`` go with each snapshot."""
+    with client.pipeline(transaction=False) as pipe:
+        for snap in snapshots:
+            interval = monitors.number(snap.get("interval"))
+            interval = interval if interval and interval > 0 else monitors.DEFAULT_INTERVAL
+            keep = history_len or max(1, int(monitors.HISTORY_SECONDS // interval))
+            trend = monitors.TrendBuffer()
+            for i in range(history, 0, -1):
+                wave = (i % 12) / 12
+                old = dict(snap, timestamp=snap["timestamp"] - i * int(interval), cpu=round(20 + 60 * wave, 1),
+                           memory=round(50 + 10 * wave, 1), pages_per_min=round(80 + 80 * wave, 1))
+                done = trend.add(monitors.history_row(old))
+                monitors.write_snapshot(pipe, prefix, old, keep, [done] if done else [])
+            monitors.write_snapshot(pipe, prefix, snap, keep, trend_rows)
+        pipe.execute()
 
 
 if __name__ == "__main__":
