@@ -11,10 +11,6 @@ import pytest
 
 from testbed import RedisServer, Site, start_crawler
 
-# Temporary: test_api.py, test_alert.py and test_dashboard.py still import these from here; once they import
-# them from testbed, this line goes.
-from testbed import ROOT, clean_env, free_port, wait_for  # noqa: F401
-
 
 @pytest.fixture(scope="session")
 def redis_server():

@@ -23,7 +23,8 @@ from aiosmtpd.smtp import AuthResult
 
 import alert
 import monitors
-from conftest import ROOT, RedisServer, clean_env, free_port, wait_for
+import testbed
+from testbed import ROOT, RedisServer, clean_env, free_port, wait_for
 
 MB = 1024 * 1024
 T0 = 1_700_000_000  # the explicit clock of most tests
@@ -145,16 +146,15 @@ def make(redis_url, smtp, monkeypatch):
     return build
 
 
+# test_alert's quiet node over testbed.snapshot's defaults: nothing near a threshold, no work queued.
+QUIET = dict(host="h1", pid=1, cpu=10.0, memory=20.0, bytes_sent=0, bytes_recv=0, pages=0, items=0, pages_per_min=0.0,
+             rss=100 * MB,
+             queue_requests=0, queue_start_urls=0, queue_dupefilter=0)
+
+
 def report(r, node, ts, prefix="scrapy", **fields):
     """Write a node's snapshot as the extension does."""
-    snapshot = {"timestamp": int(ts), "spider": "main_spider", "cpu": 10.0, "memory": 20.0, "bytes_sent": 0,
-                "bytes_recv": 0, "node": node, "host": "h1", "pid": 1, "status": "running", "interval": 10,
-                "pages": 0, "items": 0, "errors": 0, "errors_per_min": 0.0, "rss": 100 * MB,
-                "queue_requests": 0, "queue_start_urls": 0, "queue_dupefilter": 0}
-    snapshot.update(fields)
-    with r.pipeline(transaction=False) as pipe:
-        monitors.write_snapshot(pipe, prefix, snapshot, 10)
-        pipe.execute()
+    testbed.publish(r, testbed.snapshot(node, now=ts, **{**QUIET, **fields}), prefix=prefix, history_len=10)
 
 
 def run_script(*args, env, timeout=30):

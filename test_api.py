@@ -2,6 +2,7 @@
 and a real ``scrapy crawl`` node."""
 
 import contextlib
+import functools
 import gzip
 import json
 import logging
@@ -23,7 +24,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 import monitor_api
 import monitors
-from conftest import ROOT, RedisServer, clean_env, free_port, wait_for
+import testbed
+from testbed import ROOT, RedisServer, clean_env, free_port, wait_for
 
 SEED_FIELDS = {"timestamp", "spider", "cpu", "memory", "bytes_sent", "bytes_recv"}
 CONTRACT_FIELDS = SEED_FIELDS | {"node", "host", "pid", "status", "interval", "pages", "items", "state"}
@@ -31,25 +33,16 @@ LOAD_CLIENTS = 64
 LOAD_SECONDS = 30
 
 
-def snap(node, spider="main_spider", age=0, **fields):
-    """A snapshot as the extension writes it, ``age`` seconds old."""
-    now = int(time.time())
-    out = {"timestamp": now - age, "spider": spider, "cpu": 12.5, "memory": 45.3, "bytes_sent": 102400,
-           "bytes_recv": 409600, "node": node, "host": "host-a", "pid": 4242, "status": "running", "interval": 10,
-           "start_time": now - 600, "pages": 10, "items": 8, "requests": 12, "errors": 1, "warnings": 0,
-           "retries": 2, "exceptions": 0, "dropped": 0, "status_1xx": 0, "status_2xx": 9, "status_3xx": 0,
-           "status_4xx": 1, "status_5xx": 0, "rss": 50_000_000, "process_cpu": 7.5, "net_sent_rate": 100.0,
-           "net_recv_rate": 400.0, "pages_per_min": 6.0, "items_per_min": 4.8, "errors_per_min": 0.0,
-           "requests_per_min": 7.0, "queue_requests": 5, "queue_start_urls": 0, "queue_dupefilter": 20}
-    out.update(fields)
-    return out
+# test_api's figures over testbed.snapshot's defaults: small numbers, so sums and means are easy to check.
+snap = functools.partial(
+    testbed.snapshot, host="host-a", cpu=12.5, memory=45.3, bytes_sent=102400, bytes_recv=409600, pages=10, items=8,
+    requests=12, errors=1, warnings=0, retries=2, exceptions=0, status_2xx=9, status_3xx=0, status_4xx=1,
+    status_5xx=0, rss=50_000_000, process_cpu=7.5, net_sent_rate=100.0, net_recv_rate=400.0, pages_per_min=6.0,
+    items_per_min=4.8, requests_per_min=7.0, queue_requests=5, queue_start_urls=0, queue_dupefilter=20)
 
 
 def store(client, *snaps, prefix="scrapy", trend_rows=()):
-    with client.pipeline(transaction=False) as pipe:
-        for s in snaps:
-            monitors.write_snapshot(pipe, prefix, s, 360, trend_rows)
-        pipe.execute()
+    testbed.publish(client, *snaps, prefix=prefix, trend_rows=trend_rows, history_len=360)
 
 
 def make_app(url, **config):

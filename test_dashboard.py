@@ -3,13 +3,11 @@
 """
 
 import base64
+import functools
 import hashlib
 import json
 import os
 import re
-import shutil
-import subprocess
-import sys
 import time
 from urllib.parse import quote
 
@@ -17,15 +15,12 @@ import pytest
 import requests
 
 import monitors
-from conftest import RedisServer, free_port, wait_for
-from demo_site import clean_env, stop_process
+import testbed
+from testbed import CHROMIUM, CHROMIUM_ARGS, ApiServer, RedisServer, wait_for
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 PAGE = os.path.join(ROOT, "dashboard.html")
 ARTIFACTS = os.path.join(ROOT, "artifacts")
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 PREFIX = "scrapy"
 # The page polls this often (ms) in tests, instead of every 5 s.
 FAST = 300
@@ -35,36 +30,6 @@ XSS = '<img src=x onerror="window.__xss=1">'
 
 
 # ---------------------------------------------------------------------------- servers and data
-
-class ApiServer:
-    """``python monitor_api.py --port N`` in a subprocess, stoppable and restartable on the same port."""
-
-    def __init__(self, redis_url, **env):
-        self.port = free_port()
-        self.env = clean_env(env, REDIS_URL=redis_url, MONITOR_KEY_PREFIX=PREFIX)
-        self.proc = None
-
-    @property
-    def url(self):
-        return f"http://127.0.0.1:{self.port}"
-
-    def start(self):
-        self.proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "monitor_api.py"), "--port", str(self.port)],
-                                     cwd=ROOT, env=self.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-
-        def up():
-            assert self.proc.poll() is None, "monitor_api.py exited"
-            try:
-                return requests.get(self.url + "/health", timeout=1).status_code in (200, 503)
-            except requests.ConnectionError:
-                return False
-
-        wait_for(up, 15, what="monitor_api.py to listen")
-        return self
-
-    def stop(self):
-        self.proc = stop_process(self.proc)
-
 
 @pytest.fixture(scope="module")
 def api(redis_server):
@@ -87,42 +52,8 @@ def servers():
         thing.cleanup() if isinstance(thing, RedisServer) else thing.stop()
 
 
-def snapshot(node, spider="main_spider", age=0, interval=10, status="running", **fields):
-    """A snapshot as monitors.SpiderMonitor writes it, ``age`` seconds old."""
-    now = int(time.time())
-    snap = {
-        "timestamp": now - age, "spider": spider, "node": node, "host": "worker-1", "pid": 4242,
-        "status": status, "interval": interval, "start_time": now - 3600, "finish_reason": None,
-        "cpu": 37.5, "memory": 61.2, "bytes_sent": 10_000_000, "bytes_recv": 80_000_000,
-        "rss": 150 * 1024 * 1024, "process_cpu": 12.5, "net_sent_rate": 1234.5, "net_recv_rate": 2.5 * 1024 * 1024,
-        "pages": 12345, "items": 6789, "requests": 13000, "errors": 0, "warnings": 1, "retries": 3,
-        "exceptions": 2, "dropped": 0, "status_1xx": 0, "status_2xx": 12000, "status_3xx": 100,
-        "status_4xx": 240, "status_5xx": 5, "pages_per_min": 120.0, "items_per_min": 60.0,
-        "requests_per_min": 125.0, "errors_per_min": 0.0,
-        "queue_requests": 4321, "queue_start_urls": 12, "queue_dupefilter": 99999,
-    }
-    if status == "closed":
-        snap["finish_reason"] = "finished"
-    snap.update(fields)
-    return snap
-
-
-def publish(client, *snaps, history=0, stamp=False):
-    """Write snapshots the way a node does; ``history`` earlier rows (one per interval) come first. With
-    ``stamp`` Redis stamps each one's report time with its own clock, as the extension's writes do;
-    without, a snapshot's age is its ``timestamp``'s."""
-    with client.pipeline(transaction=False) as pipe:
-        for snap in snaps:
-            trend = monitors.TrendBuffer()
-            step = int(snap["interval"])
-            for i in range(history, 0, -1):
-                wave = (i % 12) / 12
-                old = dict(snap, timestamp=snap["timestamp"] - i * step, cpu=round(20 + 60 * wave, 1),
-                           memory=round(50 + 10 * wave, 1), pages_per_min=round(80 + 80 * wave, 1))
-                done = trend.add(monitors.history_row(old))
-                monitors.write_snapshot(pipe, PREFIX, old, 360, [done] if done else [])
-            monitors.write_snapshot(pipe, PREFIX, snap, 360, stamp=stamp)
-        pipe.execute()
+snapshot = testbed.snapshot
+publish = functools.partial(testbed.publish, prefix=PREFIX, history_len=360)
 
 
 # ---------------------------------------------------------------------------- browser

@@ -317,10 +317,13 @@ def snapshot(node, spider="main_spider", age=0, now=None, **fields):
     return snap
 
 
-def publish(client, *snapshots, prefix=monitors.DEFAULT_PREFIX, history=0, history_len=None, trend_rows=()):
+def publish(client, *snapshots, prefix=monitors.DEFAULT_PREFIX, history=0, history_len=None, trend_rows=(),
+            stamp=False):
     """Write snapshots as their nodes do, in one pipeline. ``history`` earlier rows per node (one per interval,
     with figures that rise and fall, and their 5-minute trend rows) come first; ``history_len`` rows are kept
-    (default: an hour's worth, as a node keeps); ``trend_rows`` go with each snapshot."""
+    (default: an hour's worth, as a node keeps); ``trend_rows`` go with each snapshot. With ``stamp`` Redis
+    stamps each snapshot's report time (``seen``) with its own clock, as the extension's writes do; without,
+    a snapshot's age is its ``timestamp``'s (tests on a made-up clock)."""
     with client.pipeline(transaction=False) as pipe:
         for snap in snapshots:
             interval = monitors.number(snap.get("interval"))
@@ -333,7 +336,7 @@ def publish(client, *snapshots, prefix=monitors.DEFAULT_PREFIX, history=0, histo
                            memory=round(50 + 10 * wave, 1), pages_per_min=round(80 + 80 * wave, 1))
                 done = trend.add(monitors.history_row(old))
                 monitors.write_snapshot(pipe, prefix, old, keep, [done] if done else [])
-            monitors.write_snapshot(pipe, prefix, snap, keep, trend_rows)
+            monitors.write_snapshot(pipe, prefix, snap, keep, trend_rows, stamp=stamp)
         pipe.execute()
 
 
