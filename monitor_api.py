@@ -816,6 +816,11 @@ class ClusterCollector:
         for node, s in self.nodes.items():
             up.add_metric([node, s["spider"]], 1 if s["state"] == "live" else 0)
         yield up
+        state = GaugeMetricFamily("scrapy_node_state", "1 for the node's state (live, paused, stale, closed).",
+                                  labels=labels + ["state"])
+        for node, s in self.nodes.items():
+            state.add_metric([node, s["spider"], s["state"]], 1)
+        yield state
         views = monitors.spiders_view(self.nodes)
         count = GaugeMetricFamily("scrapy_nodes", "Nodes of each spider by state.", labels=["spider", "state"])
         queue = GaugeMetricFamily("scrapy_queue_size", "Entries in the spider's shared scrapy-redis queues.",
