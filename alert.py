@@ -284,7 +284,7 @@ def load_config(argv=None):
         raise monitors.ConfigError("SMTP_PASSWORD is set but SMTP_USER is not")
     if args.webhook_url:
         check_webhook_url(args.webhook_url)
-    if not args.to and (given & set(SMTP_VARS) or args.test_mail and not args.webhook_url):
+    if not args.to and (given & set(SMTP_VARS) or args.test_mail and not (args.webhook_url or args.notify_urls)):
         raise monitors.ConfigError("ALERT_TO is not set: mail needs at least one recipient")
     if not args.from_addr:
         user = args.smtp_user or ""
@@ -402,12 +402,14 @@ def evaluate(nodes, state, stall, now, cfg, silences=None):
     """One evaluation over ``{node: snapshot with state}``, the stored alerts and stall trackers.
 
     Returns ``(state changes, stall changes, notifications)``; a change of None deletes the field.
-    ``silences`` (``{id: silence}``) hold back what matching alerts send (see ``in_the_open``).
+    ``silences`` (``{id: silence}``, as ``monitors.read_silences`` returns) hold back what matching alerts
+    send (see ``in_the_open``).
     Pure: no Redis, no clock, so tests can drive it with any ``now``.
     """
     state_changes, stall_changes, notes = {}, {}, []
     rules = active_rules(cfg)
     limits = {rule.name: threshold(rule, cfg) for rule in rules}
+    silences = monitors.SilenceIndex(silences or {})
     track = RULE["stalled"] in rules
     records_of = {}  # {node: {rule: record}}: few nodes have any, so most nodes cost no key lookups
     for key, record in state.items():
@@ -1151,7 +1153,7 @@ def in_the_open(rule, node, snapshot, record, new, event, value, limit, silences
     base = new or record or {}
     labels = {"node": node, "rule": rule.name, "spider": snapshot.get("spider", base.get("spider")),
               "host": snapshot.get("host", base.get("host"))}
-    sid = monitors.silence_for(silences, labels) if silences else None
+    sid = silences.match(labels) if silences else None
     if event == "resolved":
         return new, None if sid or not record.get("notified", True) else event
     if new is None:
