@@ -824,7 +824,8 @@ class Store:
     """The alerter's keys: alert state and stall trackers (hashes of JSON), the outbox (a hash of messages
     to send) and the dead letters (a capped list, and their count). Read-only without a lock (dry run)."""
 
-    TYPES = {"state": "hash", "stall": "hash", "outbox": "hash", "dead": "list", "dead_total": "string"}
+    TYPES = {"state": "hash", "stall": "hash", "outbox": "hash", "dead": "list", "dead_total": "string",
+             "silences": "hash", "heartbeat": "string"}
 
     def __init__(self, r, prefix, lock=None):
         self.r, self.prefix, self.lock = r, prefix, lock

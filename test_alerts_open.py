@@ -22,7 +22,7 @@ import monitor_api
 import monitors
 from conftest import ROOT, free_port, wait_for
 from test_alert import T0, make, report, run_script, smtp, webhook  # noqa: F401 (fixtures)
-from test_dashboard import ApiServer, WAIT, browser, open_page, until  # noqa: F401 (fixtures)
+from test_dashboard import XSS, ApiServer, WAIT, browser, open_page, until  # noqa: F401 (fixtures)
 
 ALERTMANAGER = shutil.which("prometheus-alertmanager") or shutil.which("alertmanager")
 PROMTOOL = shutil.which("promtool")
@@ -138,6 +138,17 @@ def test_bad_alertmanager_url_or_format_is_one_line_and_exit_2(redis_url):
         assert "tok3n" not in done.stderr
 
 
+def test_alertmanager_down_is_logged_once_and_mail_still_goes(make, redis_client, smtp, caplog):
+    alerter = make("--for", "0", ALERT_ALERTMANAGER_URL=f"http://127.0.0.1:{free_port()}/")
+    with caplog.at_level(logging.WARNING, logger="alert"):
+        for t in (0, 60):
+            report(redis_client, "n1", T0 + t, cpu=99.0)
+            assert alerter.tick(T0 + t)
+    assert smtp.subjects() == ["[scrapy] FIRING 1: cpu on n1"]
+    failed = [r.getMessage() for r in caplog.records if "cannot post" in r.getMessage()]
+    assert len(failed) == 1 and "Alertmanager http://127.0.0.1" in failed[0]
+
+
 # ---------------------------------------------------------------------------- Prometheus rules
 
 def test_promtool_checks_and_unit_tests_the_rules(redis_url, redis_client):
@@ -232,6 +243,15 @@ def test_deleting_a_silence_with_two_alerters_sends_the_firing_once(make, redis_
         report(redis_client, "n1", T0 + t, cpu=99.0, memory=95.0)
         alerter.run_once(T0 + t)
     assert smtp.subjects()[1:] == ["[scrapy] FIRING 1: cpu on n1"]
+
+
+def test_a_silences_key_of_the_wrong_type_is_set_aside_and_alerts_go_on(make, redis_client, smtp, caplog):
+    redis_client.set("scrapy:alert:silences", "junk")
+    report(redis_client, "n1", T0, cpu=99.0)
+    make("--for", "0").run_once(T0)
+    assert smtp.subjects() == ["[scrapy] FIRING 1: cpu on n1"]
+    assert redis_client.get("scrapy:alert:silences:aside") == b"junk"
+    assert "scrapy:alert:silences is a string, not a hash" in caplog.text
 
 
 def test_silence_command_line_adds_lists_and_deletes(redis_url, redis_client):
@@ -337,12 +357,16 @@ def test_page_shows_a_firing_alert_and_silences_it(make, redis_client, redis_ser
         report(redis_client, "main_spider:w1:1", now, cpu=99.0, host="w1")
         report(redis_client, "main_spider:w2:2", now, cpu=10.0, host="w2")
         report(redis_client, "main_spider:w3:3", now, memory=95.0, host="w3")
+        report(redis_client, XSS, now, rss=3000 * 1024 * 1024, host=XSS, spider="__proto__")
         alerter.run_once()
         page = open_page(f"{server.url}/?interval=300")
-        until(page, "() => document.getElementById('s-alerts').textContent === '2'")
+        until(page, "() => document.getElementById('s-alerts').textContent === '3'")
         row = page.locator('#a-list li[data-alert="cpu:main_spider:w1:1"]')
         row.wait_for(timeout=WAIT)
         assert "ScrapyHostCpuHigh" in row.inner_text() and row.get_attribute("data-state") == "firing"
+        hostile = page.locator(f"#a-list li[data-alert={json.dumps('rss:' + XSS)}]")
+        assert XSS in hostile.inner_text() and page.evaluate("() => window.__xss") is None
+        assert "ScrapyProcessRssHigh" in page.locator(f"[data-node={json.dumps(XSS)}]").get_attribute("data-alert")
         card = page.locator('[data-node="main_spider:w1:1"]')
         assert "ScrapyHostCpuHigh" in card.get_attribute("data-alert", timeout=WAIT)
         assert page.locator('[data-node="main_spider:w2:2"]').get_attribute("data-alert") is None
