@@ -9,6 +9,11 @@ under ``<prefix>:alert:``, so restarts, cron runs and several alert.py processes
 unless one dies between a send and its record (then it is sent again). A message refused for good, or
 failing for longer than ALERT_GIVE_UP, moves to the dead letters. With no channel set, notifications are
 printed on the console.
+
+Alerts in the open: each record carries what ``GET /alerts`` shows, a heartbeat says an alerter runs,
+silences (``--silence``, ``POST /silences``) hold back what matching alerts send, ALERT_ALERTMANAGER_URL
+feeds Alertmanager, ALERT_WEBHOOK_FORMAT=alertmanager shapes the webhook's body as Alertmanager's, and
+ALERT_NOTIFY_URLS adds Apprise channels (Telegram, Discord, Teams, DingTalk, Feishu, WeCom...).
 """
 
 import argparse
