@@ -9,13 +9,20 @@ under ``<prefix>:alert:``, so restarts, cron runs and several alert.py processes
 unless one dies between a send and its record (then it is sent again). A message refused for good, or
 failing for longer than ALERT_GIVE_UP, moves to the dead letters. With no channel set, notifications are
 printed on the console.
+
+Alerts in the open: each record carries what ``GET /alerts`` shows, a heartbeat says an alerter runs,
+silences (``--silence``, ``POST /silences``) hold back what matching alerts send, ALERT_ALERTMANAGER_URL
+feeds Alertmanager, ALERT_WEBHOOK_FORMAT=alertmanager shapes the webhook's body as Alertmanager's, and
+ALERT_NOTIFY_URLS adds Apprise channels (Telegram, Discord, Teams, DingTalk, Feishu, WeCom...).
 """
 
 import argparse
+import hashlib
 import html
 import json
 import logging
 import math
+import os
 import signal
 import smtplib
 import socket
@@ -226,6 +233,16 @@ SETTINGS = (
     ("SMTP_USER", "--smtp-user", "smtp_user", None, str, "log in as this user (no login when unset)"),
     ("SMTP_PASSWORD", None, "smtp_password", None, str, "password for SMTP_USER (environment only)"),
 )
+# Alerts in the open: Alertmanager, the webhook's body, Apprise (ALERT_NOTIFY_URLS: environment only, its
+# URLs carry tokens).
+SETTINGS += (
+    ("ALERT_ALERTMANAGER_URL", "--alertmanager-url", "alertmanager_url", None, str,
+     "Alertmanager's base URL: the active alerts are posted to its /api/v2/alerts each evaluation"),
+    ("ALERT_WEBHOOK_FORMAT", "--webhook-format", "webhook_format", "slack", "format",
+     "the webhook's body: slack (Slack-compatible) or alertmanager (Alertmanager's webhook body)"),
+    ("ALERT_NOTIFY_URLS", None, "notify_urls", None, "list",
+     "comma-separated Apprise URLs (tgram://, discord://, ...), one channel each (environment only)"),
+)
 SMTP_VARS = ("SMTP_HOST", "SMTP_PORT", "SMTP_SECURITY", "SMTP_USER", "SMTP_PASSWORD")
 
 
@@ -234,14 +251,16 @@ def build_parser():
         prog="alert.py", description=__doc__.split("\n\n")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Every flag defaults to its environment variable (shown in brackets), then to the default.\n"
-               "SMTP_PASSWORD is read from the environment only. With no ALERT_TO and no ALERT_WEBHOOK_URL,\n"
+               "SMTP_PASSWORD and ALERT_NOTIFY_URLS (comma-separated Apprise URLs, e.g. tgram://..., each a\n"
+               "channel) are read from the environment only. With no ALERT_TO, ALERT_WEBHOOK_URL or ALERT_NOTIFY_URLS,\n"
                "notifications are printed here. Redis keys: <prefix>:alert:state, :stall, :outbox, :lock,\n"
-               ":dead (dead letters), :dead_total.",
+               ":dead (dead letters), :dead_total, :silences, :heartbeat.",
     )
     parser.add_argument("--once", action="store_true", help="evaluate once and exit (for cron)")
     parser.add_argument("--dry-run", action="store_true",
                         help="print what would be sent; send nothing, store nothing")
     parser.add_argument("--test-mail", action="store_true", help="send one test message and exit")
+    add_silence_flags(parser)
     for name, flag, attr, default, kind, text in SETTINGS:
         if flag:
             shown = f"{name}, default {default}" if default is not None else name
@@ -253,6 +272,7 @@ def load_config(argv=None):
     """Flags over environment over defaults, checked: returns the parsed arguments or raises ConfigError."""
     args = build_parser().parse_args(argv)
     given = set()
+    args.silence_for, args.for_seconds = (args.for_seconds, None) if args.silence else (None, args.for_seconds)
     for name, flag, attr, default, kind, _ in SETTINGS:
         raw = getattr(args, attr, None)
         raw = monitors.env(name) if raw is None or raw == "" else raw
@@ -260,6 +280,7 @@ def load_config(argv=None):
             given.add(name)
         setattr(args, attr, _convert(name, raw, default, kind))
     check_redis_url(args.redis_url)
+    check_open_settings(args)
     if args.smtp_port is None:
         args.smtp_port = 465 if args.smtp_security == "ssl" else 25
     if not 0 < args.smtp_port < 65536:
@@ -268,7 +289,7 @@ def load_config(argv=None):
         raise monitors.ConfigError("SMTP_PASSWORD is set but SMTP_USER is not")
     if args.webhook_url:
         check_webhook_url(args.webhook_url)
-    if not args.to and (given & set(SMTP_VARS) or args.test_mail and not args.webhook_url):
+    if not args.to and (given & set(SMTP_VARS) or args.test_mail and not (args.webhook_url or args.notify_urls)):
         raise monitors.ConfigError("ALERT_TO is not set: mail needs at least one recipient")
     if not args.from_addr:
         user = args.smtp_user or ""
@@ -315,7 +336,7 @@ def check_redis_url(url):
         raise monitors.ConfigError(f"REDIS_URL: {exc}") from None
 
 
-def check_webhook_url(url):
+def check_webhook_url(url, name="ALERT_WEBHOOK_URL"):
     """ConfigError unless ``url`` is http(s) with a host, a valid port and no blank or control character.
     The message never quotes the URL: its path is often its secret."""
     try:
@@ -325,7 +346,7 @@ def check_webhook_url(url):
         ok = False
     if not ok or any(c.isspace() or not c.isprintable() for c in url):
         raise monitors.ConfigError(
-            "ALERT_WEBHOOK_URL must be an http:// or https:// URL with a host, a valid port and no spaces")
+            f"{name} must be an http:// or https:// URL with a host, a valid port and no spaces")
 
 
 # ---------------------------------------------------------------------------- evaluation
@@ -382,15 +403,18 @@ def figure(rule, snapshot, limit, stuck_since, now):
     return rule.check(rule, snapshot, limit, stuck_since, now)
 
 
-def evaluate(nodes, state, stall, now, cfg):
+def evaluate(nodes, state, stall, now, cfg, silences=None):
     """One evaluation over ``{node: snapshot with state}``, the stored alerts and stall trackers.
 
     Returns ``(state changes, stall changes, notifications)``; a change of None deletes the field.
+    ``silences`` (``{id: silence}``, as ``monitors.read_silences`` returns) hold back what matching alerts
+    send (see ``in_the_open``).
     Pure: no Redis, no clock, so tests can drive it with any ``now``.
     """
     state_changes, stall_changes, notes = {}, {}, []
     rules = active_rules(cfg)
     limits = {rule.name: threshold(rule, cfg) for rule in rules}
+    silences = monitors.SilenceIndex(silences or {})
     track = RULE["stalled"] in rules
     records_of = {}  # {node: {rule: record}}: few nodes have any, so most nodes cost no key lookups
     for key, record in state.items():
@@ -399,6 +423,8 @@ def evaluate(nodes, state, stall, now, cfg):
 
     def apply(rule, node, snapshot, record, value):
         new, event = step(record, value, now, cfg)
+        new, event = in_the_open(rule, node, snapshot, record, new, event, value, limits.get(rule.name), silences,
+                                 now)
         if new != record:
             state_changes[f"{rule.name}:{node}"] = new
         if event:
@@ -646,11 +672,15 @@ class Webhook:
 
     def __init__(self, cfg):
         self.url = cfg.webhook_url
+        self.format = cfg.webhook_format
 
     def describe(self):
         return f"webhook {monitors.safe_url(self.url)}"
 
     def send(self, alerts, prefix, recipients=None):
+        if self.format == "alertmanager":
+            self.post(alertmanager_webhook_body(alerts, prefix))
+            return {}
         text = "\n".join([subject(alerts, prefix)] + text_lines(alerts))
         # Slack reads <...> as links and & as an entity: its docs ask for these three escaped.
         text = text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
@@ -693,7 +723,7 @@ class Console:
 
 
 def channels_for(cfg, out):
-    channels = ([Mail(cfg)] if cfg.to else []) + ([Webhook(cfg)] if cfg.webhook_url else [])
+    channels = ([Mail(cfg)] if cfg.to else []) + ([Webhook(cfg)] if cfg.webhook_url else []) + notify_channels(cfg)
     return {channel.name: channel for channel in channels or [Console(out)]}
 
 
@@ -799,7 +829,8 @@ class Store:
     """The alerter's keys: alert state and stall trackers (hashes of JSON), the outbox (a hash of messages
     to send) and the dead letters (a capped list, and their count). Read-only without a lock (dry run)."""
 
-    TYPES = {"state": "hash", "stall": "hash", "outbox": "hash", "dead": "list", "dead_total": "string"}
+    TYPES = {"state": "hash", "stall": "hash", "outbox": "hash", "dead": "list", "dead_total": "string",
+             "silences": "hash", "heartbeat": "string"}
 
     def __init__(self, r, prefix, lock=None):
         self.r, self.prefix, self.lock = r, prefix, lock
@@ -996,7 +1027,8 @@ class DryRun:
 
     def run(self, nodes, now):
         state, stall = self.store.read(now) if self.memory is None else self.memory
-        state_changes, stall_changes, notes = evaluate(nodes, state, stall, now, self.cfg)
+        silences = monitors.read_silences(self.store.r, self.cfg.prefix, now)
+        state_changes, stall_changes, notes = evaluate(nodes, state, stall, now, self.cfg, silences)
         self.memory = (_merged(state, state_changes), _merged(stall, stall_changes))
         firing = sum(r["state"] == "firing" for r in self.memory[0].values())
         summary = (f"{len(nodes)} node(s), {firing} firing, {len(self.memory[0]) - firing} pending, "
@@ -1031,6 +1063,8 @@ class Alerter:
         self.unreachable = monitors.Outage(logger, logging.ERROR)
         self.broken = monitors.Outage(logger, logging.ERROR)
         self.malformed = 0
+        self.alertmanager = Alertmanager(cfg) if cfg.alertmanager_url else None
+        self.who = f"{socket.gethostname()}:{os.getpid()}"
 
     def tick(self, now=None):
         """One evaluation and delivery; whatever goes wrong is logged and the next tick tries again.
@@ -1065,6 +1099,7 @@ class Alerter:
         try:
             try:
                 nodes, now = self.read_nodes(now)
+                monitors.write_heartbeat(self.r, self.cfg.prefix, now, self.cfg.interval, self.who)
             except WrongType:
                 self.delivery.run(time.time() if now is None else now)  # what is queued still goes out
                 raise
@@ -1090,15 +1125,227 @@ class Alerter:
 
     def evaluate(self, nodes, now):
         state, stall = self.store.read(now)
-        state_changes, stall_changes, notes = evaluate(nodes, state, stall, now, self.cfg)
+        silences = monitors.read_silences(self.r, self.cfg.prefix, now)
+        state_changes, stall_changes, notes = evaluate(nodes, state, stall, now, self.cfg, silences)
         entries = {}
         for name in self.channels if notes else ():
             entries[f"{now:.3f}:{uuid.uuid4().hex[:8]}:{name}"] = _dump(
                 {"channel": name, "created": now, "attempts": 0, "next_try": now, "alerts": notes})
         self.store.write(state_changes, stall_changes, entries)
+        if self.alertmanager:
+            self.alertmanager.sync(_merged(state, state_changes), notes, now)
         if notes:
             logger.info("Alert: %s", subject(notes, self.cfg.prefix))
         return notes
+
+
+# ---------------------------------------------------------------------------- alerts in the open
+# What /alerts shows of each record, silences, Alertmanager (its API and its webhook body) and Apprise.
+
+# Alertmanager takes a firing alert as resolved when it is not posted again before its endsAt: like
+# Prometheus, say it ends this many evaluations from now, so each evaluation's re-post keeps it firing.
+ALERTMANAGER_RESEND = 4
+# What Alertmanager's webhook says for the end of an alert that has not ended.
+ZERO_TIME = "0001-01-01T00:00:00Z"
+FORMATS = ("slack", "alertmanager")
+
+
+def in_the_open(rule, node, snapshot, record, new, event, value, limit, silences, now):
+    """One step's outcome ``(new record, event)`` with silences applied and what /alerts shows stored in the
+    record (alertname, severity, threshold, spider, host, value, summary, silenced). A silenced alert keeps
+    its state and sends nothing; a firing never sent (``notified`` false) is sent once no silence matches
+    it; its resolution is sent only if its firing was."""
+    snapshot = snapshot or {}
+    base = new or record or {}
+    labels = {"node": node, "rule": rule.name, "spider": snapshot.get("spider", base.get("spider")),
+              "host": snapshot.get("host", base.get("host"))}
+    sid = silences.match(labels) if silences else None
+    if event == "resolved":
+        return new, None if sid or not record.get("notified", True) else event
+    if new is None:
+        return None, event
+    new = {**new, "alertname": rule.alertname, "severity": rule.severity, "threshold": limit,
+           "spider": labels["spider"], "host": labels["host"], "silenced": sid}
+    if value is not None and value is not SILENCED:
+        new["value"] = value
+    if new["state"] != "firing":
+        return new, event
+    if event == "firing" and sid:
+        if not record or record["state"] == "pending":
+            new["notified"] = False  # fired under a silence: sent when it ends, if still firing
+        event = None
+    elif event == "firing":
+        new["notified"] = True
+    elif sid is None and not new.get("notified", True) and value is not SILENCED:
+        new.update(sent=now, notified=True)  # its silence ended while it still fires
+        event = "firing"
+    if "value" in new:
+        new["summary"] = firing_summary(rule, new["value"], snapshot, limit)
+    return new, event
+
+
+def alertmanager_alert(a, ends_at):
+    """One alert as Alertmanager's API takes it, from a notification (or a firing record made one)."""
+    labels = {"alertname": a["alertname"], "severity": a["severity"], "node": a["node"], "spider": a.get("spider"),
+              "host": a.get("host")}
+    return {"labels": {k: str(v) for k, v in labels.items() if v},
+            "annotations": {"summary": f"{a['alertname']} on {a['node']}: {a['summary']}",
+                            "description": f"{a['rule']} alert on node {a['node']} (spider {a.get('spider')}, "
+                                           f"host {a.get('host')}): {a['summary']}"},
+            "startsAt": a["starts_at"], "endsAt": ends_at}
+
+
+def alertmanager_webhook_body(alerts, prefix):
+    """ALERT_WEBHOOK_FORMAT=alertmanager: Alertmanager's webhook body (version 4) for one message."""
+    out = []
+    for a in alerts:
+        one = alertmanager_alert(a, a["ends_at"] or ZERO_TIME)
+        key = json.dumps(one["labels"], sort_keys=True).encode()
+        out.append({"status": a["status"], **one, "generatorURL": "",
+                    "fingerprint": hashlib.sha256(key).hexdigest()[:16]})
+    common = [set(a["labels"].items()) for a in out]
+    notes = [set(a["annotations"].items()) for a in out]
+    return {"version": "4", "groupKey": f"{{}}:{{prefix={json.dumps(prefix)}}}", "truncatedAlerts": 0,
+            "status": "firing" if any(a["status"] == "firing" for a in alerts) else "resolved",
+            "receiver": "scrapy-cluster-monitor", "groupLabels": {},
+            "commonLabels": dict(set.intersection(*common)) if common else {},
+            "commonAnnotations": dict(set.intersection(*notes)) if notes else {},
+            "externalURL": "", "alerts": out}
+
+
+class Alertmanager(Webhook):
+    """ALERT_ALERTMANAGER_URL: each evaluation posts every firing alert that was sent (not silenced) and what
+    resolved, to /api/v2/alerts, so Alertmanager's own grouping, inhibition, silences and receivers apply.
+    Not through the outbox: the next evaluation posts the current state again."""
+
+    name = "alertmanager"
+
+    def __init__(self, cfg):
+        self.url = cfg.alertmanager_url.rstrip("/") + "/api/v2/alerts"
+        self.interval = cfg.interval
+        self.outage = monitors.Outage(logger)
+
+    def sync(self, state, notes, now):
+        alerts = [alertmanager_alert(a, a["ends_at"]) for a in notes if a["status"] == "resolved"]
+        ends = _iso(now + ALERTMANAGER_RESEND * self.interval)
+        for field, record in state.items():
+            if record["state"] == "firing" and record.get("notified", True) and not record.get("silenced"):
+                rule, _, node = field.partition(":")
+                a = {**record, "rule": rule, "node": node, "starts_at": _iso(record["fired"]),
+                     "alertname": RULE[rule].alertname, "severity": RULE[rule].severity,
+                     "summary": record.get("summary", "")}
+                alerts.append(alertmanager_alert(a, ends))
+        if not alerts:
+            return
+        try:
+            within(SEND_DEADLINE, self.post, alerts)
+        except Exception as exc:  # noqa: BLE001 - the next evaluation posts again
+            self.outage.failed("Alert: cannot post to %s (%s); posting again each evaluation", self.describe(),
+                               _one_line(exc, self.url))
+            return
+        self.outage.ok("Alert: %s takes alerts again", self.describe())
+
+    def describe(self):
+        return f"Alertmanager {monitors.safe_url(self.url)}"
+
+
+class Notify:
+    """One Apprise URL (ALERT_NOTIFY_URLS): Telegram, Discord, Teams, DingTalk, Feishu, WeCom, ntfy, Matrix...
+    Its URL is never logged (tokens sit in its host and path): only its scheme."""
+
+    def __init__(self, url):
+        import apprise  # here: only alert.py processes with ALERT_NOTIFY_URLS pay for it
+
+        self.url = url
+        self.scheme = url.partition("://")[0].lower()
+        # Stable across restarts (the outbox names it) and says nothing of the URL.
+        self.name = f"notify:{self.scheme}:{hashlib.sha256(url.encode()).hexdigest()[:8]}"
+        self.apprise = apprise.Apprise()
+        self.apprise.add(url)
+
+    def describe(self):
+        return f"Apprise {self.scheme}://..."
+
+    def send(self, alerts, prefix, recipients=None):
+        self.notify(subject(alerts, prefix), "\n".join([headline(alerts, prefix)] + text_lines(alerts)))
+        return {}
+
+    def send_test(self, prefix):
+        self.notify(f"[{_printable(prefix)}] test message from alert.py", "alert.py can send here.")
+
+    def notify(self, title, body):
+        if not self.apprise.notify(title=title, body=body):
+            raise ConnectionError(f"{self.describe()} did not take the notification")
+
+
+def notify_channels(cfg):
+    return [Notify(url) for url in cfg.notify_urls or ()]
+
+
+def check_open_settings(args):
+    """ConfigError for a bad ALERT_ALERTMANAGER_URL, ALERT_WEBHOOK_FORMAT or ALERT_NOTIFY_URLS entry (naming
+    only its scheme); the silence flags' matchers and duration checked."""
+    if args.alertmanager_url:
+        check_webhook_url(args.alertmanager_url, "ALERT_ALERTMANAGER_URL")
+    args.webhook_format = str(args.webhook_format).strip().lower()
+    if args.webhook_format not in FORMATS:
+        raise monitors.ConfigError(f"ALERT_WEBHOOK_FORMAT must be one of {', '.join(FORMATS)}, "
+                                   f"not {args.webhook_format[:50]!r}")
+    if args.notify_urls:
+        import apprise
+        logging.getLogger("apprise").setLevel(logging.CRITICAL + 1)  # its lines can quote a URL's token
+        for url in args.notify_urls:
+            if apprise.Apprise.instantiate(url) is None:
+                scheme = url.partition("://")[0][:20] if "://" in url else "(no scheme)"
+                raise monitors.ConfigError(f"ALERT_NOTIFY_URLS: an Apprise URL of scheme {scheme!r} is not usable "
+                                           "(unknown service, or missing parts)")
+    if args.silence:
+        pairs = [part.strip() for flag in args.silence for part in flag.split(",") if part.strip()]
+        if not all("=" in part for part in pairs):
+            raise monitors.ConfigError("--silence takes LABEL=VALUE pairs, e.g. --silence spider=main_spider")
+        args.silence = dict(part.split("=", 1) for part in pairs)
+        if args.silence_for is None:
+            raise monitors.ConfigError("--silence needs --for, e.g. --for 2h")
+        args.silence_for = monitors.duration("--for", args.silence_for)
+
+
+def add_silence_flags(parser):
+    parser.add_argument("--silence", action="append", metavar="LABEL=VALUE",
+                        help="add a silence for alerts matching these labels (node, spider, host, rule; "
+                             "comma-separated or repeated) for --for (3600, 90m, 2h, 1d), print its id and exit")
+    parser.add_argument("--comment", default="", help="the silence's comment")
+    parser.add_argument("--silences", action="store_true", help="list the active silences and exit")
+    parser.add_argument("--unsilence", metavar="ID", help="delete a silence and exit")
+
+
+def silences_command(cfg):
+    """--silence, --silences, --unsilence: 0 done, 1 Redis failed, 2 bad input."""
+    r = monitors.connect(cfg.redis_url)
+    try:
+        now = monitors.redis_now(r.time())
+        if cfg.silence:
+            who = f"alert.py on {socket.gethostname()}"
+            try:
+                silence = monitors.silence_from({"matchers": cfg.silence, "duration": cfg.silence_for,
+                                                 "comment": cfg.comment}, now, who)
+                sid = monitors.add_silence(r, cfg.prefix, silence)
+            except ValueError as exc:
+                return monitors.exit_config_error("alert.py", exc)
+            print(f"{sid} until {_iso(silence['until'])}")
+        elif cfg.unsilence:
+            if not monitors.delete_silence(r, cfg.prefix, cfg.unsilence):
+                print(f"alert.py: error: no silence {cfg.unsilence[:50]!r}", file=sys.stderr)
+                return 1
+            print(f"deleted {cfg.unsilence}")
+        else:
+            for sid, s in monitors.read_silences(r, cfg.prefix, now).items():
+                matchers = ",".join(f"{k}={v}" for k, v in s["matchers"].items())
+                print(_printable(f"{sid} {matchers} until {_iso(s['until'])} by {s.get('who')}: {s.get('comment')}"))
+    except redis.RedisError as exc:
+        print(f"alert.py: error: Redis at {monitors.redact(cfg.redis_url)}: {_one_line(exc, cfg.redis_url)}",
+              file=sys.stderr)
+        return 1
+    return 0
 
 
 # ---------------------------------------------------------------------------- command line
@@ -1111,6 +1358,8 @@ def main(argv=None):
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     alerter = Alerter(cfg, dry_run=cfg.dry_run)
     channels = "; ".join(c.describe() for c in alerter.channels.values())
+    if cfg.silence or cfg.silences or cfg.unsilence:
+        return silences_command(cfg)
     if cfg.test_mail:
         if cfg.dry_run:
             print(f"would send a test message by {channels}")
@@ -1119,7 +1368,7 @@ def main(argv=None):
     logger.info("Alert: watching %s at %s every %ss (rules: %s; %s)",
                 monitors.status_key(cfg.prefix), monitors.redact(cfg.redis_url), _fmt(cfg.interval),
                 ",".join(cfg.rules) or "none", "dry run: nothing is sent" if cfg.dry_run else channels)
-    if not (cfg.to or cfg.webhook_url or cfg.dry_run):
+    if not (cfg.to or cfg.webhook_url or cfg.notify_urls or cfg.dry_run):
         logger.warning("Alert: no channel configured (ALERT_TO, ALERT_WEBHOOK_URL): nothing is sent, "
                        "each notification is printed here")
     stop = threading.Event()

@@ -614,6 +614,51 @@ def openapi():
     return jsonify(OPENAPI)
 
 
+# ---------------------------------------------------------------------------- alerts and silences
+
+@bp.get("/alerts")
+def alerts():
+    """``{"alerts": [...], "alerter": heartbeat or null, "silences": n, "now"}``: the alerter's pending and
+    firing alerts, newest first (``monitors.read_alerts``)."""
+    return cached(lambda: json_body(monitors.read_alerts(reader().redis, reader().prefix)))
+
+
+@bp.get("/silences")
+def silences():
+    """``{"silences": [{id, matchers, until, comment, who, created}]}``, oldest first."""
+    found = monitors.read_silences(reader().redis, reader().prefix)
+    reader().answered()
+    return {"silences": [{"id": sid, **silence} for sid, silence in found.items()]}
+
+
+@bp.post("/silences")
+@acting
+def add_silence():
+    """``{"matchers": {...}, "duration" | "until", "comment"}`` -> 201 ``{"id", "until"}``."""
+    mon = reader()
+    now = monitors.redis_now(mon.redis.time())
+    try:
+        silence = monitors.silence_from(request.get_json(silent=True), now,
+                                        f"{g.actor['address']} ({g.actor['via']})")
+        sid = monitors.add_silence(mon.redis, mon.prefix, silence)
+    except ValueError as exc:
+        abort(400, str(exc))
+    mon.cache.entries.clear()  # /alerts shows it at once
+    logger.info("Silence %s added by %s: %s until %s", sid, g.actor["address"], silence["matchers"], silence["until"])
+    return {"id": sid, "until": silence["until"]}, 201
+
+
+@bp.delete("/silences/<node:name>")
+@acting
+def delete_silence(name):
+    """Delete a silence by id: 200 ``{"id", "deleted": true}``, or 404."""
+    if not monitors.delete_silence(reader().redis, reader().prefix, name[:100]):
+        abort(404, "no silence by that id")
+    reader().cache.entries.clear()
+    logger.info("Silence %s deleted by %s", name[:100], g.actor["address"])
+    return {"id": name, "deleted": True}
+
+
 # ---------------------------------------------------------------------------- errors
 
 @bp.app_errorhandler(HTTPException)
@@ -771,6 +816,11 @@ class ClusterCollector:
         for node, s in self.nodes.items():
             up.add_metric([node, s["spider"]], 1 if s["state"] == "live" else 0)
         yield up
+        state = GaugeMetricFamily("scrapy_node_state", "1 for the node's state (live, paused, stale, closed).",
+                                  labels=labels + ["state"])
+        for node, s in self.nodes.items():
+            state.add_metric([node, s["spider"], s["state"]], 1)
+        yield state
         views = monitors.spiders_view(self.nodes)
         count = GaugeMetricFamily("scrapy_nodes", "Nodes of each spider by state.", labels=["spider", "state"])
         queue = GaugeMetricFamily("scrapy_queue_size", "Entries in the spider's shared scrapy-redis queues.",
@@ -905,6 +955,22 @@ OPENAPI = {
             "summary": "The dashboard page (dashboard.html).",
             "responses": {"200": {"description": "The page.", "content": {"text/html": {"schema": {"type": "string"}}}},
                           "404": _json("dashboard.html is not installed.", _ref("Error")), **_GATE}}},
+        "/alerts": {"get": {
+            "summary": "The alerter's pending and firing alerts, newest first, and its heartbeat.",
+            "responses": {"200": _json("Alerts.", _ref("Alerts")), **_ERRORS}}},
+        "/silences": {
+            "get": {"summary": "The active silences, oldest first.",
+                    "responses": {"200": _json("Silences.", {"type": "object", "required": ["silences"]}), **_ERRORS}},
+            "post": {"summary": "Silence the alerts matching every given label (same access rules as control).",
+                     "requestBody": {"required": True, "content": {"application/json": {"schema": _ref("NewSilence")}}},
+                     "responses": {"201": _json("Created.", {"type": "object", "required": ["id", "until"]}),
+                                   **_ERRORS, "400": _json("Bad matchers, duration or until.", _ref("Error")),
+                                   "403": _json("Read-only, or no token from a browser.", _ref("Error"))}}},
+        "/silences/{name}": {"delete": {
+            "summary": "Delete a silence by id.", "parameters": [{"name": "name", "in": "path", "required": True,
+                                                                   "schema": {"type": "string"}}],
+            "responses": {"200": _json("Deleted.", {"type": "object", "required": ["id", "deleted"]}),
+                          "404": _json("No such silence.", _ref("Error")), **_ERRORS}}},
         "/openapi.json": {"get": {
             "summary": "This description.",
             "responses": {"200": _json("OpenAPI 3 document.", {"type": "object", "required": ["openapi", "paths"]}),
@@ -915,6 +981,14 @@ OPENAPI = {
                             "query": {"type": "apiKey", "in": "query", "name": "token"}},
         "schemas": {
             "Error": {"type": "object", "required": ["error"], "properties": {"error": {"type": "string"}}},
+            "Alerts": {"type": "object", "required": ["alerts", "alerter"], "properties": {"alerts": {
+                "type": "array", "items": {"type": "object", "required": [
+                    "rule", "alertname", "severity", "node", "spider", "host", "state", "value", "threshold",
+                    "since", "last_sent", "silenced"]}}}},
+            "NewSilence": {"type": "object", "required": ["matchers"], "properties": {
+                "matchers": {"type": "object", "description": "any of node, spider, host, rule"},
+                "duration": {"description": "seconds, or text like 90m, 2h, 1d (at most 30 days)"},
+                "until": {"type": "number"}, "comment": {"type": "string"}}},
             "Health": {"type": "object", "required": ["status", "redis", "nodes"],
                        "properties": {"status": {"type": "string"}, "redis": {"type": "string"},
                                       "nodes": {"type": "integer"}}},

@@ -15,6 +15,7 @@ import re
 import socket
 import sys
 import time
+import uuid
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
 import redis
@@ -634,6 +635,207 @@ def _bounded_int(text):
     if not -NUMBER_LIMIT < value < NUMBER_LIMIT:
         raise ValueError(f"{text} is out of range")
     return value
+
+
+# ---------------------------------------------------------------------------- alerts and silences (read side)
+# alert.py writes the alert records, the heartbeat and reads the silences; the API reads all three and writes
+# silences. Both go through these functions, so neither needs the other's code.
+
+# Silences match alerts on these labels; all given must match.
+SILENCE_MATCHERS = ("node", "spider", "host", "rule")
+# A silence longer than this is a typo: at most 30 days.
+MAX_SILENCE = 30 * 86400
+# Matcher values and comments longer than this are not names.
+MAX_SILENCE_TEXT = 500
+# At most this many silences at once: each evaluation checks every alert against each.
+MAX_SILENCES = 1000
+# Units of a duration such as ``2h`` or ``90m``.
+DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def duration(name, raw, maximum=MAX_SILENCE):
+    """``raw`` (``3600``, ``90m``, ``2h``, ``1d``) as seconds, more than 0 and at most ``maximum``;
+    ConfigError naming the setting otherwise."""
+    text = str(raw).strip().lower()
+    scale = DURATION_UNITS.get(text[-1:], 1)
+    try:
+        value = float(text[:-1] if text[-1:] in DURATION_UNITS else text) * scale
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and 0 < value <= maximum):
+        raise ConfigError(f"{name} must be a duration such as 3600, 90m, 2h or 1d, more than 0 and at most "
+                          f"{maximum / 86400:g} days, not {str(raw)[:50]!r}")
+    return value
+
+
+def silence_from(body, now, who):
+    """A silence checked from ``{"matchers": {...}, "duration" | "until", "comment"}``: a dict to store, or
+    ValueError saying what is wrong. ``until`` is unix seconds; ``duration`` seconds or ``2h``-style."""
+    if not isinstance(body, dict):
+        raise ValueError('send a JSON object: {"matchers": {"spider": "..."}, "duration": 3600, "comment": "..."}')
+    matchers = body.get("matchers")
+    if not isinstance(matchers, dict) or not matchers:
+        raise ValueError(f"matchers must be a non-empty object with any of {', '.join(SILENCE_MATCHERS)}")
+    for key, value in matchers.items():
+        if key not in SILENCE_MATCHERS:
+            raise ValueError(f"unknown matcher {str(key)[:50]!r}: matchers are {', '.join(SILENCE_MATCHERS)}")
+        if not (isinstance(value, str) and value and len(value) <= MAX_SILENCE_TEXT and _utf8(value)):
+            raise ValueError(f"matcher {key} must be a non-empty string of at most {MAX_SILENCE_TEXT} characters")
+    if ("duration" in body) == ("until" in body):
+        raise ValueError("give either duration (seconds, or like 2h) or until (unix seconds)")
+    if "until" in body:
+        until = body["until"]
+        if not (is_number(until) and now < until <= now + MAX_SILENCE):
+            raise ValueError(f"until must be unix seconds in the next {MAX_SILENCE // 86400} days")
+    else:
+        raw = body["duration"]
+        if not (is_number(raw) or isinstance(raw, str)):
+            raise ValueError("duration must be seconds or a text like 2h")
+        try:
+            until = now + duration("duration", raw)
+        except ConfigError as exc:
+            raise ValueError(str(exc)) from None
+    comment = body.get("comment", "")
+    if not (isinstance(comment, str) and len(comment) <= MAX_SILENCE_TEXT and _utf8(comment)):
+        raise ValueError(f"comment must be a string of at most {MAX_SILENCE_TEXT} characters")
+    return {"matchers": dict(matchers), "until": round(until, 3), "comment": comment, "who": who,
+            "created": round(now, 3)}
+
+
+def add_silence(r, prefix, silence):
+    """Store a checked silence (``silence_from``); returns its id. ValueError when MAX_SILENCES are active."""
+    if r.hlen(alert_key(prefix, "silences")) >= MAX_SILENCES:
+        read_silences(r, prefix, silence["created"])  # drops the expired ones
+        if r.hlen(alert_key(prefix, "silences")) >= MAX_SILENCES:
+            raise ValueError(f"{MAX_SILENCES} silences are active: delete some first")
+    sid = uuid.uuid4().hex[:16]
+    r.hset(alert_key(prefix, "silences"), sid, _compact_json(silence))
+    return sid
+
+
+def delete_silence(r, prefix, sid):
+    """Delete one silence; whether it existed."""
+    return bool(r.hdel(alert_key(prefix, "silences"), sid))
+
+
+def parse_silences(raw, now):
+    """``({id: silence}, expired ids)`` from an HGETALL of the silences hash; malformed entries are skipped."""
+    active, expired = {}, []
+    for field, value in (raw or {}).items():
+        try:
+            silence = json.loads(value)
+            until = silence["until"]
+            ok = (is_number(until) and isinstance(silence.get("matchers"), dict) and silence["matchers"]
+                  and set(silence["matchers"]) <= set(SILENCE_MATCHERS))
+        except (ValueError, TypeError, KeyError, RecursionError):
+            ok = False
+        if not ok:
+            continue
+        if until <= now:
+            expired.append(_text(field))
+        else:
+            active[_text(field)] = silence
+    return active, expired
+
+
+def read_silences(r, prefix, now=None):
+    """The active silences ``{id: silence}``, oldest first; expired ones are deleted on the way (lazily)."""
+    with r.pipeline(transaction=False) as pipe:
+        pipe.hgetall(alert_key(prefix, "silences"))
+        pipe.time()
+        raw, server_now = pipe.execute()
+    active, expired = parse_silences(raw, redis_now(server_now) if now is None else now)
+    _forget(r, alert_key(prefix, "silences"), expired)
+    return dict(sorted(active.items(), key=lambda item: (number(item[1].get("created"), 0), item[0])))
+
+
+def _forget(r, key, fields):
+    if fields:
+        try:
+            r.hdel(key, *fields)
+        except redis.RedisError as exc:  # a read-only replica: the expired ones are ignored anyway
+            logger.warning("Cannot delete expired silences: %s", exc)
+
+
+class SilenceIndex:
+    """Active silences ``{id: silence}`` indexed by their first matcher (node, spider, host, rule), so finding
+    one that matches an alert costs four lookups, however many silences there are."""
+
+    def __init__(self, silences):
+        self.by = {}
+        for sid, silence in silences.items():
+            matchers = silence["matchers"]
+            first = next(key for key in SILENCE_MATCHERS if key in matchers)
+            self.by.setdefault((first, matchers[first]), []).append((sid, matchers))
+
+    def __bool__(self):
+        return bool(self.by)
+
+    def match(self, labels):
+        """The id of a silence whose matchers all equal ``labels`` (node, spider, host, rule), or None."""
+        for key in SILENCE_MATCHERS:
+            for sid, matchers in self.by.get((key, labels.get(key)), ()):
+                if all(labels.get(name) == value for name, value in matchers.items()):
+                    return sid
+        return None
+
+
+# The alerter's heartbeat lives this many of its intervals (at least HEARTBEAT_MIN seconds): past it,
+# readers say no alerter is running.
+HEARTBEAT_INTERVALS = 3
+HEARTBEAT_MIN = 30
+
+
+def write_heartbeat(r, prefix, now, interval, who):
+    """What an alerter writes each evaluation: ``{at, interval, who}`` (``at`` on Redis's clock), expiring
+    after HEARTBEAT_INTERVALS intervals, so a reader can tell that no alerter is running."""
+    r.set(alert_key(prefix, "heartbeat"), _compact_json({"at": round(now, 3), "interval": interval, "who": who}),
+          ex=int(max(HEARTBEAT_INTERVALS * interval, HEARTBEAT_MIN)))
+
+
+def read_alerts(r, prefix):
+    """``{"alerts": [...], "alerter": heartbeat or None, "silences": n}``: every pending and firing alert from
+    the alerter's state, newest first, each with ``rule, alertname, severity, node, spider, host, state,
+    value, threshold, since, last_sent, silenced`` (the id of a silence matching it now, or null)."""
+    with r.pipeline(transaction=False) as pipe:
+        pipe.hgetall(alert_key(prefix, "state"))
+        pipe.hgetall(alert_key(prefix, "silences"))
+        pipe.get(alert_key(prefix, "heartbeat"))
+        pipe.time()
+        raw_state, raw_silences, beat, server_now = pipe.execute()
+    now = redis_now(server_now)
+    silences, expired = parse_silences(raw_silences, now)
+    _forget(r, alert_key(prefix, "silences"), expired)
+    index = SilenceIndex(silences)
+    alerts = []
+    for field, raw in raw_state.items():
+        try:
+            record = json.loads(raw)
+        except (ValueError, RecursionError):
+            continue
+        rule, _, node = _text(field).partition(":")
+        if not (isinstance(record, dict) and record.get("state") in ("pending", "firing")
+                and is_number(record.get("since"))):
+            continue
+        labels = {"rule": rule, "node": node, "spider": _label(record.get("spider")),
+                  "host": _label(record.get("host"))}
+        sent = record.get("sent") if record.get("state") == "firing" and record.get("notified", True) else None
+        alerts.append({**labels, "alertname": _label(record.get("alertname")),
+                       "severity": _label(record.get("severity")), "state": record["state"],
+                       "value": number(record.get("value")), "threshold": number(record.get("threshold")),
+                       "since": record["since"], "last_sent": number(sent),
+                       "silenced": index.match(labels)})
+    alerts.sort(key=lambda a: (-a["since"], a["rule"], a["node"]))
+    try:
+        heartbeat = json.loads(beat) if beat else None
+    except (ValueError, RecursionError):
+        heartbeat = None
+    return {"alerts": alerts, "alerter": heartbeat if isinstance(heartbeat, dict) else None,
+            "silences": len(silences), "now": now}
+
+
+def _label(value):
+    return value if isinstance(value, str) and _utf8(value) else None
 
 
 # ---------------------------------------------------------------------------- write side

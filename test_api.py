@@ -636,7 +636,7 @@ def test_openapi_describes_the_routes_and_real_responses_match(redis_url, redis_
             assert any(resp.content_type.startswith(t) for t in content), path
         return resp.status_code
 
-    for template in spec["paths"]:
+    for template in (t for t in spec["paths"] if "get" in spec["paths"][t]):  # changing routes: their own tests
         if "{name}" in template:
             for name in ("main_spider:h:1", "main_spider"):  # a node and a spider
                 assert call(template.replace("{name}", quote(name, safe=""))) == 200

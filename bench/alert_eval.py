@@ -1,4 +1,4 @@
-"""How long one alert.py evaluation takes over 10,000 nodes: ``python bench/alert_eval.py [--nodes N]``.
+"""How long one alert.py evaluation takes over 10,000 nodes: ``python bench/alert_eval.py [--nodes N] [--silences N]``.
 
 A private redis-server holds N node snapshots written as the extension writes them (every node reports
 again before each evaluation); a local HTTP receiver takes the webhook. Each figure is one
@@ -56,6 +56,8 @@ def publish(r, nodes, now, calm=False):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--nodes", type=int, default=10_000)
+    parser.add_argument("--silences", type=int, default=0,
+                        help="active silences, each on one node (one in ten matches a hot node)")
     args = parser.parse_args()
     for name, *_ in alert.SETTINGS:
         os.environ.pop(name, None)
@@ -68,10 +70,14 @@ def main():
             "--for", str(INTERVAL), "--interval", str(INTERVAL), "--stall-seconds", str(2 * INTERVAL)])
         alerter = alert.Alerter(cfg, client=monitors.connect(server.url, timeout=10))
         t0 = time.time()
+        for i in range(args.silences):
+            node = snapshot(i * 10 if i % 10 == 0 else i * 10 + 5, t0, False)["node"]
+            monitors.add_silence(server.client(), "scrapy", monitors.silence_from(
+                {"matchers": {"node": node, "spider": node.split(":")[0]}, "duration": 86400}, t0, "bench"))
         steps = [("first sight (all pending)", False), ("fires (one big message)", False),
                  ("steady (nothing new)", False), ("hot nodes cool down (resolved)", True)]
         worst = 0.0
-        print(f"{args.nodes} nodes in a private Redis, webhook to a local receiver")
+        print(f"{args.nodes} nodes in a private Redis, {args.silences} silences, webhook to a local receiver")
         for n, (what, calm) in enumerate(steps):
             now = t0 + n * INTERVAL
             publish(server.client(), args.nodes, now, calm)
