@@ -432,10 +432,11 @@ class NodeReader:
         snapshot = parse_snapshot(raw, now)
         return snapshot, snapshot is None, now
 
-    def _record_lost(self, nodes, now):
+    def _record_lost(self, nodes, now, due=False):
         """Housekeeping for run history: a lost run for each node silent too long (before pruning takes it),
-        checked every quarter of MONITOR_LOST_AFTER, at most once every PRUNE_EVERY seconds."""
-        if not self.lost_after or time.monotonic() - self.last_lost < min(PRUNE_EVERY, max(self.lost_after / 4, 1)):
+        checked every quarter of MONITOR_LOST_AFTER, at least once every PRUNE_EVERY seconds (and when ``due``)."""
+        every = min(PRUNE_EVERY, max(self.lost_after / 4, 1))
+        if not self.lost_after or not due and time.monotonic() - self.last_lost < every:
             return
         self.last_lost = time.monotonic()
         after = min(self.lost_after, self.retention) if self.retention else self.lost_after
@@ -454,6 +455,7 @@ class NodeReader:
         self.last_prune = time.monotonic()
         candidates = nodes
         if self.lost_after:  # a node's lost run is recorded before the node goes
+            self._record_lost(nodes, now, due=True)
             candidates = {n: s for n, s in nodes.items()
                           if s.get("status") == "closed" or (n, s.get("start_time")) in self.lost}
         try:
@@ -862,24 +864,35 @@ def run_bound(before):
     return None
 
 
-def read_runs(r, prefix, spider, limit=50, before=None, reason=None):
-    """``(runs, next cursor or None)``: the spider's runs newest first, older than ``before`` (see
-    ``run_bound``), with ``finish_reason`` in ``reason`` (a set) when given. Malformed members are skipped."""
-    key, bound, runs, last = runs_key(prefix, spider), run_bound(before), [], None
-    chunk = limit + 1 if reason is None else max(limit * 4, 200)
+def read_runs(r, prefix, spider=None, limit=50, before=None, reason=None):
+    """``(runs, next cursor or None)``: the spider's runs (every spider's, without one) newest first, older
+    than ``before`` (see ``run_bound``), with ``finish_reason`` in ``reason`` (a set) when given. Malformed
+    members are skipped."""
+    if spider is None:
+        spiders = sorted({s for s, _ in run_totals(r.hgetall(run_meta_key(prefix, "totals")))})
+    else:
+        spiders = [spider]
+    found = []
+    for name in spiders:
+        found += _spider_runs(r, runs_key(prefix, name), limit + 1, run_bound(before), reason)
+    found.sort(key=lambda pair: pair[0], reverse=True)
+    more = len(found) > limit
+    found = found[:limit]
+    return [record for _, record in found], (found[-1][0] if more else None)
+
+
+def _spider_runs(r, key, count, bound, reason):
+    """Up to ``count`` ``(id, record)`` of one runs key from ``bound`` down, those of ``reason`` only."""
+    out, chunk = [], count if reason is None else max(count * 4, 200)
     while True:
         members = r.zrevrangebylex(key, bound, "-", 0, chunk)
-        for member in members:
-            parsed = parse_run(member)
-            if parsed is None:
-                continue
+        for parsed in filter(None, map(parse_run, members)):
             if reason is None or parsed[1]["finish_reason"] in reason:
-                if len(runs) == limit:
-                    return runs, last
-                runs.append(parsed[1])
-                last = parsed[0]
+                out.append(parsed)
+                if len(out) == count:
+                    return out
         if len(members) < chunk:
-            return runs, None
+            return out
         bound = "(" + _text(members[-1])
 
 
