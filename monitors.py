@@ -945,6 +945,17 @@ def runs_summary(r, prefix, spider, now):
             "days": sorted(days.values(), key=lambda d: d["day"])}
 
 
+def recent_runs(r, prefix):
+    """The newest runs recorded (up to RECENT_RUNS), as ``[(seq, record)]``: what the alerter judges."""
+    out = []
+    for raw in r.lrange(run_meta_key(prefix, "recent"), 0, -1):
+        seq, _, member = _text(raw).partition(" ")
+        parsed = parse_run(member)
+        if seq.isdigit() and parsed:
+            out.append((int(seq), parsed[1]))
+    return out
+
+
 def run_totals(raw):
     """``{(spider, reason): runs ever recorded}`` from an HGETALL of the totals hash; malformed fields skipped."""
     out = {}
