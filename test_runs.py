@@ -347,3 +347,62 @@ def test_help_lists_the_run_settings():
         assert "MONITOR_LOST_AFTER" in out and "MONITOR_RUNS_KEEP" in out
         if script == "alert.py":
             assert "ALERT_OK_REASONS" in out and "ALERT_RUN_ITEMS_RATIO" in out
+
+
+# ---------------------------------------------------------------------------- the dashboard's Runs view
+
+@pytest.fixture
+def page_on_api(redis_url):
+    """``open(fragment)``: the dashboard served by a real ``monitor_api.py``, in headless Chromium."""
+    from test_dashboard import CHROMIUM, CHROMIUM_ARGS, ApiServer
+
+    if not CHROMIUM:
+        pytest.skip("Debian's chromium is not installed")
+    sync_api = pytest.importorskip("playwright.sync_api")
+    server = ApiServer(redis_url, MONITOR_API_CACHE="0").start()
+    errors = []
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+
+        def open_(fragment):
+            page = browser.new_page(viewport={"width": 1280, "height": 900})
+            page.on("pageerror", lambda exc: errors.append(str(exc)))
+            page.on("dialog", lambda d: (errors.append(d.message), d.dismiss()))
+            page.goto(f"{server.url}/?interval=300#{fragment}")
+            return page
+
+        try:
+            yield open_
+        finally:
+            browser.close()
+            server.stop()
+    assert not errors, errors
+
+
+def test_runs_view_shows_runs_bad_ones_comparisons_chart_and_pages(redis_client, page_on_api):
+    spider = '<img src=x onerror="window.__xss=1">'
+    seed(redis_client, spider, [100] * 25)  # 25 good runs
+    seed(redis_client, spider, [38], start=1_010_000)  # 38 % of usual: −62 %
+    seed(redis_client, spider, [5], start=1_020_000, reason="lost", node="gone")
+    page = page_on_api("runs=" + urllib.request.quote(spider, safe=""))
+    page.wait_for_function("() => document.querySelectorAll('#r-rows tr').length === 20", timeout=15000)
+    rows = page.eval_on_selector_all("#r-rows tr", "trs => trs.map(t => [t.hasAttribute('data-bad'), "
+                                     "[...t.children].map(c => c.textContent)])")
+    assert rows[0][0] and rows[0][1][2] == "lost" and rows[0][1][1] == "gone1020000"
+    assert rows[1][0] and rows[1][1][8] == "\u221262 % items vs usual" and rows[1][1][5] == "38"
+    assert not rows[2][0] and rows[2][1][8] == "+0 % items vs usual" and rows[2][1][3] == "1 min 0 s"
+    assert page.eval_on_selector_all("#r-chart rect", "rs => rs.length") == 27
+    assert page.eval_on_selector_all("#r-chart rect.bad", "rs => rs.length") == 2
+    assert page.text_content("#r-bad") == "2 of the last 27 runs bad"
+    assert page.input_value("#r-spider") == spider and page.evaluate("() => window.__xss") is None
+    os.makedirs(os.path.join(ROOT, "artifacts"), exist_ok=True)
+    page.screenshot(path=os.path.join(ROOT, "artifacts", "dashboard-runs.png"), full_page=True)
+    page.click("#r-older")
+    page.wait_for_function("() => document.querySelectorAll('#r-rows tr').length === 7", timeout=15000)
+    assert page.is_disabled("#r-older") and not page.is_disabled("#r-newer")
+    last = page.eval_on_selector_all("#r-rows tr td:nth-child(2)", "tds => tds.map(t => t.textContent)")
+    assert last[-1] == "n1000000"
+    page.click("#r-newer")
+    page.wait_for_function("() => document.querySelectorAll('#r-rows tr').length === 20", timeout=15000)
+    page.click("#r-close")
+    assert page.is_hidden("#runs") and "runs=" not in page.evaluate("() => location.hash")
