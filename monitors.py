@@ -884,9 +884,13 @@ def read_runs(r, prefix, spider=None, limit=50, before=None, reason=None):
 def _spider_runs(r, key, count, bound, reason):
     """Up to ``count`` ``(id, record)`` of one runs key from ``bound`` down, those of ``reason`` only."""
     out, chunk = [], count if reason is None else max(count * 4, 200)
+    # A member holds its reason as written by write_run: most members need no decoding to be passed over.
+    needles = None if reason is None else [b'"finish_reason":' + json.dumps(x, ensure_ascii=False).encode()
+                                           for x in reason]
     while True:
         members = r.zrevrangebylex(key, bound, "-", 0, chunk)
-        for parsed in filter(None, map(parse_run, members)):
+        wanted = members if needles is None else [m for m in members if any(n in m for n in needles)]
+        for parsed in filter(None, map(parse_run, wanted)):
             if reason is None or parsed[1]["finish_reason"] in reason:
                 out.append(parsed)
                 if len(out) == count:
