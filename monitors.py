@@ -816,14 +816,16 @@ def write_run(pipe, prefix, record, start, keep=DEFAULT_RUNS_KEEP, lost=False):
 
 
 def record_lost_runs(r, prefix, nodes, now, lost_after, keep=DEFAULT_RUNS_KEEP, done=None):
-    """Write a ``lost`` run for each node not closed and silent for more than ``lost_after`` seconds (on
-    Redis's clock ``now``), once across processes; ``done`` (a set of ``(node, start_time)``, updated)
+    """Write a ``lost`` run for each node not closed and silent for more than ``lost_after`` seconds and
+    three of its intervals (stale: a short setting never loses a node between reports), on Redis's clock
+    ``now``, once across processes; ``done`` (a set of ``(node, start_time)``, updated)
     skips those already handled. Returns how many this call recorded."""
     done = set() if done is None else done
     todo = []
     for node, snapshot in nodes.items():
         claim = (node, snapshot.get("start_time"))
-        if snapshot.get("status") != "closed" and now - last_report(snapshot) > lost_after and claim not in done:
+        silent = now - last_report(snapshot) > lost_after and node_state(snapshot, now) == "stale"
+        if silent and claim not in done:
             offset = last_report(snapshot) - number(snapshot.get("timestamp"), 0)
             todo.append((claim, run_record(dict(snapshot, node=node), "lost", offset)))
     if not todo:

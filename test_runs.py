@@ -406,3 +406,17 @@ def test_runs_view_shows_runs_bad_ones_comparisons_chart_and_pages(redis_client,
     page.wait_for_function("() => document.querySelectorAll('#r-rows tr').length === 20", timeout=15000)
     page.click("#r-close")
     assert page.is_hidden("#runs") and "runs=" not in page.evaluate("() => location.hash")
+
+
+def test_a_node_is_never_lost_between_its_reports(redis_client):
+    now = int(redis_client.time()[0])
+    slow = {"node": "slow:1", "spider": "q", "start_time": now - 100, "timestamp": now - 20, "seen": now - 20,
+            "status": "running", "interval": 10}
+    redis_client.hset(monitors.status_key(P), "slow:1", json.dumps(slow))
+    reader = monitors.NodeReader(redis_client, P, lost_after=1)
+    reader.read()
+    assert runs(redis_client, "q") == []  # 20 s silent, reports every 10 s: not stale yet
+    redis_client.hset(monitors.status_key(P), "slow:1", json.dumps(dict(slow, seen=now - 31)))
+    reader.last_lost = -1e9
+    reader.read()
+    assert [r["finish_reason"] for r in runs(redis_client, "q")] == ["lost"]
