@@ -644,7 +644,7 @@ def redis_error(exc):
     another program sharing the prefix) is named with its type, and any other refusal by Redis quoted."""
     if isinstance(exc, redis.ResponseError) and "WRONGTYPE" in str(exc):
         try:
-            problem = (reader().wrong_type() or reader().wrong_type(history_names())
+            problem = (reader().wrong_type() or reader().wrong_type(history_names()) or runs_wrong_type()
                        or f"a key read by {request.path[:200]} has the wrong Redis type")
         except redis.RedisError as again:  # Redis went down meanwhile
             exc = again
@@ -843,6 +843,18 @@ def runs():
         return json_body({"runs": found, "next": cursor})
 
     return cached(compute)
+
+
+def runs_wrong_type():
+    """For a runs route answered WRONGTYPE: which run history key has another type (or None)."""
+    if request.endpoint not in ("api.runs", "api.runs_summary"):
+        return None
+    prefix = reader().prefix
+    expected = [(monitors.run_meta_key(prefix, "totals"), "hash")]
+    spider = request.view_args.get("name") or request.args.get("spider")
+    if spider:
+        expected.append((monitors.runs_key(prefix, spider), "zset"))
+    return monitors.wrong_type(reader().redis, expected)
 
 
 @bp.get("/runs/<node:name>/summary")

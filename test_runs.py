@@ -420,3 +420,15 @@ def test_a_node_is_never_lost_between_its_reports(redis_client):
     reader.last_lost = -1e9
     reader.read()
     assert [r["finish_reason"] for r in runs(redis_client, "q")] == ["lost"]
+
+
+def test_a_runs_key_of_the_wrong_type_is_named(redis_client, redis_url):
+    redis_client.set(monitors.runs_key(P, "w"), "oops")
+    c = make_app(redis_url).test_client()
+    for path in ("/runs?spider=w", "/runs/w/summary"):
+        resp = c.get(path)
+        assert resp.status_code == 500 and resp.get_json() == {"error": "scrapy:runs:w is a string, not a zset"}
+    redis_client.delete(monitors.runs_key(P, "w"))
+    redis_client.set(monitors.run_meta_key(P, "totals"), "oops")
+    resp = c.get("/runs")
+    assert resp.status_code == 500 and resp.get_json() == {"error": "scrapy:runmeta:totals is a string, not a hash"}
