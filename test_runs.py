@@ -432,3 +432,14 @@ def test_a_runs_key_of_the_wrong_type_is_named(redis_client, redis_url):
     redis_client.set(monitors.run_meta_key(P, "totals"), "oops")
     resp = c.get("/runs")
     assert resp.status_code == 500 and resp.get_json() == {"error": "scrapy:runmeta:totals is a string, not a hash"}
+
+
+def test_the_extension_reads_monitor_runs_keep():
+    from scrapy.exceptions import NotConfigured
+    from scrapy.utils.test import get_crawler
+
+    ext = monitors.SpiderMonitor.from_crawler(get_crawler(settings_dict={"MONITOR_RUNS_KEEP": "7"}))
+    assert ext.runs_keep == 7
+    for bad in ("0", "x", "-3"):
+        with pytest.raises(NotConfigured, match="MONITOR_RUNS_KEEP"):
+            monitors.SpiderMonitor.from_crawler(get_crawler(settings_dict={"MONITOR_RUNS_KEEP": bad}))
