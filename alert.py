@@ -17,6 +17,7 @@ ALERT_NOTIFY_URLS adds Apprise channels (Telegram, Discord, Teams, DingTalk, Fei
 """
 
 import argparse
+import fnmatch
 import hashlib
 import html
 import json
@@ -165,6 +166,8 @@ RULES = (
          setting="ALERT_ERRORS_PER_MIN", default=30, help="error log lines per minute over this"),
     Rule("rss", "ScrapyProcessRssHigh", "warning", "process RSS", " MiB", field="rss", scale=MIB,
          setting="ALERT_RSS_MB", default=2048, help="process memory (MiB) over this"),
+    # Judged on run records, not snapshots: see ``run_alerts`` (one message per bad run, never resolved).
+    Rule("run", "ScrapyRunFailed", "warning", "run", "", check=lambda *_: None, needs_live=False),
 )
 RULE = {rule.name: rule for rule in RULES}
 ORDER = {rule.name: i for i, rule in enumerate(RULES)}
@@ -207,6 +210,9 @@ def queued(snapshot):
 
 # ---------------------------------------------------------------------------- settings
 
+# Finish reasons of a run that ended well, unless ALERT_OK_REASONS says otherwise.
+OK_REASONS = ("finished", "shutdown", "stopped", "drained")
+
 # (environment variable, flag, attribute, default, kind, help). ``--help`` is built from this table; each
 # rule's threshold comes from its row in RULES.
 SETTINGS = (
@@ -217,6 +223,13 @@ SETTINGS = (
     (rule.setting, "--" + rule.attr.replace("_", "-"), rule.attr, rule.default, rule.kind,
      f"{rule.name}: {rule.help}; 0 = off") for rule in RULES if rule.setting
 ) + (
+    ("ALERT_OK_REASONS", "--ok-reasons", "ok_reasons", ",".join(OK_REASONS), "list",
+     "run: finish reasons of a good run, comma-separated; shell patterns allowed (closespider_*)"),
+    ("ALERT_RUN_ITEMS_RATIO", "--run-items-ratio", "run_items_ratio", 0.5, "number",
+     "run: a run with items below this ratio of its baseline is bad; 0 = never"),
+    ("MONITOR_LOST_AFTER", "--lost-after", "lost_after", monitors.DEFAULT_LOST_AFTER, "seconds",
+     "seconds a node is silent without closing before its run is recorded lost; 0 = never"),
+    ("MONITOR_RUNS_KEEP", "--runs-keep", "runs_keep", monitors.DEFAULT_RUNS_KEEP, int, "run records kept per spider"),
     ("ALERT_INTERVAL", "--interval", "interval", 60, "seconds>0", "seconds between evaluations"),
     ("ALERT_FOR", "--for", "for_seconds", 120, "seconds", "seconds a condition must hold before it fires"),
     ("ALERT_REPEAT", "--repeat", "repeat", 14400, "seconds", "seconds before a still-firing alert is sent again"),
@@ -283,6 +296,8 @@ def load_config(argv=None):
     check_open_settings(args)
     if args.smtp_port is None:
         args.smtp_port = 465 if args.smtp_security == "ssl" else 25
+    if args.runs_keep <= 0:
+        raise monitors.ConfigError(f"MONITOR_RUNS_KEEP must be a whole number above 0, not {args.runs_keep}")
     if not 0 < args.smtp_port < 65536:
         raise monitors.ConfigError(f"SMTP_PORT must be a port number, not {args.smtp_port}")
     if args.smtp_password and not args.smtp_user:
@@ -488,6 +503,43 @@ def _duration(seconds):
     if seconds < 3600:
         return f"{seconds // 60}m{seconds % 60:02d}s"
     return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
+# ---------------------------------------------------------------------------- run alerts
+
+def bad_run(record, cfg):
+    """Why a run ended badly (lost, a finish reason not in ALERT_OK_REASONS, items below
+    ALERT_RUN_ITEMS_RATIO of its baseline), or None."""
+    reason = record.get("finish_reason")
+    if reason == "lost":
+        return "lost: no report for MONITOR_LOST_AFTER, never closed"
+    if not any(fnmatch.fnmatchcase(str(reason), ok) for ok in cfg.ok_reasons):
+        return f"ended {reason}"
+    ratio = monitors.number((record.get("compare") or {}).get("items"))
+    if cfg.run_items_ratio and ratio is not None and ratio < cfg.run_items_ratio:
+        return f"items {_fmt(round(ratio * 100))}% of usual (limit {_fmt(cfg.run_items_ratio * 100)}%)"
+    return None
+
+
+def run_alerts(recent, cursor, cfg):
+    """``(notifications, new cursor)`` for the runs of ``recent`` (``[(seq, record)]``, as
+    ``monitors.recent_runs`` gives them) recorded after ``cursor``, one per bad run. Without a cursor (the
+    first evaluation) nothing is sent: the cursor starts at the newest run. Pure, as ``evaluate`` is."""
+    newest = max([seq for seq, _ in recent] + [cursor or 0])
+    if cursor is None or RULE["run"] not in active_rules(cfg):
+        return [], newest
+    notes = []
+    for seq, record in sorted(recent, key=lambda pair: pair[0]):
+        why = bad_run(record, cfg) if seq > cursor else None
+        if why:
+            counts = ", ".join(f"{_fmt(monitors.number(record.get(f)))} {f}" for f in ("pages", "items", "errors"))
+            notes.append({
+                "status": "firing", "rule": "run", "alertname": RULE["run"].alertname,
+                "severity": RULE["run"].severity, "node": str(record.get("node")), "spider": record["spider"],
+                "host": record.get("host"), "value": record.get("finish_reason"), "threshold": None,
+                "summary": f"run {why}; {counts} in {_duration(monitors.number(record.get('duration'), 0))}",
+                "repeat": False, "starts_at": _iso(record["end_time"]), "ends_at": None})
+    return notes, newest
 
 
 # ---------------------------------------------------------------------------- records in Redis
@@ -830,7 +882,7 @@ class Store:
     to send) and the dead letters (a capped list, and their count). Read-only without a lock (dry run)."""
 
     TYPES = {"state": "hash", "stall": "hash", "outbox": "hash", "dead": "list", "dead_total": "string",
-             "silences": "hash", "heartbeat": "string"}
+             "silences": "hash", "heartbeat": "string", "runs": "string"}
 
     def __init__(self, r, prefix, lock=None):
         self.r, self.prefix, self.lock = r, prefix, lock
@@ -853,6 +905,11 @@ class Store:
         state = self._checked("state", raw_state, record_problem, now)
         stall = self._checked("stall", raw_stall, tracker_problem, now)
         return state, stall
+
+    def runs_cursor(self):
+        """The seq of the last run the run rule judged (see ``run_alerts``), or None before the first."""
+        raw = self.r.get(self.key["runs"])
+        return int(raw) if raw is not None and _text(raw).isdigit() else None
 
     def outbox(self, now):
         """The messages to send, oldest first: ``[(field, entry)]``; malformed ones are set aside."""
@@ -886,7 +943,7 @@ class Store:
             self.settle(name, {field: None for field, _ in dead}, [letter for _, letter in dead])
         return good
 
-    def write(self, state_changes, stall_changes, entries):
+    def write(self, state_changes, stall_changes, entries, runs_cursor=None):
         """Write an evaluation's outcome, only while this process holds the lock (WatchError otherwise)."""
         with self.r.pipeline(transaction=True) as pipe:
             pipe.watch(self.lock.key)
@@ -897,6 +954,8 @@ class Store:
             _write_hash(pipe, self.key["stall"], stall_changes)
             if entries:
                 pipe.hset(self.key["outbox"], mapping=entries)
+            if runs_cursor is not None:  # with the messages it queued: each run is judged once
+                pipe.set(self.key["runs"], runs_cursor)
             pipe.execute()
 
     def settle(self, name, changes, dead):
@@ -1023,12 +1082,18 @@ class DryRun:
     def __init__(self, cfg, store, channels, out):
         self.cfg, self.store, self.channels, self.out = cfg, store, channels, out
         self.memory = None  # (state, stall) after the last evaluation, instead of in Redis
+        self.runs_cursor = None
         self.last_summary = None  # a loop prints a summary line when it changes
 
     def run(self, nodes, now):
+        if self.memory is None:
+            self.runs_cursor = self.store.runs_cursor()
         state, stall = self.store.read(now) if self.memory is None else self.memory
         silences = monitors.read_silences(self.store.r, self.cfg.prefix, now)
         state_changes, stall_changes, notes = evaluate(nodes, state, stall, now, self.cfg, silences)
+        run_notes, self.runs_cursor = run_alerts(monitors.recent_runs(self.store.r, self.cfg.prefix),
+                                                 self.runs_cursor, self.cfg)
+        notes += run_notes
         self.memory = (_merged(state, state_changes), _merged(stall, stall_changes))
         firing = sum(r["state"] == "firing" for r in self.memory[0].values())
         summary = (f"{len(nodes)} node(s), {firing} firing, {len(self.memory[0]) - firing} pending, "
@@ -1059,7 +1124,7 @@ class Alerter:
         self.store = Store(self.r, cfg.prefix, None if dry_run else self.lock)
         self.delivery = Delivery(cfg, self.store, self.lock, self.channels)
         self.dry_run = DryRun(cfg, self.store, self.channels, out) if dry_run else None
-        self.reader = monitors.NodeReader(self.r, cfg.prefix)
+        self.reader = monitors.NodeReader(self.r, cfg.prefix, 0, 0 if dry_run else cfg.lost_after, cfg.runs_keep)
         self.unreachable = monitors.Outage(logger, logging.ERROR)
         self.broken = monitors.Outage(logger, logging.ERROR)
         self.malformed = 0
@@ -1127,11 +1192,13 @@ class Alerter:
         state, stall = self.store.read(now)
         silences = monitors.read_silences(self.r, self.cfg.prefix, now)
         state_changes, stall_changes, notes = evaluate(nodes, state, stall, now, self.cfg, silences)
+        run_notes, cursor = run_alerts(monitors.recent_runs(self.r, self.cfg.prefix), self.store.runs_cursor(), self.cfg)
+        notes += run_notes
         entries = {}
         for name in self.channels if notes else ():
             entries[f"{now:.3f}:{uuid.uuid4().hex[:8]}:{name}"] = _dump(
                 {"channel": name, "created": now, "attempts": 0, "next_try": now, "alerts": notes})
-        self.store.write(state_changes, stall_changes, entries)
+        self.store.write(state_changes, stall_changes, entries, cursor)
         if self.alertmanager:
             self.alertmanager.sync(_merged(state, state_changes), notes, now)
         if notes:

@@ -74,6 +74,9 @@ ENVIRONMENT = (
                           f"them forever (default {DEFAULT_RETENTION})"),
     ("MONITOR_API_CACHE", f"seconds a response may be reused, 0 for never, at most {MAX_CACHE} "
                           f"(default {DEFAULT_CACHE:g})"),
+    ("MONITOR_LOST_AFTER", f"seconds a node may be silent without closing before its run is recorded lost, "
+                           f"0 for never (default {monitors.DEFAULT_LOST_AFTER})"),
+    ("MONITOR_RUNS_KEEP", f"run records kept per spider (default {monitors.DEFAULT_RUNS_KEEP})"),
 )
 
 bp = Blueprint("api", __name__)
@@ -102,6 +105,8 @@ def create_app(config=None):
         MONITOR_CORS_ORIGINS=monitors.env("MONITOR_CORS_ORIGINS", "null"),
         MONITOR_RETENTION=monitors.env("MONITOR_RETENTION", DEFAULT_RETENTION),
         MONITOR_API_CACHE=monitors.env("MONITOR_API_CACHE", DEFAULT_CACHE),
+        MONITOR_LOST_AFTER=monitors.env("MONITOR_LOST_AFTER", monitors.DEFAULT_LOST_AFTER),
+        MONITOR_RUNS_KEEP=monitors.env("MONITOR_RUNS_KEEP", monitors.DEFAULT_RUNS_KEEP),
         DASHBOARD_PATH=os.path.join(app.root_path, "dashboard.html"),
     )
     app.config.update(config or {})
@@ -125,7 +130,7 @@ class StatusReader:
         self.cache = Cache(monitors.seconds("MONITOR_API_CACHE", config["MONITOR_API_CACHE"], maximum=MAX_CACHE))
         self.url = config["REDIS_URL"]
         self.redis = redis_client(self.url)
-        self.node_reader = monitors.NodeReader(self.redis, self.prefix, self.retention)
+        self.node_reader = monitors.NodeReader(self.redis, self.prefix, self.retention, *runs_settings(config))
         self.outage = monitors.Outage(logger)
         self.reported = {}  # wrong-type problem -> when it was last logged
 
@@ -178,6 +183,14 @@ class StatusReader:
                 self.reported.clear()
             self.reported[problem] = now
             logger.error("%s", problem)
+
+
+def runs_settings(config):
+    """``(lost_after, runs_keep)`` from MONITOR_LOST_AFTER and MONITOR_RUNS_KEEP, checked."""
+    keep = str(config["MONITOR_RUNS_KEEP"]).strip()
+    if not (keep.isascii() and keep.isdigit() and 0 < int(keep) < 10 ** 9):
+        raise ConfigError(f"MONITOR_RUNS_KEEP must be a whole number above 0, not {config['MONITOR_RUNS_KEEP']!r}")
+    return monitors.seconds("MONITOR_LOST_AFTER", config["MONITOR_LOST_AFTER"]), int(keep)
 
 
 def redis_client(url):
@@ -596,6 +609,7 @@ def prometheus():
     def compute():
         registry = CollectorRegistry()
         registry.register(ClusterCollector(*reader().nodes()[:2]))
+        registry.register(RunsCollector(reader().redis.hgetall(monitors.run_meta_key(reader().prefix, "totals"))))
         return Body(generate_latest(registry), CONTENT_TYPE_LATEST)
 
     return cached(compute)
@@ -675,7 +689,7 @@ def redis_error(exc):
     another program sharing the prefix) is named with its type, and any other refusal by Redis quoted."""
     if isinstance(exc, redis.ResponseError) and "WRONGTYPE" in str(exc):
         try:
-            problem = (reader().wrong_type() or reader().wrong_type(history_names())
+            problem = (reader().wrong_type() or reader().wrong_type(history_names()) or runs_wrong_type()
                        or f"a key read by {request.path[:200]} has the wrong Redis type")
         except redis.RedisError as again:  # Redis went down meanwhile
             exc = again
@@ -840,6 +854,71 @@ class ClusterCollector:
         for node, s in self.nodes.items():
             if monitors.is_number(s.get(field)):
                 family.add_metric([node, s["spider"]], s[field] * scale if scale == 1 else round(s[field] * scale, 6))
+
+
+class RunsCollector:
+    """``scrapy_runs_total{spider,finish_reason}``: runs ever recorded (capping the history never lowers it)."""
+
+    def __init__(self, raw_totals):
+        self.totals = monitors.run_totals(raw_totals)
+
+    def collect(self):
+        family = CounterMetricFamily("scrapy_runs", "Runs recorded, by finish reason (lost: a node that went "
+                                     "silent without closing).", labels=["spider", "finish_reason"])
+        for (spider, reason), count in sorted(self.totals.items()):
+            family.add_metric([spider, reason], count)
+        yield family
+
+
+# ---------------------------------------------------------------------------- run history
+
+MAX_RUNS = 500
+DEFAULT_RUNS = 50
+
+
+@bp.get("/runs")
+def runs():
+    """Runs, newest first: ``?spider=`` (default: every spider's), ``limit`` (1-500, default 50), ``before`` (a
+    ``next`` cursor or unix seconds), ``reason`` (finish reasons, comma-separated)."""
+    args = request.args
+    spider, limit, before = args.get("spider"), args.get("limit", str(DEFAULT_RUNS)), args.get("before")
+    if not (limit.isascii() and limit.isdigit() and 1 <= int(limit) <= MAX_RUNS):
+        abort(400, f"limit must be a whole number from 1 to {MAX_RUNS}")
+    if monitors.run_bound(before) is None:
+        abort(400, "before must be a cursor from 'next' or unix seconds")
+    reasons = set(split_list(args["reason"])) if args.get("reason") else None
+
+    def compute():
+        found, cursor = monitors.read_runs(reader().redis, reader().prefix, spider or None, int(limit), before, reasons)
+        return json_body({"runs": found, "next": cursor})
+
+    return cached(compute)
+
+
+def runs_wrong_type():
+    """For a runs route answered WRONGTYPE: which run history key has another type (or None)."""
+    if request.endpoint not in ("api.runs", "api.runs_summary"):
+        return None
+    prefix = reader().prefix
+    expected = [(monitors.run_meta_key(prefix, "totals"), "hash")]
+    spider = request.view_args.get("name") or request.args.get("spider")
+    if spider:
+        expected.append((monitors.runs_key(prefix, spider), "zset"))
+    return monitors.wrong_type(reader().redis, expected)
+
+
+@bp.get("/runs/<node:name>/summary")
+def runs_summary(name):
+    """Run count, the baseline, finish reasons and per-day totals for the last 30 days of one spider."""
+
+    def compute():
+        now = monitors.redis_now(reader().redis.time())
+        summary = monitors.runs_summary(reader().redis, reader().prefix, name, now)
+        if not summary["runs"] and not summary["totals"] and name not in reader().spider_names():
+            abort(404, "no spider by that name has runs or nodes")
+        return json_body(summary)
+
+    return cached(compute)
 
 
 # ---------------------------------------------------------------------------- command line
@@ -1026,6 +1105,56 @@ OPENAPI = {
         },
     },
 }
+
+
+# Run history's part of the description.
+def _NULLABLE(kind):  # noqa: N802 - reads as a schema constant
+    return {"oneOf": [{"type": kind}, {"enum": [None]}]}
+
+
+OPENAPI["paths"].update({
+    "/runs": {"get": {
+        "summary": "Runs (one node's life each), newest end_time first.",
+        "parameters": [
+            {"name": "spider", "in": "query", "schema": {"type": "string"},
+             "description": "Only this spider's runs (default: every spider's)."},
+            {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": MAX_RUNS,
+                                                        "default": DEFAULT_RUNS}},
+            {"name": "before", "in": "query", "schema": {"type": "string"},
+             "description": "The `next` of the previous page (exact even among runs sharing an end_time), or "
+                            "unix seconds: runs that ended earlier."},
+            {"name": "reason", "in": "query", "schema": {"type": "string"},
+             "description": "Only runs with these finish reasons (comma-separated; `lost` included)."}],
+        "responses": {"200": _json("A page of runs and the cursor of the next one (null at the end).",
+                                   {"type": "object", "required": ["runs", "next"],
+                                    "properties": {"runs": {"type": "array", "items": _ref("Run")},
+                                                   "next": _NULLABLE("string")}}),
+                      **_ERRORS, "400": _json("Bad limit or before, or a Host not accepted.",
+                                              _ref("Error"))}}},
+    "/runs/{name}/summary": {"get": {
+        "summary": "A spider's runs at a glance: count, baseline, finish reasons, per-day totals for 30 days.",
+        "parameters": [{"name": "name", "in": "path", "required": True, "schema": {"type": "string"},
+                        "description": "A spider name."}],
+        "responses": {"404": _json("No spider by that name has runs or nodes.", _ref("Error")),
+                      "200": _json("The summary.", {
+            "type": "object", "required": ["spider", "runs", "baseline", "baseline_runs", "reasons", "totals", "days"],
+            "properties": {"runs": {"type": "integer"}, "baseline_runs": {"type": "integer"},
+                           "baseline": _NULLABLE("object"),
+                           "reasons": {"type": "object", "additionalProperties": {"type": "integer"}},
+                           "totals": {"type": "object", "additionalProperties": {"type": "integer"}},
+                           "days": {"type": "array", "items": {"type": "object",
+                                                               "required": ["day", "runs", "pages", "items", "errors"]}}}}),
+                      **_ERRORS}}},
+})
+OPENAPI["components"]["schemas"]["Run"] = {
+    "type": "object",
+    "description": "One node's run; counters as its last snapshot had them, times on Redis's clock. `compare` "
+                   "holds ratios to the median of the previous 10 runs not lost (null with fewer than 3).",
+    "required": ["node", "spider", "host", "pid", "start_time", "end_time", "duration", "finish_reason",
+                 *monitors.RUN_COUNTERS, "pages_per_min", "items_per_min", "compare", "baseline_runs"],
+    "properties": {"node": {"type": "string"}, "spider": {"type": "string"}, "finish_reason": {"type": "string"},
+                   "end_time": {"type": "integer"}, "duration": {"type": "integer"},
+                   "compare": _NULLABLE("object"), "baseline_runs": {"type": "integer"}}}
 
 
 if __name__ == "__main__":

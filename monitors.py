@@ -7,6 +7,7 @@ the toolkit uses is named in this file.
 
 import argparse
 import collections
+import hashlib
 import json
 import logging
 import math
@@ -27,6 +28,9 @@ logger = logging.getLogger(__name__)
 DEFAULT_REDIS_URL = "redis://localhost:6379/0"
 DEFAULT_PREFIX = "scrapy"
 DEFAULT_INTERVAL = 10.0
+# Run history: a node silent this long without closing is recorded lost; runs kept per spider.
+DEFAULT_LOST_AFTER = 600
+DEFAULT_RUNS_KEEP = 1000
 # Reporting more often than once a second costs the crawl and tells nothing more.
 MIN_INTERVAL = 1.0
 # A metrics write gives up after this long: a slow Redis must never hold up a crawl.
@@ -376,16 +380,20 @@ class NodeReader:
     A value unchanged since the last read is not decoded again (1,000 nodes reporting every 10 s leave
     about 100 new values a second); its snapshot is shared between reads, so never modify one. Nodes
     silent for longer than ``retention`` seconds (0: never) are deleted with their history, at most once
-    every PRUNE_EVERY seconds.
+    every PRUNE_EVERY seconds. Nodes not closed and silent for longer than ``lost_after`` seconds (0: never)
+    get a ``lost`` run record first (see ``record_lost_runs``), so pruning never loses a run.
     """
 
-    def __init__(self, client, prefix, retention=0):
+    def __init__(self, client, prefix, retention=0, lost_after=0, runs_keep=DEFAULT_RUNS_KEEP):
         self.redis = client
         self.prefix = prefix
         self.key = status_key(prefix)
         self.retention = retention
         self.entries = {}  # node -> NodeEntry
         self.last_prune = -PRUNE_EVERY
+        self.lost_after, self.runs_keep = lost_after, runs_keep
+        self.lost = set()  # (node, start_time) of runs recorded lost, by this process or another
+        self.last_lost = -PRUNE_EVERY
 
     def read(self, now=None):
         """``(nodes, skipped, now)``: ``{node: snapshot with state}``, how many stored values failed the gate,
@@ -409,6 +417,7 @@ class NodeReader:
             else:
                 nodes[node] = entry.snapshot
         self.entries = entries
+        self._record_lost(nodes, now)
         self._prune(nodes, now)
         return nodes, skipped, now
 
@@ -424,17 +433,39 @@ class NodeReader:
         snapshot = parse_snapshot(raw, now)
         return snapshot, snapshot is None, now
 
+    def _record_lost(self, nodes, now, due=False):
+        """Housekeeping for run history: a lost run for each node silent too long (before pruning takes it),
+        checked every quarter of MONITOR_LOST_AFTER, at least once every PRUNE_EVERY seconds (and when ``due``)."""
+        every = min(PRUNE_EVERY, max(self.lost_after / 4, 1))
+        if not self.lost_after or not due and time.monotonic() - self.last_lost < every:
+            return
+        self.last_lost = time.monotonic()
+        after = min(self.lost_after, self.retention) if self.retention else self.lost_after
+        try:
+            count = record_lost_runs(self.redis, self.prefix, nodes, now, after, self.runs_keep, self.lost)
+        except redis.RedisError as exc:  # a read-only replica, say: reading still works
+            logger.warning("Cannot record lost runs: %s", exc)
+            return
+        if count:
+            logger.info("Recorded %d lost run(s) of nodes silent for more than %gs", count, after)
+        self.lost &= {(n, s.get("start_time")) for n, s in nodes.items()}
+
     def _prune(self, nodes, now):
         if not self.retention or time.monotonic() - self.last_prune < PRUNE_EVERY:
             return
         self.last_prune = time.monotonic()
+        candidates = nodes
+        if self.lost_after:  # a node's lost run is recorded before the node goes
+            self._record_lost(nodes, now, due=True)
+            candidates = {n: s for n, s in nodes.items()
+                          if s.get("status") == "closed" or (n, s.get("start_time")) in self.lost}
         try:
-            gone = prune_nodes(self.redis, nodes, self.retention, self.prefix, now)
+            gone = prune_nodes(self.redis, candidates, self.retention, self.prefix, now)
         except redis.RedisError as exc:  # a read-only replica, say: reading still works
             logger.warning("Cannot prune silent nodes: %s", exc)
             return
         for node in gone:
-            del nodes[node]
+            nodes.pop(node, None)
             self.entries.pop(node, None)
         if gone:
             logger.info("Pruned %d node(s) silent for more than %gs", len(gone), self.retention)
@@ -464,6 +495,8 @@ def prune_nodes(r, nodes, retention, prefix=None, now=None):
             pipe.hdel(status_key(prefix), *gone)
             for node in gone:
                 pipe.delete(history_key(prefix, node), trend_key(prefix, node))
+                if is_number(nodes[node].get("start_time")):  # a lost run stays correctable a while longer
+                    pipe.expire(run_claim_key(prefix, node, nodes[node]["start_time"]), CLAIM_AFTER_PRUNE)
             pipe.execute()
     return gone
 
@@ -838,6 +871,313 @@ def _label(value):
     return value if isinstance(value, str) and _utf8(value) else None
 
 
+# ---------------------------------------------------------------------------- run history
+
+# A run is one node's life, from its first snapshot to its closed one (or to being declared lost). Its
+# record is written once, by the node with its closed snapshot or by a reader's housekeeping for a node
+# silent for MONITOR_LOST_AFTER, through RECORD_RUN_LUA. A spider's records are members of the sorted set
+# ``runs_key`` (all with score 0, so ordered by member), each member ``<id> <record JSON>`` where the id is
+# ``<end_time>-<start_time>-<node hash>``, times zero-padded: newest last in lexical order, and a page
+# boundary that is exact even among runs sharing an end_time. The id is the API's opaque cursor.
+# The record's counters, read from the snapshot the run ends with.
+RUN_COUNTERS = ("pages", "items", "requests", "errors", "retries",
+                "status_1xx", "status_2xx", "status_3xx", "status_4xx", "status_5xx", "peak_rss")
+# What ``compare`` and the baseline cover: ratios of the run to the median of the previous finished runs.
+COMPARED = ("items", "pages_per_min", "items_per_min", "duration", "error_ratio")
+BASELINE_RUNS = 10
+MIN_BASELINE = 3
+RUN_ID = re.compile(r"\d{11}-\d{11}-[0-9a-f]{12}\Z")
+RUN_ID_LEN = 36
+# A node id, host or finish reason is cut to this many characters in a record (records stay under 2 KB).
+RUN_TEXT = 200
+# Runs the alerter can still read in ``runs_recent`` (it reads them every ALERT_INTERVAL).
+RECENT_RUNS = 1000
+# A lost node's claim outlives its pruning by this long, so a node that was very late still corrects it.
+CLAIM_AFTER_PRUNE = 7 * 86400
+
+
+def run_meta_key(prefix, name):
+    """Run history's own keys, kept apart from ``<p>:runs:<spider>`` (a spider may have any name):
+    ``totals`` (HASH ``["spider","reason"]`` -> runs ever recorded), ``seq`` and ``recent`` (the newest
+    runs, ``<seq> <member>``, for the alerter)."""
+    return f"{prefix}:runmeta:{name}"
+
+
+def run_claim_key(prefix, node, start_time):
+    """Set once a run of ``node`` started at ``start_time`` is recorded lost; holds the lost record's member."""
+    return f"{prefix}:runmeta:lost:{int(start_time)}:{node}"
+
+
+def run_record(snapshot, reason=None, offset=0.0):
+    """A run record from the snapshot the run ends with, on Redis's clock (``offset``: Redis's clock minus
+    the node's). ``reason`` overrides the snapshot's ``finish_reason`` (``lost``)."""
+    end = (number(snapshot.get("timestamp"), 0) or 0) + offset
+    start = number(snapshot.get("start_time"))
+    start = end if start is None else min(start + offset, end)
+    duration = max(int(end) - int(start), 0)
+    record = {"node": str(snapshot.get("node", ""))[:RUN_TEXT], "spider": snapshot["spider"],
+              "host": str(snapshot.get("host", ""))[:RUN_TEXT], "pid": number(snapshot.get("pid")),
+              "start_time": int(start), "end_time": int(end), "duration": duration,
+              "finish_reason": str(reason or snapshot.get("finish_reason") or "unknown")[:RUN_TEXT]}
+    for field in RUN_COUNTERS:
+        value = number(snapshot.get(field))
+        record[field] = int(value) if value is not None else None
+    minutes = duration / 60
+    for field in ("pages", "items"):
+        count = record[field]
+        record[f"{field}_per_min"] = round(count / minutes, 1) if minutes > 0 and count is not None else None
+    return record
+
+
+def run_id(record):
+    """The record's id: its place in the spider's runs and the API's cursor (see above)."""
+    digest = hashlib.sha1(f"{record['node']}\0{record['start_time']}".encode("utf-8", "replace")).hexdigest()
+    clamp = lambda t: min(max(int(t), 0), 10 ** 11 - 1)  # noqa: E731
+    return f"{clamp(record['end_time']):011d}-{clamp(record['start_time']):011d}-{digest[:12]}"
+
+
+# Records a run in one step. KEYS: runs, totals, claim, seq, recent. ARGV: mode ('close' or 'lost'), id,
+# record JSON (an object without compare), keep, totals field of this run, totals field of a lost run of
+# the spider, recent runs kept. A lost run is recorded only if its claim is free (exactly once whoever
+# tries); a close replaces the node's lost record, if it had one. ``compare`` is computed here, from the
+# previous BASELINE_RUNS runs not lost. Returns 0 when the claim was taken already, else the run's seq.
+RECORD_RUN_LUA = """
+local mode, id, rec = ARGV[1], ARGV[2], ARGV[3]
+if mode == 'lost' then
+  if redis.call('EXISTS', KEYS[3]) == 1 then return 0 end
+else
+  local old = redis.call('GET', KEYS[3])
+  if old then
+    if redis.call('ZREM', KEYS[1], old) == 1 then redis.call('HINCRBY', KEYS[2], ARGV[6], -1) end
+    redis.call('DEL', KEYS[3])
+  end
+end
+local function figures(r)
+  local out = {items = r.items, pages_per_min = r.pages_per_min, items_per_min = r.items_per_min,
+               duration = r.duration}
+  if type(r.errors) == 'number' and type(r.pages) == 'number' and r.pages > 0 then
+    out.error_ratio = r.errors / r.pages
+  end
+  return out
+end
+local cols, n = {}, 0
+local prev = redis.call('ZREVRANGEBYLEX', KEYS[1], '(' .. id .. ' ', '-', 'LIMIT', 0, 5 * tonumber(ARGV[8]))
+for _, m in ipairs(prev) do
+  if n >= tonumber(ARGV[8]) then break end
+  local ok, r = pcall(cjson.decode, string.sub(m, string.len(id) + 2))
+  if ok and type(r) == 'table' and r.finish_reason ~= 'lost' then
+    n = n + 1
+    for k, v in pairs(figures(r)) do
+      if type(v) == 'number' then cols[k] = cols[k] or {}; table.insert(cols[k], v) end
+    end
+  end
+end
+local compare = 'null'
+if n >= tonumber(ARGV[9]) then
+  local out, mine = {}, figures(cjson.decode(rec))
+  for k, list in pairs(cols) do
+    table.sort(list)
+    local c = #list
+    local median = (list[math.floor((c + 1) / 2)] + list[math.floor(c / 2) + 1]) / 2
+    if type(mine[k]) == 'number' and median > 0 and c >= tonumber(ARGV[9]) then
+      out[k] = math.floor(mine[k] / median * 1000 + 0.5) / 1000
+    end
+  end
+  compare = cjson.encode(out)
+  if compare == '[]' or compare == '{}' then compare = '{}' end
+end
+local member = id .. ' ' .. string.sub(rec, 1, -2) .. ',"compare":' .. compare .. ',"baseline_runs":' .. n .. '}'
+redis.call('ZADD', KEYS[1], 0, member)
+local extra = redis.call('ZCARD', KEYS[1]) - tonumber(ARGV[4])
+if extra > 0 then redis.call('ZREMRANGEBYRANK', KEYS[1], 0, extra - 1) end
+redis.call('HINCRBY', KEYS[2], ARGV[5], 1)
+if mode == 'lost' then redis.call('SET', KEYS[3], member) end
+local seq = redis.call('INCR', KEYS[4])
+redis.call('LPUSH', KEYS[5], seq .. ' ' .. member)
+redis.call('LTRIM', KEYS[5], 0, tonumber(ARGV[7]) - 1)
+return seq
+"""
+
+
+def totals_field(spider, reason):
+    return _compact_json([spider, reason])
+
+
+def write_run(pipe, prefix, record, start, keep=DEFAULT_RUNS_KEEP, lost=False):
+    """Queue RECORD_RUN_LUA for ``record`` on ``pipe`` (a pipeline or a client): the node's close, or a
+    reader's lost run (``lost``: recorded only once, whoever tries). ``start`` is the snapshots'
+    ``start_time`` as the node wrote it: with the node id, it names the run's claim."""
+    spider = record["spider"]
+    keys = (runs_key(prefix, spider), run_meta_key(prefix, "totals"),
+            run_claim_key(prefix, record["node"], number(start, 0)),
+            run_meta_key(prefix, "seq"), run_meta_key(prefix, "recent"))
+    body = json.dumps(record, separators=(",", ":"), ensure_ascii=False)
+    return pipe.eval(RECORD_RUN_LUA, len(keys), *keys, "lost" if lost else "close", run_id(record), body,
+                     int(keep), totals_field(spider, record["finish_reason"]), totals_field(spider, "lost"),
+                     RECENT_RUNS, BASELINE_RUNS, MIN_BASELINE)
+
+
+def record_lost_runs(r, prefix, nodes, now, lost_after, keep=DEFAULT_RUNS_KEEP, done=None):
+    """Write a ``lost`` run for each node not closed and silent for more than ``lost_after`` seconds and
+    three of its intervals (stale: a short setting never loses a node between reports), on Redis's clock
+    ``now``, once across processes; ``done`` (a set of ``(node, start_time)``, updated)
+    skips those already handled. Returns how many this call recorded."""
+    done = set() if done is None else done
+    todo = []
+    for node, snapshot in nodes.items():
+        claim = (node, snapshot.get("start_time"))
+        silent = now - last_report(snapshot) > lost_after and node_state(snapshot, now) == "stale"
+        if silent and claim not in done:
+            offset = last_report(snapshot) - number(snapshot.get("timestamp"), 0)
+            todo.append((claim, run_record(dict(snapshot, node=node), "lost", offset)))
+    if not todo:
+        return 0
+    with r.pipeline(transaction=False) as pipe:
+        for claim, record in todo:
+            write_run(pipe, prefix, record, claim[1], keep, lost=True)
+        written = pipe.execute()
+    done.update(claim for claim, _ in todo)
+    return sum(1 for w in written if w)
+
+
+def parse_run(member):
+    """``(id, record)`` from a stored member, or None unless it passes the snapshot gate's number rules."""
+    text = _text(member)
+    rid, _, body = text.partition(" ")
+    if not RUN_ID.match(rid):
+        return None
+    try:
+        record = json.loads(body, parse_constant=_not_json, parse_float=_bounded_float, parse_int=_bounded_int)
+    except (ValueError, RecursionError):
+        return None
+    if not (isinstance(record, dict) and isinstance(record.get("spider"), str)
+            and isinstance(record.get("finish_reason"), str) and is_number(record.get("end_time"))):
+        return None
+    return rid, record
+
+
+def run_bound(before):
+    """The ZREVRANGEBYLEX bound for runs older than ``before``: a cursor (a run id) or unix seconds; None
+    when it is neither."""
+    if before is None or before == "":
+        return "+"
+    if RUN_ID.match(before):
+        return f"({before} "
+    if before.isascii() and before.isdigit() and len(before) <= 11:
+        return f"({int(before):011d}"
+    return None
+
+
+def read_runs(r, prefix, spider=None, limit=50, before=None, reason=None):
+    """``(runs, next cursor or None)``: the spider's runs (every spider's, without one) newest first, older
+    than ``before`` (see ``run_bound``), with ``finish_reason`` in ``reason`` (a set) when given. Malformed
+    members are skipped."""
+    if spider is None:
+        spiders = sorted({s for s, _ in run_totals(r.hgetall(run_meta_key(prefix, "totals")))})
+    else:
+        spiders = [spider]
+    found = []
+    for name in spiders:
+        found += _spider_runs(r, runs_key(prefix, name), limit + 1, run_bound(before), reason)
+    found.sort(key=lambda pair: pair[0], reverse=True)
+    more = len(found) > limit
+    found = found[:limit]
+    return [record for _, record in found], (found[-1][0] if more else None)
+
+
+def _spider_runs(r, key, count, bound, reason):
+    """Up to ``count`` ``(id, record)`` of one runs key from ``bound`` down, those of ``reason`` only."""
+    out, chunk = [], count if reason is None else max(count * 4, 200)
+    # A member holds its reason as written by write_run: most members need no decoding to be passed over.
+    needles = None if reason is None else [b'"finish_reason":' + json.dumps(x, ensure_ascii=False).encode()
+                                           for x in reason]
+    while True:
+        members = r.zrevrangebylex(key, bound, "-", 0, chunk)
+        wanted = members if needles is None else [m for m in members if any(n in m for n in needles)]
+        for parsed in filter(None, map(parse_run, wanted)):
+            if reason is None or parsed[1]["finish_reason"] in reason:
+                out.append(parsed)
+                if len(out) == count:
+                    return out
+        if len(members) < chunk:
+            return out
+        bound = "(" + _text(members[-1])
+
+
+def run_figures(record):
+    """The figures ``compare`` covers, for one run (error_ratio is errors per page)."""
+    out = {f: number(record.get(f)) for f in COMPARED if f != "error_ratio"}
+    pages, errors = number(record.get("pages")), number(record.get("errors"))
+    out["error_ratio"] = errors / pages if pages and errors is not None else None
+    return out
+
+
+def baseline(records):
+    """The medians of COMPARED over the first BASELINE_RUNS records not lost (newest first given), and how
+    many records they used: what a run ending now is compared with (as RECORD_RUN_LUA does)."""
+    used = [run_figures(r) for r in records if r.get("finish_reason") != "lost"][:BASELINE_RUNS]
+    medians = {}
+    for field in COMPARED:
+        values = sorted(v[field] for v in used if v[field] is not None)
+        medians[field] = ((values[(len(values) - 1) // 2] + values[len(values) // 2]) / 2
+                          if len(values) >= MIN_BASELINE else None)
+    return (medians if len(used) >= MIN_BASELINE else None), len(used)
+
+
+SUMMARY_DAYS = 30
+
+
+def runs_summary(r, prefix, spider, now):
+    """A spider's runs at a glance: count kept, all-time totals by reason, the baseline a run ending now
+    would be compared with, reasons among kept runs, and per-day totals (UTC) for the last 30 days."""
+    with r.pipeline(transaction=False) as pipe:
+        pipe.zcard(runs_key(prefix, spider))
+        pipe.zrevrangebylex(runs_key(prefix, spider), "+", "-", 0, 5 * BASELINE_RUNS)
+        pipe.zrevrangebylex(runs_key(prefix, spider), "+", f"[{int(now - SUMMARY_DAYS * 86400):011d}")
+        pipe.hgetall(run_meta_key(prefix, "totals"))
+        count, newest, month, totals = pipe.execute()
+    recent = [p[1] for p in map(parse_run, newest) if p]
+    medians, used = baseline(recent)
+    days, reasons = {}, collections.Counter()
+    for parsed in filter(None, map(parse_run, month)):
+        record = parsed[1]
+        reasons[record["finish_reason"]] += 1
+        day = time.strftime("%Y-%m-%d", time.gmtime(record["end_time"]))
+        totals_of_day = days.setdefault(day, {"day": day, "runs": 0, "pages": 0, "items": 0, "errors": 0})
+        totals_of_day["runs"] += 1
+        for field in ("pages", "items", "errors"):
+            totals_of_day[field] += int(number(record.get(field), 0))
+    return {"spider": spider, "runs": count, "baseline": medians, "baseline_runs": used,
+            "reasons": dict(reasons), "totals": {reason: n for (s, reason), n in run_totals(totals).items()
+                                                  if s == spider},
+            "days": sorted(days.values(), key=lambda d: d["day"])}
+
+
+def recent_runs(r, prefix):
+    """The newest runs recorded (up to RECENT_RUNS), as ``[(seq, record)]``: what the alerter judges."""
+    out = []
+    for raw in r.lrange(run_meta_key(prefix, "recent"), 0, -1):
+        seq, _, member = _text(raw).partition(" ")
+        parsed = parse_run(member)
+        if seq.isdigit() and parsed:
+            out.append((int(seq), parsed[1]))
+    return out
+
+
+def run_totals(raw):
+    """``{(spider, reason): runs ever recorded}`` from an HGETALL of the totals hash; malformed fields skipped."""
+    out = {}
+    for field, value in raw.items():
+        try:
+            spider, reason = json.loads(field)
+            count = int(value)
+        except (ValueError, TypeError):
+            continue
+        if isinstance(spider, str) and isinstance(reason, str) and 0 <= count < NUMBER_LIMIT:
+            out[(spider, reason)] = count
+    return out
+
+
 # ---------------------------------------------------------------------------- write side
 
 _compact_json = json.JSONEncoder(separators=(",", ":")).encode
@@ -985,6 +1325,8 @@ class SpiderMonitor:
         self.queue_keys = None
         self.base = {}
         self.sampler = Sampler()  # primed now, so the first tick's CPU figures cover start-up
+        self.peak_rss = 0  # the run's largest RSS, for its run record
+        self.runs_keep = DEFAULT_RUNS_KEEP
 
     @classmethod
     def from_crawler(cls, crawler):
@@ -1015,6 +1357,10 @@ class SpiderMonitor:
             ext = cls(crawler, interval, url, queue_url, node_id, prefix)
         except ValueError as exc:
             raise NotConfigured(f"bad Redis URL ({exc}); the monitor is off") from None
+        keep = str(setting("MONITOR_RUNS_KEEP", DEFAULT_RUNS_KEEP)).strip()
+        if not (keep.isascii() and keep.isdigit() and int(keep) > 0):
+            raise NotConfigured(f"MONITOR_RUNS_KEEP must be a whole number above 0, not {keep!r}; the monitor is off")
+        ext.runs_keep = int(keep)
         crawler.signals.connect(ext.spider_opened, signal=signals.spider_opened)
         crawler.signals.connect(ext.spider_closed, signal=signals.spider_closed)
         return ext
@@ -1062,6 +1408,7 @@ class SpiderMonitor:
         now = time.time()
         snapshot = {"timestamp": int(now), **self.base, **self.sampler.sample(stats, now), **extra}
         snapshot.update(self._queue_sizes())
+        self.peak_rss = snapshot["peak_rss"] = max(self.peak_rss, snapshot.get("rss") or 0)
         try:
             if self.clock_offset is None:  # the first write: history rows go on Redis's clock from the start
                 self.clock_offset = redis_now(self.redis.time()) - time.time()
@@ -1072,6 +1419,9 @@ class SpiderMonitor:
             with self.redis.pipeline(transaction=False) as pipe:
                 write_snapshot(pipe, self.prefix, snapshot, self.history_len, [r for r in trend_rows if r],
                                stamp=True, row=row)
+                if final:  # the run's record, in the same round trip
+                    write_run(pipe, self.prefix, run_record(snapshot, offset=self.clock_offset),
+                              self.base["start_time"], self.runs_keep)
                 sent = time.time()
                 server_time = pipe.execute()[0]
         except redis.RedisError as exc:

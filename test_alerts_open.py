@@ -20,6 +20,7 @@ import yaml
 import alert
 import monitor_api
 import monitors
+import testbed
 from testbed import ROOT, free_port, wait_for
 from test_alert import T0, make, report, run_script, smtp, webhook  # noqa: F401 (fixtures)
 from test_dashboard import XSS, ApiServer, WAIT, browser, open_page, until  # noqa: F401 (fixtures)
@@ -163,6 +164,8 @@ def test_promtool_checks_and_unit_tests_the_rules(redis_url, redis_client):
     assert {(r["alert"], r["labels"]["severity"]) for r in rules} == {(r.alertname, r.severity) for r in alert.RULES}
     # Every metric a rule reads is one /prometheus serves.
     report(redis_client, "n1", time.time(), queue_requests=5)
+    lost = monitors.run_record(testbed.snapshot("n2", status="closed"), "lost")
+    monitors.write_run(redis_client, "scrapy", lost, lost["start_time"], lost=True)
     served = monitor_api.create_app({"REDIS_URL": redis_url}).test_client().get("/prometheus").get_data(as_text=True)
     served = set(re.findall(r"^(scrapy_[a-z_]+)[{ ]", served, re.M))
     for r in rules:
