@@ -614,6 +614,78 @@ def openapi():
     return jsonify(OPENAPI)
 
 
+# ---------------------------------------------------------------------------- fleet control
+
+# The control log answers this many entries unless ?limit= says otherwise (at most CONTROL_LOG_KEEP).
+CONTROL_LOG_LIMIT = 50
+# A node id or spider name in a command is at most this long; a comment at most MAX_COMMENT characters.
+MAX_NAME = 1000
+MAX_COMMENT = 500
+TARGET_KINDS = ("node", "spider", "all")
+
+
+@bp.route("/control", methods=["GET", "POST"])  # GET listed so that @acting refuses it, and logs the refusal
+@acting
+def control():
+    """``{"command", "node"|"spider"|"all", "comment"?}``: stored for the nodes to apply, and logged; 202 with
+    the nodes it reaches now (not closed). A spider or ``all`` command also holds for nodes that start later."""
+    command, kind, name, comment = parse_command(request.get_json(silent=True))
+    nodes = reader().nodes()[0]
+    if kind == "node":
+        if name not in nodes:
+            abort(404, "no node by that name")
+        if nodes[name]["state"] == "closed":
+            abort(409, "that node is closed: there is nothing to control")
+        chosen = [name]
+    else:
+        chosen = [n for n, s in nodes.items() if kind == "all" or s["spider"] == name]
+        if kind == "spider" and not chosen:
+            abort(404, "no spider by that name")
+    reached = sorted(n for n in chosen if nodes[n]["state"] != "closed")
+    target = "all" if kind == "all" else f"{kind}:{name}"
+    entry = monitors.issue_command(reader().redis, reader().prefix, command, target, comment=comment,
+                                   who=g.actor["address"], via=g.actor["via"], reached=len(reached))
+    reader().answered()
+    logger.info("Control command %d: %s for %s from %s, reaching %d node(s)", entry["id"], command,
+                target[:200], g.actor["address"], len(reached))
+    return {"id": entry["id"], "command": command, "target": target, "at": entry["at"], "nodes": reached}, 202
+
+
+def parse_command(body):
+    """``(command, target kind, name, comment)`` from a POST /control body; 400 naming what is wrong."""
+    if not isinstance(body, dict):
+        abort(400, "send a JSON object: {\"command\": \"pause\", \"node\"|\"spider\"|\"all\": ...}")
+    unknown = sorted(set(body) - {"command", "comment", *TARGET_KINDS})
+    if unknown:
+        abort(400, f"unknown field {unknown[0][:100]!r}: use command, node, spider, all and comment")
+    command = body.get("command")
+    if command not in monitors.CONTROL_COMMANDS:
+        abort(400, f"command must be one of {', '.join(monitors.CONTROL_COMMANDS)}")
+    kinds = [k for k in TARGET_KINDS if k in body]
+    if len(kinds) != 1:
+        abort(400, "name exactly one target: \"node\": <node id>, \"spider\": <name> or \"all\": true")
+    kind, name = kinds[0], body[kinds[0]]
+    if kind == "all" and name is not True:
+        abort(400, "\"all\" must be true")
+    if kind != "all" and not (isinstance(name, str) and 0 < len(name) <= MAX_NAME and monitors._utf8(name)):
+        abort(400, f"\"{kind}\" must be a non-empty string of at most {MAX_NAME} characters")
+    comment = body.get("comment", "")
+    if not (isinstance(comment, str) and len(comment) <= MAX_COMMENT and monitors._utf8(comment)):
+        abort(400, f"comment must be a string of at most {MAX_COMMENT} characters")
+    return command, kind, name if kind != "all" else None, comment
+
+
+@bp.get("/control/log")
+def control_log():
+    """The newest control commands first, each with who sent it, when, and every node's acknowledgement."""
+    limit = request.args.get("limit", str(CONTROL_LOG_LIMIT))
+    if not (limit.isascii() and limit.isdigit() and 1 <= int(limit) <= monitors.CONTROL_LOG_KEEP):
+        abort(400, f"limit must be a whole number from 1 to {monitors.CONTROL_LOG_KEEP}")
+    log = monitors.read_control_log(reader().redis, reader().prefix, int(limit))
+    reader().answered()
+    return {"log": log}
+
+
 # ---------------------------------------------------------------------------- errors
 
 @bp.app_errorhandler(HTTPException)

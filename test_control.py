@@ -1,0 +1,190 @@
+"""Fleet control end to end: real redis-server, real ``scrapy crawl main_spider`` nodes on a local site, the
+API through Flask's test client, the dashboard in headless Chromium."""
+
+import json
+import logging
+import os
+import socket
+import time
+from urllib.parse import quote
+
+import pytest
+
+import monitor_api
+import monitors
+from conftest import crawl_log, wait_for
+from demo_site import Site
+
+SPIDER = "main_spider"
+QUEUE = f"{SPIDER}:requests"
+
+
+def make_app(url, **config):
+    settings = {"REDIS_URL": url, "MONITOR_KEY_PREFIX": "scrapy", "MONITOR_API_TOKEN": None,
+                "MONITOR_CORS_ORIGINS": "null", "MONITOR_RETENTION": 86400, "MONITOR_API_CACHE": 0,
+                "MONITOR_API_HOST": "127.0.0.1", "MONITOR_API_HOSTS": None, "MONITOR_API_READONLY": "0"}
+    settings.update(config)
+    return monitor_api.create_app(settings)
+
+
+def nodes(client):
+    return monitors.list_nodes(client, "scrapy")[0]
+
+
+def node_id(proc):
+    return f"{SPIDER}:{socket.gethostname()}:{proc.pid}"
+
+
+def start_node(crawlers, redis_url, **settings):
+    """A main_spider node reporting every second, two requests at a time."""
+    return crawlers(env={"REDIS_URL": redis_url, "MONITOR_INTERVAL": "1"},
+                    settings={"CONCURRENT_REQUESTS": 2, **settings})
+
+
+def send(api, command, **target):
+    resp = api.post("/control", json={"command": command, **target})
+    assert resp.status_code == 202, resp.get_json()
+    return resp.get_json()
+
+
+def applied(client, node, command_id, status):
+    snap = nodes(client).get(node, {})
+    return (snap.get("command") or {}).get("id") == command_id and snap.get("status") == status and snap
+
+
+def hits(site):
+    return sum(site.page_hits().values())
+
+
+def steady(site, seconds=1.0):
+    """The site's hit count once it has not changed for ``seconds``."""
+    def still():
+        before = hits(site)
+        time.sleep(seconds)
+        return hits(site) == before and before + 1  # truthy even at 0
+    return wait_for(still, 20, step=0, what="the crawl to stand still") - 1
+
+
+@pytest.fixture
+def slow_site():
+    s = Site(pages=150, delay=0.3).start()
+    yield s
+    s.stop()
+
+
+def test_pause_and_resume_two_nodes_fetch_every_page_once(redis_client, redis_url, slow_site, crawlers):
+    procs = [start_node(crawlers, redis_url, MAX_IDLE_TIME_BEFORE_CLOSE=3) for _ in range(2)]
+    ids = [node_id(p) for p in procs]
+    wait_for(lambda: set(nodes(redis_client)) == set(ids), 30, what="both nodes registered")
+    redis_client.lpush("distributed:start_urls", json.dumps({"url": slow_site.url}))
+    wait_for(lambda: all(nodes(redis_client)[n]["pages"] >= 2 for n in ids), 30, what="both nodes crawling")
+    api = make_app(redis_url).test_client()
+
+    paused = [send(api, "pause", node=n, comment="429s") for n in ids]
+    assert [p["nodes"] for p in paused] == [[n] for n in ids]
+    for n, p in zip(ids, paused):
+        wait_for(lambda: applied(redis_client, n, p["id"], "paused"), 10, what=f"{n} paused")
+    at_ack = hits(slow_site)
+    stood = steady(slow_site)
+    assert stood - at_ack <= 4, "more than the in-flight requests were fetched after the pause"
+    time.sleep(2)
+    assert hits(slow_site) == stood
+    for n in ids:
+        snap = nodes(redis_client)[n]
+        assert snap["state"] == "paused" and snap["command"]["name"] == "pause"
+        pages = snap["pages"]
+        wait_for(lambda: nodes(redis_client)[n]["timestamp"] > snap["timestamp"], 10, what="another report")
+        assert nodes(redis_client)[n]["pages"] == pages
+    assert stood < slow_site.pages, "the site was crawled before the pause took"
+
+    resumed = [send(api, "resume", node=n) for n in ids]
+    for n, r in zip(ids, resumed):
+        wait_for(lambda: applied(redis_client, n, r["id"], "running"), 10, what=f"{n} resumed")
+    wait_for(lambda: hits(slow_site) > stood, 10, what="pages fetched again")
+    for proc in procs:
+        assert proc.wait(120) == 0, crawl_log(proc)
+    assert slow_site.page_hits() == {p: 1 for p in slow_site.page_paths()}  # none twice, none lost
+    final = nodes(redis_client)
+    assert sum(final[n]["items"] for n in ids) == slow_site.pages
+    assert all(final[n]["finish_reason"] == "finished" for n in ids)
+
+    log = api.get("/control/log?limit=3").get_json()["log"]
+    assert [e["id"] for e in log] == sorted((e["id"] for e in paused + resumed), reverse=True)[:3]
+    entry = api.get("/control/log").get_json()["log"][-1]
+    assert entry["command"] == "pause" and entry["target"] == f"node:{ids[0]}" and entry["comment"] == "429s"
+    assert entry["who"] == "127.0.0.1" and entry["via"].startswith("no token") and entry["reached"] == 1
+    assert set(entry["acks"]) == {ids[0]} and entry["acks"][ids[0]] >= entry["at"] - 5
+    # A node's own command ends with the node.
+    assert not redis_client.hkeys(monitors.control_key("scrapy", "commands"))
+
+
+def test_stop_keeps_the_unfetched_requests_for_a_new_node(redis_client, redis_url, slow_site, crawlers):
+    first = start_node(crawlers, redis_url)
+    wait_for(lambda: node_id(first) in nodes(redis_client), 30, what="node registered")
+    redis_client.lpush("distributed:start_urls", json.dumps({"url": slow_site.url}))
+    wait_for(lambda: nodes(redis_client)[node_id(first)]["pages"] >= 3, 30, what="node crawling")
+    api = make_app(redis_url).test_client()
+    sent = send(api, "stop", node=node_id(first))
+    assert first.wait(60) == 0, crawl_log(first)
+    snap = nodes(redis_client)[node_id(first)]
+    assert snap["status"] == "closed" and snap["finish_reason"] == "stopped"
+    assert snap["command"]["id"] == sent["id"] and snap["command"]["name"] == "stop"
+    fetched = hits(slow_site)
+    assert redis_client.zcard(QUEUE) > 0 and fetched < slow_site.pages
+    assert not redis_client.hexists(monitors.control_key("scrapy", "commands"), f"node:{node_id(first)}")
+    assert api.post("/control", json={"command": "pause", "node": node_id(first)}).status_code == 409
+
+    second = start_node(crawlers, redis_url, MAX_IDLE_TIME_BEFORE_CLOSE=3)
+    assert second.wait(120) == 0, crawl_log(second)
+    assert slow_site.page_hits() == {p: 1 for p in slow_site.page_paths()}
+    assert nodes(redis_client)[node_id(second)]["finish_reason"] == "finished"
+    assert nodes(redis_client)[node_id(second)]["pages"] >= slow_site.pages - fetched
+
+
+def test_drain_closes_nodes_when_the_queue_is_empty_not_before(redis_client, redis_url, crawlers):
+    site = Site(pages=60, delay=0.2).start()
+    try:
+        procs = [start_node(crawlers, redis_url) for _ in range(2)]  # they would wait for start URLs forever
+        ids = [node_id(p) for p in procs]
+        wait_for(lambda: set(nodes(redis_client)) == set(ids), 30, what="both nodes registered")
+        redis_client.lpush("distributed:start_urls", json.dumps({"url": site.url}))
+        wait_for(lambda: hits(site) >= 3, 30, what="crawling")
+        api = make_app(redis_url).test_client()
+        sent = send(api, "drain", spider=SPIDER)
+        assert sent["nodes"] == sorted(ids) and sent["target"] == f"spider:{SPIDER}"
+        for n in ids:
+            wait_for(lambda: (nodes(redis_client)[n].get("command") or {}).get("name") == "drain", 10,
+                     what="drain acknowledged")
+        assert hits(site) < site.pages and any(nodes(redis_client)[n]["status"] == "running" for n in ids)
+        for proc in procs:
+            assert proc.wait(120) == 0, crawl_log(proc)
+        final = nodes(redis_client)
+        assert [final[n]["finish_reason"] for n in ids] == ["drained", "drained"]
+        assert site.page_hits() == {p: 1 for p in site.page_paths()}
+        assert redis_client.zcard(QUEUE) == 0
+    finally:
+        site.stop()
+
+
+def test_a_spider_wide_pause_holds_for_a_node_started_later(redis_client, redis_url, site, crawlers):
+    first = start_node(crawlers, redis_url, MAX_IDLE_TIME_BEFORE_CLOSE=3)
+    wait_for(lambda: node_id(first) in nodes(redis_client), 30, what="node registered")
+    api = make_app(redis_url).test_client()
+    sent = send(api, "pause", spider=SPIDER)
+    assert sent["nodes"] == [node_id(first)]
+    wait_for(lambda: applied(redis_client, node_id(first), sent["id"], "paused"), 10, what="first node paused")
+    redis_client.lpush("distributed:start_urls", json.dumps({"url": site.url}))
+    later = start_node(crawlers, redis_url, MAX_IDLE_TIME_BEFORE_CLOSE=3)
+    wait_for(lambda: applied(redis_client, node_id(later), sent["id"], "paused"), 30, what="later node paused")
+    time.sleep(3)
+    assert site.first_hit is None, "a node of a paused spider fetched pages"
+    assert nodes(redis_client)[node_id(later)]["state"] == "paused"
+
+    resumed = send(api, "resume", spider=SPIDER)
+    assert resumed["nodes"] == sorted([node_id(first), node_id(later)])
+    for proc in (first, later):
+        assert proc.wait(120) == 0, crawl_log(proc)
+    assert site.page_hits() == {p: 1 for p in site.page_paths()}
+    # The resume is the spider's newest command: it stays, and a node started now just runs.
+    stored = redis_client.hgetall(monitors.control_key("scrapy", "commands"))
+    assert {k.decode(): json.loads(v)["command"] for k, v in stored.items()} == {f"spider:{SPIDER}": "resume"}
