@@ -944,7 +944,7 @@ OPENAPI = {
             "parameters": [
                 {"name": "spider", "in": "query", "schema": {"type": "string"}, "description": "Only this spider's nodes."},
                 {"name": "state", "in": "query", "schema": {"type": "string"},
-                 "description": "live, stale or closed; several comma-separated."}],
+                 "description": "live, paused, stale or closed; several comma-separated."}],
             "responses": {"200": _json("{node id: snapshot}", {"type": "object", "additionalProperties": _ref("Snapshot")},
                                        headers=True),
                           **_ERRORS, "400": _json("Unknown state, or a Host not accepted.", _ref("Error"))}}},
@@ -977,6 +977,24 @@ OPENAPI = {
             "summary": "The dashboard page (dashboard.html).",
             "responses": {"200": {"description": "The page.", "content": {"text/html": {"schema": {"type": "string"}}}},
                           "404": _json("dashboard.html is not installed.", _ref("Error")), **_GATE}}},
+        "/control": {"post": {
+            "summary": "Pause, resume, stop or drain one node, a spider's nodes or every node (see @acting for who may).",
+            "requestBody": {"required": True, "content": {"application/json": {"schema": _ref("ControlRequest")}}},
+            "responses": {"202": _json("Stored; nodes apply it within about 2 s.", _ref("ControlAccepted")),
+                          "400": _json("Bad body, or a Host not accepted.", _ref("Error")),
+                          "403": _json("Read-only mode, or no token from a browser origin or a non-loopback API.",
+                                       _ref("Error")),
+                          "404": _json("No such node or spider.", _ref("Error")),
+                          "405": _json("GET: control only takes POST.", _ref("Error")),
+                          "409": _json("That node is closed.", _ref("Error")),
+                          "415": _json("The body is not application/json.", _ref("Error")), **_ERRORS}}},
+        "/control/log": {"get": {
+            "summary": "Control commands, newest first, with each node's acknowledgement.",
+            "parameters": [{"name": "limit", "in": "query", "schema": {
+                "type": "integer", "minimum": 1, "maximum": monitors.CONTROL_LOG_KEEP, "default": CONTROL_LOG_LIMIT}}],
+            "responses": {"200": _json("The log.", {"type": "object", "required": ["log"], "properties": {
+                "log": {"type": "array", "items": _ref("ControlEntry")}}}),
+                "400": _json("Bad limit, or a Host not accepted.", _ref("Error")), **_ERRORS}}},
         "/openapi.json": {"get": {
             "summary": "This description.",
             "responses": {"200": _json("OpenAPI 3 document.", {"type": "object", "required": ["openapi", "paths"]}),
@@ -999,7 +1017,9 @@ OPENAPI = {
                                "cpu": {"type": "number"}, "memory": {"type": "number"},
                                "bytes_sent": {"type": "integer"}, "bytes_recv": {"type": "integer"},
                                "node": {"type": "string"}, "host": {"type": "string"}, "pid": {"type": "integer"},
-                               "status": {"type": "string", "enum": ["running", "closed"]},
+                               "status": {"type": "string", "enum": ["running", "paused", "closed"]},
+                               "command": {"type": "object", "description": "the last control command applied",
+                                           "required": ["id", "name", "at"]},
                                "interval": {"type": "number"}, "pages": {"type": "integer"},
                                "items": {"type": "integer"}, "state": {"type": "string", "enum": list(STATES)}}},
             "SpiderView": {
@@ -1012,6 +1032,28 @@ OPENAPI = {
                 "type": "object",
                 "required": _SEED + ["pages", "items", "nodes_live", "nodes_stale", "nodes_closed", "nodes"],
                 "properties": {"nodes": {"type": "object", "additionalProperties": _ref("Snapshot")}}},
+            "ControlRequest": {
+                "type": "object", "required": ["command"],
+                "description": "Exactly one of node, spider and all.",
+                "properties": {"command": {"type": "string", "enum": list(monitors.CONTROL_COMMANDS)},
+                               "node": {"type": "string"}, "spider": {"type": "string"},
+                               "all": {"type": "boolean", "enum": [True]},
+                               "comment": {"type": "string", "maxLength": MAX_COMMENT}}},
+            "ControlAccepted": {
+                "type": "object", "required": ["id", "command", "target", "at", "nodes"],
+                "properties": {"id": {"type": "integer"}, "command": {"type": "string"},
+                               "target": {"type": "string", "description": "node:<id>, spider:<name> or all"},
+                               "at": {"type": "number", "description": "Redis's clock, unix seconds"},
+                               "nodes": {"type": "array", "items": {"type": "string"}}}},
+            "ControlEntry": {
+                "type": "object", "required": ["id", "command", "target", "at", "acks"],
+                "properties": {"id": {"type": "integer"}, "command": {"type": "string"}, "target": {"type": "string"},
+                               "at": {"type": "number"}, "comment": {"type": "string"},
+                               "who": {"type": "string", "description": "the client address"},
+                               "via": {"type": "string", "description": "how it was let in: token, or no token..."},
+                               "reached": {"type": "integer", "description": "nodes not closed when it was sent"},
+                               "acks": {"type": "object", "additionalProperties": {"type": "number"},
+                                        "description": "node id: when it applied the command (its clock)"}}},
             "History": {
                 "type": "object", "required": ["name", "kind", "minutes", "step", "points"],
                 "properties": {

@@ -644,6 +644,8 @@ def test_openapi_describes_the_routes_and_real_responses_match(redis_url, redis_
         return resp.status_code
 
     for template in spec["paths"]:
+        if "get" not in spec["paths"][template]:
+            continue  # a route that only changes data (test_control.py checks POST /control)
         if "{name}" in template:
             for name in ("main_spider:h:1", "main_spider"):  # a node and a spider
                 assert call(template.replace("{name}", quote(name, safe=""))) == 200

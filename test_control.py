@@ -188,3 +188,120 @@ def test_a_spider_wide_pause_holds_for_a_node_started_later(redis_client, redis_
     # The resume is the spider's newest command: it stays, and a node started now just runs.
     stored = redis_client.hgetall(monitors.control_key("scrapy", "commands"))
     assert {k.decode(): json.loads(v)["command"] for k, v in stored.items()} == {f"spider:{SPIDER}": "resume"}
+
+
+# ---------------------------------------------------------------------------- the API: who may act, bad bodies, the log
+
+def store(client, *snaps):
+    with client.pipeline(transaction=False) as pipe:
+        for s in snaps:
+            monitors.write_snapshot(pipe, "scrapy", s, 360)
+        pipe.execute()
+
+
+def snap(node, spider=SPIDER, status="running", age=0):
+    return {"timestamp": int(time.time()) - age, "spider": spider, "node": node, "host": "h", "pid": 1,
+            "status": status, "interval": 10, "pages": 1, "items": 1, "cpu": 1, "memory": 1,
+            "bytes_sent": 1, "bytes_recv": 1}
+
+
+def stored_commands(client):
+    return client.hgetall(monitors.control_key("scrapy", "commands"))
+
+
+def test_control_is_refused_at_the_route_and_every_refusal_is_logged(redis_client, redis_url, caplog):
+    caplog.set_level(logging.INFO, logger="monitor_api")
+    store(redis_client, snap("a:1"))
+    body = {"command": "stop", "all": True}
+    tokened = make_app(redis_url, MONITOR_API_TOKEN="s3cret").test_client()
+    for headers in ({}, {"Authorization": "Bearer wrong"}):
+        resp = tokened.post("/control", json=body, headers=headers)
+        assert resp.status_code == 401 and resp.get_json()["error"]
+    tokenless = make_app(redis_url).test_client()
+    for origin in ("null", "http://evil.test"):
+        resp = tokenless.post("/control", json=body, headers={"Origin": origin})
+        assert resp.status_code == 403 and "MONITOR_API_TOKEN" in resp.get_json()["error"]
+    resp = tokenless.get("/control")
+    assert resp.status_code == 405 and resp.headers["Allow"] == "POST" and resp.get_json()["error"]
+    resp = tokenless.post("/control", data={"command": "stop", "all": "true"})  # a foreign page's <form>
+    assert resp.status_code == 415 and resp.get_json()["error"]
+    readonly = make_app(redis_url, MONITOR_API_READONLY="1").test_client()
+    resp = readonly.post("/control", json=body)
+    assert resp.status_code == 403 and "MONITOR_API_READONLY" in resp.get_json()["error"]
+    assert not stored_commands(redis_client)
+    assert not redis_client.exists(monitors.control_key("scrapy", "log"))
+
+    ok = tokened.post("/control", json=body, headers={"Authorization": "Bearer s3cret", "Origin": "null"})
+    assert ok.status_code == 202 and ok.get_json()["nodes"] == ["a:1"]
+    entry = tokened.get("/control/log?token=s3cret").get_json()["log"][0]
+    assert entry["via"] == "token" and entry["who"] == "127.0.0.1"
+    lines = [r.getMessage() for r in caplog.records if r.name == "monitor_api" and "/control " in r.getMessage()]
+    assert [line.split()[0] for line in lines] == ["Refused"] * 7 + ["Accepted"], lines
+    assert not any("s3cret" in r.getMessage() or "wrong" in r.getMessage() for r in caplog.records)
+
+
+def test_bad_bodies_and_unknown_targets_get_json_errors(redis_client, redis_url):
+    store(redis_client, snap("a:1"), snap("b:1", status="closed"))
+    api = make_app(redis_url).test_client()
+    bad = [
+        "not json", [], {"command": "pause"}, {"command": "explode", "all": True},
+        {"command": "pause", "all": True, "spider": SPIDER}, {"command": "pause", "all": 1},
+        {"command": "pause", "node": ""}, {"command": "pause", "node": 7}, {"command": "pause", "spider": None},
+        {"command": "pause", "all": True, "comment": 5}, {"command": "pause", "all": True, "comment": "x" * 501},
+        {"command": "pause", "all": True, "extra": 1}, {"command": "pause", "node": "x" * 1001},
+    ]
+    for body in bad:
+        kwargs = {"data": body, "content_type": "application/json"} if isinstance(body, str) else {"json": body}
+        resp = api.post("/control", **kwargs)
+        assert resp.status_code == 400 and resp.is_json and resp.get_json()["error"], body
+    for body, status in (({"command": "pause", "node": "nobody"}, 404), ({"command": "pause", "spider": "nope"}, 404),
+                         ({"command": "stop", "node": "b:1"}, 409)):
+        resp = api.post("/control", json=body)
+        assert resp.status_code == status and resp.get_json()["error"], body
+    for limit in ("0", "1001", "x", "-1", "1.5"):
+        resp = api.get(f"/control/log?limit={limit}")
+        assert resp.status_code == 400 and resp.get_json()["error"], limit
+    assert not stored_commands(redis_client)
+    # A spider or all: the nodes reached now are the ones not closed.
+    assert send(api, "pause", all=True)["nodes"] == ["a:1"]
+
+
+def test_the_newest_command_of_a_nodes_three_targets_wins(redis_client, redis_url):
+    store(redis_client, snap("a:1"), snap("a:2"), snap("other:1", spider="other"))
+    api = make_app(redis_url).test_client()
+
+    def effective(node, spider=SPIDER):
+        raws = redis_client.hmget(monitors.control_key("scrapy", "commands"), monitors.control_targets(node, spider))
+        command = monitors.newest_command(raws)
+        return command and command["command"]
+
+    send(api, "pause", spider=SPIDER)
+    assert effective("a:1") == effective("a:2") == "pause" and effective("other:1", "other") is None
+    send(api, "resume", node="a:1")
+    assert effective("a:1") == "resume" and effective("a:2") == "pause"
+    send(api, "drain", all=True)
+    assert effective("a:1") == effective("a:2") == effective("other:1", "other") == "drain"
+    send(api, "resume", spider=SPIDER)
+    assert effective("a:1") == effective("a:2") == "resume" and effective("other:1", "other") == "drain"
+    assert effective("a:9") == "resume"  # a node that starts later obeys its spider's command
+    log = api.get("/control/log").get_json()["log"]
+    assert [e["command"] for e in log] == ["resume", "drain", "resume", "pause"]
+    assert [e["id"] for e in log] == sorted((e["id"] for e in log), reverse=True)
+    # Malformed values (a hand edit, a hostile writer) are skipped, never obeyed.
+    redis_client.hset(monitors.control_key("scrapy", "commands"), "all", '{"id": 99, "command": "rm -rf", "at": 1}')
+    redis_client.lpush(monitors.control_key("scrapy", "log"), "not json")
+    assert effective("a:1") == "resume" and len(api.get("/control/log").get_json()["log"]) == 4
+    # A pruned node's own command goes with it.
+    store(redis_client, snap("gone:1", age=100_000))
+    send(api, "pause", node="gone:1")
+    monitors.prune_nodes(redis_client, nodes(redis_client), 86400, "scrapy")
+    assert not redis_client.hexists(monitors.control_key("scrapy", "commands"), "node:gone:1")
+
+
+def test_the_control_log_is_capped_in_redis(redis_client, redis_url):
+    store(redis_client, snap("a:1"))
+    for _ in range(monitors.CONTROL_LOG_KEEP + 5):
+        monitors.issue_command(redis_client, "scrapy", "pause", "all")
+    assert redis_client.llen(monitors.control_key("scrapy", "log")) == monitors.CONTROL_LOG_KEEP
+    log = make_app(redis_url).test_client().get(f"/control/log?limit={monitors.CONTROL_LOG_KEEP}").get_json()["log"]
+    assert log[0]["id"] == monitors.CONTROL_LOG_KEEP + 5 and len(log) == monitors.CONTROL_LOG_KEEP
