@@ -305,3 +305,98 @@ def test_the_control_log_is_capped_in_redis(redis_client, redis_url):
     assert redis_client.llen(monitors.control_key("scrapy", "log")) == monitors.CONTROL_LOG_KEEP
     log = make_app(redis_url).test_client().get(f"/control/log?limit={monitors.CONTROL_LOG_KEEP}").get_json()["log"]
     assert log[0]["id"] == monitors.CONTROL_LOG_KEEP + 5 and len(log) == monitors.CONTROL_LOG_KEEP
+
+
+# ---------------------------------------------------------------------------- the dashboard
+
+from test_dashboard import CHROMIUM, CHROMIUM_ARGS, PAGE, ApiServer, publish, snapshot  # noqa: E402
+
+WAIT = 15_000
+
+
+@pytest.fixture
+def chromium():
+    if not CHROMIUM:
+        pytest.skip("Debian's chromium is not installed (apt-get install chromium, or `make browser`)")
+    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield browser
+        browser.close()
+
+
+def test_dashboard_buttons_send_commands_confirm_stop_and_show_the_log(redis_server, redis_client, chromium):
+    publish(redis_client, snapshot("main_spider:a:1"), snapshot("main_spider:a:2", status="paused"),
+            snapshot("main_spider:a:3", status="closed"), snapshot("<b>other</b>:x:1", spider="<b>other</b>"),
+            stamp=True)
+    server = ApiServer(redis_server.url).start()
+    try:
+        page = chromium.new_page(viewport={"width": 1280, "height": 900})
+        errors, dialogs = [], []
+        page.on("pageerror", lambda exc: errors.append(str(exc)))
+
+        def on_dialog(dialog):
+            dialogs.append(dialog.message)
+            dialog.accept()
+
+        page.on("dialog", on_dialog)
+        page.goto(server.url + "/?interval=300")  # served by the API: its own origin may act without a token
+        page.wait_for_function("() => document.querySelector('[data-node=\"main_spider:a:2\"]')"
+                               "?.getAttribute('data-state') === 'paused'", timeout=WAIT)
+        assert page.inner_text("#s-paused") == "1" and page.inner_text("#s-live") == "2"
+        assert page.eval_on_selector("#f-state", "s => [...s.options].map(o => o.value)") == [
+            "", "live", "paused", "stale", "closed"]
+        group = page.locator("details.group[data-spider='main_spider']")
+        assert "1 paused" in group.locator(".g-counts").inner_text()
+
+        group.locator("button[data-command='stop']").click()
+        page.wait_for_function("() => document.querySelector('#ctl-msg').textContent.includes('sent to 2 nodes')",
+                               timeout=WAIT)
+        assert dialogs == ["Stop 2 nodes of main_spider? Nodes of main_spider that start later stop too, until a resume."]
+        assert group.evaluate("g => g.open"), "a click on a header button must not fold the group"
+        stored = {k.decode(): json.loads(v) for k, v in stored_commands(redis_client).items()}
+        assert stored["spider:main_spider"]["command"] == "stop"
+        assert stored["spider:main_spider"]["via"] == "no token: loopback, the API's own page"
+
+        page.locator("[data-node='main_spider:a:1']").click()
+        detail = page.locator("#d-ctl")
+        detail.locator("button[data-command='pause']").click()  # no confirmation for a pause
+        page.wait_for_function("() => document.querySelector('#ctl-msg').textContent.includes('sent to 1 node')",
+                               timeout=WAIT)
+        assert len(dialogs) == 1
+        assert json.loads(stored_commands(redis_client)[b"node:main_spider:a:1"])["command"] == "pause"
+        page.evaluate("() => { location.hash = 'node=' + encodeURIComponent('main_spider:a:3'); }")  # closed
+        page.wait_for_function("() => document.querySelector('#d-ctl button').disabled", timeout=WAIT)
+        page.keyboard.press("Escape")
+
+        dialogs_before = len(dialogs)
+        page.evaluate("() => { window.confirm = () => false; }")  # the operator says no
+        page.locator("details.group[data-spider='<b>other</b>'] button[data-command='drain']").click()
+        time.sleep(0.5)
+        assert b"spider:<b>other</b>" not in stored_commands(redis_client) and len(dialogs) == dialogs_before
+
+        page.click("#ctl-open")
+        page.wait_for_function("() => document.querySelectorAll('#ctl-entries > li[data-id]').length === 2",
+                               timeout=WAIT)
+        texts = page.eval_on_selector_all("#ctl-entries > li", "lis => lis.map(li => li.innerText)")
+        assert "pause \u2192 node:main_spider:a:1" in texts[0] and "stop \u2192 spider:main_spider" in texts[1]
+        assert "127.0.0.1" in texts[0] and "applied by 0 of 1 reached node" in texts[0]
+        # A node acknowledges: the open log shows it on its next refresh.
+        first = json.loads(stored_commands(redis_client)[b"node:main_spider:a:1"])["id"]
+        redis_client.hset(monitors.control_ack_key("scrapy", first), "main_spider:a:1", json.dumps({"at": time.time()}))
+        page.wait_for_function("() => document.querySelector('#ctl-entries > li').innerText.includes('applied by 1 of 1')",
+                               timeout=WAIT)
+        assert not errors, errors
+
+        # From a file without a token the buttons are disabled and say why.
+        file_page = chromium.new_page()
+        file_page.goto(f"file://{quote(PAGE)}?api={quote(server.url, safe='')}&interval=300")
+        file_page.wait_for_selector("details.group[data-spider='main_spider']", timeout=WAIT)
+        button = file_page.locator("details.group[data-spider='main_spider'] button[data-command='pause']")
+        assert button.is_disabled() and "origin null" in button.get_attribute("title")
+        tokened = chromium.new_page()
+        tokened.goto(f"file://{quote(PAGE)}?api={quote(server.url, safe='')}&token=x&interval=300")
+        tokened.wait_for_selector("details.group[data-spider='main_spider']", timeout=WAIT)
+        assert tokened.locator("details.group[data-spider='main_spider'] button[data-command='pause']").is_enabled()
+    finally:
+        server.stop()
