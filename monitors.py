@@ -1025,7 +1025,10 @@ class NodeControl:
 
         from twisted.internet import threads
 
-        self.engine = self.monitor.crawler.engine
+        try:
+            self.engine = self.monitor.crawler.engine
+        except RuntimeError:  # a crawler that is not crawling (the benchmark's): nothing to apply commands to
+            self.engine = None
         self.fields = control_targets(self.monitor.node_id, spider.name)
         self.done = threading.Event()
 

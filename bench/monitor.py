@@ -1,5 +1,6 @@
-"""Node monitor benchmarks: crawl throughput with the monitor on, off and with a hanging Redis; Redis memory
-per node-day of history; reactor-thread time per tick. Figures are ratios within one run.
+"""Node monitor benchmarks: crawl throughput with the monitor on (with and without fleet control's polling),
+off and with a hanging Redis; Redis memory per node-day of history; reactor-thread time per tick. Figures
+are ratios within one run.
 
     python bench/monitor.py [--rounds 5] [--pages 1500]
 """
@@ -66,6 +67,7 @@ def throughput(rounds, pages):
     variants = {
         "off": {"MONITOR_ENABLED": "0"},
         "on (1 s)": {"MONITOR_INTERVAL": "1"},
+        "on, no control": {"MONITOR_INTERVAL": "1", "MONITOR_CONTROL": "0"},
         "hanging Redis": {"MONITOR_INTERVAL": "1", "MONITOR_REDIS_URL": f"redis://127.0.0.1:{hanging_port()}/0"},
     }
     rates = {name: [] for name in variants}
@@ -73,7 +75,7 @@ def throughput(rounds, pages):
     try:
         for i in range(rounds):
             names = list(variants)
-            order = names[i % 3:] + names[:i % 3]  # rotate, so each variant runs first, second and third
+            order = names[i % len(names):] + names[:i % len(names)]  # rotate: each variant runs in each place
             for name in order:
                 rate, cpu = crawl(server, site, variants[name])
                 rates[name].append(rate)
