@@ -3,28 +3,20 @@ API through Flask's test client, the dashboard in headless Chromium."""
 
 import json
 import logging
-import os
 import socket
 import time
 from urllib.parse import quote
 
 import pytest
 
-import monitor_api
 import monitors
 from conftest import crawl_log, wait_for
 from demo_site import Site
+from test_api import make_app, snap, store
+from test_dashboard import PAGE, WAIT, ApiServer, browser, publish, snapshot  # noqa: F401 (browser: a fixture)
 
 SPIDER = "main_spider"
 QUEUE = f"{SPIDER}:requests"
-
-
-def make_app(url, **config):
-    settings = {"REDIS_URL": url, "MONITOR_KEY_PREFIX": "scrapy", "MONITOR_API_TOKEN": None,
-                "MONITOR_CORS_ORIGINS": "null", "MONITOR_RETENTION": 86400, "MONITOR_API_CACHE": 0,
-                "MONITOR_API_HOST": "127.0.0.1", "MONITOR_API_HOSTS": None, "MONITOR_API_READONLY": "0"}
-    settings.update(config)
-    return monitor_api.create_app(settings)
 
 
 def nodes(client):
@@ -192,19 +184,6 @@ def test_a_spider_wide_pause_holds_for_a_node_started_later(redis_client, redis_
 
 # ---------------------------------------------------------------------------- the API: who may act, bad bodies, the log
 
-def store(client, *snaps):
-    with client.pipeline(transaction=False) as pipe:
-        for s in snaps:
-            monitors.write_snapshot(pipe, "scrapy", s, 360)
-        pipe.execute()
-
-
-def snap(node, spider=SPIDER, status="running", age=0):
-    return {"timestamp": int(time.time()) - age, "spider": spider, "node": node, "host": "h", "pid": 1,
-            "status": status, "interval": 10, "pages": 1, "items": 1, "cpu": 1, "memory": 1,
-            "bytes_sent": 1, "bytes_recv": 1}
-
-
 def stored_commands(client):
     return client.hgetall(monitors.control_key("scrapy", "commands"))
 
@@ -309,29 +288,13 @@ def test_the_control_log_is_capped_in_redis(redis_client, redis_url):
 
 # ---------------------------------------------------------------------------- the dashboard
 
-from test_dashboard import CHROMIUM, CHROMIUM_ARGS, PAGE, ApiServer, publish, snapshot  # noqa: E402
-
-WAIT = 15_000
-
-
-@pytest.fixture
-def chromium():
-    if not CHROMIUM:
-        pytest.skip("Debian's chromium is not installed (apt-get install chromium, or `make browser`)")
-    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
-    with sync_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        yield browser
-        browser.close()
-
-
-def test_dashboard_buttons_send_commands_confirm_stop_and_show_the_log(redis_server, redis_client, chromium):
+def test_dashboard_buttons_send_commands_confirm_stop_and_show_the_log(redis_server, redis_client, browser):
     publish(redis_client, snapshot("main_spider:a:1"), snapshot("main_spider:a:2", status="paused"),
             snapshot("main_spider:a:3", status="closed"), snapshot("<b>other</b>:x:1", spider="<b>other</b>"),
             stamp=True)
     server = ApiServer(redis_server.url).start()
     try:
-        page = chromium.new_page(viewport={"width": 1280, "height": 900})
+        page = browser.new_page(viewport={"width": 1280, "height": 900})
         errors, dialogs = [], []
         page.on("pageerror", lambda exc: errors.append(str(exc)))
 
@@ -389,12 +352,12 @@ def test_dashboard_buttons_send_commands_confirm_stop_and_show_the_log(redis_ser
         assert not errors, errors
 
         # From a file without a token the buttons are disabled and say why.
-        file_page = chromium.new_page()
+        file_page = browser.new_page()
         file_page.goto(f"file://{quote(PAGE)}?api={quote(server.url, safe='')}&interval=300")
         file_page.wait_for_selector("details.group[data-spider='main_spider']", timeout=WAIT)
         button = file_page.locator("details.group[data-spider='main_spider'] button[data-command='pause']")
         assert button.is_disabled() and "origin null" in button.get_attribute("title")
-        tokened = chromium.new_page()
+        tokened = browser.new_page()
         tokened.goto(f"file://{quote(PAGE)}?api={quote(server.url, safe='')}&token=x&interval=300")
         tokened.wait_for_selector("details.group[data-spider='main_spider']", timeout=WAIT)
         assert tokened.locator("details.group[data-spider='main_spider'] button[data-command='pause']").is_enabled()
