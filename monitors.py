@@ -1133,6 +1133,8 @@ class NodeControl:
         """Runs in a thread at close: stop polling, write pending acks, delete this node's own command."""
         if self.done is not None:
             self.done.set()
+        if self.monitor.outage.down:
+            return  # the final snapshot just failed: do not hold up the exit another timeout
         r, prefix = self.monitor.redis, self.monitor.prefix
         try:
             with r.pipeline(transaction=False) as pipe:

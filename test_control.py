@@ -182,6 +182,30 @@ def test_a_spider_wide_pause_holds_for_a_node_started_later(redis_client, redis_
     assert {k.decode(): json.loads(v)["command"] for k, v in stored.items()} == {f"spider:{SPIDER}": "resume"}
 
 
+
+def test_each_command_is_applied_once_across_a_redis_outage(redis_client, redis_url, site, crawlers):
+    proc = start_node(crawlers, redis_url, MAX_IDLE_TIME_BEFORE_CLOSE=3)
+    node = node_id(proc)
+    wait_for(lambda: node in nodes(redis_client), 30, what="node registered")
+    api = make_app(redis_url).test_client()
+    sent = send(api, "pause", spider=SPIDER)
+    wait_for(lambda: applied(redis_client, node, sent["id"], "paused"), 10, what="node paused")
+    redis_client.execute_command("CLIENT", "PAUSE", 3000, "ALL")  # Redis hangs for 3 s: every call times out
+    time.sleep(3.5)
+    wait_for(lambda: "Redis answers again" in crawl_log(proc), 15, what="the node reading again")
+    redis_client.lpush("distributed:start_urls", json.dumps({"url": site.url}))
+    time.sleep(2)
+    assert site.first_hit is None and nodes(redis_client)[node]["state"] == "paused"
+    resumed = send(api, "resume", node=node)
+    assert proc.wait(60) == 0, crawl_log(proc)
+    log = crawl_log(proc)
+    assert log.count(f"Control: pause (command {sent['id']}") == 1, log
+    assert log.count(f"Control: resume (command {resumed['id']}") == 1, log
+    assert log.count("Control: cannot read commands") == 1 and "Traceback" not in log
+    assert site.page_hits() == {p: 1 for p in site.page_paths()}
+    acks = {e["id"]: e["acks"] for e in api.get("/control/log").get_json()["log"]}
+    assert set(acks[sent["id"]]) == {node} and set(acks[resumed["id"]]) == {node}
+
 # ---------------------------------------------------------------------------- the API: who may act, bad bodies, the log
 
 def stored_commands(client):
