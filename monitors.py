@@ -120,7 +120,8 @@ def alert_key(prefix, name):
 
 
 def control_key(prefix, name):
-    """Fleet control's keys: ``commands`` (pending, by target) and ``log`` (the capped control log)."""
+    """Fleet control's keys: ``commands`` (the newest, by target), ``seq`` (ids), ``log`` (the capped control
+    log) and ``ack:<id>`` (see ``control_ack_key``)."""
     return f"{prefix}:control:{name}"
 
 
