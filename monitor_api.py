@@ -978,7 +978,7 @@ OPENAPI = {
             "responses": {"200": {"description": "The page.", "content": {"text/html": {"schema": {"type": "string"}}}},
                           "404": _json("dashboard.html is not installed.", _ref("Error")), **_GATE}}},
         "/control": {"post": {
-            "summary": "Pause, resume, stop or drain one node, a spider's nodes or every node (see @acting for who may).",
+            "summary": "Pause, resume, stop or drain one node, a spider's nodes or every node.",
             "requestBody": {"required": True, "content": {"application/json": {"schema": _ref("ControlRequest")}}},
             "responses": {"202": _json("Stored; nodes apply it within about 2 s.", _ref("ControlAccepted")),
                           "400": _json("Bad body, or a Host not accepted.", _ref("Error")),

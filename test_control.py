@@ -339,7 +339,8 @@ def test_dashboard_buttons_send_commands_confirm_stop_and_show_the_log(redis_ser
         group.locator("button[data-command='stop']").click()
         page.wait_for_function("() => document.querySelector('#ctl-msg').textContent.includes('sent to 2 nodes')",
                                timeout=WAIT)
-        assert dialogs == ["Stop 2 nodes of main_spider? Nodes of main_spider that start later stop too, until a resume."]
+        assert dialogs == ["Stop 2 nodes of main_spider? "
+                           "Nodes of main_spider that start later stop too, until a resume."]
         assert group.evaluate("g => g.open"), "a click on a header button must not fold the group"
         stored = {k.decode(): json.loads(v) for k, v in stored_commands(redis_client).items()}
         assert stored["spider:main_spider"]["command"] == "stop"
@@ -371,8 +372,8 @@ def test_dashboard_buttons_send_commands_confirm_stop_and_show_the_log(redis_ser
         # A node acknowledges: the open log shows it on its next refresh.
         first = json.loads(stored_commands(redis_client)[b"node:main_spider:a:1"])["id"]
         redis_client.hset(monitors.control_ack_key("scrapy", first), "main_spider:a:1", json.dumps({"at": time.time()}))
-        page.wait_for_function("() => document.querySelector('#ctl-entries > li').innerText.includes('applied by 1 of 1')",
-                               timeout=WAIT)
+        page.wait_for_function("() => document.querySelector('#ctl-entries > li').innerText"
+                               ".includes('applied by 1 of 1')", timeout=WAIT)
         assert not errors, errors
 
         # From a file without a token the buttons are disabled and say why.
