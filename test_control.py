@@ -75,7 +75,7 @@ def test_pause_and_resume_two_nodes_fetch_every_page_once(redis_client, redis_ur
     paused = [send(api, "pause", node=n, comment="429s") for n in ids]
     assert [p["nodes"] for p in paused] == [[n] for n in ids]
     for n, p in zip(ids, paused):
-        wait_for(lambda: applied(redis_client, n, p["id"], "paused"), 10, what=f"{n} paused")
+        wait_for(lambda: applied(redis_client, n, p["id"], "paused"), 20, what=f"{n} paused")
     at_ack = hits(slow_site)
     stood = steady(slow_site)
     assert stood - at_ack <= 4, "more than the in-flight requests were fetched after the pause"
@@ -85,14 +85,14 @@ def test_pause_and_resume_two_nodes_fetch_every_page_once(redis_client, redis_ur
         snap = nodes(redis_client)[n]
         assert snap["state"] == "paused" and snap["command"]["name"] == "pause"
         pages = snap["pages"]
-        wait_for(lambda: nodes(redis_client)[n]["timestamp"] > snap["timestamp"], 10, what="another report")
+        wait_for(lambda: nodes(redis_client)[n]["timestamp"] > snap["timestamp"], 20, what="another report")
         assert nodes(redis_client)[n]["pages"] == pages
     assert stood < slow_site.pages, "the site was crawled before the pause took"
 
     resumed = [send(api, "resume", node=n) for n in ids]
     for n, r in zip(ids, resumed):
-        wait_for(lambda: applied(redis_client, n, r["id"], "running"), 10, what=f"{n} resumed")
-    wait_for(lambda: hits(slow_site) > stood, 10, what="pages fetched again")
+        wait_for(lambda: applied(redis_client, n, r["id"], "running"), 20, what=f"{n} resumed")
+    wait_for(lambda: hits(slow_site) > stood, 20, what="pages fetched again")
     for proc in procs:
         assert proc.wait(120) == 0, crawl_log(proc)
     assert slow_site.page_hits() == {p: 1 for p in slow_site.page_paths()}  # none twice, none lost
@@ -145,7 +145,7 @@ def test_drain_closes_nodes_when_the_queue_is_empty_not_before(redis_client, red
         sent = send(api, "drain", spider=SPIDER)
         assert sent["nodes"] == sorted(ids) and sent["target"] == f"spider:{SPIDER}"
         for n in ids:
-            wait_for(lambda: (nodes(redis_client)[n].get("command") or {}).get("name") == "drain", 10,
+            wait_for(lambda: (nodes(redis_client)[n].get("command") or {}).get("name") == "drain", 20,
                      what="drain acknowledged")
         assert hits(site) < site.pages and any(nodes(redis_client)[n]["status"] == "running" for n in ids)
         for proc in procs:
@@ -164,7 +164,7 @@ def test_a_spider_wide_pause_holds_for_a_node_started_later(redis_client, redis_
     api = make_app(redis_url).test_client()
     sent = send(api, "pause", spider=SPIDER)
     assert sent["nodes"] == [node_id(first)]
-    wait_for(lambda: applied(redis_client, node_id(first), sent["id"], "paused"), 10, what="first node paused")
+    wait_for(lambda: applied(redis_client, node_id(first), sent["id"], "paused"), 20, what="first node paused")
     redis_client.lpush("distributed:start_urls", json.dumps({"url": site.url}))
     later = start_node(crawlers, redis_url, MAX_IDLE_TIME_BEFORE_CLOSE=3)
     wait_for(lambda: applied(redis_client, node_id(later), sent["id"], "paused"), 30, what="later node paused")
@@ -189,7 +189,7 @@ def test_each_command_is_applied_once_across_a_redis_outage(redis_client, redis_
     wait_for(lambda: node in nodes(redis_client), 30, what="node registered")
     api = make_app(redis_url).test_client()
     sent = send(api, "pause", spider=SPIDER)
-    wait_for(lambda: applied(redis_client, node, sent["id"], "paused"), 10, what="node paused")
+    wait_for(lambda: applied(redis_client, node, sent["id"], "paused"), 20, what="node paused")
     redis_client.execute_command("CLIENT", "PAUSE", 3000, "ALL")  # Redis hangs for 3 s: every call times out
     time.sleep(3.5)
     wait_for(lambda: "Redis answers again" in crawl_log(proc), 15, what="the node reading again")
