@@ -672,6 +672,77 @@ def delete_silence(name):
     logger.info("Silence %s deleted by %s", name[:100], g.actor["address"])
     return {"id": name, "deleted": True}
 
+# ---------------------------------------------------------------------------- fleet control
+
+# The control log answers this many entries unless ?limit= says otherwise (at most CONTROL_LOG_KEEP).
+CONTROL_LOG_LIMIT = 50
+# A node id or spider name in a command is at most this long; a comment at most MAX_COMMENT characters.
+MAX_NAME = 1000
+MAX_COMMENT = 500
+TARGET_KINDS = ("node", "spider", "all")
+
+
+@bp.route("/control", methods=["GET", "POST"])  # GET listed so that @acting refuses it, and logs the refusal
+@acting
+def control():
+    """``{"command", "node"|"spider"|"all", "comment"?}``: stored for the nodes to apply, and logged; 202 with
+    the nodes it reaches now (not closed). A spider or ``all`` command also holds for nodes that start later."""
+    command, kind, name, comment = parse_command(request.get_json(silent=True))
+    nodes = reader().nodes()[0]
+    if kind == "node":
+        if name not in nodes:
+            abort(404, "no node by that name")
+        if nodes[name]["state"] == "closed":
+            abort(409, "that node is closed: there is nothing to control")
+        chosen = [name]
+    else:
+        chosen = [n for n, s in nodes.items() if kind == "all" or s["spider"] == name]
+        if kind == "spider" and not chosen:
+            abort(404, "no spider by that name")
+    reached = sorted(n for n in chosen if nodes[n]["state"] != "closed")
+    target = "all" if kind == "all" else f"{kind}:{name}"
+    entry = monitors.issue_command(reader().redis, reader().prefix, command, target, comment=comment,
+                                   who=g.actor["address"], via=g.actor["via"], reached=len(reached))
+    reader().answered()
+    logger.info("Control command %d: %s for %s from %s, reaching %d node(s)", entry["id"], command,
+                target[:200], g.actor["address"], len(reached))
+    return {"id": entry["id"], "command": command, "target": target, "at": entry["at"], "nodes": reached}, 202
+
+
+def parse_command(body):
+    """``(command, target kind, name, comment)`` from a POST /control body; 400 naming what is wrong."""
+    if not isinstance(body, dict):
+        abort(400, "send a JSON object: {\"command\": \"pause\", \"node\"|\"spider\"|\"all\": ...}")
+    unknown = sorted(set(body) - {"command", "comment", *TARGET_KINDS})
+    if unknown:
+        abort(400, f"unknown field {unknown[0][:100]!r}: use command, node, spider, all and comment")
+    command = body.get("command")
+    if command not in monitors.CONTROL_COMMANDS:
+        abort(400, f"command must be one of {', '.join(monitors.CONTROL_COMMANDS)}")
+    kinds = [k for k in TARGET_KINDS if k in body]
+    if len(kinds) != 1:
+        abort(400, "name exactly one target: \"node\": <node id>, \"spider\": <name> or \"all\": true")
+    kind, name = kinds[0], body[kinds[0]]
+    if kind == "all" and name is not True:
+        abort(400, "\"all\" must be true")
+    if kind != "all" and not (isinstance(name, str) and 0 < len(name) <= MAX_NAME and monitors._utf8(name)):
+        abort(400, f"\"{kind}\" must be a non-empty string of at most {MAX_NAME} characters")
+    comment = body.get("comment", "")
+    if not (isinstance(comment, str) and len(comment) <= MAX_COMMENT and monitors._utf8(comment)):
+        abort(400, f"comment must be a string of at most {MAX_COMMENT} characters")
+    return command, kind, name if kind != "all" else None, comment
+
+
+@bp.get("/control/log")
+def control_log():
+    """The newest control commands first, each with who sent it, when, and every node's acknowledgement."""
+    limit = request.args.get("limit", str(CONTROL_LOG_LIMIT))
+    if not (limit.isascii() and limit.isdigit() and 1 <= int(limit) <= monitors.CONTROL_LOG_KEEP):
+        abort(400, f"limit must be a whole number from 1 to {monitors.CONTROL_LOG_KEEP}")
+    log = monitors.read_control_log(reader().redis, reader().prefix, int(limit))
+    reader().answered()
+    return {"log": log}
+
 
 # ---------------------------------------------------------------------------- errors
 
@@ -1001,7 +1072,7 @@ OPENAPI = {
             "parameters": [
                 {"name": "spider", "in": "query", "schema": {"type": "string"}, "description": "Only this spider's nodes."},
                 {"name": "state", "in": "query", "schema": {"type": "string"},
-                 "description": "live, stale or closed; several comma-separated."}],
+                 "description": "live, paused, stale or closed; several comma-separated."}],
             "responses": {"200": _json("{node id: snapshot}", {"type": "object", "additionalProperties": _ref("Snapshot")},
                                        headers=True),
                           **_ERRORS, "400": _json("Unknown state, or a Host not accepted.", _ref("Error"))}}},
@@ -1050,6 +1121,25 @@ OPENAPI = {
                                                                    "schema": {"type": "string"}}],
             "responses": {"200": _json("Deleted.", {"type": "object", "required": ["id", "deleted"]}),
                           "404": _json("No such silence.", _ref("Error")), **_ERRORS}}},
+
+        "/control": {"post": {
+            "summary": "Pause, resume, stop or drain one node, a spider's nodes or every node.",
+            "requestBody": {"required": True, "content": {"application/json": {"schema": _ref("ControlRequest")}}},
+            "responses": {"202": _json("Stored; nodes apply it within about 2 s.", _ref("ControlAccepted")),
+                          "400": _json("Bad body, or a Host not accepted.", _ref("Error")),
+                          "403": _json("Read-only mode, or no token from a browser origin or a non-loopback API.",
+                                       _ref("Error")),
+                          "404": _json("No such node or spider.", _ref("Error")),
+                          "405": _json("GET: control only takes POST.", _ref("Error")),
+                          "409": _json("That node is closed.", _ref("Error")),
+                          "415": _json("The body is not application/json.", _ref("Error")), **_ERRORS}}},
+        "/control/log": {"get": {
+            "summary": "Control commands, newest first, with each node's acknowledgement.",
+            "parameters": [{"name": "limit", "in": "query", "schema": {
+                "type": "integer", "minimum": 1, "maximum": monitors.CONTROL_LOG_KEEP, "default": CONTROL_LOG_LIMIT}}],
+            "responses": {"200": _json("The log.", {"type": "object", "required": ["log"], "properties": {
+                "log": {"type": "array", "items": _ref("ControlEntry")}}}),
+                "400": _json("Bad limit, or a Host not accepted.", _ref("Error")), **_ERRORS}}},
         "/openapi.json": {"get": {
             "summary": "This description.",
             "responses": {"200": _json("OpenAPI 3 document.", {"type": "object", "required": ["openapi", "paths"]}),
@@ -1080,7 +1170,9 @@ OPENAPI = {
                                "cpu": {"type": "number"}, "memory": {"type": "number"},
                                "bytes_sent": {"type": "integer"}, "bytes_recv": {"type": "integer"},
                                "node": {"type": "string"}, "host": {"type": "string"}, "pid": {"type": "integer"},
-                               "status": {"type": "string", "enum": ["running", "closed"]},
+                               "status": {"type": "string", "enum": ["running", "paused", "closed"]},
+                               "command": {"type": "object", "description": "the last control command applied",
+                                           "required": ["id", "name", "at"]},
                                "interval": {"type": "number"}, "pages": {"type": "integer"},
                                "items": {"type": "integer"}, "state": {"type": "string", "enum": list(STATES)}}},
             "SpiderView": {
@@ -1093,6 +1185,28 @@ OPENAPI = {
                 "type": "object",
                 "required": _SEED + ["pages", "items", "nodes_live", "nodes_stale", "nodes_closed", "nodes"],
                 "properties": {"nodes": {"type": "object", "additionalProperties": _ref("Snapshot")}}},
+            "ControlRequest": {
+                "type": "object", "required": ["command"],
+                "description": "Exactly one of node, spider and all.",
+                "properties": {"command": {"type": "string", "enum": list(monitors.CONTROL_COMMANDS)},
+                               "node": {"type": "string"}, "spider": {"type": "string"},
+                               "all": {"type": "boolean", "enum": [True]},
+                               "comment": {"type": "string", "maxLength": MAX_COMMENT}}},
+            "ControlAccepted": {
+                "type": "object", "required": ["id", "command", "target", "at", "nodes"],
+                "properties": {"id": {"type": "integer"}, "command": {"type": "string"},
+                               "target": {"type": "string", "description": "node:<id>, spider:<name> or all"},
+                               "at": {"type": "number", "description": "Redis's clock, unix seconds"},
+                               "nodes": {"type": "array", "items": {"type": "string"}}}},
+            "ControlEntry": {
+                "type": "object", "required": ["id", "command", "target", "at", "acks"],
+                "properties": {"id": {"type": "integer"}, "command": {"type": "string"}, "target": {"type": "string"},
+                               "at": {"type": "number"}, "comment": {"type": "string"},
+                               "who": {"type": "string", "description": "the client address"},
+                               "via": {"type": "string", "description": "how it was let in: token, or no token..."},
+                               "reached": {"type": "integer", "description": "nodes not closed when it was sent"},
+                               "acks": {"type": "object", "additionalProperties": {"type": "number"},
+                                        "description": "node id: when it applied the command (its clock)"}}},
             "History": {
                 "type": "object", "required": ["name", "kind", "minutes", "step", "points"],
                 "properties": {

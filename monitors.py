@@ -125,7 +125,8 @@ def alert_key(prefix, name):
 
 
 def control_key(prefix, name):
-    """Fleet control's keys: ``commands`` (pending, by target) and ``log`` (the capped control log)."""
+    """Fleet control's keys: ``commands`` (the newest, by target), ``seq`` (ids), ``log`` (the capped control
+    log) and ``ack:<id>`` (see ``control_ack_key``)."""
     return f"{prefix}:control:{name}"
 
 
@@ -493,6 +494,7 @@ def prune_nodes(r, nodes, retention, prefix=None, now=None):
     if gone:
         with r.pipeline(transaction=False) as pipe:
             pipe.hdel(status_key(prefix), *gone)
+            pipe.hdel(control_key(prefix, "commands"), *(f"node:{node}" for node in gone))  # ends with its node
             for node in gone:
                 pipe.delete(history_key(prefix, node), trend_key(prefix, node))
                 if is_number(nodes[node].get("start_time")):  # a lost run stays correctable a while longer
@@ -1327,6 +1329,7 @@ class SpiderMonitor:
         self.sampler = Sampler()  # primed now, so the first tick's CPU figures cover start-up
         self.peak_rss = 0  # the run's largest RSS, for its run record
         self.runs_keep = DEFAULT_RUNS_KEEP
+        self.control = None  # a NodeControl when MONITOR_CONTROL is on
 
     @classmethod
     def from_crawler(cls, crawler):
@@ -1361,6 +1364,8 @@ class SpiderMonitor:
         if not (keep.isascii() and keep.isdigit() and int(keep) > 0):
             raise NotConfigured(f"MONITOR_RUNS_KEEP must be a whole number above 0, not {keep!r}; the monitor is off")
         ext.runs_keep = int(keep)
+        if str(setting("MONITOR_CONTROL", "1")).strip().lower() not in ("0", "false", "no", "off"):
+            ext.control = NodeControl(ext)
         crawler.signals.connect(ext.spider_opened, signal=signals.spider_opened)
         crawler.signals.connect(ext.spider_closed, signal=signals.spider_closed)
         return ext
@@ -1378,6 +1383,7 @@ class SpiderMonitor:
         self.lock = defer.DeferredLock()
         self.task = task.LoopingCall(self.tick)
         self.task.start(self.interval, now=True)
+        return self.control.open(spider) if self.control else None
 
     async def spider_closed(self, spider, reason):
         """Stop the loop and publish the final ``closed`` snapshot (Scrapy waits for it)."""
@@ -1388,14 +1394,22 @@ class SpiderMonitor:
         if self.queue_keys is None:  # never opened
             return
         stats = dict(self.stats.get_stats())
-        extra = {"status": "closed", "finish_reason": str(reason)}
+        extra = {**self.control_fields(), "status": "closed", "finish_reason": str(reason)}
         await maybe_deferred_to_future(self.lock.run(self._in_thread, stats, extra, True))
+        if self.control:
+            from twisted.internet import threads
 
-    def tick(self):
-        """Runs on the reactor thread: copy the stats and hand sampling and Redis I/O to a thread."""
-        if self.lock.locked:
+            await maybe_deferred_to_future(threads.deferToThread(self.control.forget))
+
+    def tick(self, queued=False):
+        """Runs on the reactor thread: copy the stats and hand sampling and Redis I/O to a thread. With
+        ``queued`` (a control command was applied) it runs after the tick in progress instead of skipping."""
+        if self.lock.locked and not queued:
             return  # the previous tick is still talking to Redis: ticks never overlap
-        self.lock.run(self._in_thread, dict(self.stats.get_stats()), {"status": "running"})
+        self.lock.run(self._in_thread, dict(self.stats.get_stats()), {"status": "running", **self.control_fields()})
+
+    def control_fields(self):
+        return self.control.status() if self.control else {}
 
     def _in_thread(self, stats, extra, final=False):
         from twisted.internet import threads
@@ -1455,3 +1469,236 @@ class SpiderMonitor:
         except redis.RedisError:
             return dict.fromkeys(names)
         return dict(zip(names, (int(s) for s in sizes)))
+
+
+# ---------------------------------------------------------------------------- fleet control
+
+CONTROL_COMMANDS = ("pause", "resume", "stop", "drain")
+# Finish reasons of a node closed by a command.
+STOPPED, DRAINED = "stopped", "drained"
+# A node reads its commands this often, whatever its MONITOR_INTERVAL (the issue's goal: applied within 2 s).
+CONTROL_POLL = 1.0
+# The control log keeps the newest this many commands.
+CONTROL_LOG_KEEP = 1000
+# A command's acknowledgements are kept a week: longer than anyone reads the log for a command's outcome.
+ACK_TTL = 7 * 86400
+
+# Issues one command atomically, so ids are ordered and unique across API processes and the newest id is
+# always the one stored: INCR the sequence, stamp Redis's clock, splice both into the JSON (ARGV[2], an
+# object without them), store it under its target, push it onto the capped log. Replies ``{id, at}``.
+ISSUE_LUA = """
+local id = redis.call('INCR', KEYS[1])
+local t = redis.call('TIME')
+local at = string.format('%d.%03d', t[1], math.floor(t[2] / 1000))
+local entry = '{"id":' .. id .. ',"at":' .. at .. ',' .. string.sub(ARGV[2], 2)
+redis.call('HSET', KEYS[2], ARGV[1], entry)
+redis.call('LPUSH', KEYS[3], entry)
+redis.call('LTRIM', KEYS[3], 0, tonumber(ARGV[3]) - 1)
+return {id, at}
+"""
+
+
+def control_ack_key(prefix, command_id):
+    """HASH of one command's acknowledgements: node id -> JSON ``{"at": unix seconds}``, kept ACK_TTL."""
+    return control_key(prefix, f"ack:{command_id}")
+
+
+def control_targets(node, spider):
+    """The fields of ``<p>:control:commands`` a node obeys: its own, its spider's, everyone's."""
+    return [f"node:{node}", f"spider:{spider}", "all"]
+
+
+def issue_command(r, prefix, command, target, **fields):
+    """Store ``command`` for ``target`` (``node:<id>``, ``spider:<name>`` or ``all``) and log it, with
+    ``fields`` (comment, who...). Returns the stored entry, with its ``id`` and ``at`` (Redis's clock)."""
+    entry = {"command": command, "target": target, **fields}
+    command_id, at = r.eval(ISSUE_LUA, 3, control_key(prefix, "seq"), control_key(prefix, "commands"),
+                            control_key(prefix, "log"), target, _compact_json(entry), CONTROL_LOG_KEEP)
+    return {"id": int(command_id), "at": float(at), **entry}
+
+
+def decode_command(raw):
+    """A stored command as a dict, or None unless it is a JSON object with an integer ``id``, a numeric
+    ``at`` and a known ``command``."""
+    try:
+        value = json.loads(raw, parse_constant=_not_json, parse_float=_bounded_float, parse_int=_bounded_int)
+    except (ValueError, TypeError, RecursionError):
+        return None
+    if (isinstance(value, dict) and isinstance(value.get("id"), int) and not isinstance(value["id"], bool)
+            and is_number(value.get("at")) and value.get("command") in CONTROL_COMMANDS):
+        return value
+    return None
+
+
+def newest_command(raws):
+    """The command with the highest id among stored values (None or malformed ones skipped), or None."""
+    commands = [c for c in (decode_command(raw) for raw in raws if raw is not None) if c is not None]
+    return max(commands, key=lambda c: c["id"], default=None)
+
+
+def read_control_log(r, prefix, limit):
+    """The newest ``limit`` log entries, each with ``acks``: ``{node: when it applied the command}``."""
+    raws = r.lrange(control_key(prefix, "log"), 0, limit - 1)
+    entries = [c for c in map(decode_command, raws) if c is not None]
+    with r.pipeline(transaction=False) as pipe:
+        for entry in entries:
+            pipe.hgetall(control_ack_key(prefix, entry["id"]))
+        acks = pipe.execute()
+    for entry, ack in zip(entries, acks):
+        entry["acks"] = {}
+        for node, raw in ack.items():
+            try:
+                at = json.loads(raw).get("at")
+            except (ValueError, AttributeError, RecursionError):
+                continue
+            if is_number(at):
+                entry["acks"][_text(node)] = at
+    return entries
+
+
+class NodeControl:
+    """Fleet control on one node: reads its commands every CONTROL_POLL seconds in a thread of its own (one
+    HMGET, never on the reactor), applies each new one on the reactor once, and acknowledges it."""
+
+    def __init__(self, monitor):
+        self.monitor = monitor
+        self.engine = None
+        self.fields = None
+        self.seen = set()  # (id, at) of every command taken: each is applied once, across Redis outages
+        self.command = None  # {id, name, at} of the last applied, for the snapshot
+        self.acks = collections.deque()  # (command id, at) to write
+        self.draining = False
+        self.done = None
+        self.outage = Outage(logger)
+
+    def open(self, spider):
+        """Read the commands once before the crawl starts (a paused spider's new node starts paused), then
+        poll. Returns a Deferred Scrapy waits for; a Redis outage delays the start by its timeout at most."""
+        import threading
+
+        from twisted.internet import threads
+
+        try:
+            self.engine = self.monitor.crawler.engine
+        except RuntimeError:  # a crawler that is not crawling (the benchmark's): nothing to apply commands to
+            self.engine = None
+        self.fields = control_targets(self.monitor.node_id, spider.name)
+        self.done = threading.Event()
+
+        def start(command):
+            if command is not None:
+                self.apply(command)
+            threading.Thread(target=self.poll, name="monitor-control", daemon=True).start()
+
+        return threads.deferToThread(self.read).addCallback(start)
+
+    def read(self):
+        """Runs in a thread: write pending acknowledgements and read the three targets in one round trip;
+        the newest command if this node has not taken it yet (it is then taken), else None."""
+        r, prefix = self.monitor.redis, self.monitor.prefix
+        acks = []
+        while self.acks:
+            acks.append(self.acks.popleft())
+        try:
+            with r.pipeline(transaction=False) as pipe:
+                self._write_acks(pipe, acks)
+                pipe.hmget(control_key(prefix, "commands"), self.fields)
+                raws = pipe.execute()[-1]
+        except redis.RedisError as exc:
+            self.acks.extendleft(reversed(acks))
+            self.outage.failed("Control: cannot read commands from Redis (%s); retrying every %gs",
+                               scrub(exc), CONTROL_POLL)
+            return None
+        self.outage.ok("Control: Redis answers again; node %s reads its commands", self.monitor.node_id)
+        command = newest_command(raws)
+        if command is None or (command["id"], command["at"]) in self.seen:
+            return None
+        self.seen.add((command["id"], command["at"]))
+        return command
+
+    def poll(self):
+        """The thread: read every CONTROL_POLL seconds until the node closes; hand new commands, and the
+        drain check, to the reactor."""
+        from twisted.internet import reactor
+
+        while not self.done.wait(CONTROL_POLL):
+            command = self.read()
+            if command is not None:
+                reactor.callFromThread(self.apply, command)
+            if self.draining:
+                sizes = self.monitor._queue_sizes()
+                reactor.callFromThread(self.check_drain, sizes)
+
+    def apply(self, command):
+        """Runs on the reactor: carry out one command, note it for the snapshot and ack, publish at once."""
+        engine, name = self.engine, command["command"]
+        if engine is None or engine.spider is None:
+            return
+        logger.info("Control: %s (command %d, %s)", name, command["id"], command.get("target"))
+        if name == "pause":
+            engine.pause()
+        elif name == "resume":
+            self.draining = False
+            engine.unpause()
+            slot = getattr(engine, "_slot", None)
+            if slot is not None:
+                slot.nextcall.schedule()  # start downloading now, not at the engine's next 5-second heartbeat
+        elif name == "stop":
+            self.close(STOPPED)
+        elif name == "drain":
+            self.draining = True
+        at = round(time.time(), 3)
+        self.command = {"id": command["id"], "name": name, "at": at}
+        self.acks.append((command["id"], at))
+        self.monitor.tick(queued=True)
+
+    def check_drain(self, sizes):
+        """Runs on the reactor: close with ``drained`` once this node is idle and the shared queue and start
+        URLs are empty (``sizes`` as the poll thread just read them; a failed read is not empty)."""
+        engine = self.engine
+        if not self.draining or engine is None or engine.spider is None:
+            return
+        if engine.paused or any(sizes.get(k) != 0 for k in ("queue_requests", "queue_start_urls") if k in sizes):
+            return
+        try:
+            idle = engine.spider_is_idle()
+        except (redis.RedisError, RuntimeError):
+            return
+        if idle:
+            self.close(DRAINED)
+
+    def close(self, reason):
+        """Close the spider gracefully: in-flight requests finish; the scrapy-redis queue keeps the rest."""
+        from scrapy.utils.defer import deferred_from_coro
+
+        self.draining = False
+        if self.engine.spider is not None:
+            deferred_from_coro(self.engine.close_spider_async(reason=reason))
+
+    def status(self):
+        """Snapshot fields: ``status`` ``paused`` while the engine is paused, and the last ``command``."""
+        out = {"command": self.command} if self.command else {}
+        if self.engine is not None and self.engine.paused:
+            out["status"] = "paused"
+        return out
+
+    def forget(self):
+        """Runs in a thread at close: stop polling, write pending acks, delete this node's own command."""
+        if self.done is not None:
+            self.done.set()
+        if self.monitor.outage.down:
+            return  # the final snapshot just failed: do not hold up the exit another timeout
+        r, prefix = self.monitor.redis, self.monitor.prefix
+        try:
+            with r.pipeline(transaction=False) as pipe:
+                self._write_acks(pipe, list(self.acks))
+                pipe.hdel(control_key(prefix, "commands"), f"node:{self.monitor.node_id}")
+                pipe.execute()
+        except redis.RedisError:
+            pass  # the readers' pruning deletes it with the node
+
+    def _write_acks(self, pipe, acks):
+        for command_id, at in acks:
+            key = control_ack_key(self.monitor.prefix, command_id)
+            pipe.hset(key, self.monitor.node_id, _compact_json({"at": at}))
+            pipe.expire(key, ACK_TTL)

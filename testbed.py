@@ -303,6 +303,7 @@ def snapshot(node, spider="main_spider", age=0, now=None, **fields):
         # host and process (Sampler.sample)
         "cpu": 37.5, "memory": 61.2, "bytes_sent": 10_000_000, "bytes_recv": 80_000_000,
         "net_sent_rate": 1234.5, "net_recv_rate": 2.5 * 2 ** 20, "rss": 150 * 2 ** 20, "process_cpu": 12.5,
+        "peak_rss": 160 * 2 ** 20,
         # the crawl: Scrapy's stats counters, status classes and rates (Sampler.sample)
         "pages": 12345, "items": 6789, "requests": 13000, "errors": 0, "warnings": 1, "retries": 3,
         "exceptions": 2, "dropped": 0, "status_1xx": 0, "status_2xx": 12000, "status_3xx": 100,

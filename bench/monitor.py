@@ -1,5 +1,6 @@
-"""Node monitor benchmarks: crawl throughput with the monitor on, off and with a hanging Redis; Redis memory
-per node-day of history; reactor-thread time per tick. Figures are ratios within one run.
+"""Node monitor benchmarks: crawl throughput with the monitor on (with and without fleet control's polling),
+off and with a hanging Redis; Redis memory per node-day of history; reactor-thread time per tick. Figures
+are ratios within one run.
 
     python bench/monitor.py [--rounds 5] [--pages 1500]
 """
@@ -40,13 +41,15 @@ def hanging_port():
 
 
 def crawl(server, site, env):
-    """One main_spider crawl of the whole site; returns pages per second between first and last page."""
+    """One main_spider crawl of the whole site: pages per second between first and last page, the crawler's
+    CPU seconds, and seconds from the process's start to the first page (start-up, control's first read too)."""
     server.client().flushall()
     site.hits.clear()
     site.first_hit = site.last_hit = None
     server.client().lpush("distributed:start_urls", json.dumps({"url": site.url}))
     full_env = clean_env(env, REDIS_URL=server.url)
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    started = time.monotonic()
     subprocess.run(crawl_command("main_spider", LOG_LEVEL="INFO", MAX_IDLE_TIME_BEFORE_CLOSE=1), cwd=ROOT,
                    env=full_env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=300,
                    preexec_fn=lambda: os.sched_setaffinity(0, CRAWLER_CPUS))
@@ -54,7 +57,7 @@ def crawl(server, site, env):
     pages = sum(site.page_hits().values())
     assert pages == site.pages, f"crawled {pages} of {site.pages} pages"
     cpu = after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime
-    return pages / (site.last_hit - site.first_hit), cpu
+    return pages / (site.last_hit - site.first_hit), cpu, site.first_hit - started
 
 
 def throughput(rounds, pages):
@@ -64,16 +67,19 @@ def throughput(rounds, pages):
     variants = {
         "off": {"MONITOR_ENABLED": "0"},
         "on (1 s)": {"MONITOR_INTERVAL": "1"},
+        "on, no control": {"MONITOR_INTERVAL": "1", "MONITOR_CONTROL": "0"},
         "hanging Redis": {"MONITOR_INTERVAL": "1", "MONITOR_REDIS_URL": f"redis://127.0.0.1:{hanging_port()}/0"},
     }
     rates = {name: [] for name in variants}
     cpus = {name: [] for name in variants}
+    starts = {name: [] for name in variants}
     try:
         for i in range(rounds):
             names = list(variants)
-            order = names[i % 3:] + names[:i % 3]  # rotate, so each variant runs first, second and third
+            order = names[i % len(names):] + names[:i % len(names)]  # rotate: each variant runs in each place
             for name in order:
-                rate, cpu = crawl(server, site, variants[name])
+                rate, cpu, start = crawl(server, site, variants[name])
+                starts[name].append(start)
                 rates[name].append(rate)
                 cpus[name].append(cpu)
             print(f"  round {i + 1}: " + ", ".join(f"{n} {rates[n][-1]:.0f} p/s {cpus[n][-1]:.2f} s CPU"
@@ -86,7 +92,8 @@ def throughput(rounds, pages):
         ratio = statistics.median(r / o for r, o in zip(rates[name], rates["off"]))
         cpu_ratio = statistics.median(c / o for c, o in zip(cpus[name], cpus["off"]))
         print(f"  {name:14s} median {statistics.median(rates[name]):6.0f} pages/s; per-round throughput ratio "
-              f"to off: median {ratio:.3f}; crawler CPU time ratio: median {cpu_ratio:.3f}")
+              f"to off: median {ratio:.3f}; crawler CPU time ratio: median {cpu_ratio:.3f}; start to first "
+              f"page: median {statistics.median(starts[name]):.2f} s")
 
 
 def memory():
