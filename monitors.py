@@ -21,6 +21,8 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+import insight
+
 logger = logging.getLogger(__name__)
 
 DEFAULT_REDIS_URL = "redis://localhost:6379/0"
@@ -43,11 +45,12 @@ HISTORY_TTL = TREND_SECONDS + HISTORY_SECONDS
 HISTORY_FIELDS = (
     "timestamp", "cpu", "memory", "process_cpu", "rss", "net_sent_rate", "net_recv_rate",
     "pages", "items", "errors", "pages_per_min", "items_per_min", "errors_per_min", "queue_requests",
+    "latency_p95",
 )
 # In a 5-minute bucket these are averaged; the other columns keep the bucket's last value.
 MEAN_FIELDS = frozenset(
     ("cpu", "memory", "process_cpu", "rss", "net_sent_rate", "net_recv_rate",
-     "pages_per_min", "items_per_min", "errors_per_min")
+     "pages_per_min", "items_per_min", "errors_per_min", "latency_p95")
 )
 
 # Counters read from Scrapy's own stats (snapshot field -> stats key).
@@ -317,7 +320,7 @@ def decode_snapshot(raw):
         return None
     if "seen" in value and not is_number(value["seen"]):
         return None
-    return value
+    return insight.clean(value)  # crawl insight fields of the wrong shape are dropped, the node kept
 
 
 def parse_snapshot(raw, now=None):
@@ -361,12 +364,13 @@ class NodeEntry:
     """One node as a reader last saw it: the stored value, its snapshot (None when malformed) and the
     snapshot's JSON once a caller asked for it (``json`` is the caller's to fill)."""
 
-    __slots__ = ("raw", "snapshot", "json")
+    __slots__ = ("raw", "snapshot", "json", "full")
 
     def __init__(self, raw, snapshot):
         self.raw = raw
         self.snapshot = snapshot
-        self.json = None
+        self.json = None  # without insight.BIG_FIELDS, as list views send it
+        self.full = None  # with every field (?fields=all)
 
 
 class NodeReader:
@@ -475,6 +479,8 @@ def prune_nodes(r, nodes, retention, prefix=None, now=None):
 #   host_sum   added up over hosts, each host once (by its newest report): machine figures
 #   host_mean  the mean over hosts, each host once
 #   newest     the newest node's reading: the scrapy-redis queue is shared, every node sees the same one
+#   max        the highest: a spider's download latency p95 is at most its slowest node's (the merged
+#              distribution's quantile never exceeds the largest of its parts'), and that node is the news
 # Rates and machine gauges count nodes still crawling (``live`` and ``paused`` in a view; in a history
 # bucket, the rows it holds); when none is, gauges fall back to every node so a finished spider still shows
 # its last figures.
@@ -485,10 +491,12 @@ SPIDER_FIELDS = {
     "pages": "sum", "items": "sum", "requests": "sum", "errors": "sum",
     "pages_per_min": "sum", "items_per_min": "sum", "requests_per_min": "sum", "errors_per_min": "sum",
     "queue_requests": "newest", "queue_start_urls": "newest", "queue_dupefilter": "newest",
+    "latency_p95": "max",
 }
 # Fields that only count crawling nodes (a closed node's last rate is not a rate any more).
 CRAWLING_FIELDS = frozenset(("cpu", "memory", "net_sent_rate", "net_recv_rate", "rss", "process_cpu",
-                             "pages_per_min", "items_per_min", "requests_per_min", "errors_per_min"))
+                             "pages_per_min", "items_per_min", "requests_per_min", "errors_per_min",
+                             "latency_p95"))
 CRAWLING_STATES = ("live", "paused")
 STATES = ("live", "paused", "stale", "closed")
 
@@ -509,6 +517,8 @@ def combine(rows, fields, hosts=None):
             out[field] = None
         elif rule == "newest":
             out[field] = values[-1]
+        elif rule == "max":
+            out[field] = max(values)
         else:
             total = finite_sum(values)
             if rule == "host_mean":
@@ -557,6 +567,50 @@ def spiders_view(nodes):
     return out
 
 
+# ---------------------------------------------------------------------------- queue forecast
+
+# The forecast fits the queue size over this much of the recent history: long enough to smooth a crawler's
+# bursts, short enough to follow a change of pace.
+QUEUE_WINDOW = 300
+
+
+def queue_forecast(rows):
+    """``{"queue_rate": requests per minute (negative while draining), "queue_eta": seconds until empty
+    at that rate, None unless it shrinks}`` from history rows (oldest first), by a least-squares line
+    through the ``queue_requests`` readings since the queue was last empty (a refill is a new batch).
+    Both None with fewer than two readings."""
+    points = [(row["timestamp"], row["queue_requests"]) for row in rows
+              if is_number(row.get("timestamp")) and is_number(row.get("queue_requests"))]
+    for i in range(len(points) - 2, -1, -1):
+        if points[i][1] == 0:
+            points = points[i + 1:]
+            break
+    if len(points) < 2 or points[-1][0] == points[0][0]:
+        return {"queue_rate": None, "queue_eta": None}
+    mean_t = sum(t for t, _ in points) / len(points)
+    mean_q = sum(q for _, q in points) / len(points)
+    slope = (sum((t - mean_t) * (q - mean_q) for t, q in points)
+             / (sum((t - mean_t) ** 2 for t, _ in points) or 1))
+    eta = points[-1][1] / -slope if slope < 0 else None
+    return {"queue_rate": round(slope * 60, 1), "queue_eta": None if eta is None else round(eta)}
+
+
+def queue_forecasts(r, nodes, prefix=None, now=None):
+    """``{spider: queue_forecast}`` for every spider of ``nodes``, in one round trip: each from the history
+    of its crawling node that started first (the queue is shared, so one node's readings are the spider's;
+    the longest-running one has the most of them). A spider with no crawling node gets None figures."""
+    chosen = {}
+    for node, s in nodes.items():
+        if s.get("state") in CRAWLING_STATES:
+            best = chosen.get(s["spider"])
+            if best is None or number(s.get("start_time"), 0) < number(nodes[best].get("start_time"), 0):
+                chosen[s["spider"]] = node
+    series = read_histories(r, list(chosen.values()), QUEUE_WINDOW / 60, prefix, now) if chosen else {}
+    empty = {"queue_rate": None, "queue_eta": None}
+    return {spider: queue_forecast(series[chosen[spider]]) if spider in chosen else dict(empty)
+            for spider in {s["spider"] for s in nodes.values()}}
+
+
 def read_history(r, node, minutes=60, prefix=None, now=None):
     """One node's time series: ``read_histories`` for a single node."""
     return read_histories(r, [node], minutes, prefix, now)[node]
@@ -587,7 +641,8 @@ def read_histories(r, nodes, minutes=60, prefix=None, now=None):
                 values = json.loads(raw)
             except (ValueError, RecursionError):
                 continue
-            if isinstance(values, list) and len(values) == len(HISTORY_FIELDS):
+            if isinstance(values, list) and 0 < len(values) <= len(HISTORY_FIELDS):
+                values = values + [None] * (len(HISTORY_FIELDS) - len(values))  # a row from before a new column
                 row = {f: v if is_number(v) and abs(v) < NUMBER_LIMIT else None for f, v in zip(HISTORY_FIELDS, values)}
                 if row["timestamp"] is not None and since <= row["timestamp"] <= until:
                     rows.append(row)
@@ -764,8 +819,9 @@ class Sampler:
 class SpiderMonitor:
     """Scrapy extension: every MONITOR_INTERVAL seconds, publish this process's metrics to Redis."""
 
-    def __init__(self, crawler, interval, url, queue_url, node_id, prefix):
+    def __init__(self, crawler, interval, url, queue_url, node_id, prefix, insight_=None):
         self.crawler = crawler
+        self.insight = insight_ or insight.Insight()
         self.stats = crawler.stats
         self.interval = interval
         self.url = url
@@ -810,11 +866,23 @@ class SpiderMonitor:
         node_id = setting("MONITOR_NODE_ID")
         prefix = setting("MONITOR_KEY_PREFIX", DEFAULT_PREFIX)
         try:
-            ext = cls(crawler, interval, url, queue_url, node_id, prefix)
+            top = int(str(setting("MONITOR_TOP_DOMAINS", insight.DEFAULT_TOP_DOMAINS)).strip())
+            if not 0 <= top <= insight.MAX_TOP_DOMAINS:
+                raise ValueError
+        except ValueError:
+            raise NotConfigured(f"MONITOR_TOP_DOMAINS must be a whole number from 0 to {insight.MAX_TOP_DOMAINS}, "
+                                f"not {setting('MONITOR_TOP_DOMAINS')!r}; the monitor is off") from None
+        fields = setting("MONITOR_ITEM_FIELDS", "")
+        fields = fields if isinstance(fields, (list, tuple)) else str(fields).split(",")
+        fields = [f.strip() for f in fields if f.strip()][:insight.MAX_FIELDS]
+        try:
+            ext = cls(crawler, interval, url, queue_url, node_id, prefix, insight.Insight(top, fields))
         except ValueError as exc:
             raise NotConfigured(f"bad Redis URL ({exc}); the monitor is off") from None
         crawler.signals.connect(ext.spider_opened, signal=signals.spider_opened)
         crawler.signals.connect(ext.spider_closed, signal=signals.spider_closed)
+        crawler.signals.connect(ext.insight.response_received, signal=signals.response_received)
+        crawler.signals.connect(ext.insight.item_scraped, signal=signals.item_scraped)
         return ext
 
     def spider_opened(self, spider):
@@ -827,6 +895,7 @@ class SpiderMonitor:
         self.base = {"node": self.node_id, "spider": spider.name, "host": host, "pid": pid,
                      "interval": self.interval, "start_time": int(time.time())}
         logger.info("Monitor: node %s reports to %s every %ss", self.node_id, redact(self.url), self.interval)
+        logging.getLogger().addHandler(self.insight.handler)  # error samples, while the spider runs
         self.lock = defer.DeferredLock()
         self.task = task.LoopingCall(self.tick)
         self.task.start(self.interval, now=True)
@@ -837,17 +906,19 @@ class SpiderMonitor:
 
         if self.task and self.task.running:
             self.task.stop()
+        logging.getLogger().removeHandler(self.insight.handler)
         if self.queue_keys is None:  # never opened
             return
         stats = dict(self.stats.get_stats())
-        extra = {"status": "closed", "finish_reason": str(reason)}
+        extra = {"status": "closed", "finish_reason": str(reason), **self.insight.take_interval()}
         await maybe_deferred_to_future(self.lock.run(self._in_thread, stats, extra, True))
 
     def tick(self):
         """Runs on the reactor thread: copy the stats and hand sampling and Redis I/O to a thread."""
         if self.lock.locked:
             return  # the previous tick is still talking to Redis: ticks never overlap
-        self.lock.run(self._in_thread, dict(self.stats.get_stats()), {"status": "running"})
+        self.lock.run(self._in_thread, dict(self.stats.get_stats()),
+                      {"status": "running", **self.insight.take_interval()})
 
     def _in_thread(self, stats, extra, final=False):
         from twisted.internet import threads
@@ -858,7 +929,8 @@ class SpiderMonitor:
     def collect_and_publish(self, stats, extra, final=False):
         """Runs in a thread: sample, read queue sizes, write to Redis. Returns the snapshot."""
         now = time.time()
-        snapshot = {"timestamp": int(now), **self.base, **self.sampler.sample(stats, now), **extra}
+        snapshot = {"timestamp": int(now), **self.base, **self.sampler.sample(stats, now), **extra,
+                    **self.insight.figures()}
         snapshot.update(self._queue_sizes())
         try:
             if self.clock_offset is None:  # the first write: history rows go on Redis's clock from the start
