@@ -108,6 +108,7 @@ class Insight:
         self.top = top_domains
         self.listed = tuple(item_fields or ())
         self.fields = list(self.listed)  # tracked dotted paths
+        self.known = set(self.fields)
         self.present = collections.Counter()
         self.items = 0
         width = len(LATENCY_BUCKETS) + 1
@@ -136,7 +137,8 @@ class Insight:
                 self._hosts[netloc] = entry
         return entry
 
-    def response_received(self, response, request, spider):
+    def response_downloaded(self, response, request, spider):
+        """Every response the downloader got, retried ones too (a 429 retried away is still a refusal)."""
         latency = request.meta.get("download_latency")
         entry = self.domain(response.url)
         entry[0] += 1
@@ -173,7 +175,8 @@ class Insight:
                 present[path] += 1
 
     def _track(self, path):
-        if len(self.fields) < DEFAULT_FIELD_COUNT and path not in self.present and path not in self.fields:
+        if len(self.fields) < DEFAULT_FIELD_COUNT and path not in self.known:
+            self.known.add(path)
             self.fields.append(path)
 
     def take_interval(self):
@@ -278,10 +281,9 @@ def clean(snapshot):
         if isinstance(samples, list):
             snapshot["error_samples"] = [
                 {"time": s["time"], "logger": s["logger"][:SAMPLE_TEXT], "message": s["message"][:SAMPLE_TEXT],
-                 "url": s.get("url")[:SAMPLE_TEXT] if isinstance(s.get("url"), str) else None}
+                 "url": s["url"][:SAMPLE_TEXT] if _text(s.get("url")) else None}
                 for s in samples[:SAMPLES]
-                if isinstance(s, dict) and _num(s.get("time")) and _text(s.get("logger")) and _text(s.get("message"))
-                and (s.get("url") is None or _text(s.get("url")))]
+                if isinstance(s, dict) and _num(s.get("time")) and _text(s.get("logger")) and _text(s.get("message"))]
         else:
             del snapshot["error_samples"]
     return snapshot

@@ -881,7 +881,7 @@ class SpiderMonitor:
             raise NotConfigured(f"bad Redis URL ({exc}); the monitor is off") from None
         crawler.signals.connect(ext.spider_opened, signal=signals.spider_opened)
         crawler.signals.connect(ext.spider_closed, signal=signals.spider_closed)
-        crawler.signals.connect(ext.insight.response_received, signal=signals.response_received)
+        crawler.signals.connect(ext.insight.response_downloaded, signal=signals.response_downloaded)
         crawler.signals.connect(ext.insight.item_scraped, signal=signals.item_scraped)
         return ext
 
