@@ -324,3 +324,59 @@ def test_forecast_and_spider_p95_combine():
     assert monitors.queue_forecast(rows[:1]) == {"queue_rate": None, "queue_eta": None}
     nodes = {n: {"timestamp": 1, "host": n, "latency_p95": p} for n, p in (("a", 0.5), ("b", 3.0), ("c", None))}
     assert monitors.combine(list(nodes.values()), ["latency_p95"]) == {"latency_p95": 3.0}
+
+
+# ---------------------------------------------------------------------------- the page (headless Chromium)
+
+from test_dashboard import FAST, api, browser, open_page, publish, snapshot, until  # noqa: E402,F401 (fixtures)
+
+
+def drain_history(client, node, spider, newest_queue, per_second, now):
+    """Thirty reports, 10 s apart, of a queue shrinking by ``per_second`` down to ``newest_queue``."""
+    with client.pipeline(transaction=False) as pipe:
+        for ago in range(290, -1, -10):
+            snap = snapshot(node, spider=spider, queue_requests=newest_queue + ago * per_second)
+            snap["timestamp"] = now - ago
+            monitors.write_snapshot(pipe, "scrapy", snap, 360)
+        pipe.execute()
+
+
+def test_page_shows_latency_domains_coverage_errors_and_queue_forecast(api, redis_client, open_page):
+    now = int(time.time())
+    drain_history(redis_client, "ins-1", "drainer", 7800, 1, now)  # -60/min: empties in 2 h 10 min
+    drain_history(redis_client, "flat-1", "grower", 500, 0, now)
+    domains = {"ok.example": {"pages": 100, "errors": 0, "4xx": 0, "5xx": 0, "429": 0, "latency_p95": 0.3},
+               "bad.example": {"pages": 50, "errors": 2, "4xx": 0, "5xx": 25, "429": 0, "latency_p95": 0.2},
+               "meh.example": {"pages": 100, "errors": 0, "4xx": 10, "5xx": 0, "429": 10, "latency_p95": 0.2},
+               "other": {"pages": 5, "errors": 0, "4xx": 0, "5xx": 0, "429": 0, "latency_p95": 0.1}}
+    sample = {"time": now - 5, "logger": "scrapy.core.scraper", "message": "Spider error processing <GET x>",
+              "url": "https://bad.example/p/1"}
+    publish(redis_client, snapshot("ins-1", spider="drainer", queue_requests=7800, latency_p50=0.412,
+                                   latency_p95=1.873, latency_p99=2.951, domains=domains,
+                                   fields={"name": 1.0, "price": 0.25}, error_samples=[sample]),
+            snapshot("hostile-1", spider="h", **HOSTILE[1]))
+    page = open_page(f"{api.url}/?interval={FAST}#node=ins-1")
+    until(page, "() => !document.querySelector('#d-insight').hidden")
+    assert page.inner_text("#d-latency") == "p50 412 ms \u00b7 p95 1.87 s \u00b7 p99 2.95 s"
+    rows = "() => [...document.querySelectorAll('#d-domains-body tr')].map((r) => r.getAttribute('data-domain'))"
+    assert page.evaluate(rows) == ["bad.example", "meh.example", "ok.example", "other"]  # worst first
+    page.click("#d-domains-head button:text-is('Pages')")
+    assert page.evaluate(rows) == ["ok.example", "meh.example", "bad.example", "other"]  # ties: as sent
+    assert page.evaluate("""() => [...document.querySelectorAll('#d-coverage .cov')].map((r) =>
+        [r.getAttribute('data-field'), r.querySelector('meter').value, r.querySelector('.pct').textContent])""") == [
+        ["price", 0.25, "25.0%"], ["name", 1, "100.0%"]]
+    assert "scrapy.core.scraper: Spider error processing <GET x>" in page.inner_text("#d-errors")
+    assert "https://bad.example/p/1" in page.inner_text("#d-errors")
+    # The p95 chart of the last hour draws from the history rows.
+    until(page, """() => [...document.querySelectorAll('#d-hour .chart')].some((c) =>
+        c.querySelector('.ch-title').textContent === 'Download latency')""")
+    queue = "(s) => document.querySelector(`details[data-spider='${s}'] .g-queue`).textContent"
+    until(page, f"() => ({queue})('drainer').includes('-60/min \u00b7 empties in ~2 h 10 min')")
+    until(page, f"() => ({queue})('grower').includes('not draining')")
+    # A node with hostile shapes: its detail opens, names are text, nothing runs, nothing fails.
+    page.evaluate("() => { location.hash = 'node=hostile-1'; }")
+    until(page, "() => document.querySelector('#d-title').textContent === 'hostile-1' && "
+                "document.querySelectorAll('#d-domains-body tr').length === 2")
+    assert "<img src=x onerror=alert(1)>" in page.inner_text("#d-domains-body")
+    assert page.evaluate("() => document.querySelectorAll('#detail img').length") == 0
+    assert page.evaluate("() => window.dashboardStats.displayErrors") == 0
