@@ -32,6 +32,7 @@ bench: $(BIN)/.installed
 	$(BIN)/python bench/monitor.py
 	$(BIN)/python bench/api.py
 	$(BIN)/python bench/alert_eval.py
+	$(BIN)/python bench/insight.py
 
 clean:
 	rm -rf $(VENV) artifacts .pytest_cache __pycache__

@@ -923,6 +923,10 @@ _NAME = {"name": "name", "in": "path", "required": True, "schema": {"type": "str
          "description": "A node id (its slashes may be sent as they are) or a spider name."}
 _SEED = ["timestamp", "spider", "cpu", "memory", "bytes_sent", "bytes_recv"]
 
+_FIELDS = {"name": "fields", "in": "query", "schema": {"type": "string", "enum": ["all"]},
+           "description": "all: list views include domains, fields, error_samples and latency_buckets "
+                          "(a node's own snapshot always has them)."}
+
 OPENAPI = {
     "openapi": "3.0.3",
     "info": {"title": "scrapy-cluster-monitor API", "version": "1.0.0",
@@ -935,13 +939,13 @@ OPENAPI = {
             "parameters": [
                 {"name": "spider", "in": "query", "schema": {"type": "string"}, "description": "Only this spider's nodes."},
                 {"name": "state", "in": "query", "schema": {"type": "string"},
-                 "description": "live, stale or closed; several comma-separated."}],
+                 "description": "live, stale or closed; several comma-separated."}, _FIELDS],
             "responses": {"200": _json("{node id: snapshot}", {"type": "object", "additionalProperties": _ref("Snapshot")},
                                        headers=True),
                           **_ERRORS, "400": _json("Unknown state, or a Host not accepted.", _ref("Error"))}}},
         "/metrics/{name}": {"get": {
             "summary": "A node's snapshot, or a spider's cluster view.",
-            "parameters": [_NAME],
+            "parameters": [_NAME, _FIELDS],
             "responses": {"200": _json("The node's snapshot, or the spider's view (it has `nodes`).",
                                        {"oneOf": [_ref("Snapshot"), _ref("ClusterView")]}, headers=True),
                           "404": _json("No such node or spider.", _ref("Error")), **_ERRORS}}},
@@ -997,11 +1001,13 @@ OPENAPI = {
                 "type": "object",
                 "required": _SEED + ["pages", "items", "requests", "errors", "pages_per_min", "items_per_min",
                                      "requests_per_min", "errors_per_min", "queue_requests", "queue_start_urls",
-                                     "queue_dupefilter", "nodes_live", "nodes_stale", "nodes_closed", "nodes"],
+                                     "queue_dupefilter", "nodes_live", "nodes_stale", "nodes_closed", "nodes",
+                                     "queue_rate", "queue_eta"],
                 "properties": {"nodes": {"type": "array", "items": {"type": "string"}}}},
             "ClusterView": {
                 "type": "object",
-                "required": _SEED + ["pages", "items", "nodes_live", "nodes_stale", "nodes_closed", "nodes"],
+                "required": _SEED + ["pages", "items", "nodes_live", "nodes_stale", "nodes_closed", "nodes",
+                                     "queue_rate", "queue_eta"],
                 "properties": {"nodes": {"type": "object", "additionalProperties": _ref("Snapshot")}}},
             "History": {
                 "type": "object", "required": ["name", "kind", "minutes", "step", "points"],

@@ -1,6 +1,6 @@
 """Benchmark GET /metrics with 1,000 nodes: monitor_api.py (waitress) against the seed's naive Flask app.
 
-    python bench/api.py [--nodes 1000] [--clients 16] [--seconds 8]
+    python bench/api.py [--nodes 1000] [--clients 16] [--seconds 8] [--insight]
 
 Starts its own redis-server and both servers on loopback, fills Redis the way the node monitor does, and
 drives each server with the same closed-loop keep-alive clients (each sends its next request when the
@@ -51,6 +51,10 @@ app.run(host="127.0.0.1", port=int(sys.argv[2]), debug=False)
 """
 
 
+# With --insight, every snapshot also carries crawl insight at its budget (20 domains, 30 fields, 5 samples).
+INSIGHT = {}
+
+
 def snapshot(i, now):
     """A snapshot with every field the extension writes, numbers varying per node."""
     node = f"main_spider:crawler-{i // 8:03d}.example.internal:{10000 + i}"
@@ -63,7 +67,7 @@ def snapshot(i, now):
         "dropped": 0, "status_1xx": 0, "status_2xx": 4900 + i, "status_3xx": 50, "status_4xx": 40, "status_5xx": 10,
         "process_cpu": 20.5 + i % 30, "net_sent_rate": 12345.6, "net_recv_rate": 65432.1,
         "pages_per_min": 120.5, "items_per_min": 118.0, "errors_per_min": 0.1, "requests_per_min": 125.0,
-        "queue_requests": 123456, "queue_start_urls": 12, "queue_dupefilter": 987654,
+        "queue_requests": 123456, "queue_start_urls": 12, "queue_dupefilter": 987654, **INSIGHT,
     }
 
 
@@ -166,7 +170,13 @@ def main():
     parser.add_argument("--nodes", type=int, default=1000)
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--seconds", type=float, default=8.0, help="measuring time per case")
+    parser.add_argument("--insight", action="store_true",
+                        help="snapshots carry crawl insight; also measure /metrics?fields=all")
     args = parser.parse_args()
+    if args.insight:
+        import bench.insight
+
+        INSIGHT.update(bench.insight.full_insight())
 
     server = RedisServer().start()
     procs, stop, pause = [], threading.Event(), threading.Event()
@@ -195,6 +205,9 @@ def main():
                               args.clients, args.seconds)
         ours, ours_p99, errors = measure("monitor_api.py, gzip", api_port, "/metrics", gzip_header,
                                          args.clients, args.seconds)
+        if args.insight:
+            measure("monitor_api.py, gzip, ?fields=all", api_port, "/metrics?fields=all", gzip_header,
+                    args.clients, args.seconds)
         plain, plain_p99, _ = measure("monitor_api.py, no compression", api_port, "/metrics",
                                                  "Accept-Encoding: identity\r\n", args.clients, args.seconds)
         pause.set()  # an idle cluster: nothing changes, so pollers that send their ETag get 304s
