@@ -162,9 +162,10 @@ def limit_and_sample(rule, snapshot, limit):
 
 
 def spider_views(r, nodes, prefix, now, cfg):
-    """``{spider: cluster view with queue forecast}`` for the spider-level rules; None when none is on."""
+    """``{spider: cluster view with queue forecast}`` for the spider-level rules; empty when none is on
+    (then their alerts resolve)."""
     if not any(rule.scope == "spider" for rule in active_rules(cfg)):
-        return None
+        return {}
     views = monitors.spiders_view(nodes)
     for spider, forecast in monitors.queue_forecasts(r, nodes, prefix, now).items():
         views[spider].update(forecast)

@@ -76,8 +76,12 @@ class ErrorSamples(logging.Handler):
         super().__init__(logging.ERROR)
         self.insight = insight
         self.records = collections.deque(maxlen=SAMPLES)
+        self.spider = None  # set while the spider runs: records Scrapy tags with another spider are not ours
 
     def emit(self, record):
+        spider = getattr(record, "spider", None)
+        if spider is not None and self.spider is not None and spider is not self.spider:
+            return
         args = record.args
         request = args.get("request") if isinstance(args, dict) else None
         url = getattr(request, "url", None)

@@ -605,7 +605,9 @@ def queue_forecasts(r, nodes, prefix=None, now=None):
             best = chosen.get(s["spider"])
             if best is None or number(s.get("start_time"), 0) < number(nodes[best].get("start_time"), 0):
                 chosen[s["spider"]] = node
-    series = read_histories(r, list(chosen.values()), QUEUE_WINDOW / 60, prefix, now) if chosen else {}
+    rows = max((math.ceil(QUEUE_WINDOW / number(nodes[n].get("interval"), DEFAULT_INTERVAL)) + 2
+                for n in chosen.values()), default=0)
+    series = read_histories(r, list(chosen.values()), QUEUE_WINDOW / 60, prefix, now, rows) if chosen else {}
     empty = {"queue_rate": None, "queue_eta": None}
     return {spider: queue_forecast(series[chosen[spider]]) if spider in chosen else dict(empty)
             for spider in {s["spider"] for s in nodes.values()}}
@@ -620,18 +622,19 @@ def read_history(r, node, minutes=60, prefix=None, now=None):
 FUTURE_SLACK = 60
 
 
-def read_histories(r, nodes, minutes=60, prefix=None, now=None):
+def read_histories(r, nodes, minutes=60, prefix=None, now=None, limit=None):
     """``{node: rows}`` for the last ``minutes``, oldest first, each row a dict of HISTORY_FIELDS, in one
     round trip. Up to an hour comes from the full-resolution lists, longer spans (up to a day) from the
     5-minute tier. Values that are not numbers (or too large) read as None; rows without a timestamp in the
-    window (``now`` plus FUTURE_SLACK at most) are dropped, and rows are sorted by time."""
+    window (``now`` plus FUTURE_SLACK at most) are dropped, and rows are sorted by time. ``limit``: read only
+    each list's newest rows."""
     prefix = prefix or key_prefix()
     now = time.time() if now is None else now
     since, until = now - minutes * 60, now + FUTURE_SLACK
     key = history_key if minutes * 60 <= HISTORY_SECONDS else trend_key
     with r.pipeline(transaction=False) as pipe:
         for node in nodes:
-            pipe.lrange(key(prefix, node), 0, -1)
+            pipe.lrange(key(prefix, node), 0, -1 if limit is None else limit - 1)
         lists = pipe.execute()
     out = {}
     for node, raws in zip(nodes, lists):
@@ -895,6 +898,7 @@ class SpiderMonitor:
         self.base = {"node": self.node_id, "spider": spider.name, "host": host, "pid": pid,
                      "interval": self.interval, "start_time": int(time.time())}
         logger.info("Monitor: node %s reports to %s every %ss", self.node_id, redact(self.url), self.interval)
+        self.insight.handler.spider = spider
         logging.getLogger().addHandler(self.insight.handler)  # error samples, while the spider runs
         self.lock = defer.DeferredLock()
         self.task = task.LoopingCall(self.tick)
