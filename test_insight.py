@@ -380,3 +380,41 @@ def test_page_shows_latency_domains_coverage_errors_and_queue_forecast(api, redi
     assert "<img src=x onerror=alert(1)>" in page.inner_text("#d-domains-body")
     assert page.evaluate("() => document.querySelectorAll('#detail img').length") == 0
     assert page.evaluate("() => window.dashboardStats.displayErrors") == 0
+
+
+def test_queue_alert_is_per_spider_and_fires_after_growing_for_its_hold(redis_client, redis_url, monkeypatch):
+    cfg = alert_config(monkeypatch, redis_url, "--queue-growing", "1800", "--rules", "queue")
+    now = int(time.time())
+
+    def report(at, queue_at):
+        """A live node of spider "grow", named like the spider (their alerts must not mix): rows every 10 s
+        over the 5 minutes to ``at``, the queue at time t being ``queue_at(t)``."""
+        with redis_client.pipeline(transaction=False) as pipe:
+            for t in range(at - 290, at + 1, 10):
+                snap = {"timestamp": t, "spider": "grow", "node": "grow", "host": "h", "status": "running",
+                        "interval": 10, "start_time": now - 7200, "queue_requests": queue_at(t)}
+                monitors.write_snapshot(pipe, "scrapy", snap, 360)
+            pipe.execute()
+
+    def evaluate(state, at):
+        nodes = monitors.list_nodes(redis_client, now=at)[0]
+        views = alert.spider_views(redis_client, nodes, "scrapy", at, cfg)
+        changes, _, notes = alert.evaluate(nodes, state, {}, at, cfg, views)
+        return alert._merged(state, changes), notes
+
+    growing = lambda t: 1000 + (t - now)  # noqa: E731 (+60/min)
+    report(now, growing)
+    state, notes = evaluate({}, now)
+    assert notes == [] and state["queue:grow"]["state"] == "pending"  # keyed by the spider
+    report(now + 1799, growing)
+    state, notes = evaluate(state, now + 1799)
+    assert notes == [] and state["queue:grow"]["state"] == "pending"
+    report(now + 1800, growing)
+    state, [note] = evaluate(state, now + 1800)
+    assert (note["rule"], note["alertname"], note["node"], note["spider"], note["status"]) == (
+        "queue", "ScrapyQueueGrowing", "grow", "grow", "firing")
+    assert note["summary"] == "queue growing by 60/min for 30m00s or more, 2800 requests queued"
+    report(now + 2200, lambda t: 10000 - (t - now))  # draining now
+    state, [note] = evaluate(state, now + 2200)
+    assert note["status"] == "resolved" and note["summary"].startswith("queue no longer growing")
+    assert "queue:grow" not in state
