@@ -92,7 +92,10 @@ class ErrorSamples(logging.Handler):
         self.records.append((record, url))
 
     def samples(self):
-        """Newest first: ``{time, logger, message (first line, at most 300 characters), url}``."""
+        """Newest first: ``{time, logger, message (first line, at most 300 characters), url}``; a password
+        in a URL they quote is masked."""
+        from monitors import scrub  # here: monitors imports this module
+
         out = []
         for record, url in reversed(list(self.records)):
             try:
@@ -100,7 +103,8 @@ class ErrorSamples(logging.Handler):
             except Exception:  # noqa: BLE001 - a record whose arguments do not format
                 message = str(record.msg)
             out.append({"time": round(record.created, 3), "logger": _short(record.name),
-                        "message": _short((message.splitlines() or [""])[0]), "url": url and _short(url)})
+                        "message": _short(scrub((message.splitlines() or [""])[0])),
+                        "url": url and _short(scrub(url))})
         return out
 
 

@@ -3,6 +3,7 @@ normal one, a slow one, one answering 429 and 500), a private redis-server, the 
 
 import collections
 import json
+import logging
 import textwrap
 import threading
 import time
@@ -16,6 +17,7 @@ import monitor_api
 import monitors
 from conftest import crawl_log, wait_for
 from demo_site import QuietServer
+from test_dashboard import FAST, api, browser, open_page, publish, snapshot, until  # noqa: F401 (fixtures)
 
 ITEM_PAGES, SLOW_PAGES, BAD_PAGES = 150, 10, 10
 # The site stops sending the price after this many item pages: the field goes missing partway.
@@ -281,6 +283,17 @@ def test_percentiles_domains_and_fields_from_the_hooks():
     from scrapy.http import HtmlResponse
 
     ins = insight.Insight(top_domains=2)
+    log = logging.getLogger("scrapy.core.downloader.test")
+    ins.handler.spider = "this spider"
+    log.addHandler(ins.handler)
+    try:
+        log.error("Error downloading %(request)s\nTraceback...", {"request": Request("https://u:hunter2@e.example/x")})
+        log.error("another spider's", extra={"spider": "other spider"})
+    finally:
+        log.removeHandler(ins.handler)
+    [sample] = ins.handler.samples()
+    assert sample["message"] == "Error downloading <GET https://u:***@e.example/x>"
+    assert sample["url"] == "https://u:***@e.example/x" and sample["logger"] == "scrapy.core.downloader.test"
     for i, (host, latency, status) in enumerate([("a.example", 0.02, 200)] * 90 + [("b.example", 2.2, 503)] * 10
                                                 + [("c.example", 0.3, 200)] * 5 + [("d.example", 0.3, 429)]):
         request = Request(f"https://{host}:8443/p/{i}", meta={"download_latency": latency})
@@ -327,8 +340,6 @@ def test_forecast_and_spider_p95_combine():
 
 
 # ---------------------------------------------------------------------------- the page (headless Chromium)
-
-from test_dashboard import FAST, api, browser, open_page, publish, snapshot, until  # noqa: E402,F401 (fixtures)
 
 
 def drain_history(client, node, spider, newest_queue, per_second, now):
