@@ -69,8 +69,8 @@ def _short(text):
 
 
 class ErrorSamples(logging.Handler):
-    """Keeps the last SAMPLES ERROR/CRITICAL records (formatted later, off the logging thread) and counts
-    the errors that name a request against its domain."""
+    """Keeps the last SAMPLES ERROR/CRITICAL records, as text (no reference to their tracebacks or
+    requests), and counts the errors that name a request against its domain."""
 
     def __init__(self, insight):
         super().__init__(logging.ERROR)
@@ -89,23 +89,21 @@ class ErrorSamples(logging.Handler):
             self.insight.domain(url)[1] += 1
         else:
             url = None
-        self.records.append((record, url))
+        try:
+            message = record.getMessage()
+        except Exception:  # noqa: BLE001 - a record whose arguments do not format
+            message = str(record.msg)
+        # Cut after scrub (in samples), so a password in a URL is masked even when the cut falls after it.
+        self.records.append((record.created, record.name, (message.splitlines() or [""])[0][:4 * SAMPLE_TEXT],
+                             url and url[:4 * SAMPLE_TEXT]))
 
     def samples(self):
         """Newest first: ``{time, logger, message (first line, at most 300 characters), url}``; a password
         in a URL they quote is masked."""
         from monitors import scrub  # here: monitors imports this module
 
-        out = []
-        for record, url in reversed(list(self.records)):
-            try:
-                message = record.getMessage()
-            except Exception:  # noqa: BLE001 - a record whose arguments do not format
-                message = str(record.msg)
-            out.append({"time": round(record.created, 3), "logger": _short(record.name),
-                        "message": _short(scrub((message.splitlines() or [""])[0])),
-                        "url": url and _short(scrub(url))})
-        return out
+        return [{"time": round(created, 3), "logger": _short(name), "message": _short(scrub(message)),
+                 "url": url and _short(scrub(url))} for created, name, message, url in reversed(list(self.records))]
 
 
 class Insight:
