@@ -41,6 +41,7 @@ from urllib.parse import urlsplit
 
 import redis
 
+import insight
 import monitors
 
 logger = logging.getLogger(__name__)
@@ -128,6 +129,57 @@ def limit_and_queue(rule, snapshot, limit):
     return f"{limit_text(rule, snapshot, limit)}, {_fmt(queued(snapshot))} requests queued"
 
 
+# ---------------------------------------------------------------------------- rules: crawl insight
+
+# Item field coverage is judged once a node has scraped this many items (fewer say little).
+COVERAGE_MIN_ITEMS = 100
+
+
+def low_coverage(rule, snapshot, limit, stuck_since, now):
+    """The lowest coverage (%) among the fields the node was told to watch (MONITOR_ITEM_FIELDS: fields
+    found on the first items may be optional), once it has scraped COVERAGE_MIN_ITEMS, while below the limit."""
+    fields = snapshot.get("fields") if snapshot.get("fields_listed") is True else None
+    if not (limit and fields and (monitors.number(snapshot.get("items")) or 0) >= COVERAGE_MIN_ITEMS):
+        return None
+    lowest = min(fields.values()) * 100
+    return round(lowest, 1) if lowest < limit else None
+
+
+def lowest_field(rule, snapshot, limit):
+    fields = snapshot.get("fields") or {}
+    name = min(fields, key=fields.get) if fields else "?"
+    return f" for field {name!r} over {_fmt(snapshot.get('items'))} items{limit_text(rule, snapshot, limit)}"
+
+
+def queue_growing(rule, view, limit, stuck_since, now):
+    """A spider's queue growth (requests/min) while it has live nodes; how long it must last is the limit."""
+    rate = monitors.number(view.get("queue_rate"))
+    if limit and view.get("nodes_live") and rate is not None and rate > 0:
+        return rate
+    return None
+
+
+def queue_detail(rule, view, limit):
+    return f" for {_duration(limit)} or more, {_fmt(view.get('queue_requests'))} requests queued"
+
+
+def limit_and_sample(rule, snapshot, limit):
+    """The limit, and the node's newest error sample: what the errors are."""
+    sample = insight.newest_error(snapshot)
+    return limit_text(rule, snapshot, limit) + (f"; newest: {sample}" if sample else "")
+
+
+def spider_views(r, nodes, prefix, now, cfg):
+    """``{spider: cluster view with queue forecast}`` for the spider-level rules; empty when none is on
+    (then their alerts resolve)."""
+    if not any(rule.scope == "spider" for rule in active_rules(cfg)):
+        return {}
+    views = monitors.spiders_view(nodes)
+    for spider, forecast in monitors.queue_forecasts(r, nodes, prefix, now).items():
+        views[spider].update(forecast)
+    return views
+
+
 class Rule(NamedTuple):
     """One alert rule: adding a rule is adding a row to RULES."""
     name: str  # as ALERT_RULES and the messages name it
@@ -145,6 +197,8 @@ class Rule(NamedTuple):
     detail: Callable = limit_text  # (rule, snapshot, limit) -> what a firing message adds to the figure
     back: str = "back to normal"  # what a resolved message says
     needs_live: bool = True  # judged on reporting nodes only: silenced while down, over once closed
+    scope: str = "node"  # or "spider": judged on the spider's cluster view, its alert keyed rule:<spider>
+    hold: bool = False  # the threshold is how long the condition must hold (instead of ALERT_FOR)
 
     @property
     def attr(self):
@@ -162,12 +216,21 @@ RULES = (
     Rule("stalled", "ScrapyCrawlStalled", "warning", "pages not rising for", " s", check=stalled_for,
          detail=limit_and_queue, setting="ALERT_STALL_SECONDS", default=300, kind="seconds",
          help="pages not rising this long while the queue is not empty"),
-    Rule("errors", "ScrapyErrorsHigh", "warning", "errors", "/min", field="errors_per_min",
+    Rule("errors", "ScrapyErrorsHigh", "warning", "errors", "/min", field="errors_per_min", detail=limit_and_sample,
          setting="ALERT_ERRORS_PER_MIN", default=30, help="error log lines per minute over this"),
     Rule("rss", "ScrapyProcessRssHigh", "warning", "process RSS", " MiB", field="rss", scale=MIB,
          setting="ALERT_RSS_MB", default=2048, help="process memory (MiB) over this"),
     # Judged on run records, not snapshots: see ``run_alerts`` (one message per bad run, never resolved).
     Rule("run", "ScrapyRunFailed", "warning", "run", "", check=lambda *_: None, needs_live=False),
+    Rule("coverage", "ScrapyItemFieldCoverageLow", "warning", "item field coverage", "%", check=low_coverage,
+         detail=lowest_field, setting="ALERT_COVERAGE_MIN", default=90,
+         help=f"a MONITOR_ITEM_FIELDS field in less than this %% of items, once {COVERAGE_MIN_ITEMS} are scraped"),
+    Rule("latency", "ScrapyDownloadLatencyHigh", "warning", "download latency p95", " s", field="latency_p95",
+         setting="ALERT_LATENCY_P95", default=10, help="download latency p95 (seconds) over this"),
+    Rule("queue", "ScrapyQueueGrowing", "warning", "queue growing by", "/min", check=queue_growing,
+         detail=queue_detail, setting="ALERT_QUEUE_GROWING", default=1800, kind="seconds", needs_live=False,
+         help="the spider's queue growing this long while it has live nodes", back="queue no longer growing",
+         scope="spider", hold=True),
 )
 RULE = {rule.name: rule for rule in RULES}
 ORDER = {rule.name: i for i, rule in enumerate(RULES)}
@@ -386,9 +449,10 @@ def track_stall(snapshot, previous, now):
 SILENCED = object()
 
 
-def step(record, value, now, cfg):
+def step(record, value, now, cfg, hold=None):
     """One alert's transition. ``value``: the rule's figure when its condition holds, None when not,
-    ``SILENCED`` while its node is down. Returns ``(new record or None, "firing"/"resolved"/None)``."""
+    ``SILENCED`` while its node is down; ``hold``: seconds pending before firing (default ALERT_FOR).
+    Returns ``(new record or None, "firing"/"resolved"/None)``."""
     if value is SILENCED:
         # Its node is down: a pending alert is forgotten, a firing one waits (no repeat, no resolve).
         return (record if record and record["state"] == "firing" else None), None
@@ -399,7 +463,7 @@ def step(record, value, now, cfg):
     if not record:
         record = {"state": "pending", "since": now}
     if record["state"] == "pending":
-        if now - record["since"] < cfg.for_seconds:
+        if now - record["since"] < (cfg.for_seconds if hold is None else hold):
             return record, None
         return {**record, "state": "firing", "fired": now, "sent": now, "value": value}, "firing"
     if now - record["sent"] >= cfg.repeat:
@@ -418,8 +482,9 @@ def figure(rule, snapshot, limit, stuck_since, now):
     return rule.check(rule, snapshot, limit, stuck_since, now)
 
 
-def evaluate(nodes, state, stall, now, cfg, silences=None):
-    """One evaluation over ``{node: snapshot with state}``, the stored alerts and stall trackers.
+def evaluate(nodes, state, stall, now, cfg, silences=None, spiders=None):
+    """One evaluation over ``{node: snapshot with state}``, the stored alerts and stall trackers, and
+    ``spiders`` (``spider_views``; None leaves the spider-level alerts as they are).
 
     Returns ``(state changes, stall changes, notifications)``; a change of None deletes the field.
     ``silences`` (``{id: silence}``, as ``monitors.read_silences`` returns) hold back what matching alerts
@@ -430,14 +495,20 @@ def evaluate(nodes, state, stall, now, cfg, silences=None):
     rules = active_rules(cfg)
     limits = {rule.name: threshold(rule, cfg) for rule in rules}
     silences = monitors.SilenceIndex(silences or {})
+    spider_rules = [rule for rule in rules if rule.scope == "spider"]
+    rules = [rule for rule in rules if rule.scope == "node"]
     track = RULE["stalled"] in rules
     records_of = {}  # {node: {rule: record}}: few nodes have any, so most nodes cost no key lookups
+    spider_records = {}  # {"rule:spider": record} of the spider-level rules
     for key, record in state.items():
         rule, _, node = key.partition(":")
-        records_of.setdefault(node, {})[rule] = record
+        if RULE[rule].scope == "spider":
+            spider_records[key] = record
+        else:
+            records_of.setdefault(node, {})[rule] = record
 
     def apply(rule, node, snapshot, record, value):
-        new, event = step(record, value, now, cfg)
+        new, event = step(record, value, now, cfg, limits.get(rule.name) if rule.hold else None)
         new, event = in_the_open(rule, node, snapshot, record, new, event, value, limits.get(rule.name), silences,
                                  now)
         if new != record:
@@ -462,6 +533,15 @@ def evaluate(nodes, state, stall, now, cfg, silences=None):
             apply(RULE[name], node, None, record, None)
     for node in set(stall) - set(nodes):
         stall_changes[node] = None
+    for spider, view in (spiders or {}).items():
+        for rule in spider_rules:
+            value = rule.check(rule, view, limits[rule.name], None, now)
+            record = spider_records.pop(f"{rule.name}:{spider}", None)
+            if record is not None or value is not None:
+                apply(rule, spider, view, record, value)
+    for key, record in spider_records.items() if spiders is not None else ():  # spiders gone, rules off
+        name, _, spider = key.partition(":")
+        apply(RULE[name], spider, spiders.get(spider), record, None)
     notes.sort(key=lambda a: (a["status"], ORDER[a["rule"]], a["node"]))
     return state_changes, stall_changes, notes
 
@@ -1090,7 +1170,8 @@ class DryRun:
             self.runs_cursor = self.store.runs_cursor()
         state, stall = self.store.read(now) if self.memory is None else self.memory
         silences = monitors.read_silences(self.store.r, self.cfg.prefix, now)
-        state_changes, stall_changes, notes = evaluate(nodes, state, stall, now, self.cfg, silences)
+        spiders = spider_views(self.store.r, nodes, self.cfg.prefix, now, self.cfg)
+        state_changes, stall_changes, notes = evaluate(nodes, state, stall, now, self.cfg, silences, spiders)
         run_notes, self.runs_cursor = run_alerts(monitors.recent_runs(self.store.r, self.cfg.prefix),
                                                  self.runs_cursor, self.cfg)
         notes += run_notes
@@ -1191,7 +1272,8 @@ class Alerter:
     def evaluate(self, nodes, now):
         state, stall = self.store.read(now)
         silences = monitors.read_silences(self.r, self.cfg.prefix, now)
-        state_changes, stall_changes, notes = evaluate(nodes, state, stall, now, self.cfg, silences)
+        spiders = spider_views(self.r, nodes, self.cfg.prefix, now, self.cfg)
+        state_changes, stall_changes, notes = evaluate(nodes, state, stall, now, self.cfg, silences, spiders)
         run_notes, cursor = run_alerts(monitors.recent_runs(self.r, self.cfg.prefix), self.store.runs_cursor(), self.cfg)
         notes += run_notes
         entries = {}

@@ -25,12 +25,13 @@ import redis
 import waitress
 from flask import Blueprint, Flask, Response, abort, current_app, g, jsonify, request, send_file
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from werkzeug.exceptions import HTTPException
 from werkzeug.http import parse_accept_header
 from werkzeug.routing import PathConverter
 from werkzeug.wsgi import get_host
 
+import insight
 import monitors
 from monitors import ConfigError
 
@@ -139,16 +140,19 @@ class StatusReader:
         ``monitors.NodeReader`` (snapshots are shared between reads: never modify one)."""
         return self.node_reader.read()
 
-    def nodes_json(self, nodes, now):
-        """``{node: snapshot + age}`` as JSON bytes, in node order, reusing each unchanged snapshot's JSON."""
+    def nodes_json(self, nodes, now, full=False):
+        """``{node: snapshot + age}`` as JSON bytes, in node order, reusing each unchanged snapshot's JSON;
+        without insight.BIG_FIELDS unless ``full``."""
         entries, parts = self.node_reader.entries, []
         for node in sorted(nodes):
             entry = entries.get(node)
             if entry is None or entry.snapshot is not nodes[node]:
                 entry = monitors.NodeEntry(None, nodes[node])
-            if entry.json is None:
-                entry.json = to_json({node: nodes[node]})[1:-2]  # '"node":{...' without its closing braces
-            parts.append(b'%s,"age":%d}' % (entry.json, monitors.age(nodes[node], now)))
+            if full and entry.full is None:
+                entry.full = to_json({node: nodes[node]})[1:-2]
+            if not full and entry.json is None:
+                entry.json = to_json({node: insight.slim(nodes[node])})[1:-2]  # '"node":{...' without its braces
+            parts.append(b'%s,"age":%d}' % (entry.full if full else entry.json, monitors.age(nodes[node], now)))
         return b"{" + b",".join(parts) + b"}"
 
     def node(self, name):
@@ -537,6 +541,7 @@ class CachedFastPath:
 def metrics():
     """Every node's latest snapshot with its state: ``{node: snapshot}``; ``?spider=`` and ``?state=``."""
     spider = request.args.get("spider")
+    full = all_fields()
     states = request.args.get("state")
     if states is not None:
         states = set(states.split(","))
@@ -547,7 +552,7 @@ def metrics():
         nodes, skipped, now = reader().nodes()
         chosen = {n: s for n, s in nodes.items()
                   if (spider is None or s["spider"] == spider) and (states is None or s["state"] in states)}
-        return json_body(reader().nodes_json(chosen, now), skipped)
+        return json_body(reader().nodes_json(chosen, now, full), skipped)
 
     return cached(compute)
 
@@ -555,6 +560,7 @@ def metrics():
 @bp.get("/metrics/<node:name>")
 def metric(name):
     """A node id gives its snapshot; a spider name gives the spider's cluster view."""
+    full = all_fields()
 
     def compute():
         snapshot, malformed = reader().node(name)
@@ -565,7 +571,9 @@ def metric(name):
             view = monitors.cluster_view(nodes, name)
             if view is not None:  # the view with its nodes' JSON spliced in: {..., "nodes": {...}}
                 members = view.pop("nodes")
-                return json_body(to_json(view)[:-1] + b',"nodes":' + reader().nodes_json(members, now) + b"}", skipped)
+                view.update(monitors.queue_forecasts(reader().redis, members, reader().prefix, now)[name])
+                return json_body(to_json(view)[:-1] + b',"nodes":' + reader().nodes_json(members, now, full) + b"}",
+                                 skipped)
         if malformed:
             abort(404, "that node's stored snapshot is malformed")
         abort(404, "no node or spider by that name")
@@ -588,10 +596,22 @@ def spiders():
     """``{spider: cluster view}``, each view's ``nodes`` being the list of its node ids."""
 
     def compute():
-        nodes, skipped, _ = reader().nodes()
-        return json_body(monitors.spiders_view(nodes), skipped)
+        nodes, skipped, now = reader().nodes()
+        views = monitors.spiders_view(nodes)
+        for spider, forecast in monitors.queue_forecasts(reader().redis, nodes, reader().prefix, now).items():
+            views[spider].update(forecast)
+        return json_body(views, skipped)
 
     return cached(compute)
+
+
+def all_fields():
+    """``?fields=all`` asks a list view for every field; by default it leaves out insight.BIG_FIELDS
+    (per-domain figures, field coverage, error samples, latency buckets: most of a snapshot's size)."""
+    fields = request.args.get("fields")
+    if fields not in (None, "all"):
+        abort(400, "fields must be 'all' (or absent: list views leave the large insight fields out)")
+    return fields == "all"
 
 
 @bp.get("/health")
@@ -918,6 +938,7 @@ class ClusterCollector:
                     queue.add_metric([spider, kind], view[field])
         yield count
         yield queue
+        yield from insight_families(self.nodes)
         yield GaugeMetricFamily("scrapy_monitor_skipped_entries",
                                 "Malformed values in the status hash, left out above.", value=self.skipped)
 
@@ -991,6 +1012,47 @@ def runs_summary(name):
 
     return cached(compute)
 
+# ---------------------------------------------------------------------------- Prometheus: crawl insight
+
+# (snapshot domain figure, metric name, help): per-domain counters of the top domains.
+DOMAIN_COUNTERS = (
+    ("pages", "scrapy_domain_responses", "Responses received from the domain (top domains, the rest as 'other')."),
+    ("errors", "scrapy_domain_errors", "ERROR log lines naming a request to the domain."),
+)
+DOMAIN_STATUSES = ("4xx", "5xx", "429")
+
+
+def insight_families(nodes):
+    """The download latency histogram, per-domain counters and item field coverage of every node."""
+    labels = ["node", "spider"]
+    latency = HistogramMetricFamily("scrapy_download_latency_seconds",
+                                    "Download latency of the node's responses over its run.", labels=labels)
+    coverage = GaugeMetricFamily("scrapy_item_field_coverage_ratio",
+                                 "Share of the run's items with the field present and not empty.",
+                                 labels=labels + ["field"])
+    counters = {field: CounterMetricFamily(name, doc, labels=labels + ["domain"]) for field, name, doc in DOMAIN_COUNTERS}
+    statuses = CounterMetricFamily("scrapy_domain_error_responses",
+                                   "Responses from the domain by error status (4xx, 5xx, and 429 among the 4xx).",
+                                   labels=labels + ["domain", "status"])
+    for node, s in nodes.items():
+        buckets = s.get("latency_buckets")
+        if buckets:
+            bounds = [f"{b:g}" for b in insight.LATENCY_BUCKETS] + ["+Inf"]
+            latency.add_metric([node, s["spider"]], list(zip(bounds, buckets)), monitors.number(s.get("latency_sum"), 0))
+        for domain, figures in (s.get("domains") or {}).items():
+            for field, family in counters.items():
+                if figures[field] is not None:
+                    family.add_metric([node, s["spider"], domain], figures[field])
+            for status in DOMAIN_STATUSES:
+                if figures[status] is not None:
+                    statuses.add_metric([node, s["spider"], domain, status], figures[status])
+        for field, share in (s.get("fields") or {}).items():
+            coverage.add_metric([node, s["spider"], field], share)
+    yield latency
+    yield from counters.values()
+    yield statuses
+    yield coverage
+
 
 # ---------------------------------------------------------------------------- command line
 
@@ -1060,6 +1122,10 @@ _NAME = {"name": "name", "in": "path", "required": True, "schema": {"type": "str
          "description": "A node id (its slashes may be sent as they are) or a spider name."}
 _SEED = ["timestamp", "spider", "cpu", "memory", "bytes_sent", "bytes_recv"]
 
+_FIELDS = {"name": "fields", "in": "query", "schema": {"type": "string", "enum": ["all"]},
+           "description": "all: list views include domains, fields, error_samples and latency_buckets "
+                          "(a node's own snapshot always has them)."}
+
 OPENAPI = {
     "openapi": "3.0.3",
     "info": {"title": "scrapy-cluster-monitor API", "version": "1.0.0",
@@ -1072,13 +1138,13 @@ OPENAPI = {
             "parameters": [
                 {"name": "spider", "in": "query", "schema": {"type": "string"}, "description": "Only this spider's nodes."},
                 {"name": "state", "in": "query", "schema": {"type": "string"},
-                 "description": "live, paused, stale or closed; several comma-separated."}],
+                 "description": "live, paused, stale or closed; several comma-separated."}, _FIELDS],
             "responses": {"200": _json("{node id: snapshot}", {"type": "object", "additionalProperties": _ref("Snapshot")},
                                        headers=True),
                           **_ERRORS, "400": _json("Unknown state, or a Host not accepted.", _ref("Error"))}}},
         "/metrics/{name}": {"get": {
             "summary": "A node's snapshot, or a spider's cluster view.",
-            "parameters": [_NAME],
+            "parameters": [_NAME, _FIELDS],
             "responses": {"200": _json("The node's snapshot, or the spider's view (it has `nodes`).",
                                        {"oneOf": [_ref("Snapshot"), _ref("ClusterView")]}, headers=True),
                           "404": _json("No such node or spider.", _ref("Error")), **_ERRORS}}},
@@ -1179,11 +1245,13 @@ OPENAPI = {
                 "type": "object",
                 "required": _SEED + ["pages", "items", "requests", "errors", "pages_per_min", "items_per_min",
                                      "requests_per_min", "errors_per_min", "queue_requests", "queue_start_urls",
-                                     "queue_dupefilter", "nodes_live", "nodes_stale", "nodes_closed", "nodes"],
+                                     "queue_dupefilter", "nodes_live", "nodes_stale", "nodes_closed", "nodes",
+                                     "queue_rate", "queue_eta"],
                 "properties": {"nodes": {"type": "array", "items": {"type": "string"}}}},
             "ClusterView": {
                 "type": "object",
-                "required": _SEED + ["pages", "items", "nodes_live", "nodes_stale", "nodes_closed", "nodes"],
+                "required": _SEED + ["pages", "items", "nodes_live", "nodes_stale", "nodes_closed", "nodes",
+                                     "queue_rate", "queue_eta"],
                 "properties": {"nodes": {"type": "object", "additionalProperties": _ref("Snapshot")}}},
             "ControlRequest": {
                 "type": "object", "required": ["command"],

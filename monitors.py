@@ -23,6 +23,8 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+import insight
+
 logger = logging.getLogger(__name__)
 
 DEFAULT_REDIS_URL = "redis://localhost:6379/0"
@@ -48,11 +50,12 @@ HISTORY_TTL = TREND_SECONDS + HISTORY_SECONDS
 HISTORY_FIELDS = (
     "timestamp", "cpu", "memory", "process_cpu", "rss", "net_sent_rate", "net_recv_rate",
     "pages", "items", "errors", "pages_per_min", "items_per_min", "errors_per_min", "queue_requests",
+    "latency_p95",
 )
 # In a 5-minute bucket these are averaged; the other columns keep the bucket's last value.
 MEAN_FIELDS = frozenset(
     ("cpu", "memory", "process_cpu", "rss", "net_sent_rate", "net_recv_rate",
-     "pages_per_min", "items_per_min", "errors_per_min")
+     "pages_per_min", "items_per_min", "errors_per_min", "latency_p95")
 )
 
 # Counters read from Scrapy's own stats (snapshot field -> stats key).
@@ -323,7 +326,7 @@ def decode_snapshot(raw):
         return None
     if "seen" in value and not is_number(value["seen"]):
         return None
-    return value
+    return insight.clean(value)  # crawl insight fields of the wrong shape are dropped, the node kept
 
 
 def parse_snapshot(raw, now=None):
@@ -367,12 +370,13 @@ class NodeEntry:
     """One node as a reader last saw it: the stored value, its snapshot (None when malformed) and the
     snapshot's JSON once a caller asked for it (``json`` is the caller's to fill)."""
 
-    __slots__ = ("raw", "snapshot", "json")
+    __slots__ = ("raw", "snapshot", "json", "full")
 
     def __init__(self, raw, snapshot):
         self.raw = raw
         self.snapshot = snapshot
-        self.json = None
+        self.json = None  # without insight.BIG_FIELDS, as list views send it
+        self.full = None  # with every field (?fields=all)
 
 
 class NodeReader:
@@ -511,6 +515,8 @@ def prune_nodes(r, nodes, retention, prefix=None, now=None):
 #   host_sum   added up over hosts, each host once (by its newest report): machine figures
 #   host_mean  the mean over hosts, each host once
 #   newest     the newest node's reading: the scrapy-redis queue is shared, every node sees the same one
+#   max        the highest: a spider's download latency p95 is at most its slowest node's (the merged
+#              distribution's quantile never exceeds the largest of its parts'), and that node is the news
 # Rates and machine gauges count nodes still crawling (``live`` and ``paused`` in a view; in a history
 # bucket, the rows it holds); when none is, gauges fall back to every node so a finished spider still shows
 # its last figures.
@@ -521,10 +527,12 @@ SPIDER_FIELDS = {
     "pages": "sum", "items": "sum", "requests": "sum", "errors": "sum",
     "pages_per_min": "sum", "items_per_min": "sum", "requests_per_min": "sum", "errors_per_min": "sum",
     "queue_requests": "newest", "queue_start_urls": "newest", "queue_dupefilter": "newest",
+    "latency_p95": "max",
 }
 # Fields that only count crawling nodes (a closed node's last rate is not a rate any more).
 CRAWLING_FIELDS = frozenset(("cpu", "memory", "net_sent_rate", "net_recv_rate", "rss", "process_cpu",
-                             "pages_per_min", "items_per_min", "requests_per_min", "errors_per_min"))
+                             "pages_per_min", "items_per_min", "requests_per_min", "errors_per_min",
+                             "latency_p95"))
 CRAWLING_STATES = ("live", "paused")
 STATES = ("live", "paused", "stale", "closed")
 
@@ -545,6 +553,8 @@ def combine(rows, fields, hosts=None):
             out[field] = None
         elif rule == "newest":
             out[field] = values[-1]
+        elif rule == "max":
+            out[field] = max(values)
         else:
             total = finite_sum(values)
             if rule == "host_mean":
@@ -593,6 +603,57 @@ def spiders_view(nodes):
     return out
 
 
+# ---------------------------------------------------------------------------- queue forecast
+
+# The forecast fits the queue size over this much of the recent history: long enough to smooth a crawler's
+# bursts, short enough to follow a change of pace.
+QUEUE_WINDOW = 300
+
+
+def queue_forecast(rows):
+    """``{"queue_rate": requests per minute (negative while draining), "queue_eta": seconds until empty
+    at that rate, None unless it shrinks}`` from history rows (oldest first), by a least-squares line
+    through the ``queue_requests`` readings since the queue was last empty (a refill is a new batch), from
+    its peak on when it has one before the newest reading.
+    Both None with fewer than two readings."""
+    points = [(row["timestamp"], row["queue_requests"]) for row in rows
+              if is_number(row.get("timestamp")) and is_number(row.get("queue_requests"))]
+    for i in range(len(points) - 2, -1, -1):
+        if points[i][1] == 0:
+            points = points[i + 1:]
+            break
+    # A queue past its peak (filled by a burst of links, now draining) is forecast from the peak on.
+    peak = max(range(len(points)), key=lambda i: points[i][1], default=0)
+    if len(points) - peak >= 2:
+        points = points[peak:]
+    if len(points) < 2 or points[-1][0] == points[0][0]:
+        return {"queue_rate": None, "queue_eta": None}
+    mean_t = sum(t for t, _ in points) / len(points)
+    mean_q = sum(q for _, q in points) / len(points)
+    slope = (sum((t - mean_t) * (q - mean_q) for t, q in points)
+             / (sum((t - mean_t) ** 2 for t, _ in points) or 1))
+    eta = points[-1][1] / -slope if slope < 0 else None
+    return {"queue_rate": round(slope * 60, 1), "queue_eta": None if eta is None else round(eta)}
+
+
+def queue_forecasts(r, nodes, prefix=None, now=None):
+    """``{spider: queue_forecast}`` for every spider of ``nodes``, in one round trip: each from the history
+    of its crawling node that started first (the queue is shared, so one node's readings are the spider's;
+    the longest-running one has the most of them). A spider with no crawling node gets None figures."""
+    chosen = {}
+    for node, s in nodes.items():
+        if s.get("state") in CRAWLING_STATES:
+            best = chosen.get(s["spider"])
+            if best is None or number(s.get("start_time"), 0) < number(nodes[best].get("start_time"), 0):
+                chosen[s["spider"]] = node
+    rows = max((math.ceil(QUEUE_WINDOW / number(nodes[n].get("interval"), DEFAULT_INTERVAL)) + 2
+                for n in chosen.values()), default=0)
+    series = read_histories(r, list(chosen.values()), QUEUE_WINDOW / 60, prefix, now, rows) if chosen else {}
+    empty = {"queue_rate": None, "queue_eta": None}
+    return {spider: queue_forecast(series[chosen[spider]]) if spider in chosen else dict(empty)
+            for spider in {s["spider"] for s in nodes.values()}}
+
+
 def read_history(r, node, minutes=60, prefix=None, now=None):
     """One node's time series: ``read_histories`` for a single node."""
     return read_histories(r, [node], minutes, prefix, now)[node]
@@ -602,18 +663,19 @@ def read_history(r, node, minutes=60, prefix=None, now=None):
 FUTURE_SLACK = 60
 
 
-def read_histories(r, nodes, minutes=60, prefix=None, now=None):
+def read_histories(r, nodes, minutes=60, prefix=None, now=None, limit=None):
     """``{node: rows}`` for the last ``minutes``, oldest first, each row a dict of HISTORY_FIELDS, in one
     round trip. Up to an hour comes from the full-resolution lists, longer spans (up to a day) from the
     5-minute tier. Values that are not numbers (or too large) read as None; rows without a timestamp in the
-    window (``now`` plus FUTURE_SLACK at most) are dropped, and rows are sorted by time."""
+    window (``now`` plus FUTURE_SLACK at most) are dropped, and rows are sorted by time. ``limit``: read only
+    each list's newest rows."""
     prefix = prefix or key_prefix()
     now = time.time() if now is None else now
     since, until = now - minutes * 60, now + FUTURE_SLACK
     key = history_key if minutes * 60 <= HISTORY_SECONDS else trend_key
     with r.pipeline(transaction=False) as pipe:
         for node in nodes:
-            pipe.lrange(key(prefix, node), 0, -1)
+            pipe.lrange(key(prefix, node), 0, -1 if limit is None else limit - 1)
         lists = pipe.execute()
     out = {}
     for node, raws in zip(nodes, lists):
@@ -623,7 +685,8 @@ def read_histories(r, nodes, minutes=60, prefix=None, now=None):
                 values = json.loads(raw)
             except (ValueError, RecursionError):
                 continue
-            if isinstance(values, list) and len(values) == len(HISTORY_FIELDS):
+            if isinstance(values, list) and 0 < len(values) <= len(HISTORY_FIELDS):
+                values = values + [None] * (len(HISTORY_FIELDS) - len(values))  # a row from before a new column
                 row = {f: v if is_number(v) and abs(v) < NUMBER_LIMIT else None for f, v in zip(HISTORY_FIELDS, values)}
                 if row["timestamp"] is not None and since <= row["timestamp"] <= until:
                     rows.append(row)
@@ -1308,8 +1371,9 @@ class Sampler:
 class SpiderMonitor:
     """Scrapy extension: every MONITOR_INTERVAL seconds, publish this process's metrics to Redis."""
 
-    def __init__(self, crawler, interval, url, queue_url, node_id, prefix):
+    def __init__(self, crawler, interval, url, queue_url, node_id, prefix, insight_=None):
         self.crawler = crawler
+        self.insight = insight_ or insight.Insight()
         self.stats = crawler.stats
         self.interval = interval
         self.url = url
@@ -1357,7 +1421,17 @@ class SpiderMonitor:
         node_id = setting("MONITOR_NODE_ID")
         prefix = setting("MONITOR_KEY_PREFIX", DEFAULT_PREFIX)
         try:
-            ext = cls(crawler, interval, url, queue_url, node_id, prefix)
+            top = int(str(setting("MONITOR_TOP_DOMAINS", insight.DEFAULT_TOP_DOMAINS)).strip())
+            if not 0 <= top <= insight.MAX_TOP_DOMAINS:
+                raise ValueError
+        except ValueError:
+            raise NotConfigured(f"MONITOR_TOP_DOMAINS must be a whole number from 0 to {insight.MAX_TOP_DOMAINS}, "
+                                f"not {setting('MONITOR_TOP_DOMAINS')!r}; the monitor is off") from None
+        fields = setting("MONITOR_ITEM_FIELDS", "")
+        fields = fields if isinstance(fields, (list, tuple)) else str(fields).split(",")
+        fields = [f.strip() for f in fields if f.strip()][:insight.MAX_FIELDS]
+        try:
+            ext = cls(crawler, interval, url, queue_url, node_id, prefix, insight.Insight(top, fields))
         except ValueError as exc:
             raise NotConfigured(f"bad Redis URL ({exc}); the monitor is off") from None
         keep = str(setting("MONITOR_RUNS_KEEP", DEFAULT_RUNS_KEEP)).strip()
@@ -1368,6 +1442,8 @@ class SpiderMonitor:
             ext.control = NodeControl(ext)
         crawler.signals.connect(ext.spider_opened, signal=signals.spider_opened)
         crawler.signals.connect(ext.spider_closed, signal=signals.spider_closed)
+        crawler.signals.connect(ext.insight.response_downloaded, signal=signals.response_downloaded)
+        crawler.signals.connect(ext.insight.item_scraped, signal=signals.item_scraped)
         return ext
 
     def spider_opened(self, spider):
@@ -1380,6 +1456,8 @@ class SpiderMonitor:
         self.base = {"node": self.node_id, "spider": spider.name, "host": host, "pid": pid,
                      "interval": self.interval, "start_time": int(time.time())}
         logger.info("Monitor: node %s reports to %s every %ss", self.node_id, redact(self.url), self.interval)
+        self.insight.handler.spider = spider
+        logging.getLogger().addHandler(self.insight.handler)  # error samples, while the spider runs
         self.lock = defer.DeferredLock()
         self.task = task.LoopingCall(self.tick)
         self.task.start(self.interval, now=True)
@@ -1391,10 +1469,12 @@ class SpiderMonitor:
 
         if self.task and self.task.running:
             self.task.stop()
+        logging.getLogger().removeHandler(self.insight.handler)
         if self.queue_keys is None:  # never opened
             return
         stats = dict(self.stats.get_stats())
-        extra = {**self.control_fields(), "status": "closed", "finish_reason": str(reason)}
+        extra = {**self.control_fields(), "status": "closed", "finish_reason": str(reason),
+                 **self.insight.take_interval()}
         await maybe_deferred_to_future(self.lock.run(self._in_thread, stats, extra, True))
         if self.control:
             from twisted.internet import threads
@@ -1406,7 +1486,8 @@ class SpiderMonitor:
         ``queued`` (a control command was applied) it runs after the tick in progress instead of skipping."""
         if self.lock.locked and not queued:
             return  # the previous tick is still talking to Redis: ticks never overlap
-        self.lock.run(self._in_thread, dict(self.stats.get_stats()), {"status": "running", **self.control_fields()})
+        self.lock.run(self._in_thread, dict(self.stats.get_stats()),
+                      {"status": "running", **self.control_fields(), **self.insight.take_interval()})
 
     def control_fields(self):
         return self.control.status() if self.control else {}
@@ -1420,7 +1501,8 @@ class SpiderMonitor:
     def collect_and_publish(self, stats, extra, final=False):
         """Runs in a thread: sample, read queue sizes, write to Redis. Returns the snapshot."""
         now = time.time()
-        snapshot = {"timestamp": int(now), **self.base, **self.sampler.sample(stats, now), **extra}
+        snapshot = {"timestamp": int(now), **self.base, **self.sampler.sample(stats, now), **extra,
+                    **self.insight.figures()}
         snapshot.update(self._queue_sizes())
         self.peak_rss = snapshot["peak_rss"] = max(self.peak_rss, snapshot.get("rss") or 0)
         try:

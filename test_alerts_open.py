@@ -163,7 +163,7 @@ def test_promtool_checks_and_unit_tests_the_rules(redis_url, redis_client):
         rules = [rule for group in yaml.safe_load(f)["groups"] for rule in group["rules"]]
     assert {(r["alert"], r["labels"]["severity"]) for r in rules} == {(r.alertname, r.severity) for r in alert.RULES}
     # Every metric a rule reads is one /prometheus serves.
-    report(redis_client, "n1", time.time(), queue_requests=5)
+    report(redis_client, "n1", time.time(), queue_requests=5, fields={"price": 0.5})
     lost = monitors.run_record(testbed.snapshot("n2", status="closed"), "lost")
     monitors.write_run(redis_client, "scrapy", lost, lost["start_time"], lost=True)
     served = monitor_api.create_app({"REDIS_URL": redis_url}).test_client().get("/prometheus").get_data(as_text=True)

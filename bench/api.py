@@ -1,6 +1,6 @@
 """Benchmark GET /metrics with 1,000 nodes: monitor_api.py (waitress) against the seed's naive Flask app.
 
-    python bench/api.py [--nodes 1000] [--clients 16] [--seconds 8]
+    python bench/api.py [--nodes 1000] [--clients 16] [--seconds 8] [--insight]
 
 Starts its own redis-server and both servers on loopback, fills Redis the way the node monitor does, and
 drives each server with the same closed-loop keep-alive clients (each sends its next request when the
@@ -51,6 +51,10 @@ app.run(host="127.0.0.1", port=int(sys.argv[2]), debug=False)
 """
 
 
+# With --insight, every snapshot also carries crawl insight at its budget (20 domains, 30 fields, 5 samples).
+INSIGHT = {}
+
+
 def snapshot(i, now):
     """Node i's snapshot, every field the extension writes, numbers varying per node; eight nodes a host."""
     host = f"crawler-{i // 8:03d}.example.internal"
@@ -59,7 +63,7 @@ def snapshot(i, now):
         memory=30 + i % 60 + 0.25, bytes_sent=123456789 + i * 1000, bytes_recv=987654321 + i * 3000,
         rss=150_000_000 + i * 4096, process_cpu=20.5 + i % 30, pages=5000 + i, items=4800 + i, requests=5100 + i,
         errors=i % 7, warnings=i % 11, retries=i % 13, exceptions=i % 5, status_2xx=4900 + i,
-        queue_requests=123456, queue_dupefilter=987654)
+        queue_requests=123456, queue_dupefilter=987654, **INSIGHT)
 
 
 def fill(client, nodes):
@@ -156,7 +160,13 @@ def main():
     parser.add_argument("--nodes", type=int, default=1000)
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--seconds", type=float, default=8.0, help="measuring time per case")
+    parser.add_argument("--insight", action="store_true",
+                        help="snapshots carry crawl insight; also measure /metrics?fields=all")
     args = parser.parse_args()
+    if args.insight:
+        import bench.insight
+
+        INSIGHT.update(bench.insight.full_insight())
 
     server = RedisServer().start()
     procs, stop, pause = [], threading.Event(), threading.Event()
@@ -185,6 +195,9 @@ def main():
                               args.clients, args.seconds)
         ours, ours_p99, errors = measure("monitor_api.py, gzip", api_port, "/metrics", gzip_header,
                                          args.clients, args.seconds)
+        if args.insight:
+            measure("monitor_api.py, gzip, ?fields=all", api_port, "/metrics?fields=all", gzip_header,
+                    args.clients, args.seconds)
         plain, plain_p99, _ = measure("monitor_api.py, no compression", api_port, "/metrics",
                                                  "Accept-Encoding: identity\r\n", args.clients, args.seconds)
         pause.set()  # an idle cluster: nothing changes, so pollers that send their ETag get 304s

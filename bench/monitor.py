@@ -19,6 +19,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+import bench.insight as insight_bench  # noqa: E402
 import monitors  # noqa: E402
 from testbed import RedisServer, Site, clean_env, crawl_command  # noqa: E402
 
@@ -108,6 +109,7 @@ def memory():
                 "pid": 123456, "interval": 10, "start_time": 1_699_999_800, "status": "running",
                 "queue_requests": 1234, "queue_start_urls": 0, "queue_dupefilter": 567890}
         trend = monitors.TrendBuffer()
+        figures = insight_bench.full_insight()  # crawl insight at its budget: 20 domains, 30 fields, 5 samples
         start = 1_699_999_800
         with r.pipeline(transaction=False) as pipe:
             for i in range(8640):
@@ -116,7 +118,8 @@ def memory():
                                   ("downloader/request_count", 99), ("downloader/response_status_count/200", 95)):
                     stats[key] += step + i % 7
                 stats["log_count/ERROR"] += i % 3 == 0
-                snap = {"timestamp": now, **base, **sampler.sample(stats, now)}
+                snap = {"timestamp": now, **base, **sampler.sample(stats, now), **figures,
+                        "latency_p95": round(0.3 + i % 17 / 10, 3)}
                 rows = [row for row in [trend.add(monitors.history_row(snap))] if row]
                 monitors.write_snapshot(pipe, "bench", snap, 360, rows)
                 pipe.rpush("naive", json.dumps(snap))  # the plain capped list of JSON snapshots
