@@ -4,10 +4,8 @@ normal one, a slow one, one answering 429 and 500), a private redis-server, the 
 import collections
 import json
 import logging
-import textwrap
 import threading
 import time
-from http.server import BaseHTTPRequestHandler
 
 import pytest
 
@@ -15,7 +13,8 @@ import alert
 import insight
 import monitor_api
 import monitors
-from testbed import QuietServer, crawl_log, wait_for
+import testbed
+from testbed import PageHandler, QuietServer, crawl_log, wait_for
 from test_dashboard import FAST, api, browser, open_page, publish, snapshot, until  # noqa: F401 (fixtures)
 
 ITEM_PAGES, SLOW_PAGES, BAD_PAGES = 150, 10, 10
@@ -59,8 +58,7 @@ class Host:
     def _handler(self):
         host = self
 
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
+        class Handler(PageHandler):
 
             def do_GET(self):
                 if self.path == "/" and host.links:
@@ -76,15 +74,7 @@ class Host:
                 self.reply(status, f"<h1>Item {number}</h1>{price}")
 
             def reply(self, status, body):
-                data = f"<html><body>{body}</body></html>".encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "text/html")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def log_message(self, *args):
-                pass
+                super().reply(status, f"<html><body>{body}</body></html>")
 
         return Handler
 
@@ -106,15 +96,8 @@ def hosts():
 
 @pytest.fixture
 def insight_project(tmp_path):
-    (tmp_path / "scrapy.cfg").write_text("[settings]\ndefault = insight_settings\n")
-    (tmp_path / "insight_settings.py").write_text(textwrap.dedent('''
-        SPIDER_MODULES = ["insight_spider"]
-        EXTENSIONS = {"monitors.SpiderMonitor": 500}
-        ROBOTSTXT_OBEY = False
-        TELNETCONSOLE_ENABLED = False
-    '''))
-    (tmp_path / "insight_spider.py").write_text(INSIGHT_SPIDER)
-    return tmp_path
+    return testbed.scrapy_project(tmp_path, "insight", INSIGHT_SPIDER,
+                                  "ROBOTSTXT_OBEY = False\nTELNETCONSOLE_ENABLED = False\n")
 
 
 def alert_config(monkeypatch, url, *argv):

@@ -5,7 +5,6 @@ import io
 import json
 import signal
 import socket
-import textwrap
 import threading
 import time
 
@@ -17,6 +16,7 @@ import alert
 import monitor_api
 import monitors
 from main_spider import DistributedSpider
+import testbed
 from testbed import RedisServer, Site, crawl_log, wait_for
 
 SEED_FIELDS = {"timestamp", "spider", "cpu", "memory", "bytes_sent", "bytes_recv"}
@@ -48,13 +48,7 @@ def crawler_env(url, **extra):
 @pytest.fixture
 def plain_project(tmp_path):
     """A plain Scrapy project whose settings hold nothing but its spider and the monitor's one line."""
-    (tmp_path / "scrapy.cfg").write_text("[settings]\ndefault = plain_settings\n")
-    (tmp_path / "plain_settings.py").write_text(textwrap.dedent('''
-        SPIDER_MODULES = ["plain_spider"]
-        EXTENSIONS = {"monitors.SpiderMonitor": 500}
-    '''))
-    (tmp_path / "plain_spider.py").write_text(PLAIN_SPIDER)
-    return tmp_path
+    return testbed.scrapy_project(tmp_path, "plain", PLAIN_SPIDER)
 
 
 @pytest.fixture

@@ -39,6 +39,23 @@ class QuietServer(ThreadingHTTPServer):
             super().handle_error(request, client_address)
 
 
+class PageHandler(BaseHTTPRequestHandler):
+    """A handler that answers with whole pages (``reply``) and logs nothing: the test sites' base."""
+
+    protocol_version = "HTTP/1.1"
+
+    def reply(self, status, text, kind="text/html; charset=utf-8"):
+        data = text.encode()
+        self.send_response(status)
+        self.send_header("Content-Type", kind)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args):
+        pass
+
+
 class Site:
     """A threaded HTTP server on 127.0.0.1 serving ``pages`` linked pages."""
 
@@ -78,8 +95,7 @@ class Site:
     def _handler(self):
         site = self
 
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
+        class Handler(PageHandler):
 
             def do_GET(self):
                 path = self.path.split("?", 1)[0]
@@ -96,17 +112,6 @@ class Site:
                     time.sleep(site.delay or 1.5)
                 status = site.status_of(i)
                 self.reply(status, site.body(i) if status == 200 else f"<html><title>Error {status}</title></html>")
-
-            def reply(self, status, text, kind="text/html; charset=utf-8"):
-                data = text.encode()
-                self.send_response(status)
-                self.send_header("Content-Type", kind)
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def log_message(self, *args):
-                pass
 
         return Handler
 
@@ -229,6 +234,16 @@ class RedisServer:
 
 
 # ---------------------------------------------------------------------------- crawler and API processes
+
+def scrapy_project(folder, name, spider_source, settings=""):
+    """A plain Scrapy project in ``folder`` (a pathlib.Path): module ``<name>_spider`` holding
+    ``spider_source``, settings with nothing but it, the monitor's one line and ``settings``. Returns it."""
+    (folder / "scrapy.cfg").write_text(f"[settings]\ndefault = {name}_settings\n")
+    (folder / f"{name}_settings.py").write_text(
+        f'SPIDER_MODULES = ["{name}_spider"]\nEXTENSIONS = {{"monitors.SpiderMonitor": 500}}\n{settings}')
+    (folder / f"{name}_spider.py").write_text(spider_source)
+    return folder
+
 
 def crawl_command(spider="main_spider", **settings):
     """``scrapy crawl <spider>`` run by this Python, with ``-s NAME=VALUE`` for each setting."""
