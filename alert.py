@@ -1487,9 +1487,13 @@ def silences_command(cfg):
                 return 1
             print(f"deleted {cfg.unsilence}")
         else:
-            for sid, s in monitors.read_silences(r, cfg.prefix, now).items():
+            found = monitors.read_silences(r, cfg.prefix, now)
+            for sid, s in found.items():
                 matchers = ",".join(f"{k}={v}" for k, v in s["matchers"].items())
-                print(_printable(f"{sid} {matchers} until {_iso(s['until'])} by {s.get('who')}: {s.get('comment')}"))
+                comment = f": {s['comment']}" if s.get("comment") else ""
+                print(_printable(f"{sid} {matchers} until {_iso(s['until'])} by {s.get('who')}{comment}"))
+            if not found:
+                print("no active silences")
     except redis.RedisError as exc:
         print(f"alert.py: error: Redis at {monitors.redact(cfg.redis_url)}: {_one_line(exc, cfg.redis_url)}",
               file=sys.stderr)

@@ -139,9 +139,12 @@ class Demo:
         crawl = crawl_command("main_spider", CONCURRENT_REQUESTS=4, DOWNLOAD_DELAY=a.delay,
                               MAX_IDLE_TIME_BEFORE_CLOSE=20)
         nodes = [self.spawn(f"node{i + 1}", crawl, env) for i in range(a.nodes)]
+        # The alerter keeps its state in Redis (so the page shows its alerts) but sends nothing: with no
+        # channel it prints each notification here.
         alert_env = {**env, "ALERT_INTERVAL": monitors.env("ALERT_INTERVAL", str(DEMO_ALERT_INTERVAL)),
-                     "ALERT_FOR": monitors.env("ALERT_FOR", str(DEMO_ALERT_FOR))}
-        self.spawn("alert", [sys.executable, "alert.py", "--dry-run"], alert_env, log=False)
+                     "ALERT_FOR": monitors.env("ALERT_FOR", str(DEMO_ALERT_FOR)),
+                     **dict.fromkeys(("ALERT_TO", "ALERT_WEBHOOK_URL", "ALERT_NOTIFY_URLS", "ALERT_ALERTMANAGER_URL"), "")}
+        self.spawn("alert", [sys.executable, "alert.py"], alert_env, log=False)
 
         wait_for(lambda: server.poll() is not None or listening(host, port), 30, what="the API")
         self.check_running()
@@ -154,7 +157,7 @@ class Demo:
         print(f"Logs:      {self.logs}", flush=True)
         if len(nodes) >= 3:
             print(f"Node 3 will be killed after {a.kill_after} s to show a stale node and a down alert.", flush=True)
-        print("Alerts (dry run) appear below. Ctrl-C stops everything.\n", flush=True)
+        print("Alerts appear below (and on the page); none is sent anywhere. Ctrl-C stops everything.\n", flush=True)
 
         killed = False
         started = time.monotonic()

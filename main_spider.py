@@ -82,8 +82,9 @@ class DistributedSpider(RedisSpider):
         """Pick up pushed start URLs promptly, and close an idle node once MAX_IDLE_TIME_BEFORE_CLOSE passes."""
         engine = self.crawler.engine
         now = time.time()
-        if engine.spider is None or not engine.spider_is_idle():
+        if engine.spider is None or engine.paused or not engine.spider_is_idle():
             # scrapy-redis counts idle time only from the last start URL seen; count it from the last work.
+            # A paused node (fleet control) is waiting for its resume, not idle: it never closes for idling.
             self.spider_idle_start_time = now
             return
         if self.count_size(self.redis_key) > 0:

@@ -838,15 +838,18 @@ def read_series(name, minutes):
     else:
         holds = {n: monitors.STALE_INTERVALS * intervals[n] for n in members}
         hosts = {n: s.get("host", n) for n, s in members.items()}
-        points = spider_points(series, holds, hosts, step, int(now // step))
+        before = {n: members[n] for n in members if not series[n]}
+        points = spider_points(series, holds, hosts, step, int(now // step), before)
     return {"name": name, "kind": kind, "minutes": minutes, "step": step, "points": points[-MAX_POINTS:]}
 
 
-def spider_points(series, holds, hosts, step, last):
+def spider_points(series, holds, hosts, step, last, before=None):
     """One point per ``step``-second bucket up to ``last`` over every node's rows (sorted, in the window),
-    combined by ``monitors.SPIDER_FIELDS``; a node's last row counts in later buckets until it is
-    ``holds[node]`` seconds old (so a late report is not a dip in the totals). Each row fills at most
-    ``holds / step + 1`` buckets, whatever the stored timestamps."""
+    combined by ``monitors.SPIDER_FIELDS``. A node's last row counts in later buckets until it is
+    ``holds[node]`` seconds old (so a late report is not a dip in the totals); its counters (pages, items,
+    errors) count for good, as in the cluster view, where a closed or dead node's pages still count.
+    ``before``: ``{node: snapshot}`` of nodes whose rows all ended before the window, counted from the
+    start. Each row fills at most ``holds / step + 1`` buckets, whatever the stored timestamps."""
     buckets = {}  # bucket -> {node: row}
     for node, rows in series.items():
         for row, following in zip(rows, rows[1:] + [None]):
@@ -856,12 +859,16 @@ def spider_points(series, holds, hosts, step, last):
             for b in range(start, end):
                 buckets.setdefault(b, {})[node] = row
     fields = [f for f in monitors.HISTORY_FIELDS if f in monitors.SPIDER_FIELDS]
+    counters = [f for f in fields if monitors.SPIDER_FIELDS[f] == "sum" and f not in monitors.CRAWLING_FIELDS]
+    latest = dict(before or {})  # node -> its newest row so far: where its counters stand
     points = []
     for b in sorted(buckets):
         nodes = list(buckets[b])
         rows = [buckets[b][n] for n in nodes]
+        latest.update(buckets[b])
         point = {"timestamp": b * step, "nodes": len(rows)}
         point.update(monitors.combine(rows, fields, [hosts[n] for n in nodes]))
+        point.update(monitors.combine(list(latest.values()), counters))
         points.append(point)
     return points
 

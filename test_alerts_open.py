@@ -271,6 +271,7 @@ def test_silence_command_line_adds_lists_and_deletes(redis_url, redis_client):
     assert "deploy" in listed.stdout
     assert run_script("--unsilence", sid, env=env).returncode == 0
     assert redis_client.hlen("scrapy:alert:silences") == 0
+    assert run_script("--silences", env=env).stdout == "no active silences\n"
     for args, message in ((["--silence", "spider"], "LABEL=VALUE"), (["--silence", "spider=x"], "needs --for"),
                           (["--silence", "colour=red", "--for", "1h"], "unknown matcher 'colour'"),
                           (["--silence", "node=x", "--for", "40d"], "at most 30 days")):

@@ -269,6 +269,24 @@ def test_history_of_a_node_and_of_its_spider(client, redis_client):
     assert client.get("/metrics/main_spider/history").get_json()["minutes"] == 60
 
 
+def test_a_spiders_chart_keeps_counting_a_node_that_stopped_as_its_card_does(client, redis_client):
+    base = int(time.time()) // 10 * 10 - 100
+    with redis_client.pipeline(transaction=False) as pipe:
+        for k in range(10):
+            if k < 4:  # node a dies after four reports; b goes on
+                monitors.write_snapshot(pipe, "scrapy", snap("a:1", pages=100 + k, items=k, timestamp=base + 10 * k), 360)
+            monitors.write_snapshot(pipe, "scrapy", snap("b:1", host="host-b", pages=1000 + k, items=10 * k,
+                                                          timestamp=base + 10 * k + 5), 360)
+        pipe.execute()
+    store(redis_client, snap("c:1", host="host-c", pages=7, items=7, status="closed", timestamp=base - 7200))
+    card = client.get("/metrics/main_spider").get_json()
+    points = client.get("/metrics/main_spider/history?minutes=5").get_json()["points"]
+    assert card["pages"] == 103 + 1009 + 7 and card["items"] == 3 + 90 + 7
+    assert (points[-1]["pages"], points[-1]["items"]) == (card["pages"], card["items"])
+    assert points[-1]["nodes"] == 1  # rates and gauges: only the node still reporting
+    assert [p["pages"] for p in points] == sorted(p["pages"] for p in points)  # never a dip when a node dies
+
+
 def test_history_beyond_an_hour_comes_from_the_5_minute_tier(client, redis_client):
     now = int(time.time())
     rows = [monitors.history_row(snap("a:1", timestamp=now - 7200 + 300 * i, pages=i)) for i in range(20)]

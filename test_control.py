@@ -109,6 +109,20 @@ def test_pause_and_resume_two_nodes_fetch_every_page_once(redis_client, redis_ur
     assert not redis_client.hkeys(monitors.control_key("scrapy", "commands"))
 
 
+def test_a_paused_node_never_closes_for_idling(redis_client, redis_url, crawlers):
+    proc = start_node(crawlers, redis_url, MAX_IDLE_TIME_BEFORE_CLOSE=2)
+    node = node_id(proc)
+    wait_for(lambda: node in nodes(redis_client), 30, what="node registered")
+    api = make_app(redis_url).test_client()
+    sent = send(api, "pause", node=node)
+    wait_for(lambda: applied(redis_client, node, sent["id"], "paused"), 20, what="node paused")
+    time.sleep(5)  # more than twice its idle limit, with nothing queued
+    assert proc.poll() is None and nodes(redis_client)[node]["state"] == "paused"
+    send(api, "resume", node=node)
+    assert proc.wait(60) == 0, crawl_log(proc)  # idle again once resumed: it closes as before
+    assert nodes(redis_client)[node]["finish_reason"] == "finished"
+
+
 def test_stop_keeps_the_unfetched_requests_for_a_new_node(redis_client, redis_url, slow_site, crawlers):
     first = start_node(crawlers, redis_url)
     wait_for(lambda: node_id(first) in nodes(redis_client), 30, what="node registered")
