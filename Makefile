@@ -33,7 +33,7 @@ bench: $(BIN)/.installed
 	$(BIN)/python bench/api.py
 	$(BIN)/python bench/alert_eval.py
 	$(BIN)/python bench/runs.py
-	$(BIN)/python bench/insight.py
+	$(BIN)/python bench/insight_hooks.py
 
 clean:
 	rm -rf $(VENV) artifacts .pytest_cache __pycache__

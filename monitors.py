@@ -537,6 +537,9 @@ CRAWLING_STATES = ("live", "paused")
 STATES = ("live", "paused", "stale", "closed")
 
 
+NUMBER_TYPES = (int, float)  # exactly: a bool is not a figure
+
+
 def combine(rows, fields, hosts=None):
     """``{field: figure}`` over ``rows`` (snapshots or history rows, each with a ``timestamp``), by
     SPIDER_FIELDS. ``hosts`` maps each row's position to its host (default: the row's ``host``). A field no
@@ -548,7 +551,8 @@ def combine(rows, fields, hosts=None):
     for field in fields:
         rule = SPIDER_FIELDS[field]
         among = per_host if rule.startswith("host") else order
-        values = [rows[i][field] for i in among if is_number(rows[i].get(field))]
+        # Rows come through the gate (decode_snapshot, read_histories): their numbers are finite already.
+        values = [v for v in (rows[i].get(field) for i in among) if v.__class__ in NUMBER_TYPES]
         if not values:
             out[field] = None
         elif rule == "newest":
@@ -595,9 +599,12 @@ def cluster_view(nodes, spider):
 
 def spiders_view(nodes):
     """``{spider: cluster view}`` for every spider that has nodes, each view's ``nodes`` a sorted id list."""
+    groups = {}
+    for node, snapshot in nodes.items():
+        groups.setdefault(snapshot["spider"], {})[node] = snapshot
     out = {}
-    for spider in sorted({s["spider"] for s in nodes.values()}):
-        view = cluster_view(nodes, spider)
+    for spider in sorted(groups):
+        view = cluster_view(groups[spider], spider)
         view["nodes"] = sorted(view["nodes"])
         out[spider] = view
     return out

@@ -164,9 +164,9 @@ def main():
                         help="snapshots carry crawl insight; also measure /metrics?fields=all")
     args = parser.parse_args()
     if args.insight:
-        import bench.insight
+        import bench.insight_hooks
 
-        INSIGHT.update(bench.insight.full_insight())
+        INSIGHT.update(bench.insight_hooks.full_insight())
 
     server = RedisServer().start()
     procs, stop, pause = [], threading.Event(), threading.Event()

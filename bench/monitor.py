@@ -19,7 +19,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-import bench.insight as insight_bench  # noqa: E402
+import bench.insight_hooks as insight_bench  # noqa: E402
 import monitors  # noqa: E402
 from testbed import RedisServer, Site, clean_env, crawl_command  # noqa: E402
 

@@ -1,7 +1,7 @@
 """Crawl insight benchmarks: per-response and per-item cost of the hooks (called directly, as Scrapy's signal
 would), and the size of a snapshot with 20 domains, 30 fields and 5 error samples.
 
-    python bench/insight.py [--calls 20000]
+    python bench/insight_hooks.py [--calls 20000]
 """
 
 import argparse
