@@ -174,10 +174,7 @@ def spider_views(r, nodes, prefix, now, cfg):
     (then their alerts resolve)."""
     if not any(rule.scope == "spider" for rule in active_rules(cfg)):
         return {}
-    views = monitors.spiders_view(nodes)
-    for spider, forecast in monitors.queue_forecasts(r, nodes, prefix, now).items():
-        views[spider].update(forecast)
-    return views
+    return monitors.spiders_view(nodes, r, prefix, now)
 
 
 class Rule(NamedTuple):
@@ -242,7 +239,11 @@ def threshold(rule, cfg):
 
 def active_rules(cfg):
     """The rules to evaluate: those in ALERT_RULES whose threshold is not 0."""
-    return [RULE[name] for name in cfg.rules if not RULE[name].setting or threshold(RULE[name], cfg)]
+    return [RULE[name] for name in cfg.rules if is_active(RULE[name], cfg)]
+
+
+def is_active(rule, cfg):
+    return rule.name in cfg.rules and (not rule.setting or bool(threshold(rule, cfg)))
 
 
 def firing_summary(rule, value, snapshot, limit):
@@ -256,7 +257,7 @@ def resolved_summary(rule, snapshot, cfg):
         return "node gone from the status hash"
     if snapshot.get("state") == "closed":
         return "node closed"
-    if rule not in active_rules(cfg):
+    if not is_active(rule, cfg):
         return "rule turned off"
     figure = monitors.number(snapshot.get(rule.field)) if rule.field else None
     if figure is None:
@@ -1169,7 +1170,7 @@ class DryRun:
         if self.memory is None:
             self.runs_cursor = self.store.runs_cursor()
         state, stall = self.store.read(now) if self.memory is None else self.memory
-        silences = monitors.read_silences(self.store.r, self.cfg.prefix, now)
+        silences = monitors.read_silences(self.store.r, self.cfg.prefix, now, tidy=False)
         spiders = spider_views(self.store.r, nodes, self.cfg.prefix, now, self.cfg)
         state_changes, stall_changes, notes = evaluate(nodes, state, stall, now, self.cfg, silences, spiders)
         run_notes, self.runs_cursor = run_alerts(monitors.recent_runs(self.store.r, self.cfg.prefix),

@@ -597,10 +597,7 @@ def spiders():
 
     def compute():
         nodes, skipped, now = reader().nodes()
-        views = monitors.spiders_view(nodes)
-        for spider, forecast in monitors.queue_forecasts(reader().redis, nodes, reader().prefix, now).items():
-            views[spider].update(forecast)
-        return json_body(views, skipped)
+        return json_body(monitors.spiders_view(nodes, reader().redis, reader().prefix, now), skipped)
 
     return cached(compute)
 
@@ -858,8 +855,9 @@ def spider_points(series, holds, hosts, step, last, before=None):
                       int((row["timestamp"] + holds[node]) // step) + 1)
             for b in range(start, end):
                 buckets.setdefault(b, {})[node] = row
-    fields = [f for f in monitors.HISTORY_FIELDS if f in monitors.SPIDER_FIELDS]
-    counters = [f for f in fields if monitors.SPIDER_FIELDS[f] == "sum" and f not in monitors.CRAWLING_FIELDS]
+    combined = [f for f in monitors.HISTORY_FIELDS if f in monitors.SPIDER_FIELDS]
+    counters = [f for f in combined if monitors.SPIDER_FIELDS[f] == "sum" and f not in monitors.CRAWLING_FIELDS]
+    fields = [f for f in combined if f not in counters]
     latest = dict(before or {})  # node -> its newest row so far: where its counters stand
     points = []
     for b in sorted(buckets):

@@ -200,13 +200,18 @@ def safe_url(url):
         return "<unparsable URL>"
 
 
+# A URL quoted in a message: scheme://, then anything up to a blank, a quote or an angle bracket.
+QUOTED_URL = re.compile(r"\b[A-Za-z][A-Za-z0-9+.-]*://[^\s<>\"']+")
+
+
 def scrub(text, *urls):
-    """``text`` (an error message, say) with each of ``urls`` and any password in a URL it quotes masked."""
+    """``text`` (an error message, a log record) with each of ``urls`` cut to scheme and host, and every
+    other URL it quotes ``redact``-ed: no password, no secret query option."""
     text = str(text)
     for url in urls:
         if url:
             text = text.replace(str(url), safe_url(url))
-    return re.sub(r"(\w[\w+.-]*://)([^/\s:@]*):[^@\s/]*@", r"\1\2:***@", text)
+    return QUOTED_URL.sub(lambda m: redact(m.group(0)), text)
 
 
 # ---------------------------------------------------------------------------- settings and outages
@@ -597,8 +602,9 @@ def cluster_view(nodes, spider):
     return view
 
 
-def spiders_view(nodes):
-    """``{spider: cluster view}`` for every spider that has nodes, each view's ``nodes`` a sorted id list."""
+def spiders_view(nodes, r=None, prefix=None, now=None):
+    """``{spider: cluster view}`` for every spider that has nodes, each view's ``nodes`` a sorted id list;
+    given a Redis client ``r``, each view also has its queue forecast (``queue_forecasts``)."""
     groups = {}
     for node, snapshot in nodes.items():
         groups.setdefault(snapshot["spider"], {})[node] = snapshot
@@ -607,6 +613,9 @@ def spiders_view(nodes):
         view = cluster_view(groups[spider], spider)
         view["nodes"] = sorted(view["nodes"])
         out[spider] = view
+    if r is not None:
+        for spider, forecast in queue_forecasts(r, nodes, prefix, now).items():
+            out[spider].update(forecast)
     return out
 
 
@@ -843,14 +852,16 @@ def parse_silences(raw, now):
     return active, expired
 
 
-def read_silences(r, prefix, now=None):
-    """The active silences ``{id: silence}``, oldest first; expired ones are deleted on the way (lazily)."""
+def read_silences(r, prefix, now=None, tidy=True):
+    """The active silences ``{id: silence}``, oldest first; with ``tidy`` expired ones are deleted on the way
+    (lazily; a dry run reads without writing)."""
     with r.pipeline(transaction=False) as pipe:
         pipe.hgetall(alert_key(prefix, "silences"))
         pipe.time()
         raw, server_now = pipe.execute()
     active, expired = parse_silences(raw, redis_now(server_now) if now is None else now)
-    _forget(r, alert_key(prefix, "silences"), expired)
+    if tidy:
+        _forget(r, alert_key(prefix, "silences"), expired)
     return dict(sorted(active.items(), key=lambda item: (number(item[1].get("created"), 0), item[0])))
 
 

@@ -305,6 +305,12 @@ def test_sampler_rates_and_redacted_urls():
     assert monitors.redact("rediss://user:pw@h/1") == "rediss://user:***@h/1"
     assert monitors.redact("redis://h:6379/0") == "redis://h:6379/0"
     assert "s3cret" not in monitors.redact("redis://u:s3cret@[::1]:7/0")
+    # A message quoting a URL: passwords and secret query options are masked, named URLs cut to the host.
+    assert monitors.scrub("Error downloading <GET https://api.example/v1?api_key=s3cret&q=1>") == \
+        "Error downloading <GET https://api.example/v1?api_key=***&q=1>"
+    assert monitors.scrub("refused redis://:s3c@ret@h:1/0") == "refused redis://:***@h:1/0"
+    assert monitors.scrub("POST https://hooks.example/T0/s3cret: 404", "https://hooks.example/T0/s3cret") == \
+        "POST https://hooks.example/...: 404"
 
 
 def test_bad_settings_turn_the_monitor_off_with_a_clear_reason(redis_url, site, crawlers, plain_project):
