@@ -668,20 +668,12 @@ def entry_problem(field, entry):
     return None
 
 
-def _text(value):
-    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
-
-
 def _load(raw):
     """Strict JSON (no NaN or Infinity), or raises ValueError."""
     try:
-        return json.loads(raw, parse_constant=_not_json)
+        return json.loads(raw, parse_constant=monitors.not_json)
     except RecursionError:
         raise ValueError("nested too deeply") from None
-
-
-def _not_json(name):
-    raise ValueError(f"{name} is not JSON")
 
 
 def _dump(value):
@@ -795,7 +787,7 @@ class Mail:
             except smtplib.SMTPRecipientsRefused as exc:  # no DATA was sent: nobody has it
                 refused = {to: exc.recipients.get(to, (451, b"not sent: other recipients refused"))
                            for to in recipients}
-        return {to: (code, _text(reply)) for to, (code, reply) in refused.items()}
+        return {to: (code, monitors.as_text(reply)) for to, (code, reply) in refused.items()}
 
 
 class Webhook:
@@ -978,11 +970,11 @@ class Store:
             pipe.hgetall(self.key["stall"])
             *kinds, raw_state, raw_stall = pipe.execute(raise_on_error=False)
         for name, kind in zip(self.TYPES, kinds):
-            if _text(kind) not in ("none", self.TYPES[name]):
+            if monitors.as_text(kind) not in ("none", self.TYPES[name]):
                 if self.lock:
-                    move_aside(self.r, self.prefix, name, f"is a {_text(kind)}, not a {self.TYPES[name]}")
+                    move_aside(self.r, self.prefix, name, f"is a {monitors.as_text(kind)}, not a {self.TYPES[name]}")
                 else:
-                    logger.error("Alert: %s is a %s, not a %s", self.key[name], _text(kind), self.TYPES[name])
+                    logger.error("Alert: %s is a %s, not a %s", self.key[name], monitors.as_text(kind), self.TYPES[name])
         state = self._checked("state", raw_state, record_problem, now)
         stall = self._checked("stall", raw_stall, tracker_problem, now)
         return state, stall
@@ -990,7 +982,7 @@ class Store:
     def runs_cursor(self):
         """The seq of the last run the run rule judged (see ``run_alerts``), or None before the first."""
         raw = self.r.get(self.key["runs"])
-        return int(raw) if raw is not None and _text(raw).isdigit() else None
+        return int(raw) if raw is not None and monitors.as_text(raw).isdigit() else None
 
     def outbox(self, now):
         """The messages to send, oldest first: ``[(field, entry)]``; malformed ones are set aside."""
@@ -1008,7 +1000,7 @@ class Store:
         """Decode a hash's JSON fields; those with a problem go to the dead letters (kept, logged)."""
         good, dead = {}, []
         for field, value in (raw.items() if isinstance(raw, dict) else ()):
-            text = _text(field)
+            text = monitors.as_text(field)
             try:
                 decoded = _load(value)
                 why = problem_of(text, decoded)
@@ -1019,7 +1011,7 @@ class Store:
             else:
                 dead.append((field, {"at": now, "key": self.key[name], "field": text,
                                      "reason": f"malformed record in {self.key[name]} field {text!r}: {why}",
-                                     "value": _text(value)[:DEAD_TEXT]}))
+                                     "value": monitors.as_text(value)[:DEAD_TEXT]}))
         if dead:
             self.settle(name, {field: None for field, _ in dead}, [letter for _, letter in dead])
         return good
@@ -1028,7 +1020,7 @@ class Store:
         """Write an evaluation's outcome, only while this process holds the lock (WatchError otherwise)."""
         with self.r.pipeline(transaction=True) as pipe:
             pipe.watch(self.lock.key)
-            if _text(pipe.get(self.lock.key)) != self.lock.token:
+            if monitors.as_text(pipe.get(self.lock.key)) != self.lock.token:
                 raise redis.WatchError("evaluation lock expired")
             pipe.multi()
             _write_hash(pipe, self.key["state"], state_changes)
@@ -1150,7 +1142,7 @@ class Delivery:
     def dead(self, field, entry, reason, now):
         """A dead letter for an outbox entry; it keeps the first MAX_LINES alerts, as its text would."""
         alerts = entry["alerts"]
-        return {"at": now, "key": self.store.key["outbox"], "field": _text(field),
+        return {"at": now, "key": self.store.key["outbox"], "field": monitors.as_text(field),
                 "reason": f"{len(alerts)} alert(s) not sent: {reason}",
                 "value": {**entry, "alerts": alerts[:MAX_LINES], "alert_count": len(alerts)}}
 

@@ -317,7 +317,7 @@ def decode_snapshot(raw):
     ``spider``, ``status``, ``finish_reason`` text (or absent) that encodes as UTF-8; every number below
     1e18 in size (no NaN or infinity); ``interval`` within (0, 86400]."""
     try:
-        value = json.loads(raw, parse_constant=_not_json, parse_float=_bounded_float, parse_int=_bounded_int)
+        value = json.loads(raw, parse_constant=not_json, parse_float=_bounded_float, parse_int=_bounded_int)
     except (ValueError, TypeError, RecursionError):
         return None
     if not (isinstance(value, dict) and isinstance(value.get("spider"), str) and is_number(value.get("timestamp"))):
@@ -352,7 +352,7 @@ def parse_nodes(raw_hash, now=None):
         if snapshot is None:
             bad += 1
             continue
-        nodes[_text(field)] = snapshot
+        nodes[as_text(field)] = snapshot
     return nodes, bad
 
 
@@ -415,7 +415,7 @@ class NodeReader:
         now = redis_now(server_now) if now is None else now
         entries, nodes, skipped = {}, {}, 0
         for field, raw in raw_hash.items():
-            node = _text(field)
+            node = as_text(field)
             entry = self.entries.get(node)
             if entry is None or entry.raw != raw:
                 entry = NodeEntry(raw, parse_snapshot(raw, now))
@@ -489,7 +489,7 @@ def wrong_type(client, expected):
             pipe.type(key)
         found = pipe.execute()
     for (key, want), got in zip(expected, found):
-        got = _text(got)
+        got = as_text(got)
         if got not in ("none", want):
             return f"{key} is a {got}, not a {want}"
     return None
@@ -721,7 +721,8 @@ def number(value, default=None):
     return value if is_number(value) else default
 
 
-def _text(value):
+def as_text(value):
+    """A Redis reply (bytes) or any value as text; undecodable bytes are replaced, never an error."""
     return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
 
 
@@ -733,7 +734,7 @@ def _utf8(text):
     return True
 
 
-def _not_json(name):
+def not_json(name):
     raise ValueError(f"{name} is not JSON")
 
 
@@ -846,9 +847,9 @@ def parse_silences(raw, now):
         if not ok:
             continue
         if until <= now:
-            expired.append(_text(field))
+            expired.append(as_text(field))
         else:
-            active[_text(field)] = silence
+            active[as_text(field)] = silence
     return active, expired
 
 
@@ -929,7 +930,7 @@ def read_alerts(r, prefix):
             record = json.loads(raw)
         except (ValueError, RecursionError):
             continue
-        rule, _, node = _text(field).partition(":")
+        rule, _, node = as_text(field).partition(":")
         if not (isinstance(record, dict) and record.get("state") in ("pending", "firing")
                 and is_number(record.get("since"))):
             continue
@@ -1125,12 +1126,12 @@ def record_lost_runs(r, prefix, nodes, now, lost_after, keep=DEFAULT_RUNS_KEEP, 
 
 def parse_run(member):
     """``(id, record)`` from a stored member, or None unless it passes the snapshot gate's number rules."""
-    text = _text(member)
+    text = as_text(member)
     rid, _, body = text.partition(" ")
     if not RUN_ID.match(rid):
         return None
     try:
-        record = json.loads(body, parse_constant=_not_json, parse_float=_bounded_float, parse_int=_bounded_int)
+        record = json.loads(body, parse_constant=not_json, parse_float=_bounded_float, parse_int=_bounded_int)
     except (ValueError, RecursionError):
         return None
     if not (isinstance(record, dict) and isinstance(record.get("spider"), str)
@@ -1184,7 +1185,7 @@ def _spider_runs(r, key, count, bound, reason):
                     return out
         if len(members) < chunk:
             return out
-        bound = "(" + _text(members[-1])
+        bound = "(" + as_text(members[-1])
 
 
 def run_figures(record):
@@ -1240,7 +1241,7 @@ def recent_runs(r, prefix):
     """The newest runs recorded (up to RECENT_RUNS), as ``[(seq, record)]``: what the alerter judges."""
     out = []
     for raw in r.lrange(run_meta_key(prefix, "recent"), 0, -1):
-        seq, _, member = _text(raw).partition(" ")
+        seq, _, member = as_text(raw).partition(" ")
         parsed = parse_run(member)
         if seq.isdigit() and parsed:
             out.append((int(seq), parsed[1]))
@@ -1621,7 +1622,7 @@ def decode_command(raw):
     """A stored command as a dict, or None unless it is a JSON object with an integer ``id``, a numeric
     ``at`` and a known ``command``."""
     try:
-        value = json.loads(raw, parse_constant=_not_json, parse_float=_bounded_float, parse_int=_bounded_int)
+        value = json.loads(raw, parse_constant=not_json, parse_float=_bounded_float, parse_int=_bounded_int)
     except (ValueError, TypeError, RecursionError):
         return None
     if (isinstance(value, dict) and isinstance(value.get("id"), int) and not isinstance(value["id"], bool)
@@ -1652,7 +1653,7 @@ def read_control_log(r, prefix, limit):
             except (ValueError, AttributeError, RecursionError):
                 continue
             if is_number(at):
-                entry["acks"][_text(node)] = at
+                entry["acks"][as_text(node)] = at
     return entries
 
 
