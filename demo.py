@@ -19,8 +19,9 @@ import time
 
 import redis
 
-import monitors
-from monitor_api import DEFAULT_HOST, DEFAULT_PORT
+from monitor_settings import (
+    ALERT, API, CRAWLER, DEMO, SETTING, SETTINGS, ConfigError, Parser, described, env, exit_config_error, value,
+)
 from testbed import ROOT, RedisServer, Site, crawl_command, free_port, stop_process, wait_for
 
 # The demo's nodes report every 2 s unless MONITOR_INTERVAL says otherwise: a demo should move.
@@ -28,37 +29,34 @@ DEMO_INTERVAL = 2
 # Alerts come quickly in the demo, unless ALERT_INTERVAL and ALERT_FOR say otherwise.
 DEMO_ALERT_INTERVAL, DEMO_ALERT_FOR = 5, 10
 
-ENVIRONMENT = (
-    ("REDIS_URL", "a Redis to use; unset or not answering: a private redis-server"),
-    ("MONITOR_API_HOST", f"address the API listens on (default {DEFAULT_HOST}); --host overrides it"),
-    ("MONITOR_API_PORT", f"port the API listens on, which must be free (default {DEFAULT_PORT} if free, "
-                         f"else any); --port overrides it"),
-    ("MONITOR_INTERVAL", f"seconds between a node's reports (default {DEMO_INTERVAL} in the demo); "
-                         f"--interval overrides it"),
-    ("ALERT_INTERVAL", f"seconds between alert evaluations (default {DEMO_ALERT_INTERVAL} in the demo)"),
-    ("ALERT_FOR", f"seconds a condition holds before it fires (default {DEMO_ALERT_FOR} in the demo)"),
-    ("MONITOR_*, ALERT_*, SMTP_*", "every other setting (MONITOR_KEY_PREFIX, MONITOR_API_TOKEN, ...) is "
-                                   "passed on as it is"),
-)
+# Every setting the demo reads or passes on to the API, the nodes and the alerter is checked by their rules
+# before anything starts (monitor_settings): a value they would refuse ends the demo with one line.
+CHECKED = [s for s in SETTINGS if s.env and set(s.readers) & {CRAWLER, API, ALERT, DEMO}]
+DEMO_DEFAULTS = (f"In the demo MONITOR_INTERVAL defaults to {DEMO_INTERVAL}, ALERT_INTERVAL to {DEMO_ALERT_INTERVAL} and "
+                 f"ALERT_FOR to {DEMO_ALERT_FOR};\nevery other MONITOR_*, ALERT_* and SMTP_* setting is passed on as it "
+                 "is, checked first.")
 
 
 def settings(args):
     """(host, port, interval) from the flags, else the environment as every script reads it, else the demo's
-    defaults. A port asked for (--port or MONITOR_API_PORT) must be free; with none, 5000 if free, else any.
-    ConfigError for a setting the demo cannot run with."""
-    host = args.host or monitors.env("MONITOR_API_HOST", DEFAULT_HOST)
-    interval = monitors.seconds("--interval" if args.interval else "MONITOR_INTERVAL",
-                                args.interval or monitors.env("MONITOR_INTERVAL", DEMO_INTERVAL), above=True)
-    asked, raw = ("--port", args.port) if args.port else ("MONITOR_API_PORT", monitors.env("MONITOR_API_PORT"))
+    defaults; every other setting the scripts read is checked as they check it. A port asked for (--port or
+    MONITOR_API_PORT) must be free; with none, 5000 if free, else any. ConfigError for a setting the demo
+    cannot run with."""
+    for s in CHECKED:
+        value(s.name)
+    host = value("MONITOR_API_HOST", args.host, "--host" if args.host else None)
+    interval = value("MONITOR_INTERVAL", args.interval or env("MONITOR_INTERVAL") or DEMO_INTERVAL,
+                     "--interval" if args.interval else None)
+    asked, raw = ("--port", args.port) if args.port else ("MONITOR_API_PORT", env("MONITOR_API_PORT"))
+    default = SETTING["MONITOR_API_PORT"].default
     if raw is None:
-        return host, (DEFAULT_PORT if listen_error(host, DEFAULT_PORT) is None else free_port()), interval
-    if not (raw.isascii() and raw.isdigit() and 1 <= int(raw) <= 65535):
-        raise monitors.ConfigError(f"{asked} must be a port number from 1 to 65535, not {raw!r}")
-    error = listen_error(host, int(raw))
+        return host, (default if listen_error(host, default) is None else free_port()), interval
+    number = value("MONITOR_API_PORT", raw, asked)
+    error = listen_error(host, number)
     if error:
-        raise monitors.ConfigError(f"{asked} {raw}: cannot listen on {host}:{raw} ({error}); "
-                                   f"stop what uses it or ask for another port")
-    return host, int(raw), interval
+        raise ConfigError(f"{asked} {raw}: cannot listen on {host}:{raw} ({error}); "
+                          f"stop what uses it or ask for another port")
+    return host, number, interval
 
 
 def listen_error(host, port):
@@ -92,7 +90,7 @@ def listening(host, port):
 
 def existing_redis():
     """REDIS_URL when it is set and answers, else None."""
-    url = monitors.env("REDIS_URL")
+    url = env("REDIS_URL")
     if not url:
         return None
     try:
@@ -128,21 +126,21 @@ class Demo:
         if url is None:
             self.server = RedisServer().start()
             url = self.server.url
-        print(f"Redis: {url if self.server else 'REDIS_URL'}, key prefix {monitors.key_prefix()!r}", flush=True)
-        env = {**os.environ, "REDIS_URL": url, "MONITOR_INTERVAL": f"{interval:g}", "PYTHONUNBUFFERED": "1"}
+        print(f"Redis: {url if self.server else 'REDIS_URL'}, key prefix {value('MONITOR_KEY_PREFIX')!r}", flush=True)
+        child_env = {**os.environ, "REDIS_URL": url, "MONITOR_INTERVAL": f"{interval:g}", "PYTHONUNBUFFERED": "1"}
 
         self.site = Site(pages=a.pages, mix=True).start()
         redis.Redis.from_url(url).lpush("distributed:start_urls", json.dumps({"url": self.site.url}))
         print(f"Demo site: {a.pages} pages at {self.site.url} (some 404, 500 and slow pages)", flush=True)
 
-        server = self.spawn("api", [sys.executable, "monitor_api.py", "--host", host, "--port", str(port)], env)
+        server = self.spawn("api", [sys.executable, "monitor_api.py", "--host", host, "--port", str(port)], child_env)
         crawl = crawl_command("main_spider", CONCURRENT_REQUESTS=4, DOWNLOAD_DELAY=a.delay,
                               MAX_IDLE_TIME_BEFORE_CLOSE=20)
-        nodes = [self.spawn(f"node{i + 1}", crawl, env) for i in range(a.nodes)]
+        nodes = [self.spawn(f"node{i + 1}", crawl, child_env) for i in range(a.nodes)]
         # The alerter keeps its state in Redis (so the page shows its alerts) but sends nothing: with no
         # channel it prints each notification here.
-        alert_env = {**env, "ALERT_INTERVAL": monitors.env("ALERT_INTERVAL", str(DEMO_ALERT_INTERVAL)),
-                     "ALERT_FOR": monitors.env("ALERT_FOR", str(DEMO_ALERT_FOR)),
+        alert_env = {**child_env, "ALERT_INTERVAL": env("ALERT_INTERVAL") or str(DEMO_ALERT_INTERVAL),
+                     "ALERT_FOR": env("ALERT_FOR") or str(DEMO_ALERT_FOR),
                      **dict.fromkeys(("ALERT_TO", "ALERT_WEBHOOK_URL", "ALERT_NOTIFY_URLS", "ALERT_ALERTMANAGER_URL"), "")}
         self.spawn("alert", [sys.executable, "alert.py"], alert_env, log=False)
 
@@ -152,7 +150,7 @@ class Demo:
         api = f"http://[{reach}]:{port}" if ":" in reach else f"http://{reach}:{port}"
         print(f"\nDashboard: {api}/   (or open dashboard.html?api={api})", flush=True)
         print(f"API:       curl {api}/metrics   curl {api}/metrics/main_spider", flush=True)
-        if monitors.env("MONITOR_API_TOKEN"):
+        if env("MONITOR_API_TOKEN"):
             print("           (MONITOR_API_TOKEN is set: add ?token=<token> to these URLs)", flush=True)
         print(f"Logs:      {self.logs}", flush=True)
         if len(nodes) >= 3:
@@ -192,14 +190,13 @@ class Demo:
 
 
 def main():
-    epilog = "environment:\n" + "\n".join(f"  {name:27} {text}" for name, text in ENVIRONMENT)
-    parser = monitors.Parser(prog="demo.py", description=__doc__.splitlines()[0], epilog=epilog,
-                             formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = Parser(prog="demo.py", description=__doc__.splitlines()[0],
+                    epilog=described(DEMO) + "\n" + DEMO_DEFAULTS, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--pages", type=int, default=3000, help="pages on the demo site (default 3000)")
     parser.add_argument("--nodes", type=int, default=3, help="crawler nodes (default 3)")
-    parser.add_argument("--host", help=f"API address (default: $MONITOR_API_HOST or {DEFAULT_HOST})")
-    parser.add_argument("--port", help=f"API port, which must be free (default: $MONITOR_API_PORT, "
-                                       f"else {DEFAULT_PORT} if free, else any free port)")
+    parser.add_argument("--host", help="API address (default: $MONITOR_API_HOST or 127.0.0.1)")
+    parser.add_argument("--port", help="API port, which must be free (default: $MONITOR_API_PORT, "
+                                       "else 5000 if free, else any free port)")
     parser.add_argument("--interval", help=f"MONITOR_INTERVAL of the nodes (default: $MONITOR_INTERVAL "
                                            f"or {DEMO_INTERVAL})")
     parser.add_argument("--delay", type=float, default=0.1, help="DOWNLOAD_DELAY of the nodes (default 0.1)")
@@ -207,8 +204,8 @@ def main():
     try:
         args = parser.parse_args()
         demo = Demo(args, *settings(args))  # a bad setting or a busy port ends the demo before it starts anything
-    except monitors.ConfigError as exc:
-        sys.exit(monitors.exit_config_error(parser.prog, exc))
+    except ConfigError as exc:
+        sys.exit(exit_config_error(parser.prog, exc))
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     signal.signal(signal.SIGINT, signal.default_int_handler)  # Ctrl-C, even if started with SIGINT ignored
     try:

@@ -1,25 +1,26 @@
 """Scrapy settings for the toolkit's own crawler: scrapy-redis queue and dupefilter, monitor on.
 
-Redis and monitor settings come from the environment (see the README's reference).
+Redis and monitor settings come from the environment (see the README's reference); every variable read here
+is declared in monitor_settings.SETTINGS.
 """
 
-import os
+from monitor_settings import env
 
 BOT_NAME = "scrapy_cluster_monitor"
 SPIDER_MODULES = ["main_spider"]
 NEWSPIDER_MODULE = "main_spider"
 
 # Environment values are strings; Scrapy's getbool/getint read them (and name a bad one in the error).
-ROBOTSTXT_OBEY = os.environ.get("ROBOTSTXT_OBEY", "True")
-CONCURRENT_REQUESTS = os.environ.get("CONCURRENT_REQUESTS", "16")
+ROBOTSTXT_OBEY = env("ROBOTSTXT_OBEY") or "True"
+CONCURRENT_REQUESTS = env("CONCURRENT_REQUESTS") or "16"
 
 # scrapy-redis: one shared request queue and one shared dupefilter for every node.
 SCHEDULER = "scrapy_redis.scheduler.Scheduler"
 DUPEFILTER_CLASS = "scrapy_redis.dupefilter.RFPDupeFilter"
 SCHEDULER_PERSIST = True
-REDIS_URL = os.environ.get("REDIS_URL") or "redis://localhost:6379/0"
+REDIS_URL = env("REDIS_URL") or "redis://localhost:6379/0"
 # Seconds a node waits with nothing to do before it closes (0: wait for start URLs forever).
-MAX_IDLE_TIME_BEFORE_CLOSE = os.environ.get("MAX_IDLE_TIME_BEFORE_CLOSE", "0")
+MAX_IDLE_TIME_BEFORE_CLOSE = env("MAX_IDLE_TIME_BEFORE_CLOSE") or "0"
 
 # The node monitor; MONITOR_* settings default to the environment variables of the same names.
 EXTENSIONS = {"monitors.SpiderMonitor": 500}

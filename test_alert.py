@@ -21,8 +21,10 @@ import pytest
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import AuthResult
 
+import monitor_channels
+import monitor_contract
+import monitor_rules
 import alert
-import monitors
 import testbed
 from testbed import ROOT, RedisServer, clean_env, free_port, wait_for
 
@@ -141,7 +143,7 @@ def make(redis_url, smtp, monkeypatch):
             else:
                 monkeypatch.setenv(name, value)
         cfg = alert.load_config(list(argv))
-        return alert.Alerter(cfg, client=monitors.connect(cfg.redis_url, timeout=5))
+        return alert.Alerter(cfg, client=monitor_contract.connect(cfg.redis_url, timeout=5))
 
     return build
 
@@ -418,7 +420,7 @@ def tls_files(tmp_path_factory):
 @pytest.mark.parametrize("security", ["starttls", "ssl"])
 def test_smtp_security_starttls_and_ssl(make, redis_client, tls_files, monkeypatch, security):
     # A plain client waits for a greeting that an ssl port never sends: do not wait 10 s for it.
-    monkeypatch.setattr(alert, "SEND_TIMEOUT", 2)
+    monkeypatch.setattr(monitor_channels, "SEND_TIMEOUT", 2)
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.load_cert_chain(*tls_files)
     server = Inbox()
@@ -691,7 +693,7 @@ def test_a_send_past_its_deadline_is_kept_for_a_retry(make, redis_client, webhoo
 def test_tick_logs_any_error_with_its_traceback_and_keeps_going(make, redis_client, smtp, monkeypatch, caplog):
     alerter = make("--for", "0")
     report(redis_client, "n1", T0, cpu=99.0)
-    real = alert.evaluate
+    real = monitor_rules.evaluate
 
     def broken(*args):
         raise KeyError("a bug")
@@ -746,7 +748,7 @@ def test_no_secret_in_logs_help_or_errors(make, redis_client, webhook, caplog, c
 
 def test_each_rule_is_one_row_and_every_notification_names_its_alertname_and_severity(make, redis_client,
                                                                                       webhook):
-    assert {r.name: (r.alertname, r.severity) for r in alert.RULES} == {
+    assert {r.name: (r.alertname, r.severity) for r in monitor_rules.RULES} == {
         "down": ("ScrapyNodeDown", "critical"), "cpu": ("ScrapyHostCpuHigh", "warning"),
         "memory": ("ScrapyHostMemoryHigh", "warning"), "stalled": ("ScrapyCrawlStalled", "warning"),
         "errors": ("ScrapyErrorsHigh", "warning"), "rss": ("ScrapyProcessRssHigh", "warning"),
@@ -859,7 +861,7 @@ def test_absurd_settings_are_one_line_and_exit_2(monkeypatch, capsys, env, messa
 
 
 @pytest.mark.parametrize("env, args, message", [
-    ({"ALERT_TO": TO, "ALERT_CPU_PERCENT": "lots"}, [], "ALERT_CPU_PERCENT must be a number, not 'lots'"),
+    ({"ALERT_TO": TO, "ALERT_CPU_PERCENT": "lots"}, [], "ALERT_CPU_PERCENT must be a number 0 or more, not 'lots'"),
     ({"ALERT_TO": TO}, ["--for", "-5"], "ALERT_FOR must be a number of seconds, 0 or more"),
     ({"SMTP_HOST": "mail.example.com"}, [], "ALERT_TO is not set"),
     ({"ALERT_TO": TO, "SMTP_SECURITY": "tls"}, [], "SMTP_SECURITY must be one of none, starttls, ssl"),
@@ -905,7 +907,7 @@ def test_killed_crawler_gives_one_down_and_one_resolved_message(make, redis_clie
     alerter = make("--for", "0", ALERT_RULES="down")
 
     def snapshot():
-        return monitors.get_node(redis_client, "main_spider:box:1", "scrapy")
+        return testbed.get_node(redis_client, "main_spider:box:1", "scrapy")
 
     wait_for(lambda: (snapshot() or {}).get("state") == "live", 60, what="the crawler's first report")
     alerter.run_once(time.time())

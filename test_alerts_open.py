@@ -17,9 +17,11 @@ import pytest
 import requests
 import yaml
 
-import alert
+import monitor_alert_state
+import monitor_channels
+import monitor_contract
+import monitor_rules
 import monitor_api
-import monitors
 import testbed
 from testbed import ROOT, free_port, wait_for
 from test_alert import T0, make, report, run_script, smtp, webhook  # noqa: F401 (fixtures)
@@ -33,7 +35,7 @@ NO_PROMTOOL = "promtool is not installed (Debian: apt-get install prometheus, or
 
 def silence(r, now, **matchers):
     """Add a silence of an hour from ``now`` (the test's clock); returns its id."""
-    return monitors.add_silence(r, "scrapy", monitors.silence_from({"matchers": matchers, "duration": 3600}, now, "test"))
+    return monitor_alert_state.add_silence(r, "scrapy", monitor_alert_state.silence_from({"matchers": matchers, "duration": 3600}, now, "test"))
 
 
 def subjects_and_rules(webhook_bodies):
@@ -76,7 +78,7 @@ def alertmanager(webhook, tmp_path):
 
 def test_alertmanager_receives_firing_then_resolved_and_forwards_them(make, redis_client, alertmanager, webhook):
     alerter = make("--for", "0", ALERT_ALERTMANAGER_URL=alertmanager)
-    now = monitors.redis_now(redis_client.time())
+    now = monitor_contract.redis_now(redis_client.time())
     report(redis_client, "n1", now, cpu=99.0, host="h1")
     report(redis_client, "n2", now, cpu=10.0, host="h2")
     alerter.run_once()
@@ -91,7 +93,7 @@ def test_alertmanager_receives_firing_then_resolved_and_forwards_them(make, redi
                            "spider": "main_spider", "host": "h1"}
     assert "host CPU 99%" in a["annotations"]["summary"] and a["annotations"]["description"]
     alerter.run_once()  # re-sent while firing: Alertmanager keeps one alert, sends nothing new
-    report(redis_client, "n1", monitors.redis_now(redis_client.time()), cpu=10.0, host="h1")
+    report(redis_client, "n1", monitor_contract.redis_now(redis_client.time()), cpu=10.0, host="h1")
     alerter.run_once()
     wait_for(lambda: len(webhook.bodies) >= 2, 30, what="Alertmanager to forward the resolution")
     time.sleep(2)  # group_interval is 1 s: anything extra would have come by now
@@ -100,7 +102,7 @@ def test_alertmanager_receives_firing_then_resolved_and_forwards_them(make, redi
     assert resolved["status"] == "resolved" and resolved["labels"] == a["labels"]
     assert resolved["startsAt"].startswith(a["startsAt"][:19])
     # Our own webhook body in Alertmanager's format has every key Alertmanager's own has.
-    ours = alert.alertmanager_webhook_body([{
+    ours = monitor_channels.alertmanager_webhook_body([{
         "status": "firing", "rule": "cpu", "alertname": "ScrapyHostCpuHigh", "severity": "warning", "node": "n1",
         "spider": "main_spider", "host": "h1", "summary": "host CPU 99%", "starts_at": "2026-01-01T00:00:00Z",
         "ends_at": None}], "scrapy")
@@ -122,11 +124,11 @@ def test_webhook_format_alertmanager_posts_alertmanagers_body(make, redis_client
     assert set(names) == {"ScrapyHostCpuHigh", "ScrapyProcessRssHigh"}
     cpu = names["ScrapyHostCpuHigh"]
     assert cpu["status"] == "firing" and cpu["endsAt"] == "0001-01-01T00:00:00Z"
-    assert cpu["startsAt"] == alert._iso(T0) and len(cpu["fingerprint"]) == 16
+    assert cpu["startsAt"] == monitor_rules.iso(T0) and len(cpu["fingerprint"]) == 16
     assert names["ScrapyProcessRssHigh"]["fingerprint"] != cpu["fingerprint"]
     assert resolved["status"] == "resolved"
     [end] = resolved["alerts"]
-    assert end["labels"]["alertname"] == "ScrapyHostCpuHigh" and end["endsAt"] == alert._iso(T0 + 60)
+    assert end["labels"]["alertname"] == "ScrapyHostCpuHigh" and end["endsAt"] == monitor_rules.iso(T0 + 60)
     assert end["fingerprint"] == cpu["fingerprint"]
 
 
@@ -161,11 +163,11 @@ def test_promtool_checks_and_unit_tests_the_rules(redis_url, redis_client):
         assert "SUCCESS" in done.stdout + done.stderr
     with open(os.path.join(ROOT, "prometheus-rules.yml"), encoding="utf-8") as f:
         rules = [rule for group in yaml.safe_load(f)["groups"] for rule in group["rules"]]
-    assert {(r["alert"], r["labels"]["severity"]) for r in rules} == {(r.alertname, r.severity) for r in alert.RULES}
+    assert {(r["alert"], r["labels"]["severity"]) for r in rules} == {(r.alertname, r.severity) for r in monitor_rules.RULES}
     # Every metric a rule reads is one /prometheus serves.
     report(redis_client, "n1", time.time(), queue_requests=5, fields={"price": 0.5})
-    lost = monitors.run_record(testbed.snapshot("n2", status="closed"), "lost")
-    monitors.write_run(redis_client, "scrapy", lost, lost["start_time"], lost=True)
+    lost = monitor_contract.run_record(testbed.snapshot("n2", status="closed"), "lost")
+    monitor_contract.write_run(redis_client, "scrapy", lost, lost["start_time"], 1000, lost=True)
     served = monitor_api.create_app({"REDIS_URL": redis_url}).test_client().get("/prometheus").get_data(as_text=True)
     served = set(re.findall(r"^(scrapy_[a-z_]+)[{ ]", served, re.M))
     for r in rules:
@@ -240,8 +242,8 @@ def test_deleting_a_silence_with_two_alerters_sends_the_firing_once(make, redis_
     report(redis_client, "n1", T0, cpu=99.0, memory=95.0)
     first.run_once(T0)
     assert smtp.subjects() == ["[scrapy] FIRING 1: memory on n1"]  # the silence matches cpu only
-    assert monitors.delete_silence(redis_client, "scrapy", sid)
-    assert not monitors.delete_silence(redis_client, "scrapy", sid)
+    assert monitor_alert_state.delete_silence(redis_client, "scrapy", sid)
+    assert not monitor_alert_state.delete_silence(redis_client, "scrapy", sid)
     for t, alerter in ((60, second), (120, first), (180, second)):
         report(redis_client, "n1", T0 + t, cpu=99.0, memory=95.0)
         alerter.run_once(T0 + t)
@@ -283,7 +285,7 @@ def test_silence_command_line_adds_lists_and_deletes(redis_url, redis_client):
 
 def test_alerts_route_matches_the_alerters_state(make, redis_client, redis_url):
     alerter = make()  # ALERT_FOR 120
-    now = monitors.redis_now(redis_client.time())
+    now = monitor_contract.redis_now(redis_client.time())
     report(redis_client, "a", now, cpu=99.0, host="h1")
     report(redis_client, "b", now, memory=95.0, host="h2", spider="other")
     alerter.run_once(now)
@@ -298,7 +300,7 @@ def test_alerts_route_matches_the_alerters_state(make, redis_client, redis_url):
     assert [(a["rule"], a["node"]) for a in body["alerts"]] == [("rss", "c"), ("cpu", "a")]  # newest first
     for a in body["alerts"]:
         record = state[f"{a['rule']}:{a['node']}"]
-        rule = alert.RULE[a["rule"]]
+        rule = monitor_rules.RULE[a["rule"]]
         assert a["state"] == record["state"] and a["since"] == record["since"]
         assert (a["alertname"], a["severity"]) == (rule.alertname, rule.severity)
         assert a["threshold"] == getattr(alerter.cfg, rule.attr) and a["value"] == record["value"]
@@ -336,7 +338,7 @@ def test_silence_routes_follow_the_acting_rules(redis_url, redis_client):
     [listed] = c.get("/silences", headers=token).get_json()["silences"]
     assert listed["id"] == sid and listed["matchers"] == good["matchers"] and listed["comment"] == "deploy"
     assert "token" in listed["who"] and "t0ken" not in listed["who"]
-    until = monitors.redis_now(redis_client.time()) + 60
+    until = monitor_contract.redis_now(redis_client.time()) + 60
     assert c.post("/silences", json={"matchers": {"rule": "cpu"}, "until": until}, headers=token).status_code == 201
     assert c.delete(f"/silences/{sid}").status_code == 401
     assert c.delete(f"/silences/{sid}", headers=token).get_json() == {"id": sid, "deleted": True}
@@ -357,7 +359,7 @@ def test_page_shows_a_firing_alert_and_silences_it(make, redis_client, redis_ser
     server = ApiServer(redis_server.url, MONITOR_API_CACHE="0").start()
     try:
         alerter = make("--for", "0")
-        now = monitors.redis_now(redis_client.time())
+        now = monitor_contract.redis_now(redis_client.time())
         report(redis_client, "main_spider:w1:1", now, cpu=99.0, host="w1")
         report(redis_client, "main_spider:w2:2", now, cpu=10.0, host="w2")
         report(redis_client, "main_spider:w3:3", now, memory=95.0, host="w3")
@@ -380,14 +382,14 @@ def test_page_shows_a_firing_alert_and_silences_it(make, redis_client, redis_ser
             const li = document.querySelector('#a-list li[data-alert="cpu:main_spider:w1:1"]');
             return li && li.hasAttribute('data-silenced');
         }""")
-        [stored] = monitors.read_silences(redis_client, "scrapy").values()
+        [stored] = monitor_alert_state.read_silences(redis_client, "scrapy").values()
         assert stored["matchers"] == {"node": "main_spider:w1:1", "rule": "cpu"}
         assert 3500 < stored["until"] - stored["created"] <= 3600
         assert page.is_hidden("#detail")  # the button does not open the card's detail
         # A node's own button silences the whole node.
         page.locator('[data-node="main_spider:w3:3"] button.silence').click()
-        wait_for(lambda: len(monitors.read_silences(redis_client, "scrapy")) == 2, 15, what="the node's silence")
-        assert {"node": "main_spider:w3:3"} in [s["matchers"] for s in monitors.read_silences(redis_client, "scrapy").values()]
+        wait_for(lambda: len(monitor_alert_state.read_silences(redis_client, "scrapy")) == 2, 15, what="the node's silence")
+        assert {"node": "main_spider:w3:3"} in [s["matchers"] for s in monitor_alert_state.read_silences(redis_client, "scrapy").values()]
         redis_client.delete("scrapy:alert:heartbeat")
         until(page, "() => document.getElementById('alerts').getAttribute('data-alerter') === 'none'")
         assert "No alerter running" in page.inner_text("#a-note")

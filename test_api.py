@@ -22,8 +22,10 @@ from flask import g
 from waitress import wasyncore
 from prometheus_client.parser import text_string_to_metric_families
 
+import monitor_contract
+import monitor_gate
+import monitor_read
 import monitor_api
-import monitors
 import testbed
 from testbed import ROOT, RedisServer, clean_env, free_port, wait_for
 
@@ -149,10 +151,10 @@ def test_values_that_fail_the_gate_never_break_a_route(client, redis_client):
     store(redis_client, snap("main_spider:h:1"), snap("main_spider:h:2", host="host-b"))
     redis_client.hset("scrapy:node:status", mapping=hostile)
     # History rows a forger could write: far future and far past timestamps, absurd numbers.
-    future = [json.dumps([2 ** 62] + [1] * (len(monitors.HISTORY_FIELDS) - 1)),
-              json.dumps([-(2 ** 62)] + [1e300] * (len(monitors.HISTORY_FIELDS) - 1)),
-              json.dumps([time.time() + 86400 * 365] + [1] * (len(monitors.HISTORY_FIELDS) - 1))]
-    redis_client.lpush(monitors.history_key("scrapy", "main_spider:h:1"), *future)
+    future = [json.dumps([2 ** 62] + [1] * (len(monitor_contract.HISTORY_FIELDS) - 1)),
+              json.dumps([-(2 ** 62)] + [1e300] * (len(monitor_contract.HISTORY_FIELDS) - 1)),
+              json.dumps([time.time() + 86400 * 365] + [1] * (len(monitor_contract.HISTORY_FIELDS) - 1))]
+    redis_client.lpush(monitor_contract.history_key("scrapy", "main_spider:h:1"), *future)
     for path in ("/metrics", "/metrics/main_spider", "/metrics/main_spider:h:1", "/spiders", "/prometheus",
                  "/metrics/main_spider/history", "/metrics/main_spider:h:1/history", "/health",
                  "/metrics/main_spider/history?minutes=1440"):
@@ -193,8 +195,8 @@ def test_a_silent_node_turns_stale_though_its_stored_value_is_unchanged(client, 
     assert {s["state"] for s in client.get("/metrics").get_json().values()} == {"live"}
     store(redis_client, snap("a:2", pages=11))  # a:2 reports again, a:1 falls silent for a minute
     later = time.time() + 60  # liveness is judged on Redis's clock: move it a minute on
-    redis_now = monitors.redis_now
-    monkeypatch.setattr(monitors, "redis_now", lambda reply: redis_now(reply) + 60)
+    redis_now = monitor_contract.redis_now
+    monkeypatch.setattr(monitor_read, "redis_now", lambda reply: redis_now(reply) + 60)
     store(redis_client, snap("a:2", timestamp=int(later), pages=12))
     body = client.get("/metrics").get_json()
     assert (body["a:1"]["state"], body["a:2"]["state"], body["a:2"]["pages"]) == ("stale", "live", 12)
@@ -244,18 +246,18 @@ def test_history_of_a_node_and_of_its_spider(client, redis_client):
     with redis_client.pipeline(transaction=False) as pipe:
         for k in range(10):
             a = snap("a:1", cpu=10.0, pages=100 + k, queue_requests=5, timestamp=base + 10 * k + 1)
-            monitors.write_snapshot(pipe, "scrapy", a, 360)
+            monitor_contract.write_snapshot(pipe, "scrapy", a, 360)
             if k != 5:  # node b misses one report: its last row still counts, not a dip to zero
                 b = snap("b:1", cpu=30.0, pages=1000 + k, queue_requests=7, timestamp=base + 10 * k + 5,
                          host="host-b")
-                monitors.write_snapshot(pipe, "scrapy", b, 360)
+                monitor_contract.write_snapshot(pipe, "scrapy", b, 360)
         pipe.execute()
 
     node = client.get("/metrics/a:1/history?minutes=5").get_json()
     assert (node["name"], node["kind"], node["minutes"], node["step"]) == ("a:1", "node", 5, 10)
     assert [p["pages"] for p in node["points"]] == list(range(100, 110))
     assert [p["timestamp"] for p in node["points"]] == [base + 10 * k + 1 for k in range(10)]
-    assert set(monitors.HISTORY_FIELDS) == set(node["points"][0])
+    assert set(monitor_contract.HISTORY_FIELDS) == set(node["points"][0])
 
     spider = client.get("/metrics/main_spider/history?minutes=5").get_json()
     assert spider["kind"] == "spider" and spider["step"] == 10
@@ -274,8 +276,8 @@ def test_a_spiders_chart_keeps_counting_a_node_that_stopped_as_its_card_does(cli
     with redis_client.pipeline(transaction=False) as pipe:
         for k in range(10):
             if k < 4:  # node a dies after four reports; b goes on
-                monitors.write_snapshot(pipe, "scrapy", snap("a:1", pages=100 + k, items=k, timestamp=base + 10 * k), 360)
-            monitors.write_snapshot(pipe, "scrapy", snap("b:1", host="host-b", pages=1000 + k, items=10 * k,
+                monitor_contract.write_snapshot(pipe, "scrapy", snap("a:1", pages=100 + k, items=k, timestamp=base + 10 * k), 360)
+            monitor_contract.write_snapshot(pipe, "scrapy", snap("b:1", host="host-b", pages=1000 + k, items=10 * k,
                                                           timestamp=base + 10 * k + 5), 360)
         pipe.execute()
     store(redis_client, snap("c:1", host="host-c", pages=7, items=7, status="closed", timestamp=base - 7200))
@@ -289,7 +291,7 @@ def test_a_spiders_chart_keeps_counting_a_node_that_stopped_as_its_card_does(cli
 
 def test_history_beyond_an_hour_comes_from_the_5_minute_tier(client, redis_client):
     now = int(time.time())
-    rows = [monitors.history_row(snap("a:1", timestamp=now - 7200 + 300 * i, pages=i)) for i in range(20)]
+    rows = [monitor_contract.history_row(snap("a:1", timestamp=now - 7200 + 300 * i, pages=i)) for i in range(20)]
     store(redis_client, snap("a:1"), trend_rows=rows)  # LPUSHed in order: the tier reads newest first
     body = client.get("/metrics/a:1/history?minutes=180").get_json()
     assert body["step"] == 300
@@ -523,7 +525,7 @@ def test_every_error_is_json(client, redis_client, monkeypatch):
     def boom(nodes):
         raise RuntimeError("secret detail")
 
-    monkeypatch.setattr(monitors, "spiders_view", boom)
+    monkeypatch.setattr(monitor_api, "spiders_view", boom)
     monkeypatch.setenv("FLASK_DEBUG", "1")  # debug mode is never on, whatever the environment says
     c = make_app(client.application.config["REDIS_URL"]).test_client()
     assert c.application.debug is False
@@ -551,17 +553,17 @@ def test_no_route_writes_to_redis(redis_url, redis_client):
 
 def test_nodes_silent_past_retention_are_pruned_with_their_history(redis_url, redis_client):
     store(redis_client, snap("old:1", age=7200), snap("young:1", age=60))
-    assert redis_client.exists(monitors.history_key("scrapy", "old:1"))
+    assert redis_client.exists(monitor_contract.history_key("scrapy", "old:1"))
     app = make_app(redis_url, MONITOR_RETENTION=3600)
     c = app.test_client()
     assert set(c.get("/metrics").get_json()) == {"young:1"}
     assert redis_client.hkeys("scrapy:node:status") == [b"young:1"]
-    assert not redis_client.exists(monitors.history_key("scrapy", "old:1"), monitors.trend_key("scrapy", "old:1"))
-    assert redis_client.exists(monitors.history_key("scrapy", "young:1"))
+    assert not redis_client.exists(monitor_contract.history_key("scrapy", "old:1"), monitor_contract.trend_key("scrapy", "old:1"))
+    assert redis_client.exists(monitor_contract.history_key("scrapy", "young:1"))
 
     store(redis_client, snap("old:2", age=7200))  # housekeeping runs at most once a minute
     assert "old:2" in c.get("/metrics").get_json()
-    app.extensions["reader"].node_reader.last_prune -= monitors.PRUNE_EVERY
+    app.extensions["reader"].node_reader.last_prune -= monitor_read.PRUNE_EVERY
     assert "old:2" not in c.get("/spiders").get_json()["main_spider"]["nodes"]
     assert not redis_client.hexists("scrapy:node:status", "old:2")
 
@@ -735,7 +737,7 @@ def acting_app(redis_url, **config):
     app = make_app(redis_url, **config)
 
     @app.route("/test/act", methods=["GET", "POST", "DELETE"])  # GET listed, so the check itself must refuse it
-    @monitor_api.acting
+    @monitor_gate.acting
     def act():
         return {"accepted": True, **g.actor}
 
@@ -877,8 +879,8 @@ def test_a_key_of_the_wrong_type_is_named_not_called_unavailable(redis_url, redi
 
     redis_client.delete("scrapy:node:status")
     store(redis_client, snap("a:1"), snap("a:2"))
-    redis_client.delete(monitors.history_key("scrapy", "a:2"))
-    redis_client.hset(monitors.history_key("scrapy", "a:2"), "x", "y")
+    redis_client.delete(monitor_contract.history_key("scrapy", "a:2"))
+    redis_client.hset(monitor_contract.history_key("scrapy", "a:2"), "x", "y")
     assert c.get("/metrics").status_code == 200 and c.get("/metrics/a:1/history").status_code == 200
     for path in ("/metrics/a:2/history", "/metrics/main_spider/history"):
         resp = c.get(path)

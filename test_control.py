@@ -9,7 +9,9 @@ from urllib.parse import quote
 
 import pytest
 
-import monitors
+import monitor_contract
+import monitor_read
+import testbed
 from testbed import Site, crawl_log, wait_for
 from test_api import make_app, snap, store
 from test_dashboard import PAGE, WAIT, ApiServer, browser, publish, snapshot  # noqa: F401 (browser: a fixture)
@@ -19,7 +21,7 @@ QUEUE = f"{SPIDER}:requests"
 
 
 def nodes(client):
-    return monitors.list_nodes(client, "scrapy")[0]
+    return testbed.list_nodes(client, "scrapy")[0]
 
 
 def node_id(proc):
@@ -106,7 +108,7 @@ def test_pause_and_resume_two_nodes_fetch_every_page_once(redis_client, redis_ur
     assert entry["who"] == "127.0.0.1" and entry["via"].startswith("no token") and entry["reached"] == 1
     assert set(entry["acks"]) == {ids[0]} and entry["acks"][ids[0]] >= entry["at"] - 5
     # A node's own command ends with the node.
-    assert not redis_client.hkeys(monitors.control_key("scrapy", "commands"))
+    assert not redis_client.hkeys(monitor_contract.control_key("scrapy", "commands"))
 
 
 def test_a_paused_node_never_closes_for_idling(redis_client, redis_url, crawlers):
@@ -136,7 +138,7 @@ def test_stop_keeps_the_unfetched_requests_for_a_new_node(redis_client, redis_ur
     assert snap["command"]["id"] == sent["id"] and snap["command"]["name"] == "stop"
     fetched = hits(slow_site)
     assert redis_client.zcard(QUEUE) > 0 and fetched < slow_site.pages
-    assert not redis_client.hexists(monitors.control_key("scrapy", "commands"), f"node:{node_id(first)}")
+    assert not redis_client.hexists(monitor_contract.control_key("scrapy", "commands"), f"node:{node_id(first)}")
     assert api.post("/control", json={"command": "pause", "node": node_id(first)}).status_code == 409
 
     second = start_node(crawlers, redis_url, MAX_IDLE_TIME_BEFORE_CLOSE=3)
@@ -191,7 +193,7 @@ def test_a_spider_wide_pause_holds_for_a_node_started_later(redis_client, redis_
         assert proc.wait(120) == 0, crawl_log(proc)
     assert site.page_hits() == {p: 1 for p in site.page_paths()}
     # The resume is the spider's newest command: it stays, and a node started now just runs.
-    stored = redis_client.hgetall(monitors.control_key("scrapy", "commands"))
+    stored = redis_client.hgetall(monitor_contract.control_key("scrapy", "commands"))
     assert {k.decode(): json.loads(v)["command"] for k, v in stored.items()} == {f"spider:{SPIDER}": "resume"}
 
 
@@ -222,7 +224,7 @@ def test_each_command_is_applied_once_across_a_redis_outage(redis_client, redis_
 # ---------------------------------------------------------------------------- the API: who may act, bad bodies, the log
 
 def stored_commands(client):
-    return client.hgetall(monitors.control_key("scrapy", "commands"))
+    return client.hgetall(monitor_contract.control_key("scrapy", "commands"))
 
 
 def test_control_is_refused_at_the_route_and_every_refusal_is_logged(redis_client, redis_url, caplog):
@@ -245,7 +247,7 @@ def test_control_is_refused_at_the_route_and_every_refusal_is_logged(redis_clien
     resp = readonly.post("/control", json=body)
     assert resp.status_code == 403 and "MONITOR_API_READONLY" in resp.get_json()["error"]
     assert not stored_commands(redis_client)
-    assert not redis_client.exists(monitors.control_key("scrapy", "log"))
+    assert not redis_client.exists(monitor_contract.control_key("scrapy", "log"))
 
     ok = tokened.post("/control", json=body, headers={"Authorization": "Bearer s3cret", "Origin": "null"})
     assert ok.status_code == 202 and ok.get_json()["nodes"] == ["a:1"]
@@ -287,8 +289,8 @@ def test_the_newest_command_of_a_nodes_three_targets_wins(redis_client, redis_ur
     api = make_app(redis_url).test_client()
 
     def effective(node, spider=SPIDER):
-        raws = redis_client.hmget(monitors.control_key("scrapy", "commands"), monitors.control_targets(node, spider))
-        command = monitors.newest_command(raws)
+        raws = redis_client.hmget(monitor_contract.control_key("scrapy", "commands"), monitor_contract.control_targets(node, spider))
+        command = monitor_contract.newest_command(raws)
         return command and command["command"]
 
     send(api, "pause", spider=SPIDER)
@@ -304,23 +306,23 @@ def test_the_newest_command_of_a_nodes_three_targets_wins(redis_client, redis_ur
     assert [e["command"] for e in log] == ["resume", "drain", "resume", "pause"]
     assert [e["id"] for e in log] == sorted((e["id"] for e in log), reverse=True)
     # Malformed values (a hand edit, a hostile writer) are skipped, never obeyed.
-    redis_client.hset(monitors.control_key("scrapy", "commands"), "all", '{"id": 99, "command": "rm -rf", "at": 1}')
-    redis_client.lpush(monitors.control_key("scrapy", "log"), "not json")
+    redis_client.hset(monitor_contract.control_key("scrapy", "commands"), "all", '{"id": 99, "command": "rm -rf", "at": 1}')
+    redis_client.lpush(monitor_contract.control_key("scrapy", "log"), "not json")
     assert effective("a:1") == "resume" and len(api.get("/control/log").get_json()["log"]) == 4
     # A pruned node's own command goes with it.
     store(redis_client, snap("gone:1", age=100_000))
     send(api, "pause", node="gone:1")
-    monitors.prune_nodes(redis_client, nodes(redis_client), 86400, "scrapy")
-    assert not redis_client.hexists(monitors.control_key("scrapy", "commands"), "node:gone:1")
+    monitor_read.prune_nodes(redis_client, nodes(redis_client), 86400, "scrapy")
+    assert not redis_client.hexists(monitor_contract.control_key("scrapy", "commands"), "node:gone:1")
 
 
 def test_the_control_log_is_capped_in_redis(redis_client, redis_url):
     store(redis_client, snap("a:1"))
-    for _ in range(monitors.CONTROL_LOG_KEEP + 5):
-        monitors.issue_command(redis_client, "scrapy", "pause", "all")
-    assert redis_client.llen(monitors.control_key("scrapy", "log")) == monitors.CONTROL_LOG_KEEP
-    log = make_app(redis_url).test_client().get(f"/control/log?limit={monitors.CONTROL_LOG_KEEP}").get_json()["log"]
-    assert log[0]["id"] == monitors.CONTROL_LOG_KEEP + 5 and len(log) == monitors.CONTROL_LOG_KEEP
+    for _ in range(monitor_contract.CONTROL_LOG_KEEP + 5):
+        monitor_contract.issue_command(redis_client, "scrapy", "pause", "all")
+    assert redis_client.llen(monitor_contract.control_key("scrapy", "log")) == monitor_contract.CONTROL_LOG_KEEP
+    log = make_app(redis_url).test_client().get(f"/control/log?limit={monitor_contract.CONTROL_LOG_KEEP}").get_json()["log"]
+    assert log[0]["id"] == monitor_contract.CONTROL_LOG_KEEP + 5 and len(log) == monitor_contract.CONTROL_LOG_KEEP
 
 
 # ---------------------------------------------------------------------------- the dashboard
@@ -384,7 +386,7 @@ def test_dashboard_buttons_send_commands_confirm_stop_and_show_the_log(redis_ser
         assert "127.0.0.1" in texts[0] and "applied by 0 of 1 reached node" in texts[0]
         # A node acknowledges: the open log shows it on its next refresh.
         first = json.loads(stored_commands(redis_client)[b"node:main_spider:a:1"])["id"]
-        redis_client.hset(monitors.control_ack_key("scrapy", first), "main_spider:a:1", json.dumps({"at": time.time()}))
+        redis_client.hset(monitor_contract.control_ack_key("scrapy", first), "main_spider:a:1", json.dumps({"at": time.time()}))
         page.wait_for_function("() => document.querySelector('#ctl-entries > li').innerText"
                                ".includes('applied by 1 of 1')", timeout=WAIT)
         assert not errors, errors

@@ -14,7 +14,7 @@ from urllib.parse import quote
 import pytest
 import requests
 
-import monitors
+import monitor_contract
 import testbed
 from testbed import CHROMIUM, CHROMIUM_ARGS, ApiServer, RedisServer, wait_for
 
@@ -534,7 +534,7 @@ def test_memory_stays_flat_while_nodes_come_and_go(api, redis_client, open_page)
             pipe.hdel(f"{PREFIX}:node:status", *[f"zz_churn:c{i}:1" for i in range(n - 5, n)])
             for snap in [snapshot(f"main_spider:w{i:03d}:{i}", cpu=float((i + n) % 100), pages=n * 100 + i)
                          for i in range(100)] + [snapshot(f"zz_churn:c{i}:1", spider="zz_churn") for i in range(n, n + 5)]:
-                monitors.write_snapshot(pipe, PREFIX, snap, 360)
+                monitor_contract.write_snapshot(pipe, PREFIX, snap, 360)
             pipe.execute()
         churn[0] += 5
 

@@ -9,8 +9,11 @@ import time
 
 import pytest
 
+import monitor_alert_state
+import monitor_contract
+import monitor_read
+import monitor_rules
 import alert
-import insight
 import monitor_api
 import monitors
 import testbed
@@ -108,8 +111,8 @@ def alert_config(monkeypatch, url, *argv):
 
 def fired(client, cfg, rule):
     """The firing notifications of ``rule`` in one evaluation of the real nodes, now."""
-    nodes = monitors.list_nodes(client)[0]
-    notes = alert.evaluate(nodes, {}, {}, time.time(), cfg)[2]
+    nodes = testbed.list_nodes(client)[0]
+    notes = monitor_rules.evaluate(nodes, {}, {}, time.time(), cfg)[2]
     return [n for n in notes if n["rule"] == rule and n["status"] == "firing"]
 
 
@@ -132,7 +135,7 @@ def test_crawl_of_three_hosts_reports_latency_domains_coverage_and_errors(
     assert "for field 'price' over" in coverage["summary"] and "(limit 90%)" in coverage["summary"]
     assert proc.wait(120) == 0, crawl_log(proc)
 
-    snap = monitors.get_node(redis_client, "n1")
+    snap = testbed.get_node(redis_client, "n1")
     assert snap["status"] == "closed"
     # Per domain, exactly what each host served (each bad URL tried twice: RETRY_TIMES=1).
     domains = snap["domains"]
@@ -149,7 +152,7 @@ def test_crawl_of_three_hosts_reports_latency_domains_coverage_and_errors(
     assert 0.5 <= slow["latency_p95"] <= 5 and normal["latency_p95"] < slow["latency_p95"]
     downloaded = ITEM_PAGES + SLOW_PAGES + 2 * BAD_PAGES
     assert snap["latency_buckets"][-1] == downloaded == snap["status_2xx"] + snap["status_4xx"] + snap["status_5xx"]
-    history = monitors.read_history(redis_client, "n1", 10)
+    history = testbed.read_history(redis_client, "n1", 10)
     assert any(row["latency_p95"] and row["latency_p95"] >= 0.5 for row in history)
     # Coverage over the run: the price on the first 40 item pages only; the bad pages' items are dropped.
     assert snap["fields_listed"] is True and snap["items"] == ITEM_PAGES + SLOW_PAGES
@@ -182,12 +185,12 @@ def test_queue_forecast_is_within_a_fifth_of_the_actual_drain_time(redis_client,
     try:
         proc = crawlers(env={"REDIS_URL": redis_url, "MONITOR_INTERVAL": "1", "MONITOR_NODE_ID": "q1"},
                         settings={"MAX_IDLE_TIME_BEFORE_CLOSE": 2, "CONCURRENT_REQUESTS": 2, "ROBOTSTXT_OBEY": False})
-        wait_for(lambda: monitors.get_node(redis_client, "q1"), 30, what="node registered")
+        wait_for(lambda: testbed.get_node(redis_client, "q1"), 30, what="node registered")
         redis_client.lpush("distributed:start_urls", json.dumps({"url": listing.url("/")}))
         queue = lambda: redis_client.zcard("main_spider:requests")  # noqa: E731
 
         def draining_readings():
-            sizes = [r["queue_requests"] for r in monitors.read_history(redis_client, "q1", 5) if r["queue_requests"]]
+            sizes = [r["queue_requests"] for r in testbed.read_history(redis_client, "q1", 5) if r["queue_requests"]]
             return len(sizes) - sizes.index(max(sizes)) if sizes else 0
 
         wait_for(lambda: draining_readings() >= 6, 60, 0.1, "six readings of the drain")
@@ -224,19 +227,19 @@ def test_hostile_insight_shapes_are_dropped_and_every_view_still_answers(redis_c
     base = {"timestamp": now, "spider": "s", "cpu": 1.0, "memory": 2.0, "bytes_sent": 0, "bytes_recv": 0,
             "host": "h", "pid": 1, "status": "running", "interval": 10, "pages": 150, "items": 150,
             "errors": 1, "errors_per_min": 99.0, "queue_requests": 5, "fields_listed": True}
-    good = {**base, "node": "good", **insight.Insight(20).figures(), "latency_p95": 12.5, "fields_listed": True,
+    good = {**base, "node": "good", **monitors.Insight(20).figures(), "latency_p95": 12.5, "fields_listed": True,
             "fields": {"price": 0.5}, "domains": {"a.example": {"pages": 3, "errors": 0, "4xx": 0, "5xx": 0,
                                                                "429": 0, "latency_p95": 0.2}}}
     with redis_client.pipeline(transaction=False) as pipe:
-        monitors.write_snapshot(pipe, "scrapy", good, 10)
+        monitor_contract.write_snapshot(pipe, "scrapy", good, 10)
         for i, hostile in enumerate(HOSTILE):
-            monitors.write_snapshot(pipe, "scrapy", {**base, "node": f"bad{i}", **hostile}, 10)
+            monitor_contract.write_snapshot(pipe, "scrapy", {**base, "node": f"bad{i}", **hostile}, 10)
         pipe.execute()
-    nodes = monitors.list_nodes(redis_client)[0]
+    nodes = testbed.list_nodes(redis_client)[0]
     assert set(nodes) == {"good", "bad0", "bad1"}
     assert not {"domains", "fields", "error_samples", "latency_buckets", "latency_p95"} & set(nodes["bad0"])
     bad1 = nodes["bad1"]
-    assert bad1["domains"] == {"__proto__": dict.fromkeys(insight.DOMAIN_COUNTS + ("latency_p95",)) | {"pages": 1},
+    assert bad1["domains"] == {"__proto__": dict.fromkeys(monitor_contract.DOMAIN_COUNTS + ("latency_p95",)) | {"pages": 1},
                                "<img src=x onerror=alert(1)>": {"pages": None, "errors": None, "4xx": None,
                                                                "5xx": 3, "429": None, "latency_p95": None}}
     assert bad1["fields"] == {"ok": 0.25} and "latency_buckets" not in bad1 and "latency_p99" not in bad1
@@ -252,7 +255,7 @@ def test_hostile_insight_shapes_are_dropped_and_every_view_still_answers(redis_c
     assert 'scrapy_domain_error_responses_total{domain="<img src=x onerror=alert(1)>",node="bad1",spider="s",status="5xx"} 3.0' in prom
     # The rules judge the good node and pass over the hostile ones without failing.
     cfg = alert_config(monkeypatch, redis_url, "--errors-per-min", "1")
-    notes = alert.evaluate(nodes, {}, {}, now, cfg)[2]
+    notes = monitor_rules.evaluate(nodes, {}, {}, now, cfg)[2]
     assert {n["node"] for n in notes if n["rule"] == "latency"} == {"good"}
     assert {n["node"] for n in notes if n["rule"] == "coverage"} == {"good", "bad1"}  # its one valid field
     assert [n["summary"] for n in notes if n["rule"] == "errors" and n["node"] == "bad1"] == [
@@ -264,7 +267,7 @@ def test_percentiles_domains_and_fields_from_the_hooks():
     from scrapy import Request
     from scrapy.http import HtmlResponse
 
-    ins = insight.Insight(top_domains=2)
+    ins = monitors.Insight(top_domains=2)
     log = logging.getLogger("scrapy.core.downloader.test")
     ins.handler.spider = "this spider"
     log.addHandler(ins.handler)
@@ -300,25 +303,25 @@ def test_percentiles_domains_and_fields_from_the_hooks():
         name: str
         price: object = None
 
-    ins = insight.Insight()
+    ins = monitors.Insight()
     ins.item_scraped({"name": "a", "price": 0, "seller": {"name": "x", "id": None}}, None, None)
     ins.item_scraped(Product(name="b", price=None), None, None)
     ins.item_scraped(Offer("c", ""), None, None)
     ins.item_scraped({f"f{i}": i for i in range(40)}, None, None)
     fields = ins.figures()["fields"]
-    assert len(fields) == insight.DEFAULT_FIELD_COUNT
+    assert len(fields) == monitors.DEFAULT_FIELD_COUNT
     assert {k: fields[k] for k in ("name", "price", "seller", "seller.name", "seller.id")} == {
         "name": 0.75, "price": 0.25, "seller": 0.25, "seller.name": 0.25, "seller.id": 0.0}
 
 
 def test_forecast_and_spider_p95_combine():
     rows = [{"timestamp": t, "queue_requests": q} for t, q in [(0, 0), (10, 600), (20, 500), (30, 400)]]
-    assert monitors.queue_forecast(rows) == {"queue_rate": -600.0, "queue_eta": 40}
+    assert monitor_read.queue_forecast(rows) == {"queue_rate": -600.0, "queue_eta": 40}
     growing = [{"timestamp": t, "queue_requests": 100 + t} for t in range(0, 60, 10)]
-    assert monitors.queue_forecast(growing) == {"queue_rate": 60.0, "queue_eta": None}
-    assert monitors.queue_forecast(rows[:1]) == {"queue_rate": None, "queue_eta": None}
+    assert monitor_read.queue_forecast(growing) == {"queue_rate": 60.0, "queue_eta": None}
+    assert monitor_read.queue_forecast(rows[:1]) == {"queue_rate": None, "queue_eta": None}
     nodes = {n: {"timestamp": 1, "host": n, "latency_p95": p} for n, p in (("a", 0.5), ("b", 3.0), ("c", None))}
-    assert monitors.combine(list(nodes.values()), ["latency_p95"]) == {"latency_p95": 3.0}
+    assert monitor_read.combine(list(nodes.values()), ["latency_p95"]) == {"latency_p95": 3.0}
 
 
 # ---------------------------------------------------------------------------- the page (headless Chromium)
@@ -330,7 +333,7 @@ def drain_history(client, node, spider, newest_queue, per_second, now):
         for ago in range(290, -1, -10):
             snap = snapshot(node, spider=spider, queue_requests=newest_queue + ago * per_second)
             snap["timestamp"] = now - ago
-            monitors.write_snapshot(pipe, "scrapy", snap, 360)
+            monitor_contract.write_snapshot(pipe, "scrapy", snap, 360)
         pipe.execute()
 
 
@@ -386,14 +389,14 @@ def test_queue_alert_is_per_spider_and_fires_after_growing_for_its_hold(redis_cl
             for t in range(at - 290, at + 1, 10):
                 snap = {"timestamp": t, "spider": "grow", "node": "grow", "host": "h", "status": "running",
                         "interval": 10, "start_time": now - 7200, "queue_requests": queue_at(t)}
-                monitors.write_snapshot(pipe, "scrapy", snap, 360)
+                monitor_contract.write_snapshot(pipe, "scrapy", snap, 360)
             pipe.execute()
 
     def evaluate(state, at):
-        nodes = monitors.list_nodes(redis_client, now=at)[0]
+        nodes = testbed.list_nodes(redis_client, now=at)[0]
         views = alert.spider_views(redis_client, nodes, "scrapy", at, cfg)
-        changes, _, notes = alert.evaluate(nodes, state, {}, at, cfg, spiders=views)
-        return alert._merged(state, changes), notes
+        changes, _, notes = monitor_rules.evaluate(nodes, state, {}, at, cfg, spiders=views)
+        return monitor_alert_state.merged(state, changes), notes
 
     growing = lambda t: 1000 + (t - now)  # noqa: E731 (+60/min)
     report(now, growing)

@@ -1,6 +1,7 @@
 """The node monitor end to end: real redis-server, real local website, real ``scrapy crawl`` processes."""
 
 import glob
+import logging
 import io
 import json
 import signal
@@ -12,6 +13,8 @@ import pytest
 from scrapy.exceptions import NotConfigured
 from scrapy.utils.test import get_crawler
 
+import monitor_contract
+import monitor_read
 import alert
 import monitor_api
 import monitors
@@ -38,7 +41,7 @@ class PlainSpider(scrapy.Spider):
 
 
 def nodes(client, prefix="scrapy"):
-    return monitors.list_nodes(client, prefix)[0]
+    return testbed.list_nodes(client, prefix)[0]
 
 
 def crawler_env(url, **extra):
@@ -112,7 +115,7 @@ def test_two_nodes_share_one_queue_and_report_separately(redis_client, redis_url
         assert sum(s["status_2xx"] for s in final.values()) >= 60
         # The history grew while they crawled and never went backwards.
         for node_id in ids:
-            points = monitors.read_history(redis_client, node_id, 10)
+            points = testbed.read_history(redis_client, node_id, 10)
             pages = [p["pages"] for p in points]
             assert len(points) >= 3 and pages == sorted(pages) and pages[-1] == final[node_id]["pages"]
     finally:
@@ -152,8 +155,8 @@ def test_killed_node_reads_stale_after_three_intervals(redis_client, redis_url, 
     proc.wait(10)
     last = nodes(redis_client)[node]
     assert last["status"] == "running"
-    assert monitors.node_state(last, monitors.last_report(last) + 3) == "live"
-    assert monitors.node_state(last, monitors.last_report(last) + 3.01) == "stale"
+    assert monitor_contract.node_state(last, monitor_contract.last_report(last) + 3) == "live"
+    assert monitor_contract.node_state(last, monitor_contract.last_report(last) + 3.01) == "stale"
     wait_for(lambda: nodes(redis_client)[node]["state"] == "stale", 6, what="node stale")
     assert time.time() - last["timestamp"] > 3
 
@@ -235,29 +238,29 @@ def test_disabled_monitor_raises_not_configured():
 
 def test_history_is_bounded_and_keeps_a_day(redis_client):
     """8,640 ticks at 10 s: an hour at full resolution, a day in 5-minute rows, both expiring."""
-    trend, start = monitors.TrendBuffer(), 1_699_999_800  # on a 5-minute boundary
+    trend, start = monitor_contract.TrendBuffer(), 1_699_999_800  # on a 5-minute boundary
     for i in range(8640):
         snap = {"node": "n", "timestamp": start + 10 * i, "cpu": i % 100, "memory": 50.0,
                 "pages": i * 3, "items": i, "errors": 0, "rss": 80_000_000 + i}
-        rows = [r for r in [trend.add(monitors.history_row(snap))] if r]
+        rows = [r for r in [trend.add(monitor_contract.history_row(snap))] if r]
         with redis_client.pipeline() as pipe:
-            monitors.write_snapshot(pipe, "p", snap, 360, rows)
+            monitor_contract.write_snapshot(pipe, "p", snap, 360, rows)
             pipe.execute()
     now = start + 10 * 8639
-    hour = monitors.read_history(redis_client, "n", 60, "p", now)
-    day = monitors.read_history(redis_client, "n", 1440, "p", now)
+    hour = testbed.read_history(redis_client, "n", 60, "p", now)
+    day = testbed.read_history(redis_client, "n", 1440, "p", now)
     assert len(hour) == 360 and hour[-1]["pages"] == 8639 * 3
     assert [p["timestamp"] for p in hour] == sorted(p["timestamp"] for p in hour)
     assert len(day) == 287  # the bucket in progress is still in memory
     assert day[0]["cpu"] == 14.5 and day[0]["timestamp"] == start  # mean of its 30 rows, first timestamp
     assert day[-1]["items"] == 8639 - 30  # last value of its bucket
-    assert 0 < redis_client.ttl(monitors.history_key("p", "n")) <= monitors.HISTORY_TTL
-    assert 0 < redis_client.ttl(monitors.trend_key("p", "n")) <= monitors.HISTORY_TTL
+    assert 0 < redis_client.ttl(monitor_contract.history_key("p", "n")) <= monitor_contract.HISTORY_TTL
+    assert 0 < redis_client.ttl(monitor_contract.trend_key("p", "n")) <= monitor_contract.HISTORY_TTL
 
 
 def test_read_side_states_cluster_view_and_malformed_values(redis_client):
     now = 1_000_000
-    key = monitors.status_key("scrapy")
+    key = monitor_contract.status_key("scrapy")
     base = {"spider": "s", "interval": 10, "bytes_sent": 1, "bytes_recv": 2, "pages": 10, "items": 5, "host": "h1"}
     redis_client.hset(key, mapping={
         "a": json.dumps({**base, "node": "a", "timestamp": now - 5, "cpu": 10, "memory": 40,
@@ -271,21 +274,21 @@ def test_read_side_states_cluster_view_and_malformed_values(redis_client):
         "huge": '{"spider": "s", "timestamp": 1, "pages": 99999999999999999999}',
         "deep": "[" * 100_000, "nospider": '{"timestamp": 1}', "oldtime": '{"spider": "s", "timestamp": "1"}',
     })
-    found, bad = monitors.list_nodes(redis_client, "scrapy", now)
+    found, bad = testbed.list_nodes(redis_client, "scrapy", now)
     assert bad == 9 and set(found) == {"a", "b", "c", "x"}
     assert [found[n]["state"] for n in "abc"] == ["live", "stale", "closed"]
-    view = monitors.cluster_view(found, "s")
+    view = monitor_read.cluster_view(found, "s")
     assert (view["nodes_live"], view["nodes_stale"], view["nodes_closed"]) == (1, 1, 1)
     assert view["cpu"] == 10 and view["memory"] == 40  # means over live nodes
     assert view["pages"] == 30 and view["items"] == 15
     assert view["bytes_recv"] == 2 + 3  # host counters count each host once (a and c share h1)
     assert view["pages_per_min"] == 60 and view["queue_requests"] == 7
     assert view["timestamp"] == now - 5 and set(view["nodes"]) == {"a", "b", "c"}
-    assert monitors.cluster_view(found, "nobody") is None
-    assert set(monitors.spiders_view(found)) == {"s", "other"}
-    assert monitors.get_node(redis_client, "a", "scrapy", now)["state"] == "live"
-    assert monitors.get_node(redis_client, "bad1", "scrapy") is None
-    assert monitors.prune_nodes(redis_client, found, 400, "scrapy", now) == ["c"]
+    assert monitor_read.cluster_view(found, "nobody") is None
+    assert set(monitor_read.spiders_view(found)) == {"s", "other"}
+    assert testbed.get_node(redis_client, "a", "scrapy", now)["state"] == "live"
+    assert testbed.get_node(redis_client, "bad1", "scrapy") is None
+    assert monitor_read.prune_nodes(redis_client, found, 400, "scrapy", now) == ["c"]
     assert not redis_client.hexists(key, "c")
 
 
@@ -301,21 +304,22 @@ def test_sampler_rates_and_redacted_urls():
     assert 0 <= later["cpu"] <= 100 and later["rss"] > 0
     too_soon = sampler.sample({**stats, "response_received_count": 41}, 110.1)
     assert too_soon["pages"] == 41 and too_soon["pages_per_min"] == 180.0
-    assert monitors.redact("redis://:s3cret@h:6379/0") == "redis://:***@h:6379/0"
-    assert monitors.redact("rediss://user:pw@h/1") == "rediss://user:***@h/1"
-    assert monitors.redact("redis://h:6379/0") == "redis://h:6379/0"
-    assert "s3cret" not in monitors.redact("redis://u:s3cret@[::1]:7/0")
+    assert monitor_contract.redact("redis://:s3cret@h:6379/0") == "redis://:***@h:6379/0"
+    assert monitor_contract.redact("rediss://user:pw@h/1") == "rediss://user:***@h/1"
+    assert monitor_contract.redact("redis://h:6379/0") == "redis://h:6379/0"
+    assert "s3cret" not in monitor_contract.redact("redis://u:s3cret@[::1]:7/0")
     # A message quoting a URL: passwords and secret query options are masked, named URLs cut to the host.
-    assert monitors.scrub("Error downloading <GET https://api.example/v1?api_key=s3cret&q=1>") == \
+    assert monitor_contract.scrub("Error downloading <GET https://api.example/v1?api_key=s3cret&q=1>") == \
         "Error downloading <GET https://api.example/v1?api_key=***&q=1>"
-    assert monitors.scrub("refused redis://:s3c@ret@h:1/0") == "refused redis://:***@h:1/0"
-    assert monitors.scrub("POST https://hooks.example/T0/s3cret: 404", "https://hooks.example/T0/s3cret") == \
+    assert monitor_contract.scrub("refused redis://:s3c@ret@h:1/0") == "refused redis://:***@h:1/0"
+    assert monitor_contract.scrub("POST https://hooks.example/T0/s3cret: 404", "https://hooks.example/T0/s3cret") == \
         "POST https://hooks.example/...: 404"
 
 
 def test_bad_settings_turn_the_monitor_off_with_a_clear_reason(redis_url, site, crawlers, plain_project):
-    for bad, reason in (({"MONITOR_INTERVAL": "soon"}, "MONITOR_INTERVAL must be a positive number"),
-                        ({"MONITOR_REDIS_URL": "http://not-redis/"}, "bad Redis URL")):
+    for bad, reason in (({"MONITOR_INTERVAL": "soon"}, "ERROR: Monitor: MONITOR_INTERVAL must be a number of seconds"),
+                        ({"MONITOR_REDIS_URL": "http://not-redis/"}, "ERROR: Monitor: MONITOR_REDIS_URL: http://not-redis/ "
+                                                                      "is not a usable Redis URL")):
         proc = crawlers("plain", env=crawler_env(redis_url, **bad), cwd=plain_project, args=["-a", f"url={site.url}"])
         assert proc.wait(60) == 0
         log = crawl_log(proc)
@@ -323,16 +327,25 @@ def test_bad_settings_turn_the_monitor_off_with_a_clear_reason(redis_url, site, 
     assert site.page_hits()["/page/39"] == 2  # both crawls still ran to the end
 
 
-def test_short_or_odd_intervals_and_unknown_url_options_turn_the_monitor_off_at_start():
+def refused_at_start(caplog, settings):
+    """The one ERROR line the extension logs when a setting turns it off (and that it is off)."""
+    caplog.clear()
+    with caplog.at_level(logging.ERROR, logger="monitors"), pytest.raises(NotConfigured):
+        monitors.SpiderMonitor.from_crawler(get_crawler(settings_dict=settings))
+    [record] = [r for r in caplog.records if r.name == "monitors"]
+    assert record.levelno == logging.ERROR
+    return record.getMessage()
+
+
+def test_short_or_odd_intervals_and_unknown_url_options_turn_the_monitor_off_at_start(caplog):
     for interval in (0.5, "inf", "nan", "-1", 86401, "1e308"):
-        with pytest.raises(NotConfigured, match="MONITOR_INTERVAL must be a positive number of seconds from 1"):
-            monitors.SpiderMonitor.from_crawler(get_crawler(settings_dict={"MONITOR_INTERVAL": interval}))
+        assert "MONITOR_INTERVAL must be a number of seconds, 1 or more and at most 86400" in \
+            refused_at_start(caplog, {"MONITOR_INTERVAL": interval})
     assert monitors.SpiderMonitor.from_crawler(get_crawler(settings_dict={"MONITOR_INTERVAL": 1})).interval == 1
     for url in ("redis://:s3cret@localhost:6379/0?bogus=1", "redis://u:s3cret@localhost:99999/0",
                 "redis://localhost/0?socket_timeout=soon"):
-        with pytest.raises(NotConfigured, match="bad Redis URL") as info:
-            monitors.SpiderMonitor.from_crawler(get_crawler(settings_dict={"MONITOR_REDIS_URL": url}))
-        assert "s3cret" not in str(info.value)
+        message = refused_at_start(caplog, {"MONITOR_REDIS_URL": url})
+        assert "is not a usable Redis URL" in message and "s3cret" not in message
 
 
 def test_the_decode_gate_turns_away_what_would_break_a_reader(redis_client):
@@ -353,27 +366,27 @@ def test_the_decode_gate_turns_away_what_would_break_a_reader(redis_client):
         "text_interval": '{"spider": "s", "timestamp": 1, "interval": "10"}',
         "text_seen": '{"spider": "s", "timestamp": 1, "seen": "now"}',
     }
-    redis_client.hset(monitors.status_key("scrapy"), mapping={"good": json.dumps(good), **bad})
-    found, skipped = monitors.list_nodes(redis_client, "scrapy", 1000)
+    redis_client.hset(monitor_contract.status_key("scrapy"), mapping={"good": json.dumps(good), **bad})
+    found, skipped = testbed.list_nodes(redis_client, "scrapy", 1000)
     assert skipped == len(bad) and set(found) == {"good"} and found["good"]["state"] == "live"
     # Sums over many nodes at the limit stay finite and exact.
-    view = monitors.cluster_view({f"n{i}": dict(found["good"], node=f"n{i}", host=f"h{i}") for i in range(1000)}, "s")
+    view = monitor_read.cluster_view({f"n{i}": dict(found["good"], node=f"n{i}", host=f"h{i}") for i in range(1000)}, "s")
     assert view["pages"] == 1000 * (10 ** 18 - 1)
 
 
 def test_liveness_is_judged_on_redis_clock_and_a_stored_age_is_ignored(redis_client):
     snapshot = {"spider": "s", "timestamp": 1000, "interval": 10, "node": "n", "age": 99999}
     with redis_client.pipeline() as pipe:
-        monitors.write_snapshot(pipe, "scrapy", snapshot, 10, stamp=True)
-        server = monitors.redis_now(pipe.execute()[0])
-    reader = monitors.NodeReader(redis_client, "scrapy")
+        monitor_contract.write_snapshot(pipe, "scrapy", snapshot, 10, stamp=True)
+        server = monitor_contract.redis_now(pipe.execute()[0])
+    reader = monitor_read.NodeReader(redis_client, "scrapy")
     nodes, skipped, now = reader.read()
     stored = nodes["n"]
     assert skipped == 0 and "age" not in stored
     assert abs(stored["seen"] - server) < 0.002 and now >= server
     assert stored["state"] == "live"  # its own clock says 1970, Redis's says it just reported
-    assert monitors.node_state(stored, stored["seen"] + 30.01) == "stale"
-    assert monitors.age(stored, stored["seen"] + 12.5) == 12
+    assert monitor_contract.node_state(stored, stored["seen"] + 30.01) == "stale"
+    assert monitor_contract.age(stored, stored["seen"] + 12.5) == 12
 
 
 FAKETIME = next(iter(sorted(glob.glob("/usr/lib/*/faketime/libfaketime.so.1"))), None)

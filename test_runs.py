@@ -14,6 +14,11 @@ import urllib.request
 
 import pytest
 
+import monitor_channels
+import monitor_contract
+import monitor_read
+import monitor_settings
+import testbed
 import alert
 import monitor_api
 import monitors
@@ -27,7 +32,7 @@ def crawler_env(url, **extra):
 
 
 def runs(client, spider="main_spider"):
-    return monitors.read_runs(client, P, spider, 500)[0]
+    return monitor_read.read_runs(client, P, spider, 500)[0]
 
 
 def seed(client, spider, items_list, reason="finished", start=1_000_000, node="n", keep=1000, pages=100,
@@ -39,8 +44,8 @@ def seed(client, spider, items_list, reason="finished", start=1_000_000, node="n
         snap = {"node": f"{node}{begin}", "spider": spider, "host": "h", "pid": i, "start_time": begin,
                 "timestamp": begin + duration, "items": items, "pages": pages, "errors": errors,
                 "finish_reason": reason, "status": "closed", "peak_rss": 1000}
-        record = monitors.run_record(snap)
-        monitors.write_run(client, P, record, begin, keep)
+        record = monitor_contract.run_record(snap)
+        monitor_contract.write_run(client, P, record, begin, keep)
         out.append(record)
     return out
 
@@ -60,7 +65,7 @@ def make_alerter(url, *argv, **env):
             if saved[name] is not None:
                 os.environ[name] = saved[name]
     out = io.StringIO()
-    return alert.Alerter(cfg, channels={"console": alert.Console(out)}), out
+    return alert.Alerter(cfg, channels={"console": monitor_channels.Console(out)}), out
 
 
 # ---------------------------------------------------------------------------- baseline and records
@@ -76,7 +81,7 @@ def test_compare_is_the_ratio_to_the_median_of_the_previous_ten_runs_not_lost(re
     assert newest["compare"] == {"items": round(55 / 75, 3), "items_per_min": round(27.5 / 75, 3),
                                  "pages_per_min": round(55 / 100, 3), "duration": 2}
     # error ratio: the baseline's is 0, so it cannot be compared; the summary says the same medians
-    summary = monitors.runs_summary(redis_client, P, "s", 1_001_500)
+    summary = monitor_read.runs_summary(redis_client, P, "s", 1_001_500)
     assert summary["baseline_runs"] == 10 and summary["baseline"]["items"] == 75  # 55, 120 ... 40
     assert summary["reasons"] == {"finished": 13, "lost": 1} and summary["runs"] == 14
     assert summary["totals"] == {"finished": 13, "lost": 1}
@@ -93,20 +98,20 @@ def test_error_ratio_is_compared_and_records_stay_small(redis_client):
     seed(redis_client, "e", [10], start=1_000_400, errors=20)
     newest = runs(redis_client, "e")[0]
     assert newest["compare"]["error_ratio"] == 4 and newest["compare"]["items"] == 1
-    sizes = [len(m) for m in redis_client.zrange(monitors.runs_key(P, "e"), 0, -1)]
+    sizes = [len(m) for m in redis_client.zrange(monitor_contract.runs_key(P, "e"), 0, -1)]
     assert max(sizes) < 2048
     # hostile, long names are cut and stay under 2 KB
     snap = {"node": "\x01" * 5000, "spider": "e", "host": "<b>" * 2000, "finish_reason": "x" * 5000,
             "start_time": 1, "timestamp": 2, "status": "closed"}
-    monitors.write_run(redis_client, P, monitors.run_record(snap), 1)
-    assert max(len(m) for m in redis_client.zrange(monitors.runs_key(P, "e"), 0, -1)) < 2048
+    monitor_contract.write_run(redis_client, P, monitor_contract.run_record(snap), 1, 1000)
+    assert max(len(m) for m in redis_client.zrange(monitor_contract.runs_key(P, "e"), 0, -1)) < 2048
 
 
 def test_runs_are_capped_per_spider_and_the_counter_never_goes_down(redis_client, redis_url):
     seed(redis_client, "cap", list(range(8)), keep=5)
     kept = runs(redis_client, "cap")
     assert [r["items"] for r in kept] == [7, 6, 5, 4, 3]  # newest first, the oldest dropped
-    assert redis_client.ttl(monitors.runs_key(P, "cap")) == -1  # never by TTL
+    assert redis_client.ttl(monitor_contract.runs_key(P, "cap")) == -1  # never by TTL
     text = make_app(redis_url).test_client().get("/prometheus").get_data(as_text=True)
     assert 'scrapy_runs_total{finish_reason="finished",spider="cap"} 8.0' in text
 
@@ -168,7 +173,7 @@ def test_summary_counts_reasons_and_days_and_404s_unknown_spiders(redis_client, 
 
 def test_malformed_run_members_are_skipped(redis_client, redis_url):
     seed(redis_client, "m", [1, 2])
-    key = monitors.runs_key(P, "m")
+    key = monitor_contract.runs_key(P, "m")
     redis_client.zadd(key, {"99999999999-00000000000-000000000000 {not json": 0,
                             "junk": 0, '99999999998-00000000000-000000000000 {"spider":1}': 0})
     body = make_app(redis_url).test_client().get("/runs?spider=m").get_json()
@@ -183,7 +188,7 @@ def test_a_crawl_that_finishes_and_one_stopped_by_sigterm_record_their_runs(redi
     host = socket.gethostname()
     redis_client.lpush("distributed:start_urls", json.dumps({"url": site.url}))
     assert finishing.wait(120) == 0, crawl_log(finishing)
-    wait_for(lambda: monitors.get_node(redis_client, f"main_spider:{host}:{stopped.pid}") is not None, 30,
+    wait_for(lambda: testbed.get_node(redis_client, f"main_spider:{host}:{stopped.pid}") is not None, 30,
              what="second node reporting")
     stopped.send_signal(signal.SIGTERM)
     assert stopped.wait(60) == 0, crawl_log(stopped)
@@ -194,9 +199,9 @@ def test_a_crawl_that_finishes_and_one_stopped_by_sigterm_record_their_runs(redi
     assert done["peak_rss"] > 10_000_000 and done["duration"] >= 3 and done["host"] == host
     assert done["pid"] == finishing.pid and done["status_2xx"] + shut["status_2xx"] >= 40
     assert done["end_time"] - done["start_time"] == done["duration"]
-    closed = monitors.get_node(redis_client, done["node"])
+    closed = testbed.get_node(redis_client, done["node"])
     assert closed["peak_rss"] == done["peak_rss"] >= closed["rss"]
-    assert monitors.run_totals(redis_client.hgetall(monitors.run_meta_key(P, "totals"))) == {
+    assert monitor_read.run_totals(redis_client.hgetall(monitor_contract.run_meta_key(P, "totals"))) == {
         ("main_spider", "finished"): 1, ("main_spider", "shutdown"): 1}
 
 
@@ -222,7 +227,7 @@ def test_a_sigkilled_crawl_is_recorded_lost_once_with_two_apis_and_two_alerters(
     proc = crawlers(env=crawler_env(redis_url))
     node = f"main_spider:{socket.gethostname()}:{proc.pid}"
     redis_client.lpush("distributed:start_urls", json.dumps({"url": site.url}))
-    wait_for(lambda: (monitors.get_node(redis_client, node) or {}).get("pages", 0) > 0, 60, what="pages")
+    wait_for(lambda: (testbed.get_node(redis_client, node) or {}).get("pages", 0) > 0, 60, what="pages")
     apis = [start_api(redis_url, 3) for _ in range(2)]
     alerters = [make_alerter(redis_url, "--once", MONITOR_LOST_AFTER="3", ALERT_INTERVAL="1")[0] for _ in range(2)]
     try:
@@ -252,18 +257,18 @@ def test_a_sigkilled_crawl_is_recorded_lost_once_with_two_apis_and_two_alerters(
             a.kill()
             a.wait()
     assert len(runs(redis_client)) == 1 and lost[0]["node"] == node
-    last = monitors.get_node(redis_client, node)
-    assert lost[0]["pages"] == last["pages"] and lost[0]["end_time"] == int(monitors.last_report(last))
-    assert monitors.run_totals(redis_client.hgetall(monitors.run_meta_key(P, "totals"))) == {
+    last = testbed.get_node(redis_client, node)
+    assert lost[0]["pages"] == last["pages"] and lost[0]["end_time"] == int(monitor_contract.last_report(last))
+    assert monitor_read.run_totals(redis_client.hgetall(monitor_contract.run_meta_key(P, "totals"))) == {
         ("main_spider", "lost"): 1}
-    assert redis_client.llen(monitors.run_meta_key(P, "recent")) == 1
+    assert redis_client.llen(monitor_contract.run_meta_key(P, "recent")) == 1
 
 
 def test_a_late_node_keeps_its_run_and_corrects_the_lost_record(redis_client, redis_url, site, crawlers):
     proc = crawlers(env=crawler_env(redis_url), settings={"MAX_IDLE_TIME_BEFORE_CLOSE": 4})
     node = f"main_spider:{socket.gethostname()}:{proc.pid}"
-    wait_for(lambda: monitors.get_node(redis_client, node) is not None, 60, what="node reporting")
-    reader = monitors.NodeReader(redis_client, P, 0, lost_after=2)
+    wait_for(lambda: testbed.get_node(redis_client, node) is not None, 60, what="node reporting")
+    reader = monitor_read.NodeReader(redis_client, P, 0, lost_after=2)
     proc.send_signal(signal.SIGSTOP)  # late, not dead
     try:
         wait_for(lambda: reader.read() and [r for r in runs(redis_client) if r["finish_reason"] == "lost"], 30,
@@ -274,23 +279,23 @@ def test_a_late_node_keeps_its_run_and_corrects_the_lost_record(redis_client, re
     assert proc.wait(120) == 0, crawl_log(proc)
     [run] = runs(redis_client)
     assert run["node"] == node and run["finish_reason"] == "finished" and run["items"] == 40
-    assert monitors.run_totals(redis_client.hgetall(monitors.run_meta_key(P, "totals"))) == {
+    assert monitor_read.run_totals(redis_client.hgetall(monitor_contract.run_meta_key(P, "totals"))) == {
         ("main_spider", "finished"): 1, ("main_spider", "lost"): 0}
     reader.read()  # closed now: never lost again
     assert len(runs(redis_client)) == 1
-    assert not redis_client.keys(monitors.run_meta_key(P, "lost:*"))
+    assert not redis_client.keys(monitor_contract.run_meta_key(P, "lost:*"))
 
 
 def test_pruning_waits_for_the_lost_run(redis_client, redis_url):
     now = int(redis_client.time()[0])
     snap = {"node": "old:1", "spider": "p", "host": "h", "pid": 1, "start_time": now - 9000,
             "timestamp": now - 8000, "seen": now - 8000, "status": "running", "interval": 10, "pages": 3}
-    redis_client.hset(monitors.status_key(P), "old:1", json.dumps(snap))
+    redis_client.hset(monitor_contract.status_key(P), "old:1", json.dumps(snap))
     c = make_app(redis_url, MONITOR_RETENTION=3600).test_client()
     assert "old:1" not in c.get("/metrics").get_json()
     [run] = runs(redis_client, "p")
     assert run["finish_reason"] == "lost" and run["pages"] == 3 and run["duration"] == 1000
-    assert 0 < redis_client.ttl(monitors.run_claim_key(P, "old:1", now - 9000)) <= monitors.CLAIM_AFTER_PRUNE
+    assert 0 < redis_client.ttl(monitor_contract.run_claim_key(P, "old:1", now - 9000)) <= monitor_read.CLAIM_AFTER_PRUNE
 
 
 # ---------------------------------------------------------------------------- the alert rule
@@ -333,11 +338,11 @@ def test_the_run_rule_sends_each_bad_run_once_even_with_two_alerters(redis_clien
 def test_the_run_rule_is_off_when_not_listed_and_settings_are_checked(redis_url):
     alerter, _ = make_alerter(redis_url, "--rules", "down")
     assert alerter.run_once() == []
-    with pytest.raises(monitors.ConfigError, match="MONITOR_LOST_AFTER"):
+    with pytest.raises(monitor_settings.ConfigError, match="MONITOR_LOST_AFTER"):
         make_alerter(redis_url, "--lost-after", "-1")
-    with pytest.raises(monitors.ConfigError, match="ALERT_RUN_ITEMS_RATIO"):
+    with pytest.raises(monitor_settings.ConfigError, match="ALERT_RUN_ITEMS_RATIO"):
         make_alerter(redis_url, "--run-items-ratio", "x")
-    with pytest.raises(monitors.ConfigError, match="MONITOR_RUNS_KEEP"):
+    with pytest.raises(monitor_settings.ConfigError, match="MONITOR_RUNS_KEEP"):
         monitor_api.create_app({"REDIS_URL": redis_url, "MONITOR_RUNS_KEEP": "0"})
 
 
@@ -412,34 +417,36 @@ def test_a_node_is_never_lost_between_its_reports(redis_client):
     now = int(redis_client.time()[0])
     slow = {"node": "slow:1", "spider": "q", "start_time": now - 100, "timestamp": now - 20, "seen": now - 20,
             "status": "running", "interval": 10}
-    redis_client.hset(monitors.status_key(P), "slow:1", json.dumps(slow))
-    reader = monitors.NodeReader(redis_client, P, lost_after=1)
+    redis_client.hset(monitor_contract.status_key(P), "slow:1", json.dumps(slow))
+    reader = monitor_read.NodeReader(redis_client, P, lost_after=1)
     reader.read()
     assert runs(redis_client, "q") == []  # 20 s silent, reports every 10 s: not stale yet
-    redis_client.hset(monitors.status_key(P), "slow:1", json.dumps(dict(slow, seen=now - 31)))
+    redis_client.hset(monitor_contract.status_key(P), "slow:1", json.dumps(dict(slow, seen=now - 31)))
     reader.last_lost = -1e9
     reader.read()
     assert [r["finish_reason"] for r in runs(redis_client, "q")] == ["lost"]
 
 
 def test_a_runs_key_of_the_wrong_type_is_named(redis_client, redis_url):
-    redis_client.set(monitors.runs_key(P, "w"), "oops")
+    redis_client.set(monitor_contract.runs_key(P, "w"), "oops")
     c = make_app(redis_url).test_client()
     for path in ("/runs?spider=w", "/runs/w/summary"):
         resp = c.get(path)
         assert resp.status_code == 500 and resp.get_json() == {"error": "scrapy:runs:w is a string, not a zset"}
-    redis_client.delete(monitors.runs_key(P, "w"))
-    redis_client.set(monitors.run_meta_key(P, "totals"), "oops")
+    redis_client.delete(monitor_contract.runs_key(P, "w"))
+    redis_client.set(monitor_contract.run_meta_key(P, "totals"), "oops")
     resp = c.get("/runs")
     assert resp.status_code == 500 and resp.get_json() == {"error": "scrapy:runmeta:totals is a string, not a hash"}
 
 
-def test_the_extension_reads_monitor_runs_keep():
+def test_the_extension_reads_monitor_runs_keep(caplog):
     from scrapy.exceptions import NotConfigured
     from scrapy.utils.test import get_crawler
 
     ext = monitors.SpiderMonitor.from_crawler(get_crawler(settings_dict={"MONITOR_RUNS_KEEP": "7"}))
     assert ext.runs_keep == 7
-    for bad in ("0", "x", "-3"):
-        with pytest.raises(NotConfigured, match="MONITOR_RUNS_KEEP"):
+    for bad in ("0", "x", "-3", "+5", "5_000"):
+        caplog.clear()
+        with pytest.raises(NotConfigured):
             monitors.SpiderMonitor.from_crawler(get_crawler(settings_dict={"MONITOR_RUNS_KEEP": bad}))
+        assert f"MONITOR_RUNS_KEEP must be a whole number from 1 to 999999999, not {bad!r}" in caplog.text

@@ -5,6 +5,7 @@ import types
 
 from scrapy.utils.test import get_crawler
 
+import monitor_contract
 import monitors
 import testbed
 
@@ -26,7 +27,7 @@ def test_snapshot_has_every_field_a_node_writes(redis_url, redis_client, monkeyp
 
     monkeypatch.setattr(task, "LoopingCall", NoLoop)
     ext = monitors.SpiderMonitor.from_crawler(get_crawler(settings_dict={"REDIS_URL": redis_url}))
-    ext.spider_opened(types.SimpleNamespace(name="main_spider", redis_key="distributed:start_urls"))
+    ext.start(types.SimpleNamespace(name="main_spider", redis_key="distributed:start_urls"))
     running = ext.collect_and_publish({}, {"status": "running"})
     closed = ext.collect_and_publish({}, {"status": "closed", "finish_reason": "finished"}, final=True)
     made, made_closed = testbed.snapshot("n"), testbed.snapshot("n", status="closed")
@@ -38,10 +39,10 @@ def test_snapshot_has_every_field_a_node_writes(redis_url, redis_client, monkeyp
 def test_publish_writes_as_a_node_does(redis_client):
     snaps = [testbed.snapshot("a", age=5), testbed.snapshot("b", spider="other", status="closed", interval=2)]
     testbed.publish(redis_client, *snaps, prefix="tb", history=40)
-    stored = {k.decode(): json.loads(v) for k, v in redis_client.hgetall(monitors.status_key("tb")).items()}
+    stored = {k.decode(): json.loads(v) for k, v in redis_client.hgetall(monitor_contract.status_key("tb")).items()}
     assert stored == {"a": snaps[0], "b": snaps[1]} and stored["b"]["finish_reason"] == "finished"
-    rows = [json.loads(r) for r in redis_client.lrange(monitors.history_key("tb", "a"), 0, -1)]
+    rows = [json.loads(r) for r in redis_client.lrange(monitor_contract.history_key("tb", "a"), 0, -1)]
     assert [r[0] for r in rows] == [snaps[0]["timestamp"] - 10 * i for i in range(41)]  # newest first
-    assert rows[0] == monitors.history_row(snaps[0])
-    assert redis_client.llen(monitors.trend_key("tb", "a")) >= 1  # 40 rows at 10 s span two 5-minute buckets
-    assert redis_client.llen(monitors.history_key("tb", "b")) == 41
+    assert rows[0] == monitor_contract.history_row(snaps[0])
+    assert redis_client.llen(monitor_contract.trend_key("tb", "a")) >= 1  # 40 rows at 10 s span two 5-minute buckets
+    assert redis_client.llen(monitor_contract.history_key("tb", "b")) == 41

@@ -21,8 +21,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import redis
 import requests
 
-import insight
-import monitors
+import monitor_contract
+import monitor_read
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
@@ -273,7 +273,7 @@ def crawl_log(proc):
 class ApiServer:
     """``python monitor_api.py --port N`` in a subprocess, stoppable and restartable on the same port."""
 
-    def __init__(self, redis_url, prefix=monitors.DEFAULT_PREFIX, **env):
+    def __init__(self, redis_url, prefix="scrapy", **env):
         self.port = free_port()
         self.env = clean_env(env, REDIS_URL=redis_url, MONITOR_KEY_PREFIX=prefix)
         self.proc = None
@@ -327,9 +327,9 @@ def snapshot(node, spider="main_spider", age=0, now=None, **fields):
         "errors_per_min": 0.0, "requests_per_min": 125.0,
         # the scrapy-redis queues (SpiderMonitor._queue_sizes)
         "queue_requests": 4321, "queue_start_urls": 12, "queue_dupefilter": 99999,
-        # crawl insight (insight.Insight): a quiet node's, small; tests give figures where they need them
+        # crawl insight (monitors.Insight): a quiet node's, small; tests give figures where they need them
         "latency_p50": 0.12, "latency_p95": 0.4, "latency_p99": 0.9, "latency_sum": 0.0,
-        "latency_buckets": [0] * (len(insight.LATENCY_BUCKETS) + 1), "domains": {}, "fields": {}, "fields_listed": False,
+        "latency_buckets": [0] * (len(monitor_contract.LATENCY_BUCKETS) + 1), "domains": {}, "fields": {}, "fields_listed": False,
         "error_samples": [],
     }
     snap.update(fields)
@@ -338,7 +338,7 @@ def snapshot(node, spider="main_spider", age=0, now=None, **fields):
     return snap
 
 
-def publish(client, *snapshots, prefix=monitors.DEFAULT_PREFIX, history=0, history_len=None, trend_rows=(),
+def publish(client, *snapshots, prefix="scrapy", history=0, history_len=None, trend_rows=(),
             stamp=False):
     """Write snapshots as their nodes do, in one pipeline. ``history`` earlier rows per node (one per interval,
     with figures that rise and fall, and their 5-minute trend rows) come first; ``history_len`` rows are kept
@@ -347,18 +347,36 @@ def publish(client, *snapshots, prefix=monitors.DEFAULT_PREFIX, history=0, histo
     a snapshot's age is its ``timestamp``'s (tests on a made-up clock)."""
     with client.pipeline(transaction=False) as pipe:
         for snap in snapshots:
-            interval = monitors.number(snap.get("interval"))
-            interval = interval if interval and interval > 0 else monitors.DEFAULT_INTERVAL
-            keep = history_len or max(1, int(monitors.HISTORY_SECONDS // interval))
-            trend = monitors.TrendBuffer()
+            interval = monitor_contract.number(snap.get("interval"))
+            interval = interval if interval and interval > 0 else monitor_contract.DEFAULT_INTERVAL
+            keep = history_len or max(1, int(monitor_contract.HISTORY_SECONDS // interval))
+            trend = monitor_contract.TrendBuffer()
             for i in range(history, 0, -1):
                 wave = (i % 12) / 12
                 old = dict(snap, timestamp=snap["timestamp"] - i * int(interval), cpu=round(20 + 60 * wave, 1),
                            memory=round(50 + 10 * wave, 1), pages_per_min=round(80 + 80 * wave, 1))
-                done = trend.add(monitors.history_row(old))
-                monitors.write_snapshot(pipe, prefix, old, keep, [done] if done else [])
-            monitors.write_snapshot(pipe, prefix, snap, keep, trend_rows, stamp=stamp)
+                done = trend.add(monitor_contract.history_row(old))
+                monitor_contract.write_snapshot(pipe, prefix, old, keep, [done] if done else [])
+            monitor_contract.write_snapshot(pipe, prefix, snap, keep, trend_rows, stamp=stamp)
         pipe.execute()
+
+
+# ---------------------------------------------------------------------------- what readers see
+
+def list_nodes(client, prefix="scrapy", now=None):
+    """``({node: snapshot with state}, malformed count)``, read as the API and the alerter read them."""
+    nodes, skipped, _ = monitor_read.NodeReader(client, prefix).read(now)
+    return nodes, skipped
+
+
+def get_node(client, node, prefix="scrapy", now=None):
+    """One node's snapshot with its state, or None."""
+    return monitor_contract.parse_snapshot(client.hget(monitor_contract.status_key(prefix), node), now)
+
+
+def read_history(client, node, minutes=60, prefix="scrapy", now=None):
+    """One node's history rows, oldest first."""
+    return monitor_read.read_histories(client, [node], minutes, prefix, now)[node]
 
 
 if __name__ == "__main__":

@@ -16,8 +16,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+import monitor_alert_state
+import monitor_contract
 import alert  # noqa: E402
-import monitors  # noqa: E402
 import testbed  # noqa: E402
 from testbed import RedisServer  # noqa: E402
 
@@ -68,11 +69,11 @@ def main():
         cfg = alert.load_config([
             "--redis-url", server.url, "--webhook-url", f"http://127.0.0.1:{receiver.server_address[1]}/hook",
             "--for", str(INTERVAL), "--interval", str(INTERVAL), "--stall-seconds", str(2 * INTERVAL)])
-        alerter = alert.Alerter(cfg, client=monitors.connect(server.url, timeout=10))
+        alerter = alert.Alerter(cfg, client=monitor_contract.connect(server.url, timeout=10))
         t0 = time.time()
         for i in range(args.silences):
             node = snapshot(i * 10 if i % 10 == 0 else i * 10 + 5, t0, False)["node"]
-            monitors.add_silence(server.client(), "scrapy", monitors.silence_from(
+            monitor_alert_state.add_silence(server.client(), "scrapy", monitor_alert_state.silence_from(
                 {"matchers": {"node": node, "spider": node.split(":")[0]}, "duration": 86400}, t0, "bench"))
         steps = [("first sight (all pending)", False), ("fires (one big message)", False),
                  ("steady (nothing new)", False), ("hot nodes cool down (resolved)", True)]

@@ -18,7 +18,7 @@ sys.path.insert(0, ROOT)
 from scrapy import Request  # noqa: E402
 from scrapy.http import HtmlResponse  # noqa: E402
 
-import insight  # noqa: E402
+import monitor_contract
 import monitors  # noqa: E402
 
 
@@ -62,7 +62,7 @@ def item(i):
 
 
 def hooks(calls):
-    ins = insight.Insight(20)
+    ins = monitors.Insight(20)
     pairs = responses()
     median, p95 = per_call(lambda resp, req: ins.response_downloaded(resp, req, None), pairs, calls)
     print(f"response_downloaded: median {median * 1e6:.2f} us, p95 {p95 * 1e6:.2f} us per response "
@@ -94,7 +94,7 @@ def with_errors(ins):
 
 def full_insight(calls=3000):
     """Insight figures at their budget (20 domains and other, 30 fields, 5 samples), for other benchmarks."""
-    ins = insight.Insight(20)
+    ins = monitors.Insight(20)
     pairs = responses()
     for k in range(calls):
         ins.response_downloaded(*pairs[k % len(pairs)], None)
@@ -110,11 +110,11 @@ def size(ins):
             "status": "running", **ins.take_interval(), **ins.figures()}
     snap["latency_p50"], snap["latency_p95"], snap["latency_p99"] = 0.412, 1.873, 2.951
     data = json.dumps(snap, separators=(",", ":"))
-    parts = {k: len(json.dumps(snap[k], separators=(",", ":"))) for k in sorted(insight.BIG_FIELDS)}
+    parts = {k: len(json.dumps(snap[k], separators=(",", ":"))) for k in sorted(monitor_contract.BIG_FIELDS)}
     print(f"snapshot with {len(snap['domains'])} domains (incl. other), {len(snap['fields'])} fields, "
           f"{len(snap['error_samples'])} error samples: {len(data)} bytes (goal: under 6 KB = 6144); "
           + ", ".join(f"{k} {v} B" for k, v in parts.items()))
-    print(f"  without them (list views): {len(json.dumps(insight.slim(snap), separators=(',', ':')))} bytes")
+    print(f"  without them (list views): {len(json.dumps(monitor_contract.slim(snap), separators=(',', ':')))} bytes")
 
 
 if __name__ == "__main__":

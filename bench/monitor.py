@@ -20,6 +20,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import bench.insight_hooks as insight_bench  # noqa: E402
+import monitor_contract
 import monitors  # noqa: E402
 from testbed import RedisServer, Site, clean_env, crawl_command  # noqa: E402
 
@@ -108,7 +109,7 @@ def memory():
         base = {"node": "main_spider:crawler-host-01:123456", "spider": "main_spider", "host": "crawler-host-01",
                 "pid": 123456, "interval": 10, "start_time": 1_699_999_800, "status": "running",
                 "queue_requests": 1234, "queue_start_urls": 0, "queue_dupefilter": 567890}
-        trend = monitors.TrendBuffer()
+        trend = monitor_contract.TrendBuffer()
         figures = insight_bench.full_insight()  # crawl insight at its budget: 20 domains, 30 fields, 5 samples
         start = 1_699_999_800
         with r.pipeline(transaction=False) as pipe:
@@ -120,8 +121,8 @@ def memory():
                 stats["log_count/ERROR"] += i % 3 == 0
                 snap = {"timestamp": now, **base, **sampler.sample(stats, now), **figures,
                         "latency_p95": round(0.3 + i % 17 / 10, 3)}
-                rows = [row for row in [trend.add(monitors.history_row(snap))] if row]
-                monitors.write_snapshot(pipe, "bench", snap, 360, rows)
+                rows = [row for row in [trend.add(monitor_contract.history_row(snap))] if row]
+                monitor_contract.write_snapshot(pipe, "bench", snap, 360, rows)
                 pipe.rpush("naive", json.dumps(snap))  # the plain capped list of JSON snapshots
                 pipe.ltrim("naive", -8640, -1)
                 if i % 500 == 0:
@@ -129,9 +130,9 @@ def memory():
             pipe.execute()
         node = base["node"]
         parts = {
-            "status hash entry": r.memory_usage(monitors.status_key("bench"), samples=0),
-            "1 h full-resolution history": r.memory_usage(monitors.history_key("bench", node), samples=0),
-            "24 h trend (5-minute rows)": r.memory_usage(monitors.trend_key("bench", node), samples=0),
+            "status hash entry": r.memory_usage(monitor_contract.status_key("bench"), samples=0),
+            "1 h full-resolution history": r.memory_usage(monitor_contract.history_key("bench", node), samples=0),
+            "24 h trend (5-minute rows)": r.memory_usage(monitor_contract.trend_key("bench", node), samples=0),
         }
         total = sum(parts.values())
         naive = r.memory_usage("naive", samples=0)
@@ -181,7 +182,7 @@ def reactor_time(ticks=300):
             loop.start(0.01)
 
     def begin():
-        ext.spider_opened(Spider())  # a real opened monitor; its own hourly loop stays out of the way
+        ext.start(Spider())  # a real opened monitor; its own hourly loop stays out of the way
         cpu["idle_start"] = time.thread_time()
         idle_loop.start(0.01)
 

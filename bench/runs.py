@@ -3,7 +3,7 @@
     python bench/runs.py [--spiders 100] [--runs 1000] [--requests 2000]
 
 Starts its own redis-server and monitor_api.py (waitress, response cache off, so every request reads
-Redis). Writes ``--spiders`` x ``--runs`` realistic run records through ``monitors.write_run`` (the same
+Redis). Writes ``--spiders`` x ``--runs`` realistic run records through ``monitor_contract.write_run`` (the same
 Lua script a closing node runs, baseline and cap included), then measures:
 
 - Redis memory per run (used_memory before and after, divided by the runs kept; goal under 2 KB). The
@@ -27,7 +27,7 @@ sys.path.insert(0, ROOT)
 
 import requests  # noqa: E402
 
-import monitors  # noqa: E402
+import monitor_contract
 from testbed import RedisServer, clean_env, free_port, wait_for  # noqa: E402
 
 
@@ -50,7 +50,7 @@ def fill(client, spiders, runs, now):
         with client.pipeline(transaction=False) as pipe:
             for i in range(runs):
                 snap = snapshot(spider, i, now)
-                monitors.write_run(pipe, "scrapy", monitors.run_record(snap), snap["start_time"])
+                monitor_contract.write_run(pipe, "scrapy", monitor_contract.run_record(snap), snap["start_time"], 1000)
             pipe.execute()
     return time.perf_counter() - started
 
@@ -85,9 +85,9 @@ def main():
         took = fill(client, args.spiders, args.runs, now)
         after = client.info("memory")["used_memory"]
         total = args.spiders * args.runs
-        kept = sum(client.zcard(monitors.runs_key("scrapy", f"spider_{s:04d}")) for s in range(args.spiders))
+        kept = sum(client.zcard(monitor_contract.runs_key("scrapy", f"spider_{s:04d}")) for s in range(args.spiders))
         per_run = (after - before) / kept
-        sample = client.zrevrangebylex(monitors.runs_key("scrapy", "spider_0000"), "+", "-", 0, 1)[0]
+        sample = client.zrevrangebylex(monitor_contract.runs_key("scrapy", "spider_0000"), "+", "-", 0, 1)[0]
         print(f"wrote {total:,} runs ({args.spiders} spiders x {args.runs}) in {took:.1f} s: "
               f"{took / total * 1e6:.0f} us per run recorded (pipelined Lua, baseline of 10 included)")
         print(f"Redis memory: {per_run:,.0f} bytes per run ({kept:,} kept; a record is {len(sample)} bytes of "

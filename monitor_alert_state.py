@@ -1,0 +1,474 @@
+"""The alerter's state in Redis, in one home: alert records, stall trackers, the outbox, dead letters, silences,
+the heartbeat, the evaluation lock and the runs cursor.
+
+alert.py keeps it (``Lock``, ``Store``: one pipelined read and one transactional write per evaluation); the API
+reads alerts (``read_alerts``) and adds or deletes silences through the same functions.
+"""
+
+import logging
+import uuid
+from typing import NamedTuple, Optional
+
+import redis
+
+from monitor_contract import alert_key, run_meta_key, as_text, dumps, is_number, is_text, loads, number, redis_now
+from monitor_read import parse_recent
+from monitor_rules import RULE, RULES, SILENCE_MATCHERS, SilenceIndex
+from monitor_settings import SETTING, ConfigError, duration
+from monitor_settings import value as setting_value
+
+logger = logging.getLogger(__name__)
+
+
+# ---------------------------------------------------------------------------- silences
+
+
+
+# A silence longer than this is a typo: at most 30 days.
+MAX_SILENCE = 30 * 86400
+
+
+# Matcher values and comments longer than this are not names.
+MAX_SILENCE_TEXT = 500
+
+
+# At most this many silences at once: each evaluation checks every alert against each.
+MAX_SILENCES = 1000
+
+
+def silence_from(body, now, who):
+    """A silence checked from ``{"matchers": {...}, "duration" | "until", "comment"}``: a dict to store, or
+    ValueError saying what is wrong. ``until`` is unix seconds; ``duration`` seconds or ``2h``-style."""
+    if not isinstance(body, dict):
+        raise ValueError('send a JSON object: {"matchers": {"spider": "..."}, "duration": 3600, "comment": "..."}')
+    matchers = body.get("matchers")
+    if not isinstance(matchers, dict) or not matchers:
+        raise ValueError(f"matchers must be a non-empty object with any of {', '.join(SILENCE_MATCHERS)}")
+    for key, value in matchers.items():
+        if key not in SILENCE_MATCHERS:
+            raise ValueError(f"unknown matcher {str(key)[:50]!r}: matchers are {', '.join(SILENCE_MATCHERS)}")
+        if not (isinstance(value, str) and value and len(value) <= MAX_SILENCE_TEXT and is_text(value)):
+            raise ValueError(f"matcher {key} must be a non-empty string of at most {MAX_SILENCE_TEXT} characters")
+    if ("duration" in body) == ("until" in body):
+        raise ValueError("give either duration (seconds, or like 2h) or until (unix seconds)")
+    if "until" in body:
+        until = body["until"]
+        if not (is_number(until) and now < until <= now + MAX_SILENCE):
+            raise ValueError(f"until must be unix seconds in the next {MAX_SILENCE // 86400} days")
+    else:
+        raw = body["duration"]
+        if not (is_number(raw) or isinstance(raw, str)):
+            raise ValueError("duration must be seconds or a text like 2h")
+        try:
+            until = now + duration("duration", raw)
+        except ConfigError as exc:
+            raise ValueError(str(exc)) from None
+    comment = body.get("comment", "")
+    if not (isinstance(comment, str) and len(comment) <= MAX_SILENCE_TEXT and is_text(comment)):
+        raise ValueError(f"comment must be a string of at most {MAX_SILENCE_TEXT} characters")
+    return {"matchers": dict(matchers), "until": round(until, 3), "comment": comment, "who": who,
+            "created": round(now, 3)}
+
+
+def add_silence(r, prefix, silence):
+    """Store a checked silence (``silence_from``); returns its id. ValueError when MAX_SILENCES are active."""
+    if r.hlen(alert_key(prefix, "silences")) >= MAX_SILENCES:
+        read_silences(r, prefix, silence["created"])  # drops the expired ones
+        if r.hlen(alert_key(prefix, "silences")) >= MAX_SILENCES:
+            raise ValueError(f"{MAX_SILENCES} silences are active: delete some first")
+    sid = uuid.uuid4().hex[:16]
+    r.hset(alert_key(prefix, "silences"), sid, dumps(silence))
+    return sid
+
+
+def delete_silence(r, prefix, sid):
+    """Delete one silence; whether it existed."""
+    return bool(r.hdel(alert_key(prefix, "silences"), sid))
+
+
+def parse_silences(raw, now):
+    """``({id: silence}, expired ids)`` from an HGETALL of the silences hash; malformed entries are skipped."""
+    active, expired = {}, []
+    for field, value in (raw or {}).items():
+        try:
+            silence = loads(value, bounded=False)
+            until = silence["until"]
+            ok = (is_number(until) and isinstance(silence.get("matchers"), dict) and silence["matchers"]
+                  and set(silence["matchers"]) <= set(SILENCE_MATCHERS))
+        except (ValueError, TypeError, KeyError):
+            ok = False
+        if not ok:
+            continue
+        if until <= now:
+            expired.append(as_text(field))
+        else:
+            active[as_text(field)] = silence
+    return active, expired
+
+
+def read_silences(r, prefix, now=None, tidy=True):
+    """The active silences ``{id: silence}``, oldest first; with ``tidy`` expired ones are deleted on the way
+    (lazily; a dry run reads without writing)."""
+    with r.pipeline(transaction=False) as pipe:
+        pipe.hgetall(alert_key(prefix, "silences"))
+        pipe.time()
+        raw, server_now = pipe.execute()
+    active, expired = parse_silences(raw, redis_now(server_now) if now is None else now)
+    if tidy:
+        _forget(r, alert_key(prefix, "silences"), expired)
+    return dict(sorted(active.items(), key=lambda item: (number(item[1].get("created"), 0), item[0])))
+
+
+def _forget(r, key, fields):
+    if fields:
+        try:
+            r.hdel(key, *fields)
+        except redis.RedisError as exc:  # a read-only replica: the expired ones are ignored anyway
+            logger.warning("Cannot delete expired silences: %s", exc)
+
+
+
+
+# ---------------------------------------------------------------------------- heartbeat and alert records, as /alerts shows them
+
+# The alerter's heartbeat lives this many of its intervals (at least HEARTBEAT_MIN seconds): past it,
+# readers say no alerter is running.
+HEARTBEAT_INTERVALS = 3
+
+
+HEARTBEAT_MIN = 30
+
+
+def heartbeat(now, interval, who, settings):
+    """What an alerter stores each evaluation, and for how long: ``({at, interval, who, settings}, seconds)``;
+    ``at`` is on Redis's clock, ``settings`` its thresholds and run settings (``alert_settings``), which the
+    page judges by. It expires after HEARTBEAT_INTERVALS intervals, so a reader can tell no alerter runs."""
+    return (dumps({"at": round(now, 3), "interval": interval, "who": who, "settings": settings}),
+            int(max(HEARTBEAT_INTERVALS * interval, HEARTBEAT_MIN)))
+
+
+def alert_settings(cfg=None):
+    """``{"thresholds": {rule: limit or None}, "ok_reasons", "run_items_ratio"}`` of an alerter's configuration,
+    or the settings table's defaults without one."""
+    def setting(name, attr):
+        return getattr(cfg, attr) if cfg is not None else setting_value(name, SETTING[name].default)
+    thresholds = {rule.name: setting(rule.setting, rule.attr) if rule.setting else None for rule in RULES}
+    if cfg is not None:
+        thresholds = {name: limit if name in cfg.rules else 0 for name, limit in thresholds.items()}
+    return {"thresholds": thresholds, "ok_reasons": setting("ALERT_OK_REASONS", "ok_reasons"),
+            "run_items_ratio": setting("ALERT_RUN_ITEMS_RATIO", "run_items_ratio")}
+
+
+def read_alerts(r, prefix):
+    """``{"alerts": [...], "alerter": heartbeat or None, "silences": n, "settings", "now"}`` (``settings``: the
+    running alerter's thresholds and run settings, else the defaults; see ``alert_settings``): every pending and firing alert from
+    the alerter's state, newest first, each with ``rule, alertname, severity, node, spider, host, state,
+    value, threshold, since, last_sent, silenced`` (the id of a silence matching it now, or null)."""
+    with r.pipeline(transaction=False) as pipe:
+        pipe.hgetall(alert_key(prefix, "state"))
+        pipe.hgetall(alert_key(prefix, "silences"))
+        pipe.get(alert_key(prefix, "heartbeat"))
+        pipe.time()
+        raw_state, raw_silences, beat, server_now = pipe.execute()
+    now = redis_now(server_now)
+    silences, expired = parse_silences(raw_silences, now)
+    _forget(r, alert_key(prefix, "silences"), expired)
+    index = SilenceIndex(silences)
+    alerts = []
+    for field, raw in raw_state.items():
+        try:
+            record = loads(raw, bounded=False)
+        except ValueError:
+            continue
+        rule, _, node = as_text(field).partition(":")
+        if not (isinstance(record, dict) and record.get("state") in ("pending", "firing")
+                and is_number(record.get("since"))):
+            continue
+        labels = {"rule": rule, "node": node, "spider": _label(record.get("spider")),
+                  "host": _label(record.get("host"))}
+        sent = record.get("sent") if record.get("state") == "firing" and record.get("notified", True) else None
+        alerts.append({**labels, "alertname": _label(record.get("alertname")),
+                       "severity": _label(record.get("severity")), "state": record["state"],
+                       "value": number(record.get("value")), "threshold": number(record.get("threshold")),
+                       "since": record["since"], "last_sent": number(sent),
+                       "silenced": index.match(labels)})
+    alerts.sort(key=lambda a: (-a["since"], a["rule"], a["node"]))
+    try:
+        heartbeat = loads(beat, bounded=False) if beat else None
+    except ValueError:
+        heartbeat = None
+    alerter = heartbeat if isinstance(heartbeat, dict) else None
+    settings = alerter.get("settings") if alerter else None
+    settings = ({"source": "alerter", **settings} if isinstance(settings, dict)
+                else {"source": "defaults", **alert_settings()})
+    return {"alerts": alerts, "alerter": alerter, "silences": len(silences), "settings": settings, "now": now}
+
+
+def _label(value):
+    return value if isinstance(value, str) and is_text(value) else None
+
+
+# ---------------------------------------------------------------------------- the lock
+
+# The evaluation lock outlives a crashed holder by this long; the holder renews it before every send.
+LOCK_TTL_MS = 60_000
+
+
+RELEASE_LUA = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0"
+
+
+RENEW_LUA = ("if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) "
+             "end return 0")
+
+
+def move_aside(r, prefix, name, why):
+    """Rename an alert key alert.py cannot use to ``<name>:aside``, logged with its key, and start it afresh."""
+    key, aside = alert_key(prefix, name), alert_key(prefix, f"{name}:aside")
+    try:
+        r.rename(key, aside)
+    except redis.ResponseError:  # gone meanwhile
+        return
+    logger.error("Alert: %s %s: moved to %s, starting afresh", key, why, aside)
+
+
+class Lock:
+    """The evaluation lock: one alert.py at a time evaluates and delivers; it expires if its holder dies."""
+
+    def __init__(self, r, prefix):
+        self.r, self.prefix = r, prefix
+        self.key = alert_key(prefix, "lock")
+        self.token = None
+
+    def acquire(self):
+        for _ in range(2):
+            token = uuid.uuid4().hex
+            if self.r.set(self.key, token, nx=True, px=LOCK_TTL_MS):
+                self.token = token
+                return True
+            if self.r.pttl(self.key) != -1:  # a live lock, or gone just now
+                return False
+            move_aside(self.r, self.prefix, "lock", "never expires, so no alert.py wrote it")
+        return False
+
+    def renew(self):
+        return bool(self.r.eval(RENEW_LUA, 1, self.key, self.token, LOCK_TTL_MS))
+
+    def release(self):
+        try:
+            self.r.eval(RELEASE_LUA, 1, self.key, self.token)
+        except redis.RedisError:
+            pass  # it expires by itself
+        self.token = None
+
+
+# ---------------------------------------------------------------------------- the store
+
+# Dead letters kept in <prefix>:alert:dead, newest first: enough to read back a day of a broken channel.
+DEAD_MAX = 1000
+
+
+# A dead letter keeps this much of a malformed record's text.
+DEAD_TEXT = 10_000
+
+
+# A stored time or count beyond this is not one: the record holding it is malformed.
+BOUND = 1e18
+
+
+# Only while the lock is ours: set or delete ('' value) fields of one hash and keep dead letters in the
+# capped list, counted. KEYS: lock, hash, dead list, dead counter. ARGV: token, cap, n, n field/value pairs,
+# then the dead letters. Returns -1 when the lock is not ours, else the dead letters counted so far.
+SETTLE_LUA = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return -1 end
+local n = tonumber(ARGV[3])
+for i = 4, 3 + 2 * n, 2 do
+  if ARGV[i + 1] == '' then redis.call('HDEL', KEYS[2], ARGV[i])
+  else redis.call('HSET', KEYS[2], ARGV[i], ARGV[i + 1]) end
+end
+local total = tonumber(redis.call('GET', KEYS[4])) or 0
+if #ARGV > 3 + 2 * n then
+  for i = 4 + 2 * n, #ARGV do redis.call('LPUSH', KEYS[3], ARGV[i]) end
+  redis.call('LTRIM', KEYS[3], 0, tonumber(ARGV[2]) - 1)
+  total = total + #ARGV - 3 - 2 * n
+  redis.call('SET', KEYS[4], total)
+end
+return total
+"""
+
+
+def _num(value):
+    """A finite, bounded number (not a bool): what a stored time or count must be."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and -BOUND < value < BOUND
+
+
+def record_problem(field, record):
+    """Why an alert record (field ``rule:node``) cannot be used, or None."""
+    if field.partition(":")[0] not in RULE:
+        return f"unknown rule {field.partition(':')[0]!r}"
+    if not isinstance(record, dict) or record.get("state") not in ("pending", "firing"):
+        return "not a pending or firing alert"
+    times = ("since",) if record["state"] == "pending" else ("since", "fired", "sent")
+    if not all(_num(record.get(name)) for name in times):
+        return f"needs numbers {', '.join(times)}"
+    return None
+
+
+def tracker_problem(field, tracker):
+    """Why a stall tracker cannot be used, or None."""
+    if (isinstance(tracker, list) and len(tracker) == 2 and (tracker[0] is None or _num(tracker[0]))
+            and _num(tracker[1])):
+        return None
+    return "not [pages, since]"
+
+
+def entry_problem(field, entry):
+    """Why an outbox entry cannot be sent, or None."""
+    if not isinstance(entry, dict) or not isinstance(entry.get("channel"), str):
+        return "not a message with a channel"
+    if not all(_num(entry.get(name)) for name in ("created", "attempts", "next_try")) or entry["attempts"] < 0:
+        return "needs numbers created, attempts, next_try"
+    alerts = entry.get("alerts")
+    if not (isinstance(alerts, list) and alerts and all(
+            isinstance(a, dict) and a.get("status") in ("firing", "resolved")
+            and all(isinstance(a.get(k), str) for k in ("rule", "node", "summary", "starts_at"))
+            for a in alerts)):
+        return "alerts must be a list of notifications"
+    to = entry.get("to")
+    if to is not None and not (isinstance(to, list) and to and all(isinstance(t, str) for t in to)):
+        return "to must be a list of addresses"
+    return None
+
+
+class Reading(NamedTuple):
+    """What one evaluation reads of the alerter's state (``Store.read``)."""
+
+    state: dict  # "rule:node" -> alert record
+    stall: dict  # node -> stall tracker
+    silences: dict  # id -> active silence
+    runs_cursor: Optional[int]  # the seq of the last run judged; None before the first evaluation
+    recent: list  # [(seq, run record)], the newest runs recorded
+
+
+class Store:
+    """The alerter's keys: alert state and stall trackers (hashes of JSON), the outbox (a hash of messages
+    to send) and the dead letters (a capped list, and their count). Read-only without a lock (dry run)."""
+
+    TYPES = {"state": "hash", "stall": "hash", "outbox": "hash", "dead": "list", "dead_total": "string",
+             "silences": "hash", "heartbeat": "string", "runs": "string"}
+
+    def __init__(self, r, prefix, lock=None):
+        self.r, self.prefix, self.lock = r, prefix, lock
+        self.key = {name: alert_key(prefix, name) for name in self.TYPES}
+
+    def read(self, now):
+        """Everything an evaluation needs, in one round trip: ``Reading(state, stall, silences, runs_cursor,
+        recent)``, checked: a key of the wrong type is moved aside (logged), a malformed field set aside,
+        expired silences deleted (not in a dry run)."""
+        with self.r.pipeline(transaction=False) as pipe:
+            for name in self.TYPES:
+                pipe.type(self.key[name])
+            pipe.hgetall(self.key["state"])
+            pipe.hgetall(self.key["stall"])
+            pipe.hgetall(self.key["silences"])
+            pipe.get(self.key["runs"])
+            pipe.lrange(run_meta_key(self.prefix, "recent"), 0, -1)
+            *kinds, raw_state, raw_stall, raw_silences, cursor, recent = pipe.execute(raise_on_error=False)
+        for name, kind in zip(self.TYPES, kinds):
+            if as_text(kind) not in ("none", self.TYPES[name]):
+                if self.lock:
+                    move_aside(self.r, self.prefix, name, f"is a {as_text(kind)}, not a {self.TYPES[name]}")
+                else:
+                    logger.error("Alert: %s is a %s, not a %s", self.key[name], as_text(kind), self.TYPES[name])
+        state = self._checked("state", raw_state, record_problem, now)
+        stall = self._checked("stall", raw_stall, tracker_problem, now)
+        silences, expired = parse_silences(raw_silences if isinstance(raw_silences, dict) else {}, now)
+        if self.lock:
+            _forget(self.r, self.key["silences"], expired)
+        cursor = int(cursor) if isinstance(cursor, bytes) and cursor.isdigit() else None
+        return Reading(state, stall, silences, cursor, parse_recent(recent if isinstance(recent, list) else []))
+
+    def outbox(self, now):
+        """The messages to send, oldest first: ``[(field, entry)]``; malformed ones are set aside."""
+        raw = self.r.hgetall(self.key["outbox"])
+        entries = self._checked("outbox", raw, entry_problem, now, keep_fields=True)
+        return sorted(entries.values(), key=lambda item: (item[1]["created"], item[0]))
+
+    def queued(self):
+        try:
+            return self.r.hlen(self.key["outbox"])
+        except redis.ResponseError:
+            return "?"
+
+    def _checked(self, name, raw, problem_of, now, keep_fields=False):
+        """Decode a hash's JSON fields; those with a problem go to the dead letters (kept, logged)."""
+        good, dead = {}, []
+        for field, value in (raw.items() if isinstance(raw, dict) else ()):
+            text = as_text(field)
+            try:
+                decoded = loads(value, bounded=False)
+                why = problem_of(text, decoded)
+            except ValueError as exc:
+                why = f"not JSON ({exc})"
+            if why is None:
+                good[text] = (field, decoded) if keep_fields else decoded
+            else:
+                dead.append((field, {"at": now, "key": self.key[name], "field": text,
+                                     "reason": f"malformed record in {self.key[name]} field {text!r}: {why}",
+                                     "value": as_text(value)[:DEAD_TEXT]}))
+        if dead:
+            self.settle(name, {field: None for field, _ in dead}, [letter for _, letter in dead])
+        return good
+
+    def write(self, state_changes, stall_changes, entries, runs_cursor=None, heartbeat=None):
+        """Write an evaluation's outcome, with the alerter's ``heartbeat`` (``heartbeat()``), only while this
+        process holds the lock (WatchError otherwise)."""
+        with self.r.pipeline(transaction=True) as pipe:
+            pipe.watch(self.lock.key)
+            if as_text(pipe.get(self.lock.key)) != self.lock.token:
+                raise redis.WatchError("evaluation lock expired")
+            pipe.multi()
+            _write_hash(pipe, self.key["state"], state_changes)
+            _write_hash(pipe, self.key["stall"], stall_changes)
+            if entries:
+                pipe.hset(self.key["outbox"], mapping=entries)
+            if runs_cursor is not None:  # with the messages it queued: each run is judged once
+                pipe.set(self.key["runs"], runs_cursor)
+            if heartbeat is not None:
+                pipe.set(self.key["heartbeat"], heartbeat[0], ex=heartbeat[1])
+            pipe.execute()
+
+    def settle(self, name, changes, dead):
+        """Set (a value) or delete (None) fields of one hash and keep ``dead`` letters, in one step and only
+        while the lock is ours; logs each dead letter. False when the lock was lost."""
+        if self.lock is None:
+            for letter in dead:
+                logger.warning("Alert: %s (dry run: left in place)", letter["reason"])
+            return True
+        pairs = [item for field, value in changes.items() for item in (field, "" if value is None else dumps(value))]
+        total = self.r.eval(SETTLE_LUA, 4, self.lock.key, self.key[name], self.key["dead"], self.key["dead_total"],
+                            self.lock.token, DEAD_MAX, len(changes), *pairs, *map(dumps, dead))
+        if total < 0:
+            return False
+        for letter in dead:
+            logger.error("Alert: dead letter: %s; kept in %s (%d so far)", letter["reason"], self.key["dead"],
+                         total)
+        return True
+
+
+def _write_hash(pipe, key, changes):
+    gone = [field for field, value in changes.items() if value is None]
+    kept = {field: dumps(value) for field, value in changes.items() if value is not None}
+    if gone:
+        pipe.hdel(key, *gone)
+    if kept:
+        pipe.hset(key, mapping=kept)
+
+
+def merged(old, changes):
+    out = dict(old)
+    for field, value in changes.items():
+        if value is None:
+            out.pop(field, None)
+        else:
+            out[field] = value
+    return out

@@ -1,0 +1,786 @@
+"""The Redis contract: every key name, the Lua scripts, the snapshot's fields and the one gate readers decode it by.
+
+Both sides import this module: the extension on crawler machines (``monitors.py``) and the readers (the API and
+the alerter, through ``monitor_read.py``). It imports only the standard library and redis-py. It also holds the
+small helpers every script shares: strict JSON, numbers, text, redaction of secrets, a fail-fast client.
+"""
+
+import hashlib
+import json
+import logging
+import math
+import re
+import time
+from typing import TypedDict
+from urllib.parse import parse_qsl, urlencode, urlsplit
+
+import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+# The interval assumed for a snapshot that does not say its own (the extension's default).
+DEFAULT_INTERVAL = 10.0
+# A metrics write gives up after this long: a slow Redis must never hold up a crawl.
+REDIS_TIMEOUT = 1.0
+# A node is stale when it has not reported for this many of its own intervals.
+STALE_INTERVALS = 3
+# Full-resolution history covers the last hour; the second tier covers a day in 5-minute means.
+HISTORY_SECONDS = 3600
+TREND_BUCKET = 300
+TREND_SECONDS = 86400
+# History keys outlive their node by a day, so a dead node's last day can still be charted.
+HISTORY_TTL = TREND_SECONDS + HISTORY_SECONDS
+# The columns of one history row, stored as a compact JSON array (names are not repeated per row).
+HISTORY_FIELDS = (
+    "timestamp", "cpu", "memory", "process_cpu", "rss", "net_sent_rate", "net_recv_rate",
+    "pages", "items", "errors", "pages_per_min", "items_per_min", "errors_per_min", "queue_requests",
+    "latency_p95",
+)
+# In a 5-minute bucket these are averaged; the other columns keep the bucket's last value.
+MEAN_FIELDS = frozenset(
+    ("cpu", "memory", "process_cpu", "rss", "net_sent_rate", "net_recv_rate",
+     "pages_per_min", "items_per_min", "errors_per_min", "latency_p95")
+)
+
+
+# ---------------------------------------------------------------------------- keys
+
+def status_key(prefix):
+    return f"{prefix}:node:status"
+
+
+def history_key(prefix, node):
+    """Full-resolution history of one node: a LIST of rows, newest first, the last hour."""
+    return f"{prefix}:node:history:{node}"
+
+
+def trend_key(prefix, node):
+    """The 24-hour tier of one node's history: 5-minute rows, newest first."""
+    return f"{prefix}:node:trend:{node}"
+
+
+def alert_key(prefix, name):
+    """The alerter's keys: ``state``, ``stall``, ``outbox``, ``lock``, ``dead``, ``silences``, ``heartbeat``."""
+    return f"{prefix}:alert:{name}"
+
+
+def control_key(prefix, name):
+    """Fleet control's keys: ``commands`` (the newest, by target), ``seq`` (ids), ``log`` (the capped control
+    log) and ``ack:<id>`` (see ``control_ack_key``)."""
+    return f"{prefix}:control:{name}"
+
+
+def control_ack_key(prefix, command_id):
+    """HASH of one command's acknowledgements: node id -> JSON ``{"at": unix seconds}``, kept ACK_TTL."""
+    return control_key(prefix, f"ack:{command_id}")
+
+
+def runs_key(prefix, spider):
+    """A spider's run records, newest first."""
+    return f"{prefix}:runs:{spider}"
+
+
+def run_meta_key(prefix, name):
+    """Run history's own keys, kept apart from ``<p>:runs:<spider>`` (a spider may have any name):
+    ``totals`` (HASH ``["spider","reason"]`` -> runs ever recorded), ``seq`` and ``recent`` (the newest
+    runs, ``<seq> <member>``, for the alerter)."""
+    return f"{prefix}:runmeta:{name}"
+
+
+def run_claim_key(prefix, node, start_time):
+    """Set once a run of ``node`` started at ``start_time`` is recorded lost; holds the lost record's member."""
+    return f"{prefix}:runmeta:lost:{int(start_time)}:{node}"
+
+
+# ---------------------------------------------------------------------------- the snapshot
+
+# Stored numbers must stay below this in size, so sums over any number of nodes stay finite and exact
+# enough, and JavaScript, Prometheus and Redis read them.
+NUMBER_LIMIT = 10 ** 18
+# A report interval beyond a day is not a monitor's interval.
+MAX_INTERVAL = 86400
+# Snapshot fields that must be text when present: they become labels, keys and page text.
+TEXT_FIELDS = ("node", "host", "spider", "status", "finish_reason")
+
+
+class Snapshot(TypedDict, total=False):
+    """One node's snapshot as stored in ``<p>:node:status`` (the README documents each field). Readers add
+    ``state`` (never stored) and the API ``age``; ``seen`` is stamped by Redis on every write."""
+
+    timestamp: int  # the seed's six fields
+    spider: str
+    cpu: float
+    memory: float
+    bytes_sent: int
+    bytes_recv: int
+    node: str  # who reports, when and how
+    host: str
+    pid: int
+    status: str  # running, paused or closed
+    finish_reason: str
+    interval: float
+    start_time: int
+    seen: float
+    command: dict
+    rss: int  # the process
+    peak_rss: int
+    process_cpu: float
+    net_sent_rate: float
+    net_recv_rate: float
+    pages: int  # Scrapy's stats, status classes and rates
+    items: int
+    requests: int
+    errors: int
+    warnings: int
+    retries: int
+    exceptions: int
+    dropped: int
+    pages_per_min: float
+    items_per_min: float
+    errors_per_min: float
+    requests_per_min: float
+    queue_requests: int  # scrapy-redis's queues
+    queue_start_urls: int
+    queue_dupefilter: int
+    latency_p50: float  # crawl insight
+    latency_p95: float
+    latency_p99: float
+    latency_sum: float
+    latency_buckets: list
+    domains: dict
+    fields: dict
+    fields_listed: bool
+    error_samples: list
+
+
+def decode_snapshot(raw):
+    """A stored snapshot as a dict, or None unless it passes the one gate every reader goes through:
+    a strict JSON object with a string ``spider`` and a numeric ``timestamp``; ``node``, ``host``,
+    ``spider``, ``status``, ``finish_reason`` text (or absent) that encodes as UTF-8; every number below
+    1e18 in size (no NaN or infinity); ``interval`` within (0, 86400]."""
+    try:
+        value = loads(raw)
+    except (ValueError, TypeError):
+        return None
+    if not (isinstance(value, dict) and isinstance(value.get("spider"), str) and is_number(value.get("timestamp"))):
+        return None
+    for field in TEXT_FIELDS:
+        text = value.get(field)
+        if text is not None and not (isinstance(text, str) and is_text(text)):
+            return None
+    interval = value.get("interval")
+    if interval is not None and not (is_number(interval) and 0 < interval <= MAX_INTERVAL):
+        return None
+    if "seen" in value and not is_number(value["seen"]):
+        return None
+    return clean_insight(value)  # crawl insight fields of the wrong shape are dropped, the node kept
+
+
+def parse_snapshot(raw, now=None):
+    """``decode_snapshot`` plus the node's derived ``state``."""
+    snapshot = decode_snapshot(raw)
+    if snapshot is not None:
+        snapshot.pop("age", None)  # readers derive it
+        snapshot["state"] = node_state(snapshot, now)
+    return snapshot
+
+
+def node_state(snapshot, now=None):
+    """``closed``, ``stale`` (silent for more than three intervals), ``paused`` or ``live``; derived, never
+    stored. ``now`` is on Redis's clock, as is the report time (see ``last_report``)."""
+    if snapshot.get("status") == "closed":
+        return "closed"
+    now = time.time() if now is None else now
+    interval = number(snapshot.get("interval"), DEFAULT_INTERVAL) or DEFAULT_INTERVAL
+    if now - last_report(snapshot) > STALE_INTERVALS * interval:
+        return "stale"
+    return "paused" if snapshot.get("status") == "paused" else "live"
+
+
+def last_report(snapshot):
+    """When the node last reported, on Redis's clock: ``seen``, which Redis stamps on every write (so a node
+    whose own clock is wrong is judged fairly), else the node's own ``timestamp``."""
+    seen = number(snapshot.get("seen"))
+    return seen if seen is not None else number(snapshot.get("timestamp"), 0)
+
+
+def age(snapshot, now):
+    """Whole seconds since the node last reported, at ``now`` on Redis's clock."""
+    return max(int(now - last_report(snapshot)), 0)
+
+
+def redis_now(time_reply):
+    """Redis's TIME reply (from redis-py, or raw from a script) as unix seconds."""
+    return int(time_reply[0]) + int(time_reply[1]) / 1e6
+
+
+# ---------------------------------------------------------------------------- crawl insight fields
+
+# Upper bounds (seconds) of the download latency histogram; a last, open bucket (+Inf) follows.
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 7.5, 10.0,
+                   15.0, 30.0, 60.0)
+
+
+MAX_TOP_DOMAINS = 100
+
+
+MAX_FIELDS = 100
+
+
+SAMPLES = 5
+
+
+SAMPLE_TEXT = 300
+
+
+# The per-domain figures, in the order ``Insight`` keeps them (pages, errors, 4xx, 5xx, 429).
+DOMAIN_COUNTS = ("pages", "errors", "4xx", "5xx", "429")
+
+
+# Snapshot fields too big for list views: the API sends them for one node, or with ?fields=all.
+BIG_FIELDS = frozenset(("domains", "fields", "error_samples", "latency_buckets"))
+
+
+def percentile(counts, q):
+    """The ``q`` quantile (0..1) of a bucket histogram, interpolated within its bucket as Prometheus's
+    histogram_quantile does; None when it is empty. The open last bucket answers its lower bound."""
+    total = sum(counts)
+    if not total:
+        return None
+    rank, seen = q * total, 0
+    for i, count in enumerate(counts):
+        if count and seen + count >= rank:
+            if i == len(LATENCY_BUCKETS):
+                return LATENCY_BUCKETS[-1]
+            low = LATENCY_BUCKETS[i - 1] if i else 0.0
+            return round(low + (LATENCY_BUCKETS[i] - low) * (rank - seen) / count, 3)
+        seen += count
+    return LATENCY_BUCKETS[-1]
+
+
+def _num(value, low=0.0, high=math.inf):
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and low <= value <= high
+
+
+def _name(value):
+    return is_text(value) and 0 < len(value) <= SAMPLE_TEXT
+
+
+def clean_insight(snapshot):
+    """Drop from a decoded snapshot every insight field, or part of one, of the wrong shape (in place).
+
+    Kept: ``latency_*`` numbers >= 0; ``latency_buckets`` a list of len(LATENCY_BUCKETS) + 1 counts;
+    ``domains`` up to MAX_TOP_DOMAINS + 1 names of at most 300 characters, each an object of numbers
+    (others None); ``fields`` up to MAX_FIELDS names -> shares 0..1; ``error_samples`` up to SAMPLES
+    objects with text ``message`` and ``logger``, a number ``time`` and a text or null ``url``."""
+    for q in ("latency_p50", "latency_p95", "latency_p99", "latency_sum"):
+        if q in snapshot and not (snapshot[q] is None or _num(snapshot[q])):
+            del snapshot[q]
+    buckets = snapshot.get("latency_buckets")
+    if buckets is not None and not (isinstance(buckets, list) and len(buckets) == len(LATENCY_BUCKETS) + 1
+                                    and all(_num(b) for b in buckets)):
+        del snapshot["latency_buckets"]
+    domains = snapshot.get("domains")
+    if domains is not None:
+        if isinstance(domains, dict):
+            snapshot["domains"] = {
+                name: {k: (v[k] if _num(v.get(k)) else None) for k in DOMAIN_COUNTS + ("latency_p95",)}
+                for name, v in list(domains.items())[:MAX_TOP_DOMAINS + 1] if _name(name) and isinstance(v, dict)}
+        else:
+            del snapshot["domains"]
+    fields = snapshot.get("fields")
+    if fields is not None:
+        if isinstance(fields, dict):
+            snapshot["fields"] = {name: share for name, share in list(fields.items())[:MAX_FIELDS]
+                                  if _name(name) and _num(share, 0, 1)}
+        else:
+            del snapshot["fields"]
+    samples = snapshot.get("error_samples")
+    if samples is not None:
+        if isinstance(samples, list):
+            snapshot["error_samples"] = [
+                {"time": s["time"], "logger": s["logger"][:SAMPLE_TEXT], "message": s["message"][:SAMPLE_TEXT],
+                 "url": s["url"][:SAMPLE_TEXT] if is_text(s.get("url")) else None}
+                for s in samples[:SAMPLES]
+                if isinstance(s, dict) and _num(s.get("time")) and is_text(s.get("logger")) and is_text(s.get("message"))]
+        else:
+            del snapshot["error_samples"]
+    return snapshot
+
+
+def slim(snapshot):
+    """The snapshot without BIG_FIELDS: what list views send unless asked for all fields."""
+    return {k: v for k, v in snapshot.items() if k not in BIG_FIELDS}
+
+
+def newest_error(snapshot):
+    """``"<logger>: <message> (<url>)"`` of the node's newest error sample, or None."""
+    samples = snapshot.get("error_samples") or []
+    if not samples:
+        return None
+    s = samples[0]
+    return f"{s['logger']}: {s['message']}" + (f" ({s['url']})" if s.get("url") else "")
+
+
+# ---------------------------------------------------------------------------- what a node writes
+
+# One round trip for the three scrapy-redis queue sizes, whatever container each key is.
+QUEUE_SIZES_LUA = """
+local out = {}
+for i, key in ipairs(KEYS) do
+  local kind = redis.call('TYPE', key).ok
+  if kind == 'list' then out[i] = redis.call('LLEN', key)
+  elseif kind == 'zset' then out[i] = redis.call('ZCARD', key)
+  elseif kind == 'set' then out[i] = redis.call('SCARD', key)
+  else out[i] = 0 end
+end
+return out
+"""
+
+
+# Publishes a snapshot stamped with Redis's clock: the stored object gains ``seen``, the server's time of
+# the write, which every reader judges liveness by; the reply is that time (TIME's two parts).
+STAMP_LUA = """
+local t = redis.call('TIME')
+local seen = string.format('%d.%03d', t[1], math.floor(t[2] / 1000))
+redis.call('HSET', KEYS[1], ARGV[1], string.sub(ARGV[2], 1, -2) .. ',"seen":' .. seen .. '}')
+return t
+"""
+
+
+def write_snapshot(pipe, prefix, snapshot, history_len, trend_rows=(), stamp=False, row=None):
+    """Queue the commands that publish one snapshot: status hash, capped history, trend, expiries.
+
+    With ``stamp`` (the extension always stamps) Redis adds ``seen`` and the first reply is its clock;
+    without it the snapshot is stored as given (tests on a made-up clock). ``row`` is the history row
+    (default: from the snapshot)."""
+    node = snapshot["node"]
+    if stamp:
+        pipe.eval(STAMP_LUA, 1, status_key(prefix), node, dumps(snapshot))
+    else:
+        pipe.hset(status_key(prefix), node, dumps(snapshot))
+    hkey = history_key(prefix, node)
+    pipe.lpush(hkey, dumps(row or history_row(snapshot)))
+    pipe.ltrim(hkey, 0, history_len - 1)
+    pipe.expire(hkey, HISTORY_TTL)
+    if trend_rows:
+        tkey = trend_key(prefix, node)
+        pipe.lpush(tkey, *(dumps(row) for row in trend_rows))
+        pipe.ltrim(tkey, 0, TREND_SECONDS // TREND_BUCKET - 1)
+        pipe.expire(tkey, HISTORY_TTL)
+
+
+def history_row(snapshot, at=None):
+    """The snapshot's history columns as a list, numbers rounded to keep the row small; ``at`` (Redis's
+    clock) replaces the node's own timestamp."""
+    row = [_compact(snapshot.get(f)) for f in HISTORY_FIELDS]
+    if at is not None:
+        row[0] = int(at)
+    return row
+
+
+def merge_rows(rows):
+    """One 5-minute trend row from full-resolution rows: the bucket's start, mean of gauges, last counters."""
+    merged = [int(rows[0][0]) // TREND_BUCKET * TREND_BUCKET]
+    for i, field in enumerate(HISTORY_FIELDS[1:], 1):
+        values = [row[i] for row in rows if row[i] is not None]
+        if field in MEAN_FIELDS and values:
+            merged.append(_compact(sum(values) / len(values)))
+        else:
+            merged.append(rows[-1][i])
+    return merged
+
+
+def _compact(value):
+    if isinstance(value, float):
+        return round(value, 1) if abs(value) >= 100 or value == int(value) else round(value, 2)
+    return value
+
+
+class TrendBuffer:
+    """Collects full-resolution rows and hands back one merged row per 5-minute bucket."""
+
+    def __init__(self):
+        self.rows = []
+
+    def add(self, row):
+        """Add a row; returns the previous bucket's merged row when this one starts a new bucket."""
+        done = None
+        if self.rows and int(self.rows[0][0]) // TREND_BUCKET != int(row[0]) // TREND_BUCKET:
+            done = self.flush()
+        self.rows.append(row)
+        return done
+
+    def flush(self):
+        rows, self.rows = self.rows, []
+        return merge_rows(rows) if rows else None
+
+
+# ---------------------------------------------------------------------------- run records
+
+# A run is one node's life, from its first snapshot to its closed one (or to being declared lost). Its
+# record is written once, by the node with its closed snapshot or by a reader's housekeeping for a node
+# silent for MONITOR_LOST_AFTER, through RECORD_RUN_LUA. A spider's records are members of the sorted set
+# ``runs_key`` (all with score 0, so ordered by member), each member ``<id> <record JSON>`` where the id is
+# ``<end_time>-<start_time>-<node hash>``, times zero-padded: newest last in lexical order, and a page
+# boundary that is exact even among runs sharing an end_time. The id is the API's opaque cursor.
+# The record's counters, read from the snapshot the run ends with.
+RUN_COUNTERS = ("pages", "items", "requests", "errors", "retries",
+                "status_1xx", "status_2xx", "status_3xx", "status_4xx", "status_5xx", "peak_rss")
+
+
+BASELINE_RUNS = 10
+
+
+MIN_BASELINE = 3
+
+
+RUN_ID = re.compile(r"\d{11}-\d{11}-[0-9a-f]{12}\Z")
+
+
+# A node id, host or finish reason is cut to this many characters in a record (records stay under 2 KB).
+RUN_TEXT = 200
+
+
+# Runs the alerter can still read in ``runs_recent`` (it reads them every ALERT_INTERVAL).
+RECENT_RUNS = 1000
+
+
+def run_record(snapshot, reason=None, offset=0.0):
+    """A run record from the snapshot the run ends with, on Redis's clock (``offset``: Redis's clock minus
+    the node's). ``reason`` overrides the snapshot's ``finish_reason`` (``lost``)."""
+    end = (number(snapshot.get("timestamp"), 0) or 0) + offset
+    start = number(snapshot.get("start_time"))
+    start = end if start is None else min(start + offset, end)
+    duration = max(int(end) - int(start), 0)
+    record = {"node": str(snapshot.get("node", ""))[:RUN_TEXT], "spider": snapshot["spider"],
+              "host": str(snapshot.get("host", ""))[:RUN_TEXT], "pid": number(snapshot.get("pid")),
+              "start_time": int(start), "end_time": int(end), "duration": duration,
+              "finish_reason": str(reason or snapshot.get("finish_reason") or "unknown")[:RUN_TEXT]}
+    for field in RUN_COUNTERS:
+        value = number(snapshot.get(field))
+        record[field] = int(value) if value is not None else None
+    minutes = duration / 60
+    for field in ("pages", "items"):
+        count = record[field]
+        record[f"{field}_per_min"] = round(count / minutes, 1) if minutes > 0 and count is not None else None
+    return record
+
+
+def run_id(record):
+    """The record's id: its place in the spider's runs and the API's cursor (see above)."""
+    digest = hashlib.sha1(f"{record['node']}\0{record['start_time']}".encode("utf-8", "replace")).hexdigest()
+    clamp = lambda t: min(max(int(t), 0), 10 ** 11 - 1)  # noqa: E731
+    return f"{clamp(record['end_time']):011d}-{clamp(record['start_time']):011d}-{digest[:12]}"
+
+
+# Records a run in one step. KEYS: runs, totals, claim, seq, recent. ARGV: mode ('close' or 'lost'), id,
+# record JSON (an object without compare), keep, totals field of this run, totals field of a lost run of
+# the spider, recent runs kept. A lost run is recorded only if its claim is free (exactly once whoever
+# tries); a close replaces the node's lost record, if it had one. ``compare`` is computed here, from the
+# previous BASELINE_RUNS runs not lost. Returns 0 when the claim was taken already, else the run's seq.
+RECORD_RUN_LUA = """
+local mode, id, rec = ARGV[1], ARGV[2], ARGV[3]
+if mode == 'lost' then
+  if redis.call('EXISTS', KEYS[3]) == 1 then return 0 end
+else
+  local old = redis.call('GET', KEYS[3])
+  if old then
+    if redis.call('ZREM', KEYS[1], old) == 1 then redis.call('HINCRBY', KEYS[2], ARGV[6], -1) end
+    redis.call('DEL', KEYS[3])
+  end
+end
+local function figures(r)
+  local out = {items = r.items, pages_per_min = r.pages_per_min, items_per_min = r.items_per_min,
+               duration = r.duration}
+  if type(r.errors) == 'number' and type(r.pages) == 'number' and r.pages > 0 then
+    out.error_ratio = r.errors / r.pages
+  end
+  return out
+end
+local cols, n = {}, 0
+local prev = redis.call('ZREVRANGEBYLEX', KEYS[1], '(' .. id .. ' ', '-', 'LIMIT', 0, 5 * tonumber(ARGV[8]))
+for _, m in ipairs(prev) do
+  if n >= tonumber(ARGV[8]) then break end
+  local ok, r = pcall(cjson.decode, string.sub(m, string.len(id) + 2))
+  if ok and type(r) == 'table' and r.finish_reason ~= 'lost' then
+    n = n + 1
+    for k, v in pairs(figures(r)) do
+      if type(v) == 'number' then cols[k] = cols[k] or {}; table.insert(cols[k], v) end
+    end
+  end
+end
+local compare = 'null'
+if n >= tonumber(ARGV[9]) then
+  local out, mine = {}, figures(cjson.decode(rec))
+  for k, list in pairs(cols) do
+    table.sort(list)
+    local c = #list
+    local median = (list[math.floor((c + 1) / 2)] + list[math.floor(c / 2) + 1]) / 2
+    if type(mine[k]) == 'number' and median > 0 and c >= tonumber(ARGV[9]) then
+      out[k] = math.floor(mine[k] / median * 1000 + 0.5) / 1000
+    end
+  end
+  compare = cjson.encode(out)
+  if compare == '[]' or compare == '{}' then compare = '{}' end
+end
+local member = id .. ' ' .. string.sub(rec, 1, -2) .. ',"compare":' .. compare .. ',"baseline_runs":' .. n .. '}'
+redis.call('ZADD', KEYS[1], 0, member)
+local extra = redis.call('ZCARD', KEYS[1]) - tonumber(ARGV[4])
+if extra > 0 then redis.call('ZREMRANGEBYRANK', KEYS[1], 0, extra - 1) end
+redis.call('HINCRBY', KEYS[2], ARGV[5], 1)
+if mode == 'lost' then redis.call('SET', KEYS[3], member) end
+local seq = redis.call('INCR', KEYS[4])
+redis.call('LPUSH', KEYS[5], seq .. ' ' .. member)
+redis.call('LTRIM', KEYS[5], 0, tonumber(ARGV[7]) - 1)
+return seq
+"""
+
+
+def totals_field(spider, reason):
+    return dumps([spider, reason])
+
+
+def write_run(pipe, prefix, record, start, keep, lost=False):
+    """Queue RECORD_RUN_LUA for ``record`` on ``pipe`` (a pipeline or a client): the node's close, or a
+    reader's lost run (``lost``: recorded only once, whoever tries). ``start`` is the snapshots'
+    ``start_time`` as the node wrote it: with the node id, it names the run's claim."""
+    spider = record["spider"]
+    keys = (runs_key(prefix, spider), run_meta_key(prefix, "totals"),
+            run_claim_key(prefix, record["node"], number(start, 0)),
+            run_meta_key(prefix, "seq"), run_meta_key(prefix, "recent"))
+    body = dumps(record, ensure_ascii=False)
+    return pipe.eval(RECORD_RUN_LUA, len(keys), *keys, "lost" if lost else "close", run_id(record), body,
+                     int(keep), totals_field(spider, record["finish_reason"]), totals_field(spider, "lost"),
+                     RECENT_RUNS, BASELINE_RUNS, MIN_BASELINE)
+
+
+# ---------------------------------------------------------------------------- fleet control
+
+CONTROL_COMMANDS = ("pause", "resume", "stop", "drain")
+
+
+# Finish reasons of a node closed by a command.
+STOPPED, DRAINED = "stopped", "drained"
+
+
+# The control log keeps the newest this many commands.
+CONTROL_LOG_KEEP = 1000
+
+
+# A command's acknowledgements are kept a week: longer than anyone reads the log for a command's outcome.
+ACK_TTL = 7 * 86400
+
+
+# Issues one command atomically, so ids are ordered and unique across API processes and the newest id is
+# always the one stored: INCR the sequence, stamp Redis's clock, splice both into the JSON (ARGV[2], an
+# object without them), store it under its target, push it onto the capped log. Replies ``{id, at}``.
+ISSUE_LUA = """
+local id = redis.call('INCR', KEYS[1])
+local t = redis.call('TIME')
+local at = string.format('%d.%03d', t[1], math.floor(t[2] / 1000))
+local entry = '{"id":' .. id .. ',"at":' .. at .. ',' .. string.sub(ARGV[2], 2)
+redis.call('HSET', KEYS[2], ARGV[1], entry)
+redis.call('LPUSH', KEYS[3], entry)
+redis.call('LTRIM', KEYS[3], 0, tonumber(ARGV[3]) - 1)
+return {id, at}
+"""
+
+
+def control_targets(node, spider):
+    """The fields of ``<p>:control:commands`` a node obeys: its own, its spider's, everyone's."""
+    return [f"node:{node}", f"spider:{spider}", "all"]
+
+
+def issue_command(r, prefix, command, target, **fields):
+    """Store ``command`` for ``target`` (``node:<id>``, ``spider:<name>`` or ``all``) and log it, with
+    ``fields`` (comment, who...). Returns the stored entry, with its ``id`` and ``at`` (Redis's clock)."""
+    entry = {"command": command, "target": target, **fields}
+    command_id, at = r.eval(ISSUE_LUA, 3, control_key(prefix, "seq"), control_key(prefix, "commands"),
+                            control_key(prefix, "log"), target, dumps(entry), CONTROL_LOG_KEEP)
+    return {"id": int(command_id), "at": float(at), **entry}
+
+
+def decode_command(raw):
+    """A stored command as a dict, or None unless it is a JSON object with an integer ``id``, a numeric
+    ``at`` and a known ``command``."""
+    try:
+        value = loads(raw)
+    except (ValueError, TypeError):
+        return None
+    if (isinstance(value, dict) and isinstance(value.get("id"), int) and not isinstance(value["id"], bool)
+            and is_number(value.get("at")) and value.get("command") in CONTROL_COMMANDS):
+        return value
+    return None
+
+
+def newest_command(raws):
+    """The command with the highest id among stored values (None or malformed ones skipped), or None."""
+    commands = [c for c in (decode_command(raw) for raw in raws if raw is not None) if c is not None]
+    return max(commands, key=lambda c: c["id"], default=None)
+
+
+# ---------------------------------------------------------------------------- shared helpers
+
+def connect(url, timeout=REDIS_TIMEOUT):
+    """A Redis client that fails fast: short socket timeouts and no retries with backoff.
+
+    Clients connect lazily; the URL is checked here, so a malformed one or an option redis-py does not
+    know raises ValueError (naming no password) at start rather than an error on every later call."""
+    try:
+        client = redis.Redis.from_url(
+            url,
+            socket_timeout=timeout,
+            socket_connect_timeout=timeout,
+            retry=Retry(NoBackoff(), 0),
+            health_check_interval=0,
+            driver_info=None,  # no CLIENT SETINFO round trips on connect
+        )
+        pool = client.connection_pool
+        pool.connection_class(**pool.connection_kwargs)  # builds, does not connect
+    except (ValueError, TypeError) as exc:
+        reason = str(exc)
+        unknown = re.search(r"unexpected keyword argument '([^']*)'", reason)
+        reason = f"unknown option {unknown.group(1)!r}" if unknown else scrub(reason, url)
+        raise ValueError(f"{redact(url)} is not a usable Redis URL ({reason})") from None
+    return client
+
+
+# Query options whose value is a secret (redis-py reads ?password=; webhooks put tokens in queries).
+SECRET_OPTIONS = frozenset(("password", "pass", "pw", "token", "secret", "key", "apikey", "api_key",
+                            "access_token", "auth", "sig", "signature"))
+
+
+def redact(url):
+    """The URL with any password (``user:pw@``, ``:pw@``, ``?password=``) masked, fit for a log line."""
+    try:
+        parts = urlsplit(str(url))
+        netloc = parts.netloc
+        if "@" in netloc:
+            userinfo, _, hostport = netloc.rpartition("@")
+            if ":" in userinfo:
+                userinfo = f"{userinfo.split(':', 1)[0]}:***"
+            netloc = f"{userinfo}@{hostport}"
+        query = parts.query
+        if query:
+            query = urlencode([(k, "***" if k.lower() in SECRET_OPTIONS else v)
+                               for k, v in parse_qsl(query, keep_blank_values=True)], safe="*")
+        url = str(url)
+        head, sep, rest = url.partition(parts.netloc) if parts.netloc else ("", "", url)
+        if query:
+            rest = rest.replace(parts.query, query, 1)
+        return head + (netloc if sep else "") + rest
+    except ValueError:
+        return "<unparsable URL>"
+
+
+def safe_url(url):
+    """Scheme and host only: a webhook's path and query are often its secret (Slack, Teams, Discord)."""
+    try:
+        parts = urlsplit(str(url))
+        port = f":{parts.port}" if parts.port else ""
+        return f"{parts.scheme}://{parts.hostname}{port}/..."
+    except ValueError:
+        return "<unparsable URL>"
+
+
+# A URL quoted in a message: scheme://, then anything up to a blank, a quote or an angle bracket.
+QUOTED_URL = re.compile(r"\b[A-Za-z][A-Za-z0-9+.-]*://[^\s<>\"']+")
+
+
+def scrub(text, *urls):
+    """``text`` (an error message, a log record) with each of ``urls`` cut to scheme and host, and every
+    other URL it quotes ``redact``-ed: no password, no secret query option."""
+    text = str(text)
+    for url in urls:
+        if url:
+            text = text.replace(str(url), safe_url(url))
+    return QUOTED_URL.sub(lambda m: redact(m.group(0)), text)
+
+
+class Outage:
+    """Logs a lost service once per outage, and once when it answers again, never once per attempt."""
+
+    def __init__(self, log, level=logging.WARNING):
+        self.log = log
+        self.level = level
+        self.down = False
+
+    def failed(self, message, *args):
+        """The service failed: log ``message`` if this starts an outage. Returns True if it did."""
+        started = not self.down
+        if started:
+            self.log.log(self.level, message, *args)
+        self.down = True
+        return started
+
+    def ok(self, message, *args):
+        """The service answered: log ``message`` if an outage ends here."""
+        if self.down:
+            self.log.info(message, *args)
+        self.down = False
+
+
+def is_number(value):
+    """A finite int or float, not a bool."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def number(value, default=None):
+    """``value`` if it is a number (``is_number``), else ``default``."""
+    return value if is_number(value) else default
+
+
+def as_text(value):
+    """A Redis reply (bytes) or any value as text; undecodable bytes are replaced, never an error."""
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+
+
+def is_text(value):
+    """A str that encodes as UTF-8 (no lone surrogate, from a \\ud800 escape, which labels, mail and pages
+    cannot write)."""
+    if not isinstance(value, str):
+        return False
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def not_json(name):
+    raise ValueError(f"{name} is not JSON")
+
+
+def _bounded_float(text):
+    value = float(text)
+    if not abs(value) < NUMBER_LIMIT:  # also false for nan and inf
+        raise ValueError(f"{text} is out of range")
+    return value
+
+
+def _bounded_int(text):
+    value = int(text)
+    if not -NUMBER_LIMIT < value < NUMBER_LIMIT:
+        raise ValueError(f"{text} is out of range")
+    return value
+
+
+def loads(raw, bounded=True):
+    """Strict JSON: no NaN or Infinity, and (``bounded``) every number below NUMBER_LIMIT in size; ValueError
+    otherwise, a value nested too deeply included."""
+    try:
+        if not bounded:
+            return json.loads(raw, parse_constant=not_json)
+        return json.loads(raw, parse_constant=not_json, parse_float=_bounded_float, parse_int=_bounded_int)
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
+
+
+_ASCII = json.JSONEncoder(separators=(",", ":")).encode
+_UTF8 = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+
+
+def dumps(value, ensure_ascii=True):
+    """Compact JSON (no blanks), as every key of the monitor stores it."""
+    return _ASCII(value) if ensure_ascii else _UTF8(value)

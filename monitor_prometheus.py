@@ -1,0 +1,149 @@
+"""The cluster in Prometheus's text format: collectors built per scrape over one read of the status hash.
+
+Node gauges and counters, responses by status class, node states, per-spider node counts and queues, the
+download latency histogram, per-domain counters, item field coverage and run totals. ``prometheus-rules.yml``
+reads these names (a test checks it).
+"""
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+
+from monitor_contract import LATENCY_BUCKETS, is_number, number
+from monitor_read import STATES, run_totals, spiders_view
+# (snapshot field, metric name, help, scale): base units, so percentages become ratios.
+GAUGES = (
+    ("cpu", "scrapy_host_cpu_usage_ratio", "Host CPU in use, 0 to 1.", 0.01),
+    ("memory", "scrapy_host_memory_usage_ratio", "Host memory in use, 0 to 1.", 0.01),
+    ("process_cpu", "scrapy_process_cpu_usage_ratio", "CPU used by the crawler process (1 = one core).", 0.01),
+    ("rss", "scrapy_process_resident_memory_bytes", "Resident memory of the crawler process.", 1),
+    ("timestamp", "scrapy_node_last_report_timestamp_seconds", "When the node last reported.", 1),
+    ("start_time", "scrapy_node_start_time_seconds", "When the node's crawl started.", 1),
+    ("interval", "scrapy_node_report_interval_seconds", "Seconds between the node's reports.", 1),
+)
+
+
+COUNTERS = (
+    ("bytes_sent", "scrapy_host_network_sent_bytes", "Bytes sent by the host."),
+    ("bytes_recv", "scrapy_host_network_received_bytes", "Bytes received by the host."),
+    ("pages", "scrapy_responses_received", "Responses received (response_received_count)."),
+    ("items", "scrapy_items_scraped", "Items scraped (item_scraped_count)."),
+    ("dropped", "scrapy_items_dropped", "Items dropped by pipelines (item_dropped_count)."),
+    ("requests", "scrapy_downloader_requests", "Requests sent (downloader/request_count)."),
+    ("exceptions", "scrapy_downloader_exceptions", "Download exceptions (downloader/exception_count)."),
+    ("retries", "scrapy_retries", "Requests retried (retry/count)."),
+    ("errors", "scrapy_log_errors", "ERROR log lines (log_count/ERROR)."),
+    ("warnings", "scrapy_log_warnings", "WARNING log lines (log_count/WARNING)."),
+)
+
+
+QUEUES = (("queue_requests", "requests"), ("queue_start_urls", "start_urls"), ("queue_dupefilter", "dupefilter"))
+
+
+class ClusterCollector:
+    """A prometheus_client collector over one read of the status hash."""
+
+    def __init__(self, nodes, skipped):
+        self.nodes = nodes
+        self.skipped = skipped
+
+    def collect(self):
+        labels = ["node", "spider"]
+        for field, name, doc, scale in GAUGES:
+            family = GaugeMetricFamily(name, doc, labels=labels)
+            self.add(family, field, scale)
+            yield family
+        for field, name, doc in COUNTERS:
+            family = CounterMetricFamily(name, doc, labels=labels)
+            self.add(family, field)
+            yield family
+        family = CounterMetricFamily("scrapy_http_responses", "Responses by status class.",
+                                     labels=labels + ["status_class"])
+        for node, s in self.nodes.items():
+            for c in range(1, 6):
+                if is_number(s.get(f"status_{c}xx")):
+                    family.add_metric([node, s["spider"], f"{c}xx"], s[f"status_{c}xx"])
+        yield family
+        up = GaugeMetricFamily("scrapy_node_up", "1 while the node reports on time, else 0.", labels=labels)
+        for node, s in self.nodes.items():
+            up.add_metric([node, s["spider"]], 1 if s["state"] == "live" else 0)
+        yield up
+        state = GaugeMetricFamily("scrapy_node_state", "1 for the node's state (live, paused, stale, closed).",
+                                  labels=labels + ["state"])
+        for node, s in self.nodes.items():
+            state.add_metric([node, s["spider"], s["state"]], 1)
+        yield state
+        views = spiders_view(self.nodes)
+        count = GaugeMetricFamily("scrapy_nodes", "Nodes of each spider by state.", labels=["spider", "state"])
+        queue = GaugeMetricFamily("scrapy_queue_size", "Entries in the spider's shared scrapy-redis queues.",
+                                  labels=["spider", "queue"])
+        for spider, view in views.items():
+            for state in STATES:
+                count.add_metric([spider, state], view[f"nodes_{state}"])
+            for field, kind in QUEUES:
+                if is_number(view.get(field)):
+                    queue.add_metric([spider, kind], view[field])
+        yield count
+        yield queue
+        yield from insight_families(self.nodes)
+        yield GaugeMetricFamily("scrapy_monitor_skipped_entries",
+                                "Malformed values in the status hash, left out above.", value=self.skipped)
+
+    def add(self, family, field, scale=1):
+        for node, s in self.nodes.items():
+            if is_number(s.get(field)):
+                family.add_metric([node, s["spider"]], s[field] * scale if scale == 1 else round(s[field] * scale, 6))
+
+
+class RunsCollector:
+    """``scrapy_runs_total{spider,finish_reason}``: runs ever recorded (capping the history never lowers it)."""
+
+    def __init__(self, raw_totals):
+        self.totals = run_totals(raw_totals)
+
+    def collect(self):
+        family = CounterMetricFamily("scrapy_runs", "Runs recorded, by finish reason (lost: a node that went "
+                                     "silent without closing).", labels=["spider", "finish_reason"])
+        for (spider, reason), count in sorted(self.totals.items()):
+            family.add_metric([spider, reason], count)
+        yield family
+
+
+# (snapshot domain figure, metric name, help): per-domain counters of the top domains.
+DOMAIN_COUNTERS = (
+    ("pages", "scrapy_domain_responses", "Responses received from the domain (top domains, the rest as 'other')."),
+    ("errors", "scrapy_domain_errors", "ERROR log lines naming a request to the domain."),
+)
+
+
+DOMAIN_STATUSES = ("4xx", "5xx", "429")
+
+
+def insight_families(nodes):
+    """The download latency histogram, per-domain counters and item field coverage of every node."""
+    labels = ["node", "spider"]
+    latency = HistogramMetricFamily("scrapy_download_latency_seconds",
+                                    "Download latency of the node's responses over its run.", labels=labels)
+    coverage = GaugeMetricFamily("scrapy_item_field_coverage_ratio",
+                                 "Share of the run's items with the field present and not empty.",
+                                 labels=labels + ["field"])
+    counters = {field: CounterMetricFamily(name, doc, labels=labels + ["domain"]) for field, name, doc in DOMAIN_COUNTERS}
+    statuses = CounterMetricFamily("scrapy_domain_error_responses",
+                                   "Responses from the domain by error status (4xx, 5xx, and 429 among the 4xx).",
+                                   labels=labels + ["domain", "status"])
+    for node, s in nodes.items():
+        buckets = s.get("latency_buckets")
+        if buckets:
+            bounds = [f"{b:g}" for b in LATENCY_BUCKETS] + ["+Inf"]
+            latency.add_metric([node, s["spider"]], list(zip(bounds, buckets)), number(s.get("latency_sum"), 0))
+        for domain, figures in (s.get("domains") or {}).items():
+            for field, family in counters.items():
+                if figures[field] is not None:
+                    family.add_metric([node, s["spider"], domain], figures[field])
+            for status in DOMAIN_STATUSES:
+                if figures[status] is not None:
+                    statuses.add_metric([node, s["spider"], domain, status], figures[status])
+        for field, share in (s.get("fields") or {}).items():
+            coverage.add_metric([node, s["spider"], field], share)
+    yield latency
+    yield from counters.values()
+    yield statuses
+    yield coverage

@@ -1,0 +1,602 @@
+"""The read side: what the API and the alerter read from Redis, and the figures they derive from it.
+
+Every node's snapshot (``NodeReader``, with the housekeeping readers do: lost runs, pruning), a spider over its
+nodes (SPIDER_FIELDS and ``combine``), cluster and spider views, the queue forecast, histories, run history and
+the control log. Pure functions where it can (``combine``, ``queue_forecast``, ``spider_points``, ``baseline``),
+so tests prove the arithmetic without Redis. It imports nothing of Scrapy, Twisted or psutil.
+"""
+
+import collections
+import json
+import logging
+import math
+import time
+
+import redis
+
+from monitor_contract import (
+    BASELINE_RUNS, DEFAULT_INTERVAL, HISTORY_FIELDS, HISTORY_SECONDS, MIN_BASELINE, NUMBER_LIMIT, RUN_ID,
+    as_text, control_ack_key, control_key, decode_command, history_key, is_number,
+    last_report, loads, node_state, number, parse_snapshot, redis_now, run_claim_key, run_meta_key, run_record,
+    runs_key, status_key, trend_key, write_run,
+)
+from monitor_settings import SETTING
+
+logger = logging.getLogger(__name__)
+
+# Runs kept per spider unless MONITOR_RUNS_KEEP says otherwise.
+RUNS_KEEP = SETTING["MONITOR_RUNS_KEEP"].default
+# ---------------------------------------------------------------------------- every node
+
+# How often readers delete nodes silent for longer than the retention: housekeeping, once a minute.
+PRUNE_EVERY = 60.0
+
+
+# A lost node's claim outlives its pruning by this long, so a node that was very late still corrects it.
+CLAIM_AFTER_PRUNE = 7 * 86400
+
+
+class NodeEntry:
+    """One node as a reader last saw it: the stored value, its snapshot (None when malformed) and the
+    snapshot's JSON once a caller asked for it (``json`` is the caller's to fill)."""
+
+    __slots__ = ("raw", "snapshot", "json", "full")
+
+    def __init__(self, raw, snapshot):
+        self.raw = raw
+        self.snapshot = snapshot
+        self.json = None  # without insight.BIG_FIELDS, as list views send it
+        self.full = None  # with every field (?fields=all)
+
+
+class NodeReader:
+    """Every node's snapshot in one round trip, with Redis's clock; used by the API and the alerter.
+
+    A value unchanged since the last read is not decoded again (1,000 nodes reporting every 10 s leave
+    about 100 new values a second); its snapshot is shared between reads, so never modify one. Nodes
+    silent for longer than ``retention`` seconds (0: never) are deleted with their history, at most once
+    every PRUNE_EVERY seconds. Nodes not closed and silent for longer than ``lost_after`` seconds (0: never)
+    get a ``lost`` run record first (see ``record_lost_runs``), so pruning never loses a run.
+    """
+
+    def __init__(self, client, prefix, retention=0, lost_after=0, runs_keep=RUNS_KEEP):
+        self.redis = client
+        self.prefix = prefix
+        self.key = status_key(prefix)
+        self.retention = retention
+        self.entries = {}  # node -> NodeEntry
+        self.last_prune = -PRUNE_EVERY
+        self.lost_after, self.runs_keep = lost_after, runs_keep
+        self.lost = set()  # (node, start_time) of runs recorded lost, by this process or another
+        self.last_lost = -PRUNE_EVERY
+
+    def read(self, now=None):
+        """``(nodes, skipped, now)``: ``{node: snapshot with state}``, how many stored values failed the gate,
+        and Redis's clock at the read (states are judged on it), or ``now`` when given (tests, replays)."""
+        with self.redis.pipeline(transaction=False) as pipe:
+            pipe.hgetall(self.key)
+            pipe.time()
+            raw_hash, server_now = pipe.execute()
+        now = redis_now(server_now) if now is None else now
+        entries, nodes, skipped = {}, {}, 0
+        for field, raw in raw_hash.items():
+            node = as_text(field)
+            entry = self.entries.get(node)
+            if entry is None or entry.raw != raw:
+                entry = NodeEntry(raw, parse_snapshot(raw, now))
+            elif entry.snapshot is not None and entry.snapshot["state"] != node_state(entry.snapshot, now):
+                entry = NodeEntry(raw, dict(entry.snapshot, state=node_state(entry.snapshot, now)))
+            entries[node] = entry
+            if entry.snapshot is None:
+                skipped += 1
+            else:
+                nodes[node] = entry.snapshot
+        self.entries = entries
+        self._record_lost(nodes, now)
+        self._prune(nodes, now)
+        return nodes, skipped, now
+
+    def node(self, name):
+        """``(snapshot with state or None, malformed, now)`` for one node id, in one round trip."""
+        with self.redis.pipeline(transaction=False) as pipe:
+            pipe.hget(self.key, name)
+            pipe.time()
+            raw, now = pipe.execute()
+        now = redis_now(now)
+        if raw is None:
+            return None, False, now
+        snapshot = parse_snapshot(raw, now)
+        return snapshot, snapshot is None, now
+
+    def _record_lost(self, nodes, now, due=False):
+        """Housekeeping for run history: a lost run for each node silent too long (before pruning takes it),
+        checked every quarter of MONITOR_LOST_AFTER, at least once every PRUNE_EVERY seconds (and when ``due``)."""
+        every = min(PRUNE_EVERY, max(self.lost_after / 4, 1))
+        if not self.lost_after or not due and time.monotonic() - self.last_lost < every:
+            return
+        self.last_lost = time.monotonic()
+        after = min(self.lost_after, self.retention) if self.retention else self.lost_after
+        try:
+            count = record_lost_runs(self.redis, self.prefix, nodes, now, after, self.runs_keep, self.lost)
+        except redis.RedisError as exc:  # a read-only replica, say: reading still works
+            logger.warning("Cannot record lost runs: %s", exc)
+            return
+        if count:
+            logger.info("Recorded %d lost run(s) of nodes silent for more than %gs", count, after)
+        self.lost &= {(n, s.get("start_time")) for n, s in nodes.items()}
+
+    def _prune(self, nodes, now):
+        if not self.retention or time.monotonic() - self.last_prune < PRUNE_EVERY:
+            return
+        self.last_prune = time.monotonic()
+        candidates = nodes
+        if self.lost_after:  # a node's lost run is recorded before the node goes
+            self._record_lost(nodes, now, due=True)
+            candidates = {n: s for n, s in nodes.items()
+                          if s.get("status") == "closed" or (n, s.get("start_time")) in self.lost}
+        try:
+            gone = prune_nodes(self.redis, candidates, self.retention, self.prefix, now)
+        except redis.RedisError as exc:  # a read-only replica, say: reading still works
+            logger.warning("Cannot prune silent nodes: %s", exc)
+            return
+        for node in gone:
+            nodes.pop(node, None)
+            self.entries.pop(node, None)
+        if gone:
+            logger.info("Pruned %d node(s) silent for more than %gs", len(gone), self.retention)
+
+
+def wrong_type(client, expected):
+    """``"<key> is a <type>, not a <type>"`` for the first of ``expected`` (``(key, type)`` pairs) that
+    exists with another Redis type: what to say when Redis answers WRONGTYPE. None if they all fit."""
+    with client.pipeline(transaction=False) as pipe:
+        for key, _ in expected:
+            pipe.type(key)
+        found = pipe.execute()
+    for (key, want), got in zip(expected, found):
+        got = as_text(got)
+        if got not in ("none", want):
+            return f"{key} is a {got}, not a {want}"
+    return None
+
+
+def prune_nodes(r, nodes, retention, prefix, now=None):
+    """Delete nodes silent for longer than ``retention`` seconds, with their history. Returns their ids."""
+    now = time.time() if now is None else now
+    gone = [n for n, s in nodes.items() if now - last_report(s) > retention]
+    if gone:
+        with r.pipeline(transaction=False) as pipe:
+            pipe.hdel(status_key(prefix), *gone)
+            pipe.hdel(control_key(prefix, "commands"), *(f"node:{node}" for node in gone))  # ends with its node
+            for node in gone:
+                pipe.delete(history_key(prefix, node), trend_key(prefix, node))
+                if is_number(nodes[node].get("start_time")):  # a lost run stays correctable a while longer
+                    pipe.expire(run_claim_key(prefix, node, nodes[node]["start_time"]), CLAIM_AFTER_PRUNE)
+            pipe.execute()
+    return gone
+
+
+# ---------------------------------------------------------------------------- a spider over its nodes
+
+# How a spider's figure combines its nodes' figures, one row per field, used alike by the cluster view,
+# the spider's history, Prometheus and the alerter:
+#   sum        added up over the nodes
+#   host_sum   added up over hosts, each host once (by its newest report): machine figures
+#   host_mean  the mean over hosts, each host once
+#   newest     the newest node's reading: the scrapy-redis queue is shared, every node sees the same one
+#   max        the highest: a spider's download latency p95 is at most its slowest node's (the merged
+#              distribution's quantile never exceeds the largest of its parts'), and that node is the news
+# Rates and machine gauges count nodes still crawling (``live`` and ``paused`` in a view; in a history
+# bucket, the rows it holds); when none is, gauges fall back to every node so a finished spider still shows
+# its last figures.
+SPIDER_FIELDS = {
+    "cpu": "host_mean", "memory": "host_mean",
+    "bytes_sent": "host_sum", "bytes_recv": "host_sum", "net_sent_rate": "host_sum", "net_recv_rate": "host_sum",
+    "rss": "sum", "process_cpu": "sum",
+    "pages": "sum", "items": "sum", "requests": "sum", "errors": "sum",
+    "pages_per_min": "sum", "items_per_min": "sum", "requests_per_min": "sum", "errors_per_min": "sum",
+    "queue_requests": "newest", "queue_start_urls": "newest", "queue_dupefilter": "newest",
+    "latency_p95": "max",
+}
+
+
+# Fields that only count crawling nodes (a closed node's last rate is not a rate any more).
+CRAWLING_FIELDS = frozenset(("cpu", "memory", "net_sent_rate", "net_recv_rate", "rss", "process_cpu",
+                             "pages_per_min", "items_per_min", "requests_per_min", "errors_per_min",
+                             "latency_p95"))
+
+
+CRAWLING_STATES = ("live", "paused")
+
+
+STATES = ("live", "paused", "stale", "closed")
+
+
+NUMBER_TYPES = (int, float)  # exactly: a bool is not a figure
+
+
+def combine(rows, fields, hosts=None):
+    """``{field: figure}`` over ``rows`` (snapshots or history rows, each with a ``timestamp``), by
+    SPIDER_FIELDS. ``hosts`` maps each row's position to its host (default: the row's ``host``). A field no
+    row has a number for is None. Integer sums stay integers; other figures are rounded to 2 places."""
+    hosts = hosts or [r.get("host", r.get("node")) for r in rows]
+    order = sorted(range(len(rows)), key=lambda i: number(rows[i].get("timestamp"), 0))
+    per_host = list({hosts[i]: i for i in order}.values())  # newest row of each host
+    out = {}
+    for field in fields:
+        rule = SPIDER_FIELDS[field]
+        among = per_host if rule.startswith("host") else order
+        # Rows come through the gate (decode_snapshot, read_histories): their numbers are finite already.
+        values = [v for v in (rows[i].get(field) for i in among) if v.__class__ in NUMBER_TYPES]
+        if not values:
+            out[field] = None
+        elif rule == "newest":
+            out[field] = values[-1]
+        elif rule == "max":
+            out[field] = max(values)
+        else:
+            total = finite_sum(values)
+            if rule == "host_mean":
+                out[field] = round(total / len(values), 2)
+            else:
+                out[field] = total if all(isinstance(v, int) for v in values) else round(total, 2)
+    return out
+
+
+def finite_sum(values):
+    """An exact sum of finite numbers (ints stay ints); never inf or nan, whatever the inputs' count."""
+    if all(isinstance(v, int) for v in values):
+        return sum(values)
+    total = math.fsum(values)
+    return total if math.isfinite(total) else 0.0
+
+
+def cluster_view(nodes, spider):
+    """One spider over its nodes: newest timestamp, figures by SPIDER_FIELDS, node counts by state, and its
+    nodes. ``nodes`` is a ``{node: snapshot}`` mapping as ``list_nodes`` returns; None when it has none."""
+    mine = {n: s for n, s in nodes.items() if s.get("spider") == spider}
+    if not mine:
+        return None
+    snaps = list(mine.values())
+    crawling = [s for s in snaps if s.get("state") in CRAWLING_STATES]
+    states = collections.Counter(s.get("state") for s in snaps)
+    rest = [f for f in SPIDER_FIELDS if f not in CRAWLING_FIELDS]
+    view = {"spider": spider, "timestamp": max(int(number(s.get("timestamp"), 0)) for s in snaps)}
+    view.update(combine(snaps, rest))
+    gauges = combine(crawling or snaps, [f for f in CRAWLING_FIELDS if not f.endswith("_per_min")])
+    rates = combine(crawling, [f for f in CRAWLING_FIELDS if f.endswith("_per_min")])
+    view.update(gauges)
+    view.update({f: v or 0 for f, v in rates.items()})  # no node crawling: nothing per minute
+    view.update({f"nodes_{state}": states[state] for state in STATES})
+    view["nodes"] = mine
+    return view
+
+
+def spiders_view(nodes, r=None, prefix=None, now=None):
+    """``{spider: cluster view}`` for every spider that has nodes, each view's ``nodes`` a sorted id list;
+    given a Redis client ``r``, each view also has its queue forecast (``queue_forecasts``)."""
+    groups = {}
+    for node, snapshot in nodes.items():
+        groups.setdefault(snapshot["spider"], {})[node] = snapshot
+    out = {}
+    for spider in sorted(groups):
+        view = cluster_view(groups[spider], spider)
+        view["nodes"] = sorted(view["nodes"])
+        out[spider] = view
+    if r is not None:
+        for spider, forecast in queue_forecasts(r, nodes, prefix, now).items():
+            out[spider].update(forecast)
+    return out
+
+
+# ---------------------------------------------------------------------------- queue forecast
+
+# The forecast fits the queue size over this much of the recent history: long enough to smooth a crawler's
+# bursts, short enough to follow a change of pace.
+QUEUE_WINDOW = 300
+
+
+def queue_forecast(rows):
+    """``{"queue_rate": requests per minute (negative while draining), "queue_eta": seconds until empty
+    at that rate, None unless it shrinks}`` from history rows (oldest first), by a least-squares line
+    through the ``queue_requests`` readings since the queue was last empty (a refill is a new batch), from
+    its peak on when it has one before the newest reading.
+    Both None with fewer than two readings."""
+    points = [(row["timestamp"], row["queue_requests"]) for row in rows
+              if is_number(row.get("timestamp")) and is_number(row.get("queue_requests"))]
+    for i in range(len(points) - 2, -1, -1):
+        if points[i][1] == 0:
+            points = points[i + 1:]
+            break
+    # A queue past its peak (filled by a burst of links, now draining) is forecast from the peak on.
+    peak = max(range(len(points)), key=lambda i: points[i][1], default=0)
+    if len(points) - peak >= 2:
+        points = points[peak:]
+    if len(points) < 2 or points[-1][0] == points[0][0]:
+        return {"queue_rate": None, "queue_eta": None}
+    mean_t = sum(t for t, _ in points) / len(points)
+    mean_q = sum(q for _, q in points) / len(points)
+    slope = (sum((t - mean_t) * (q - mean_q) for t, q in points)
+             / (sum((t - mean_t) ** 2 for t, _ in points) or 1))
+    eta = points[-1][1] / -slope if slope < 0 else None
+    return {"queue_rate": round(slope * 60, 1), "queue_eta": None if eta is None else round(eta)}
+
+
+def queue_forecasts(r, nodes, prefix=None, now=None):
+    """``{spider: queue_forecast}`` for every spider of ``nodes``, in one round trip: each from the history
+    of its crawling node that started first (the queue is shared, so one node's readings are the spider's;
+    the longest-running one has the most of them). A spider with no crawling node gets None figures."""
+    chosen = {}
+    for node, s in nodes.items():
+        if s.get("state") in CRAWLING_STATES:
+            best = chosen.get(s["spider"])
+            if best is None or number(s.get("start_time"), 0) < number(nodes[best].get("start_time"), 0):
+                chosen[s["spider"]] = node
+    rows = max((math.ceil(QUEUE_WINDOW / number(nodes[n].get("interval"), DEFAULT_INTERVAL)) + 2
+                for n in chosen.values()), default=0)
+    series = read_histories(r, list(chosen.values()), QUEUE_WINDOW / 60, prefix, now, rows) if chosen else {}
+    empty = {"queue_rate": None, "queue_eta": None}
+    return {spider: queue_forecast(series[chosen[spider]]) if spider in chosen else dict(empty)
+            for spider in {s["spider"] for s in nodes.values()}}
+
+
+# ---------------------------------------------------------------------------- histories
+
+# A row this far past ``now`` is from a bad clock or a forgery: dropped, so it cannot widen a chart.
+FUTURE_SLACK = 60
+
+
+def read_histories(r, nodes, minutes, prefix, now=None, limit=None):
+    """``{node: rows}`` for the last ``minutes``, oldest first, each row a dict of HISTORY_FIELDS, in one
+    round trip. Up to an hour comes from the full-resolution lists, longer spans (up to a day) from the
+    5-minute tier. Values that are not numbers (or too large) read as None; rows without a timestamp in the
+    window (``now`` plus FUTURE_SLACK at most) are dropped, and rows are sorted by time. ``limit``: read only
+    each list's newest rows."""
+    now = time.time() if now is None else now
+    since, until = now - minutes * 60, now + FUTURE_SLACK
+    key = history_key if minutes * 60 <= HISTORY_SECONDS else trend_key
+    with r.pipeline(transaction=False) as pipe:
+        for node in nodes:
+            pipe.lrange(key(prefix, node), 0, -1 if limit is None else limit - 1)
+        lists = pipe.execute()
+    out = {}
+    for node, raws in zip(nodes, lists):
+        rows = []
+        for raw in reversed(raws):
+            try:
+                values = json.loads(raw)
+            except (ValueError, RecursionError):
+                continue
+            if isinstance(values, list) and 0 < len(values) <= len(HISTORY_FIELDS):
+                values = values + [None] * (len(HISTORY_FIELDS) - len(values))  # a row from before a new column
+                row = {f: v if is_number(v) and abs(v) < NUMBER_LIMIT else None for f, v in zip(HISTORY_FIELDS, values)}
+                if row["timestamp"] is not None and since <= row["timestamp"] <= until:
+                    rows.append(row)
+        rows.sort(key=lambda row: row["timestamp"])
+        out[node] = rows
+    return out
+
+
+def spider_points(series, holds, hosts, step, last, before=None):
+    """One point per ``step``-second bucket up to ``last`` over every node's rows (sorted, in the window),
+    combined by ``SPIDER_FIELDS``. A node's last row counts in later buckets until it is
+    ``holds[node]`` seconds old (so a late report is not a dip in the totals); its counters (pages, items,
+    errors) count for good, as in the cluster view, where a closed or dead node's pages still count.
+    ``before``: ``{node: snapshot}`` of nodes whose rows all ended before the window, counted from the
+    start. Each row fills at most ``holds / step + 1`` buckets, whatever the stored timestamps."""
+    buckets = {}  # bucket -> {node: row}
+    for node, rows in series.items():
+        for row, following in zip(rows, rows[1:] + [None]):
+            start = int(row["timestamp"] // step)
+            end = min(int(following["timestamp"] // step) if following else last + 1, last + 1,
+                      int((row["timestamp"] + holds[node]) // step) + 1)
+            for b in range(start, end):
+                buckets.setdefault(b, {})[node] = row
+    combined = [f for f in HISTORY_FIELDS if f in SPIDER_FIELDS]
+    counters = [f for f in combined if SPIDER_FIELDS[f] == "sum" and f not in CRAWLING_FIELDS]
+    fields = [f for f in combined if f not in counters]
+    latest = dict(before or {})  # node -> its newest row so far: where its counters stand
+    points = []
+    for b in sorted(buckets):
+        nodes = list(buckets[b])
+        rows = [buckets[b][n] for n in nodes]
+        latest.update(buckets[b])
+        point = {"timestamp": b * step, "nodes": len(rows)}
+        point.update(combine(rows, fields, [hosts[n] for n in nodes]))
+        point.update(combine(list(latest.values()), counters))
+        points.append(point)
+    return points
+
+
+# ---------------------------------------------------------------------------- run history
+
+# What ``compare`` and the baseline cover: ratios of the run to the median of the previous finished runs.
+COMPARED = ("items", "pages_per_min", "items_per_min", "duration", "error_ratio")
+
+
+def record_lost_runs(r, prefix, nodes, now, lost_after, keep=RUNS_KEEP, done=None):
+    """Write a ``lost`` run for each node not closed and silent for more than ``lost_after`` seconds and
+    three of its intervals (stale: a short setting never loses a node between reports), on Redis's clock
+    ``now``, once across processes; ``done`` (a set of ``(node, start_time)``, updated)
+    skips those already handled. Returns how many this call recorded."""
+    done = set() if done is None else done
+    todo = []
+    for node, snapshot in nodes.items():
+        claim = (node, snapshot.get("start_time"))
+        silent = now - last_report(snapshot) > lost_after and node_state(snapshot, now) == "stale"
+        if silent and claim not in done:
+            offset = last_report(snapshot) - number(snapshot.get("timestamp"), 0)
+            todo.append((claim, run_record(dict(snapshot, node=node), "lost", offset)))
+    if not todo:
+        return 0
+    with r.pipeline(transaction=False) as pipe:
+        for claim, record in todo:
+            write_run(pipe, prefix, record, claim[1], keep, lost=True)
+        written = pipe.execute()
+    done.update(claim for claim, _ in todo)
+    return sum(1 for w in written if w)
+
+
+def parse_run(member):
+    """``(id, record)`` from a stored member, or None unless it passes the snapshot gate's number rules."""
+    text = as_text(member)
+    rid, _, body = text.partition(" ")
+    if not RUN_ID.match(rid):
+        return None
+    try:
+        record = loads(body)
+    except ValueError:
+        return None
+    if not (isinstance(record, dict) and isinstance(record.get("spider"), str)
+            and isinstance(record.get("finish_reason"), str) and is_number(record.get("end_time"))):
+        return None
+    return rid, record
+
+
+def run_bound(before):
+    """The ZREVRANGEBYLEX bound for runs older than ``before``: a cursor (a run id) or unix seconds; None
+    when it is neither."""
+    if before is None or before == "":
+        return "+"
+    if RUN_ID.match(before):
+        return f"({before} "
+    if before.isascii() and before.isdigit() and len(before) <= 11:
+        return f"({int(before):011d}"
+    return None
+
+
+def read_runs(r, prefix, spider=None, limit=50, before=None, reason=None):
+    """``(runs, next cursor or None)``: the spider's runs (every spider's, without one) newest first, older
+    than ``before`` (see ``run_bound``), with ``finish_reason`` in ``reason`` (a set) when given. Malformed
+    members are skipped."""
+    if spider is None:
+        spiders = sorted({s for s, _ in run_totals(r.hgetall(run_meta_key(prefix, "totals")))})
+    else:
+        spiders = [spider]
+    found = []
+    for name in spiders:
+        found += _spider_runs(r, runs_key(prefix, name), limit + 1, run_bound(before), reason)
+    found.sort(key=lambda pair: pair[0], reverse=True)
+    more = len(found) > limit
+    found = found[:limit]
+    return [record for _, record in found], (found[-1][0] if more else None)
+
+
+def _spider_runs(r, key, count, bound, reason):
+    """Up to ``count`` ``(id, record)`` of one runs key from ``bound`` down, those of ``reason`` only."""
+    out, chunk = [], count if reason is None else max(count * 4, 200)
+    # A member holds its reason as written by write_run: most members need no decoding to be passed over.
+    needles = None if reason is None else [b'"finish_reason":' + json.dumps(x, ensure_ascii=False).encode()
+                                           for x in reason]
+    while True:
+        members = r.zrevrangebylex(key, bound, "-", 0, chunk)
+        wanted = members if needles is None else [m for m in members if any(n in m for n in needles)]
+        for parsed in filter(None, map(parse_run, wanted)):
+            if reason is None or parsed[1]["finish_reason"] in reason:
+                out.append(parsed)
+                if len(out) == count:
+                    return out
+        if len(members) < chunk:
+            return out
+        bound = "(" + as_text(members[-1])
+
+
+def run_figures(record):
+    """The figures ``compare`` covers, for one run (error_ratio is errors per page)."""
+    out = {f: number(record.get(f)) for f in COMPARED if f != "error_ratio"}
+    pages, errors = number(record.get("pages")), number(record.get("errors"))
+    out["error_ratio"] = errors / pages if pages and errors is not None else None
+    return out
+
+
+def baseline(records):
+    """The medians of COMPARED over the first BASELINE_RUNS records not lost (newest first given), and how
+    many records they used: what a run ending now is compared with (as RECORD_RUN_LUA does)."""
+    used = [run_figures(r) for r in records if r.get("finish_reason") != "lost"][:BASELINE_RUNS]
+    medians = {}
+    for field in COMPARED:
+        values = sorted(v[field] for v in used if v[field] is not None)
+        medians[field] = ((values[(len(values) - 1) // 2] + values[len(values) // 2]) / 2
+                          if len(values) >= MIN_BASELINE else None)
+    return (medians if len(used) >= MIN_BASELINE else None), len(used)
+
+
+SUMMARY_DAYS = 30
+
+
+def runs_summary(r, prefix, spider, now):
+    """A spider's runs at a glance: count kept, all-time totals by reason, the baseline a run ending now
+    would be compared with, reasons among kept runs, and per-day totals (UTC) for the last 30 days."""
+    with r.pipeline(transaction=False) as pipe:
+        pipe.zcard(runs_key(prefix, spider))
+        pipe.zrevrangebylex(runs_key(prefix, spider), "+", "-", 0, 5 * BASELINE_RUNS)
+        pipe.zrevrangebylex(runs_key(prefix, spider), "+", f"[{int(now - SUMMARY_DAYS * 86400):011d}")
+        pipe.hgetall(run_meta_key(prefix, "totals"))
+        count, newest, month, totals = pipe.execute()
+    recent = [p[1] for p in map(parse_run, newest) if p]
+    medians, used = baseline(recent)
+    days, reasons = {}, collections.Counter()
+    for parsed in filter(None, map(parse_run, month)):
+        record = parsed[1]
+        reasons[record["finish_reason"]] += 1
+        day = time.strftime("%Y-%m-%d", time.gmtime(record["end_time"]))
+        totals_of_day = days.setdefault(day, {"day": day, "runs": 0, "pages": 0, "items": 0, "errors": 0})
+        totals_of_day["runs"] += 1
+        for field in ("pages", "items", "errors"):
+            totals_of_day[field] += int(number(record.get(field), 0))
+    return {"spider": spider, "runs": count, "baseline": medians, "baseline_runs": used,
+            "reasons": dict(reasons), "totals": {reason: n for (s, reason), n in run_totals(totals).items()
+                                                  if s == spider},
+            "days": sorted(days.values(), key=lambda d: d["day"])}
+
+
+def recent_runs(r, prefix):
+    """The newest runs recorded (up to RECENT_RUNS), as ``[(seq, record)]``: what the alerter judges."""
+    return parse_recent(r.lrange(run_meta_key(prefix, "recent"), 0, -1))
+
+
+def parse_recent(raws):
+    """``[(seq, record)]`` from the entries of ``<p>:runmeta:recent`` (``<seq> <member>``); malformed skipped."""
+    out = []
+    for raw in raws:
+        seq, _, member = as_text(raw).partition(" ")
+        parsed = parse_run(member)
+        if seq.isdigit() and parsed:
+            out.append((int(seq), parsed[1]))
+    return out
+
+
+def run_totals(raw):
+    """``{(spider, reason): runs ever recorded}`` from an HGETALL of the totals hash; malformed fields skipped."""
+    out = {}
+    for field, value in raw.items():
+        try:
+            spider, reason = json.loads(field)
+            count = int(value)
+        except (ValueError, TypeError):
+            continue
+        if isinstance(spider, str) and isinstance(reason, str) and 0 <= count < NUMBER_LIMIT:
+            out[(spider, reason)] = count
+    return out
+
+
+# ---------------------------------------------------------------------------- the control log
+
+def read_control_log(r, prefix, limit):
+    """The newest ``limit`` log entries, each with ``acks``: ``{node: when it applied the command}``."""
+    raws = r.lrange(control_key(prefix, "log"), 0, limit - 1)
+    entries = [c for c in map(decode_command, raws) if c is not None]
+    with r.pipeline(transaction=False) as pipe:
+        for entry in entries:
+            pipe.hgetall(control_ack_key(prefix, entry["id"]))
+        acks = pipe.execute()
+    for entry, ack in zip(entries, acks):
+        entry["acks"] = {}
+        for node, raw in ack.items():
+            try:
+                at = json.loads(raw).get("at")
+            except (ValueError, AttributeError, RecursionError):
+                continue
+            if is_number(at):
+                entry["acks"][as_text(node)] = at
+    return entries

@@ -1,0 +1,439 @@
+"""The alert rules and their evaluation: pure functions of the snapshots, the stored alerts and the clock.
+
+Each rule is one row of RULES. ``evaluate`` steps every alert (inactive -> pending -> firing -> resolved, as in
+Prometheus), applies silences (``with_silences``) and returns what changed and what to send; ``run_alerts``
+judges run records. No Redis and no clock here: tests drive them with any ``now`` (alert.py does the I/O).
+"""
+
+import fnmatch
+import time
+from typing import Callable, NamedTuple, Optional
+
+from monitor_contract import age, newest_error, number
+
+MIB = 1024 * 1024
+
+
+# ---------------------------------------------------------------------------- checks and details
+
+def over(rule, snapshot, limit, stuck_since, now):
+    """``snapshot[rule.field] / rule.scale`` while it is over the threshold."""
+    value = number(snapshot.get(rule.field))
+    if limit and value is not None and value / rule.scale > limit:
+        return round(value / rule.scale, 1)
+    return None
+
+
+def down_for(rule, snapshot, limit, stuck_since, now):
+    """Seconds since a stale node's last report."""
+    if snapshot.get("state") == "stale":
+        return age(snapshot, now)
+    return None
+
+
+def stalled_for(rule, snapshot, limit, stuck_since, now):
+    """Seconds the node's pages have stood still with work queued, once that is the threshold."""
+    if limit and stuck_since is not None and now - stuck_since >= limit:
+        return round(now - stuck_since)
+    return None
+
+
+def limit_text(rule, snapshot, limit):
+    return f" (limit {fmt(limit)}{rule.unit})"
+
+
+def reports_every(rule, snapshot, limit):
+    return f" (reports every {fmt(number(snapshot.get('interval')) or 0)} s)"
+
+
+def limit_and_queue(rule, snapshot, limit):
+    return f"{limit_text(rule, snapshot, limit)}, {fmt(queued(snapshot))} requests queued"
+
+
+# Item field coverage is judged once a node has scraped this many items (fewer say little).
+COVERAGE_MIN_ITEMS = 100
+
+
+def low_coverage(rule, snapshot, limit, stuck_since, now):
+    """The lowest coverage (%) among the fields the node was told to watch (MONITOR_ITEM_FIELDS: fields
+    found on the first items may be optional), once it has scraped COVERAGE_MIN_ITEMS, while below the limit."""
+    fields = snapshot.get("fields") if snapshot.get("fields_listed") is True else None
+    if not (limit and fields and (number(snapshot.get("items")) or 0) >= COVERAGE_MIN_ITEMS):
+        return None
+    lowest = min(fields.values()) * 100
+    return round(lowest, 1) if lowest < limit else None
+
+
+def lowest_field(rule, snapshot, limit):
+    fields = snapshot.get("fields") or {}
+    name = min(fields, key=fields.get) if fields else "?"
+    return f" for field {name!r} over {fmt(snapshot.get('items'))} items{limit_text(rule, snapshot, limit)}"
+
+
+def queue_growing(rule, view, limit, stuck_since, now):
+    """A spider's queue growth (requests/min) while it has live nodes; how long it must last is the limit."""
+    rate = number(view.get("queue_rate"))
+    if limit and view.get("nodes_live") and rate is not None and rate > 0:
+        return rate
+    return None
+
+
+def queue_detail(rule, view, limit):
+    return f" for {span(limit)} or more, {fmt(view.get('queue_requests'))} requests queued"
+
+
+def limit_and_sample(rule, snapshot, limit):
+    """The limit, and the node's newest error sample: what the errors are."""
+    sample = newest_error(snapshot)
+    return limit_text(rule, snapshot, limit) + (f"; newest: {sample}" if sample else "")
+
+
+# ---------------------------------------------------------------------------- the rules
+
+class Rule(NamedTuple):
+    """One alert rule: adding a rule is adding a row to RULES."""
+    name: str  # as ALERT_RULES and the messages name it
+    alertname: str  # Prometheus-style
+    severity: str  # critical or warning
+    label: str  # what its figure is, in messages
+    unit: str
+    field: Optional[str] = None  # the snapshot field compared with the threshold...
+    scale: float = 1  # ...after dividing it by this
+    setting: Optional[str] = None  # its threshold's setting (monitor_settings.SETTINGS; 0 turns the rule off)
+    check: Callable = over  # (rule, snapshot, limit, stuck_since, now) -> its figure while it holds, or None
+    detail: Callable = limit_text  # (rule, snapshot, limit) -> what a firing message adds to the figure
+    back: str = "back to normal"  # what a resolved message says
+    needs_live: bool = True  # judged on reporting nodes only: silenced while down, over once closed
+    scope: str = "node"  # or "spider": judged on the spider's cluster view, its alert keyed rule:<spider>
+    hold: bool = False  # the threshold is how long the condition must hold (instead of ALERT_FOR)
+
+    @property
+    def attr(self):
+        """The setting's attribute on the configuration: ALERT_CPU_PERCENT -> cpu_percent."""
+        return self.setting[len("ALERT_"):].lower() if self.setting else None
+
+
+RULES = (
+    Rule("down", "ScrapyNodeDown", "critical", "no report for", " s", check=down_for, detail=reports_every,
+         back="reporting again", needs_live=False),
+    Rule("cpu", "ScrapyHostCpuHigh", "warning", "host CPU", "%", field="cpu",
+         setting="ALERT_CPU_PERCENT"),
+    Rule("memory", "ScrapyHostMemoryHigh", "warning", "host memory", "%", field="memory",
+         setting="ALERT_MEMORY_PERCENT"),
+    Rule("stalled", "ScrapyCrawlStalled", "warning", "pages not rising for", " s", check=stalled_for,
+         detail=limit_and_queue, setting="ALERT_STALL_SECONDS"),
+    Rule("errors", "ScrapyErrorsHigh", "warning", "errors", "/min", field="errors_per_min", detail=limit_and_sample,
+         setting="ALERT_ERRORS_PER_MIN"),
+    Rule("rss", "ScrapyProcessRssHigh", "warning", "process RSS", " MiB", field="rss", scale=MIB,
+         setting="ALERT_RSS_MB"),
+    # Judged on run records, not snapshots: see ``run_alerts`` (one message per bad run, never resolved).
+    Rule("run", "ScrapyRunFailed", "warning", "run", "", check=lambda *_: None, needs_live=False),
+    Rule("coverage", "ScrapyItemFieldCoverageLow", "warning", "item field coverage", "%", check=low_coverage,
+         detail=lowest_field, setting="ALERT_COVERAGE_MIN"),
+    Rule("latency", "ScrapyDownloadLatencyHigh", "warning", "download latency p95", " s", field="latency_p95",
+         setting="ALERT_LATENCY_P95"),
+    Rule("queue", "ScrapyQueueGrowing", "warning", "queue growing by", "/min", check=queue_growing,
+         detail=queue_detail, setting="ALERT_QUEUE_GROWING", needs_live=False, back="queue no longer growing",
+         scope="spider", hold=True),
+)
+
+
+RULE = {rule.name: rule for rule in RULES}
+ORDER = {rule.name: i for i, rule in enumerate(RULES)}
+
+
+def threshold(rule, cfg):
+    return getattr(cfg, rule.attr) if rule.setting else None
+
+
+def active_rules(cfg):
+    """The rules to evaluate: those in ALERT_RULES whose threshold is not 0."""
+    return [RULE[name] for name in cfg.rules if is_active(RULE[name], cfg)]
+
+
+def is_active(rule, cfg):
+    return rule.name in cfg.rules and (not rule.setting or bool(threshold(rule, cfg)))
+
+
+def firing_summary(rule, value, snapshot, limit):
+    """``host CPU 95% (limit 80%)``."""
+    return f"{rule.label} {fmt(value)}{rule.unit}{rule.detail(rule, snapshot, limit)}"
+
+
+def resolved_summary(rule, snapshot, cfg):
+    """Why an alert ended: ``back to normal: host CPU 12%``, ``node closed``..."""
+    if not snapshot:
+        return "node gone from the status hash"
+    if snapshot.get("state") == "closed":
+        return "node closed"
+    if not is_active(rule, cfg):
+        return "rule turned off"
+    figure = number(snapshot.get(rule.field)) if rule.field else None
+    if figure is None:
+        return rule.back
+    return f"{rule.back}: {rule.label} {fmt(figure / rule.scale)}{rule.unit}"
+
+
+def queued(snapshot):
+    """Requests plus start URLs waiting in the node's scrapy-redis queue; None when it has no such queue."""
+    sizes = [number(snapshot.get(f)) for f in ("queue_requests", "queue_start_urls")]
+    sizes = [s for s in sizes if s is not None]
+    return sum(sizes) if sizes else None
+
+
+# ---------------------------------------------------------------------------- evaluation
+
+# Silences match alerts on these labels; all given must match.
+SILENCE_MATCHERS = ("node", "spider", "host", "rule")
+
+
+class SilenceIndex:
+    """Active silences ``{id: silence}`` indexed by their first matcher (node, spider, host, rule), so finding
+    one that matches an alert costs four lookups, however many silences there are."""
+
+    def __init__(self, silences):
+        self.by = {}
+        for sid, silence in silences.items():
+            matchers = silence["matchers"]
+            first = next(key for key in SILENCE_MATCHERS if key in matchers)
+            self.by.setdefault((first, matchers[first]), []).append((sid, matchers))
+
+    def __bool__(self):
+        return bool(self.by)
+
+    def match(self, labels):
+        """The id of a silence whose matchers all equal ``labels`` (node, spider, host, rule), or None."""
+        for key in SILENCE_MATCHERS:
+            for sid, matchers in self.by.get((key, labels.get(key)), ()):
+                if all(labels.get(name) == value for name, value in matchers.items()):
+                    return sid
+        return None
+
+
+def track_stall(snapshot, previous, now):
+    """The stall tracker of one node, ``[pages, since]``: since when its pages stood still with work queued.
+
+    None (nothing to remember) unless the node is live, running, has requests waiting and its own last
+    interval saw no new page; so a healthy cluster stores no trackers at all.
+    """
+    if snapshot.get("state") != "live" or snapshot.get("status") != "running" or not queued(snapshot):
+        return None
+    if (number(snapshot.get("pages_per_min")) or 0) > 0:
+        return None
+    pages = number(snapshot.get("pages"))
+    if previous and previous[0] == pages:
+        return previous
+    return [pages, now]
+
+
+# The figure of a rule whose node is down: no news about it until the node reports again.
+NODE_DOWN = object()
+
+
+def step(record, value, now, cfg, hold=None):
+    """One alert's transition. ``value``: the rule's figure when its condition holds, None when not,
+    ``NODE_DOWN`` while its node is down; ``hold``: seconds pending before firing (default ALERT_FOR).
+    Returns ``(new record or None, "firing"/"resolved"/None)``."""
+    if value is NODE_DOWN:
+        # Its node is down: a pending alert is forgotten, a firing one waits (no repeat, no resolve).
+        return (record if record and record["state"] == "firing" else None), None
+    if value is None:
+        if record and record["state"] == "firing":
+            return None, "resolved"
+        return None, None
+    if not record:
+        record = {"state": "pending", "since": now}
+    if record["state"] == "pending":
+        if now - record["since"] < (cfg.for_seconds if hold is None else hold):
+            return record, None
+        return {**record, "state": "firing", "fired": now, "sent": now, "value": value}, "firing"
+    if now - record["sent"] >= cfg.repeat:
+        return {**record, "sent": now, "value": value}, "firing"
+    return record, None
+
+
+def figure(rule, snapshot, limit, stuck_since, now):
+    """The rule's figure on one node while its condition holds, else None; NODE_DOWN while the node is down."""
+    if rule.needs_live:
+        state = snapshot.get("state")
+        if state == "stale":
+            return NODE_DOWN
+        if state == "closed":
+            return None
+    return rule.check(rule, snapshot, limit, stuck_since, now)
+
+
+def evaluate(nodes, state, stall, now, cfg, silences=None, spiders=None):
+    """One evaluation over ``{node: snapshot with state}``, the stored alerts and stall trackers, and
+    ``spiders`` (``spider_views``; None leaves the spider-level alerts as they are).
+
+    Returns ``(state changes, stall changes, notifications)``; a change of None deletes the field.
+    ``silences`` (``{id: silence}``, as ``read_silences`` returns) hold back what matching alerts
+    send (see ``in_the_open``).
+    Pure: no Redis, no clock, so tests can drive it with any ``now``.
+    """
+    state_changes, stall_changes, notes = {}, {}, []
+    rules = active_rules(cfg)
+    limits = {rule.name: threshold(rule, cfg) for rule in rules}
+    silences = SilenceIndex(silences or {})
+    spider_rules = [rule for rule in rules if rule.scope == "spider"]
+    rules = [rule for rule in rules if rule.scope == "node"]
+    track = RULE["stalled"] in rules
+    records_of = {}  # {node: {rule: record}}: few nodes have any, so most nodes cost no key lookups
+    spider_records = {}  # {"rule:spider": record} of the spider-level rules
+    for key, record in state.items():
+        rule, _, node = key.partition(":")
+        if RULE[rule].scope == "spider":
+            spider_records[key] = record
+        else:
+            records_of.setdefault(node, {})[rule] = record
+
+    def apply(rule, node, snapshot, record, value):
+        new, event = step(record, value, now, cfg, limits.get(rule.name) if rule.hold else None)
+        new, event = with_silences(rule, node, snapshot, record, new, event, value, limits.get(rule.name), silences,
+                                 now)
+        if new != record:
+            state_changes[f"{rule.name}:{node}"] = new
+        if event:
+            notes.append(notification(event, rule, node, snapshot, new or record, now, cfg))
+
+    for node, snapshot in nodes.items():
+        tracker = track_stall(snapshot, stall.get(node), now) if track else None
+        if tracker != stall.get(node):
+            stall_changes[node] = tracker
+        records = records_of.pop(node, {})
+        for rule in rules:
+            value = figure(rule, snapshot, limits[rule.name], tracker[1] if tracker else None, now)
+            record = records.pop(rule.name, None)
+            if record is not None or value is not None:
+                apply(rule, node, snapshot, record, value)
+        for name, record in records.items():  # rules turned off since
+            apply(RULE[name], node, snapshot, record, None)
+    for node, records in records_of.items():  # nodes gone from the status hash
+        for name, record in records.items():
+            apply(RULE[name], node, None, record, None)
+    for node in set(stall) - set(nodes):
+        stall_changes[node] = None
+    for spider, view in (spiders or {}).items():
+        for rule in spider_rules:
+            value = rule.check(rule, view, limits[rule.name], None, now)
+            record = spider_records.pop(f"{rule.name}:{spider}", None)
+            if record is not None or value is not None:
+                apply(rule, spider, view, record, value)
+    for key, record in spider_records.items() if spiders is not None else ():  # spiders gone, rules off
+        name, _, spider = key.partition(":")
+        apply(RULE[name], spider, spiders.get(spider), record, None)
+    notes.sort(key=lambda a: (a["status"], ORDER[a["rule"]], a["node"]))
+    return state_changes, stall_changes, notes
+
+
+def with_silences(rule, node, snapshot, record, new, event, value, limit, silences, now):
+    """One step's outcome ``(new record, event)`` with silences applied and what /alerts shows stored in the
+    record (alertname, severity, threshold, spider, host, value, summary, silenced). A silenced alert keeps
+    its state and sends nothing; a firing never sent (``notified`` false) is sent once no silence matches
+    it; its resolution is sent only if its firing was."""
+    snapshot = snapshot or {}
+    base = new or record or {}
+    labels = {"node": node, "rule": rule.name, "spider": snapshot.get("spider", base.get("spider")),
+              "host": snapshot.get("host", base.get("host"))}
+    sid = silences.match(labels) if silences else None
+    if event == "resolved":
+        return new, None if sid or not record.get("notified", True) else event
+    if new is None:
+        return None, event
+    new = {**new, "alertname": rule.alertname, "severity": rule.severity, "threshold": limit,
+           "spider": labels["spider"], "host": labels["host"], "silenced": sid}
+    if value is not None and value is not NODE_DOWN:
+        new["value"] = value
+    if new["state"] != "firing":
+        return new, event
+    if event == "firing" and sid:
+        if not record or record["state"] == "pending":
+            new["notified"] = False  # fired under a silence: sent when it ends, if still firing
+        event = None
+    elif event == "firing":
+        new["notified"] = True
+    elif sid is None and not new.get("notified", True) and value is not NODE_DOWN:
+        new.update(sent=now, notified=True)  # its silence ended while it still fires
+        event = "firing"
+    if "value" in new:
+        new["summary"] = firing_summary(rule, new["value"], snapshot, limit)
+    return new, event
+
+
+def notification(event, rule, node, snapshot, record, now, cfg):
+    """What a message says of one alert (``record``: its firing record): a dict, the webhook's ``alerts``."""
+    snapshot = snapshot or {}
+    limit = threshold(rule, cfg)
+    if event == "firing":
+        summary = firing_summary(rule, record["value"], snapshot, limit)
+    else:
+        summary = f"{resolved_summary(rule, snapshot, cfg)} after {span(now - record['fired'])}"
+    return {
+        "status": event, "rule": rule.name, "alertname": rule.alertname, "severity": rule.severity,
+        "node": node, "spider": snapshot.get("spider"), "host": snapshot.get("host"),
+        "value": record.get("value"), "threshold": limit, "summary": summary,
+        "repeat": event == "firing" and record["sent"] > record["fired"],
+        "starts_at": iso(record["fired"]), "ends_at": iso(now) if event == "resolved" else None,
+    }
+
+
+# ---------------------------------------------------------------------------- run alerts
+
+def bad_run(record, cfg):
+    """Why a run ended badly (lost, a finish reason not in ALERT_OK_REASONS, items below
+    ALERT_RUN_ITEMS_RATIO of its baseline), or None."""
+    reason = record.get("finish_reason")
+    if reason == "lost":
+        return "lost: no report for MONITOR_LOST_AFTER, never closed"
+    if not any(fnmatch.fnmatchcase(str(reason), ok) for ok in cfg.ok_reasons):
+        return f"ended {reason}"
+    ratio = number((record.get("compare") or {}).get("items"))
+    if cfg.run_items_ratio and ratio is not None and ratio < cfg.run_items_ratio:
+        return f"items {fmt(round(ratio * 100))}% of usual (limit {fmt(cfg.run_items_ratio * 100)}%)"
+    return None
+
+
+def run_alerts(recent, cursor, cfg):
+    """``(notifications, new cursor)`` for the runs of ``recent`` (``[(seq, record)]``, as
+    ``recent_runs`` gives them) recorded after ``cursor``, one per bad run. Without a cursor (the
+    first evaluation) nothing is sent: the cursor starts at the newest run. Pure, as ``evaluate`` is."""
+    newest = max([seq for seq, _ in recent] + [cursor or 0])
+    if cursor is None or RULE["run"] not in active_rules(cfg):
+        return [], newest
+    notes = []
+    for seq, record in sorted(recent, key=lambda pair: pair[0]):
+        why = bad_run(record, cfg) if seq > cursor else None
+        if why:
+            counts = ", ".join(f"{fmt(number(record.get(f)))} {f}" for f in ("pages", "items", "errors"))
+            notes.append({
+                "status": "firing", "rule": "run", "alertname": RULE["run"].alertname,
+                "severity": RULE["run"].severity, "node": str(record.get("node")), "spider": record["spider"],
+                "host": record.get("host"), "value": record.get("finish_reason"), "threshold": None,
+                "summary": f"run {why}; {counts} in {span(number(record.get('duration'), 0))}",
+                "repeat": False, "starts_at": iso(record["end_time"]), "ends_at": None})
+    return notes, newest
+
+
+# ---------------------------------------------------------------------------- formatting
+
+def fmt(value):
+    if value is None:
+        return "?"
+    return str(int(value)) if float(value).is_integer() else f"{value:.1f}"
+
+
+def iso(ts):
+    try:
+        return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
+    except (OverflowError, ValueError, OSError):  # a stored time beyond the calendar
+        return "?"
+
+
+def span(seconds):
+    seconds = int(max(seconds, 0))
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"

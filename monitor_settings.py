@@ -1,0 +1,354 @@
+"""Every setting of every script, declared once: its name, type, default, range, help and who reads it.
+
+Each script reads its settings through ``value`` (the extension offers its Scrapy setting of the same name
+first); ``--help`` and the README's environment table come from SETTINGS, and a test checks both. An empty
+environment variable counts as unset. A value a script cannot run with is a ConfigError naming the setting:
+the scripts print it on one line and exit 2, the extension logs it and turns itself off.
+"""
+
+import argparse
+import math
+import os
+import sys
+from typing import NamedTuple, Optional
+from urllib.parse import urlsplit
+
+from monitor_contract import connect
+
+# Who reads a setting: the Scrapy extension (crawler machines), the API, the alerter, the demo, and the
+# demo crawler's own Scrapy project (settings.py).
+CRAWLER, API, ALERT, DEMO, PROJECT = "crawler", "api", "alert", "demo", "project"
+
+# Flag words, as Scrapy's getbool and the README take them, in any case.
+TRUE_WORDS = ("1", "true", "yes", "on")
+FALSE_WORDS = ("0", "false", "no", "off")
+# A setting in seconds beyond a year is a typo (1e308 would overflow every sum and sleep).
+MAX_SECONDS = 365 * 86400
+# A whole-number setting has at most this many digits: anything longer is a typo.
+MAX_WHOLE = 10 ** 9 - 1
+# Units of a duration such as ``2h`` or ``90m`` (silences).
+DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+# The alert rules, in evaluation order (monitor_rules.RULES has one row each; a test checks they agree).
+RULE_NAMES = ("down", "cpu", "memory", "stalled", "errors", "rss", "run", "coverage", "latency", "queue")
+# Finish reasons of a run that ended well, unless ALERT_OK_REASONS says otherwise.
+OK_REASONS = ("finished", "shutdown", "stopped", "drained")
+
+
+class ConfigError(ValueError):
+    """A setting a script cannot run with: its ``main`` prints it on one line and exits 2."""
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse whose mistakes raise ConfigError, so every script reports all bad input the same way."""
+
+    def error(self, message):
+        raise ConfigError(message)
+
+
+def exit_config_error(prog, exc):
+    """Print a ConfigError as ``prog: error: ...`` on one line; the exit status for it, 2."""
+    print(f"{prog}: error: {' '.join(str(exc).split())}", file=sys.stderr)
+    return 2
+
+
+class Setting(NamedTuple):
+    """One setting. ``kind`` names its parser (PARSERS); ``low``/``high`` bound numbers; ``flag`` is alert.py's
+    command-line flag and ``attr`` its attribute on alert.py's configuration; ``env`` False: a Scrapy setting
+    only, never read from the environment."""
+
+    name: str
+    kind: str
+    default: object
+    readers: tuple
+    help: str
+    low: float = 0
+    high: Optional[float] = None
+    choices: tuple = ()
+    flag: Optional[str] = None
+    attr: Optional[str] = None
+    env: bool = True
+
+
+def _alert(name, kind, default, text, flag=True, attr=None, readers=(ALERT,), **bounds):
+    """A setting alert.py reads, with its command-line flag (``flag=False``: environment only)."""
+    attr = attr or name.split("_", 1)[1].lower()
+    return Setting(name, kind, default, readers, text, flag=("--" + attr.replace("_", "-")) if flag is True
+                   else flag or None, attr=attr, **bounds)
+
+
+SETTINGS = (
+    # Everywhere
+    _alert("REDIS_URL", "redis_url", "redis://localhost:6379/0", "Redis the nodes report to (scrapy-redis's "
+           "queue too, for the demo crawler)", flag="--redis-url", attr="redis_url",
+           readers=(CRAWLER, API, ALERT, DEMO, PROJECT)),
+    _alert("MONITOR_KEY_PREFIX", "text", "scrapy", "prefix of the monitor's Redis keys", flag="--prefix",
+           attr="prefix", readers=(CRAWLER, API, ALERT)),
+    # The extension, on crawler machines
+    Setting("MONITOR_ENABLED", "flag", True, (CRAWLER,), "0 turns the monitor off"),
+    Setting("MONITOR_REDIS_URL", "redis_url", None, (CRAWLER,),
+            "Redis for the metrics only, when it is not the crawl's (default: REDIS_URL)"),
+    Setting("MONITOR_INTERVAL", "seconds", 10.0, (CRAWLER, DEMO), "seconds between a node's reports", 1, 86400),
+    Setting("MONITOR_NODE_ID", "text", None, (CRAWLER,), "the node's id (default: <spider>:<hostname>:<pid>)"),
+    Setting("MONITOR_CONTROL", "flag", True, (CRAWLER,), "0 turns fleet control off on the node"),
+    Setting("MONITOR_TOP_DOMAINS", "whole", 20, (CRAWLER,), "domains reported one by one (the rest as 'other')",
+            0, 100),
+    Setting("MONITOR_ITEM_FIELDS", "list", None, (CRAWLER,),
+            "comma-separated item fields whose coverage is reported (default: the first 30 seen)"),
+    _alert("MONITOR_RUNS_KEEP", "whole", 1000, "run records kept per spider", readers=(CRAWLER, API, ALERT),
+           low=1, high=MAX_WHOLE),
+    Setting("SCHEDULER", "text", "", (CRAWLER,), "Scrapy's scheduler: a scrapy_redis one has queues to report",
+            env=False),
+    Setting("SCHEDULER_QUEUE_KEY", "text", "%(spider)s:requests", (CRAWLER,), "scrapy-redis's request queue key",
+            env=False),
+    Setting("SCHEDULER_DUPEFILTER_KEY", "text", "%(spider)s:dupefilter", (CRAWLER,),
+            "scrapy-redis's dupefilter key", env=False),
+    # Readers' housekeeping (the API and the alerter)
+    _alert("MONITOR_LOST_AFTER", "seconds", 600.0, "seconds a node may be silent without closing before its "
+           "run is recorded lost; 0 = never", readers=(API, ALERT)),
+    Setting("MONITOR_RETENTION", "seconds", 86400.0, (API,),
+            "seconds a silent node is kept before it is pruned with its history; 0 keeps them forever"),
+    # The API
+    Setting("MONITOR_API_HOST", "text", "127.0.0.1", (API, DEMO), "address the API listens on; --host overrides it"),
+    Setting("MONITOR_API_PORT", "port", 5000, (API, DEMO), "port the API listens on; --port overrides it"),
+    Setting("MONITOR_API_TOKEN", "token", None, (API, DEMO),
+            "when set, every route but /health needs 'Authorization: Bearer <token>' or ?token="),
+    Setting("MONITOR_API_HOSTS", "list", None, (API,),
+            "comma-separated Host names accepted without a token, besides the listening address, localhost and "
+            "loopback addresses (others get 400: no DNS rebinding)"),
+    Setting("MONITOR_CORS_ORIGINS", "list", "null", (API,),
+            "comma-separated origins allowed to read the API from a browser, '*' for any (null: a dashboard "
+            "opened as a file; any page can then read a tokenless API)"),
+    Setting("MONITOR_API_READONLY", "flag", False, (API,), "1 turns every route that changes data (control, "
+            "silences) off"),
+    Setting("MONITOR_API_CACHE", "seconds", 1.0, (API,), "seconds a response may be reused; 0 for never", 0, 3600),
+    # The alerter
+    _alert("ALERT_RULES", "rules", ",".join(RULE_NAMES), "comma-separated rules to evaluate", choices=RULE_NAMES),
+    _alert("ALERT_CPU_PERCENT", "number", 80.0, "cpu: host CPU % over this; 0 = off"),
+    _alert("ALERT_MEMORY_PERCENT", "number", 90.0, "memory: host memory % over this; 0 = off"),
+    _alert("ALERT_STALL_SECONDS", "seconds", 300.0,
+           "stalled: pages not rising this long while the queue is not empty; 0 = off"),
+    _alert("ALERT_ERRORS_PER_MIN", "number", 30.0, "errors: error log lines per minute over this; 0 = off"),
+    _alert("ALERT_RSS_MB", "number", 2048.0, "rss: process memory (MiB) over this; 0 = off"),
+    _alert("ALERT_COVERAGE_MIN", "number", 90.0, "coverage: a MONITOR_ITEM_FIELDS field in less than this % of "
+           "items, once 100 are scraped; 0 = off"),
+    _alert("ALERT_LATENCY_P95", "number", 10.0, "latency: download latency p95 (seconds) over this; 0 = off"),
+    _alert("ALERT_QUEUE_GROWING", "seconds", 1800.0,
+           "queue: the spider's queue growing this long while it has live nodes; 0 = off"),
+    _alert("ALERT_OK_REASONS", "list", ",".join(OK_REASONS),
+           "run: finish reasons of a good run, comma-separated; shell patterns allowed (closespider_*)"),
+    _alert("ALERT_RUN_ITEMS_RATIO", "number", 0.5, "run: a run with items below this ratio of its baseline is "
+           "bad; 0 = never"),
+    _alert("ALERT_INTERVAL", "seconds", 60.0, "seconds between evaluations", readers=(ALERT, DEMO)),
+    _alert("ALERT_FOR", "seconds", 120.0, "seconds a condition must hold before it fires", attr="for_seconds",
+           flag="--for", readers=(ALERT, DEMO)),
+    _alert("ALERT_REPEAT", "seconds", 14400.0, "seconds before a still-firing alert is sent again"),
+    _alert("ALERT_GIVE_UP", "seconds", 86400.0, "seconds a failing message is retried before it becomes a dead "
+           "letter"),
+    _alert("ALERT_TO", "list", None, "comma-separated mail recipients; setting it turns mail on"),
+    _alert("ALERT_FROM", "text", None, "sender (default: SMTP_USER if it is an address, else alerts@<hostname>)",
+           attr="from_addr", flag="--from"),
+    _alert("ALERT_WEBHOOK_URL", "http_url", None, "POST each message as JSON here (Slack-compatible)"),
+    _alert("ALERT_WEBHOOK_FORMAT", "choice", "slack", "the webhook's body: slack (Slack-compatible) or "
+           "alertmanager (Alertmanager's webhook body)", choices=("slack", "alertmanager")),
+    _alert("ALERT_ALERTMANAGER_URL", "http_url", None,
+           "Alertmanager's base URL: the active alerts are posted to its /api/v2/alerts each evaluation"),
+    _alert("ALERT_NOTIFY_URLS", "list", None, "comma-separated Apprise URLs (tgram://, discord://, ...), one "
+           "channel each (environment only: they carry tokens)", flag=False),
+    _alert("SMTP_HOST", "text", "localhost", "mail server", attr="smtp_host"),
+    _alert("SMTP_PORT", "port", None, "mail server port (default 25, 465 with ssl)", attr="smtp_port"),
+    _alert("SMTP_SECURITY", "choice", "none", "none, starttls or ssl", attr="smtp_security",
+           choices=("none", "starttls", "ssl")),
+    _alert("SMTP_USER", "text", None, "log in as this user (no login when unset)", attr="smtp_user"),
+    _alert("SMTP_PASSWORD", "text", None, "password for SMTP_USER (environment only)", attr="smtp_password",
+           flag=False),
+    # The demo crawler's Scrapy project (settings.py)
+    Setting("ROBOTSTXT_OBEY", "flag", True, (PROJECT,), "the demo crawler obeys robots.txt"),
+    Setting("CONCURRENT_REQUESTS", "whole", 16, (PROJECT,), "the demo crawler's concurrent requests", 1, 10000),
+    Setting("MAX_IDLE_TIME_BEFORE_CLOSE", "whole", 0, (PROJECT,),
+            "seconds the demo crawler waits on an empty queue before it closes; 0 = never", 0, MAX_WHOLE),
+)
+SETTING = {s.name: s for s in SETTINGS}
+
+
+def readers_of(script):
+    """The settings ``script`` reads, in table order."""
+    return [s for s in SETTINGS if script in s.readers]
+
+
+# ---------------------------------------------------------------------------- one parser per type
+
+def seconds(name, raw, low=0.0, high=MAX_SECONDS, open_low=False):
+    """``raw`` as a finite number of seconds from ``low`` (exclusive with ``open_low``) to ``high``."""
+    value = _float(raw)
+    low_ok = value > low if open_low else value >= low
+    if not (math.isfinite(value) and low_ok and value <= high):
+        bound = f"more than {low:g}" if open_low else f"{low:g} or more"
+        raise ConfigError(f"{name} must be a number of seconds, {bound} and at most {high:.0f}, not {_shown(raw)}")
+    return value
+
+
+def number(name, raw, low=0.0, high=None):
+    """``raw`` as a finite number from ``low`` up to ``high`` (no bound when None)."""
+    value = _float(raw)
+    if not (math.isfinite(value) and value >= low and (high is None or value <= high)):
+        top = f" and at most {high:g}" if high is not None else ""
+        raise ConfigError(f"{name} must be a number {low:g} or more{top}, not {_shown(raw)}")
+    return value
+
+
+def whole(name, raw, low=0, high=MAX_WHOLE):
+    """``raw`` as a whole number written with digits only (no sign, no underscore), from ``low`` to ``high``."""
+    text = str(raw).strip()
+    if isinstance(raw, bool) or not (text.isascii() and text.isdigit() and low <= int(text) <= high):
+        raise ConfigError(f"{name} must be a whole number from {low} to {high}, not {_shown(raw)}")
+    return int(text)
+
+
+def flag(name, raw):
+    """``raw`` as True or False: 1/true/yes/on or 0/false/no/off, in any case; anything else is refused."""
+    if isinstance(raw, bool):
+        return raw
+    text = str(raw).strip().lower()
+    if text in TRUE_WORDS or text in FALSE_WORDS:
+        return text in TRUE_WORDS
+    raise ConfigError(f"{name} must be one of {'/'.join(TRUE_WORDS)} or {'/'.join(FALSE_WORDS)}, not {_shown(raw)}")
+
+
+def split_list(raw):
+    """A comma-separated text (or a list, from Scrapy settings) as its non-empty parts, stripped."""
+    parts = raw if isinstance(raw, (list, tuple)) else str(raw or "").split(",")
+    return [str(part).strip() for part in parts if str(part).strip()]
+
+
+def choice(name, raw, choices):
+    text = str(raw).strip().lower()
+    if text not in choices:
+        raise ConfigError(f"{name} must be one of {', '.join(choices)}, not {_shown(raw)}")
+    return text
+
+
+def port(name, raw):
+    """``raw`` as a TCP port number, 1 to 65535."""
+    try:
+        return whole(name, raw, 1, 65535)
+    except ConfigError:
+        raise ConfigError(f"{name} must be a port number from 1 to 65535, not {_shown(raw)}") from None
+
+
+def redis_url(name, raw):
+    """``raw`` if redis-py can build a connection from it (scheme, port, options), checked without connecting."""
+    try:
+        connect(str(raw))
+    except ValueError as exc:
+        raise ConfigError(f"{name}: {exc}") from None
+    return str(raw)
+
+
+def http_url(name, raw):
+    """``raw`` if it is http(s) with a host, a valid port and no blank or control character. The message never
+    quotes the URL: its path is often its secret."""
+    url = str(raw)
+    try:
+        parts = urlsplit(url)
+        ok = parts.scheme in ("http", "https") and bool(parts.hostname) and parts.port != 0
+    except ValueError:  # a port that is not a number, or out of range
+        ok = False
+    if not ok or any(c.isspace() or not c.isprintable() for c in url):
+        raise ConfigError(f"{name} must be an http:// or https:// URL with a host, a valid port and no spaces")
+    return url
+
+
+def token(name, raw):
+    text = str(raw)
+    if not (text.isascii() and text.isprintable() and text == text.strip()):
+        raise ConfigError(f"{name} must be printable ASCII without leading or trailing spaces "
+                          "(it travels in an HTTP header)")
+    return text
+
+
+def duration(name, raw, maximum=30 * 86400):
+    """``raw`` (``3600``, ``90m``, ``2h``, ``1d``) as seconds, more than 0 and at most ``maximum``."""
+    text = str(raw).strip().lower()
+    scale = DURATION_UNITS.get(text[-1:], 1)
+    value = _float(text[:-1] if text[-1:] in DURATION_UNITS else text) * scale
+    if not (math.isfinite(value) and 0 < value <= maximum):
+        raise ConfigError(f"{name} must be a duration such as 3600, 90m, 2h or 1d, more than 0 and at most "
+                          f"{maximum / 86400:g} days, not {str(raw)[:50]!r}")
+    return value
+
+
+def rules(name, raw, choices):
+    found = [part.lower() for part in split_list(raw)]
+    unknown = [rule for rule in found if rule not in choices]
+    if unknown:
+        raise ConfigError(f"{name}: unknown rule {unknown[0][:50]!r} (rules: {', '.join(choices)})")
+    return found
+
+
+def _float(raw):
+    try:
+        return float(str(raw).strip()) if not isinstance(raw, bool) else math.nan
+    except ValueError:
+        return math.nan
+
+
+def _shown(raw):
+    return repr(raw if isinstance(raw, (int, float)) else str(raw)[:50])
+
+
+PARSERS = {
+    "seconds": lambda s, raw: seconds(s.name, raw, s.low, MAX_SECONDS if s.high is None else s.high,
+                                      s.attr in OPEN_LOW),
+    "number": lambda s, raw: number(s.name, raw, s.low, s.high),
+    "whole": lambda s, raw: whole(s.name, raw, int(s.low), MAX_WHOLE if s.high is None else int(s.high)),
+    "flag": lambda s, raw: flag(s.name, raw),
+    "list": lambda s, raw: split_list(raw),
+    "choice": lambda s, raw: choice(s.name, raw, s.choices),
+    "rules": lambda s, raw: rules(s.name, raw, s.choices),
+    "port": lambda s, raw: port(s.name, raw),
+    "redis_url": lambda s, raw: redis_url(s.name, raw),
+    "http_url": lambda s, raw: http_url(s.name, raw),
+    "token": lambda s, raw: token(s.name, raw),
+    "text": lambda s, raw: str(raw).strip(),
+}
+# Settings in seconds (by attribute) that must be more than their low bound, not equal to it.
+OPEN_LOW = frozenset(("interval", "give_up"))
+
+
+# ---------------------------------------------------------------------------- reading
+
+def env(name):
+    """The environment variable of a declared setting, None when unset or empty (KeyError for a name not in
+    SETTINGS: every setting a script reads is declared)."""
+    if not SETTING[name].env:
+        raise KeyError(f"{name} is a Scrapy setting, not an environment variable")
+    value = os.environ.get(name, "")
+    return value if value != "" else None
+
+
+def value(name, raw=None, label=None):
+    """A setting's value: ``raw`` (a flag, a Scrapy setting, an app config entry) when given and not empty,
+    else its environment variable, else its default; parsed by its kind (ConfigError naming it, or ``label``:
+    the flag it came from). A default of None stays None."""
+    setting = SETTING[name]._replace(name=label or name)
+    if raw is None or raw == "":
+        raw = env(name) if setting.env else None
+    if raw is None:
+        raw = setting.default
+        if raw is None:
+            return None
+    return PARSERS[setting.kind](setting, raw)
+
+
+def described(script, width=27):
+    """``--help``'s environment section for ``script``: one line per setting it reads, with its default."""
+    lines = []
+    for s in readers_of(script):
+        if s.env:
+            default = "unset" if s.default in (None, "") else s.default
+            if isinstance(default, bool):
+                default = int(default)
+            elif isinstance(default, float) and default.is_integer():
+                default = int(default)
+            lines.append(f"  {s.name:{width}} {s.help} (default {default})")
+    return "environment:\n" + "\n".join(lines)
