@@ -167,7 +167,8 @@ def test_cards_match_nodes_and_states(api, redis_client, open_page):
                       "Items": "6,789", "Items/min": "60", "Errors": "3", "Requests": "13,000"}
     assert "last seen 2 min ago" in card(page, "main_spider:c:3").inner_text()
     assert a.locator('[data-k="errors"][data-bad]').count() == 1
-    assert card(page, "main_spider:b:2").locator('[data-k="cpu"][data-bad]').count() == 1
+    # CPU 91 % is over the alerter's threshold (GET /alerts settings; the defaults: 80), once /alerts answered.
+    until(page, """() => !!document.querySelector('[data-node="main_spider:b:2"] [data-k="cpu"][data-bad]')""")
 
     # Filters: spider, then state.
     page.select_option("#f-spider", "other")
@@ -599,3 +600,47 @@ def test_page_is_self_contained_and_its_csp_admits_its_script():
     assert not re.search(r"""(src|href)=["']?(https?:)?//""", html), "no CDN or remote resource"
     for sink in ("innerHTML", "outerHTML", "insertAdjacentHTML", "document.write", "eval(", "new Function"):
         assert sink not in html, f"{sink} must not be used: data goes in with textContent/createElement"
+
+
+def test_thresholds_and_ok_reasons_come_from_the_alerts_settings(api, redis_client, open_page):
+    """The CPU and memory colours and the runs view's bad runs follow GET /alerts "settings": the running
+    alerter's (CPU over 50 %, memory rule off, closespider_* an OK finish), then the defaults once no alerter
+    runs (CPU over 80 %, memory over 90 %, closespider_* not listed). Without settings nothing is coloured."""
+    publish(redis_client, snapshot("main_spider:hot:1", cpu=60.0, memory=95.0))
+    for i, reason in enumerate(["finished", "closespider_timeout", "memusage_exceeded"]):
+        begin = 1_000_000 + 100 * i
+        monitors.write_run(redis_client, PREFIX, monitors.run_record(
+            {"node": f"n{begin}", "spider": "main_spider", "host": "h", "pid": i, "start_time": begin,
+             "timestamp": begin + 60, "items": 100, "pages": 100, "errors": 0, "finish_reason": reason,
+             "status": "closed", "peak_rss": 1000}), begin, 1000)
+    heartbeat = monitors.alert_key(PREFIX, "heartbeat")
+    redis_client.set(heartbeat, json.dumps({
+        "at": time.time(), "interval": 60, "who": "test", "settings": {
+            "thresholds": {"cpu": 50, "memory": 0, "stalled": 300, "errors": 30, "rss": 2048, "coverage": 90,
+                           "latency": 10, "queue": 1800},
+            "ok_reasons": ["finished", "shutdown", "stopped", "drained", "closespider_*"], "run_items_ratio": 0.5}}))
+    bad = """([node, key]) => !!document.querySelector(`[data-node=${JSON.stringify(node)}] [data-k=${key}][data-bad]`)"""
+    runs_bad = """() => [...document.querySelectorAll('#r-rows tr')].map((t) => [t.children[2].textContent, t.hasAttribute('data-bad')])"""
+
+    page = open_page(f"{api.url}/?interval={FAST}#runs=main_spider")
+    until(page, "() => document.querySelectorAll('#r-rows tr').length === 3")
+    until(page, bad, ["main_spider:hot:1", "cpu"])  # 60 > 50
+    assert not page.evaluate(bad, ["main_spider:hot:1", "memory"])  # the memory rule is off
+    until(page, "() => document.querySelector('#r-bad').textContent === '1 of the last 3 runs bad'")
+    assert dict(page.evaluate(runs_bad)) == {"memusage_exceeded": True, "closespider_timeout": False, "finished": False}
+
+    redis_client.delete(heartbeat)  # no alerter: the API's defaults
+    until(page, f"() => !({bad})(['main_spider:hot:1', 'cpu'])")  # 60 is not over 80
+    until(page, bad, ["main_spider:hot:1", "memory"])  # 95 > 90
+    until(page, "() => document.querySelector('#r-bad').textContent === '2 of the last 3 runs bad'")
+    assert dict(page.evaluate(runs_bad)) == {"memusage_exceeded": True, "closespider_timeout": True, "finished": False}
+
+    # An API whose /alerts sends no settings (here: none at all): no threshold marks anything; a lost run
+    # would still be bad, an unlisted finish reason is not judged.
+    no_alerts = """(() => { const f = window.fetch; window.fetch = (url, init) => String(url).endsWith('/alerts')
+        ? Promise.resolve(new Response('{"error": "not found"}', { status: 404 })) : f(url, init); })();"""
+    blind = open_page(f"{api.url}/?interval={FAST}#runs=main_spider", init_script=no_alerts)
+    until(blind, "() => document.querySelectorAll('#r-rows tr').length === 3")
+    polls_after(blind, 2)
+    assert not blind.evaluate(bad, ["main_spider:hot:1", "cpu"]) and not blind.evaluate(bad, ["main_spider:hot:1", "memory"])
+    assert blind.text_content("#r-bad") == "0 of the last 3 runs bad" and blind.is_hidden("#alerts")

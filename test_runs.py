@@ -391,6 +391,8 @@ def test_runs_view_shows_runs_bad_ones_comparisons_chart_and_pages(redis_client,
     seed(redis_client, spider, [5], start=1_020_000, reason="lost", node="gone")
     page = page_on_api("runs=" + urllib.request.quote(spider, safe=""))
     page.wait_for_function("() => document.querySelectorAll('#r-rows tr').length === 20", timeout=15000)
+    # "Few items" is judged with run_items_ratio from GET /alerts settings: wait for that answer too.
+    page.wait_for_function("() => document.querySelector('#r-bad').textContent === '2 of the last 27 runs bad'", timeout=15000)
     rows = page.eval_on_selector_all("#r-rows tr", "trs => trs.map(t => [t.hasAttribute('data-bad'), "
                                      "[...t.children].map(c => c.textContent)])")
     assert rows[0][0] and rows[0][1][2] == "lost" and rows[0][1][1] == "gone1020000"
