@@ -609,11 +609,11 @@ def test_thresholds_and_ok_reasons_come_from_the_alerts_settings(api, redis_clie
     publish(redis_client, snapshot("main_spider:hot:1", cpu=60.0, memory=95.0))
     for i, reason in enumerate(["finished", "closespider_timeout", "memusage_exceeded"]):
         begin = 1_000_000 + 100 * i
-        monitors.write_run(redis_client, PREFIX, monitors.run_record(
+        monitor_contract.write_run(redis_client, PREFIX, monitor_contract.run_record(
             {"node": f"n{begin}", "spider": "main_spider", "host": "h", "pid": i, "start_time": begin,
              "timestamp": begin + 60, "items": 100, "pages": 100, "errors": 0, "finish_reason": reason,
              "status": "closed", "peak_rss": 1000}), begin, 1000)
-    heartbeat = monitors.alert_key(PREFIX, "heartbeat")
+    heartbeat = monitor_contract.alert_key(PREFIX, "heartbeat")
     redis_client.set(heartbeat, json.dumps({
         "at": time.time(), "interval": 60, "who": "test", "settings": {
             "thresholds": {"cpu": 50, "memory": 0, "stalled": 300, "errors": 30, "rss": 2048, "coverage": 90,
