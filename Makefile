@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test system-packages bench clean
+.PHONY: demo test lint system-packages bench clean
 
 $(BIN)/.installed: requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -28,12 +28,16 @@ system-packages:
 test: $(BIN)/.installed system-packages
 	$(BIN)/python -m pytest -q
 
+lint: $(BIN)/.installed
+	$(BIN)/ruff check .
+
 bench: $(BIN)/.installed
 	$(BIN)/python bench/monitor.py
 	$(BIN)/python bench/api.py
 	$(BIN)/python bench/alert_eval.py
 	$(BIN)/python bench/runs.py
 	$(BIN)/python bench/insight_hooks.py
+	$(BIN)/python bench/dashboard.py
 
 clean:
 	rm -rf $(VENV) artifacts .pytest_cache __pycache__

@@ -28,11 +28,28 @@ from typing import NamedTuple, Optional
 import redis
 
 from monitor_alert_state import (
-    Lock, Store, merged, add_silence, alert_settings, delete_silence, heartbeat, read_silences, silence_from,
+    Lock,
+    Store,
+    add_silence,
+    alert_settings,
+    delete_silence,
+    heartbeat,
+    merged,
+    read_silences,
+    silence_from,
 )
 from monitor_channels import (
-    MAX_LINES, SEND_DEADLINE, Alertmanager, one_line, printable, channels_for, permanent, send_tests, subject,
-    text_lines, within,
+    MAX_LINES,
+    SEND_DEADLINE,
+    Alertmanager,
+    channels_for,
+    one_line,
+    permanent,
+    printable,
+    send_tests,
+    subject,
+    text_lines,
+    within,
 )
 from monitor_contract import Outage, as_text, connect, dumps, redact, redis_now, status_key
 from monitor_read import NodeReader, spiders_view, wrong_type
@@ -59,10 +76,10 @@ def build_parser():
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Every flag defaults to its environment variable (shown in brackets), then to the default.\n"
                "SMTP_PASSWORD and ALERT_NOTIFY_URLS (comma-separated Apprise URLs, e.g. tgram://..., each a\n"
-               "channel) are read from the environment only. With no ALERT_TO, ALERT_WEBHOOK_URL or ALERT_NOTIFY_URLS,\n"
-               "notifications are printed here. Redis keys: <prefix>:alert:state, :stall, :outbox, :lock,\n"
-               ":dead (dead letters), :dead_total, :silences, :heartbeat, :runs (the run rule's cursor),\n"
-               "and <key>:aside for a key set aside as unusable.",
+               "channel) are read from the environment only. With no ALERT_TO, ALERT_WEBHOOK_URL or\n"
+               "ALERT_NOTIFY_URLS, notifications are printed here. Redis keys: <prefix>:alert:state, :stall,\n"
+               ":outbox, :lock, :dead (dead letters), :dead_total, :silences, :heartbeat, :runs (the run rule's\n"
+               "cursor), and <key>:aside for a key set aside as unusable.",
     )
     parser.add_argument("--once", action="store_true", help="evaluate once and exit (for cron)")
     parser.add_argument("--dry-run", action="store_true",
@@ -223,7 +240,7 @@ class Delivery:
 
 # ---------------------------------------------------------------------------- the alerter
 
-class WrongType(Exception):
+class WrongTypeError(Exception):
     """The status key holds another Redis type than a hash: named, never taken for an outage."""
 
 
@@ -277,7 +294,7 @@ class Alerter:
             self.unreachable.failed("Alert: cannot reach Redis at %s (%s); no evaluation until it answers",
                                     redact(url), one_line(exc, url))
             return False
-        except WrongType as exc:
+        except WrongTypeError as exc:
             self.broken.failed("Alert: %s; no evaluation until it is fixed", exc)
             return False
         except Exception:  # noqa: BLE001 - the alerter must outlive any bug or odd data
@@ -298,7 +315,7 @@ class Alerter:
         try:
             try:
                 nodes, now = self.read_nodes(now)
-            except WrongType:
+            except WrongTypeError:
                 self.delivery.run(time.time() if now is None else now)  # what is queued still goes out
                 raise
             reading = self.store.read(now)
@@ -317,7 +334,7 @@ class Alerter:
             key = status_key(self.cfg.prefix)
             if "WRONGTYPE" not in str(exc):
                 raise
-            raise WrongType(wrong_type(self.r, [(key, "hash")]) or f"{key}: {exc}") from None
+            raise WrongTypeError(wrong_type(self.r, [(key, "hash")]) or f"{key}: {exc}") from None
         if bad != self.malformed:
             logger.warning("Alert: %d malformed snapshot(s) in %s ignored", bad, status_key(self.cfg.prefix))
             self.malformed = bad
@@ -437,8 +454,8 @@ def main(argv=None):
                 status_key(cfg.prefix), redact(cfg.redis_url), fmt(cfg.interval),
                 ",".join(cfg.rules) or "none", "dry run: nothing is sent" if cfg.dry_run else channels)
     if not (cfg.to or cfg.webhook_url or cfg.notify_urls or cfg.dry_run):
-        logger.warning("Alert: no channel configured (ALERT_TO, ALERT_WEBHOOK_URL): nothing is sent, "
-                       "each notification is printed here")
+        logger.warning("Alert: no channel configured (ALERT_TO, ALERT_WEBHOOK_URL, ALERT_NOTIFY_URLS): nothing is "
+                       "sent, each notification is printed here")
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     try:

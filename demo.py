@@ -20,7 +20,18 @@ import time
 import redis
 
 from monitor_settings import (
-    ALERT, API, CRAWLER, DEMO, SETTING, SETTINGS, ConfigError, Parser, described, env, exit_config_error, value,
+    ALERT,
+    API,
+    CRAWLER,
+    DEMO,
+    SETTING,
+    SETTINGS,
+    ConfigError,
+    Parser,
+    described,
+    env,
+    exit_config_error,
+    value,
 )
 from testbed import ROOT, RedisServer, Site, crawl_command, free_port, stop_process, wait_for
 
@@ -29,12 +40,14 @@ DEMO_INTERVAL = 2
 # Alerts come quickly in the demo, unless ALERT_INTERVAL and ALERT_FOR say otherwise.
 DEMO_ALERT_INTERVAL, DEMO_ALERT_FOR = 5, 10
 
+# The alerter's channels: blank in the demo, which prints each notification instead of sending it.
+CHANNELS = ("ALERT_TO", "ALERT_WEBHOOK_URL", "ALERT_NOTIFY_URLS", "ALERT_ALERTMANAGER_URL")
 # Every setting the demo reads or passes on to the API, the nodes and the alerter is checked by their rules
 # before anything starts (monitor_settings): a value they would refuse ends the demo with one line.
 CHECKED = [s for s in SETTINGS if s.env and set(s.readers) & {CRAWLER, API, ALERT, DEMO}]
-DEMO_DEFAULTS = (f"In the demo MONITOR_INTERVAL defaults to {DEMO_INTERVAL}, ALERT_INTERVAL to {DEMO_ALERT_INTERVAL} and "
-                 f"ALERT_FOR to {DEMO_ALERT_FOR};\nevery other MONITOR_*, ALERT_* and SMTP_* setting is passed on as it "
-                 "is, checked first.")
+DEMO_DEFAULTS = (f"In the demo MONITOR_INTERVAL defaults to {DEMO_INTERVAL}, ALERT_INTERVAL to "
+                 f"{DEMO_ALERT_INTERVAL} and ALERT_FOR to {DEMO_ALERT_FOR};\nevery other MONITOR_*, ALERT_* and "
+                 "SMTP_* setting is passed on as it is, checked first.")
 
 
 def settings(args):
@@ -141,7 +154,7 @@ class Demo:
         # channel it prints each notification here.
         alert_env = {**child_env, "ALERT_INTERVAL": env("ALERT_INTERVAL") or str(DEMO_ALERT_INTERVAL),
                      "ALERT_FOR": env("ALERT_FOR") or str(DEMO_ALERT_FOR),
-                     **dict.fromkeys(("ALERT_TO", "ALERT_WEBHOOK_URL", "ALERT_NOTIFY_URLS", "ALERT_ALERTMANAGER_URL"), "")}
+                     **dict.fromkeys(CHANNELS, "")}
         self.spawn("alert", [sys.executable, "alert.py"], alert_env, log=False)
 
         wait_for(lambda: server.poll() is not None or listening(host, port), 30, what="the API")

@@ -11,7 +11,7 @@ from typing import NamedTuple, Optional
 
 import redis
 
-from monitor_contract import alert_key, run_meta_key, as_text, dumps, is_number, is_text, loads, number, redis_now
+from monitor_contract import alert_key, as_text, dumps, is_number, is_text, loads, number, redis_now, run_meta_key
 from monitor_read import parse_recent
 from monitor_rules import RULE, RULES, SILENCE_MATCHERS, SilenceIndex
 from monitor_settings import SETTING, ConfigError, duration
@@ -129,7 +129,7 @@ def _forget(r, key, fields):
 
 
 
-# ---------------------------------------------------------------------------- heartbeat and alert records, as /alerts shows them
+# ---------------------------------------------------------------------------- heartbeat; alerts as /alerts shows them
 
 # The alerter's heartbeat lives this many of its intervals (at least HEARTBEAT_MIN seconds): past it,
 # readers say no alerter is running.
@@ -161,9 +161,9 @@ def alert_settings(cfg=None):
 
 def read_alerts(r, prefix):
     """``{"alerts": [...], "alerter": heartbeat or None, "silences": n, "settings", "now"}`` (``settings``: the
-    running alerter's thresholds and run settings, else the defaults; see ``alert_settings``): every pending and firing alert from
-    the alerter's state, newest first, each with ``rule, alertname, severity, node, spider, host, state,
-    value, threshold, since, last_sent, silenced`` (the id of a silence matching it now, or null)."""
+    running alerter's thresholds and run settings, else the defaults; see ``alert_settings``): every pending
+    and firing alert from the alerter's state, newest first, each with ``rule, alertname, severity, node, spider,
+    host, state, value, threshold, since, last_sent, silenced`` (the id of a silence matching it now, or null)."""
     with r.pipeline(transaction=False) as pipe:
         pipe.hgetall(alert_key(prefix, "state"))
         pipe.hgetall(alert_key(prefix, "silences"))

@@ -27,15 +27,43 @@ from monitor_alert_state import delete_silence as drop_silence
 from monitor_alert_state import read_alerts, read_silences, silence_from
 from monitor_cache import CACHE_ENTRIES, Body, Cache, CachedFastPath, cache_key, json_body, to_json
 from monitor_contract import (
-    CONTROL_COMMANDS, CONTROL_LOG_KEEP, HISTORY_FIELDS, HISTORY_SECONDS, STALE_INTERVALS, TREND_BUCKET,
-    TREND_SECONDS, DEFAULT_INTERVAL, Outage, age, connect, history_key, is_text,
-    issue_command, redact, redis_now, run_meta_key, runs_key, scrub, slim, status_key, trend_key,
+    CONTROL_COMMANDS,
+    CONTROL_LOG_KEEP,
+    DEFAULT_INTERVAL,
+    HISTORY_SECONDS,
+    STALE_INTERVALS,
+    TREND_BUCKET,
+    TREND_SECONDS,
+    Outage,
+    age,
+    connect,
+    history_key,
+    is_text,
+    issue_command,
+    redact,
+    redis_now,
+    run_meta_key,
+    runs_key,
+    scrub,
+    slim,
+    status_key,
+    trend_key,
 )
 from monitor_gate import Gate, acting, gate, log_acting
 from monitor_prometheus import ClusterCollector, RunsCollector
 from monitor_read import (
-    STATES, NodeEntry, NodeReader, cluster_view, queue_forecasts, read_control_log, read_histories, read_runs,
-    run_bound, spider_points, spiders_view, wrong_type,
+    STATES,
+    NodeEntry,
+    NodeReader,
+    cluster_view,
+    queue_forecasts,
+    read_control_log,
+    read_histories,
+    read_runs,
+    run_bound,
+    spider_points,
+    spiders_view,
+    wrong_type,
 )
 from monitor_read import runs_summary as read_runs_summary
 from monitor_settings import API, ConfigError, Parser, described, exit_config_error, port, readers_of, split_list, value

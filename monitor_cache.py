@@ -11,6 +11,7 @@ import redis
 from werkzeug.http import parse_accept_header
 
 from monitor_contract import dumps
+
 # Distinct URLs cached at once; a client inventing query strings cannot grow the cache past this.
 CACHE_ENTRIES = 256
 

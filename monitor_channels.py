@@ -192,7 +192,7 @@ class Console:
         self.out = out
 
     def describe(self):
-        return "the console only (no channel: set ALERT_TO or ALERT_WEBHOOK_URL)"
+        return "the console only (no channel: set ALERT_TO, ALERT_WEBHOOK_URL or ALERT_NOTIFY_URLS)"
 
     def send(self, alerts, prefix, recipients=None):
         print("\n  ".join([f"{iso(time.time())} {subject(alerts, prefix)}"] + text_lines(alerts)),

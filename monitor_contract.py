@@ -11,7 +11,7 @@ import logging
 import math
 import re
 import time
-from typing import TypedDict
+from typing import Optional, TypedDict, Union
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
 import redis
@@ -60,7 +60,10 @@ def trend_key(prefix, node):
 
 
 def alert_key(prefix, name):
-    """The alerter's keys: ``state``, ``stall``, ``outbox``, ``lock``, ``dead``, ``silences``, ``heartbeat``."""
+    """The alerter's keys (monitor_alert_state.Store.TYPES): ``state`` (alert records), ``stall`` (stall
+    trackers), ``outbox`` (messages to send), ``lock`` (the evaluation lock), ``dead`` and ``dead_total`` (dead
+    letters and their count), ``silences``, ``heartbeat``, ``runs`` (the run rule's cursor), and
+    ``<name>:aside`` for a key set aside as unusable."""
     return f"{prefix}:alert:{name}"
 
 
@@ -153,7 +156,7 @@ class Snapshot(TypedDict, total=False):
     error_samples: list
 
 
-def decode_snapshot(raw):
+def decode_snapshot(raw: Union[bytes, str, None]) -> Optional[Snapshot]:
     """A stored snapshot as a dict, or None unless it passes the one gate every reader goes through:
     a strict JSON object with a string ``spider`` and a numeric ``timestamp``; ``node``, ``host``,
     ``spider``, ``status``, ``finish_reason`` text (or absent) that encodes as UTF-8; every number below
@@ -176,7 +179,7 @@ def decode_snapshot(raw):
     return clean_insight(value)  # crawl insight fields of the wrong shape are dropped, the node kept
 
 
-def parse_snapshot(raw, now=None):
+def parse_snapshot(raw: Union[bytes, str, None], now: Optional[float] = None) -> Optional[Snapshot]:
     """``decode_snapshot`` plus the node's derived ``state``."""
     snapshot = decode_snapshot(raw)
     if snapshot is not None:
@@ -185,7 +188,7 @@ def parse_snapshot(raw, now=None):
     return snapshot
 
 
-def node_state(snapshot, now=None):
+def node_state(snapshot: Snapshot, now: Optional[float] = None) -> str:
     """``closed``, ``stale`` (silent for more than three intervals), ``paused`` or ``live``; derived, never
     stored. ``now`` is on Redis's clock, as is the report time (see ``last_report``)."""
     if snapshot.get("status") == "closed":
@@ -302,7 +305,8 @@ def clean_insight(snapshot):
                 {"time": s["time"], "logger": s["logger"][:SAMPLE_TEXT], "message": s["message"][:SAMPLE_TEXT],
                  "url": s["url"][:SAMPLE_TEXT] if is_text(s.get("url")) else None}
                 for s in samples[:SAMPLES]
-                if isinstance(s, dict) and _num(s.get("time")) and is_text(s.get("logger")) and is_text(s.get("message"))]
+                if isinstance(s, dict) and _num(s.get("time")) and is_text(s.get("logger"))
+                and is_text(s.get("message"))]
         else:
             del snapshot["error_samples"]
     return snapshot
@@ -348,7 +352,8 @@ return t
 """
 
 
-def write_snapshot(pipe, prefix, snapshot, history_len, trend_rows=(), stamp=False, row=None):
+def write_snapshot(pipe: redis.client.Pipeline, prefix: str, snapshot: Snapshot, history_len: int, trend_rows=(),
+                   stamp: bool = False, row: Optional[list] = None) -> None:
     """Queue the commands that publish one snapshot: status hash, capped history, trend, expiries.
 
     With ``stamp`` (the extension always stamps) Redis adds ``seen`` and the first reply is its clock;
@@ -446,7 +451,7 @@ RUN_TEXT = 200
 RECENT_RUNS = 1000
 
 
-def run_record(snapshot, reason=None, offset=0.0):
+def run_record(snapshot: Snapshot, reason: Optional[str] = None, offset: float = 0.0) -> dict:
     """A run record from the snapshot the run ends with, on Redis's clock (``offset``: Redis's clock minus
     the node's). ``reason`` overrides the snapshot's ``finish_reason`` (``lost``)."""
     end = (number(snapshot.get("timestamp"), 0) or 0) + offset
@@ -622,7 +627,7 @@ def newest_command(raws):
 
 # ---------------------------------------------------------------------------- shared helpers
 
-def connect(url, timeout=REDIS_TIMEOUT):
+def connect(url: str, timeout: float = REDIS_TIMEOUT) -> redis.Redis:
     """A Redis client that fails fast: short socket timeouts and no retries with backoff.
 
     Clients connect lazily; the URL is checked here, so a malformed one or an option redis-py does not
@@ -651,7 +656,7 @@ SECRET_OPTIONS = frozenset(("password", "pass", "pw", "token", "secret", "key", 
                             "access_token", "auth", "sig", "signature"))
 
 
-def redact(url):
+def redact(url: str) -> str:
     """The URL with any password (``user:pw@``, ``:pw@``, ``?password=``) masked, fit for a log line."""
     try:
         parts = urlsplit(str(url))
@@ -688,7 +693,7 @@ def safe_url(url):
 QUOTED_URL = re.compile(r"\b[A-Za-z][A-Za-z0-9+.-]*://[^\s<>\"']+")
 
 
-def scrub(text, *urls):
+def scrub(text: object, *urls: str) -> str:
     """``text`` (an error message, a log record) with each of ``urls`` cut to scheme and host, and every
     other URL it quotes ``redact``-ed: no password, no secret query option."""
     text = str(text)
@@ -766,7 +771,7 @@ def _bounded_int(text):
     return value
 
 
-def loads(raw, bounded=True):
+def loads(raw: Union[bytes, str], bounded: bool = True) -> object:
     """Strict JSON: no NaN or Infinity, and (``bounded``) every number below NUMBER_LIMIT in size; ValueError
     otherwise, a value nested too deeply included."""
     try:
@@ -781,6 +786,6 @@ _ASCII = json.JSONEncoder(separators=(",", ":")).encode
 _UTF8 = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
 
 
-def dumps(value, ensure_ascii=True):
+def dumps(value: object, ensure_ascii: bool = True) -> str:
     """Compact JSON (no blanks), as every key of the monitor stores it."""
     return _ASCII(value) if ensure_ascii else _UTF8(value)

@@ -46,7 +46,8 @@ class Gate:
         self.origins = set(config["MONITOR_CORS_ORIGINS"] or ())
         self.listening = config["MONITOR_API_HOST"]
         # Host names accepted without a token; loopback addresses are accepted too (see host_ok).
-        self.hosts = {host_name(self.listening), "localhost"} | {host_name(h) for h in config["MONITOR_API_HOSTS"] or ()}
+        self.hosts = {host_name(self.listening), "localhost"}
+        self.hosts |= {host_name(h) for h in config["MONITOR_API_HOSTS"] or ()}
         self.loopback = is_loopback(host_name(self.listening))
         self.readonly = config["MONITOR_API_READONLY"]
 

@@ -9,6 +9,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 
 from monitor_contract import LATENCY_BUCKETS, is_number, number
 from monitor_read import STATES, run_totals, spiders_view
+
 # (snapshot field, metric name, help, scale): base units, so percentages become ratios.
 GAUGES = (
     ("cpu", "scrapy_host_cpu_usage_ratio", "Host CPU in use, 0 to 1.", 0.01),
@@ -125,7 +126,8 @@ def insight_families(nodes):
     coverage = GaugeMetricFamily("scrapy_item_field_coverage_ratio",
                                  "Share of the run's items with the field present and not empty.",
                                  labels=labels + ["field"])
-    counters = {field: CounterMetricFamily(name, doc, labels=labels + ["domain"]) for field, name, doc in DOMAIN_COUNTERS}
+    counters = {field: CounterMetricFamily(name, doc, labels=labels + ["domain"])
+                for field, name, doc in DOMAIN_COUNTERS}
     statuses = CounterMetricFamily("scrapy_domain_error_responses",
                                    "Responses from the domain by error status (4xx, 5xx, and 429 among the 4xx).",
                                    labels=labels + ["domain", "status"])

@@ -11,14 +11,38 @@ import json
 import logging
 import math
 import time
+from typing import Iterable, Optional
 
 import redis
 
 from monitor_contract import (
-    BASELINE_RUNS, DEFAULT_INTERVAL, HISTORY_FIELDS, HISTORY_SECONDS, MIN_BASELINE, NUMBER_LIMIT, RUN_ID,
-    as_text, control_ack_key, control_key, decode_command, history_key, is_number,
-    last_report, loads, node_state, number, parse_snapshot, redis_now, run_claim_key, run_meta_key, run_record,
-    runs_key, status_key, trend_key, write_run,
+    BASELINE_RUNS,
+    DEFAULT_INTERVAL,
+    HISTORY_FIELDS,
+    HISTORY_SECONDS,
+    MIN_BASELINE,
+    NUMBER_LIMIT,
+    RUN_ID,
+    Snapshot,
+    as_text,
+    control_ack_key,
+    control_key,
+    decode_command,
+    history_key,
+    is_number,
+    last_report,
+    loads,
+    node_state,
+    number,
+    parse_snapshot,
+    redis_now,
+    run_claim_key,
+    run_meta_key,
+    run_record,
+    runs_key,
+    status_key,
+    trend_key,
+    write_run,
 )
 from monitor_settings import SETTING
 
@@ -70,7 +94,7 @@ class NodeReader:
         self.lost = set()  # (node, start_time) of runs recorded lost, by this process or another
         self.last_lost = -PRUNE_EVERY
 
-    def read(self, now=None):
+    def read(self, now: Optional[float] = None) -> tuple[dict[str, Snapshot], int, float]:
         """``(nodes, skipped, now)``: ``{node: snapshot with state}``, how many stored values failed the gate,
         and Redis's clock at the read (states are judged on it), or ``now`` when given (tests, replays)."""
         with self.redis.pipeline(transaction=False) as pipe:
@@ -215,7 +239,7 @@ STATES = ("live", "paused", "stale", "closed")
 NUMBER_TYPES = (int, float)  # exactly: a bool is not a figure
 
 
-def combine(rows, fields, hosts=None):
+def combine(rows: list[dict], fields: Iterable[str], hosts: Optional[list] = None) -> dict:
     """``{field: figure}`` over ``rows`` (snapshots or history rows, each with a ``timestamp``), by
     SPIDER_FIELDS. ``hosts`` maps each row's position to its host (default: the row's ``host``). A field no
     row has a number for is None. Integer sums stay integers; other figures are rounded to 2 places."""
@@ -251,7 +275,7 @@ def finite_sum(values):
     return total if math.isfinite(total) else 0.0
 
 
-def cluster_view(nodes, spider):
+def cluster_view(nodes: dict[str, Snapshot], spider: str) -> Optional[dict]:
     """One spider over its nodes: newest timestamp, figures by SPIDER_FIELDS, node counts by state, and its
     nodes. ``nodes`` is a ``{node: snapshot}`` mapping as ``list_nodes`` returns; None when it has none."""
     mine = {n: s for n, s in nodes.items() if s.get("spider") == spider}
@@ -272,7 +296,8 @@ def cluster_view(nodes, spider):
     return view
 
 
-def spiders_view(nodes, r=None, prefix=None, now=None):
+def spiders_view(nodes: dict[str, Snapshot], r: Optional[redis.Redis] = None, prefix: Optional[str] = None,
+                 now: Optional[float] = None) -> dict[str, dict]:
     """``{spider: cluster view}`` for every spider that has nodes, each view's ``nodes`` a sorted id list;
     given a Redis client ``r``, each view also has its queue forecast (``queue_forecasts``)."""
     groups = {}
@@ -296,7 +321,7 @@ def spiders_view(nodes, r=None, prefix=None, now=None):
 QUEUE_WINDOW = 300
 
 
-def queue_forecast(rows):
+def queue_forecast(rows: list[dict]) -> dict:
     """``{"queue_rate": requests per minute (negative while draining), "queue_eta": seconds until empty
     at that rate, None unless it shrinks}`` from history rows (oldest first), by a least-squares line
     through the ``queue_requests`` readings since the queue was last empty (a refill is a new batch), from
@@ -346,7 +371,8 @@ def queue_forecasts(r, nodes, prefix=None, now=None):
 FUTURE_SLACK = 60
 
 
-def read_histories(r, nodes, minutes, prefix, now=None, limit=None):
+def read_histories(r: redis.Redis, nodes: list[str], minutes: float, prefix: str, now: Optional[float] = None,
+                   limit: Optional[int] = None) -> dict[str, list[dict]]:
     """``{node: rows}`` for the last ``minutes``, oldest first, each row a dict of HISTORY_FIELDS, in one
     round trip. Up to an hour comes from the full-resolution lists, longer spans (up to a day) from the
     5-minute tier. Values that are not numbers (or too large) read as None; rows without a timestamp in the

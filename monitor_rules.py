@@ -230,7 +230,8 @@ def track_stall(snapshot, previous, now):
 NODE_DOWN = object()
 
 
-def step(record, value, now, cfg, hold=None):
+def step(record: Optional[dict], value, now: float, cfg,
+         hold: Optional[float] = None) -> tuple[Optional[dict], Optional[str]]:
     """One alert's transition. ``value``: the rule's figure when its condition holds, None when not,
     ``NODE_DOWN`` while its node is down; ``hold``: seconds pending before firing (default ALERT_FOR).
     Returns ``(new record or None, "firing"/"resolved"/None)``."""
@@ -263,7 +264,8 @@ def figure(rule, snapshot, limit, stuck_since, now):
     return rule.check(rule, snapshot, limit, stuck_since, now)
 
 
-def evaluate(nodes, state, stall, now, cfg, silences=None, spiders=None):
+def evaluate(nodes: dict, state: dict, stall: dict, now: float, cfg, silences: Optional[dict] = None,
+             spiders: Optional[dict] = None) -> tuple[dict, dict, list]:
     """One evaluation over ``{node: snapshot with state}``, the stored alerts and stall trackers, and
     ``spiders`` (``spider_views``; None leaves the spider-level alerts as they are).
 

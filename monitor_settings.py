@@ -317,7 +317,7 @@ OPEN_LOW = frozenset(("interval", "give_up"))
 
 # ---------------------------------------------------------------------------- reading
 
-def env(name):
+def env(name: str) -> Optional[str]:
     """The environment variable of a declared setting, None when unset or empty (KeyError for a name not in
     SETTINGS: every setting a script reads is declared)."""
     if not SETTING[name].env:
@@ -326,7 +326,7 @@ def env(name):
     return value if value != "" else None
 
 
-def value(name, raw=None, label=None):
+def value(name: str, raw: object = None, label: Optional[str] = None) -> object:
     """A setting's value: ``raw`` (a flag, a Scrapy setting, an app config entry) when given and not empty,
     else its environment variable, else its default; parsed by its kind (ConfigError naming it, or ``label``:
     the flag it came from). A default of None stays None."""

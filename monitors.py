@@ -25,9 +25,32 @@ from scrapy.utils.defer import deferred_from_coro, maybe_deferred_to_future
 from twisted.internet import defer, reactor, task, threads
 
 from monitor_contract import (
-    DOMAIN_COUNTS, MAX_FIELDS, HISTORY_SECONDS, LATENCY_BUCKETS, QUEUE_SIZES_LUA, SAMPLE_TEXT, SAMPLES,
-    STOPPED, DRAINED, ACK_TTL, Outage, TrendBuffer, connect, control_ack_key, control_key, control_targets, dumps,
-    history_row, newest_command, percentile, redact, redis_now, run_record, scrub, write_run, write_snapshot,
+    ACK_TTL,
+    DOMAIN_COUNTS,
+    DRAINED,
+    HISTORY_SECONDS,
+    LATENCY_BUCKETS,
+    MAX_FIELDS,
+    QUEUE_SIZES_LUA,
+    SAMPLE_TEXT,
+    SAMPLES,
+    STOPPED,
+    Outage,
+    TrendBuffer,
+    connect,
+    control_ack_key,
+    control_key,
+    control_targets,
+    dumps,
+    history_row,
+    newest_command,
+    percentile,
+    redact,
+    redis_now,
+    run_record,
+    scrub,
+    write_run,
+    write_snapshot,
 )
 from monitor_settings import SETTING, ConfigError, value
 

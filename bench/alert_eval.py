@@ -16,9 +16,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+import alert  # noqa: E402
 import monitor_alert_state
 import monitor_contract
-import alert  # noqa: E402
 import testbed  # noqa: E402
 from testbed import RedisServer  # noqa: E402
 

@@ -69,7 +69,8 @@ def main():
             cdp.send("Performance.enable")
             page.goto(f"{api.url}/?interval={args.interval}")
             page.wait_for_function("() => window.dashboardStats.firstPaintMs !== null", timeout=30000)
-            first, script = page.evaluate("() => [window.dashboardStats.firstPaintMs, window.dashboardStats.firstRenderMs]")
+            first, script = page.evaluate(
+                "() => [window.dashboardStats.firstPaintMs, window.dashboardStats.firstRenderMs]")
             print(f"{args.nodes} nodes: first render {first:.0f} ms from data arrival to painted cards "
                   f"({script:.0f} ms of it script; goal <= 1000 ms)")
             threading.Thread(target=writer, daemon=True).start()
@@ -102,7 +103,8 @@ def main():
             stop.set()
             end = rows[-1]
             growth = (end[1] - base[1]) / 2 ** 20
-            print(f"JS heap after {end[0] - base[0]} refreshes: {base[1] / 2 ** 20:.2f} MB -> {end[1] / 2 ** 20:.2f} MB "
+            print(f"JS heap after {end[0] - base[0]} refreshes: "
+                  f"{base[1] / 2 ** 20:.2f} MB -> {end[1] / 2 ** 20:.2f} MB "
                   f"({growth:+.2f} MB, {100 * growth * 2 ** 20 / base[1]:+.1f}%); DOM nodes {base[2]} -> {end[2]}; "
                   f"{end[4]['failedPolls']} failed polls; {end[4]['historyRequests']} history requests in all")
             browser.close()

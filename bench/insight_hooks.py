@@ -21,7 +21,6 @@ from scrapy.http import HtmlResponse  # noqa: E402
 import monitor_contract
 import monitors  # noqa: E402
 
-
 # A node's base fields, as bench/monitor.py writes them.
 BASE = {"node": "main_spider:crawler-host-01:123456", "spider": "main_spider", "host": "crawler-host-01",
         "pid": 123456, "interval": 10, "start_time": 1_699_999_800, "status": "running",

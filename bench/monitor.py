@@ -24,7 +24,6 @@ import monitor_contract
 import monitors  # noqa: E402
 from testbed import RedisServer, Site, clean_env, crawl_command  # noqa: E402
 
-
 # The crawler gets a core of its own; the site, Redis and this script share the other (less noise).
 CPUS = sorted(os.sched_getaffinity(0))
 CRAWLER_CPUS = set(CPUS[-1:])

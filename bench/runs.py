@@ -111,7 +111,8 @@ def main():
         # Cursors down the spider's runs, so requests read pages all along its history.
         cursors, cursor = [""], None
         while True:
-            body = session.get(f"{url}/runs?spider=spider_0000&limit=50" + (f"&before={cursor}" if cursor else "")).json()
+            more = f"&before={cursor}" if cursor else ""
+            body = session.get(f"{url}/runs?spider=spider_0000&limit=50{more}").json()
             cursor = body["next"]
             if not cursor:
                 break
