@@ -1,5 +1,7 @@
-"""The alerter's state in Redis, in one home: alert records, stall trackers, the outbox, dead letters, silences,
-the heartbeat, the evaluation lock and the runs cursor.
+"""The alerter's state in Redis, in one home: records, outbox, dead letters, silences, heartbeat, lock.
+
+Alert records and stall trackers, the outbox of messages to send, dead letters, silences, the heartbeat,
+the evaluation lock and the run rule's cursor.
 
 alert.py keeps it (``Lock``, ``Store``: one pipelined read and one transactional write per evaluation); the API
 reads alerts (``read_alerts``) and adds or deletes silences through the same functions.
@@ -11,7 +13,18 @@ from typing import NamedTuple, Optional
 
 import redis
 
-from monitor_contract import alert_key, as_text, dumps, is_number, is_text, loads, number, redis_now, run_meta_key
+from monitor_contract import (
+    alert_key,
+    as_text,
+    dumps,
+    is_bounded,
+    is_number,
+    is_text,
+    loads,
+    number,
+    redis_now,
+    run_meta_key,
+)
 from monitor_read import parse_recent
 from monitor_rules import RULE, RULES, SILENCE_MATCHERS, SilenceIndex
 from monitor_settings import SETTING, ConfigError, duration
@@ -271,10 +284,6 @@ DEAD_MAX = 1000
 DEAD_TEXT = 10_000
 
 
-# A stored time or count beyond this is not one: the record holding it is malformed.
-BOUND = 1e18
-
-
 # Only while the lock is ours: set or delete ('' value) fields of one hash and keep dead letters in the
 # capped list, counted. KEYS: lock, hash, dead list, dead counter. ARGV: token, cap, n, n field/value pairs,
 # then the dead letters. Returns -1 when the lock is not ours, else the dead letters counted so far.
@@ -296,11 +305,6 @@ return total
 """
 
 
-def _num(value):
-    """A finite, bounded number (not a bool): what a stored time or count must be."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and -BOUND < value < BOUND
-
-
 def record_problem(field, record):
     """Why an alert record (field ``rule:node``) cannot be used, or None."""
     if field.partition(":")[0] not in RULE:
@@ -308,15 +312,15 @@ def record_problem(field, record):
     if not isinstance(record, dict) or record.get("state") not in ("pending", "firing"):
         return "not a pending or firing alert"
     times = ("since",) if record["state"] == "pending" else ("since", "fired", "sent")
-    if not all(_num(record.get(name)) for name in times):
+    if not all(is_bounded(record.get(name)) for name in times):
         return f"needs numbers {', '.join(times)}"
     return None
 
 
 def tracker_problem(field, tracker):
     """Why a stall tracker cannot be used, or None."""
-    if (isinstance(tracker, list) and len(tracker) == 2 and (tracker[0] is None or _num(tracker[0]))
-            and _num(tracker[1])):
+    if (isinstance(tracker, list) and len(tracker) == 2 and (tracker[0] is None or is_bounded(tracker[0]))
+            and is_bounded(tracker[1])):
         return None
     return "not [pages, since]"
 
@@ -325,7 +329,7 @@ def entry_problem(field, entry):
     """Why an outbox entry cannot be sent, or None."""
     if not isinstance(entry, dict) or not isinstance(entry.get("channel"), str):
         return "not a message with a channel"
-    if not all(_num(entry.get(name)) for name in ("created", "attempts", "next_try")) or entry["attempts"] < 0:
+    if not all(is_bounded(entry.get(name)) for name in ("created", "attempts", "next_try")) or entry["attempts"] < 0:
         return "needs numbers created, attempts, next_try"
     alerts = entry.get("alerts")
     if not (isinstance(alerts, list) and alerts and all(

@@ -66,7 +66,18 @@ from monitor_read import (
     wrong_type,
 )
 from monitor_read import runs_summary as read_runs_summary
-from monitor_settings import API, ConfigError, Parser, described, exit_config_error, port, readers_of, split_list, value
+from monitor_settings import (
+    API,
+    ConfigError,
+    Parser,
+    described,
+    exit_config_error,
+    port,
+    readers_of,
+    split_list,
+    value,
+    whole,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -223,7 +234,7 @@ def metrics():
     full = all_fields()
     states = request.args.get("state")
     if states is not None:
-        states = set(states.split(","))
+        states = set(split_list(states))
         if not states <= set(STATES):
             abort(400, f"state must be one or more of {', '.join(STATES)}, comma-separated")
 
@@ -263,10 +274,7 @@ def metric(name):
 @bp.get("/metrics/<node:name>/history")
 def history(name):
     """A node's time series, or its spider's summed over nodes: ``?minutes=`` 1 to 1440, default 60."""
-    minutes = request.args.get("minutes", "60")
-    if not (minutes.isascii() and minutes.isdigit() and 1 <= int(minutes) <= MAX_MINUTES):
-        abort(400, f"minutes must be a whole number from 1 to {MAX_MINUTES}")
-    minutes = int(minutes)
+    minutes = query_whole("minutes", 60, MAX_MINUTES)
     return cached(lambda: json_body(read_series(name, minutes)))
 
 
@@ -279,6 +287,16 @@ def spiders():
         return json_body(spiders_view(nodes, reader().redis, reader().prefix, now), skipped)
 
     return cached(compute)
+
+
+def query_whole(name, default, high):
+    """The query parameter ``name`` as a whole number from 1 to ``high`` (``default`` when absent); 400 naming
+    the parameter otherwise."""
+    raw = request.args.get(name)
+    try:
+        return default if raw is None else whole(name, raw, 1, high)
+    except ConfigError as exc:
+        abort(400, str(exc))
 
 
 def all_fields():
@@ -432,10 +450,8 @@ def parse_command(body):
 @bp.get("/control/log")
 def control_log():
     """The newest control commands first, each with who sent it, when, and every node's acknowledgement."""
-    limit = request.args.get("limit", str(CONTROL_LOG_LIMIT))
-    if not (limit.isascii() and limit.isdigit() and 1 <= int(limit) <= CONTROL_LOG_KEEP):
-        abort(400, f"limit must be a whole number from 1 to {CONTROL_LOG_KEEP}")
-    log = read_control_log(reader().redis, reader().prefix, int(limit))
+    limit = query_whole("limit", CONTROL_LOG_LIMIT, CONTROL_LOG_KEEP)
+    log = read_control_log(reader().redis, reader().prefix, limit)
     reader().answered()
     return {"log": log}
 
@@ -532,15 +548,13 @@ def runs():
     """Runs, newest first: ``?spider=`` (default: every spider's), ``limit`` (1-500, default 50), ``before`` (a
     ``next`` cursor or unix seconds), ``reason`` (finish reasons, comma-separated)."""
     args = request.args
-    spider, limit, before = args.get("spider"), args.get("limit", str(DEFAULT_RUNS)), args.get("before")
-    if not (limit.isascii() and limit.isdigit() and 1 <= int(limit) <= MAX_RUNS):
-        abort(400, f"limit must be a whole number from 1 to {MAX_RUNS}")
+    spider, limit, before = args.get("spider"), query_whole("limit", DEFAULT_RUNS, MAX_RUNS), args.get("before")
     if run_bound(before) is None:
         abort(400, "before must be a cursor from 'next' or unix seconds")
     reasons = set(split_list(args["reason"])) if args.get("reason") else None
 
     def compute():
-        found, cursor = read_runs(reader().redis, reader().prefix, spider or None, int(limit), before, reasons)
+        found, cursor = read_runs(reader().redis, reader().prefix, spider or None, limit, before, reasons)
         return json_body({"runs": found, "next": cursor})
 
     return cached(compute)

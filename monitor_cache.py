@@ -1,5 +1,7 @@
-"""Responses made once and sent many times: the response cache, prepared bodies (gzip, ETag, 304) and the
-WSGI fast path that answers a cached GET without going through Flask.
+"""Responses made once and sent many times: the response cache, prepared bodies and the WSGI fast path.
+
+Prepared bodies carry their gzip copy and ETag (304 on If-None-Match); the fast path answers a cached GET
+without going through Flask, through the same gate.
 """
 
 import gzip

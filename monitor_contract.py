@@ -731,6 +731,11 @@ def is_number(value):
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
+def is_bounded(value):
+    """A number (``is_number``) below NUMBER_LIMIT in size: what a stored time or count must be."""
+    return is_number(value) and abs(value) < NUMBER_LIMIT
+
+
 def number(value, default=None):
     """``value`` if it is a number (``is_number``), else ``default``."""
     return value if is_number(value) else default

@@ -372,8 +372,6 @@ class ErrorSamples(logging.Handler):
     def samples(self):
         """Newest first: ``{time, logger, message (first line, at most 300 characters), url}``; a password
         in a URL they quote is masked."""
-        from monitors import scrub  # here: monitors imports this module
-
         return [{"time": round(created, 3), "logger": _short(name), "message": _short(scrub(message)),
                  "url": url and _short(scrub(url))} for created, name, message, url in reversed(list(self.records))]
 
