@@ -35,16 +35,10 @@ logger = logging.getLogger(__name__)
 
 # ---------------------------------------------------------------------------- silences
 
-
-
 # A silence longer than this is a typo: at most 30 days.
 MAX_SILENCE = 30 * 86400
-
-
 # Matcher values and comments longer than this are not names.
 MAX_SILENCE_TEXT = 500
-
-
 # At most this many silences at once: each evaluation checks every alert against each.
 MAX_SILENCES = 1000
 
@@ -140,15 +134,11 @@ def _forget(r, key, fields):
             logger.warning("Cannot delete expired silences: %s", exc)
 
 
-
-
 # ---------------------------------------------------------------------------- heartbeat; alerts as /alerts shows them
 
 # The alerter's heartbeat lives this many of its intervals (at least HEARTBEAT_MIN seconds): past it,
 # readers say no alerter is running.
 HEARTBEAT_INTERVALS = 3
-
-
 HEARTBEAT_MIN = 30
 
 
@@ -225,11 +215,7 @@ def _label(value):
 
 # The evaluation lock outlives a crashed holder by this long; the holder renews it before every send.
 LOCK_TTL_MS = 60_000
-
-
 RELEASE_LUA = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0"
-
-
 RENEW_LUA = ("if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) "
              "end return 0")
 
@@ -278,12 +264,8 @@ class Lock:
 
 # Dead letters kept in <prefix>:alert:dead, newest first: enough to read back a day of a broken channel.
 DEAD_MAX = 1000
-
-
 # A dead letter keeps this much of a malformed record's text.
 DEAD_TEXT = 10_000
-
-
 # Only while the lock is ours: set or delete ('' value) fields of one hash and keep dead letters in the
 # capped list, counted. KEYS: lock, hash, dead list, dead counter. ARGV: token, cap, n, n field/value pairs,
 # then the dead letters. Returns -1 when the lock is not ours, else the dead letters counted so far.

@@ -92,7 +92,6 @@ THREADS = 16
 REPORT_EVERY = 60.0
 # The OpenAPI document served at /openapi.json, beside this file (test_api checks it against the routes).
 OPENAPI_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "monitor_openapi.json")
-
 bp = Blueprint("api", __name__)
 
 
@@ -386,6 +385,7 @@ def delete_silence(name):
     logger.info("Silence %s deleted by %s", name[:100], g.actor["address"])
     return {"id": name, "deleted": True}
 
+
 # ---------------------------------------------------------------------------- fleet control
 
 # The control log answers this many entries unless ?limit= says otherwise (at most CONTROL_LOG_KEEP).
@@ -538,8 +538,6 @@ def read_series(name, minutes):
 # ---------------------------------------------------------------------------- run history
 
 MAX_RUNS = 500
-
-
 DEFAULT_RUNS = 50
 
 

@@ -16,8 +16,6 @@ from monitor_contract import dumps
 
 # Distinct URLs cached at once; a client inventing query strings cannot grow the cache past this.
 CACHE_ENTRIES = 256
-
-
 # Bodies smaller than this go out uncompressed.
 GZIP_MIN = 1024
 

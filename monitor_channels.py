@@ -22,18 +22,13 @@ from monitor_contract import Outage, as_text, safe_url, scrub, status_key
 from monitor_rules import RULE, iso
 
 logger = logging.getLogger(__name__)
+
 # One SMTP or HTTP operation (connect, a command, a read) gives up after this many seconds...
 SEND_TIMEOUT = 10
-
-
 # ...and a whole send after this many: well inside the lock it runs under, so its holder records the outcome.
 SEND_DEADLINE = 40
-
-
 # Mail and the webhook's text list this many alerts at most (the webhook's `alerts` field has them all).
 MAX_LINES = 100
-
-
 # The subject names this many alerts of each kind, then says how many more.
 SUBJECT_NAMES = 5
 
@@ -206,8 +201,6 @@ class Console:
 # Alertmanager takes a firing alert as resolved when it is not posted again before its endsAt: like
 # Prometheus, say it ends this many evaluations from now, so each evaluation's re-post keeps it firing.
 ALERTMANAGER_RESEND = 4
-
-
 # What Alertmanager's webhook says for the end of an alert that has not ended.
 ZERO_TIME = "0001-01-01T00:00:00Z"
 

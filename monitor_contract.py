@@ -222,24 +222,12 @@ def redis_now(time_reply):
 # Upper bounds (seconds) of the download latency histogram; a last, open bucket (+Inf) follows.
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 7.5, 10.0,
                    15.0, 30.0, 60.0)
-
-
 MAX_TOP_DOMAINS = 100
-
-
 MAX_FIELDS = 100
-
-
 SAMPLES = 5
-
-
 SAMPLE_TEXT = 300
-
-
 # The per-domain figures, in the order ``Insight`` keeps them (pages, errors, 4xx, 5xx, 429).
 DOMAIN_COUNTS = ("pages", "errors", "4xx", "5xx", "429")
-
-
 # Snapshot fields too big for list views: the API sends them for one node, or with ?fields=all.
 BIG_FIELDS = frozenset(("domains", "fields", "error_samples", "latency_buckets"))
 
@@ -340,8 +328,6 @@ for i, key in ipairs(KEYS) do
 end
 return out
 """
-
-
 # Publishes a snapshot stamped with Redis's clock: the stored object gains ``seen``, the server's time of
 # the write, which every reader judges liveness by; the reply is that time (TIME's two parts).
 STAMP_LUA = """
@@ -432,21 +418,11 @@ class TrendBuffer:
 # The record's counters, read from the snapshot the run ends with.
 RUN_COUNTERS = ("pages", "items", "requests", "errors", "retries",
                 "status_1xx", "status_2xx", "status_3xx", "status_4xx", "status_5xx", "peak_rss")
-
-
 BASELINE_RUNS = 10
-
-
 MIN_BASELINE = 3
-
-
 RUN_ID = re.compile(r"\d{11}-\d{11}-[0-9a-f]{12}\Z")
-
-
 # A node id, host or finish reason is cut to this many characters in a record (records stay under 2 KB).
 RUN_TEXT = 200
-
-
 # Runs the alerter can still read in ``runs_recent`` (it reads them every ALERT_INTERVAL).
 RECENT_RUNS = 1000
 
@@ -563,20 +539,12 @@ def write_run(pipe, prefix, record, start, keep, lost=False):
 # ---------------------------------------------------------------------------- fleet control
 
 CONTROL_COMMANDS = ("pause", "resume", "stop", "drain")
-
-
 # Finish reasons of a node closed by a command.
 STOPPED, DRAINED = "stopped", "drained"
-
-
 # The control log keeps the newest this many commands.
 CONTROL_LOG_KEEP = 1000
-
-
 # A command's acknowledgements are kept a week: longer than anyone reads the log for a command's outcome.
 ACK_TTL = 7 * 86400
-
-
 # Issues one command atomically, so ids are ordered and unique across API processes and the newest id is
 # always the one stored: INCR the sequence, stamp Redis's clock, splice both into the JSON (ARGV[2], an
 # object without them), store it under its target, push it onto the capped log. Replies ``{id, at}``.

@@ -17,6 +17,7 @@ from werkzeug.wsgi import get_host
 from monitor_contract import dumps
 
 logger = logging.getLogger("monitor_api")
+
 class Refusal(NamedTuple):
     """Why a request is refused: its status, the JSON error message and any extra headers."""
 
@@ -31,8 +32,6 @@ class Refusal(NamedTuple):
 
 UNAUTHORIZED = Refusal(401, "a valid token is required: 'Authorization: Bearer <token>' or ?token=",
                        (("WWW-Authenticate", "Bearer"),))
-
-
 HOW_TO_ACT = "set MONITOR_API_TOKEN and send it as 'Authorization: Bearer <token>'"
 
 

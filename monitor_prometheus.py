@@ -20,8 +20,6 @@ GAUGES = (
     ("start_time", "scrapy_node_start_time_seconds", "When the node's crawl started.", 1),
     ("interval", "scrapy_node_report_interval_seconds", "Seconds between the node's reports.", 1),
 )
-
-
 COUNTERS = (
     ("bytes_sent", "scrapy_host_network_sent_bytes", "Bytes sent by the host."),
     ("bytes_recv", "scrapy_host_network_received_bytes", "Bytes received by the host."),
@@ -34,8 +32,6 @@ COUNTERS = (
     ("errors", "scrapy_log_errors", "ERROR log lines (log_count/ERROR)."),
     ("warnings", "scrapy_log_warnings", "WARNING log lines (log_count/WARNING)."),
 )
-
-
 QUEUES = (("queue_requests", "requests"), ("queue_start_urls", "start_urls"), ("queue_dupefilter", "dupefilter"))
 
 
@@ -113,8 +109,6 @@ DOMAIN_COUNTERS = (
     ("pages", "scrapy_domain_responses", "Responses received from the domain (top domains, the rest as 'other')."),
     ("errors", "scrapy_domain_errors", "ERROR log lines naming a request to the domain."),
 )
-
-
 DOMAIN_STATUSES = ("4xx", "5xx", "429")
 
 

@@ -50,12 +50,12 @@ logger = logging.getLogger(__name__)
 
 # Runs kept per spider unless MONITOR_RUNS_KEEP says otherwise.
 RUNS_KEEP = SETTING["MONITOR_RUNS_KEEP"].default
+
+
 # ---------------------------------------------------------------------------- every node
 
 # How often readers delete nodes silent for longer than the retention: housekeeping, once a minute.
 PRUNE_EVERY = 60.0
-
-
 # A lost node's claim outlives its pruning by this long, so a node that was very late still corrects it.
 CLAIM_AFTER_PRUNE = 7 * 86400
 
@@ -222,20 +222,12 @@ SPIDER_FIELDS = {
     "queue_requests": "newest", "queue_start_urls": "newest", "queue_dupefilter": "newest",
     "latency_p95": "max",
 }
-
-
 # Fields that only count crawling nodes (a closed node's last rate is not a rate any more).
 CRAWLING_FIELDS = frozenset(("cpu", "memory", "net_sent_rate", "net_recv_rate", "rss", "process_cpu",
                              "pages_per_min", "items_per_min", "requests_per_min", "errors_per_min",
                              "latency_p95"))
-
-
 CRAWLING_STATES = ("live", "paused")
-
-
 STATES = ("live", "paused", "stale", "closed")
-
-
 NUMBER_TYPES = (int, float)  # exactly: a bool is not a figure
 
 

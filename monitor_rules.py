@@ -136,8 +136,6 @@ RULES = (
          detail=queue_detail, setting="ALERT_QUEUE_GROWING", needs_live=False, back="queue no longer growing",
          scope="spider", hold=True),
 )
-
-
 RULE = {rule.name: rule for rule in RULES}
 ORDER = {rule.name: i for i, rule in enumerate(RULES)}
 

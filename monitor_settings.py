@@ -18,7 +18,6 @@ from monitor_contract import connect
 # Who reads a setting: the Scrapy extension (crawler machines), the API, the alerter, the demo, and the
 # demo crawler's own Scrapy project (settings.py).
 CRAWLER, API, ALERT, DEMO, PROJECT = "crawler", "api", "alert", "demo", "project"
-
 # Flag words, as Scrapy's getbool and the README take them, in any case.
 TRUE_WORDS = ("1", "true", "yes", "on")
 FALSE_WORDS = ("0", "false", "no", "off")

@@ -56,7 +56,6 @@ from monitor_settings import SETTING, ConfigError, value
 
 logger = logging.getLogger(__name__)
 
-
 # Counters read from Scrapy's own stats (snapshot field -> stats key).
 STAT_COUNTERS = {
     "pages": "response_received_count",
@@ -68,26 +67,14 @@ STAT_COUNTERS = {
     "exceptions": "downloader/exception_count",
     "dropped": "item_dropped_count",
 }
-
-
 STATUS_STAT = "downloader/response_status_count/"
-
-
 RATE_FIELDS = ("pages", "items", "errors", "requests")
-
-
 # (counter, rate field, scale): network in bytes per second, crawl counters per minute.
 RATES = (("bytes_sent", "net_sent_rate", 1), ("bytes_recv", "net_recv_rate", 1)) + tuple(
     (f, f"{f}_per_min", 60) for f in RATE_FIELDS)
-
-
 # CPU percentages and rates over less than this many seconds are noise; a sample that soon reuses the last.
 MIN_WINDOW = 0.5
-
-
 WINDOW_FIELDS = frozenset(["cpu", "process_cpu"] + [rate for _, rate, _ in RATES])
-
-
 # A node reads its commands this often, whatever its MONITOR_INTERVAL (the goal: applied within 2 s).
 CONTROL_POLL = 1.0
 
@@ -309,11 +296,7 @@ class Sampler:
 
 # Domains tracked one by one; a domain first seen after this many counts under "other" (bounded memory).
 TRACKED_DOMAINS = 1000
-
-
 OTHER = "other"
-
-
 # Fields tracked when MONITOR_ITEM_FIELDS is unset: the first ones seen.
 DEFAULT_FIELD_COUNT = 30
 
