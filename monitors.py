@@ -1,6 +1,6 @@
 """The node side: the ``SpiderMonitor`` Scrapy extension and what it samples, collects and obeys on a crawler.
 
-Enable it in any Scrapy project with ``EXTENSIONS = {"SpiderMonitor": 500}``. Every MONITOR_INTERVAL
+Enable it in any Scrapy project with ``EXTENSIONS = {"monitors.SpiderMonitor": 500}``. Every MONITOR_INTERVAL
 seconds it samples host, process and crawl metrics (``Sampler``), adds crawl insight (``Insight``: latency,
 domains, item field coverage, error samples) and the scrapy-redis queue sizes, and writes the snapshot and
 its history to Redis; at close it records the run. ``NodeControl`` applies fleet commands (pause, resume, stop,
