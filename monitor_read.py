@@ -28,6 +28,7 @@ from monitor_contract import (
     control_ack_key,
     control_key,
     decode_command,
+    dumps,
     history_key,
     is_number,
     last_report,
@@ -504,7 +505,7 @@ def _spider_runs(r, key, count, bound, reason):
     """Up to ``count`` ``(id, record)`` of one runs key from ``bound`` down, those of ``reason`` only."""
     out, chunk = [], count if reason is None else max(count * 4, 200)
     # A member holds its reason as written by write_run: most members need no decoding to be passed over.
-    needles = None if reason is None else [b'"finish_reason":' + json.dumps(x, ensure_ascii=False).encode()
+    needles = None if reason is None else [b'"finish_reason":' + dumps(x, ensure_ascii=False).encode()
                                            for x in reason]
     while True:
         members = r.zrevrangebylex(key, bound, "-", 0, chunk)
