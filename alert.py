@@ -54,7 +54,7 @@ from monitor_channels import (
 from monitor_contract import Outage, as_text, connect, dumps, redact, redis_now, status_key
 from monitor_read import NodeReader, spiders_view, wrong_type
 from monitor_rules import active_rules, evaluate, fmt, iso, run_alerts, span
-from monitor_settings import ALERT, ConfigError, Parser, duration, exit_config_error, readers_of, value
+from monitor_settings import ALERT, ConfigError, Parser, duration, env, exit_config_error, readers_of, value
 
 logger = logging.getLogger(__name__)
 
@@ -104,7 +104,7 @@ def load_config(argv=None):
     given = set()
     for s in SETTINGS:
         raw = getattr(args, s.attr, None)
-        if raw not in (None, "") or value_set(s.name):
+        if raw not in (None, "") or env(s.name) is not None:
             given.add(s.name)
         setattr(args, s.attr, value(s.name, raw))
     check_channels(args)
@@ -119,10 +119,6 @@ def load_config(argv=None):
         user = args.smtp_user or ""
         args.from_addr = user if "@" in user else f"alerts@{socket.gethostname()}"
     return args
-
-
-def value_set(name):
-    return os.environ.get(name, "") != ""
 
 
 def check_channels(args):

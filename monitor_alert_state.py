@@ -100,8 +100,9 @@ def parse_silences(raw, now):
         try:
             silence = loads(value, bounded=False)
             until = silence["until"]
-            ok = (is_number(until) and isinstance(silence.get("matchers"), dict) and silence["matchers"]
-                  and set(silence["matchers"]) <= set(SILENCE_MATCHERS))
+            matchers = silence.get("matchers")
+            ok = (is_number(until) and isinstance(matchers, dict) and matchers
+                  and set(matchers) <= set(SILENCE_MATCHERS) and all(is_text(v) for v in matchers.values()))
         except (ValueError, TypeError, KeyError):
             ok = False
         if not ok:

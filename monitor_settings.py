@@ -81,7 +81,7 @@ SETTINGS = (
            "queue too, for the demo crawler)", flag="--redis-url", attr="redis_url",
            readers=(CRAWLER, API, ALERT, DEMO, PROJECT)),
     _alert("MONITOR_KEY_PREFIX", "text", "scrapy", "prefix of the monitor's Redis keys", flag="--prefix",
-           attr="prefix", readers=(CRAWLER, API, ALERT)),
+           attr="prefix", readers=(CRAWLER, API, ALERT, DEMO)),
     # The extension, on crawler machines
     Setting("MONITOR_ENABLED", "flag", True, (CRAWLER,), "0 turns the monitor off"),
     Setting("MONITOR_REDIS_URL", "redis_url", None, (CRAWLER,),
@@ -285,8 +285,13 @@ def rules(name, raw, choices):
 
 
 def _float(raw):
+    """``raw`` as a float, or nan (refused by every caller): a bool, or a text Python reads but people do not
+    write for a setting (``1_000``)."""
+    text = str(raw).strip()
+    if isinstance(raw, bool) or "_" in text:
+        return math.nan
     try:
-        return float(str(raw).strip()) if not isinstance(raw, bool) else math.nan
+        return float(text)
     except ValueError:
         return math.nan
 

@@ -321,11 +321,7 @@ def test_module_reads_only_declared_settings(module):
     assert not unknown, "read but not declared in monitor_settings.SETTINGS: " + ", ".join(unknown)
 
 
-@pytest.mark.parametrize("module", [
-    pytest.param(m, marks=pytest.mark.xfail(
-        strict=True, reason="demo.py reads MONITOR_KEY_PREFIX (value('MONITOR_KEY_PREFIX')) but its row does not "
-                            "list DEMO among its readers, so demo.py --help does not list it")) if m == "demo.py"
-    else m for m in SCRIPT_READER])
+@pytest.mark.parametrize("module", list(SCRIPT_READER))
 def test_script_reads_only_settings_declared_for_it(module):
     reader = SCRIPT_READER[module]
     undeclared = sorted({name for name, _ in scan(module).reads
@@ -333,10 +329,7 @@ def test_script_reads_only_settings_declared_for_it(module):
     assert not undeclared, f"{module} reads {undeclared} whose readers do not include {reader!r}"
 
 
-@pytest.mark.parametrize("module", [
-    pytest.param(m, marks=pytest.mark.xfail(
-        strict=True, reason="alert.py's value_set reads os.environ.get(name) itself instead of monitor_settings.env"))
-    if m == "alert.py" else m for m in SCANNED if m != "monitor_settings.py"])
+@pytest.mark.parametrize("module", [m for m in SCANNED if m != "monitor_settings.py"])
 def test_only_monitor_settings_reads_os_environ(module):
     uses = [f"{module}:{line} {how}" for line, how in scan(module).environ]
     assert not uses, "read the environment through monitor_settings.env/value: " + ", ".join(uses)

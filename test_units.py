@@ -359,8 +359,6 @@ def test_silence_of_another_node_does_not_hold_back():
     assert fired_rules(notes) == [("cpu", "a")]
 
 
-@pytest.mark.xfail(strict=True, reason="parse_silences keeps a silence whose matcher value is not text; "
-                   "SilenceIndex then raises TypeError (unhashable) and every evaluation fails")
 def test_malformed_stored_silence_is_skipped_not_fatal():
     """parse_silences promises to skip malformed entries; one whose matcher is a list must not crash every
     evaluation after it (SilenceIndex hashes matcher values)."""
