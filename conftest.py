@@ -1,15 +1,18 @@
-"""The pytest fixtures over testbed.py: a private redis-server, a local website, and crawler subprocesses.
+"""The pytest fixtures over testbed.py: a private redis-server, a local website, crawler subprocesses, the
+API server, headless Chromium, mail and webhook receivers, the alerter, a port that never answers.
 
 Tests never touch a Redis they did not start: each server gets a free port and a temporary folder.
-Helpers are imported from ``testbed``, never from here.
+Helpers are imported from ``testbed``, never from here, nor from another test module.
 """
 
 import os
 import signal
+import socket
+import threading
 
 import pytest
 
-from testbed import RedisServer, Site, start_crawler
+from testbed import CHROMIUM, CHROMIUM_ARGS, TO, ApiServer, RedisServer, Site, start_crawler, start_smtp, start_webhook
 
 
 @pytest.fixture(scope="session")
@@ -56,3 +59,121 @@ def crawlers():
             proc.send_signal(signal.SIGKILL)
             proc.wait(10)
         os.unlink(proc.log_path)
+
+
+@pytest.fixture
+def hanging_port():
+    """A port that accepts connections and never answers a byte."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(64)
+    held, stop = [], threading.Event()
+
+    def accept():
+        listener.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                held.append(listener.accept()[0])
+            except OSError:
+                pass
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    yield listener.getsockname()[1]
+    stop.set()
+    thread.join()
+    for conn in held:
+        conn.close()
+    listener.close()
+
+
+# ---------------------------------------------------------------------------- the API and the page
+
+@pytest.fixture(scope="module")
+def api(redis_server):
+    """``python monitor_api.py`` on the session's Redis, one per test module (``testbed.ApiServer``)."""
+    server = ApiServer(redis_server.url).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    """Debian's chromium driven by Playwright, one per test module; skips without either."""
+    if not CHROMIUM:
+        pytest.skip("Debian's chromium is not installed (apt-get install chromium, or `make test` as root)")
+    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
+    with sync_api.sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield b
+        b.close()
+
+
+@pytest.fixture
+def open_page(browser):
+    """``open_page(url, init_script=None, **context options)``: a fresh browser context; no uncaught page
+    errors allowed. ``init_script`` runs in the page before its own script; ``page.console_lines`` collects
+    what the page logs."""
+    contexts, errors = [], []
+
+    def open_(url, init_script=None, **options):
+        options.setdefault("viewport", {"width": 1280, "height": 900})
+        ctx = browser.new_context(**options)
+        contexts.append(ctx)
+        if init_script:
+            ctx.add_init_script(init_script)
+        page = ctx.new_page()
+        page.console_lines = []
+        page.on("console", lambda msg: page.console_lines.append((msg.type, msg.text)))
+        page.on("pageerror", lambda exc: errors.append(str(exc)))
+        page.on("dialog", lambda d: (errors.append(f"dialog: {d.message}"), d.dismiss()))
+        page.goto(url)
+        return page
+
+    yield open_
+    for ctx in contexts:
+        ctx.close()
+    assert not errors, errors
+
+
+# ---------------------------------------------------------------------------- the alerter and its receivers
+
+@pytest.fixture
+def smtp():
+    """An SMTP server on a free port: ``testbed.Inbox`` (``subjects()``, ``messages()``, ``envelopes``...)."""
+    inbox = start_smtp()
+    yield inbox
+    inbox.controller.stop()
+
+
+@pytest.fixture
+def webhook():
+    """A local HTTP receiver (``testbed.start_webhook``): ``url``, ``bodies``, ``hits``, ``fail``..."""
+    server = start_webhook()
+    yield server
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.fixture
+def make(redis_url, smtp, monkeypatch):
+    """``make(*flags, **env)``: an Alerter on the test's Redis, mailing the test's SMTP server (to
+    ``testbed.TO``); ``env`` adds or, with None, removes settings."""
+    import alert
+    import monitor_contract
+
+    def build(*argv, **env):
+        for name, *_ in alert.SETTINGS:
+            monkeypatch.delenv(name, raising=False)
+        settings = {"REDIS_URL": redis_url, "SMTP_HOST": "127.0.0.1", "SMTP_PORT": str(smtp.port),
+                    "ALERT_TO": TO, "ALERT_INTERVAL": "60", "ALERT_FOR": "120", "ALERT_REPEAT": "3600"}
+        settings.update(env)
+        for name, value in settings.items():
+            if value is None:
+                monkeypatch.delenv(name, raising=False)
+            else:
+                monkeypatch.setenv(name, value)
+        cfg = alert.load_config(list(argv))
+        return alert.Alerter(cfg, client=monitor_contract.connect(cfg.redis_url, timeout=5))
+
+    return build

@@ -5,8 +5,6 @@ checked without sleeping; a few run ``python alert.py`` as a subprocess, and one
 """
 
 import datetime
-import email
-import email.policy
 import json
 import logging
 import os
@@ -15,154 +13,15 @@ import ssl
 import subprocess
 import sys
 import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 from aiosmtpd.controller import Controller
-from aiosmtpd.smtp import AuthResult
 
-import monitor_channels
-import monitor_contract
-import monitor_rules
 import alert
+import monitor_channels
+import monitor_rules
 import testbed
-from testbed import ROOT, RedisServer, clean_env, free_port, wait_for
-
-MB = 1024 * 1024
-T0 = 1_700_000_000  # the explicit clock of most tests
-TO = "ops@example.com"
-
-
-# ---------------------------------------------------------------------------- receivers
-
-class Inbox:
-    """aiosmtpd handler: keeps what it accepts; refuses the next ``refuse`` messages with ``refusal`` (a 451)
-    and the recipients in ``refuse_rcpt`` with their reply."""
-
-    def __init__(self):
-        self.envelopes = []
-        self.refuse = 0
-        self.refusal = "451 4.3.0 Try again later"
-        self.refused = 0
-        self.refuse_rcpt = {}
-        self.logins = []
-
-    async def handle_RCPT(self, server, session, envelope, address, rcpt_options):
-        if address in self.refuse_rcpt:
-            return self.refuse_rcpt[address]
-        envelope.rcpt_tos.append(address)
-        return "250 OK"
-
-    async def handle_DATA(self, server, session, envelope):
-        if self.refuse > 0:
-            self.refuse -= 1
-            self.refused += 1
-            return self.refusal
-        self.envelopes.append(envelope)
-        return "250 OK"
-
-    def messages(self):
-        return [email.message_from_bytes(e.content, policy=email.policy.default) for e in self.envelopes]
-
-    def subjects(self):
-        return [m["Subject"] for m in self.messages()]
-
-    def authenticate(self, server, session, envelope, mechanism, auth_data):
-        self.logins.append(auth_data.login.decode())
-        ok = auth_data.login == b"robot" and auth_data.password == b"s3cret-pw"
-        return AuthResult(success=ok, handled=False)  # not handled: aiosmtpd answers 235 or 535
-
-
-def start_smtp(**kwargs):
-    inbox = Inbox()
-    controller = Controller(inbox, hostname="127.0.0.1", port=free_port(), **kwargs)
-    controller.start()
-    inbox.controller = controller
-    inbox.port = controller.port
-    return inbox
-
-
-@pytest.fixture
-def smtp():
-    inbox = start_smtp()
-    yield inbox
-    inbox.controller.stop()
-
-
-@pytest.fixture
-def webhook():
-    """A local HTTP receiver: keeps every JSON body; answers ``status`` (500) with ``headers`` to the next
-    ``fail`` posts; calls ``on_post()`` first if set; counts every post in ``hits``."""
-    server = ThreadingHTTPServer(("127.0.0.1", 0), None)
-    server.bodies, server.fail, server.status, server.headers, server.on_post, server.hits = [], 0, 500, {}, None, 0
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_POST(self):
-            body = self.rfile.read(int(self.headers["Content-Length"]))
-            server.hits += 1
-            if server.on_post:
-                server.on_post()
-            if server.fail > 0:
-                server.fail -= 1
-                self.send_response(server.status)
-                for name, value in server.headers.items():
-                    self.send_header(name, value)
-            else:
-                server.bodies.append(json.loads(body))
-                self.send_response(200)
-            self.send_header("Content-Length", "0")
-            self.end_headers()
-
-        def log_message(self, *args):
-            pass
-
-    server.RequestHandlerClass = Handler
-    server.url = f"http://127.0.0.1:{server.server_address[1]}/hooks/SECRET-TOKEN"
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield server
-    server.shutdown()
-    server.server_close()
-
-
-# ---------------------------------------------------------------------------- helpers
-
-@pytest.fixture
-def make(redis_url, smtp, monkeypatch):
-    """``make(*flags, **env)``: an Alerter on the test's Redis, mailing the test's SMTP server."""
-
-    def build(*argv, **env):
-        for name, *_ in alert.SETTINGS:
-            monkeypatch.delenv(name, raising=False)
-        settings = {"REDIS_URL": redis_url, "SMTP_HOST": "127.0.0.1", "SMTP_PORT": str(smtp.port),
-                    "ALERT_TO": TO, "ALERT_INTERVAL": "60", "ALERT_FOR": "120", "ALERT_REPEAT": "3600"}
-        settings.update(env)
-        for name, value in settings.items():
-            if value is None:
-                monkeypatch.delenv(name, raising=False)
-            else:
-                monkeypatch.setenv(name, value)
-        cfg = alert.load_config(list(argv))
-        return alert.Alerter(cfg, client=monitor_contract.connect(cfg.redis_url, timeout=5))
-
-    return build
-
-
-# test_alert's quiet node over testbed.snapshot's defaults: nothing near a threshold, no work queued.
-QUIET = dict(host="h1", pid=1, cpu=10.0, memory=20.0, bytes_sent=0, bytes_recv=0, pages=0, items=0, pages_per_min=0.0,
-             rss=100 * MB,
-             queue_requests=0, queue_start_urls=0, queue_dupefilter=0)
-
-
-def report(r, node, ts, prefix="scrapy", **fields):
-    """Write a node's snapshot as the extension does."""
-    testbed.publish(r, testbed.snapshot(node, now=ts, **{**QUIET, **fields}), prefix=prefix, history_len=10)
-
-
-def run_script(*args, env, timeout=30):
-    return subprocess.run([sys.executable, os.path.join(ROOT, "alert.py"), *args], env=clean_env(env),
-                          capture_output=True, text=True, timeout=timeout, cwd=ROOT)
-
+from testbed import MB, ROOT, T0, TO, Inbox, RedisServer, clean_env, free_port, report, run_script, wait_for
 
 # ---------------------------------------------------------------------------- semantics
 
@@ -393,11 +252,12 @@ def test_login_only_with_smtp_user_and_password_never_logged(make, redis_client,
 @pytest.fixture(scope="module")
 def tls_files(tmp_path_factory):
     """A self-signed certificate for 127.0.0.1, and its key."""
+    import ipaddress
+
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import ec
     from cryptography.x509.oid import NameOID
-    import ipaddress
 
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
@@ -466,7 +326,7 @@ def test_two_instances_at_once_send_one_message(make, redis_client, smtp):
         barrier = threading.Barrier(2)
         errors = []
 
-        def race(at):
+        def race(at, barrier=barrier, errors=errors, alerters=alerters):
             def run(a):
                 barrier.wait()
                 try:
@@ -679,12 +539,14 @@ def test_a_send_past_its_deadline_is_kept_for_a_retry(make, redis_client, webhoo
     import time
     monkeypatch.setattr(alert, "SEND_DEADLINE", 0.5)
     alerter = make("--for", "0", ALERT_TO=None, SMTP_HOST=None, SMTP_PORT=None, ALERT_WEBHOOK_URL=webhook.url)
-    webhook.on_post = lambda: time.sleep(2)
+    answer = threading.Event()
+    webhook.on_post = lambda: answer.wait(2)  # a receiver that answers too late: at 2 s, or once the test is done
     report(redis_client, "n1", T0, cpu=99.0)
     started = time.monotonic()
     with caplog.at_level(logging.WARNING, logger="alert"):
         alerter.run_once(T0)
     assert time.monotonic() - started < 1.5
+    answer.set()
     assert "no answer within 0.5 s" in caplog.text
     [waiting] = [json.loads(v) for v in redis_client.hvals("scrapy:alert:outbox")]
     assert waiting["attempts"] == 1
@@ -804,7 +666,7 @@ def test_dry_run_prints_and_sends_and_stores_nothing(redis_url, redis_client, sm
     assert smtp.envelopes == [] and webhook.bodies == []
     assert not redis_client.exists("scrapy:alert:state", "scrapy:alert:outbox")
     nothing = run_script("--once", "--dry-run", env={"REDIS_URL": redis_url, "ALERT_FOR": "0"})
-    assert nothing.returncode == 0 and "set ALERT_TO or ALERT_WEBHOOK_URL" in nothing.stdout
+    assert nothing.returncode == 0 and "set ALERT_TO, ALERT_WEBHOOK_URL or ALERT_NOTIFY_URLS" in nothing.stdout
     real = run_script("--once", env=env)  # the dry runs took nothing away
     assert real.returncode == 0 and len(smtp.envelopes) == 1 and len(webhook.bodies) == 1
 
@@ -818,7 +680,14 @@ def test_no_channel_prints_each_notification_and_keeps_running(redis_url, redis_
     try:
         wait_for(lambda: redis_client.hexists("scrapy:alert:state", "cpu:n1")
                  and not redis_client.exists("scrapy:alert:outbox"), 20, what="the alert to be printed")
-        time.sleep(1)  # a few more evaluations
+        beats = set()  # the heartbeat's "at" of each evaluation seen from now on
+
+        def evaluations():
+            raw = redis_client.get("scrapy:alert:heartbeat")
+            beats.update([json.loads(raw)["at"]] if raw else [])
+            return len(beats) >= 3
+
+        wait_for(evaluations, 20, what="two more evaluations")  # polled ten times an interval: none is missed
         assert proc.poll() is None
         proc.send_signal(signal.SIGTERM)
         out, err = proc.communicate(timeout=10)
@@ -832,7 +701,8 @@ def test_no_channel_prints_each_notification_and_keeps_running(redis_url, redis_
 
 
 @pytest.mark.parametrize("env, message", [
-    ({"REDIS_URL": "redis://:hunter2@localhost:port/0"}, "REDIS_URL: redis://:***@localhost:port/0 is not a usable Redis URL"),
+    ({"REDIS_URL": "redis://:hunter2@localhost:port/0"},
+     "REDIS_URL: redis://:***@localhost:port/0 is not a usable Redis URL"),
     ({"REDIS_URL": "localhost:6379"}, "REDIS_URL: localhost:6379 is not a usable Redis URL"),
     ({"REDIS_URL": "redis://localhost/0?password=hunter2&bogus=1"}, "unknown option 'bogus'"),
     ({"ALERT_WEBHOOK_URL": "https://hooks.example.com:99999/hunter2"}, "ALERT_WEBHOOK_URL must be an http://"),

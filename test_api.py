@@ -2,7 +2,6 @@
 and a real ``scrapy crawl`` node."""
 
 import contextlib
-import functools
 import gzip
 import json
 import logging
@@ -19,41 +18,19 @@ import pytest
 import requests
 import waitress
 from flask import g
-from waitress import wasyncore
 from prometheus_client.parser import text_string_to_metric_families
+from waitress import wasyncore
 
+import monitor_api
 import monitor_contract
 import monitor_gate
 import monitor_read
-import monitor_api
-import testbed
-from testbed import ROOT, RedisServer, clean_env, free_port, wait_for
+from testbed import ROOT, RedisServer, clean_env, free_port, make_app, snap, store, wait_for
 
 SEED_FIELDS = {"timestamp", "spider", "cpu", "memory", "bytes_sent", "bytes_recv"}
 CONTRACT_FIELDS = SEED_FIELDS | {"node", "host", "pid", "status", "interval", "pages", "items", "state"}
 LOAD_CLIENTS = 64
 LOAD_SECONDS = 30
-
-
-# test_api's figures over testbed.snapshot's defaults: small numbers, so sums and means are easy to check.
-snap = functools.partial(
-    testbed.snapshot, host="host-a", cpu=12.5, memory=45.3, bytes_sent=102400, bytes_recv=409600, pages=10, items=8,
-    requests=12, errors=1, warnings=0, retries=2, exceptions=0, status_2xx=9, status_3xx=0, status_4xx=1,
-    status_5xx=0, rss=50_000_000, process_cpu=7.5, net_sent_rate=100.0, net_recv_rate=400.0, pages_per_min=6.0,
-    items_per_min=4.8, requests_per_min=7.0, queue_requests=5, queue_start_urls=0, queue_dupefilter=20)
-
-
-def store(client, *snaps, prefix="scrapy", trend_rows=()):
-    testbed.publish(client, *snaps, prefix=prefix, trend_rows=trend_rows, history_len=360)
-
-
-def make_app(url, **config):
-    """An app with every setting given, so the environment of the test run does not leak in."""
-    settings = {"REDIS_URL": url, "MONITOR_KEY_PREFIX": "scrapy", "MONITOR_API_TOKEN": None,
-                "MONITOR_CORS_ORIGINS": "null", "MONITOR_RETENTION": 86400, "MONITOR_API_CACHE": 0,
-                "MONITOR_API_HOST": "127.0.0.1", "MONITOR_API_HOSTS": None, "MONITOR_API_READONLY": "0"}
-    settings.update(config)
-    return monitor_api.create_app(settings)
 
 
 @pytest.fixture
@@ -276,7 +253,8 @@ def test_a_spiders_chart_keeps_counting_a_node_that_stopped_as_its_card_does(cli
     with redis_client.pipeline(transaction=False) as pipe:
         for k in range(10):
             if k < 4:  # node a dies after four reports; b goes on
-                monitor_contract.write_snapshot(pipe, "scrapy", snap("a:1", pages=100 + k, items=k, timestamp=base + 10 * k), 360)
+                monitor_contract.write_snapshot(
+                    pipe, "scrapy", snap("a:1", pages=100 + k, items=k, timestamp=base + 10 * k), 360)
             monitor_contract.write_snapshot(pipe, "scrapy", snap("b:1", host="host-b", pages=1000 + k, items=10 * k,
                                                           timestamp=base + 10 * k + 5), 360)
         pipe.execute()
@@ -436,7 +414,7 @@ def test_redis_down_is_503_within_a_second_and_recovers_by_itself():
             if resp.status_code == 503:
                 break
             assert resp.status_code == 200 and time.monotonic() - stopped < 1.5
-            time.sleep(0.05)
+            time.sleep(0.05)  # the pace of the polling
         assert resp.get_json() == {"error": "Redis is unavailable"}
         assert c.get("/metrics/main_spider").status_code == 503
         assert c.get("/prometheus").status_code == 503
@@ -558,7 +536,8 @@ def test_nodes_silent_past_retention_are_pruned_with_their_history(redis_url, re
     c = app.test_client()
     assert set(c.get("/metrics").get_json()) == {"young:1"}
     assert redis_client.hkeys("scrapy:node:status") == [b"young:1"]
-    assert not redis_client.exists(monitor_contract.history_key("scrapy", "old:1"), monitor_contract.trend_key("scrapy", "old:1"))
+    assert not redis_client.exists(monitor_contract.history_key("scrapy", "old:1"),
+                                   monitor_contract.trend_key("scrapy", "old:1"))
     assert redis_client.exists(monitor_contract.history_key("scrapy", "young:1"))
 
     store(redis_client, snap("old:2", age=7200))  # housekeeping runs at most once a minute
@@ -658,7 +637,8 @@ def test_openapi_describes_the_routes_and_real_responses_match(redis_url, redis_
 
     for template in (t for t in spec["paths"] if "get" in spec["paths"][t]):  # changing routes: their own tests
         if "{name}" in template:
-            for name in ("main_spider",) if template.startswith("/runs/") else ("main_spider:h:1", "main_spider"):  # a spider (and a node)
+            # a spider (and a node)
+            for name in ("main_spider",) if template.startswith("/runs/") else ("main_spider:h:1", "main_spider"):
                 assert call(template.replace("{name}", quote(name, safe=""))) == 200
             assert call(template.replace("{name}", "nobody")) == 404
         else:
@@ -995,7 +975,8 @@ def test_a_real_crawler_node_through_the_api(redis_url, redis_client, site, craw
     assert len(points) >= 2 and points[-1]["items"] == 40
     assert points == sorted(points, key=lambda p: p["timestamp"])
     assert c.get("/spiders").get_json()["main_spider"]["items"] == 40
-    assert f'scrapy_items_scraped_total{{node="{node}",spider="main_spider"}} 40.0' in c.get("/prometheus").get_data(as_text=True)
+    prometheus = c.get("/prometheus").get_data(as_text=True)
+    assert f'scrapy_items_scraped_total{{node="{node}",spider="main_spider"}} 40.0' in prometheus
 
 
 def test_load_64_clients_for_30_seconds_without_an_error(redis_url, redis_client):

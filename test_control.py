@@ -12,12 +12,24 @@ import pytest
 import monitor_contract
 import monitor_read
 import testbed
-from testbed import Site, crawl_log, wait_for
-from test_api import make_app, snap, store
-from test_dashboard import PAGE, WAIT, ApiServer, browser, publish, snapshot  # noqa: F401 (browser: a fixture)
+from testbed import (
+    PAGE,
+    WAIT,
+    ApiServer,
+    Site,
+    crawl_log,
+    make_app,
+    polls_after,
+    publish,
+    snap,
+    snapshot,
+    store,
+    wait_for,
+)
 
 SPIDER = "main_spider"
 QUEUE = f"{SPIDER}:requests"
+INTERVAL = 1  # seconds between a node's reports (start_node's MONITOR_INTERVAL)
 
 
 def nodes(client):
@@ -30,7 +42,7 @@ def node_id(proc):
 
 def start_node(crawlers, redis_url, **settings):
     """A main_spider node reporting every second, two requests at a time."""
-    return crawlers(env={"REDIS_URL": redis_url, "MONITOR_INTERVAL": "1"},
+    return crawlers(env={"REDIS_URL": redis_url, "MONITOR_INTERVAL": str(INTERVAL)},
                     settings={"CONCURRENT_REQUESTS": 2, **settings})
 
 
@@ -53,9 +65,23 @@ def steady(site, seconds=1.0):
     """The site's hit count once it has not changed for ``seconds``."""
     def still():
         before = hits(site)
-        time.sleep(seconds)
+        time.sleep(seconds)  # no event marks the end of the last download in flight: a quiet second does
         return hits(site) == before and before + 1  # truthy even at 0
     return wait_for(still, 20, step=0, what="the crawl to stand still") - 1
+
+
+def reports_for(client, ids, seconds):
+    """Wait ``seconds`` on Redis's clock while every node in ``ids`` goes on reporting: done once they have passed
+    and each node has reported within its last interval, so each ran (its control and start URL polls included,
+    both every second) and wrote its heartbeat all that while. Returns their snapshots then."""
+    until = monitor_contract.redis_now(client.time()) + seconds
+
+    def reported():
+        found = nodes(client)
+        return (monitor_contract.redis_now(client.time()) >= until
+                and all(monitor_contract.last_report(found.get(n, {})) >= until - INTERVAL for n in ids) and found)
+
+    return wait_for(reported, seconds + 20, what=f"{seconds} s more of reports from {ids}")
 
 
 @pytest.fixture
@@ -76,23 +102,22 @@ def test_pause_and_resume_two_nodes_fetch_every_page_once(redis_client, redis_ur
     paused = [send(api, "pause", node=n, comment="429s") for n in ids]
     assert [p["nodes"] for p in paused] == [[n] for n in ids]
     for n, p in zip(ids, paused):
-        wait_for(lambda: applied(redis_client, n, p["id"], "paused"), 20, what=f"{n} paused")
+        wait_for(lambda n=n, p=p: applied(redis_client, n, p["id"], "paused"), 20, what=f"{n} paused")
     at_ack = hits(slow_site)
     stood = steady(slow_site)
     assert stood - at_ack <= 4, "more than the in-flight requests were fetched after the pause"
-    time.sleep(2)
+    before = nodes(redis_client)
+    after = reports_for(redis_client, ids, 2)  # two seconds on, by both nodes' own reports
     assert hits(slow_site) == stood
     for n in ids:
-        snap = nodes(redis_client)[n]
-        assert snap["state"] == "paused" and snap["command"]["name"] == "pause"
-        pages = snap["pages"]
-        wait_for(lambda: nodes(redis_client)[n]["timestamp"] > snap["timestamp"], 20, what="another report")
-        assert nodes(redis_client)[n]["pages"] == pages
+        for shown in (before[n], after[n]):
+            assert shown["state"] == "paused" and shown["command"]["name"] == "pause"
+        assert after[n]["pages"] == before[n]["pages"]
     assert stood < slow_site.pages, "the site was crawled before the pause took"
 
     resumed = [send(api, "resume", node=n) for n in ids]
     for n, r in zip(ids, resumed):
-        wait_for(lambda: applied(redis_client, n, r["id"], "running"), 20, what=f"{n} resumed")
+        wait_for(lambda n=n, r=r: applied(redis_client, n, r["id"], "running"), 20, what=f"{n} resumed")
     wait_for(lambda: hits(slow_site) > stood, 20, what="pages fetched again")
     for proc in procs:
         assert proc.wait(120) == 0, crawl_log(proc)
@@ -118,7 +143,8 @@ def test_a_paused_node_never_closes_for_idling(redis_client, redis_url, crawlers
     api = make_app(redis_url).test_client()
     sent = send(api, "pause", node=node)
     wait_for(lambda: applied(redis_client, node, sent["id"], "paused"), 20, what="node paused")
-    time.sleep(5)  # more than twice its idle limit, with nothing queued
+    later = reports_for(redis_client, [node], 5)  # more than twice its idle limit, with nothing queued
+    assert later[node]["state"] == "paused"
     assert proc.poll() is None and nodes(redis_client)[node]["state"] == "paused"
     send(api, "resume", node=node)
     assert proc.wait(60) == 0, crawl_log(proc)  # idle again once resumed: it closes as before
@@ -160,7 +186,7 @@ def test_drain_closes_nodes_when_the_queue_is_empty_not_before(redis_client, red
         sent = send(api, "drain", spider=SPIDER)
         assert sent["nodes"] == sorted(ids) and sent["target"] == f"spider:{SPIDER}"
         for n in ids:
-            wait_for(lambda: (nodes(redis_client)[n].get("command") or {}).get("name") == "drain", 20,
+            wait_for(lambda n=n: (nodes(redis_client)[n].get("command") or {}).get("name") == "drain", 20,
                      what="drain acknowledged")
         assert hits(site) < site.pages and any(nodes(redis_client)[n]["status"] == "running" for n in ids)
         for proc in procs:
@@ -183,7 +209,7 @@ def test_a_spider_wide_pause_holds_for_a_node_started_later(redis_client, redis_
     redis_client.lpush("distributed:start_urls", json.dumps({"url": site.url}))
     later = start_node(crawlers, redis_url, MAX_IDLE_TIME_BEFORE_CLOSE=3)
     wait_for(lambda: applied(redis_client, node_id(later), sent["id"], "paused"), 30, what="later node paused")
-    time.sleep(3)
+    reports_for(redis_client, [node_id(first), node_id(later)], 3)
     assert site.first_hit is None, "a node of a paused spider fetched pages"
     assert nodes(redis_client)[node_id(later)]["state"] == "paused"
 
@@ -206,11 +232,12 @@ def test_each_command_is_applied_once_across_a_redis_outage(redis_client, redis_
     sent = send(api, "pause", spider=SPIDER)
     wait_for(lambda: applied(redis_client, node, sent["id"], "paused"), 20, what="node paused")
     redis_client.execute_command("CLIENT", "PAUSE", 3000, "ALL")  # Redis hangs for 3 s: every call times out
-    time.sleep(3.5)
+    wait_for(lambda: "Control: cannot read commands" in crawl_log(proc), 15, what="the node to miss a read")
     wait_for(lambda: "Redis answers again" in crawl_log(proc), 15, what="the node reading again")
     redis_client.lpush("distributed:start_urls", json.dumps({"url": site.url}))
-    time.sleep(2)
-    assert site.first_hit is None and nodes(redis_client)[node]["state"] == "paused"
+    later = reports_for(redis_client, [node], 2)
+    assert site.first_hit is None and later[node]["state"] == "paused" and later[node]["queue_start_urls"] == 1
+    assert nodes(redis_client)[node]["state"] == "paused"
     resumed = send(api, "resume", node=node)
     assert proc.wait(60) == 0, crawl_log(proc)
     log = crawl_log(proc)
@@ -289,7 +316,8 @@ def test_the_newest_command_of_a_nodes_three_targets_wins(redis_client, redis_ur
     api = make_app(redis_url).test_client()
 
     def effective(node, spider=SPIDER):
-        raws = redis_client.hmget(monitor_contract.control_key("scrapy", "commands"), monitor_contract.control_targets(node, spider))
+        raws = redis_client.hmget(monitor_contract.control_key("scrapy", "commands"),
+                                  monitor_contract.control_targets(node, spider))
         command = monitor_contract.newest_command(raws)
         return command and command["command"]
 
@@ -306,7 +334,8 @@ def test_the_newest_command_of_a_nodes_three_targets_wins(redis_client, redis_ur
     assert [e["command"] for e in log] == ["resume", "drain", "resume", "pause"]
     assert [e["id"] for e in log] == sorted((e["id"] for e in log), reverse=True)
     # Malformed values (a hand edit, a hostile writer) are skipped, never obeyed.
-    redis_client.hset(monitor_contract.control_key("scrapy", "commands"), "all", '{"id": 99, "command": "rm -rf", "at": 1}')
+    redis_client.hset(monitor_contract.control_key("scrapy", "commands"), "all",
+                      '{"id": 99, "command": "rm -rf", "at": 1}')
     redis_client.lpush(monitor_contract.control_key("scrapy", "log"), "not json")
     assert effective("a:1") == "resume" and len(api.get("/control/log").get_json()["log"]) == 4
     # A pruned node's own command goes with it.
@@ -321,7 +350,8 @@ def test_the_control_log_is_capped_in_redis(redis_client, redis_url):
     for _ in range(monitor_contract.CONTROL_LOG_KEEP + 5):
         monitor_contract.issue_command(redis_client, "scrapy", "pause", "all")
     assert redis_client.llen(monitor_contract.control_key("scrapy", "log")) == monitor_contract.CONTROL_LOG_KEEP
-    log = make_app(redis_url).test_client().get(f"/control/log?limit={monitor_contract.CONTROL_LOG_KEEP}").get_json()["log"]
+    api = make_app(redis_url).test_client()
+    log = api.get(f"/control/log?limit={monitor_contract.CONTROL_LOG_KEEP}").get_json()["log"]
     assert log[0]["id"] == monitor_contract.CONTROL_LOG_KEEP + 5 and len(log) == monitor_contract.CONTROL_LOG_KEEP
 
 
@@ -334,8 +364,9 @@ def test_dashboard_buttons_send_commands_confirm_stop_and_show_the_log(redis_ser
     server = ApiServer(redis_server.url).start()
     try:
         page = browser.new_page(viewport={"width": 1280, "height": 900})
-        errors, dialogs = [], []
+        errors, dialogs, posts = [], [], []
         page.on("pageerror", lambda exc: errors.append(str(exc)))
+        page.on("request", lambda request: request.method == "POST" and posts.append(request.url))
 
         def on_dialog(dialog):
             dialogs.append(dialog.message)
@@ -372,11 +403,13 @@ def test_dashboard_buttons_send_commands_confirm_stop_and_show_the_log(redis_ser
         page.wait_for_function("() => document.querySelector('#d-ctl button').disabled", timeout=WAIT)
         page.keyboard.press("Escape")
 
-        dialogs_before = len(dialogs)
-        page.evaluate("() => { window.confirm = () => false; }")  # the operator says no
+        dialogs_before, posts_before = len(dialogs), len(posts)
+        page.evaluate("() => { window.asked = 0; window.confirm = () => { window.asked++; return false; }; }")  # no
         page.locator("details.group[data-spider='<b>other</b>'] button[data-command='drain']").click()
-        time.sleep(0.5)
-        assert b"spider:<b>other</b>" not in stored_commands(redis_client) and len(dialogs) == dialogs_before
+        page.wait_for_function("() => window.asked === 1", timeout=WAIT)
+        polls_after(page, 1)  # a POST the answer let through would have been sent before the next poll ended
+        assert posts[posts_before:] == [] and len(dialogs) == dialogs_before
+        assert b"spider:<b>other</b>" not in stored_commands(redis_client)
 
         page.click("#ctl-open")
         page.wait_for_function("() => document.querySelectorAll('#ctl-entries > li[data-id]').length === 2",
@@ -386,7 +419,8 @@ def test_dashboard_buttons_send_commands_confirm_stop_and_show_the_log(redis_ser
         assert "127.0.0.1" in texts[0] and "applied by 0 of 1 reached node" in texts[0]
         # A node acknowledges: the open log shows it on its next refresh.
         first = json.loads(stored_commands(redis_client)[b"node:main_spider:a:1"])["id"]
-        redis_client.hset(monitor_contract.control_ack_key("scrapy", first), "main_spider:a:1", json.dumps({"at": time.time()}))
+        redis_client.hset(monitor_contract.control_ack_key("scrapy", first), "main_spider:a:1",
+                          json.dumps({"at": time.time()}))
         page.wait_for_function("() => document.querySelector('#ctl-entries > li').innerText"
                                ".includes('applied by 1 of 1')", timeout=WAIT)
         assert not errors, errors

@@ -16,27 +16,13 @@ import requests
 
 import monitor_contract
 import testbed
-from testbed import CHROMIUM, CHROMIUM_ARGS, ApiServer, RedisServer, wait_for
+from testbed import FAST, PAGE, ROOT, WAIT, XSS, ApiServer, RedisServer, polls_after, until, wait_for
 
-ROOT = os.path.dirname(os.path.abspath(__file__))
-PAGE = os.path.join(ROOT, "dashboard.html")
 ARTIFACTS = os.path.join(ROOT, "artifacts")
 PREFIX = "scrapy"
-# The page polls this often (ms) in tests, instead of every 5 s.
-FAST = 300
-# Generous: the machine is shared, and the API may serve a response up to a second old.
-WAIT = 15_000
-XSS = '<img src=x onerror="window.__xss=1">'
 
 
 # ---------------------------------------------------------------------------- servers and data
-
-@pytest.fixture(scope="module")
-def api(redis_server):
-    server = ApiServer(redis_server.url).start()
-    yield server
-    server.stop()
-
 
 @pytest.fixture
 def servers():
@@ -56,56 +42,7 @@ snapshot = testbed.snapshot
 publish = functools.partial(testbed.publish, prefix=PREFIX, history_len=360)
 
 
-# ---------------------------------------------------------------------------- browser
-
-@pytest.fixture(scope="module")
-def browser():
-    if not CHROMIUM:
-        pytest.skip("Debian's chromium is not installed (apt-get install chromium, or `make browser`)")
-    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
-    with sync_api.sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        yield b
-        b.close()
-
-
-@pytest.fixture
-def open_page(browser):
-    """``open_page(url, init_script=None, **context options)``: a fresh browser context; no uncaught page
-    errors allowed. ``init_script`` runs in the page before its own script; ``page.console_lines`` collects
-    what the page logs."""
-    contexts, errors = [], []
-
-    def open_(url, init_script=None, **options):
-        options.setdefault("viewport", {"width": 1280, "height": 900})
-        ctx = browser.new_context(**options)
-        contexts.append(ctx)
-        if init_script:
-            ctx.add_init_script(init_script)
-        page = ctx.new_page()
-        page.console_lines = []
-        page.on("console", lambda msg: page.console_lines.append((msg.type, msg.text)))
-        page.on("pageerror", lambda exc: errors.append(str(exc)))
-        page.on("dialog", lambda d: (errors.append(f"dialog: {d.message}"), d.dismiss()))
-        page.goto(url)
-        return page
-
-    yield open_
-    for ctx in contexts:
-        ctx.close()
-    assert not errors, errors
-
-
-def until(page, js, arg=None, timeout=WAIT):
-    """Wait until the page function ``js`` (written as ``() => ...`` or ``(arg) => ...``) is truthy."""
-    return page.wait_for_function(js, arg=arg, timeout=timeout).json_value()
-
-
-def polls_after(page, n=2):
-    """Wait for ``n`` more successful polls."""
-    start = page.evaluate("() => window.dashboardStats.okPolls")
-    until(page, "(n) => window.dashboardStats.okPolls >= n", start + n)
-
+# ---------------------------------------------------------------------------- the page (conftest: browser, open_page)
 
 def cards(page):
     """{node id: state} of every card in the page."""
@@ -146,8 +83,8 @@ def test_cards_match_nodes_and_states(api, redis_client, open_page):
     wait_cards(page, {"main_spider:a:1": "live", "main_spider:b:2": "live", "main_spider:c:3": "stale",
                       "other:d:4": "closed"})
     # Grouped by spider, groups in name order.
-    assert page.evaluate("() => [...document.querySelectorAll('details.group')].map((g) => g.getAttribute('data-spider'))") \
-        == ["main_spider", "other"]
+    assert page.evaluate("() => [...document.querySelectorAll('details.group')]"
+                         ".map((g) => g.getAttribute('data-spider'))") == ["main_spider", "other"]
     assert shown_order(page, "other") == ["other:d:4"]
     # Summary bar: states, cluster rates (live nodes only), queue depth per spider.
     assert [page.text_content(f"#s-{k}") for k in ("live", "stale", "closed", "ppm", "ipm")] == \
@@ -204,7 +141,7 @@ def test_node_that_stops_reporting_turns_stale(api, redis_client, open_page):
     while card(page, "quiet:1").get_attribute("data-state") != "stale":  # busy:2 keeps reporting, quiet:1 not
         assert time.monotonic() < deadline, "quiet:1 never turned stale"
         publish(redis_client, snapshot("busy:2", interval=1))
-        time.sleep(0.2)
+        time.sleep(0.2)  # the pace of busy:2's reports, not a wait
     assert card(page, "busy:2").get_attribute("data-state") == "live"
     assert card(page, "quiet:1").locator(".badge").inner_text().lower() == "stale"
     assert page.text_content("#s-stale") == "1"
@@ -237,7 +174,8 @@ def test_hostile_names_show_as_text_and_nothing_runs(api, redis_client, open_pag
         until(page, """(node) => [...document.querySelectorAll('[data-node]')]
             .find((e) => e.getAttribute('data-node') === node)
             .querySelectorAll('.sp path[d^="M"]').length === 3""", node)
-    page.evaluate("(n) => [...document.querySelectorAll('[data-node]')].find((e) => e.getAttribute('data-node') === n).click()", slashed)
+    page.evaluate("(n) => [...document.querySelectorAll('[data-node]')]"
+                  ".find((e) => e.getAttribute('data-node') === n).click()", slashed)
     assert page.inner_text("#d-title") == slashed
     until(page, "() => document.querySelector('#d-hour .chart path').getAttribute('d').startsWith('M')")
     assert page.evaluate("() => window.__xss") is None
@@ -291,7 +229,8 @@ BREAK_DRAWING = """(() => {
 
 
 def banner_is(page, kind):
-    until(page, "(kind) => { const b = document.querySelector('#banner'); return !b.hidden && b.getAttribute('data-kind') === kind; }", kind)
+    until(page, "(kind) => { const b = document.querySelector('#banner'); "
+                "return !b.hidden && b.getAttribute('data-kind') === kind; }", kind)
     return page.inner_text("#banner")
 
 
@@ -370,7 +309,8 @@ def test_prototype_names_are_ordinary_nodes_spiders_and_fields(api, redis_client
         ["hasOwnProperty", "1 live \u00b7 0 stale \u00b7 0 closed", ["toString"]],
         ["valueOf", "1 live \u00b7 0 stale \u00b7 0 closed", ["hasOwnProperty"]],
         ["main_spider", "2 live \u00b7 0 stale \u00b7 0 closed", ["main_spider:a:1", "main_spider:b:2"]]])
-    queues = page.evaluate("() => [...document.querySelectorAll('[data-queue]')].map((q) => [q.getAttribute('data-queue'), q.querySelector('.n').textContent])")
+    queues = page.evaluate("() => [...document.querySelectorAll('[data-queue]')]"
+                           ".map((q) => [q.getAttribute('data-queue'), q.querySelector('.n').textContent])")
     assert sorted(queues) == sorted([["constructor", "100"], ["toString", "101"], ["hasOwnProperty", "102"],
                                      ["valueOf", "103"], ["__proto__", "104"], ["main_spider", "4,321"]])
     assert sorted(page.eval_on_selector_all("#f-spider option", "(os) => os.map((o) => o.value)")) == \
@@ -384,7 +324,8 @@ def test_prototype_names_are_ordinary_nodes_spiders_and_fields(api, redis_client
     assert page.inner_text("#d-title") == "__proto__"
 
     def rows():
-        return dict(page.evaluate("() => [...document.querySelectorAll('#d-fields tr')].map((r) => [r.cells[0].textContent, r.cells[1].textContent])"))
+        return dict(page.evaluate("() => [...document.querySelectorAll('#d-fields tr')]"
+                                  ".map((r) => [r.cells[0].textContent, r.cells[1].textContent])"))
 
     got = rows()
     assert {k: got.get(k) for k in fields} == {"__proto__": '{"polluted":"yes"}', "constructor": "built",
@@ -423,7 +364,7 @@ def test_last_seen_comes_from_the_api_not_the_clocks(redis_server, redis_client,
     while cards(page) != {n: "live" for n in offsets}:
         assert time.monotonic() < deadline, cards(page)
         report(*offsets)
-        time.sleep(0.3)
+        time.sleep(0.3)  # the pace of the nodes' reports, not a wait
     for node in offsets:
         assert seen(node) < 2 * interval + 2, node
     card(page, "main_spider:behind:1").click()
@@ -436,7 +377,7 @@ def test_last_seen_comes_from_the_api_not_the_clocks(redis_server, redis_client,
     while any(card(page, n).get_attribute("data-state") != "stale" for n in silent):
         assert time.monotonic() - last < 3 * interval + 6, cards(page)
         report("main_spider:true:3")
-        time.sleep(0.2)
+        time.sleep(0.2)  # the pace of its reports, not a wait
     assert time.monotonic() - last > 3 * interval - 1, "stale before three intervals"
     assert card(page, "main_spider:true:3").get_attribute("data-state") == "live"
     before = {n: seen(n) for n in silent}
@@ -445,7 +386,7 @@ def test_last_seen_comes_from_the_api_not_the_clocks(redis_server, redis_client,
     # The API goes away: the last data stays, and its "last seen" ages on from the API's age.
     server.stop()
     banner_is(page, "api")
-    time.sleep(2.5)
+    time.sleep(2.5)  # not a wait for an event: "last seen" must age by the clock, and it takes the time it takes
     polls_after_failure = page.evaluate("() => window.dashboardStats.failedPolls")
     until(page, "(n) => window.dashboardStats.failedPolls > n", polls_after_failure)
     for n in silent:
@@ -481,7 +422,8 @@ def test_thousand_nodes_render_within_a_second(api, redis_client, open_page):
                       cpu=float(i % 100), age=100 if i % 10 == 0 else 0) for i in range(1000)]
     publish(redis_client, *snaps)
     page = open_page(f"{api.url}/?interval=1000")
-    until(page, "() => window.dashboardStats.firstPaintMs !== null && document.querySelectorAll('[data-node]').length === 1000")
+    until(page, "() => window.dashboardStats.firstPaintMs !== null "
+                "&& document.querySelectorAll('[data-node]').length === 1000")
     first, script = page.evaluate("() => [window.dashboardStats.firstPaintMs, window.dashboardStats.firstRenderMs]")
     polls_after(page, 2)
     update = page.evaluate("() => [window.dashboardStats.renderMs, window.dashboardStats.paintMs]")
@@ -509,7 +451,8 @@ def test_detail_view_survives_updates(api, redis_client, open_page):
     assert page.is_visible("#detail") and page.inner_text("#d-title") == target
     assert f"node={quote(target, safe='')}" in page.url
     for chart in ("#d-hour", "#d-day"):
-        until(page, "(sel) => [...document.querySelectorAll(sel + ' .chart path')].some((p) => (p.getAttribute('d') || '').startsWith('M'))", chart)
+        until(page, "(sel) => [...document.querySelectorAll(sel + ' .chart path')]"
+                    ".some((p) => (p.getAttribute('d') || '').startsWith('M'))", chart)
     assert "150 MiB (157286400)" in page.inner_text("#d-fields")
     scroll = page.evaluate("() => window.scrollY")
     assert scroll > 0
@@ -534,7 +477,8 @@ def test_memory_stays_flat_while_nodes_come_and_go(api, redis_client, open_page)
         with redis_client.pipeline(transaction=True) as pipe:
             pipe.hdel(f"{PREFIX}:node:status", *[f"zz_churn:c{i}:1" for i in range(n - 5, n)])
             for snap in [snapshot(f"main_spider:w{i:03d}:{i}", cpu=float((i + n) % 100), pages=n * 100 + i)
-                         for i in range(100)] + [snapshot(f"zz_churn:c{i}:1", spider="zz_churn") for i in range(n, n + 5)]:
+                         for i in range(100)] + [snapshot(f"zz_churn:c{i}:1", spider="zz_churn")
+                                                 for i in range(n, n + 5)]:
                 monitor_contract.write_snapshot(pipe, PREFIX, snap, 360)
             pipe.execute()
         churn[0] += 5
@@ -583,7 +527,8 @@ def test_screenshots_light_and_dark(api, redis_client, open_page):
         backgrounds[scheme] = page.evaluate("() => getComputedStyle(document.body).backgroundColor")
         page.screenshot(path=os.path.join(ARTIFACTS, f"dashboard-{scheme}.png"), full_page=True)
         card(page, "main_spider:crawler-3:103").click()
-        until(page, "() => [...document.querySelectorAll('#d-day .chart path')].some((p) => (p.getAttribute('d') || '').startsWith('M'))")
+        until(page, "() => [...document.querySelectorAll('#d-day .chart path')]"
+                    ".some((p) => (p.getAttribute('d') || '').startsWith('M'))")
         page.screenshot(path=os.path.join(ARTIFACTS, f"dashboard-detail-{scheme}.png"))
     assert backgrounds["light"] != backgrounds["dark"]
     for name in ("dashboard-light", "dashboard-dark", "dashboard-detail-light", "dashboard-detail-dark"):
@@ -619,8 +564,10 @@ def test_thresholds_and_ok_reasons_come_from_the_alerts_settings(api, redis_clie
             "thresholds": {"cpu": 50, "memory": 0, "stalled": 300, "errors": 30, "rss": 2048, "coverage": 90,
                            "latency": 10, "queue": 1800},
             "ok_reasons": ["finished", "shutdown", "stopped", "drained", "closespider_*"], "run_items_ratio": 0.5}}))
-    bad = """([node, key]) => !!document.querySelector(`[data-node=${JSON.stringify(node)}] [data-k=${key}][data-bad]`)"""
-    runs_bad = """() => [...document.querySelectorAll('#r-rows tr')].map((t) => [t.children[2].textContent, t.hasAttribute('data-bad')])"""
+    bad = """([node, key]) =>
+        !!document.querySelector(`[data-node=${JSON.stringify(node)}] [data-k=${key}][data-bad]`)"""
+    runs_bad = """() => [...document.querySelectorAll('#r-rows tr')]
+        .map((t) => [t.children[2].textContent, t.hasAttribute('data-bad')])"""
 
     page = open_page(f"{api.url}/?interval={FAST}#runs=main_spider")
     until(page, "() => document.querySelectorAll('#r-rows tr').length === 3")
@@ -642,5 +589,6 @@ def test_thresholds_and_ok_reasons_come_from_the_alerts_settings(api, redis_clie
     blind = open_page(f"{api.url}/?interval={FAST}#runs=main_spider", init_script=no_alerts)
     until(blind, "() => document.querySelectorAll('#r-rows tr').length === 3")
     polls_after(blind, 2)
-    assert not blind.evaluate(bad, ["main_spider:hot:1", "cpu"]) and not blind.evaluate(bad, ["main_spider:hot:1", "memory"])
+    assert not blind.evaluate(bad, ["main_spider:hot:1", "cpu"])
+    assert not blind.evaluate(bad, ["main_spider:hot:1", "memory"])
     assert blind.text_content("#r-bad") == "0 of the last 3 runs bad" and blind.is_hidden("#alerts")

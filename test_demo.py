@@ -6,7 +6,6 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 
 import psutil
 import requests
@@ -59,8 +58,15 @@ def test_demo_runs_everything_and_stops_cleanly():
         assert demo.wait(60) == 0
     printed("")
     assert any("Stopped everything" in line for line in demo.seen), "".join(demo.seen)
-    time.sleep(0.5)
-    alive = [p for p in children if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    psutil.wait_procs(children, timeout=0.5)  # each child's exit; a zombie left to init takes the whole 0.5 s
+
+    def running(p):
+        try:
+            return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return False
+
+    alive = [p for p in children if running(p)]
     assert not alive, f"left running: {[p.cmdline() for p in alive]}"
 
 

@@ -9,16 +9,15 @@ import time
 
 import pytest
 
+import alert
 import monitor_alert_state
+import monitor_api
 import monitor_contract
 import monitor_read
 import monitor_rules
-import alert
-import monitor_api
 import monitors
 import testbed
-from testbed import PageHandler, QuietServer, crawl_log, wait_for
-from test_dashboard import FAST, api, browser, open_page, publish, snapshot, until  # noqa: F401 (fixtures)
+from testbed import FAST, PageHandler, QuietServer, crawl_log, publish, snapshot, until, wait_for
 
 ITEM_PAGES, SLOW_PAGES, BAD_PAGES = 150, 10, 10
 # The site stops sending the price after this many item pages: the field goes missing partway.
@@ -63,7 +62,7 @@ class Host:
 
         class Handler(PageHandler):
 
-            def do_GET(self):
+            def do_GET(self):  # noqa: N802 (http.server's name)
                 if self.path == "/" and host.links:
                     return self.reply(200, "".join(f'<a href="/item/{i}">i</a>' for i in range(host.links)))
                 time.sleep(host.delay)
@@ -174,8 +173,10 @@ def test_crawl_of_three_hosts_reports_latency_domains_coverage_and_errors(
     total = ITEM_PAGES + SLOW_PAGES + 2 * BAD_PAGES
     assert f'scrapy_download_latency_seconds_bucket{{le="+Inf",node="n1",spider="insight"}} {total}.0' in text
     assert 'scrapy_domain_responses_total{domain="127.0.0.2",node="n1",spider="insight"} 10.0' in text
-    assert 'scrapy_domain_error_responses_total{domain="127.0.0.3",node="n1",spider="insight",status="429"} 10.0' in text
-    assert f'scrapy_item_field_coverage_ratio{{field="price",node="n1",spider="insight"}} {snap["fields"]["price"]}' in text
+    assert ('scrapy_domain_error_responses_total{domain="127.0.0.3",node="n1",spider="insight",status="429"} 10.0'
+            in text)
+    assert (f'scrapy_item_field_coverage_ratio{{field="price",node="n1",spider="insight"}} {snap["fields"]["price"]}'
+            in text)
 
 
 def test_queue_forecast_is_within_a_fifth_of_the_actual_drain_time(redis_client, redis_url, crawlers):
@@ -239,7 +240,8 @@ def test_hostile_insight_shapes_are_dropped_and_every_view_still_answers(redis_c
     assert set(nodes) == {"good", "bad0", "bad1"}
     assert not {"domains", "fields", "error_samples", "latency_buckets", "latency_p95"} & set(nodes["bad0"])
     bad1 = nodes["bad1"]
-    assert bad1["domains"] == {"__proto__": dict.fromkeys(monitor_contract.DOMAIN_COUNTS + ("latency_p95",)) | {"pages": 1},
+    assert bad1["domains"] == {"__proto__": dict.fromkeys(monitor_contract.DOMAIN_COUNTS + ("latency_p95",))
+                               | {"pages": 1},
                                "<img src=x onerror=alert(1)>": {"pages": None, "errors": None, "4xx": None,
                                                                "5xx": 3, "429": None, "latency_p95": None}}
     assert bad1["fields"] == {"ok": 0.25} and "latency_buckets" not in bad1 and "latency_p99" not in bad1
@@ -252,7 +254,8 @@ def test_hostile_insight_shapes_are_dropped_and_every_view_still_answers(redis_c
         assert response.status_code == 200, (path, response.get_data(as_text=True)[:300])
     assert client.get("/metrics/bad1").get_json()["domains"] == bad1["domains"]
     prom = client.get("/prometheus").get_data(as_text=True)
-    assert 'scrapy_domain_error_responses_total{domain="<img src=x onerror=alert(1)>",node="bad1",spider="s",status="5xx"} 3.0' in prom
+    assert ('scrapy_domain_error_responses_total{domain="<img src=x onerror=alert(1)>",node="bad1",spider="s",'
+            'status="5xx"} 3.0') in prom
     # The rules judge the good node and pass over the hostile ones without failing.
     cfg = alert_config(monkeypatch, redis_url, "--errors-per-min", "1")
     notes = monitor_rules.evaluate(nodes, {}, {}, now, cfg)[2]

@@ -1,25 +1,24 @@
 """The node monitor end to end: real redis-server, real local website, real ``scrapy crawl`` processes."""
 
 import glob
-import logging
 import io
 import json
+import logging
 import signal
 import socket
-import threading
 import time
 
 import pytest
 from scrapy.exceptions import NotConfigured
 from scrapy.utils.test import get_crawler
 
-import monitor_contract
-import monitor_read
 import alert
 import monitor_api
+import monitor_contract
+import monitor_read
 import monitors
-from main_spider import DistributedSpider
 import testbed
+from main_spider import DistributedSpider
 from testbed import RedisServer, Site, crawl_log, wait_for
 
 SEED_FIELDS = {"timestamp", "spider", "cpu", "memory", "bytes_sent", "bytes_recv"}
@@ -52,32 +51,6 @@ def crawler_env(url, **extra):
 def plain_project(tmp_path):
     """A plain Scrapy project whose settings hold nothing but its spider and the monitor's one line."""
     return testbed.scrapy_project(tmp_path, "plain", PLAIN_SPIDER)
-
-
-@pytest.fixture
-def hanging_port():
-    """A port that accepts connections and never answers a byte."""
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(64)
-    held, stop = [], threading.Event()
-
-    def accept():
-        listener.settimeout(0.2)
-        while not stop.is_set():
-            try:
-                held.append(listener.accept()[0])
-            except OSError:
-                pass
-
-    thread = threading.Thread(target=accept, daemon=True)
-    thread.start()
-    yield listener.getsockname()[1]
-    stop.set()
-    thread.join()
-    for conn in held:
-        conn.close()
-    listener.close()
 
 
 def test_two_nodes_share_one_queue_and_report_separately(redis_client, redis_url, crawlers):
@@ -125,7 +98,9 @@ def test_two_nodes_share_one_queue_and_report_separately(redis_client, redis_url
 def test_start_urls_are_picked_up_promptly_in_both_formats(redis_client, redis_url, site, crawlers):
     proc = crawlers(env=crawler_env(redis_url, MONITOR_NODE_ID="waiting-node"))
     wait_for(lambda: "waiting-node" in nodes(redis_client), 30, what="node registered")
-    time.sleep(1.5)  # well inside the engine's 5-second idle tick
+    # Past the node's first look at the queue, well inside the engine's 5-second idle tick. A sleep: the spider's
+    # 1-second start URL poll leaves no trace to wait for.
+    time.sleep(1.5)
     pushed = time.monotonic()
     redis_client.lpush("distributed:start_urls", site.url)  # a plain URL string
     wait_for(lambda: site.first_hit, 10, what="the start URL fetched")
@@ -183,8 +158,9 @@ def test_monitor_redis_outage_never_stops_the_crawl(redis_url, crawlers, plain_p
         wait_for(lambda: nodes(metrics.client()), 30, what="node registered")
         metrics.stop()
         hits = sum(site.page_hits().values())
-        time.sleep(3)
-        assert sum(site.page_hits().values()) > hits + 5, "the crawl stalled while Redis was down"
+        wait_for(lambda: sum(site.page_hits().values()) > hits + 5, 3,
+                 what="more pages while Redis is down (the crawl stalled)")
+        wait_for(lambda: "cannot write metrics to Redis" in crawl_log(proc), 15, what="the node to miss a write")
         metrics.start()  # empty: it keeps nothing on disk
         back = wait_for(lambda: [s for s in nodes(metrics.client()).values() if s["status"] == "running"],
                         15, what="node reporting again while it crawls")
@@ -318,8 +294,8 @@ def test_sampler_rates_and_redacted_urls():
 
 def test_bad_settings_turn_the_monitor_off_with_a_clear_reason(redis_url, site, crawlers, plain_project):
     for bad, reason in (({"MONITOR_INTERVAL": "soon"}, "ERROR: Monitor: MONITOR_INTERVAL must be a number of seconds"),
-                        ({"MONITOR_REDIS_URL": "http://not-redis/"}, "ERROR: Monitor: MONITOR_REDIS_URL: http://not-redis/ "
-                                                                      "is not a usable Redis URL")):
+                        ({"MONITOR_REDIS_URL": "http://not-redis/"},
+                         "ERROR: Monitor: MONITOR_REDIS_URL: http://not-redis/ is not a usable Redis URL")):
         proc = crawlers("plain", env=crawler_env(redis_url, **bad), cwd=plain_project, args=["-a", f"url={site.url}"])
         assert proc.wait(60) == 0
         log = crawl_log(proc)
@@ -370,7 +346,8 @@ def test_the_decode_gate_turns_away_what_would_break_a_reader(redis_client):
     found, skipped = testbed.list_nodes(redis_client, "scrapy", 1000)
     assert skipped == len(bad) and set(found) == {"good"} and found["good"]["state"] == "live"
     # Sums over many nodes at the limit stay finite and exact.
-    view = monitor_read.cluster_view({f"n{i}": dict(found["good"], node=f"n{i}", host=f"h{i}") for i in range(1000)}, "s")
+    many = {f"n{i}": dict(found["good"], node=f"n{i}", host=f"h{i}") for i in range(1000)}
+    view = monitor_read.cluster_view(many, "s")
     assert view["pages"] == 1000 * (10 ** 18 - 1)
 
 
@@ -418,7 +395,9 @@ def test_a_crawler_whose_clock_is_five_minutes_off_is_live_then_stale_on_time(sh
         snap = snapshot()
         assert snap["state"] == "live" and snap["age"] <= 2, snap
         assert down_alerts() == []
-        time.sleep(1)
+        seen = monitor_contract.last_report(testbed.get_node(redis_client, node))
+        wait_for(lambda seen=seen: monitor_contract.last_report(testbed.get_node(redis_client, node)) > seen, 5,
+                 what="the node's next report")
     points = api.get(f"/metrics/{node}/history?minutes=5").get_json()["points"]
     assert len(points) >= 3 and all(abs(p["timestamp"] - time.time()) < 10 for p in points)  # Redis's clock
     proc.send_signal(signal.SIGKILL)

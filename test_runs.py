@@ -14,15 +14,15 @@ import urllib.request
 
 import pytest
 
+import alert
+import monitor_api
 import monitor_channels
 import monitor_contract
 import monitor_read
 import monitor_settings
-import testbed
-import alert
-import monitor_api
 import monitors
-from testbed import ROOT, clean_env, crawl_log, free_port, wait_for
+import testbed
+from testbed import ROOT, ApiServer, clean_env, crawl_log, free_port, wait_for, wait_until_answers
 
 P = "scrapy"
 
@@ -135,7 +135,8 @@ def test_runs_page_cleanly_through_runs_sharing_an_end_time(redis_client, redis_
     assert pages == 3 and len(seen) == 8 == len(set(seen)) and seen[-1] == "n900000"
     # before as unix seconds; reason filter; every spider's runs without ?spider=
     assert [r["items"] for r in c.get("/runs?spider=same&before=1000060").get_json()["runs"]] == [99]
-    assert [r["finish_reason"] for r in c.get("/runs?spider=same&reason=shutdown,lost").get_json()["runs"]] == ["shutdown"]
+    listed = c.get("/runs?spider=same&reason=shutdown,lost").get_json()["runs"]
+    assert [r["finish_reason"] for r in listed] == ["shutdown"]
     seed(redis_client, "other", [1], start=1_000_001)
     both = c.get("/runs?limit=2").get_json()
     assert [r["spider"] for r in both["runs"]] == ["other", "same"] and both["next"]
@@ -231,23 +232,28 @@ def test_a_sigkilled_crawl_is_recorded_lost_once_with_two_apis_and_two_alerters(
     apis = [start_api(redis_url, 3) for _ in range(2)]
     alerters = [make_alerter(redis_url, "--once", MONITOR_LOST_AFTER="3", ALERT_INTERVAL="1")[0] for _ in range(2)]
     try:
-        wait_for(lambda: all(get(a.url + "/health") for a in apis), 30, what="APIs up")
+        for a in apis:
+            wait_until_answers(a.url + "/health", 30, "APIs up", proc=a)
         proc.send_signal(signal.SIGKILL)
         proc.wait(10)
         stop = threading.Event()
+        reads = [0] * (len(apis) + len(alerters))  # each reader's finished reads
 
-        def hammer(read):
+        def hammer(i, read):
             while not stop.is_set():
                 read()
+                reads[i] += 1
 
-        threads = [threading.Thread(target=hammer, args=(lambda a=a: get(a.url + "/metrics"),)) for a in apis]
-        threads += [threading.Thread(target=hammer, args=(lambda a=a: a.reader.read(),)) for a in alerters]
+        readers = [lambda a=a: get(a.url + "/metrics") for a in apis] + [lambda a=a: a.reader.read() for a in alerters]
+        threads = [threading.Thread(target=hammer, args=(i, read)) for i, read in enumerate(readers)]
         for t in threads:
             t.start()
         try:
             lost = wait_for(lambda: [r for r in runs(redis_client) if r["finish_reason"] == "lost"], 60,
                             what="the lost run")
-            time.sleep(3)  # every reader has had several more goes at it
+            counted = list(reads)
+            wait_for(lambda: all(n >= c + 10 for n, c in zip(reads, counted)), 30,
+                     what="every reader to have ten more goes at it")
         finally:
             stop.set()
             for t in threads:
@@ -295,7 +301,8 @@ def test_pruning_waits_for_the_lost_run(redis_client, redis_url):
     assert "old:1" not in c.get("/metrics").get_json()
     [run] = runs(redis_client, "p")
     assert run["finish_reason"] == "lost" and run["pages"] == 3 and run["duration"] == 1000
-    assert 0 < redis_client.ttl(monitor_contract.run_claim_key(P, "old:1", now - 9000)) <= monitor_read.CLAIM_AFTER_PRUNE
+    claim = monitor_contract.run_claim_key(P, "old:1", now - 9000)
+    assert 0 < redis_client.ttl(claim) <= monitor_read.CLAIM_AFTER_PRUNE
 
 
 # ---------------------------------------------------------------------------- the alert rule
@@ -315,7 +322,7 @@ def test_the_run_rule_sends_each_bad_run_once_even_with_two_alerters(redis_clien
         for _ in range(3):
             barrier.wait()
             while alerter.run_once() is None:  # the other holds the lock: try again
-                time.sleep(0.05)
+                time.sleep(0.05)  # no event tells when the lock is free: a short pause between tries
 
     threads = [threading.Thread(target=evaluate, args=(a,)) for a, _ in alerters]
     for t in threads:
@@ -357,31 +364,14 @@ def test_help_lists_the_run_settings():
 # ---------------------------------------------------------------------------- the dashboard's Runs view
 
 @pytest.fixture
-def page_on_api(redis_url):
-    """``open(fragment)``: the dashboard served by a real ``monitor_api.py``, in headless Chromium."""
-    from test_dashboard import CHROMIUM, CHROMIUM_ARGS, ApiServer
-
-    if not CHROMIUM:
-        pytest.skip("Debian's chromium is not installed")
-    sync_api = pytest.importorskip("playwright.sync_api")
+def page_on_api(redis_url, open_page):
+    """``open(fragment)``: the dashboard served by a real ``monitor_api.py``, in headless Chromium (conftest's
+    ``open_page``: no page error allowed)."""
     server = ApiServer(redis_url, MONITOR_API_CACHE="0").start()
-    errors = []
-    with sync_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-
-        def open_(fragment):
-            page = browser.new_page(viewport={"width": 1280, "height": 900})
-            page.on("pageerror", lambda exc: errors.append(str(exc)))
-            page.on("dialog", lambda d: (errors.append(d.message), d.dismiss()))
-            page.goto(f"{server.url}/?interval=300#{fragment}")
-            return page
-
-        try:
-            yield open_
-        finally:
-            browser.close()
-            server.stop()
-    assert not errors, errors
+    try:
+        yield lambda fragment: open_page(f"{server.url}/?interval=300#{fragment}")
+    finally:
+        server.stop()
 
 
 def test_runs_view_shows_runs_bad_ones_comparisons_chart_and_pages(redis_client, page_on_api):
@@ -392,7 +382,8 @@ def test_runs_view_shows_runs_bad_ones_comparisons_chart_and_pages(redis_client,
     page = page_on_api("runs=" + urllib.request.quote(spider, safe=""))
     page.wait_for_function("() => document.querySelectorAll('#r-rows tr').length === 20", timeout=15000)
     # "Few items" is judged with run_items_ratio from GET /alerts settings: wait for that answer too.
-    page.wait_for_function("() => document.querySelector('#r-bad').textContent === '2 of the last 27 runs bad'", timeout=15000)
+    page.wait_for_function("() => document.querySelector('#r-bad').textContent === '2 of the last 27 runs bad'",
+                           timeout=15000)
     rows = page.eval_on_selector_all("#r-rows tr", "trs => trs.map(t => [t.hasAttribute('data-bad'), "
                                      "[...t.children].map(c => c.textContent)])")
     assert rows[0][0] and rows[0][1][2] == "lost" and rows[0][1][1] == "gone1020000"

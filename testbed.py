@@ -1,5 +1,7 @@
-"""The testbed of the tests, benchmarks and demo: a local website, a private redis-server, crawler and API
-processes, snapshots as nodes write them. No pytest here, so benchmarks and the demo need none;
+"""What the tests, benchmarks and demo run on: a local site, a private Redis, processes, snapshots.
+
+A local website, a private redis-server, crawler and API processes, snapshots as nodes write them, and
+what readers see of them. No pytest here, so benchmarks and the demo need none;
 ``conftest.py`` turns these into fixtures.
 
 ``python testbed.py --pages 3000`` serves the site. Every page is reachable from ``/``. With ``mix`` on,
@@ -8,6 +10,8 @@ some pages answer 404 or 500 and some are slow, as a real site does; ``hits`` co
 
 import argparse
 import collections
+import functools
+import json
 import os
 import shutil
 import socket
@@ -193,6 +197,23 @@ def wait_for(predicate, timeout=10.0, step=0.05, what="condition"):
         time.sleep(step)
 
 
+def wait_until_answers(url, timeout=15.0, what=None, statuses=(200,), proc=None, log=None):
+    """Wait until a GET of ``url`` answers with one of ``statuses``; fail after ``timeout`` seconds, or at once
+    if ``proc``, the process that should serve it, exits (quoting the file ``log`` if given)."""
+    what = what or f"{url} to answer"
+
+    def answers():
+        if proc is not None and proc.poll() is not None:
+            said = open(log, encoding="utf-8", errors="replace").read() if log else ""
+            raise AssertionError(f"exited with {proc.returncode} before {what}\n{said}".rstrip())
+        try:
+            return requests.get(url, timeout=1).status_code in statuses
+        except (requests.ConnectionError, requests.Timeout):
+            return False
+
+    return wait_for(answers, timeout, what=what)
+
+
 class RedisServer:
     """A private redis-server on 127.0.0.1 that can be stopped and started again on the same port."""
 
@@ -285,15 +306,7 @@ class ApiServer:
     def start(self):
         self.proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "monitor_api.py"), "--port", str(self.port)],
                                      cwd=ROOT, env=self.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-
-        def up():
-            assert self.proc.poll() is None, "monitor_api.py exited"
-            try:
-                return requests.get(self.url + "/health", timeout=1).status_code in (200, 503)
-            except requests.ConnectionError:
-                return False
-
-        wait_for(up, 15, what="monitor_api.py to listen")
+        wait_until_answers(self.url + "/health", 15, "monitor_api.py to listen", statuses=(200, 503), proc=self.proc)
         return self
 
     def stop(self):
@@ -329,8 +342,8 @@ def snapshot(node, spider="main_spider", age=0, now=None, **fields):
         "queue_requests": 4321, "queue_start_urls": 12, "queue_dupefilter": 99999,
         # crawl insight (monitors.Insight): a quiet node's, small; tests give figures where they need them
         "latency_p50": 0.12, "latency_p95": 0.4, "latency_p99": 0.9, "latency_sum": 0.0,
-        "latency_buckets": [0] * (len(monitor_contract.LATENCY_BUCKETS) + 1), "domains": {}, "fields": {}, "fields_listed": False,
-        "error_samples": [],
+        "latency_buckets": [0] * (len(monitor_contract.LATENCY_BUCKETS) + 1), "domains": {}, "fields": {},
+        "fields_listed": False, "error_samples": [],
     }
     snap.update(fields)
     if snap["status"] == "closed":
@@ -377,6 +390,168 @@ def get_node(client, node, prefix="scrapy", now=None):
 def read_history(client, node, minutes=60, prefix="scrapy", now=None):
     """One node's history rows, oldest first."""
     return monitor_read.read_histories(client, [node], minutes, prefix, now)[node]
+
+
+# ---------------------------------------------------------------------------- the API on its own
+
+# Small figures over ``snapshot``'s defaults, so sums and means are easy to check (the API's tests).
+snap = functools.partial(
+    snapshot, host="host-a", cpu=12.5, memory=45.3, bytes_sent=102400, bytes_recv=409600, pages=10, items=8,
+    requests=12, errors=1, warnings=0, retries=2, exceptions=0, status_2xx=9, status_3xx=0, status_4xx=1,
+    status_5xx=0, rss=50_000_000, process_cpu=7.5, net_sent_rate=100.0, net_recv_rate=400.0, pages_per_min=6.0,
+    items_per_min=4.8, requests_per_min=7.0, queue_requests=5, queue_start_urls=0, queue_dupefilter=20)
+
+
+def store(client, *snaps, prefix="scrapy", trend_rows=()):
+    """``publish`` keeping 360 history rows whatever the interval."""
+    publish(client, *snaps, prefix=prefix, trend_rows=trend_rows, history_len=360)
+
+
+def make_app(url, **config):
+    """A ``monitor_api`` app with every setting given, so the environment of the test run does not leak in."""
+    import monitor_api  # Flask and the rest only where an app is made: benchmarks and the demo import testbed
+
+    settings = {"REDIS_URL": url, "MONITOR_KEY_PREFIX": "scrapy", "MONITOR_API_TOKEN": None,
+                "MONITOR_CORS_ORIGINS": "null", "MONITOR_RETENTION": 86400, "MONITOR_API_CACHE": 0,
+                "MONITOR_API_HOST": "127.0.0.1", "MONITOR_API_HOSTS": None, "MONITOR_API_READONLY": "0"}
+    settings.update(config)
+    return monitor_api.create_app(settings)
+
+
+# ---------------------------------------------------------------------------- the alerter and its receivers
+
+MB = 1024 * 1024
+T0 = 1_700_000_000  # the explicit clock of most alerter tests (``Alerter.run_once(T0 + t)``)
+TO = "ops@example.com"  # where the alerter built by conftest's ``make`` mails
+
+# A quiet node over ``snapshot``'s defaults: nothing near a threshold, no work queued.
+QUIET = dict(host="h1", pid=1, cpu=10.0, memory=20.0, bytes_sent=0, bytes_recv=0, pages=0, items=0, pages_per_min=0.0,
+             rss=100 * MB,
+             queue_requests=0, queue_start_urls=0, queue_dupefilter=0)
+
+
+def report(r, node, ts, prefix="scrapy", **fields):
+    """Write a quiet node's snapshot at ``ts``, with ``fields``, as the extension does."""
+    publish(r, snapshot(node, now=ts, **{**QUIET, **fields}), prefix=prefix, history_len=10)
+
+
+def run_script(*args, env, timeout=30):
+    """``python alert.py *args`` with only the toolkit settings in ``env``; the finished process, text."""
+    return subprocess.run([sys.executable, os.path.join(ROOT, "alert.py"), *args], env=clean_env(env),
+                          capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+
+
+class Inbox:
+    """aiosmtpd handler: keeps what it accepts; refuses the next ``refuse`` messages with ``refusal`` (a 451)
+    and the recipients in ``refuse_rcpt`` with their reply."""
+
+    def __init__(self):
+        self.envelopes = []
+        self.refuse = 0
+        self.refusal = "451 4.3.0 Try again later"
+        self.refused = 0
+        self.refuse_rcpt = {}
+        self.logins = []
+
+    async def handle_RCPT(self, server, session, envelope, address, rcpt_options):  # noqa: N802 (aiosmtpd's name)
+        if address in self.refuse_rcpt:
+            return self.refuse_rcpt[address]
+        envelope.rcpt_tos.append(address)
+        return "250 OK"
+
+    async def handle_DATA(self, server, session, envelope):  # noqa: N802 (aiosmtpd's name)
+        if self.refuse > 0:
+            self.refuse -= 1
+            self.refused += 1
+            return self.refusal
+        self.envelopes.append(envelope)
+        return "250 OK"
+
+    def messages(self):
+        import email
+        import email.policy
+
+        return [email.message_from_bytes(e.content, policy=email.policy.default) for e in self.envelopes]
+
+    def subjects(self):
+        return [m["Subject"] for m in self.messages()]
+
+    def authenticate(self, server, session, envelope, mechanism, auth_data):
+        from aiosmtpd.smtp import AuthResult
+
+        self.logins.append(auth_data.login.decode())
+        ok = auth_data.login == b"robot" and auth_data.password == b"s3cret-pw"
+        return AuthResult(success=ok, handled=False)  # not handled: aiosmtpd answers 235 or 535
+
+
+def start_smtp(**kwargs):
+    """An aiosmtpd SMTP server on a free port delivering to an ``Inbox`` (returned, with ``controller`` and
+    ``port``); ``kwargs`` go to aiosmtpd's Controller."""
+    from aiosmtpd.controller import Controller  # only where mail is received
+
+    inbox = Inbox()
+    controller = Controller(inbox, hostname="127.0.0.1", port=free_port(), **kwargs)
+    controller.start()
+    inbox.controller = controller
+    inbox.port = controller.port
+    return inbox
+
+
+def start_webhook():
+    """A local HTTP receiver, serving in a thread until ``shutdown()``: keeps every JSON body in ``bodies``;
+    answers ``status`` (500) with ``headers`` to the next ``fail`` posts; calls ``on_post()`` first if set;
+    counts every post in ``hits``. Post to ``url``, whose path holds a secret to keep out of logs."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), None)
+    server.bodies, server.fail, server.status, server.headers, server.on_post, server.hits = [], 0, 500, {}, None, 0
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self):  # noqa: N802 (http.server's name)
+            body = self.rfile.read(int(self.headers["Content-Length"]))
+            server.hits += 1
+            if server.on_post:
+                server.on_post()
+            if server.fail > 0:
+                server.fail -= 1
+                self.send_response(server.status)
+                for name, value in server.headers.items():
+                    self.send_header(name, value)
+            else:
+                server.bodies.append(json.loads(body))
+                self.send_response(200)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server.RequestHandlerClass = Handler
+    server.url = f"http://127.0.0.1:{server.server_address[1]}/hooks/SECRET-TOKEN"
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
+# ---------------------------------------------------------------------------- the dashboard in a browser
+# Playwright page objects, as conftest's ``open_page`` and ``browser`` fixtures give them; playwright itself
+# is imported there, so nothing here needs it.
+
+PAGE = os.path.join(ROOT, "dashboard.html")
+# The page polls this often (ms) in tests, instead of every 5 s.
+FAST = 300
+# Generous (ms): the machine is shared, and the API may serve a response up to a second old.
+WAIT = 15_000
+# A node, host or spider name that would run script if the page put it in as HTML.
+XSS = '<img src=x onerror="window.__xss=1">'
+
+
+def until(page, js, arg=None, timeout=WAIT):
+    """Wait until the page function ``js`` (written as ``() => ...`` or ``(arg) => ...``) is truthy."""
+    return page.wait_for_function(js, arg=arg, timeout=timeout).json_value()
+
+
+def polls_after(page, n=2):
+    """Wait for ``n`` more successful polls of the page (``window.dashboardStats.okPolls``)."""
+    start = page.evaluate("() => window.dashboardStats.okPolls")
+    until(page, "(n) => window.dashboardStats.okPolls >= n", start + n)
 
 
 if __name__ == "__main__":
