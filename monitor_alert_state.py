@@ -41,6 +41,8 @@ MAX_SILENCE = 30 * 86400
 MAX_SILENCE_TEXT = 500
 # At most this many silences at once: each evaluation checks every alert against each.
 MAX_SILENCES = 1000
+# The fields of a silence as POST /silences takes it.
+SILENCE_FIELDS = ("matchers", "duration", "until", "comment")
 
 
 def silence_from(body, now, who):
@@ -48,6 +50,9 @@ def silence_from(body, now, who):
     ValueError saying what is wrong. ``until`` is unix seconds; ``duration`` seconds or ``2h``-style."""
     if not isinstance(body, dict):
         raise ValueError('send a JSON object: {"matchers": {"spider": "..."}, "duration": 3600, "comment": "..."}')
+    unknown = sorted(set(body) - set(SILENCE_FIELDS))
+    if unknown:
+        raise ValueError(f"unknown field {str(unknown[0])[:50]!r}: use {', '.join(SILENCE_FIELDS)}")
     matchers = body.get("matchers")
     if not isinstance(matchers, dict) or not matchers:
         raise ValueError(f"matchers must be a non-empty object with any of {', '.join(SILENCE_MATCHERS)}")

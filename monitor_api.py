@@ -37,9 +37,11 @@ from monitor_contract import (
     Outage,
     age,
     connect,
+    dumps,
     history_key,
     is_text,
     issue_command,
+    loads,
     redact,
     redis_now,
     run_meta_key,
@@ -49,7 +51,7 @@ from monitor_contract import (
     status_key,
     trend_key,
 )
-from monitor_gate import Gate, acting, gate, log_acting
+from monitor_gate import MAX_BODY, OPERATOR, Gate, acting, gate, identity, log_acting, needs, shown
 from monitor_prometheus import ClusterCollector, RunsCollector
 from monitor_read import (
     STATES,
@@ -92,6 +94,8 @@ THREADS = 16
 REPORT_EVERY = 60.0
 # The OpenAPI document served at /openapi.json, beside this file (test_api checks it against the routes).
 OPENAPI_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "monitor_openapi.json")
+# Waitress itself refuses a body over this before reading it (the gate answers 413 in JSON from MAX_BODY up).
+WAITRESS_BODY = 1024 * 1024
 bp = Blueprint("api", __name__)
 
 
@@ -112,6 +116,7 @@ def create_app(config=None):
     given = dict(config or {})
     app.config.update({s.name: value(s.name, given.pop(s.name, None)) for s in readers_of(API)})
     app.config.update({"DASHBOARD_PATH": os.path.join(app.root_path, "dashboard.html"), **given})
+    app.config["MAX_CONTENT_LENGTH"] = MAX_BODY  # a chunked body too is cut there (413), before any parsing
     app.debug = False  # never, whatever FLASK_DEBUG says: errors are JSON, tracebacks go to the log
     app.extensions["gate"] = Gate(app.config)
     app.extensions["reader"] = StatusReader(app.config)
@@ -210,7 +215,7 @@ def apply_gate():
 
 @bp.after_app_request
 def add_cors_headers(response):
-    response.headers.extend(gate().cors_headers(request.environ))
+    response.headers.extend(gate().headers(request.environ))
     if "Origin" not in response.headers.get("Vary", ""):  # cached bodies carry it already
         response.vary.add("Origin")
     return response
@@ -351,8 +356,10 @@ def alerts():
 
 
 @bp.get("/silences")
+@needs(OPERATOR)
 def silences():
-    """``{"silences": [{id, matchers, until, comment, who, created}]}``, oldest first."""
+    """``{"silences": [{id, matchers, until, comment, who, created}]}``, oldest first (operators and admins:
+    comments and who sent them are not metrics)."""
     found = read_silences(reader().redis, reader().prefix)
     reader().answered()
     return {"silences": [{"id": sid, **silence} for sid, silence in found.items()]}
@@ -362,16 +369,16 @@ def silences():
 @acting
 def add_silence():
     """``{"matchers": {...}, "duration" | "until", "comment"}`` -> 201 ``{"id", "until"}``."""
+    body = request_json()
     mon = reader()
     now = redis_now(mon.redis.time())
     try:
-        silence = silence_from(request.get_json(silent=True), now,
-                                        f"{g.actor['address']} ({g.actor['via']})")
+        silence = silence_from(body, now, actor_text())
         sid = store_silence(mon.redis, mon.prefix, silence)
     except ValueError as exc:
         abort(400, str(exc))
     mon.cache.entries.clear()  # /alerts shows it at once
-    logger.info("Silence %s added by %s: %s until %s", sid, g.actor["address"], silence["matchers"], silence["until"])
+    g.outcome = f"silence {sid} of {shown(dumps(silence['matchers']))} until {silence['until']}"
     return {"id": sid, "until": silence["until"]}, 201
 
 
@@ -382,8 +389,54 @@ def delete_silence(name):
     if not drop_silence(reader().redis, reader().prefix, name[:100]):
         abort(404, "no silence by that id")
     reader().cache.entries.clear()
-    logger.info("Silence %s deleted by %s", name[:100], g.actor["address"])
+    g.outcome = f"silence {shown(name, 100)} deleted"
     return {"id": name, "deleted": True}
+
+
+def actor_text():
+    """Who acts, as a silence's ``who`` shows it: ``<name> from <address> (<how>)``."""
+    return f"{g.actor['who']} from {g.actor['address']} ({g.actor['via']})"
+
+
+@bp.get("/whoami")
+def whoami():
+    """``{"name", "role", "readonly"}``: who this request is (``anonymous`` with the rights a tokenless request
+    gets) and whether the API is read-only, so a page can hide what its role cannot do."""
+    who = identity(request)
+    role = who.role
+    if role != "none" and gate().may(request, OPERATOR) is not None:
+        role = "viewer"  # e.g. a cross-site page: it may read metrics only
+    return {"name": who.name, "role": role, "readonly": gate().readonly, "why": who.why}
+
+
+# The deepest nesting a request body may have (a command or a silence needs three levels).
+MAX_DEPTH = 16
+
+
+def request_json():
+    """The request's body as strict JSON (``monitor_contract.loads``): 413 over MAX_BODY (before it is read
+    whole), 400 naming the problem for text that is not JSON, numbers out of range, or nesting past MAX_DEPTH."""
+    raw = request.get_data(cache=True)  # raises 413 past MAX_CONTENT_LENGTH, a chunked body included
+    try:
+        body = loads(raw)
+    except ValueError as exc:
+        abort(400, f"the body is not usable JSON: {str(exc)[:200]}")
+    if depth(body) > MAX_DEPTH:
+        abort(400, f"the body nests deeper than {MAX_DEPTH} levels")
+    return body
+
+
+def depth(value):
+    """How deeply a parsed JSON value nests (a scalar is 0), without recursion."""
+    deepest, stack = 0, [(value, 0)]
+    while stack:
+        item, level = stack.pop()
+        if isinstance(item, (dict, list)):
+            level += 1
+            deepest = max(deepest, level)
+            if level <= MAX_DEPTH:
+                stack.extend((v, level) for v in (item.values() if isinstance(item, dict) else item))
+    return deepest
 
 
 # ---------------------------------------------------------------------------- fleet control
@@ -401,7 +454,7 @@ TARGET_KINDS = ("node", "spider", "all")
 def control():
     """``{"command", "node"|"spider"|"all", "comment"?}``: stored for the nodes to apply, and logged; 202 with
     the nodes it reaches now (not closed). A spider or ``all`` command also holds for nodes that start later."""
-    command, kind, name, comment = parse_command(request.get_json(silent=True))
+    command, kind, name, comment = parse_command(request_json())
     nodes = reader().nodes()[0]
     if kind == "node":
         if name not in nodes:
@@ -416,10 +469,9 @@ def control():
     reached = sorted(n for n in chosen if nodes[n]["state"] != "closed")
     target = "all" if kind == "all" else f"{kind}:{name}"
     entry = issue_command(reader().redis, reader().prefix, command, target, comment=comment,
-                                   who=g.actor["address"], via=g.actor["via"], reached=len(reached))
+                          who=g.actor["who"], via=g.actor["via"], reached=len(reached), **{"from": g.actor["address"]})
     reader().answered()
-    logger.info("Control command %d: %s for %s from %s, reaching %d node(s)", entry["id"], command,
-                target[:200], g.actor["address"], len(reached))
+    g.outcome = f"command {entry['id']}: {command} for {shown(target)}, reaching {len(reached)} node(s)"
     return {"id": entry["id"], "command": command, "target": target, "at": entry["at"], "nodes": reached}, 202
 
 
@@ -448,6 +500,7 @@ def parse_command(body):
 
 
 @bp.get("/control/log")
+@needs(OPERATOR)
 def control_log():
     """The newest control commands first, each with who sent it, when, and every node's acknowledgement."""
     limit = query_whole("limit", CONTROL_LOG_LIMIT, CONTROL_LOG_KEEP)
@@ -602,7 +655,7 @@ def main(argv=None):
         log_start(app)
         try:
             server = waitress.create_server(app, host=host, port=number, threads=THREADS,
-                                            ident="scrapy-cluster-monitor")
+                                            ident="scrapy-cluster-monitor", max_request_body_size=WAITRESS_BODY)
         except (OSError, ValueError, UnicodeError) as exc:
             raise ConfigError(f"cannot listen on {host}:{number}: {getattr(exc, 'strerror', None) or exc}") from None
     except ConfigError as exc:
@@ -614,9 +667,10 @@ def main(argv=None):
 
 def log_start(app):
     reader, gate = app.extensions["reader"], app.extensions["gate"]
-    logger.info("Reading %s (prefix %r); token %s%s", redact(str(reader.url)), reader.prefix,
-                "required" if gate.token else "not required", "; read-only" if gate.readonly else "")
-    if gate.token is None and not gate.loopback:
+    logger.info("Reading %s (prefix %r); %s%s", redact(str(reader.url)), reader.prefix,
+                f"{gate.tokens.count()} token(s) accepted" if gate.token else "no token required",
+                "; read-only" if gate.readonly else "")
+    if not gate.token and not gate.loopback:
         logger.warning("Listening on %s without MONITOR_API_TOKEN: anyone who can reach it can read the metrics; "
                        "requests must name this address, localhost or a name in MONITOR_API_HOSTS as their Host, "
                        "and changes (control, silences) are refused", gate.listening)

@@ -733,14 +733,20 @@ def not_json(name):
 def _bounded_float(text):
     value = float(text)
     if not abs(value) < NUMBER_LIMIT:  # also false for nan and inf
-        raise ValueError(f"{text} is out of range")
+        raise ValueError(f"a number is out of range: {_cut(text)}")
     return value
 
 
+def _cut(text):
+    return text if len(text) <= 30 else f"{text[:30]}... ({len(text)} characters)"
+
+
 def _bounded_int(text):
+    if len(text) > 19:  # 10 ** 18 has 19 digits; longer text is never converted (4300 digits would be refused)
+        raise ValueError(f"a number is out of range: {_cut(text)}")
     value = int(text)
     if not -NUMBER_LIMIT < value < NUMBER_LIMIT:
-        raise ValueError(f"{text} is out of range")
+        raise ValueError(f"a number is out of range: {_cut(text)}")
     return value
 
 
