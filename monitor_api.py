@@ -8,12 +8,15 @@ OpenAPI document monitor_openapi.json, and what they read monitor_read.py and mo
 """
 
 import argparse
+import contextlib
+import functools
 import json
 import logging
 import math
 import os
 import sys
 import time
+from urllib.parse import quote
 
 import redis
 import waitress
@@ -22,9 +25,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from werkzeug.exceptions import HTTPException
 from werkzeug.routing import PathConverter
 
-from monitor_alert_state import add_silence as store_silence
-from monitor_alert_state import delete_silence as drop_silence
-from monitor_alert_state import read_alerts, read_silences, silence_from
+from monitor_alert_state import read_alerts, read_silences, remove_silence, silence_from, store_silence
 from monitor_cache import CACHE_ENTRIES, Body, Cache, CachedFastPath, cache_key, json_body, to_json
 from monitor_contract import (
     CONTROL_COMMANDS,
@@ -39,8 +40,9 @@ from monitor_contract import (
     connect,
     dumps,
     history_key,
+    idempotency_key,
     is_text,
-    issue_command,
+    issue,
     loads,
     redact,
     redis_now,
@@ -50,8 +52,9 @@ from monitor_contract import (
     slim,
     status_key,
     trend_key,
+    write_audit,
 )
-from monitor_gate import MAX_BODY, OPERATOR, Gate, acting, gate, identity, log_acting, needs, shown
+from monitor_gate import ADMIN, MAX_BODY, OPERATOR, Gate, acting, gate, identity, log_acting, needs, shown
 from monitor_prometheus import ClusterCollector, RunsCollector
 from monitor_read import (
     STATES,
@@ -59,6 +62,7 @@ from monitor_read import (
     NodeReader,
     cluster_view,
     queue_forecasts,
+    read_audit,
     read_control_log,
     read_histories,
     read_runs,
@@ -120,6 +124,8 @@ def create_app(config=None):
     app.debug = False  # never, whatever FLASK_DEBUG says: errors are JSON, tracebacks go to the log
     app.extensions["gate"] = Gate(app.config)
     app.extensions["reader"] = StatusReader(app.config)
+    app.extensions["gate"].tokens.reloaded = functools.partial(audit_reload, app.extensions["reader"], app.config)
+    app.extensions["audit_refusal"] = audit_refusal
     app.url_map.merge_slashes = False  # "a//b" is a node id, not a typo to redirect
     app.url_map.converters["node"] = NodeIdConverter
     app.register_blueprint(bp)
@@ -368,29 +374,35 @@ def silences():
 @bp.post("/silences")
 @acting
 def add_silence():
-    """``{"matchers": {...}, "duration" | "until", "comment"}`` -> 201 ``{"id", "until"}``."""
+    """``{"matchers": {...}, "duration" | "until", "comment"}`` -> 201 ``{"id", "until"}``; audited, idempotent."""
     body = request_json()
     mon = reader()
     now = redis_now(mon.redis.time())
     try:
         silence = silence_from(body, now, actor_text())
-        sid = store_silence(mon.redis, mon.prefix, silence)
+        with writing():
+            answer, repeated = store_silence(mon.redis, mon.prefix, silence, audit_entry(
+                "silence.add", dumps(silence["matchers"]), silence["comment"]), idempotency())
     except ValueError as exc:
         abort(400, str(exc))
     mon.cache.entries.clear()  # /alerts shows it at once
-    g.outcome = f"silence {sid} of {shown(dumps(silence['matchers']))} until {silence['until']}"
-    return {"id": sid, "until": silence["until"]}, 201
+    g.outcome = (f"{'repeat: ' if repeated else ''}silence {answer['id']} of {shown(dumps(silence['matchers']))} "
+                 f"until {answer['until']}")
+    return answer, 201
 
 
 @bp.delete("/silences/<node:name>")
 @acting
 def delete_silence(name):
-    """Delete a silence by id: 200 ``{"id", "deleted": true}``, or 404."""
-    if not drop_silence(reader().redis, reader().prefix, name[:100]):
+    """Delete a silence by id: 200 ``{"id", "deleted": true}``, or 404; audited, idempotent."""
+    with writing():
+        answer, repeated = remove_silence(reader().redis, reader().prefix, name[:100],
+                                          audit_entry("silence.delete", name[:100]), idempotency())
+    if answer is None:
         abort(404, "no silence by that id")
     reader().cache.entries.clear()
-    g.outcome = f"silence {shown(name, 100)} deleted"
-    return {"id": name, "deleted": True}
+    g.outcome = f"{'repeat: ' if repeated else ''}silence {shown(name, 100)} deleted"
+    return answer
 
 
 def actor_text():
@@ -407,6 +419,88 @@ def whoami():
     if role != "none" and gate().may(request, OPERATOR) is not None:
         role = "viewer"  # e.g. a cross-site page: it may read metrics only
     return {"name": who.name, "role": role, "readonly": gate().readonly, "why": who.why}
+
+
+@bp.get("/audit")
+@needs(OPERATOR)
+def audit():
+    """``{"entries": [...], "next"}``: every change, newest first (``read_audit``): ``?limit=`` (1-1000, default
+    50), ``before`` (an id: the previous page's ``next``), ``who``, ``action``, ``request``. Admins see every
+    entry; operators their own."""
+    who, args = identity(request), request.args
+    limit, before = query_whole("limit", AUDIT_LIMIT, 1000), query_whole("before", None, 10 ** 18)
+    by = args.get("who")
+    if who.role != ADMIN:
+        if by not in (None, who.name):
+            abort(403, f"{who.name} is an operator: it sees only its own audit entries (?who={who.name})")
+        by = who.name
+    found = read_audit(reader().redis, reader().prefix, limit, before, by, args.get("action") or None,
+                       args.get("request") or None)
+    reader().answered()
+    return found
+
+
+# The audit log answers this many entries unless ?limit= says otherwise.
+AUDIT_LIMIT = 50
+
+
+def audit_entry(action, target, comment=""):
+    """The audit fields of the change this request makes (Redis adds ``id`` and ``at``, the script ``ref``)."""
+    return {"who": g.actor["who"], "via": g.actor["via"], "from": g.actor["address"], "action": action,
+            "target": target, "outcome": "applied", "comment": comment, "request": g.request_id}
+
+
+# The audit action of each route that changes data.
+ACTIONS = {"api.control": "control", "api.add_silence": "silence.add", "api.delete_silence": "silence.delete"}
+
+
+def audit_refusal(refusal):
+    """Record a refused change by a known caller (``monitor_gate.refused``); a Redis failure is only logged."""
+    entry = {**audit_entry(ACTIONS.get(request.endpoint, str(request.endpoint)), request.path[:200]),
+             "outcome": "refused", "status": refusal.status, "error": refusal.message[:300]}
+    try:
+        write_audit(reader().redis, reader().prefix, entry)
+    except redis.RedisError as exc:
+        logger.warning("Cannot record a refusal in the audit log: %s", scrub(exc, reader().url))
+
+
+def audit_reload(status_reader, config, names, problems):
+    """Record a re-read of MONITOR_API_TOKENS_FILE (``monitor_gate.Tokens.reloaded``)."""
+    skipped = f"; {len(problems)} line(s) skipped" if problems else ""
+    entry = {"who": "tokens file", "via": "", "from": "", "action": "tokens.reload",
+             "target": str(config.get("MONITOR_API_TOKENS_FILE")), "outcome": "applied",
+             "comment": f"{len(names)} token(s): {', '.join(names)}{skipped}"[:500], "request": ""}
+    try:
+        write_audit(status_reader.redis, status_reader.prefix, entry)
+    except redis.RedisError as exc:
+        logger.warning("Cannot record the tokens file's re-read in the audit log: %s", scrub(exc, status_reader.url))
+
+
+def idempotency():
+    """The Redis key of this request's Idempotency-Key (per caller), or ''."""
+    return idempotency_key(reader().prefix, g.actor["who"], g.idempotency) if g.idempotency else ""
+
+
+class OutcomeUnknown(HTTPException):
+    """Redis timed out during a write: it may have applied it. 503 with ``outcome: unknown`` and where to look,
+    and no Retry-After: a blind retry could apply it twice (repeat with the same Idempotency-Key instead)."""
+
+    code = 503
+    outcome = "unknown"
+
+
+@contextlib.contextmanager
+def writing():
+    """Around the one script that makes a change: a timeout or lost connection there is OutcomeUnknown."""
+    try:
+        yield
+    except (redis.TimeoutError, redis.ConnectionError) as exc:
+        reader().outage.failed("Redis at %s did not answer a write: %s", redact(str(reader().url)),
+                               scrub(exc, reader().url))
+        unknown = OutcomeUnknown("Redis did not answer during the write: it may or may not be applied. Check the "
+                                 "audit log, or repeat the request with the same Idempotency-Key")
+        unknown.extra = {"outcome": "unknown", "check": f"/audit?request={quote(g.request_id, safe='')}"}
+        raise unknown from None
 
 
 # The deepest nesting a request body may have (a command or a silence needs three levels).
@@ -468,11 +562,16 @@ def control():
             abort(404, "no spider by that name")
     reached = sorted(n for n in chosen if nodes[n]["state"] != "closed")
     target = "all" if kind == "all" else f"{kind}:{name}"
-    entry = issue_command(reader().redis, reader().prefix, command, target, comment=comment,
-                          who=g.actor["who"], via=g.actor["via"], reached=len(reached), **{"from": g.actor["address"]})
+    fields = {"comment": comment, "who": g.actor["who"], "from": g.actor["address"], "via": g.actor["via"],
+              "reached": len(reached)}
+    with writing():
+        answer, repeated = issue(reader().redis, reader().prefix, command, target, fields,
+                                 audit_entry(f"control.{command}", target, comment), idempotency(),
+                                 {"command": command, "target": target, "nodes": reached})
     reader().answered()
-    g.outcome = f"command {entry['id']}: {command} for {shown(target)}, reaching {len(reached)} node(s)"
-    return {"id": entry["id"], "command": command, "target": target, "at": entry["at"], "nodes": reached}, 202
+    g.outcome = (f"{'repeat: ' if repeated else ''}command {answer['id']}: {command} for {shown(target)}, "
+                 f"reaching {len(answer['nodes'])} node(s)")
+    return {k: answer[k] for k in ("id", "command", "target", "at", "nodes")}, 202
 
 
 def parse_command(body):
@@ -514,7 +613,7 @@ def control_log():
 @bp.app_errorhandler(HTTPException)
 def http_error(exc):
     response = exc.get_response()  # keeps headers such as Allow
-    response.data = json.dumps({"error": exc.description})
+    response.data = json.dumps({"error": exc.description, **getattr(exc, "extra", {})})
     response.content_type = "application/json"
     return response
 
@@ -523,6 +622,10 @@ def http_error(exc):
 def redis_error(exc):
     """503 while Redis is down or hanging (logged once per outage); a key of the wrong type (a hand edit,
     another program sharing the prefix) is named with its type, and any other refusal by Redis quoted."""
+    if isinstance(exc, redis.ResponseError) and "WRONGKEY " in str(exc):  # a write script refused before writing
+        problem = str(exc).split("WRONGKEY ", 1)[1].splitlines()[0][:300]
+        reader().report(f"{problem}: changes that write it fail, and write nothing, until it is deleted or fixed")
+        return jsonify(error=f"{problem}: nothing was written"), 500
     if isinstance(exc, redis.ResponseError) and "WRONGTYPE" in str(exc):
         try:
             problem = (reader().wrong_type() or reader().wrong_type(history_names()) or runs_wrong_type()

@@ -15,6 +15,7 @@ import os
 import re
 import threading
 import time
+import uuid
 from collections import deque
 from typing import NamedTuple
 from urllib.parse import parse_qsl
@@ -397,18 +398,30 @@ def acting(view):
     @functools.wraps(view)
     def guarded(*args, **kwargs):
         refusal, how = gate().acting(request)
-        if refusal is not None:
-            log_acting(refusal)
-            return refusal.response()
+        key = request.headers.get("Idempotency-Key")
+        if refusal is None and key is not None and not (0 < len(key) <= 200 and key.isascii() and key.isprintable()):
+            refusal = Refusal(400, "Idempotency-Key must be 1 to 200 printable ASCII characters")
         who = identity(request)
-        g.actor = {"who": who.name, "role": who.role, "address": request.remote_addr, "via": how}
+        g.actor = {"who": who.name, "role": who.role, "address": request.remote_addr, "via": how or who.via}
+        g.idempotency = key or ""
+        g.request_id = key or uuid.uuid4().hex[:16]
+        if refusal is not None:
+            refused(refusal, who)
+            return refusal.response()
         try:
             response = current_app.make_response(view(*args, **kwargs))
         except HTTPException as exc:
-            log_acting(Refusal(exc.code or 500, str(exc.description)))
+            if getattr(exc, "outcome", None) == "unknown":
+                logger.warning("Unknown outcome of %s %s from %s (503): %s", request.method, shown(request.path),
+                               shown(request.remote_addr), shown(exc.description, 300))
+            else:
+                refused(Refusal(exc.code or 500, str(exc.description)), who)
+            raise
+        except Exception as exc:  # Redis refused or failed: its error handler answers
+            log_acting(Refusal(500, f"{type(exc).__name__}: {exc}"))
             raise
         if response.status_code >= 400:
-            log_acting(Refusal(response.status_code, str((response.get_json(silent=True) or {}).get("error", ""))))
+            refused(Refusal(response.status_code, str((response.get_json(silent=True) or {}).get("error", ""))), who)
         else:
             detail = g.get("outcome")
             logger.info("Accepted %s %s from %s%s: %d%s (%s)", request.method, shown(request.path),
@@ -435,6 +448,16 @@ def needs(role):
         guarded.changes_data = True  # its refusals are logged as acting ones are
         return guarded
     return decorate
+
+
+def refused(refusal, who):
+    """Log a refused change; record it in the audit log too when the caller is known (a token, or an anonymous
+    request with the rights to act): refusals of unknown callers would only flood it."""
+    log_acting(refusal)
+    record = current_app.extensions.get("audit_refusal")
+    if record is not None and refusal.status not in (401, 429) and (who.name != "anonymous"
+                                                                   or RANK[who.role] >= RANK[OPERATOR]):
+        record(refusal)
 
 
 def log_acting(refusal):
