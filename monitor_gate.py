@@ -347,11 +347,15 @@ class Gate:
         return headers
 
     def may(self, req, role):
-        """None if the request's identity has ``role`` (and is not a cross-site browser request), else a Refusal."""
+        """None if the request's identity has ``role`` (and is not a tokenless cross-site browser request), else a
+        Refusal."""
         who = identity(req)
-        if req.headers.get("Sec-Fetch-Site") == "cross-site":
-            return Refusal(403, "a request from another site's page never changes data nor reads who did: "
-                                "open the dashboard from the API itself")
+        if req.headers.get("Sec-Fetch-Site") == "cross-site" and who.via != "token":
+            # Another site's page (or a file) without a token: it cannot have learnt a token, so it never acts on
+            # the strength of being on this machine. With a token (the dashboard opened as a file with ?token=,
+            # which sends it as a header) the token is the proof.
+            return Refusal(403, "a request from another site's page never changes data nor reads who did "
+                                "without a token: open the dashboard from the API itself, or give it ?token=")
         if RANK[who.role] >= RANK[role]:
             return None
         if who.name == "anonymous":
