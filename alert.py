@@ -53,7 +53,7 @@ from monitor_channels import (
 )
 from monitor_contract import Outage, as_text, connect, dumps, redact, redis_now, status_key
 from monitor_read import NodeReader, spiders_view, wrong_type
-from monitor_rules import active_rules, evaluate, fmt, iso, run_alerts, span
+from monitor_rules import SILENCE_MATCHERS, active_rules, evaluate, fmt, iso, run_alerts, span
 from monitor_settings import ALERT, ConfigError, Parser, duration, env, exit_config_error, readers_of, value
 
 logger = logging.getLogger(__name__)
@@ -100,7 +100,8 @@ def _shown(default):
 def load_config(argv=None):
     """Flags over environment over defaults, checked: returns the parsed arguments or raises ConfigError."""
     args = build_parser().parse_args(argv)
-    args.silence_for, args.for_seconds = (args.for_seconds, None) if args.silence else (None, args.for_seconds)
+    silencing = args.silence is not None
+    args.silence_for, args.for_seconds = (args.for_seconds, None) if silencing else (None, args.for_seconds)
     given = set()
     for s in SETTINGS:
         raw = getattr(args, s.attr, None)
@@ -138,21 +139,53 @@ def add_silence_flags(parser):
     parser.add_argument("--silence", action="append", metavar="LABEL=VALUE",
                         help="add a silence for alerts matching these labels (node, spider, host, rule; "
                              "comma-separated or repeated) for --for (3600, 90m, 2h, 1d), print its id and exit")
-    parser.add_argument("--comment", default="", help="the silence's comment")
+    parser.add_argument("--comment", help="the silence's comment (with --silence)")
     parser.add_argument("--silences", action="store_true", help="list the active silences and exit")
     parser.add_argument("--unsilence", metavar="ID", help="delete a silence and exit")
 
 
 def check_silence_flags(args):
-    """The --silence flags' matchers and --for duration, checked."""
-    if args.silence:
-        pairs = [part.strip() for flag in args.silence for part in flag.split(",") if part.strip()]
-        if not all("=" in part for part in pairs):
-            raise ConfigError("--silence takes LABEL=VALUE pairs, e.g. --silence spider=main_spider")
-        args.silence = dict(part.split("=", 1) for part in pairs)
+    """The silence commands' flags, checked before anything connects: one command at a time, not with --once,
+    --dry-run or --test-mail; --silence's matchers (LABEL=VALUE, known labels, each once, no empty one) and its
+    --for duration; --unsilence's id."""
+    given = [flag for flag, on in (("--silence", args.silence is not None), ("--silences", args.silences),
+                                   ("--unsilence", args.unsilence is not None)) if on]
+    if len(given) > 1:
+        raise ConfigError(f"{given[0]} and {given[1]} are separate commands: give one")
+    loop = [flag for flag, on in (("--once", args.once), ("--dry-run", args.dry_run),
+                                  ("--test-mail", args.test_mail)) if on]
+    if given and loop:
+        raise ConfigError(f"{given[0]} does not go with {loop[0]}: it changes the silences and exits")
+    if args.comment is not None and args.silence is None:
+        raise ConfigError("--comment goes with --silence")
+    if args.unsilence is not None:
+        sid = args.unsilence.strip()
+        if not (sid and len(sid) <= 100 and sid.isprintable()):
+            raise ConfigError("--unsilence needs a silence id (see --silences)")
+        args.unsilence = sid
+    if args.silence is not None:
+        args.silence = silence_matchers(args.silence)
         if args.silence_for is None:
             raise ConfigError("--silence needs --for, e.g. --for 2h")
         args.silence_for = duration("--for", args.silence_for)
+
+
+def silence_matchers(flags):
+    """``{label: value}`` from --silence flags (``LABEL=VALUE``, comma-separated or repeated); ConfigError for an
+    empty or malformed matcher, an unknown label or a label given twice."""
+    matchers = {}
+    for part in (part.strip() for flag in flags for part in flag.split(",")):
+        label, eq, value = part.partition("=")
+        label, value = label.strip(), value.strip()
+        if not (eq and label and value):
+            raise ConfigError("--silence takes LABEL=VALUE pairs, e.g. --silence spider=main_spider "
+                              f"(not {part[:50]!r})")
+        if label not in SILENCE_MATCHERS:
+            raise ConfigError(f"--silence: unknown matcher {label[:50]!r}: matchers are {', '.join(SILENCE_MATCHERS)}")
+        if label in matchers:
+            raise ConfigError(f"--silence: {label} is given twice ({matchers[label][:50]!r} and {value[:50]!r})")
+        matchers[label] = value
+    return matchers
 
 
 # ---------------------------------------------------------------------------- delivery
@@ -396,23 +429,23 @@ class DryRun:
 # ---------------------------------------------------------------------------- silences from the command line
 
 def silences_command(cfg):
-    """--silence, --silences, --unsilence: 0 done, 1 Redis failed, 2 bad input."""
+    """--silence, --silences, --unsilence: 0 done, 1 Redis failed, 2 bad input or no such silence."""
     r = connect(cfg.redis_url)
     try:
         now = redis_now(r.time())
-        if cfg.silence:
+        if cfg.silence is not None:
             who = f"alert.py on {socket.gethostname()}"
             try:
                 silence = silence_from({"matchers": cfg.silence, "duration": cfg.silence_for,
-                                        "comment": cfg.comment}, now, who)
+                                        "comment": cfg.comment or ""}, now, who)
                 sid = add_silence(r, cfg.prefix, silence)
             except ValueError as exc:
                 return exit_config_error("alert.py", exc)
             print(f"{sid} until {iso(silence['until'])}")
-        elif cfg.unsilence:
+        elif cfg.unsilence is not None:
             if not delete_silence(r, cfg.prefix, cfg.unsilence):
-                print(f"alert.py: error: no silence {cfg.unsilence[:50]!r}", file=sys.stderr)
-                return 1
+                print(f"alert.py: error: no silence {cfg.unsilence[:50]!r} (see --silences)", file=sys.stderr)
+                return 2
             print(f"deleted {cfg.unsilence}")
         else:
             found = read_silences(r, cfg.prefix, now)
@@ -439,7 +472,7 @@ def main(argv=None):
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     alerter = Alerter(cfg, dry_run=cfg.dry_run)
     channels = "; ".join(c.describe() for c in alerter.channels.values())
-    if cfg.silence or cfg.silences or cfg.unsilence:
+    if cfg.silence is not None or cfg.silences or cfg.unsilence is not None:
         return silences_command(cfg)
     if cfg.test_mail:
         if cfg.dry_run:

@@ -14,8 +14,14 @@ from typing import NamedTuple, Optional
 import redis
 
 from monitor_contract import (
+    ADD_SILENCE_LUA,
+    AUDIT_KEEP,
+    DELETE_SILENCE_LUA,
+    IDEMPOTENCY_TTL,
     alert_key,
     as_text,
+    audit_key,
+    audit_keys,
     dumps,
     is_bounded,
     is_number,
@@ -41,6 +47,8 @@ MAX_SILENCE = 30 * 86400
 MAX_SILENCE_TEXT = 500
 # At most this many silences at once: each evaluation checks every alert against each.
 MAX_SILENCES = 1000
+# The fields of a silence as POST /silences takes it.
+SILENCE_FIELDS = ("matchers", "duration", "until", "comment")
 
 
 def silence_from(body, now, who):
@@ -48,6 +56,9 @@ def silence_from(body, now, who):
     ValueError saying what is wrong. ``until`` is unix seconds; ``duration`` seconds or ``2h``-style."""
     if not isinstance(body, dict):
         raise ValueError('send a JSON object: {"matchers": {"spider": "..."}, "duration": 3600, "comment": "..."}')
+    unknown = sorted(set(body) - set(SILENCE_FIELDS))
+    if unknown:
+        raise ValueError(f"unknown field {str(unknown[0])[:50]!r}: use {', '.join(SILENCE_FIELDS)}")
     matchers = body.get("matchers")
     if not isinstance(matchers, dict) or not matchers:
         raise ValueError(f"matchers must be a non-empty object with any of {', '.join(SILENCE_MATCHERS)}")
@@ -79,18 +90,40 @@ def silence_from(body, now, who):
 
 def add_silence(r, prefix, silence):
     """Store a checked silence (``silence_from``); returns its id. ValueError when MAX_SILENCES are active."""
-    if r.hlen(alert_key(prefix, "silences")) >= MAX_SILENCES:
-        read_silences(r, prefix, silence["created"])  # drops the expired ones
-        if r.hlen(alert_key(prefix, "silences")) >= MAX_SILENCES:
-            raise ValueError(f"{MAX_SILENCES} silences are active: delete some first")
+    return store_silence(r, prefix, silence)[0]["id"]
+
+
+def store_silence(r, prefix, silence, audit=None, idempotency="", request=None):
+    """Store a checked silence under the MAX_SILENCES cap and audit it, in one script (ADD_SILENCE_LUA).
+    ``audit``: the audit entry's fields (default: by the silence's ``who``); ``idempotency``: a key from
+    ``idempotency_key`` or ''. Returns ``({"id", "until"}, repeated)``; ValueError when the cap is reached."""
     sid = uuid.uuid4().hex[:16]
-    r.hset(alert_key(prefix, "silences"), sid, dumps(silence))
-    return sid
+    audit = {"who": silence["who"], "action": "silence.add", "target": dumps(silence["matchers"]),
+             "outcome": "applied", "comment": silence["comment"], **(audit or {})}
+    keys = (alert_key(prefix, "silences"), *audit_keys(prefix), idempotency or audit_key(prefix, "seq"))
+    kind, raw = r.eval(ADD_SILENCE_LUA, len(keys), *keys, sid, dumps(silence), MAX_SILENCES, silence["created"],
+                       dumps(audit), AUDIT_KEEP, idempotency, IDEMPOTENCY_TTL,
+                       dumps({"id": sid, "until": silence["until"]}))
+    if as_text(kind) == "full":
+        raise ValueError(f"{MAX_SILENCES} silences are active: delete some first")
+    return loads(raw, bounded=False), as_text(kind) == "repeat"
 
 
-def delete_silence(r, prefix, sid):
-    """Delete one silence; whether it existed."""
-    return bool(r.hdel(alert_key(prefix, "silences"), sid))
+def delete_silence(r, prefix, sid, audit=None, idempotency=""):
+    """Delete one silence and audit it, in one script; whether it existed (or a repeat found it deleted)."""
+    return remove_silence(r, prefix, sid, audit, idempotency)[0] is not None
+
+
+def remove_silence(r, prefix, sid, audit=None, idempotency=""):
+    """``({"id", "deleted": true} or None when there is no such silence, repeated)``."""
+    audit = {"who": "unknown", "action": "silence.delete", "target": sid, "outcome": "applied", "comment": "",
+             **(audit or {})}
+    keys = (alert_key(prefix, "silences"), *audit_keys(prefix), idempotency or audit_key(prefix, "seq"))
+    kind, raw = r.eval(DELETE_SILENCE_LUA, len(keys), *keys, sid, dumps(audit), AUDIT_KEEP, idempotency,
+                       IDEMPOTENCY_TTL, dumps({"id": sid, "deleted": True}))
+    if as_text(kind) == "missing":
+        return None, False
+    return loads(raw, bounded=False), as_text(kind) == "repeat"
 
 
 def parse_silences(raw, now):

@@ -8,12 +8,15 @@ OpenAPI document monitor_openapi.json, and what they read monitor_read.py and mo
 """
 
 import argparse
+import contextlib
+import functools
 import json
 import logging
 import math
 import os
 import sys
 import time
+from urllib.parse import quote
 
 import redis
 import waitress
@@ -22,9 +25,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from werkzeug.exceptions import HTTPException
 from werkzeug.routing import PathConverter
 
-from monitor_alert_state import add_silence as store_silence
-from monitor_alert_state import delete_silence as drop_silence
-from monitor_alert_state import read_alerts, read_silences, silence_from
+from monitor_alert_state import read_alerts, read_silences, remove_silence, silence_from, store_silence
 from monitor_cache import CACHE_ENTRIES, Body, Cache, CachedFastPath, cache_key, json_body, to_json
 from monitor_contract import (
     CONTROL_COMMANDS,
@@ -37,9 +38,12 @@ from monitor_contract import (
     Outage,
     age,
     connect,
+    dumps,
     history_key,
+    idempotency_key,
     is_text,
-    issue_command,
+    issue,
+    loads,
     redact,
     redis_now,
     run_meta_key,
@@ -48,8 +52,9 @@ from monitor_contract import (
     slim,
     status_key,
     trend_key,
+    write_audit,
 )
-from monitor_gate import Gate, acting, gate, log_acting
+from monitor_gate import ADMIN, MAX_BODY, OPERATOR, Gate, acting, gate, identity, log_acting, needs, shown
 from monitor_prometheus import ClusterCollector, RunsCollector
 from monitor_read import (
     STATES,
@@ -57,6 +62,7 @@ from monitor_read import (
     NodeReader,
     cluster_view,
     queue_forecasts,
+    read_audit,
     read_control_log,
     read_histories,
     read_runs,
@@ -92,6 +98,8 @@ THREADS = 16
 REPORT_EVERY = 60.0
 # The OpenAPI document served at /openapi.json, beside this file (test_api checks it against the routes).
 OPENAPI_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "monitor_openapi.json")
+# Waitress itself refuses a body over this before reading it (the gate answers 413 in JSON from MAX_BODY up).
+WAITRESS_BODY = 1024 * 1024
 bp = Blueprint("api", __name__)
 
 
@@ -112,9 +120,12 @@ def create_app(config=None):
     given = dict(config or {})
     app.config.update({s.name: value(s.name, given.pop(s.name, None)) for s in readers_of(API)})
     app.config.update({"DASHBOARD_PATH": os.path.join(app.root_path, "dashboard.html"), **given})
+    app.config["MAX_CONTENT_LENGTH"] = MAX_BODY  # a chunked body too is cut there (413), before any parsing
     app.debug = False  # never, whatever FLASK_DEBUG says: errors are JSON, tracebacks go to the log
     app.extensions["gate"] = Gate(app.config)
     app.extensions["reader"] = StatusReader(app.config)
+    app.extensions["gate"].tokens.reloaded = functools.partial(audit_reload, app.extensions["reader"], app.config)
+    app.extensions["audit_refusal"] = audit_refusal
     app.url_map.merge_slashes = False  # "a//b" is a node id, not a typo to redirect
     app.url_map.converters["node"] = NodeIdConverter
     app.register_blueprint(bp)
@@ -210,7 +221,7 @@ def apply_gate():
 
 @bp.after_app_request
 def add_cors_headers(response):
-    response.headers.extend(gate().cors_headers(request.environ))
+    response.headers.extend(gate().headers(request.environ))
     if "Origin" not in response.headers.get("Vary", ""):  # cached bodies carry it already
         response.vary.add("Origin")
     return response
@@ -351,8 +362,10 @@ def alerts():
 
 
 @bp.get("/silences")
+@needs(OPERATOR)
 def silences():
-    """``{"silences": [{id, matchers, until, comment, who, created}]}``, oldest first."""
+    """``{"silences": [{id, matchers, until, comment, who, created}]}``, oldest first (operators and admins:
+    comments and who sent them are not metrics)."""
     found = read_silences(reader().redis, reader().prefix)
     reader().answered()
     return {"silences": [{"id": sid, **silence} for sid, silence in found.items()]}
@@ -361,29 +374,163 @@ def silences():
 @bp.post("/silences")
 @acting
 def add_silence():
-    """``{"matchers": {...}, "duration" | "until", "comment"}`` -> 201 ``{"id", "until"}``."""
+    """``{"matchers": {...}, "duration" | "until", "comment"}`` -> 201 ``{"id", "until"}``; audited, idempotent."""
+    body = request_json()
     mon = reader()
     now = redis_now(mon.redis.time())
     try:
-        silence = silence_from(request.get_json(silent=True), now,
-                                        f"{g.actor['address']} ({g.actor['via']})")
-        sid = store_silence(mon.redis, mon.prefix, silence)
+        silence = silence_from(body, now, actor_text())
+        with writing():
+            answer, repeated = store_silence(mon.redis, mon.prefix, silence, audit_entry(
+                "silence.add", dumps(silence["matchers"]), silence["comment"]), idempotency())
     except ValueError as exc:
         abort(400, str(exc))
     mon.cache.entries.clear()  # /alerts shows it at once
-    logger.info("Silence %s added by %s: %s until %s", sid, g.actor["address"], silence["matchers"], silence["until"])
-    return {"id": sid, "until": silence["until"]}, 201
+    g.outcome = (f"{'repeat: ' if repeated else ''}silence {answer['id']} of {shown(dumps(silence['matchers']))} "
+                 f"until {answer['until']}")
+    return answer, 201
 
 
 @bp.delete("/silences/<node:name>")
 @acting
 def delete_silence(name):
-    """Delete a silence by id: 200 ``{"id", "deleted": true}``, or 404."""
-    if not drop_silence(reader().redis, reader().prefix, name[:100]):
+    """Delete a silence by id: 200 ``{"id", "deleted": true}``, or 404; audited, idempotent."""
+    with writing():
+        answer, repeated = remove_silence(reader().redis, reader().prefix, name[:100],
+                                          audit_entry("silence.delete", name[:100]), idempotency())
+    if answer is None:
         abort(404, "no silence by that id")
     reader().cache.entries.clear()
-    logger.info("Silence %s deleted by %s", name[:100], g.actor["address"])
-    return {"id": name, "deleted": True}
+    g.outcome = f"{'repeat: ' if repeated else ''}silence {shown(name, 100)} deleted"
+    return answer
+
+
+def actor_text():
+    """Who acts, as a silence's ``who`` shows it: ``<name> from <address> (<how>)``."""
+    return f"{g.actor['who']} from {g.actor['address']} ({g.actor['via']})"
+
+
+@bp.get("/whoami")
+def whoami():
+    """``{"name", "role", "readonly"}``: who this request is (``anonymous`` with the rights a tokenless request
+    gets) and whether the API is read-only, so a page can hide what its role cannot do."""
+    who = identity(request)
+    role = who.role
+    if role != "none" and gate().may(request, OPERATOR) is not None:
+        role = "viewer"  # e.g. a cross-site page: it may read metrics only
+    return {"name": who.name, "role": role, "readonly": gate().readonly, "why": who.why}
+
+
+@bp.get("/audit")
+@needs(OPERATOR)
+def audit():
+    """``{"entries": [...], "next"}``: every change, newest first (``read_audit``): ``?limit=`` (1-1000, default
+    50), ``before`` (an id: the previous page's ``next``), ``who``, ``action``, ``request``. Admins see every
+    entry; operators their own."""
+    who, args = identity(request), request.args
+    limit, before = query_whole("limit", AUDIT_LIMIT, 1000), query_whole("before", None, 10 ** 18)
+    by = args.get("who")
+    if who.role != ADMIN:
+        if by not in (None, who.name):
+            abort(403, f"{who.name} is an operator: it sees only its own audit entries (?who={who.name})")
+        by = who.name
+    found = read_audit(reader().redis, reader().prefix, limit, before, by, args.get("action") or None,
+                       args.get("request") or None)
+    reader().answered()
+    return found
+
+
+# The audit log answers this many entries unless ?limit= says otherwise.
+AUDIT_LIMIT = 50
+
+
+def audit_entry(action, target, comment=""):
+    """The audit fields of the change this request makes (Redis adds ``id`` and ``at``, the script ``ref``)."""
+    return {"who": g.actor["who"], "via": g.actor["via"], "from": g.actor["address"], "action": action,
+            "target": target, "outcome": "applied", "comment": comment, "request": g.request_id}
+
+
+# The audit action of each route that changes data.
+ACTIONS = {"api.control": "control", "api.add_silence": "silence.add", "api.delete_silence": "silence.delete"}
+
+
+def audit_refusal(refusal):
+    """Record a refused change by a known caller (``monitor_gate.refused``); a Redis failure is only logged."""
+    entry = {**audit_entry(ACTIONS.get(request.endpoint, str(request.endpoint)), request.path[:200]),
+             "outcome": "refused", "status": refusal.status, "error": refusal.message[:300]}
+    try:
+        write_audit(reader().redis, reader().prefix, entry)
+    except redis.RedisError as exc:
+        logger.warning("Cannot record a refusal in the audit log: %s", scrub(exc, reader().url))
+
+
+def audit_reload(status_reader, config, names, problems):
+    """Record a re-read of MONITOR_API_TOKENS_FILE (``monitor_gate.Tokens.reloaded``)."""
+    skipped = f"; {len(problems)} line(s) skipped" if problems else ""
+    entry = {"who": "tokens file", "via": "", "from": "", "action": "tokens.reload",
+             "target": str(config.get("MONITOR_API_TOKENS_FILE")), "outcome": "applied",
+             "comment": f"{len(names)} token(s): {', '.join(names)}{skipped}"[:500], "request": ""}
+    try:
+        write_audit(status_reader.redis, status_reader.prefix, entry)
+    except redis.RedisError as exc:
+        logger.warning("Cannot record the tokens file's re-read in the audit log: %s", scrub(exc, status_reader.url))
+
+
+def idempotency():
+    """The Redis key of this request's Idempotency-Key (per caller), or ''."""
+    return idempotency_key(reader().prefix, g.actor["who"], g.idempotency) if g.idempotency else ""
+
+
+class OutcomeUnknown(HTTPException):
+    """Redis timed out during a write: it may have applied it. 503 with ``outcome: unknown`` and where to look,
+    and no Retry-After: a blind retry could apply it twice (repeat with the same Idempotency-Key instead)."""
+
+    code = 503
+    outcome = "unknown"
+
+
+@contextlib.contextmanager
+def writing():
+    """Around the one script that makes a change: a timeout or lost connection there is OutcomeUnknown."""
+    try:
+        yield
+    except (redis.TimeoutError, redis.ConnectionError) as exc:
+        reader().outage.failed("Redis at %s did not answer a write: %s", redact(str(reader().url)),
+                               scrub(exc, reader().url))
+        unknown = OutcomeUnknown("Redis did not answer during the write: it may or may not be applied. Check the "
+                                 "audit log, or repeat the request with the same Idempotency-Key")
+        unknown.extra = {"outcome": "unknown", "check": f"/audit?request={quote(g.request_id, safe='')}"}
+        raise unknown from None
+
+
+# The deepest nesting a request body may have (a command or a silence needs three levels).
+MAX_DEPTH = 16
+
+
+def request_json():
+    """The request's body as strict JSON (``monitor_contract.loads``): 413 over MAX_BODY (before it is read
+    whole), 400 naming the problem for text that is not JSON, numbers out of range, or nesting past MAX_DEPTH."""
+    raw = request.get_data(cache=True)  # raises 413 past MAX_CONTENT_LENGTH, a chunked body included
+    try:
+        body = loads(raw)
+    except ValueError as exc:
+        abort(400, f"the body is not usable JSON: {str(exc)[:200]}")
+    if depth(body) > MAX_DEPTH:
+        abort(400, f"the body nests deeper than {MAX_DEPTH} levels")
+    return body
+
+
+def depth(value):
+    """How deeply a parsed JSON value nests (a scalar is 0), without recursion."""
+    deepest, stack = 0, [(value, 0)]
+    while stack:
+        item, level = stack.pop()
+        if isinstance(item, (dict, list)):
+            level += 1
+            deepest = max(deepest, level)
+            if level <= MAX_DEPTH:
+                stack.extend((v, level) for v in (item.values() if isinstance(item, dict) else item))
+    return deepest
 
 
 # ---------------------------------------------------------------------------- fleet control
@@ -401,7 +548,7 @@ TARGET_KINDS = ("node", "spider", "all")
 def control():
     """``{"command", "node"|"spider"|"all", "comment"?}``: stored for the nodes to apply, and logged; 202 with
     the nodes it reaches now (not closed). A spider or ``all`` command also holds for nodes that start later."""
-    command, kind, name, comment = parse_command(request.get_json(silent=True))
+    command, kind, name, comment = parse_command(request_json())
     nodes = reader().nodes()[0]
     if kind == "node":
         if name not in nodes:
@@ -415,12 +562,16 @@ def control():
             abort(404, "no spider by that name")
     reached = sorted(n for n in chosen if nodes[n]["state"] != "closed")
     target = "all" if kind == "all" else f"{kind}:{name}"
-    entry = issue_command(reader().redis, reader().prefix, command, target, comment=comment,
-                                   who=g.actor["address"], via=g.actor["via"], reached=len(reached))
+    fields = {"comment": comment, "who": g.actor["who"], "from": g.actor["address"], "via": g.actor["via"],
+              "reached": len(reached)}
+    with writing():
+        answer, repeated = issue(reader().redis, reader().prefix, command, target, fields,
+                                 audit_entry(f"control.{command}", target, comment), idempotency(),
+                                 {"command": command, "target": target, "nodes": reached})
     reader().answered()
-    logger.info("Control command %d: %s for %s from %s, reaching %d node(s)", entry["id"], command,
-                target[:200], g.actor["address"], len(reached))
-    return {"id": entry["id"], "command": command, "target": target, "at": entry["at"], "nodes": reached}, 202
+    g.outcome = (f"{'repeat: ' if repeated else ''}command {answer['id']}: {command} for {shown(target)}, "
+                 f"reaching {len(answer['nodes'])} node(s)")
+    return {k: answer[k] for k in ("id", "command", "target", "at", "nodes")}, 202
 
 
 def parse_command(body):
@@ -448,6 +599,7 @@ def parse_command(body):
 
 
 @bp.get("/control/log")
+@needs(OPERATOR)
 def control_log():
     """The newest control commands first, each with who sent it, when, and every node's acknowledgement."""
     limit = query_whole("limit", CONTROL_LOG_LIMIT, CONTROL_LOG_KEEP)
@@ -461,7 +613,7 @@ def control_log():
 @bp.app_errorhandler(HTTPException)
 def http_error(exc):
     response = exc.get_response()  # keeps headers such as Allow
-    response.data = json.dumps({"error": exc.description})
+    response.data = json.dumps({"error": exc.description, **getattr(exc, "extra", {})})
     response.content_type = "application/json"
     return response
 
@@ -470,6 +622,10 @@ def http_error(exc):
 def redis_error(exc):
     """503 while Redis is down or hanging (logged once per outage); a key of the wrong type (a hand edit,
     another program sharing the prefix) is named with its type, and any other refusal by Redis quoted."""
+    if isinstance(exc, redis.ResponseError) and "WRONGKEY " in str(exc):  # a write script refused before writing
+        problem = str(exc).split("WRONGKEY ", 1)[1].splitlines()[0][:300]
+        reader().report(f"{problem}: changes that write it fail, and write nothing, until it is deleted or fixed")
+        return jsonify(error=f"{problem}: nothing was written"), 500
     if isinstance(exc, redis.ResponseError) and "WRONGTYPE" in str(exc):
         try:
             problem = (reader().wrong_type() or reader().wrong_type(history_names()) or runs_wrong_type()
@@ -602,7 +758,7 @@ def main(argv=None):
         log_start(app)
         try:
             server = waitress.create_server(app, host=host, port=number, threads=THREADS,
-                                            ident="scrapy-cluster-monitor")
+                                            ident="scrapy-cluster-monitor", max_request_body_size=WAITRESS_BODY)
         except (OSError, ValueError, UnicodeError) as exc:
             raise ConfigError(f"cannot listen on {host}:{number}: {getattr(exc, 'strerror', None) or exc}") from None
     except ConfigError as exc:
@@ -614,9 +770,10 @@ def main(argv=None):
 
 def log_start(app):
     reader, gate = app.extensions["reader"], app.extensions["gate"]
-    logger.info("Reading %s (prefix %r); token %s%s", redact(str(reader.url)), reader.prefix,
-                "required" if gate.token else "not required", "; read-only" if gate.readonly else "")
-    if gate.token is None and not gate.loopback:
+    logger.info("Reading %s (prefix %r); %s%s", redact(str(reader.url)), reader.prefix,
+                f"{gate.tokens.count()} token(s) accepted" if gate.token else "no token required",
+                "; read-only" if gate.readonly else "")
+    if not gate.token and not gate.loopback:
         logger.warning("Listening on %s without MONITOR_API_TOKEN: anyone who can reach it can read the metrics; "
                        "requests must name this address, localhost or a name in MONITOR_API_HOSTS as their Host, "
                        "and changes (control, silences) are refused", gate.listening)

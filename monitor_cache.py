@@ -125,6 +125,6 @@ class CachedFastPath:
                 if status == 200:
                     headers = headers + [("Content-Length", str(len(data)))]
                 start_response("200 OK" if status == 200 else "304 Not Modified",
-                               headers + self.gate.cors_headers(environ))
+                               headers + self.gate.headers(environ))
                 return [data]
         return self.app(environ, start_response)

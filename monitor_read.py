@@ -16,6 +16,7 @@ from typing import Iterable, Optional
 import redis
 
 from monitor_contract import (
+    AUDIT_KEEP,
     BASELINE_RUNS,
     DEFAULT_INTERVAL,
     HISTORY_FIELDS,
@@ -25,6 +26,7 @@ from monitor_contract import (
     RUN_ID,
     Snapshot,
     as_text,
+    audit_key,
     control_ack_key,
     control_key,
     decode_command,
@@ -619,3 +621,37 @@ def read_control_log(r, prefix, limit):
             if is_number(at):
                 entry["acks"][as_text(node)] = at
     return entries
+
+
+# ---------------------------------------------------------------------------- the audit log
+
+# The audit log is read in pages of this many entries while filtering.
+AUDIT_PAGE = 500
+
+
+def read_audit(r, prefix, limit, before=None, who=None, action=None, request=None):
+    """``{"entries": [...], "next"}``: up to ``limit`` audit entries, newest first, with an id below ``before``,
+    by ``who``, of ``action`` (``control`` matches every ``control.*``) and of ``request`` (the request id or
+    Idempotency-Key); ``next`` is the ``before`` of the next page, or None at the end. Malformed entries are
+    skipped."""
+    found, start, key = [], 0, audit_key(prefix, "log")
+    while len(found) < limit and start < AUDIT_KEEP:
+        raws = r.lrange(key, start, start + AUDIT_PAGE - 1)
+        for raw in raws:
+            try:
+                entry = json.loads(raw)
+            except (ValueError, RecursionError):
+                continue
+            if not (isinstance(entry, dict) and isinstance(entry.get("id"), int)):
+                continue
+            act = str(entry.get("action", ""))
+            if ((before is None or entry["id"] < before) and (who is None or entry.get("who") == who)
+                    and (action is None or act == action or act.startswith(action + "."))
+                    and (request is None or entry.get("request") == request)):
+                found.append(entry)
+                if len(found) == limit:
+                    break
+        if len(raws) < AUDIT_PAGE:
+            break
+        start += AUDIT_PAGE
+    return {"entries": found, "next": found[-1]["id"] if len(found) == limit else None}

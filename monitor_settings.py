@@ -9,6 +9,7 @@ the scripts print it on one line and exit 2, the extension logs it and turns its
 import argparse
 import math
 import os
+import re
 import sys
 from typing import NamedTuple, Optional
 from urllib.parse import urlsplit
@@ -27,6 +28,7 @@ MAX_SECONDS = 365 * 86400
 MAX_WHOLE = 10 ** 9 - 1
 # Units of a duration such as ``2h`` or ``90m`` (silences).
 DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+DURATION = re.compile(r"([0-9]{1,9}(?:\.[0-9]{1,6})?)([smhd]?)\Z")
 # The alert rules, in evaluation order (monitor_rules.RULES has one row each; a test checks they agree).
 RULE_NAMES = ("down", "cpu", "memory", "stalled", "errors", "rss", "run", "coverage", "latency", "queue")
 # Finish reasons of a run that ended well, unless ALERT_OK_REASONS says otherwise.
@@ -111,6 +113,12 @@ SETTINGS = (
     Setting("MONITOR_API_PORT", "port", 5000, (API, DEMO), "port the API listens on; --port overrides it"),
     Setting("MONITOR_API_TOKEN", "token", None, (API, DEMO),
             "when set, every route but /health needs 'Authorization: Bearer <token>' or ?token="),
+    Setting("MONITOR_API_TOKENS_FILE", "text", None, (API,),
+            "a file of 'name role secret' lines (role viewer, operator or admin; secret sha256:<hex> of the token, "
+            "or the token), re-read within 5 s of a change"),
+    Setting("MONITOR_API_TRUST_LOOPBACK", "flag", True, (API,),
+            "0: a tokenless request from this machine may not change data either (set it when a reverse proxy on "
+            "this host forwards outside requests)"),
     Setting("MONITOR_API_HOSTS", "list", None, (API,),
             "comma-separated Host names accepted without a token, besides the listening address, localhost and "
             "loopback addresses (others get 400: no DNS rebinding)"),
@@ -266,12 +274,15 @@ def token(name, raw):
 
 
 def duration(name, raw, maximum=30 * 86400):
-    """``raw`` (``3600``, ``90m``, ``2h``, ``1d``) as seconds, more than 0 and at most ``maximum``."""
-    text = str(raw).strip().lower()
-    scale = DURATION_UNITS.get(text[-1:], 1)
-    value = _float(text[:-1] if text[-1:] in DURATION_UNITS else text) * scale
-    if not (math.isfinite(value) and 0 < value <= maximum):
-        raise ConfigError(f"{name} must be a duration such as 3600, 90m, 2h or 1d, more than 0 and at most "
+    """``raw`` (a number, or text written ``3600``, ``90.5``, ``90m``, ``2h``, ``1d``: plain decimal digits and one
+    unit, no exponent, sign or underscore) as seconds, at least 1 and at most ``maximum``."""
+    if isinstance(raw, (int, float)) and not isinstance(raw, bool):
+        value = float(raw)
+    else:
+        written = DURATION.match(str(raw).strip().lower())
+        value = float(written[1]) * DURATION_UNITS[written[2] or "s"] if written else math.nan
+    if not (math.isfinite(value) and 1 <= value <= maximum):
+        raise ConfigError(f"{name} must be a duration such as 3600, 90m, 2h or 1d, at least 1 second and at most "
                           f"{maximum / 86400:g} days, not {str(raw)[:50]!r}")
     return value
 

@@ -130,7 +130,8 @@ def test_pause_and_resume_two_nodes_fetch_every_page_once(redis_client, redis_ur
     assert [e["id"] for e in log] == sorted((e["id"] for e in paused + resumed), reverse=True)[:3]
     entry = api.get("/control/log").get_json()["log"][-1]
     assert entry["command"] == "pause" and entry["target"] == f"node:{ids[0]}" and entry["comment"] == "429s"
-    assert entry["who"] == "127.0.0.1" and entry["via"].startswith("no token") and entry["reached"] == 1
+    assert entry["who"] == "anonymous" and entry["from"] == "127.0.0.1" and entry["via"].startswith("no token")
+    assert entry["reached"] == 1
     assert set(entry["acks"]) == {ids[0]} and entry["acks"][ids[0]] >= entry["at"] - 5
     # A node's own command ends with the node.
     assert not redis_client.hkeys(monitor_contract.control_key("scrapy", "commands"))
@@ -279,7 +280,7 @@ def test_control_is_refused_at_the_route_and_every_refusal_is_logged(redis_clien
     ok = tokened.post("/control", json=body, headers={"Authorization": "Bearer s3cret", "Origin": "null"})
     assert ok.status_code == 202 and ok.get_json()["nodes"] == ["a:1"]
     entry = tokened.get("/control/log?token=s3cret").get_json()["log"][0]
-    assert entry["via"] == "token" and entry["who"] == "127.0.0.1"
+    assert entry["via"] == "token" and entry["who"] == "token" and entry["from"] == "127.0.0.1"
     lines = [r.getMessage() for r in caplog.records if r.name == "monitor_api" and "/control " in r.getMessage()]
     assert [line.split()[0] for line in lines] == ["Refused"] * 7 + ["Accepted"], lines
     assert not any("s3cret" in r.getMessage() or "wrong" in r.getMessage() for r in caplog.records)
