@@ -339,9 +339,9 @@ def test_monitor_settings_reads_the_environment():
     assert scan("monitor_settings.py").environ  # the one place, so the check above is not vacuous
 
 
-# The API's Flask config holds its settings (create_app fills it from SETTINGS read by API) and this one entry
-# of its own.
-APP_ONLY = {"DASHBOARD_PATH"}
+# The API's Flask config holds its settings (create_app fills it from SETTINGS read by API), one entry of its
+# own and Flask's own body limit (a constant of monitor_api, not a setting).
+APP_ONLY = {"DASHBOARD_PATH", "MAX_CONTENT_LENGTH"}
 API_MODULES = [m for m in SCANNED if m in ("monitor_api.py", "monitor_gate.py", "monitor_cache.py",
                                            "monitor_prometheus.py")]
 
