@@ -435,6 +435,12 @@ def test_dashboard_buttons_send_commands_confirm_stop_and_show_the_log(redis_ser
         tokened = browser.new_page()
         tokened.goto(f"file://{quote(PAGE)}?api={quote(server.url, safe='')}&token=x&interval=300")
         tokened.wait_for_selector("details.group[data-spider='main_spider']", timeout=WAIT)
-        assert tokened.locator("details.group[data-spider='main_spider'] button[data-command='pause']").is_enabled()
+        # This API has no token, so it ignores ?token=x: the page asks /whoami, learns it is an anonymous viewer
+        # from origin null, and disables the buttons with the API's reason (test_access_page: a known token).
+        tokened.wait_for_function("() => document.querySelector('#who').getAttribute('data-role') === 'viewer'",
+                                  timeout=WAIT)
+        button = tokened.locator("details.group[data-spider='main_spider'] button[data-command='pause']")
+        assert button.is_disabled() and "read only" in button.get_attribute("title")
+        assert "origin 'null'" in button.get_attribute("title")
     finally:
         server.stop()

@@ -9,16 +9,26 @@ app: HGETALL, json.loads of every value, jsonify, Flask's development server. Cl
 ``Accept-Encoding: gzip`` as browsers, curl --compressed and requests do; the uncompressed figure is
 printed too. Prints requests per second, latency percentiles and the ratio (goal: at least 10 times the
 seed's figure, p99 of 25 ms or less with 16 clients). Takes about 50 seconds.
+
+    python bench/api.py --tokens-file 100 [--nodes 1000]
+
+measures instead what named tokens cost: the same /metrics with a token, against an API holding one token
+(MONITOR_API_TOKEN) and against one reading a 100-line MONITOR_API_TOKENS_FILE (sha256 secrets, the token
+used on its last line), in the same run, alternately (three times each; medians compared). Tokens are
+looked up by their sha256, not tried one by one, so the two should not differ beyond noise.
 """
 
 import argparse
 import asyncio
 import gzip
+import hashlib
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 
@@ -136,12 +146,12 @@ def measure(label, port, path, headers, clients, seconds):
     return rate, p99, errors
 
 
-def start(cmd, port, env=None):
+def start(cmd, port, env=None, headers=None):
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
     def up():
         try:
-            return requests.get(f"http://127.0.0.1:{port}/metrics", timeout=5).status_code == 200
+            return requests.get(f"http://127.0.0.1:{port}/metrics", headers=headers, timeout=5).status_code == 200
         except requests.RequestException:
             return proc.poll() is not None and sys.exit(f"server exited: {' '.join(cmd)}")
 
@@ -149,9 +159,9 @@ def start(cmd, port, env=None):
     return proc
 
 
-def check(port, nodes):
+def check(port, nodes, headers=None):
     """Both servers must return the same thing: every node."""
-    got = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=10).json()
+    got = requests.get(f"http://127.0.0.1:{port}/metrics", headers=headers, timeout=10).json()
     assert len(got) == nodes, f"expected {nodes} nodes, got {len(got)}"
 
 
@@ -162,7 +172,11 @@ def main():
     parser.add_argument("--seconds", type=float, default=8.0, help="measuring time per case")
     parser.add_argument("--insight", action="store_true",
                         help="snapshots carry crawl insight; also measure /metrics?fields=all")
+    parser.add_argument("--tokens-file", type=int, metavar="N", default=0,
+                        help="measure /metrics with a token: a tokens file of N lines against one token")
     args = parser.parse_args()
+    if args.tokens_file:
+        return compare_tokens(args)
     if args.insight:
         import bench.insight_hooks
 
@@ -217,6 +231,66 @@ def main():
             proc.terminate()
             proc.wait(10)
         server.cleanup()
+
+
+def compare_tokens(args):
+    """/metrics with a token: MONITOR_API_TOKEN (one token) against a tokens file of ``args.tokens_file`` lines,
+    the same cluster and clients, measured alternately three times; prints the median p99 and req/s of each and
+    their difference."""
+    server = RedisServer().start()
+    procs, stop, pause = [], threading.Event(), threading.Event()
+    folder = tempfile.mkdtemp(prefix="scm-bench-tokens-")
+    try:
+        fill(server.client(), args.nodes)
+        secret = "bench-token-" + os.urandom(8).hex()
+        path = os.path.join(folder, "tokens")
+        with open(path, "w") as f:
+            for i in range(args.tokens_file - 1):
+                f.write(f"user{i} viewer sha256:{hashlib.sha256(os.urandom(16)).hexdigest()}\n")
+            f.write(f"bench viewer sha256:{hashlib.sha256(secret.encode()).hexdigest()}\n")
+        auth = {"Authorization": f"Bearer {secret}"}
+        env = dict(clean_env(), REDIS_URL=server.url)
+        one_port, file_port = free_port(), free_port()
+        procs.append(start([sys.executable, "monitor_api.py", "--port", str(one_port)], one_port,
+                           dict(env, MONITOR_API_TOKEN=secret), auth))
+        procs.append(start([sys.executable, "monitor_api.py", "--port", str(file_port)], file_port,
+                           dict(env, MONITOR_API_TOKENS_FILE=path), auth))
+        for port in (one_port, file_port):
+            check(port, args.nodes, auth)
+        # The gate's own cost per request, in this process: finding the token (and the file's change check).
+        import timeit
+
+        import monitor_gate
+        for label, tokens in (("one token", monitor_gate.Tokens(secret)),
+                              ("tokens file", monitor_gate.Tokens(None, path))):
+            n = 200_000
+            took = timeit.timeit(lambda t=tokens: (t.refresh(), t.find(secret)), number=n)
+            print(f"token lookup, {label} ({tokens.count()} token(s)): {took / n * 1e6:.2f} us per request")
+        print(f"{args.nodes} nodes; {args.clients} concurrent clients, {args.seconds:g} s per case, "
+              f"{os.cpu_count()} CPUs; GET /metrics with 'Authorization: Bearer', gzip")
+        threading.Thread(target=keep_reporting, args=(server.client(), args.nodes, 10, stop, pause),
+                         daemon=True).start()
+        headers = f"Accept-Encoding: gzip\r\nAuthorization: Bearer {secret}\r\n"
+        cases = {"one token (MONITOR_API_TOKEN)": one_port,
+                 f"{args.tokens_file}-line MONITOR_API_TOKENS_FILE": file_port}
+        results = {label: [] for label in cases}
+        for _ in range(3):
+            for label, port in cases.items():
+                results[label].append(measure(label, port, "/metrics", headers, args.clients, args.seconds))
+        best = {label: (statistics.median(r for r, _, _ in runs), statistics.median(p for _, p, _ in runs),
+                        sum(e for *_, e in runs)) for label, runs in results.items()}
+        (one_label, (one_rate, one_p99, one_err)), (file_label, (file_rate, file_p99, file_err)) = best.items()
+        print(f"median of 3: {one_label}: {one_rate:.1f} req/s, p99 {one_p99:.1f} ms; "
+              f"{file_label}: {file_rate:.1f} req/s, p99 {file_p99:.1f} ms; "
+              f"req/s {100 * (file_rate / one_rate - 1):+.1f}%, p99 {file_p99 - one_p99:+.1f} ms; "
+              f"{one_err + file_err} errors")
+    finally:
+        stop.set()
+        for proc in procs:
+            proc.terminate()
+            proc.wait(10)
+        server.cleanup()
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 if __name__ == "__main__":
