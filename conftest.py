@@ -177,3 +177,17 @@ def make(redis_url, smtp, monkeypatch):
         return alert.Alerter(cfg, client=monitor_contract.connect(cfg.redis_url, timeout=5))
 
     return build
+
+
+@pytest.fixture
+def servers():
+    """Extra API servers (and their Redis) a test starts for itself; all stopped at the end."""
+    started = []
+
+    def start(thing):
+        started.append(thing)
+        return thing.start()
+
+    yield start
+    for thing in reversed(started):
+        thing.cleanup() if isinstance(thing, RedisServer) else thing.stop()

@@ -11,9 +11,7 @@ import time
 import requests
 
 import monitor_contract
-from test_alert import make, report, smtp  # noqa: F401 (fixtures)
-from test_dashboard import WAIT, ApiServer, browser, open_page, publish, servers, snapshot, until  # noqa: F401
-from testbed import PageHandler, QuietServer, wait_for
+from testbed import WAIT, ApiServer, PageHandler, QuietServer, publish, report, snapshot, until, wait_for
 
 TITLE = "Scrapy cluster monitor"
 VIEWER_SECRET, OPERATOR_SECRET = "v1ewer-secret", "0perator-secret"
@@ -29,7 +27,7 @@ def tokens_file(tmp_path):
     return str(path)
 
 
-def firing(make, redis_client):  # noqa: F811 (make: a fixture)
+def firing(make, redis_client):
     """Two nodes of main_spider, w1's CPU alert firing."""
     now = monitor_contract.redis_now(redis_client.time())
     report(redis_client, "main_spider:w1:1", now, cpu=99.0, host="w1")
@@ -57,7 +55,7 @@ def bearer(secret):
 # ---------------------------------------------------------------------------- roles
 
 def test_a_viewer_sees_read_only_buttons_and_an_operators_pause_is_audited_by_name(
-        make, redis_client, redis_server, open_page, servers, tmp_path):  # noqa: F811
+        make, redis_client, redis_server, open_page, servers, tmp_path):
     firing(make, redis_client)
     server = servers(ApiServer(redis_server.url, MONITOR_API_TOKENS_FILE=tokens_file(tmp_path), MONITOR_API_CACHE="0"))
 
@@ -102,7 +100,7 @@ def test_a_viewer_sees_read_only_buttons_and_an_operators_pause_is_audited_by_na
 
 
 def test_every_change_from_the_page_carries_a_fresh_idempotency_key(
-        make, redis_client, redis_server, open_page, servers):  # noqa: F811
+        make, redis_client, redis_server, open_page, servers):
     firing(make, redis_client)
     server = servers(ApiServer(redis_server.url, MONITOR_API_CACHE="0"))  # no token: its own page on loopback acts
     page = open_page(f"{server.url}/?interval=300")
@@ -126,7 +124,7 @@ def test_every_change_from_the_page_carries_a_fresh_idempotency_key(
 # ---------------------------------------------------------------------------- outcome unknown
 
 def test_a_503_outcome_unknown_is_shown_and_followed_to_its_audit_entry(
-        redis_client, redis_server, open_page, servers):  # noqa: F811
+        redis_client, redis_server, open_page, servers):
     publish(redis_client, snapshot("main_spider:a:1"), stamp=True)
     server = servers(ApiServer(redis_server.url, MONITOR_API_CACHE="0"))
     page = open_page(f"{server.url}/?interval=300")
@@ -165,7 +163,7 @@ def test_a_503_outcome_unknown_is_shown_and_followed_to_its_audit_entry(
 # ---------------------------------------------------------------------------- frames
 
 def test_a_page_on_another_port_gets_no_frame_of_the_dashboard_and_no_command_through(
-        redis_client, redis_server, open_page, servers):  # noqa: F811
+        redis_client, redis_server, open_page, servers):
     publish(redis_client, snapshot("main_spider:a:1"), stamp=True)
     server = servers(ApiServer(redis_server.url, MONITOR_API_CACHE="0"))  # no token, loopback: the open case
     framer_html = f"""<!DOCTYPE html><title>framer</title>

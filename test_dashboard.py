@@ -11,7 +11,6 @@ import re
 import time
 from urllib.parse import quote
 
-import pytest
 import requests
 
 import monitor_contract
@@ -23,20 +22,6 @@ PREFIX = "scrapy"
 
 
 # ---------------------------------------------------------------------------- servers and data
-
-@pytest.fixture
-def servers():
-    """Extra API servers (and their Redis) a test starts for itself; all stopped at the end."""
-    started = []
-
-    def start(thing):
-        started.append(thing)
-        return thing.start()
-
-    yield start
-    for thing in reversed(started):
-        thing.cleanup() if isinstance(thing, RedisServer) else thing.stop()
-
 
 snapshot = testbed.snapshot
 publish = functools.partial(testbed.publish, prefix=PREFIX, history_len=360)
