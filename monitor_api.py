@@ -213,8 +213,8 @@ def reader():
 def apply_gate():
     refusal = gate().authorize(request.environ)
     if refusal is not None:
-        if getattr(current_app.view_functions.get(request.endpoint), "changes_data", False):
-            log_acting(refusal)
+        if refusal.status != 429:  # a throttled address is logged once, when its minute starts
+            log_acting(refusal)  # reads too: a refused read is a guess worth seeing
         return refusal.response()
     return None
 

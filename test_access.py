@@ -632,3 +632,11 @@ def test_a_redis_stall_during_the_write_is_503_outcome_unknown_and_a_repeat_is_e
         assert redis_client.hlen("scrapy:alert:silences") == 1
     finally:
         proxy.close()
+
+
+def test_a_refused_read_is_logged_once_without_the_token(redis_url, caplog):
+    c = make_app(redis_url, MONITOR_API_TOKEN="s3cret").test_client()
+    with caplog.at_level(logging.WARNING, logger="monitor_api"):
+        assert c.get("/metrics", headers={"Authorization": "Bearer wrong-guess"}).status_code == 401
+    [line] = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Refused GET /metrics")]
+    assert "(401)" in line and "wrong-guess" not in caplog.text and "s3cret" not in caplog.text
