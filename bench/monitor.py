@@ -9,11 +9,9 @@ import argparse
 import json
 import os
 import resource
-import socket
 import statistics
 import subprocess
 import sys
-import threading
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -22,23 +20,12 @@ sys.path.insert(0, ROOT)
 import bench.insight_hooks as insight_bench  # noqa: E402
 import monitor_contract
 import monitors  # noqa: E402
-from testbed import RedisServer, Site, clean_env, crawl_command  # noqa: E402
+from testbed import HangingPort, RedisServer, Site, clean_env, crawl_command  # noqa: E402
 
 # The crawler gets a core of its own; the site, Redis and this script share the other (less noise).
 CPUS = sorted(os.sched_getaffinity(0))
 CRAWLER_CPUS = set(CPUS[-1:])
 OTHER_CPUS = set(CPUS[:-1]) or CRAWLER_CPUS
-
-
-def hanging_port():
-    """A port that accepts connections and never answers (the held sockets live as long as the bench)."""
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(64)
-    held = []
-    threading.Thread(target=lambda: [held.append(listener.accept()[0]) for _ in iter(int, 1)],
-                     daemon=True).start()
-    return listener.getsockname()[1]
 
 
 def crawl(server, site, env):
@@ -69,7 +56,7 @@ def throughput(rounds, pages):
         "off": {"MONITOR_ENABLED": "0"},
         "on (1 s)": {"MONITOR_INTERVAL": "1"},
         "on, no control": {"MONITOR_INTERVAL": "1", "MONITOR_CONTROL": "0"},
-        "hanging Redis": {"MONITOR_INTERVAL": "1", "MONITOR_REDIS_URL": f"redis://127.0.0.1:{hanging_port()}/0"},
+        "hanging Redis": {"MONITOR_INTERVAL": "1", "MONITOR_REDIS_URL": HangingPort().url},  # held to the end
     }
     rates = {name: [] for name in variants}
     cpus = {name: [] for name in variants}
