@@ -7,12 +7,21 @@ Helpers are imported from ``testbed``, never from here, nor from another test mo
 
 import os
 import signal
-import socket
-import threading
 
 import pytest
 
-from testbed import CHROMIUM, CHROMIUM_ARGS, TO, ApiServer, RedisServer, Site, start_crawler, start_smtp, start_webhook
+from testbed import (
+    CHROMIUM,
+    CHROMIUM_ARGS,
+    TO,
+    ApiServer,
+    HangingPort,
+    RedisServer,
+    Site,
+    start_crawler,
+    start_smtp,
+    start_webhook,
+)
 
 
 @pytest.fixture(scope="session")
@@ -63,28 +72,10 @@ def crawlers():
 
 @pytest.fixture
 def hanging_port():
-    """A port that accepts connections and never answers a byte."""
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(64)
-    held, stop = [], threading.Event()
-
-    def accept():
-        listener.settimeout(0.2)
-        while not stop.is_set():
-            try:
-                held.append(listener.accept()[0])
-            except OSError:
-                pass
-
-    thread = threading.Thread(target=accept, daemon=True)
-    thread.start()
-    yield listener.getsockname()[1]
-    stop.set()
-    thread.join()
-    for conn in held:
-        conn.close()
-    listener.close()
+    """A port that accepts connections and never answers a byte (testbed.HangingPort)."""
+    port = HangingPort()
+    yield port.port
+    port.close()
 
 
 # ---------------------------------------------------------------------------- the API and the page

@@ -19,7 +19,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import monitor_contract
-import monitors  # noqa: E402
 from testbed import CHROMIUM, CHROMIUM_ARGS, ApiServer, RedisServer, publish, snapshot  # noqa: E402
 
 WARM_UP = 20  # refreshes before the first reading: caches, JIT and the sparklines on screen settle
@@ -54,7 +53,7 @@ def main():
         while not stop.is_set():
             turn += 1
             gone, alive[:args.churn] = alive[:args.churn], []
-            client.hdel(monitor_contract.status_key(monitors.DEFAULT_PREFIX), *[node(i) for i in gone])
+            client.hdel(monitor_contract.status_key("scrapy"), *[node(i) for i in gone])
             alive.extend(range(serial[0], serial[0] + args.churn))
             serial[0] += args.churn
             publish(client, *[snapshot(node(i), spider=f"spider_{i % 4}", cpu=float((i + turn) % 100),
