@@ -570,6 +570,15 @@ local function next_id(seq, log)
   redis.call('SET', seq, top + 1)
   return top + 1
 end
+-- The first answer to a request with this idempotency key ('' for none), or nil.
+local function first_answer(key, idem)
+  if idem ~= '' then return redis.call('GET', key) end
+  return nil
+end
+-- Keep the answer for repeats of the request with this idempotency key, for ttl seconds.
+local function remember(key, idem, ttl, answer)
+  if idem ~= '' then redis.call('SET', key, answer, 'EX', tonumber(ttl)) end
+end
 local function audit(log, seq, entry, keep, at)
   local id = next_id(seq, log)
   redis.call('LPUSH', log, '{"id":' .. id .. ',"at":' .. at .. ',' .. string.sub(entry, 2))
@@ -585,10 +594,8 @@ end
 ISSUE_LUA = LUA_COMMON + """
 local bad = wrong_key(KEYS, {'string', 'hash', 'list', 'list', 'string', 'string'})
 if bad then return redis.error_reply(bad) end
-if ARGV[6] ~= '' then
-  local first = redis.call('GET', KEYS[6])
-  if first then return {'repeat', first} end
-end
+local first = first_answer(KEYS[6], ARGV[6])
+if first then return {'repeat', first} end
 local top = math.max(tonumber(redis.call('GET', KEYS[1]) or '') or 0, id_of(redis.call('LINDEX', KEYS[3], 0)))
 for _, raw in ipairs(redis.call('HVALS', KEYS[2])) do top = math.max(top, id_of(raw)) end
 local id = top + 1
@@ -601,7 +608,7 @@ redis.call('LPUSH', KEYS[3], entry)
 redis.call('LTRIM', KEYS[3], 0, tonumber(ARGV[3]) - 1)
 audit(KEYS[4], KEYS[5], '{"ref":' .. id .. ',' .. string.sub(ARGV[4], 2), tonumber(ARGV[5]), at)
 local answer = head .. string.sub(ARGV[8], 2)
-if ARGV[6] ~= '' then redis.call('SET', KEYS[6], answer, 'EX', tonumber(ARGV[7])) end
+remember(KEYS[6], ARGV[6], ARGV[7], answer)
 return {'new', answer}
 """
 # Adds a silence under the cap, audited, in one step (the cap holds whatever the concurrency). KEYS: silences,
@@ -610,10 +617,8 @@ return {'new', answer}
 ADD_SILENCE_LUA = LUA_COMMON + """
 local bad = wrong_key(KEYS, {'hash', 'list', 'string', 'string'})
 if bad then return redis.error_reply(bad) end
-if ARGV[7] ~= '' then
-  local first = redis.call('GET', KEYS[4])
-  if first then return {'repeat', first} end
-end
+local first = first_answer(KEYS[4], ARGV[7])
+if first then return {'repeat', first} end
 if redis.call('HLEN', KEYS[1]) >= tonumber(ARGV[3]) then
   local all = redis.call('HGETALL', KEYS[1])
   for i = 1, #all, 2 do
@@ -626,7 +631,7 @@ if redis.call('HLEN', KEYS[1]) >= tonumber(ARGV[3]) then
 end
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
 audit(KEYS[2], KEYS[3], '{"ref":"' .. ARGV[1] .. '",' .. string.sub(ARGV[5], 2), tonumber(ARGV[6]), stamp())
-if ARGV[7] ~= '' then redis.call('SET', KEYS[4], ARGV[9], 'EX', tonumber(ARGV[8])) end
+remember(KEYS[4], ARGV[7], ARGV[8], ARGV[9])
 return {'new', ARGV[9]}
 """
 # Deletes a silence, audited. KEYS: silences, audit log, audit seq, idempotency. ARGV: id, audit entry, audit
@@ -634,13 +639,11 @@ return {'new', ARGV[9]}
 DELETE_SILENCE_LUA = LUA_COMMON + """
 local bad = wrong_key(KEYS, {'hash', 'list', 'string', 'string'})
 if bad then return redis.error_reply(bad) end
-if ARGV[4] ~= '' then
-  local first = redis.call('GET', KEYS[4])
-  if first then return {'repeat', first} end
-end
+local first = first_answer(KEYS[4], ARGV[4])
+if first then return {'repeat', first} end
 if redis.call('HDEL', KEYS[1], ARGV[1]) == 0 then return {'missing', ''} end
 audit(KEYS[2], KEYS[3], ARGV[2], tonumber(ARGV[3]), stamp())
-if ARGV[4] ~= '' then redis.call('SET', KEYS[4], ARGV[6], 'EX', tonumber(ARGV[5])) end
+remember(KEYS[4], ARGV[4], ARGV[5], ARGV[6])
 return {'new', ARGV[6]}
 """
 # One audit entry on its own (a refusal, a tokens file re-read). KEYS: audit log, audit seq. ARGV: entry, keep.

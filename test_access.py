@@ -2,7 +2,6 @@
 and named tokens, the audit log, atomic and idempotent writes, the alerter's silence flags. Against a private
 redis-server, Flask's test client, a real waitress server and real subprocesses."""
 
-import contextlib
 import json
 import logging
 import os
@@ -14,13 +13,11 @@ import time
 
 import pytest
 import requests
-import waitress
-from waitress import wasyncore
 
 import monitor_api
 import monitor_contract
 import testbed
-from testbed import ROOT, clean_env, free_port, wait_for
+from testbed import ROOT, clean_env, free_port, serving, wait_for
 
 # ---------------------------------------------------------------------------- helpers
 
@@ -33,21 +30,6 @@ def make_app(url, **config):
                 "MONITOR_API_HOST": "127.0.0.1", "MONITOR_API_HOSTS": None, "MONITOR_API_READONLY": "0"}
     settings.update(config)
     return monitor_api.create_app(settings)
-
-
-@contextlib.contextmanager
-def serving(app):
-    """The app on a real waitress server on loopback, in a thread: yields its base URL."""
-    server = waitress.create_server(app, host="127.0.0.1", port=0, threads=4)
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.effective_port}"
-    finally:
-        server.close()
-        server.task_dispatcher.shutdown(timeout=5)
-        wasyncore.close_all(server._map)
-        thread.join(5)
 
 
 def store(client, *names):

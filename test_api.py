@@ -1,7 +1,6 @@
 """The Monitor API end to end: a private redis-server, Flask's test client, a real waitress server, curl,
 and a real ``scrapy crawl`` node."""
 
-import contextlib
 import gzip
 import json
 import logging
@@ -16,16 +15,14 @@ from urllib.parse import quote
 
 import pytest
 import requests
-import waitress
 from flask import g
 from prometheus_client.parser import text_string_to_metric_families
-from waitress import wasyncore
 
 import monitor_api
 import monitor_contract
 import monitor_gate
 import monitor_read
-from testbed import ROOT, RedisServer, clean_env, free_port, make_app, snap, store, wait_for
+from testbed import ROOT, RedisServer, clean_env, free_port, make_app, serving, snap, store, wait_for
 
 SEED_FIELDS = {"timestamp", "spider", "cpu", "memory", "bytes_sent", "bytes_recv"}
 CONTRACT_FIELDS = SEED_FIELDS | {"node", "host", "pid", "status", "interval", "pages", "items", "state"}
@@ -36,21 +33,6 @@ LOAD_SECONDS = 30
 @pytest.fixture
 def client(redis_url):
     return make_app(redis_url).test_client()
-
-
-@contextlib.contextmanager
-def serving(app):
-    """The app on a real waitress server on loopback, in a thread: yields its base URL."""
-    server = waitress.create_server(app, host="127.0.0.1", port=0, threads=monitor_api.THREADS)
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.effective_port}"
-    finally:
-        server.close()
-        server.task_dispatcher.shutdown(timeout=5)
-        wasyncore.close_all(server._map)  # connections clients left open
-        thread.join(5)
 
 
 def path_of(name):

@@ -10,6 +10,7 @@ some pages answer 404 or 500 and some are slow, as a real site does; ``hits`` co
 
 import argparse
 import collections
+import contextlib
 import functools
 import json
 import os
@@ -382,6 +383,24 @@ class ApiServer:
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+@contextlib.contextmanager
+def serving(app, threads=16):
+    """The app on a real waitress server on loopback, in a thread: yields its base URL."""
+    import waitress  # here: only the tests that serve an app in-process need it
+    from waitress import wasyncore
+
+    server = waitress.create_server(app, host="127.0.0.1", port=0, threads=threads)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.effective_port}"
+    finally:
+        server.close()
+        server.task_dispatcher.shutdown(timeout=5)
+        wasyncore.close_all(server._map)  # connections clients left open
+        thread.join(5)
 
 
 # ---------------------------------------------------------------------------- snapshots as nodes write them

@@ -226,11 +226,16 @@ def main():
               f"p99 {ours_p99:.1f} ms with gzip, {plain_p99:.1f} ms without (goal <= 25 ms): "
               f"{'met' if ok else 'NOT met'}")
     finally:
-        stop.set()
-        for proc in procs:
-            proc.terminate()
-            proc.wait(10)
-        server.cleanup()
+        stop_all(stop, procs, server)
+
+
+def stop_all(stop, procs, server):
+    """End the reporting thread, the API processes and the Redis a measurement started."""
+    stop.set()
+    for proc in procs:
+        proc.terminate()
+        proc.wait(10)
+    server.cleanup()
 
 
 def compare_tokens(args):
@@ -285,11 +290,7 @@ def compare_tokens(args):
               f"req/s {100 * (file_rate / one_rate - 1):+.1f}%, p99 {file_p99 - one_p99:+.1f} ms; "
               f"{one_err + file_err} errors")
     finally:
-        stop.set()
-        for proc in procs:
-            proc.terminate()
-            proc.wait(10)
-        server.cleanup()
+        stop_all(stop, procs, server)
         shutil.rmtree(folder, ignore_errors=True)
 
 
