@@ -25,6 +25,7 @@ from werkzeug.exceptions import HTTPException
 from werkzeug.wsgi import get_host
 
 from monitor_contract import dumps
+from monitor_settings import ConfigError
 
 logger = logging.getLogger("monitor_api")
 
@@ -150,8 +151,6 @@ class Tokens:
     def _load(self, first=False):
         """The file's tokens; a ConfigError at start when it is unreadable or has no valid line, else the
         previous tokens kept (and the problem logged)."""
-        from monitor_settings import ConfigError  # monitor_settings imports nothing of ours but the contract
-
         try:
             tokens, problems = read_tokens_file(self.path)
         except OSError as exc:
