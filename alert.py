@@ -433,8 +433,8 @@ def silences_command(cfg):
     r = connect(cfg.redis_url)
     try:
         now = redis_now(r.time())
+        who = f"alert.py on {socket.gethostname()}"
         if cfg.silence is not None:
-            who = f"alert.py on {socket.gethostname()}"
             try:
                 silence = silence_from({"matchers": cfg.silence, "duration": cfg.silence_for,
                                         "comment": cfg.comment or ""}, now, who)
@@ -443,7 +443,7 @@ def silences_command(cfg):
                 return exit_config_error("alert.py", exc)
             print(f"{sid} until {iso(silence['until'])}")
         elif cfg.unsilence is not None:
-            if not delete_silence(r, cfg.prefix, cfg.unsilence):
+            if not delete_silence(r, cfg.prefix, cfg.unsilence, who):
                 print(f"alert.py: error: no silence {cfg.unsilence[:50]!r} (see --silences)", file=sys.stderr)
                 return 2
             print(f"deleted {cfg.unsilence}")

@@ -109,9 +109,9 @@ def store_silence(r, prefix, silence, audit=None, idempotency="", request=None):
     return loads(raw, bounded=False), as_text(kind) == "repeat"
 
 
-def delete_silence(r, prefix, sid, audit=None, idempotency=""):
-    """Delete one silence and audit it, in one script; whether it existed (or a repeat found it deleted)."""
-    return remove_silence(r, prefix, sid, audit, idempotency)[0] is not None
+def delete_silence(r, prefix, sid, who="unknown"):
+    """Delete one silence and audit it as ``who``'s, in one script; whether it existed."""
+    return remove_silence(r, prefix, sid, {"who": who})[0] is not None
 
 
 def remove_silence(r, prefix, sid, audit=None, idempotency=""):
