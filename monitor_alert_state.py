@@ -13,10 +13,9 @@ from typing import NamedTuple, Optional
 
 import redis
 
+from monitor_acting import ADD_SILENCE_LUA, DELETE_SILENCE_LUA
 from monitor_contract import (
-    ADD_SILENCE_LUA,
     AUDIT_KEEP,
-    DELETE_SILENCE_LUA,
     IDEMPOTENCY_TTL,
     alert_key,
     as_text,

@@ -25,6 +25,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from werkzeug.exceptions import HTTPException
 from werkzeug.routing import PathConverter
 
+from monitor_acting import issue, write_audit
 from monitor_alert_state import read_alerts, read_silences, remove_silence, silence_from, store_silence
 from monitor_cache import CACHE_ENTRIES, Body, Cache, CachedFastPath, cache_key, json_body, to_json
 from monitor_contract import (
@@ -42,7 +43,6 @@ from monitor_contract import (
     history_key,
     idempotency_key,
     is_text,
-    issue,
     loads,
     redact,
     redis_now,
@@ -52,7 +52,6 @@ from monitor_contract import (
     slim,
     status_key,
     trend_key,
-    write_audit,
 )
 from monitor_gate import ADMIN, MAX_BODY, OPERATOR, Gate, acting, gate, identity, log_acting, needs, shown
 from monitor_prometheus import ClusterCollector, RunsCollector

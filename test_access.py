@@ -14,6 +14,7 @@ import time
 import pytest
 import requests
 
+import monitor_acting
 import monitor_api
 import monitor_contract
 import testbed
@@ -400,7 +401,7 @@ def test_an_operator_acts_and_its_name_is_in_the_control_log_and_the_audit(redis
 
 def test_the_audit_log_is_capped_never_expired(redis_url, redis_client):
     for i in range(monitor_contract.AUDIT_KEEP + 5):
-        monitor_contract.write_audit(redis_client, "scrapy", {"who": "t", "action": "x", "n": i})
+        monitor_acting.write_audit(redis_client, "scrapy", {"who": "t", "action": "x", "n": i})
     assert redis_client.llen("scrapy:audit:log") == monitor_contract.AUDIT_KEEP
     assert redis_client.ttl("scrapy:audit:log") == -1
     newest = json.loads(redis_client.lindex("scrapy:audit:log", 0))

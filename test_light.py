@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-import monitor_contract
+import monitor_acting
 import testbed
 from testbed import HangingPort, Site, crawl_log, wait_for
 
@@ -58,7 +58,7 @@ def test_a_hung_monitor_redis_delays_the_crawl_by_at_most_a_quarter_second_and_a
         # Before, the first control read waited for the client's 1 s timeout before the crawl could start.
         assert first_hit - opened < 0.75, f"first page {first_hit - opened:.3f} s after spider_opened"
         assert "no answer from Redis within 0.25s" in crawl_log(proc)
-        sent = monitor_contract.issue_command(redis_client, "scrapy", "pause", "all")
+        sent = monitor_acting.issue_command(redis_client, "scrapy", "pause", "all")
         hung_redis.release()  # Redis answers again: the node reads the pause written meanwhile
         node = wait_for(lambda: next(iter(testbed.list_nodes(redis_client)[0].items()), None), 30,
                         what="the node reporting through the released port")[0]

@@ -1,0 +1,146 @@
+"""Acting writes: a control command, a silence or an audit entry is stored with its audit entry and its
+idempotency answer in one Lua script, so a change is never recorded without its audit or twice."""
+
+from monitor_contract import (
+    AUDIT_KEEP,
+    CONTROL_LOG_KEEP,
+    IDEMPOTENCY_TTL,
+    as_text,
+    audit_keys,
+    control_key,
+    dumps,
+    loads,
+)
+
+# Lua shared by the write scripts: every key's type is checked before anything is written (a key of the wrong
+# type fails the whole script, naming the key: "WRONGKEY <key> is a <type>, not a <type>"); ids are one above
+# the highest stored, so a lost sequence key never makes them go backwards; the audit entry is pushed in the
+# same script as the change it records; an idempotency key returns the first answer.
+LUA_COMMON = """
+local function wrong_key(keys, kinds)
+  for i, kind in ipairs(kinds) do
+    local t = redis.call('TYPE', keys[i])['ok']
+    if t ~= 'none' and t ~= kind then return 'WRONGKEY ' .. keys[i] .. ' is a ' .. t .. ', not a ' .. kind end
+  end
+  return nil
+end
+local function stamp()
+  local t = redis.call('TIME')
+  return string.format('%d.%03d', t[1], math.floor(t[2] / 1000))
+end
+local function id_of(raw)
+  if not raw then return 0 end
+  return tonumber(string.match(raw, '^{"id":(%d+),')) or 0
+end
+local function next_id(seq, log)
+  local top = math.max(tonumber(redis.call('GET', seq) or '') or 0, id_of(redis.call('LINDEX', log, 0)))
+  redis.call('SET', seq, top + 1)
+  return top + 1
+end
+-- The first answer to a request with this idempotency key ('' for none), or nil.
+local function first_answer(key, idem)
+  if idem ~= '' then return redis.call('GET', key) end
+  return nil
+end
+-- Keep the answer for repeats of the request with this idempotency key, for ttl seconds.
+local function remember(key, idem, ttl, answer)
+  if idem ~= '' then redis.call('SET', key, answer, 'EX', tonumber(ttl)) end
+end
+local function audit(log, seq, entry, keep, at)
+  local id = next_id(seq, log)
+  redis.call('LPUSH', log, '{"id":' .. id .. ',"at":' .. at .. ',' .. string.sub(entry, 2))
+  redis.call('LTRIM', log, 0, keep - 1)
+  return id
+end
+"""
+# Issues one command, logs it, counts it and audits it, in one step or not at all, so ids are ordered and unique
+# across API processes and the newest id is always the one stored. KEYS: seq, commands, log, audit log, audit
+# seq, idempotency. ARGV: target, the entry (a JSON object without id and at), log keep, the audit entry, audit
+# keep, idempotency ('' for none), its TTL, the answer (a JSON object without id and at). Replies
+# ``{'new' | 'repeat', answer with id and at}``.
+ISSUE_LUA = LUA_COMMON + """
+local bad = wrong_key(KEYS, {'string', 'hash', 'list', 'list', 'string', 'string'})
+if bad then return redis.error_reply(bad) end
+local first = first_answer(KEYS[6], ARGV[6])
+if first then return {'repeat', first} end
+local top = math.max(tonumber(redis.call('GET', KEYS[1]) or '') or 0, id_of(redis.call('LINDEX', KEYS[3], 0)))
+for _, raw in ipairs(redis.call('HVALS', KEYS[2])) do top = math.max(top, id_of(raw)) end
+local id = top + 1
+redis.call('SET', KEYS[1], id)
+local at = stamp()
+local head = '{"id":' .. id .. ',"at":' .. at .. ','
+local entry = head .. string.sub(ARGV[2], 2)
+redis.call('HSET', KEYS[2], ARGV[1], entry)
+redis.call('LPUSH', KEYS[3], entry)
+redis.call('LTRIM', KEYS[3], 0, tonumber(ARGV[3]) - 1)
+audit(KEYS[4], KEYS[5], '{"ref":' .. id .. ',' .. string.sub(ARGV[4], 2), tonumber(ARGV[5]), at)
+local answer = head .. string.sub(ARGV[8], 2)
+remember(KEYS[6], ARGV[6], ARGV[7], answer)
+return {'new', answer}
+"""
+# Adds a silence under the cap, audited, in one step (the cap holds whatever the concurrency). KEYS: silences,
+# audit log, audit seq, idempotency. ARGV: id, silence JSON, cap, now, audit entry, audit keep, idempotency, TTL,
+# answer. Expired silences are dropped when the cap is reached. Replies ``{'new' | 'repeat' | 'full', answer}``.
+ADD_SILENCE_LUA = LUA_COMMON + """
+local bad = wrong_key(KEYS, {'hash', 'list', 'string', 'string'})
+if bad then return redis.error_reply(bad) end
+local first = first_answer(KEYS[4], ARGV[7])
+if first then return {'repeat', first} end
+if redis.call('HLEN', KEYS[1]) >= tonumber(ARGV[3]) then
+  local all = redis.call('HGETALL', KEYS[1])
+  for i = 1, #all, 2 do
+    local ok, s = pcall(cjson.decode, all[i + 1])
+    if ok and type(s) == 'table' and type(s['until']) == 'number' and s['until'] <= tonumber(ARGV[4]) then
+      redis.call('HDEL', KEYS[1], all[i])
+    end
+  end
+  if redis.call('HLEN', KEYS[1]) >= tonumber(ARGV[3]) then return {'full', ''} end
+end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+audit(KEYS[2], KEYS[3], '{"ref":"' .. ARGV[1] .. '",' .. string.sub(ARGV[5], 2), tonumber(ARGV[6]), stamp())
+remember(KEYS[4], ARGV[7], ARGV[8], ARGV[9])
+return {'new', ARGV[9]}
+"""
+# Deletes a silence, audited. KEYS: silences, audit log, audit seq, idempotency. ARGV: id, audit entry, audit
+# keep, idempotency, TTL, answer. Replies ``{'new' | 'repeat' | 'missing', answer}``.
+DELETE_SILENCE_LUA = LUA_COMMON + """
+local bad = wrong_key(KEYS, {'hash', 'list', 'string', 'string'})
+if bad then return redis.error_reply(bad) end
+local first = first_answer(KEYS[4], ARGV[4])
+if first then return {'repeat', first} end
+if redis.call('HDEL', KEYS[1], ARGV[1]) == 0 then return {'missing', ''} end
+audit(KEYS[2], KEYS[3], ARGV[2], tonumber(ARGV[3]), stamp())
+remember(KEYS[4], ARGV[4], ARGV[5], ARGV[6])
+return {'new', ARGV[6]}
+"""
+# One audit entry on its own (a refusal, a tokens file re-read). KEYS: audit log, audit seq. ARGV: entry, keep.
+AUDIT_LUA = LUA_COMMON + """
+local bad = wrong_key(KEYS, {'list', 'string'})
+if bad then return redis.error_reply(bad) end
+return audit(KEYS[1], KEYS[2], ARGV[1], tonumber(ARGV[2]), stamp())
+"""
+
+
+def issue(r, prefix, command, target, fields, audit, idempotency="", answer=None):
+    """Store ``command`` for ``target`` (``node:<id>``, ``spider:<name>`` or ``all``), log it with ``fields``
+    (comment, who...), count it and record ``audit`` (a dict), in one script. ``idempotency``: the key of
+    ``idempotency_key``, or ''. Returns ``(answer with id and at, repeated)``: ``answer`` (default: the entry)
+    as first given for this idempotency key when ``repeated``."""
+    entry = {"command": command, "target": target, **fields}
+    keys = (control_key(prefix, "seq"), control_key(prefix, "commands"), control_key(prefix, "log"),
+            *audit_keys(prefix), idempotency or control_key(prefix, "seq"))
+    kind, raw = r.eval(ISSUE_LUA, len(keys), *keys, target, dumps(entry), CONTROL_LOG_KEEP, dumps(audit), AUDIT_KEEP,
+                       idempotency, IDEMPOTENCY_TTL, dumps(answer or entry))
+    return loads(raw, bounded=False), as_text(kind) == "repeat"
+
+
+def issue_command(r, prefix, command, target, **fields):
+    """``issue`` audited as done by ``fields["who"]`` (default ``unknown``); returns the stored entry."""
+    audit = {"who": fields.get("who", "unknown"), "action": f"control.{command}", "target": target,
+             "outcome": "applied", "comment": fields.get("comment", "")}
+    return issue(r, prefix, command, target, fields, audit)[0]
+
+
+def write_audit(r, prefix, entry):
+    """Push one audit entry (``who, from, action, target, outcome, ...``; Redis adds ``id`` and ``at``)."""
+    return r.eval(AUDIT_LUA, 2, *audit_keys(prefix), dumps(entry), AUDIT_KEEP)
