@@ -64,6 +64,7 @@ from monitor_read import (
     read_audit,
     read_control_log,
     read_histories,
+    read_rollups,
     read_runs,
     run_bound,
     spider_points,
@@ -294,6 +295,26 @@ def spiders():
     def compute():
         nodes, skipped, now = reader().nodes()
         return json_body(spiders_view(nodes, reader().redis, reader().prefix, now), skipped)
+
+    return cached(compute)
+
+
+@bp.get("/spiders/<node:name>/history")
+def spider_history(name):
+    """A spider's history: ``?days=7`` (10-minute points) or ``?days=90`` (hourly), from the write-time rollups;
+    else ``?minutes=`` as /metrics/<spider>/history (the last 24 hours, from its nodes' histories)."""
+    days = request.args.get("days")
+    if days is None:
+        return history(name)
+    if days not in ("7", "90"):
+        abort(400, "days must be 7 or 90 (or absent: ?minutes= covers the last 24 hours)")
+
+    def compute():
+        now = redis_now(reader().redis.time())
+        found = read_rollups(reader().redis, reader().prefix, name, int(days), now)
+        if not found["points"] and name not in reader().spider_names():
+            abort(404, "no spider by that name has history or nodes")
+        return json_body(found)
 
     return cached(compute)
 

@@ -83,6 +83,17 @@ def runs_key(prefix, spider):
     return f"{prefix}:runs:{spider}"
 
 
+def rollup_key(prefix, spider, step, start):
+    """One bucket of a spider's write-time rollups: a HASH for the ``step``-second bucket starting at ``start``
+    (ROLLUP_TIERS says how long each tier is kept)."""
+    return f"{prefix}:rollup:{spider}:{step}:{int(start)}"
+
+
+def markers_key(prefix, spider):
+    """The spider's version changes: a LIST of JSON ``{"at", "version", "node"}``, newest first (MARKERS_KEEP)."""
+    return f"{prefix}:markers:{spider}"
+
+
 def run_meta_key(prefix, name):
     """Run history's own keys, kept apart from ``<p>:runs:<spider>`` (a spider may have any name):
     ``totals`` (HASH ``["spider","reason"]`` -> runs ever recorded), ``seq`` and ``recent`` (the newest
@@ -339,8 +350,9 @@ return t
 
 
 def write_snapshot(pipe: redis.client.Pipeline, prefix: str, snapshot: Snapshot, history_len: int, trend_rows=(),
-                   stamp: bool = False, row: Optional[list] = None) -> None:
-    """Queue the commands that publish one snapshot: status hash, capped history, trend, expiries.
+                   stamp: bool = False, row: Optional[list] = None, rollup: Optional[tuple] = None) -> Optional[dict]:
+    """Queue the commands that publish one snapshot: status hash, capped history, trend, expiries, and with
+    ``rollup`` (``(at, previous counts)``, see ``write_rollup``) the spider's rollups, whose counts it returns.
 
     With ``stamp`` (the extension always stamps) Redis adds ``seen`` and the first reply is its clock;
     without it the snapshot is stored as given (tests on a made-up clock). ``row`` is the history row
@@ -359,6 +371,94 @@ def write_snapshot(pipe: redis.client.Pipeline, prefix: str, snapshot: Snapshot,
         pipe.lpush(tkey, *(dumps(row) for row in trend_rows))
         pipe.ltrim(tkey, 0, TREND_SECONDS // TREND_BUCKET - 1)
         pipe.expire(tkey, HISTORY_TTL)
+    return write_rollup(pipe, prefix, snapshot, *rollup) if rollup else None
+
+
+# ---------------------------------------------------------------------------- spider rollups and markers
+
+# Write-time rollups, as Sidekiq keeps its metrics: every node write adds to its spider's current bucket of each
+# tier, (step seconds, kept seconds): 10-minute buckets for 7 days, hourly ones for 90 days. A bucket expires
+# ``keep`` after its end, on Redis's clock. monitor_read.ROLLUP_RULES says how each figure combines.
+ROLLUP_TIERS = ((600, 7 * 86400), (3600, 90 * 86400))
+# Counters (snapshot field -> hash field): each write adds what the node counted since its last rollup.
+ROLLUP_COUNTERS = {"pages": "p", "items": "i", "errors": "e", "requests": "r", "dead": "d"}
+# KEYS: the buckets, one per tier. ARGV: each bucket's expire-at, then the write's time, node-milliseconds
+# (the node's interval while it crawls), queue size ('' if unknown), latency p95 ('' if none), then counter
+# field, count pairs. Counters and node-milliseconds add up (HINCRBY); the queue keeps the latest reading
+# (``q``, with its time ``qt``: every node sees the same shared queue); p95 keeps the bucket's max (``l``).
+# pcall: a hand-edited bucket is skipped, never an error that would fail the node's write.
+ROLLUP_LUA = """
+local n = #KEYS
+local at = tonumber(ARGV[n + 1])
+for i, key in ipairs(KEYS) do
+  for j = n + 5, #ARGV, 2 do redis.pcall('HINCRBY', key, ARGV[j], ARGV[j + 1]) end
+  if ARGV[n + 2] ~= '0' then redis.pcall('HINCRBY', key, 'n', ARGV[n + 2]) end
+  if ARGV[n + 3] ~= '' then
+    local qt = redis.pcall('HGET', key, 'qt')
+    if type(qt) ~= 'string' or (tonumber(qt) or 0) <= at then
+      redis.pcall('HSET', key, 'q', ARGV[n + 3], 'qt', ARGV[n + 1])
+    end
+  end
+  if ARGV[n + 4] ~= '' then
+    local l = redis.pcall('HGET', key, 'l')
+    if type(l) ~= 'string' or tonumber(ARGV[n + 4]) > (tonumber(l) or -1) then
+      redis.pcall('HSET', key, 'l', ARGV[n + 4])
+    end
+  end
+  redis.pcall('EXPIREAT', key, ARGV[i])
+end
+return 0
+"""
+# Version markers kept per spider (the key itself expires MARKERS_TTL after the newest).
+MARKERS_KEEP = 200
+MARKERS_TTL = 90 * 86400
+# KEYS: markers. ARGV: version, the marker JSON, keep, ttl. Adds the marker unless the newest one already names
+# this version: atomic, so a hundred nodes starting together with a new version add one marker.
+MARKER_LUA = """
+local head = redis.call('LINDEX', KEYS[1], 0)
+if head then
+  local ok, m = pcall(cjson.decode, head)
+  if ok and type(m) == 'table' and m.version == ARGV[1] then return 0 end
+end
+redis.call('LPUSH', KEYS[1], ARGV[2])
+redis.call('LTRIM', KEYS[1], 0, tonumber(ARGV[3]) - 1)
+redis.call('EXPIRE', KEYS[1], ARGV[4])
+return 1
+"""
+
+
+def rollup_counts(snapshot):
+    """The snapshot's rolled-up counters: ``{field: count}`` for those it has as numbers."""
+    return {f: int(snapshot[f]) for f in ROLLUP_COUNTERS if is_bounded(snapshot.get(f))}
+
+
+def write_rollup(pipe, prefix, snapshot, at, previous):
+    """Queue ROLLUP_LUA: ``snapshot``'s figures into its spider's buckets for time ``at`` (Redis's clock),
+    counters as the increase since ``previous`` (the counts of the node's last rollup; {} at its start).
+    Returns the counts to pass as ``previous`` next time, once this write succeeded."""
+    counts = rollup_counts(snapshot)
+    crawling = snapshot.get("status") in ("running", "paused")
+    interval = number(snapshot.get("interval"), DEFAULT_INTERVAL)
+    keys, expiry = [], []
+    for step, keep in ROLLUP_TIERS:
+        start = int(at) // step * step
+        keys.append(rollup_key(prefix, snapshot["spider"], step, start))
+        expiry.append(start + step + keep)
+    queue, p95 = number(snapshot.get("queue_requests")), number(snapshot.get("latency_p95"))
+    pairs = []
+    for field, count in counts.items():
+        grown = count - previous.get(field, 0)
+        if grown > 0:
+            pairs += [ROLLUP_COUNTERS[field], grown]
+    pipe.eval(ROLLUP_LUA, len(keys), *keys, *expiry, repr(float(at)), int(interval * 1000) if crawling else 0,
+              "" if queue is None else int(queue), "" if p95 is None else repr(round(float(p95), 3)), *pairs)
+    return counts
+
+
+def write_marker(pipe, prefix, spider, version, at, node=""):
+    """Queue MARKER_LUA: a marker for ``version`` of ``spider`` at ``at`` unless the newest one names it already."""
+    marker = dumps({"at": int(at), "version": version, "node": node[:RUN_TEXT]}, ensure_ascii=False)
+    pipe.eval(MARKER_LUA, 1, markers_key(prefix, spider), version, marker, MARKERS_KEEP, MARKERS_TTL)
 
 
 def history_row(snapshot, at=None):

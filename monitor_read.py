@@ -23,6 +23,8 @@ from monitor_contract import (
     HISTORY_SECONDS,
     MIN_BASELINE,
     NUMBER_LIMIT,
+    ROLLUP_COUNTERS,
+    ROLLUP_TIERS,
     RUN_ID,
     Snapshot,
     as_text,
@@ -39,6 +41,7 @@ from monitor_contract import (
     number,
     parse_snapshot,
     redis_now,
+    rollup_key,
     run_claim_key,
     run_meta_key,
     run_record,
@@ -224,6 +227,18 @@ SPIDER_FIELDS = {
     "pages_per_min": "sum", "items_per_min": "sum", "requests_per_min": "sum", "errors_per_min": "sum",
     "queue_requests": "newest", "queue_start_urls": "newest", "queue_dupefilter": "newest",
     "latency_p95": "max",
+}
+# The 7- and 90-day history (write-time rollups, monitor_contract.ROLLUP_LUA) combines the same figures once per
+# node write, as each write lands in its spider's bucket; a point's figure, by rule:
+#   sum      counted since the node's previous write, added up over writes and nodes: pages, items, errors,
+#            requests, dead; a point shows the bucket's total and ``<field>_per_min`` over the bucket's span
+#   seconds  the node's interval added up per write while it crawls (node-seconds): ``nodes`` is the mean
+#            number of nodes crawling over the bucket (node-seconds / bucket seconds); no per-node field needed
+#   last     the newest reading by its write time: the queue (every node reads the same shared queue)
+#   max      the highest of the nodes' p95 over the bucket, as ``max`` above
+ROLLUP_RULES = {
+    "pages": "sum", "items": "sum", "errors": "sum", "requests": "sum", "dead": "sum",
+    "nodes": "seconds", "queue_requests": "last", "latency_p95": "max",
 }
 # Fields that only count crawling nodes (a closed node's last rate is not a rate any more).
 CRAWLING_FIELDS = frozenset(("cpu", "memory", "net_sent_rate", "net_recv_rate", "rss", "process_cpu",
@@ -427,6 +442,49 @@ def spider_points(series, holds, hosts, step, last, before=None):
         point.update(combine(list(latest.values()), counters))
         points.append(point)
     return points
+
+
+def read_rollups(r: redis.Redis, prefix: str, spider: str, days: int, now: float) -> dict:
+    """``{"spider", "days", "step", "points"}``: the spider's rollup buckets of the last ``days`` (7: 10-minute
+    points, 90: hourly; monitor_contract.ROLLUP_TIERS), oldest first, one round trip. Buckets nobody wrote are
+    left out; a figure a bucket lacks is None (0 for counters). Rates are over the part of the bucket gone by."""
+    step = ROLLUP_STEPS[days]
+    last = int(now) // step
+    starts = [(last - i) * step for i in range(days * 86400 // step - 1, -1, -1)]
+    with r.pipeline(transaction=False) as pipe:
+        for start in starts:
+            pipe.hgetall(rollup_key(prefix, spider, step, start))
+        raws = pipe.execute()
+    points = []
+    for start, raw in zip(starts, raws):
+        if raw:
+            points.append(rollup_point({as_text(k): as_text(v) for k, v in raw.items()}, start, step, now))
+    return {"spider": spider, "days": days, "step": step, "points": points}
+
+
+ROLLUP_STEPS = {keep // 86400: step for step, keep in ROLLUP_TIERS}
+
+
+def rollup_point(raw, start, step, now):
+    """One history point from a bucket's hash (text fields and values; see ROLLUP_RULES)."""
+    def figure(name, whole=False):
+        try:
+            value = int(raw[name]) if whole else float(raw[name])
+        except (KeyError, ValueError):
+            return None
+        return value if math.isfinite(value) and abs(value) < NUMBER_LIMIT else None
+
+    span = min(step, max(now - start, 1.0))
+    point = {"timestamp": start}
+    for field, short in ROLLUP_COUNTERS.items():
+        count = max(figure(short, True) or 0, 0)
+        point[field] = count
+        point[f"{field}_per_min"] = round(count * 60 / span, 2)
+    point["nodes"] = round(max(figure("n", True) or 0, 0) / 1000 / span, 2)
+    queue = figure("q", True)
+    point["queue_requests"] = queue
+    point["latency_p95"] = figure("l")
+    return point
 
 
 # ---------------------------------------------------------------------------- run history

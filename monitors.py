@@ -115,6 +115,7 @@ class SpiderMonitor:
         self.base = {}
         self.sampler = Sampler()  # primed now, so the first tick's CPU figures cover start-up
         self.peak_rss = 0  # the run's largest RSS, for its run record
+        self.rolled = {}  # the counters as of the last rollup written (monitor_contract.write_rollup)
         self.runs_keep = None  # MONITOR_RUNS_KEEP, set by from_crawler
         self.control = None  # a NodeControl when MONITOR_CONTROL is on
 
@@ -211,8 +212,8 @@ class SpiderMonitor:
             if final:
                 trend_rows.append(self.trend.flush())
             with self.redis.pipeline(transaction=False) as pipe:
-                write_snapshot(pipe, self.prefix, snapshot, self.history_len, [r for r in trend_rows if r],
-                               stamp=True, row=row)
+                rolled = write_snapshot(pipe, self.prefix, snapshot, self.history_len, [r for r in trend_rows if r],
+                                        stamp=True, row=row, rollup=(now + self.clock_offset, self.rolled))
                 if final:  # the run's record, in the same round trip
                     write_run(pipe, self.prefix, run_record(snapshot, offset=self.clock_offset),
                               self.base["start_time"], self.runs_keep)
@@ -223,6 +224,7 @@ class SpiderMonitor:
                                "retrying every %ss", redact(self.url), scrub(exc), self.interval)
             return snapshot
         self.clock_offset = redis_now(server_time) - sent
+        self.rolled = rolled
         self.outage.ok("Monitor: Redis at %s is back; node %s reports again", redact(self.url), self.node_id)
         return snapshot
 
