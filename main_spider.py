@@ -23,6 +23,7 @@ class DistributedSpider(RedisSpider):
     name = "main_spider"
     redis_key = "distributed:start_urls"
     test_flag = "VERSION_2.3"
+    version = test_flag  # what the monitor reports as this spider's version (markers, like-for-like baselines)
     custom_settings = {"HTTPERROR_ALLOW_ALL": True}  # 404 and 500 pages become items too
 
     @classmethod

@@ -64,6 +64,7 @@ from monitor_read import (
     read_audit,
     read_control_log,
     read_histories,
+    read_markers,
     read_rollups,
     read_runs,
     run_bound,
@@ -304,16 +305,21 @@ def spider_history(name):
     """A spider's history: ``?days=7`` (10-minute points) or ``?days=90`` (hourly), from the write-time rollups;
     else ``?minutes=`` as /metrics/<spider>/history (the last 24 hours, from its nodes' histories)."""
     days = request.args.get("days")
-    if days is None:
-        return history(name)
-    if days not in ("7", "90"):
+    if days not in (None, "7", "90"):
         abort(400, "days must be 7 or 90 (or absent: ?minutes= covers the last 24 hours)")
+    minutes = query_whole("minutes", 60, MAX_MINUTES) if days is None else None
 
     def compute():
-        now = redis_now(reader().redis.time())
-        found = read_rollups(reader().redis, reader().prefix, name, int(days), now)
-        if not found["points"] and name not in reader().spider_names():
-            abort(404, "no spider by that name has history or nodes")
+        mon = reader()
+        now = redis_now(mon.redis.time())
+        if days is None:
+            found = read_series(name, minutes)
+        else:
+            found = read_rollups(mon.redis, mon.prefix, name, int(days), now)
+            if not found["points"] and name not in mon.spider_names():
+                abort(404, "no spider by that name has history or nodes")
+        found["markers"] = read_markers(mon.redis, mon.prefix, name, now - (minutes * 60 if days is None
+                                                                             else int(days) * 86400))
         return json_body(found)
 
     return cached(compute)

@@ -114,7 +114,7 @@ NUMBER_LIMIT = 10 ** 18
 # A report interval beyond a day is not a monitor's interval.
 MAX_INTERVAL = 86400
 # Snapshot fields that must be text when present: they become labels, keys and page text.
-TEXT_FIELDS = ("node", "host", "spider", "status", "finish_reason")
+TEXT_FIELDS = ("node", "host", "spider", "status", "finish_reason", "version", "args_hash")
 
 
 class Snapshot(TypedDict, total=False):
@@ -134,6 +134,8 @@ class Snapshot(TypedDict, total=False):
     finish_reason: str
     interval: float
     start_time: int
+    version: str  # MONITOR_VERSION, else the spider's version attribute, else its source file's hash
+    args_hash: str  # a hash of the spider's arguments (-a), names and values
     seen: float
     command: dict
     rss: int  # the process
@@ -538,6 +540,8 @@ def run_record(snapshot: Snapshot, reason: Optional[str] = None, offset: float =
               "host": str(snapshot.get("host", ""))[:RUN_TEXT], "pid": number(snapshot.get("pid")),
               "start_time": int(start), "end_time": int(end), "duration": duration,
               "finish_reason": str(reason or snapshot.get("finish_reason") or "unknown")[:RUN_TEXT]}
+    for field in ("version", "args_hash"):
+        record[field] = snapshot[field][:RUN_TEXT] if is_text(snapshot.get(field)) else None
     for field in RUN_COUNTERS:
         value = number(snapshot.get(field))
         record[field] = int(value) if value is not None else None
@@ -559,7 +563,9 @@ def run_id(record):
 # record JSON (an object without compare), keep, totals field of this run, totals field of a lost run of
 # the spider, recent runs kept. A lost run is recorded only if its claim is free (exactly once whoever
 # tries); a close replaces the node's lost record, if it had one. ``compare`` is computed here, from the
-# previous BASELINE_RUNS runs not lost. Returns 0 when the claim was taken already, else the run's seq.
+# previous BASELINE_RUNS runs not lost of the same version and arguments if there are MIN_BASELINE, else of
+# the same arguments, else any; ``compare.baseline_of`` says which (``version``, ``args``, ``any``).
+# Returns 0 when the claim was taken already, else the run's seq.
 RECORD_RUN_LUA = """
 local mode, id, rec = ARGV[1], ARGV[2], ARGV[3]
 if mode == 'lost' then
@@ -579,21 +585,33 @@ local function figures(r)
   end
   return out
 end
-local cols, n = {}, 0
-local prev = redis.call('ZREVRANGEBYLEX', KEYS[1], '(' .. id .. ' ', '-', 'LIMIT', 0, 5 * tonumber(ARGV[8]))
+local me, want = cjson.decode(rec), tonumber(ARGV[8])
+local kinds = {version = {cols = {}, n = 0}, args = {cols = {}, n = 0}, any = {cols = {}, n = 0}}
+local function add(kind, r)
+  if kind.n >= want then return end
+  kind.n = kind.n + 1
+  for k, v in pairs(figures(r)) do
+    if type(v) == 'number' then kind.cols[k] = kind.cols[k] or {}; table.insert(kind.cols[k], v) end
+  end
+end
+local prev = redis.call('ZREVRANGEBYLEX', KEYS[1], '(' .. id .. ' ', '-', 'LIMIT', 0, 10 * want)
 for _, m in ipairs(prev) do
-  if n >= tonumber(ARGV[8]) then break end
   local ok, r = pcall(cjson.decode, string.sub(m, string.len(id) + 2))
   if ok and type(r) == 'table' and r.finish_reason ~= 'lost' then
-    n = n + 1
-    for k, v in pairs(figures(r)) do
-      if type(v) == 'number' then cols[k] = cols[k] or {}; table.insert(cols[k], v) end
+    add(kinds.any, r)
+    if type(me.args_hash) == 'string' and r.args_hash == me.args_hash then
+      add(kinds.args, r)
+      if type(me.version) == 'string' and r.version == me.version then add(kinds.version, r) end
     end
   end
 end
+local of = 'any'
+if kinds.version.n >= tonumber(ARGV[9]) then of = 'version'
+elseif kinds.args.n >= tonumber(ARGV[9]) then of = 'args' end
+local cols, n = kinds[of].cols, kinds[of].n
 local compare = 'null'
 if n >= tonumber(ARGV[9]) then
-  local out, mine = {}, figures(cjson.decode(rec))
+  local out, mine = {baseline_of = of}, figures(me)
   for k, list in pairs(cols) do
     table.sort(list)
     local c = #list
@@ -603,7 +621,6 @@ if n >= tonumber(ARGV[9]) then
     end
   end
   compare = cjson.encode(out)
-  if compare == '[]' or compare == '{}' then compare = '{}' end
 end
 local member = id .. ' ' .. string.sub(rec, 1, -2) .. ',"compare":' .. compare .. ',"baseline_runs":' .. n .. '}'
 redis.call('ZADD', KEYS[1], 0, member)

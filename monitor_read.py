@@ -37,6 +37,7 @@ from monitor_contract import (
     is_number,
     last_report,
     loads,
+    markers_key,
     node_state,
     number,
     parse_snapshot,
@@ -465,6 +466,21 @@ def read_rollups(r: redis.Redis, prefix: str, spider: str, days: int, now: float
 ROLLUP_STEPS = {keep // 86400: step for step, keep in ROLLUP_TIERS}
 
 
+def read_markers(r: redis.Redis, prefix: str, spider: str, since: float) -> list:
+    """The spider's version markers since ``since``, oldest first: ``[{"at", "version", "node"}]``; malformed
+    entries skipped."""
+    out = []
+    for raw in r.lrange(markers_key(prefix, spider), 0, -1):
+        try:
+            marker = loads(raw)
+        except ValueError:
+            continue
+        if (isinstance(marker, dict) and is_number(marker.get("at")) and marker["at"] >= since
+                and isinstance(marker.get("version"), str)):
+            out.append({"at": marker["at"], "version": marker["version"], "node": str(marker.get("node", ""))})
+    return out[::-1]
+
+
 def rollup_point(raw, start, step, now):
     """One history point from a bucket's hash (text fields and values; see ROLLUP_RULES)."""
     def figure(name, whole=False):
@@ -588,16 +604,24 @@ def run_figures(record):
     return out
 
 
-def baseline(records):
-    """The medians of COMPARED over the first BASELINE_RUNS records not lost (newest first given), and how
-    many records they used: what a run ending now is compared with (as RECORD_RUN_LUA does)."""
-    used = [run_figures(r) for r in records if r.get("finish_reason") != "lost"][:BASELINE_RUNS]
+def baseline(records, like=None):
+    """``(medians, runs used, baseline_of)``: the medians of COMPARED over the first BASELINE_RUNS records not
+    lost (newest first given) of the same ``version`` and ``args_hash`` as ``like`` (a record) if there are
+    MIN_BASELINE, else of the same ``args_hash``, else of any: what a run like it ending now is compared with
+    (as RECORD_RUN_LUA does)."""
+    done = [r for r in records if r.get("finish_reason") != "lost"]
+    args, version = (like or {}).get("args_hash"), (like or {}).get("version")
+    same_args = [r for r in done if isinstance(args, str) and r.get("args_hash") == args]
+    same_version = [r for r in same_args if isinstance(version, str) and r.get("version") == version]
+    of, chosen = next(((of, chosen) for of, chosen in (("version", same_version), ("args", same_args))
+                       if len(chosen[:BASELINE_RUNS]) >= MIN_BASELINE), ("any", done))
+    used = [run_figures(r) for r in chosen][:BASELINE_RUNS]
     medians = {}
     for field in COMPARED:
         values = sorted(v[field] for v in used if v[field] is not None)
         medians[field] = ((values[(len(values) - 1) // 2] + values[len(values) // 2]) / 2
                           if len(values) >= MIN_BASELINE else None)
-    return (medians if len(used) >= MIN_BASELINE else None), len(used)
+    return (medians if len(used) >= MIN_BASELINE else None), len(used), of
 
 
 SUMMARY_DAYS = 30
@@ -608,12 +632,12 @@ def runs_summary(r, prefix, spider, now):
     would be compared with, reasons among kept runs, and per-day totals (UTC) for the last 30 days."""
     with r.pipeline(transaction=False) as pipe:
         pipe.zcard(runs_key(prefix, spider))
-        pipe.zrevrangebylex(runs_key(prefix, spider), "+", "-", 0, 5 * BASELINE_RUNS)
+        pipe.zrevrangebylex(runs_key(prefix, spider), "+", "-", 0, 10 * BASELINE_RUNS)
         pipe.zrevrangebylex(runs_key(prefix, spider), "+", f"[{int(now - SUMMARY_DAYS * 86400):011d}")
         pipe.hgetall(run_meta_key(prefix, "totals"))
         count, newest, month, totals = pipe.execute()
     recent = [p[1] for p in map(parse_run, newest) if p]
-    medians, used = baseline(recent)
+    medians, used, of = baseline(recent, recent[0] if recent else None)
     days, reasons = {}, collections.Counter()
     for parsed in filter(None, map(parse_run, month)):
         record = parsed[1]
@@ -623,7 +647,7 @@ def runs_summary(r, prefix, spider, now):
         totals_of_day["runs"] += 1
         for field in ("pages", "items", "errors"):
             totals_of_day[field] += int(number(record.get(field), 0))
-    return {"spider": spider, "runs": count, "baseline": medians, "baseline_runs": used,
+    return {"spider": spider, "runs": count, "baseline": medians, "baseline_runs": used, "baseline_of": of,
             "reasons": dict(reasons), "totals": {reason: n for (s, reason), n in run_totals(totals).items()
                                                   if s == spider},
             "days": sorted(days.values(), key=lambda d: d["day"])}

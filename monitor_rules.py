@@ -380,6 +380,10 @@ def notification(event, rule, node, snapshot, record, now, cfg):
 
 # ---------------------------------------------------------------------------- run alerts
 
+# What a run's baseline was, as the run rule says it (RECORD_RUN_LUA's ``compare.baseline_of``).
+BASELINE_OF = {"version": " for this version and arguments", "args": " for these arguments"}
+
+
 def bad_run(record, cfg):
     """Why a run ended badly (lost, a finish reason not in ALERT_OK_REASONS, items below
     ALERT_RUN_ITEMS_RATIO of its baseline), or None."""
@@ -388,9 +392,11 @@ def bad_run(record, cfg):
         return "lost: no report for MONITOR_LOST_AFTER, never closed"
     if not any(fnmatch.fnmatchcase(str(reason), ok) for ok in cfg.ok_reasons):
         return f"ended {reason}"
-    ratio = number((record.get("compare") or {}).get("items"))
+    compare = record.get("compare") if isinstance(record.get("compare"), dict) else {}
+    ratio = number(compare.get("items"))
     if cfg.run_items_ratio and ratio is not None and ratio < cfg.run_items_ratio:
-        return f"items {fmt(round(ratio * 100))}% of usual (limit {fmt(cfg.run_items_ratio * 100)}%)"
+        basis = BASELINE_OF.get(compare.get("baseline_of"), "")
+        return f"items {fmt(round(ratio * 100))}% of usual{basis} (limit {fmt(cfg.run_items_ratio * 100)}%)"
     return None
 
 

@@ -95,6 +95,9 @@ SETTINGS = (
             0, 100),
     Setting("MONITOR_ITEM_FIELDS", "list", None, (CRAWLER,),
             "comma-separated item fields whose coverage is reported (default: the first 30 seen)"),
+    Setting("MONITOR_VERSION", "text", None, (CRAWLER,), "the spider's version, marked on its charts when it "
+            "changes and used to compare runs like for like (default: the spider's version attribute, else a hash "
+            "of its source file)"),
     _alert("MONITOR_RUNS_KEEP", "whole", 1000, "run records kept per spider", readers=(CRAWLER, API, ALERT),
            low=1, high=MAX_WHOLE),
     Setting("SCHEDULER", "text", "", (CRAWLER,), "Scrapy's scheduler: a scrapy_redis one has queues to report",

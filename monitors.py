@@ -10,6 +10,8 @@ drain). A crawler machine needs this file, ``monitor_contract.py`` (what is writ
 
 import bisect
 import collections
+import hashlib
+import inspect
 import logging
 import os
 import socket
@@ -49,6 +51,7 @@ from monitor_contract import (
     redis_now,
     run_record,
     scrub,
+    write_marker,
     write_run,
     write_snapshot,
 )
@@ -116,6 +119,8 @@ class SpiderMonitor:
         self.sampler = Sampler()  # primed now, so the first tick's CPU figures cover start-up
         self.peak_rss = 0  # the run's largest RSS, for its run record
         self.rolled = {}  # the counters as of the last rollup written (monitor_contract.write_rollup)
+        self.version = None  # MONITOR_VERSION, set by from_crawler; the spider's version once it opens
+        self.marked = False  # whether the version marker has been written (once, with the first write)
         self.runs_keep = None  # MONITOR_RUNS_KEEP, set by from_crawler
         self.control = None  # a NodeControl when MONITOR_CONTROL is on
 
@@ -134,6 +139,7 @@ class SpiderMonitor:
             ext = cls(crawler, interval, url, queue_url, setting("MONITOR_NODE_ID"), setting("MONITOR_KEY_PREFIX"),
                       insight)
             ext.runs_keep = setting("MONITOR_RUNS_KEEP")
+            ext.version = setting("MONITOR_VERSION")
         except ConfigError as exc:
             logger.error("Monitor: %s; the monitor is off, the crawl goes on", exc)
             raise NotConfigured() from None  # said above, once
@@ -159,8 +165,10 @@ class SpiderMonitor:
         pid = os.getpid()
         self.node_id = self.node_id or f"{spider.name}:{host}:{pid}"
         self.queue_keys = self._queue_keys(spider)
+        self.version = spider_version(spider, self.version)
         self.base = {"node": self.node_id, "spider": spider.name, "host": host, "pid": pid,
-                     "interval": self.interval, "start_time": int(time.time())}
+                     "interval": self.interval, "start_time": int(time.time()), "version": self.version,
+                     "args_hash": args_hash(spider)}
         logger.info("Monitor: node %s reports to %s every %ss", self.node_id, redact(self.url), self.interval)
         self.insight.handler.spider = spider
         logging.getLogger().addHandler(self.insight.handler)  # error samples, while the spider runs
@@ -214,6 +222,9 @@ class SpiderMonitor:
             with self.redis.pipeline(transaction=False) as pipe:
                 rolled = write_snapshot(pipe, self.prefix, snapshot, self.history_len, [r for r in trend_rows if r],
                                         stamp=True, row=row, rollup=(now + self.clock_offset, self.rolled))
+                if not self.marked and self.version:  # a marker if the version changed: in the same round trip
+                    write_marker(pipe, self.prefix, snapshot["spider"], self.version, now + self.clock_offset,
+                                 self.node_id)
                 if final:  # the run's record, in the same round trip
                     write_run(pipe, self.prefix, run_record(snapshot, offset=self.clock_offset),
                               self.base["start_time"], self.runs_keep)
@@ -224,7 +235,7 @@ class SpiderMonitor:
                                "retrying every %ss", redact(self.url), scrub(exc), self.interval)
             return snapshot
         self.clock_offset = redis_now(server_time) - sent
-        self.rolled = rolled
+        self.rolled, self.marked = rolled, True
         self.outage.ok("Monitor: Redis at %s is back; node %s reports again", redact(self.url), self.node_id)
         return snapshot
 
@@ -253,6 +264,30 @@ class SpiderMonitor:
         except redis.RedisError:
             return dict.fromkeys(names)
         return dict(zip(names, (int(s) for s in sizes)))
+
+
+def spider_version(spider, configured=None):
+    """The version a node reports: ``configured`` (MONITOR_VERSION), else the spider's ``version`` attribute,
+    else the first 12 hex digits of the SHA-256 of its class's source file (None if it has none)."""
+    for given in (configured, getattr(spider, "version", None)):
+        if given is not None and str(given).strip():
+            return str(given).strip()[:200]
+    try:
+        with open(inspect.getsourcefile(type(spider)), "rb") as f:
+            return hashlib.sha256(f.read()).hexdigest()[:12]
+    except (TypeError, OSError):
+        return None
+
+
+def args_hash(spider):
+    """12 hex digits of a hash of the spider's arguments, names and values (never the values themselves): the
+    text attributes its instance has that its class does not (what ``scrapy crawl -a name=value`` sets), or
+    whose text value differs from the class's."""
+    cls = type(spider)
+    args = sorted((k, v) for k, v in vars(spider).items()
+                  if isinstance(v, str) and not k.startswith("_") and isinstance(getattr(cls, k, ""), str)
+                  and getattr(cls, k, None) != v)
+    return hashlib.sha256(dumps(args, ensure_ascii=False).encode("utf-8", "replace")).hexdigest()[:12]
 
 
 # ---------------------------------------------------------------------------- host, process and crawl metrics

@@ -79,7 +79,7 @@ def test_compare_is_the_ratio_to_the_median_of_the_previous_ten_runs_not_lost(re
     assert newest["node"] == last["node"] and newest["baseline_runs"] == 10
     # The previous ten not lost: items 30..120, median 75; items_per_min the same (60 s runs); duration 60.
     assert newest["compare"] == {"items": round(55 / 75, 3), "items_per_min": round(27.5 / 75, 3),
-                                 "pages_per_min": round(55 / 100, 3), "duration": 2}
+                                 "pages_per_min": round(55 / 100, 3), "duration": 2, "baseline_of": "any"}
     # error ratio: the baseline's is 0, so it cannot be compared; the summary says the same medians
     summary = monitor_read.runs_summary(redis_client, P, "s", 1_001_500)
     assert summary["baseline_runs"] == 10 and summary["baseline"]["items"] == 75  # 55, 120 ... 40

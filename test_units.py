@@ -624,7 +624,8 @@ def past(items=None, reason="finished", **fields):
                  id="duration"),
 ])
 def test_baseline(records, field, median, used):
-    medians, count = monitor_read.baseline(records)
+    medians, count, of = monitor_read.baseline(records)
+    assert of == "any"
     assert count == used
     assert medians[field] == median
     assert set(medians) == set(monitor_read.COMPARED)
@@ -636,7 +637,7 @@ def test_baseline(records, field, median, used):
     pytest.param([past(10), past(20), past(30, "lost"), past(40, "lost")], id="two-not-lost"),
 ])
 def test_baseline_needs_three_runs(records):
-    medians, used = monitor_read.baseline(records)
+    medians, used, _ = monitor_read.baseline(records)
     assert medians is None and used == len([r for r in records if r["finish_reason"] != "lost"])
 
 
