@@ -14,13 +14,14 @@ import json
 import logging
 import math
 import os
+import re
 import sys
 import time
 from urllib.parse import quote
 
 import redis
 import waitress
-from flask import Blueprint, Flask, Response, abort, current_app, g, jsonify, request, send_file
+from flask import Blueprint, Flask, Response, abort, current_app, g, jsonify, request, send_file, stream_with_context
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from werkzeug.exceptions import HTTPException
 from werkzeug.routing import PathConverter
@@ -53,6 +54,7 @@ from monitor_contract import (
     status_key,
     trend_key,
 )
+from monitor_export import DAY_COLUMNS, RUN_COLUMNS, csv_text, days_rows, runs_rows
 from monitor_gate import ADMIN, MAX_BODY, OPERATOR, Gate, acting, gate, identity, log_acting, needs, shown
 from monitor_prometheus import ClusterCollector, RunsCollector
 from monitor_read import (
@@ -721,17 +723,39 @@ def read_series(name, minutes):
 
 MAX_RUNS = 500
 DEFAULT_RUNS = 50
+MAX_CSV_RUNS = 1_000_000
+
+
+def wants_csv():
+    """``?format=csv`` (True) or ``json``/absent (False); 400 for anything else."""
+    kind = request.args.get("format", "json")
+    if kind not in ("json", "csv"):
+        abort(400, "format must be json or csv")
+    return kind == "csv"
+
+
+def csv_response(chunks, name):
+    """A streamed ``text/csv`` download named ``name``.csv: ``chunks`` are produced as the client reads."""
+    name = re.sub(r"[^A-Za-z0-9_.-]", "_", name)[:100]  # a spider's name may hold anything: not in a header
+    headers = {"Content-Disposition": f'attachment; filename="{name}.csv"', "Cache-Control": "no-store"}
+    return Response(stream_with_context(chunks), 200, headers, mimetype="text/csv")
 
 
 @bp.get("/runs")
 def runs():
     """Runs, newest first: ``?spider=`` (default: every spider's), ``limit`` (1-500, default 50), ``before`` (a
-    ``next`` cursor or unix seconds), ``reason`` (finish reasons, comma-separated)."""
+    ``next`` cursor or unix seconds), ``reason`` (finish reasons, comma-separated). ``format=csv`` streams
+    the same rows as CSV (``limit`` then defaults to every run, up to 1,000,000)."""
     args = request.args
-    spider, limit, before = args.get("spider"), query_whole("limit", DEFAULT_RUNS, MAX_RUNS), args.get("before")
+    as_csv = wants_csv()
+    spider, before = args.get("spider"), args.get("before")
+    limit = query_whole("limit", MAX_CSV_RUNS, MAX_CSV_RUNS) if as_csv else query_whole("limit", DEFAULT_RUNS, MAX_RUNS)
     if run_bound(before) is None:
         abort(400, "before must be a cursor from 'next' or unix seconds")
     reasons = set(split_list(args["reason"])) if args.get("reason") else None
+    if as_csv:
+        rows = runs_rows(reader().redis, reader().prefix, spider or None, limit, before, reasons)
+        return csv_response(csv_text(RUN_COLUMNS, rows), f"runs-{spider}" if spider else "runs")
 
     def compute():
         found, cursor = read_runs(reader().redis, reader().prefix, spider or None, limit, before, reasons)
@@ -754,16 +778,20 @@ def runs_wrong_type():
 
 @bp.get("/runs/<node:name>/summary")
 def runs_summary(name):
-    """Run count, the baseline, finish reasons and per-day totals for the last 30 days of one spider."""
+    """Run count, the baseline, finish reasons and per-day totals for the last 30 days of one spider;
+    ``format=csv``: the per-day totals as CSV."""
+    as_csv = wants_csv()
 
     def compute():
         now = redis_now(reader().redis.time())
         summary = read_runs_summary(reader().redis, reader().prefix, name, now)
         if not summary["runs"] and not summary["totals"] and name not in reader().spider_names():
             abort(404, "no spider by that name has runs or nodes")
-        return json_body(summary)
+        return summary
 
-    return cached(compute)
+    if as_csv:
+        return csv_response(csv_text(DAY_COLUMNS, days_rows(compute())), f"summary-{name}")
+    return cached(lambda: json_body(compute()))
 
 
 # ---------------------------------------------------------------------------- command line
