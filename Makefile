@@ -36,6 +36,7 @@ bench: $(BIN)/.installed
 	$(BIN)/python bench/api.py
 	$(BIN)/python bench/alert_eval.py
 	$(BIN)/python bench/runs.py
+	$(BIN)/python bench/history.py
 	$(BIN)/python bench/insight_hooks.py
 	$(BIN)/python bench/dashboard.py
 
