@@ -445,6 +445,24 @@ def spider_points(series, holds, hosts, step, last, before=None):
     return points
 
 
+# The buckets' figures in one reply: a line per KEYS bucket, its ROLLUP_FIELDS values comma-separated ('' for a
+# field it lacks), an empty line for a bucket that does not exist. Parsing one string is a tenth of the cost of
+# 2,160 HGETALL replies.
+ROLLUP_FIELDS = tuple(ROLLUP_COUNTERS.values()) + ("n", "q", "l")
+READ_ROLLUPS_LUA = """
+local out = {}
+for i, key in ipairs(KEYS) do
+  local ok, values = pcall(redis.call, 'HMGET', key, unpack(ARGV))
+  local line = {}
+  if ok then
+    for j = 1, #ARGV do line[j] = (string.gsub(values[j] or '', '[,\\n]', '')) end
+  end
+  out[i] = (string.gsub(table.concat(line, ','), '^,*$', ''))
+end
+return table.concat(out, '\\n')
+"""
+
+
 def read_rollups(r: redis.Redis, prefix: str, spider: str, days: int, now: float) -> dict:
     """``{"spider", "days", "step", "points"}``: the spider's rollup buckets of the last ``days`` (7: 10-minute
     points, 90: hourly; monitor_contract.ROLLUP_TIERS), oldest first, one round trip. Buckets nobody wrote are
@@ -452,14 +470,9 @@ def read_rollups(r: redis.Redis, prefix: str, spider: str, days: int, now: float
     step = ROLLUP_STEPS[days]
     last = int(now) // step
     starts = [(last - i) * step for i in range(days * 86400 // step - 1, -1, -1)]
-    with r.pipeline(transaction=False) as pipe:
-        for start in starts:
-            pipe.hgetall(rollup_key(prefix, spider, step, start))
-        raws = pipe.execute()
-    points = []
-    for start, raw in zip(starts, raws):
-        if raw:
-            points.append(rollup_point({as_text(k): as_text(v) for k, v in raw.items()}, start, step, now))
+    keys = [rollup_key(prefix, spider, step, start) for start in starts]
+    lines = as_text(r.eval(READ_ROLLUPS_LUA, len(keys), *keys, *ROLLUP_FIELDS)).split("\n")
+    points = [rollup_point(line.split(","), start, step, now) for start, line in zip(starts, lines) if line]
     return {"spider": spider, "days": days, "step": step, "points": points}
 
 
@@ -481,25 +494,26 @@ def read_markers(r: redis.Redis, prefix: str, spider: str, since: float) -> list
     return out[::-1]
 
 
-def rollup_point(raw, start, step, now):
-    """One history point from a bucket's hash (text fields and values; see ROLLUP_RULES)."""
-    def figure(name, whole=False):
-        try:
-            value = int(raw[name]) if whole else float(raw[name])
-        except (KeyError, ValueError):
-            return None
-        return value if math.isfinite(value) and abs(value) < NUMBER_LIMIT else None
-
+def rollup_point(values, start, step, now):
+    """One history point from a bucket's ROLLUP_FIELDS values (text; see ROLLUP_RULES). Counters and the
+    queue read as whole numbers below 1e18 (else 0 and None), p95 as a finite number (else None)."""
+    values = (list(values) + [""] * len(ROLLUP_FIELDS))[:len(ROLLUP_FIELDS)]
     span = min(step, max(now - start, 1.0))
+    per_min = 60 / span
     point = {"timestamp": start}
-    for field, short in ROLLUP_COUNTERS.items():
-        count = max(figure(short, True) or 0, 0)
+    for field, text in zip(ROLLUP_COUNTERS, values):
+        count = int(text) if text.isdigit() and text.isascii() and len(text) < 19 else 0
         point[field] = count
-        point[f"{field}_per_min"] = round(count * 60 / span, 2)
-    point["nodes"] = round(max(figure("n", True) or 0, 0) / 1000 / span, 2)
-    queue = figure("q", True)
-    point["queue_requests"] = queue
-    point["latency_p95"] = figure("l")
+        point[f"{field}_per_min"] = round(count * per_min, 2)
+    node_ms, queue, p95 = values[len(ROLLUP_COUNTERS):]
+    whole = [int(t) if t.isdigit() and t.isascii() and len(t) < 19 else None for t in (node_ms, queue)]
+    point["nodes"] = round((whole[0] or 0) / 1000 / span, 2)
+    point["queue_requests"] = whole[1]
+    try:
+        p95 = float(p95)
+    except ValueError:
+        p95 = None
+    point["latency_p95"] = p95 if p95 is not None and math.isfinite(p95) and 0 <= p95 < NUMBER_LIMIT else None
     return point
 
 

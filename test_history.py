@@ -1,8 +1,10 @@
 """Spider history for 7 and 90 days: write-time rollups against a real Redis, on a supplied clock (issue 21 §1)."""
 
+import pytest
+
 import monitor_contract
 from monitor_contract import redis_now, rollup_key, write_snapshot
-from monitor_read import read_rollups
+from monitor_read import read_rollups, rollup_point
 from testbed import make_app, snapshot
 
 WEEK = 7 * 86400
@@ -131,3 +133,27 @@ def test_days_other_than_7_or_90_is_a_400_and_an_unknown_spider_a_404(redis_clie
     assert resp.status_code == 404 and resp.is_json
     write(redis_client, [(snapshot("a"), redis_now(redis_client.time()))], {})
     assert c.get("/spiders/main_spider/history?minutes=60").get_json()["kind"] == "spider"
+
+
+@pytest.mark.parametrize("values, expect", [
+    pytest.param(["60", "30", "6", "1", "", "1200000", "42", "0.3"],
+                 {"pages": 60, "pages_per_min": 6.0, "dead": 0, "nodes": 2.0, "queue_requests": 42, "latency_p95": 0.3},
+                 id="whole-bucket"),
+    pytest.param(["²", "-5", "1" * 19, "1e3", "x", "-1000", "4.5", "nan"],
+                 {"pages": 0, "items": 0, "requests": 0, "errors": 0, "nodes": 0, "queue_requests": None,
+                  "latency_p95": None}, id="hostile-values"),
+    pytest.param(["1", "", "", "", "", "", "", "inf"], {"pages": 1, "latency_p95": None}, id="infinite-p95"),
+    pytest.param(["1"], {"pages": 1, "items": 0, "nodes": 0, "queue_requests": None}, id="short-line"),
+])
+def test_rollup_point_reads_each_value_by_its_rule(values, expect):
+    point = rollup_point(values, 6000, 600, 7000)
+    assert {k: point[k] for k in expect} == expect
+
+
+def test_a_value_holding_separators_does_not_shift_later_buckets(redis_client):
+    start = int(redis_now(redis_client.time())) // 600 * 600 - 1200
+    for i in range(3):
+        write(redis_client, [(snapshot("a", now=start + i * 600, pages=10 * (i + 1)), start + i * 600)], {})
+    redis_client.hset(rollup_key("scrapy", "main_spider", 600, start), "q", "1\n2,3")
+    points = read_rollups(redis_client, "scrapy", "main_spider", 7, start + 1800)["points"]
+    assert [p["pages"] for p in points] == [10, 20, 30] and points[0]["queue_requests"] == 123

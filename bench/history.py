@@ -68,22 +68,26 @@ def percentile(values, p):
 
 
 def write_cost(client, writes):
-    """Median µs of one node write pipeline without and with the rollup."""
+    """``(client µs without, with, Redis µs without, with)`` of one node write pipeline (status, history,
+    expiries), without and with the rollup: client-side medians with the two kinds interleaved (so the
+    machine's load hits both alike), and Redis's time in scripts per write (INFO commandstats' EVAL: the stamp,
+    and the rollup with the commands it calls)."""
     snap = testbed.snapshot("cost:node", spider="cost")
-    out = {}
-    for label in ("without", "with", "without ", "with "):
-        times, previous = [], {}
-        for _ in range(writes):
-            snap = dict(snap, pages=snap["pages"] + 10, timestamp=snap["timestamp"] + 1)
-            t = time.perf_counter()
-            with client.pipeline(transaction=False) as pipe:
-                rollup = (snap["timestamp"], previous) if label.strip() == "with" else None
-                rolled = monitor_contract.write_snapshot(pipe, P, snap, 360, stamp=True, rollup=rollup)
-                pipe.execute()
-            times.append((time.perf_counter() - t) * 1e6)
-            previous = rolled or {}
-        out[label.strip()] = statistics.median(times)  # the second pass of each, warmed up
-    return out["without"], out["with"]
+    times, server, previous = {False: [], True: []}, {False: 0, True: 0}, {}
+    for i in range(2 * writes):
+        with_rollup = bool(i % 2)
+        snap = dict(snap, pages=snap["pages"] + 10, timestamp=snap["timestamp"] + 1)
+        client.config_resetstat()
+        t = time.perf_counter()
+        with client.pipeline(transaction=False) as pipe:
+            rolled = monitor_contract.write_snapshot(pipe, P, snap, 360, stamp=True,
+                                                     rollup=(snap["timestamp"], previous) if with_rollup else None)
+            pipe.execute()
+        times[with_rollup].append((time.perf_counter() - t) * 1e6)
+        server[with_rollup] += client.info("commandstats")["cmdstat_eval"]["usec"]  # scripts, with what they call
+        previous = rolled or previous
+    return (statistics.median(times[False]), statistics.median(times[True]),
+            server[False] / writes, server[True] / writes)
 
 
 def peak_rss(pid):
@@ -116,9 +120,12 @@ def main():
                   f"{keys:,} keys, {usage / 1024:,.0f} KiB by MEMORY USAGE, used_memory +{grown / 1024:,.0f} KiB"
                   + (f"; goal < 1 MB: {'OK' if max(usage, grown) < 2 ** 20 else 'OVER'}" if days == 90 else ""))
 
-        without, with_rollup = write_cost(client, args.writes)
-        print(f"one node write (status, history, expiries) as one pipeline: {without:.0f} us without the rollup, "
-              f"{with_rollup:.0f} us with it: +{with_rollup - without:.0f} us, round trips 1 and 1 (same pipeline)")
+        without, with_rollup, redis_without, redis_with = write_cost(client, args.writes)
+        print(f"one node write (status, history, expiries) as one pipeline, median of {args.writes}: "
+              f"{without:.0f} us without the rollup, {with_rollup:.0f} us with it ({with_rollup - without:+.0f} us); "
+              f"Redis's time in scripts {redis_without:.1f} -> {redis_with:.1f} us "
+              f"({redis_with - redis_without:+.1f} us); "
+              "round trips: 1 and 1 (the rollup is one more command in the same pipeline)")
 
         port = free_port()
         env = clean_env({"REDIS_URL": server.url, "MONITOR_API_CACHE": "0"})
