@@ -52,6 +52,7 @@ from monitor_channels import (
     within,
 )
 from monitor_contract import Outage, as_text, connect, dumps, redact, redis_now, status_key
+from monitor_digest import Digest, log_notes
 from monitor_read import NodeReader, spiders_view, wrong_type
 from monitor_rules import SILENCE_MATCHERS, active_rules, evaluate, fmt, iso, run_alerts, span
 from monitor_settings import ALERT, ConfigError, Parser, duration, env, exit_config_error, readers_of, value
@@ -310,6 +311,7 @@ class Alerter:
         self.alertmanager = Alertmanager(cfg) if cfg.alertmanager_url else None
         self.who = f"{socket.gethostname()}:{os.getpid()}"
         self.settings = alert_settings(cfg)
+        self.digest = Digest(self.r, cfg, self.channels) if cfg.digest_at and not dry_run else None
 
     def tick(self, now=None):
         """One evaluation and delivery; whatever goes wrong is logged and the next tick tries again.
@@ -351,6 +353,8 @@ class Alerter:
             outcome = self.evaluate_once(nodes, now, reading)
             self.record(outcome, reading, now)
             self.delivery.run(now)
+            if self.digest and self.lock.renew():
+                self.digest.run(now)
             return outcome.notes
         finally:
             self.lock.release()
@@ -390,6 +394,8 @@ class Alerter:
             self.alertmanager.sync(merged(reading.state, outcome.state_changes), outcome.notes, now)
         if outcome.notes:
             logger.info("Alert: %s", subject(outcome.notes, self.cfg.prefix))
+            if self.digest:
+                log_notes(self.r, self.cfg.prefix, outcome.notes, now)
 
 
 class DryRun:

@@ -7,10 +7,12 @@ the scripts print it on one line and exit 2, the extension logs it and turns its
 """
 
 import argparse
+import datetime
 import math
 import os
 import re
 import sys
+import zoneinfo
 from typing import NamedTuple, Optional
 from urllib.parse import urlsplit
 
@@ -164,6 +166,10 @@ SETTINGS = (
            "Alertmanager's base URL: the active alerts are posted to its /api/v2/alerts each evaluation"),
     _alert("ALERT_NOTIFY_URLS", "list", None, "comma-separated Apprise URLs (tgram://, discord://, ...), one "
            "channel each (environment only: they carry tokens)", flag=False),
+    _alert("ALERT_DIGEST_AT", "clock", None, "HH:MM: send a daily digest at this time of ALERT_DIGEST_TZ, once a "
+           "day per channel whatever the number of alerters (default: no digest)", attr="digest_at"),
+    _alert("ALERT_DIGEST_TZ", "zone", "UTC", "the time zone of ALERT_DIGEST_AT (an IANA name: Europe/Paris)",
+           attr="digest_tz"),
     _alert("SMTP_HOST", "text", "localhost", "mail server", attr="smtp_host"),
     _alert("SMTP_PORT", "port", None, "mail server port (default 25, 465 with ssl)", attr="smtp_port"),
     _alert("SMTP_SECURITY", "choice", "none", "none, starttls or ssl", attr="smtp_security",
@@ -222,6 +228,28 @@ def flag(name, raw):
     if text in TRUE_WORDS or text in FALSE_WORDS:
         return text in TRUE_WORDS
     raise ConfigError(f"{name} must be one of {'/'.join(TRUE_WORDS)} or {'/'.join(FALSE_WORDS)}, not {_shown(raw)}")
+
+
+CLOCK = re.compile(r"([01]?[0-9]|2[0-3]):([0-5][0-9])\Z")
+
+
+def clock(name, raw):
+    """``HH:MM`` (24-hour) as ``(hours, minutes)``."""
+    found = CLOCK.match(str(raw).strip())
+    if not found:
+        raise ConfigError(f"{name} must be a time of day as HH:MM (00:00 to 23:59), not {_shown(raw)}")
+    return int(found.group(1)), int(found.group(2))
+
+
+def zone(name, raw):
+    """An IANA time zone name (``UTC``, ``Europe/Paris``) as a ZoneInfo."""
+    text = str(raw).strip()
+    if text.upper() == "UTC":
+        return datetime.timezone.utc  # needs no time zone database
+    try:
+        return zoneinfo.ZoneInfo(text)
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+        raise ConfigError(f"{name} must be a time zone name such as UTC or Europe/Paris, not {_shown(raw)}") from None
 
 
 def split_list(raw):
@@ -328,6 +356,8 @@ PARSERS = {
     "http_url": lambda s, raw: http_url(s.name, raw),
     "token": lambda s, raw: token(s.name, raw),
     "text": lambda s, raw: str(raw).strip(),
+    "clock": lambda s, raw: clock(s.name, raw),
+    "zone": lambda s, raw: zone(s.name, raw),
 }
 # Settings in seconds (by attribute) that must be more than their low bound, not equal to it.
 OPEN_LOW = frozenset(("interval", "give_up"))

@@ -22,6 +22,12 @@ def test_range_selector_markers_and_csv_link(api, redis_client, open_page):
         monitor_contract.write_marker(pipe, "scrapy", "main_spider", HOSTILE_VERSION, now - 2 * 86400, "b")
         pipe.execute()
     testbed.publish(redis_client, testbed.snapshot("main_spider:h:1"), history_len=10)
+    for i, items in enumerate((100, 100, 100, 50)):  # the last run: half its version's usual items
+        begin = 1_000_000 + 100 * i
+        monitor_contract.write_run(redis_client, "scrapy", monitor_contract.run_record(
+            {"node": f"n{i}", "spider": "main_spider", "start_time": begin, "timestamp": begin + 60, "items": items,
+             "pages": 100, "finish_reason": "finished", "status": "closed", "version": "2.4", "args_hash": "a"}),
+            begin, 1000)
 
     page = open_page(f"{api.url}/?interval={FAST}#runs=main_spider")
     labels = "() => [...document.querySelectorAll('#h-charts .chart:first-child .ch-mark')].map((e) => e.textContent)"
@@ -43,6 +49,9 @@ def test_range_selector_markers_and_csv_link(api, redis_client, open_page):
 
     page.click("#h-ranges button:nth-child(1)")  # 1 h: from the nodes' own history, no marker in range
     until(page, f"() => ({labels})().length === 0")
+
+    until(page, "() => document.querySelectorAll('#r-rows tr').length === 4")
+    assert page.text_content("#r-rows tr:first-child td:last-child") == "\u221250 % items vs usual for this version"
 
     href = page.get_attribute("#r-csv", "href")
     assert href.endswith("/runs?spider=main_spider&format=csv")
