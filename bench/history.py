@@ -17,7 +17,6 @@ Starts its own redis-server and monitor_api.py (waitress, response cache off). M
 import argparse
 import os
 import statistics
-import subprocess
 import sys
 import time
 
@@ -28,7 +27,7 @@ import requests  # noqa: E402
 
 import monitor_contract  # noqa: E402
 import testbed  # noqa: E402
-from testbed import RedisServer, clean_env, free_port, wait_for  # noqa: E402
+from testbed import ApiServer, RedisServer  # noqa: E402
 
 P = "scrapy"
 
@@ -127,20 +126,8 @@ def main():
               f"({redis_with - redis_without:+.1f} us); "
               "round trips: 1 and 1 (the rollup is one more command in the same pipeline)")
 
-        port = free_port()
-        env = clean_env({"REDIS_URL": server.url, "MONITOR_API_CACHE": "0"})
-        api = subprocess.Popen([sys.executable, os.path.join(ROOT, "monitor_api.py"), "--port", str(port)],
-                               cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        url = f"http://127.0.0.1:{port}"
-        session = requests.Session()
-
-        def up():
-            try:
-                return session.get(url + "/health", timeout=1).status_code == 200
-            except requests.ConnectionError:
-                return False
-
-        wait_for(up, 15, what="monitor_api.py")
+        api = ApiServer(server.url, MONITOR_API_CACHE="0").start()
+        url, session = api.url, requests.Session()
         for days in (90, 7):
             path = f"/spiders/s90/history?days={days}"
             session.get(url + path)  # warm up
@@ -165,7 +152,7 @@ def main():
                     pipe.execute()
             pipe.execute()
         session.get(f"{url}/runs?spider=csv&limit=500")  # the route's code warm
-        peak_before = peak_rss(api.pid)
+        peak_before = peak_rss(api.proc.pid)
         t = time.perf_counter()
         size = rows = 0
         with session.get(f"{url}/runs?spider=csv&format=csv", stream=True) as resp:
@@ -173,14 +160,13 @@ def main():
                 size += len(chunk)
                 rows += chunk.count(b"\r\n")
         took = time.perf_counter() - t
-        peak_after = peak_rss(api.pid)
+        peak_after = peak_rss(api.proc.pid)
         print(f"GET /runs?spider=csv&format=csv: {rows - 1:,} runs, {size / 2 ** 20:.1f} MiB in {took:.2f} s "
               f"({(rows - 1) / took:,.0f} runs/s); API peak RSS {peak_before / 2 ** 20:.1f} -> "
               f"{peak_after / 2 ** 20:.1f} MiB (+{(peak_after - peak_before) / 2 ** 20:.1f} MiB for the export)")
     finally:
         if api:
-            api.kill()
-            api.wait()
+            api.stop()
         server.cleanup()
 
 
