@@ -415,9 +415,11 @@ return 0
 MARKERS_KEEP = 200
 MARKERS_TTL = 90 * 86400
 # KEYS: markers. ARGV: version, the marker JSON, keep, ttl. Adds the marker unless the newest one already names
-# this version: atomic, so a hundred nodes starting together with a new version add one marker.
+# this version: atomic, so a hundred nodes starting together with a new version add one marker. A markers key of
+# another type is left alone (never an error that would fail the node's write).
 MARKER_LUA = """
-local head = redis.call('LINDEX', KEYS[1], 0)
+local head = redis.pcall('LINDEX', KEYS[1], 0)
+if type(head) == 'table' then return 0 end
 if head then
   local ok, m = pcall(cjson.decode, head)
   if ok and type(m) == 'table' and m.version == ARGV[1] then return 0 end

@@ -11,6 +11,7 @@ import scrapy
 import monitor_contract
 import monitor_read
 import monitors
+import testbed
 from main_spider import DistributedSpider
 from monitor_contract import markers_key, run_record, write_marker, write_run
 from monitor_rules import bad_run
@@ -142,3 +143,13 @@ def test_a_real_crawl_reports_version_and_arguments_marks_and_rolls_up(redis_cli
     assert [m["version"] for m in week["markers"]] == [m["version"] for m in hour["markers"]] == ["VERSION_2.3"]
     assert sum(p["pages"] for p in week["points"]) == run["pages"] >= 41
     assert sum(p["items"] for p in week["points"]) == run["items"] == 40
+
+
+def test_a_markers_key_of_another_type_never_fails_the_nodes_write(redis_client):
+    redis_client.set(markers_key(P, "main_spider"), "hand-edited")
+    with redis_client.pipeline(transaction=False) as pipe:
+        write_marker(pipe, P, "main_spider", "2.5", 1_000_000, "a")
+        monitor_contract.write_snapshot(pipe, P, testbed.snapshot("a"), 10)
+        assert pipe.execute()[0] == 0
+    assert redis_client.get(markers_key(P, "main_spider")) == b"hand-edited"
+    assert redis_client.hget(monitor_contract.status_key(P), "a")
