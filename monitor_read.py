@@ -494,21 +494,28 @@ def read_markers(r: redis.Redis, prefix: str, spider: str, since: float) -> list
     return out[::-1]
 
 
+RATE_NAMES = tuple(f"{f}_per_min" for f in ROLLUP_COUNTERS)
+
+
 def rollup_point(values, start, step, now):
     """One history point from a bucket's ROLLUP_FIELDS values (text; see ROLLUP_RULES). Counters and the
     queue read as whole numbers below 1e18 (else 0 and None), p95 as a finite number (else None)."""
     values = (list(values) + [""] * len(ROLLUP_FIELDS))[:len(ROLLUP_FIELDS)]
+    wholes, p95 = values[:-1], values[-1]
+    digits = "".join(wholes)
+    if digits.isdigit() and digits.isascii() and max(map(len, wholes)) < 19:  # the usual bucket, checked at once
+        ints = [int(t) if t else None for t in wholes]
+    else:
+        ints = [int(t) if t.isdigit() and t.isascii() and len(t) < 19 else None for t in wholes]
     span = min(step, max(now - start, 1.0))
     per_min = 60 / span
+    counts = [c or 0 for c in ints[:len(ROLLUP_COUNTERS)]]
     point = {"timestamp": start}
-    for field, text in zip(ROLLUP_COUNTERS, values):
-        count = int(text) if text.isdigit() and text.isascii() and len(text) < 19 else 0
-        point[field] = count
-        point[f"{field}_per_min"] = round(count * per_min, 2)
-    node_ms, queue, p95 = values[len(ROLLUP_COUNTERS):]
-    whole = [int(t) if t.isdigit() and t.isascii() and len(t) < 19 else None for t in (node_ms, queue)]
-    point["nodes"] = round((whole[0] or 0) / 1000 / span, 2)
-    point["queue_requests"] = whole[1]
+    point.update(zip(ROLLUP_COUNTERS, counts))
+    point.update(zip(RATE_NAMES, [round(c * per_min, 2) for c in counts]))
+    node_ms, queue = ints[len(ROLLUP_COUNTERS):]
+    point["nodes"] = round((node_ms or 0) / 1000 / span, 2)
+    point["queue_requests"] = queue
     try:
         p95 = float(p95)
     except ValueError:
