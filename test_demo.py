@@ -1,11 +1,13 @@
 """The README's first command: the demo runs the whole system, and Ctrl-C leaves nothing running; the docs'
 screenshot (docs/dashboard.png) is taken from it, so it shows what the demo shows today."""
 
+import os
 import queue
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 
 import psutil
@@ -63,6 +65,8 @@ def test_demo_runs_everything_and_stops_cleanly(request):
         assert demo.wait(60) == 0
     printed("")
     assert any("Stopped everything" in line for line in demo.seen), "".join(demo.seen)
+    [logs] = [line.split()[1] for line in demo.seen if line.startswith("Logs:")]
+    assert logs.startswith(tempfile.gettempdir()) and not os.path.exists(logs)  # its temporary folder is gone
     psutil.wait_procs(children, timeout=0.5)  # each child's exit; a zombie left to init takes the whole 0.5 s
 
     def running(p):
