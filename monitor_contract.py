@@ -459,7 +459,9 @@ def run_id(record):
 # record JSON (an object without compare), keep, totals field of this run, totals field of a lost run of
 # the spider, recent runs kept. A lost run is recorded only if its claim is free (exactly once whoever
 # tries); a close replaces the node's lost record, if it had one. ``compare`` is computed here, from the
-# previous BASELINE_RUNS runs not lost. Returns 0 when the claim was taken already, else the run's seq.
+# previous BASELINE_RUNS runs that count (``monitor_read.counts_for_baseline``: not lost, and not empty unless
+# the spider usually scrapes nothing and the run finished). Returns 0 when the claim was taken already, else
+# the run's seq.
 RECORD_RUN_LUA = """
 local mode, id, rec = ARGV[1], ARGV[2], ARGV[3]
 if mode == 'lost' then
@@ -479,12 +481,20 @@ local function figures(r)
   end
   return out
 end
-local cols, n = {}, 0
+local cols, n, runs, zeros = {}, 0, {}, 0
 local prev = redis.call('ZREVRANGEBYLEX', KEYS[1], '(' .. id .. ' ', '-', 'LIMIT', 0, 5 * tonumber(ARGV[8]))
 for _, m in ipairs(prev) do
-  if n >= tonumber(ARGV[8]) then break end
+  if #runs >= 2 * tonumber(ARGV[8]) then break end
   local ok, r = pcall(cjson.decode, string.sub(m, string.len(id) + 2))
   if ok and type(r) == 'table' and r.finish_reason ~= 'lost' then
+    table.insert(runs, r)
+    if r.items == 0 then zeros = zeros + 1 end
+  end
+end
+local usually_none = zeros * 2 > #runs
+for _, r in ipairs(runs) do
+  if n >= tonumber(ARGV[8]) then break end
+  if r.items ~= 0 or (usually_none and r.finish_reason == 'finished') then
     n = n + 1
     for k, v in pairs(figures(r)) do
       if type(v) == 'number' then cols[k] = cols[k] or {}; table.insert(cols[k], v) end

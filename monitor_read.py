@@ -530,10 +530,21 @@ def run_figures(record):
     return out
 
 
+def counts_for_baseline(records):
+    """The records (newest first given) a new run is compared with, newest first, as RECORD_RUN_LUA picks
+    them: not lost; and a run that scraped nothing only when it finished (``finished``) and most of the
+    spider's last 2 x BASELINE_RUNS runs not lost scraped nothing too (a spider that usually yields no
+    items), so a few empty test runs never become the usual."""
+    runs = [r for r in records if r.get("finish_reason") != "lost"][:2 * BASELINE_RUNS]
+    usually_none = sum(1 for r in runs if r.get("items") == 0) * 2 > len(runs)
+    return [r for r in runs if r.get("items") != 0 or (usually_none and r.get("finish_reason") == "finished")]
+
+
 def baseline(records):
-    """The medians of COMPARED over the first BASELINE_RUNS records not lost (newest first given), and how
-    many records they used: what a run ending now is compared with (as RECORD_RUN_LUA does)."""
-    used = [run_figures(r) for r in records if r.get("finish_reason") != "lost"][:BASELINE_RUNS]
+    """The medians of COMPARED over the first BASELINE_RUNS records that count (``counts_for_baseline``;
+    newest first given), and how many records they used: what a run ending now is compared with (as
+    RECORD_RUN_LUA does)."""
+    used = [run_figures(r) for r in counts_for_baseline(records)][:BASELINE_RUNS]
     medians = {}
     for field in COMPARED:
         values = sorted(v[field] for v in used if v[field] is not None)

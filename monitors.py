@@ -255,6 +255,11 @@ class SpiderMonitor:
 
 # ---------------------------------------------------------------------------- host, process and crawl metrics
 
+# psutil's CPU figures over a shorter span read 0.0 (the kernel's counters move in 10 ms steps): the first
+# sample measures at least this long after the start.
+MIN_CPU_SPAN = 0.25
+
+
 class Sampler:
     """Host, process and crawl metrics for one node; each call to ``sample`` covers the time since the last."""
 
@@ -264,6 +269,7 @@ class Sampler:
         # psutil's first cpu_percent() is 0.0: prime both so the first real sample means something.
         psutil.cpu_percent(None)
         self.process.cpu_percent(None)
+        self.primed = time.monotonic()
         self.prev = None
 
     def sample(self, stats, now):
@@ -285,6 +291,8 @@ class Sampler:
             # Too soon after the last sample (a close right after a tick): keep its CPU figures and rates.
             out.update({k: v for k, v in self.prev[1].items() if k in WINDOW_FIELDS})
             return out
+        if self.prev is None:  # the first tick comes right after priming: give psutil a span it can measure
+            time.sleep(max(0.0, self.primed + MIN_CPU_SPAN - time.monotonic()))  # a tick's thread, not the reactor
         out["cpu"] = psutil.cpu_percent(None)
         out["process_cpu"] = round(self.process.cpu_percent(None), 1)
         prev, self.prev = self.prev, (now, out)
