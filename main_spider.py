@@ -50,8 +50,10 @@ class DistributedSpider(RedisSpider):
 
     @classmethod
     def from_crawler(cls, crawler, *args, **kwargs):
-        problem = redis_problem(crawler.settings.get("REDIS_URL"))
-        if problem:  # scrapy-redis would fail to build its scheduler, in three tracebacks: one line instead
+        # A crawl starting (not a spider built for a look at it) needs its Redis: scrapy-redis would fail to
+        # build its scheduler, in three tracebacks. One line instead.
+        problem = crawler.crawling and redis_problem(crawler.settings.get("REDIS_URL"))
+        if problem:
             print(f"main_spider: error: {problem}", file=sys.stderr, flush=True)
             os._exit(2)  # nothing is started yet; a SystemExit would be caught and logged by the crawl's task
         spider = super().from_crawler(crawler, *args, **kwargs)
