@@ -26,7 +26,8 @@ def test_charts_fit_a_two_minute_crawl_say_no_data_and_zoom(api, redis_client, o
                                    queue_dupefilter=None, start_time=int(time.time()) - 120), history=12)
     page = open_page(f"{api.url}/?interval={FAST}")
     # The cluster chart above the cards: the spider's history, summed, over what there is.
-    until(page, "() => (document.querySelector('#cl-charts .chart path.s0').getAttribute('d') || '').startsWith('M')")
+    until(page, "() => (document.querySelector('#cl-charts .chart path.s0').getAttribute('d') || '').startsWith('M')",
+          timeout=30_000)  # the first poll, then the spider's history
     assert 100 <= int(page.get_attribute("#cl-charts", "data-span")) <= 150
     assert page.evaluate("() => document.querySelector('#cluster').compareDocumentPosition("
                          "document.querySelector('#nodes')) & Node.DOCUMENT_POSITION_FOLLOWING")
