@@ -10,6 +10,7 @@ lists it) and passes it on to the API, the nodes and the alerter.
 import argparse
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -121,7 +122,8 @@ class Demo:
         self.args = args
         self.host, self.port, self.interval = host, port, interval
         self.procs = []
-        self.logs = tempfile.mkdtemp(prefix="scm-demo-")
+        self.logs = tempfile.mkdtemp(prefix="scm-demo-")  # removed on exit, unless the demo ends on a failure
+        self.failed = False
         self.server = None
         self.site = None
 
@@ -165,7 +167,7 @@ class Demo:
         print(f"API:       curl {api}/metrics   curl {api}/metrics/main_spider", flush=True)
         if env("MONITOR_API_TOKEN"):
             print("           (MONITOR_API_TOKEN is set: add ?token=<token> to these URLs)", flush=True)
-        print(f"Logs:      {self.logs}", flush=True)
+        print(f"Logs:      {self.logs} (removed when the demo stops)", flush=True)
         if len(nodes) >= 3:
             print(f"Node 3 will be killed after {a.kill_after} s to show a stale node and a down alert.", flush=True)
         print("Alerts appear below (and on the page); none is sent anywhere. Ctrl-C stops everything.\n", flush=True)
@@ -184,6 +186,7 @@ class Demo:
         """The API and the alerter must keep running: the demo ends when either exits."""
         for proc in self.procs:
             if proc.name in ("api", "alert") and proc.poll() is not None:
+                self.failed = True  # its log says why: kept
                 raise SystemExit(f"demo: {proc.name} exited with status {proc.returncode}; see {self.logs}")
 
     def stop(self):
@@ -200,12 +203,15 @@ class Demo:
             self.site.stop()
         if self.server:
             self.server.cleanup()
+        if not self.failed:
+            shutil.rmtree(self.logs, ignore_errors=True)
 
 
 def main():
     parser = Parser(prog="demo.py", description=__doc__.splitlines()[0],
                     epilog=described(DEMO) + "\n" + DEMO_DEFAULTS, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--pages", type=int, default=3000, help="pages on the demo site (default 3000)")
+    parser.add_argument("--pages", type=int, default=2000,
+                        help="pages on the demo site, every one linked (default 2000)")
     parser.add_argument("--nodes", type=int, default=3, help="crawler nodes (default 3)")
     parser.add_argument("--host", help="API address (default: $MONITOR_API_HOST or 127.0.0.1)")
     parser.add_argument("--port", help="API port, which must be free (default: $MONITOR_API_PORT, "

@@ -5,16 +5,39 @@ URLs: ``redis-cli LPUSH distributed:start_urls '{"url": "https://example.com/"}'
 """
 
 import json
+import os
+import sys
 import time
 from urllib.parse import urlsplit
 
+import redis
 from scrapy import Request, signals
 from scrapy.utils.defer import deferred_from_coro
 from scrapy_redis.spiders import RedisSpider
 from twisted.internet import task
 
+from monitor_contract import connect, redact, scrub
+
 # How often an idle node looks for new start URLs (the engine's own idle check runs only every 5 s).
 START_URLS_POLL_INTERVAL = 1.0
+# Seconds the start waits for Redis to answer before it says it cannot reach it.
+REDIS_CHECK_TIMEOUT = 3.0
+
+
+def redis_problem(url):
+    """Why the crawl's Redis (its queue, its start URLs) cannot be used, in one line; None when it answers."""
+    try:
+        client = connect(url, timeout=REDIS_CHECK_TIMEOUT)
+    except ValueError as exc:
+        return f"REDIS_URL: {exc}"
+    try:
+        client.ping()
+    except redis.RedisError as exc:
+        return (f"cannot reach Redis at {redact(url)} ({scrub(exc, url)}); start it, or set REDIS_URL "
+                "to a Redis that answers")
+    finally:
+        client.close()
+    return None
 
 
 class DistributedSpider(RedisSpider):
@@ -28,6 +51,12 @@ class DistributedSpider(RedisSpider):
 
     @classmethod
     def from_crawler(cls, crawler, *args, **kwargs):
+        # A crawl starting (not a spider built for a look at it) needs its Redis: scrapy-redis would fail to
+        # build its scheduler, in three tracebacks. One line instead.
+        problem = crawler.crawling and redis_problem(crawler.settings.get("REDIS_URL"))
+        if problem:
+            print(f"main_spider: error: {problem}", file=sys.stderr, flush=True)
+            os._exit(2)  # nothing is started yet; a SystemExit would be caught and logged by the crawl's task
         spider = super().from_crawler(crawler, *args, **kwargs)
         crawler.signals.connect(spider.spider_opened, signal=signals.spider_opened)
         crawler.signals.connect(spider.spider_closed, signal=signals.spider_closed)

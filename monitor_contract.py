@@ -565,9 +565,10 @@ def run_id(record):
 # record JSON (an object without compare), keep, totals field of this run, totals field of a lost run of
 # the spider, recent runs kept. A lost run is recorded only if its claim is free (exactly once whoever
 # tries); a close replaces the node's lost record, if it had one. ``compare`` is computed here, from the
-# previous BASELINE_RUNS runs not lost of the same version and arguments if there are MIN_BASELINE, else of
-# the same arguments, else any; ``compare.baseline_of`` says which (``version``, ``args``, ``any``).
-# Returns 0 when the claim was taken already, else the run's seq.
+# previous BASELINE_RUNS runs that count (``monitor_read.counts_for_baseline``: not lost, and not empty unless
+# the spider usually scrapes nothing and the run finished) of the same version and arguments if there are
+# MIN_BASELINE, else of the same arguments, else any; ``compare.baseline_of`` says which (``version``, ``args``,
+# ``any``). Returns 0 when the claim was taken already, else the run's seq.
 RECORD_RUN_LUA = """
 local mode, id, rec = ARGV[1], ARGV[2], ARGV[3]
 if mode == 'lost' then
@@ -596,10 +597,18 @@ local function add(kind, r)
     if type(v) == 'number' then kind.cols[k] = kind.cols[k] or {}; table.insert(kind.cols[k], v) end
   end
 end
+local runs, zeros = {}, 0
 local prev = redis.call('ZREVRANGEBYLEX', KEYS[1], '(' .. id .. ' ', '-', 'LIMIT', 0, 10 * want)
 for _, m in ipairs(prev) do
   local ok, r = pcall(cjson.decode, string.sub(m, string.len(id) + 2))
   if ok and type(r) == 'table' and r.finish_reason ~= 'lost' then
+    table.insert(runs, r)
+    if #runs <= 2 * want and r.items == 0 then zeros = zeros + 1 end
+  end
+end
+local usually_none = zeros * 2 > math.min(#runs, 2 * want)
+for _, r in ipairs(runs) do
+  if r.items ~= 0 or (usually_none and r.finish_reason == 'finished') then
     add(kinds.any, r)
     if type(me.args_hash) == 'string' and r.args_hash == me.args_hash then
       add(kinds.args, r)

@@ -625,12 +625,23 @@ def run_figures(record):
     return out
 
 
+def counts_for_baseline(records):
+    """The records (newest first given) a new run may be compared with, newest first, as RECORD_RUN_LUA picks
+    them: not lost; and a run that scraped nothing only when it finished (``finished``) and most of the
+    spider's last 2 x BASELINE_RUNS runs not lost scraped nothing too (a spider that usually yields no
+    items), so a few empty test runs never become the usual."""
+    runs = [r for r in records if r.get("finish_reason") != "lost"]
+    recent = runs[:2 * BASELINE_RUNS]
+    usually_none = sum(1 for r in recent if r.get("items") == 0) * 2 > len(recent)
+    return [r for r in runs if r.get("items") != 0 or (usually_none and r.get("finish_reason") == "finished")]
+
+
 def baseline(records, like=None):
-    """``(medians, runs used, baseline_of)``: the medians of COMPARED over the first BASELINE_RUNS records not
-    lost (newest first given) of the same ``version`` and ``args_hash`` as ``like`` (a record) if there are
-    MIN_BASELINE, else of the same ``args_hash``, else of any: what a run like it ending now is compared with
-    (as RECORD_RUN_LUA does)."""
-    done = [r for r in records if r.get("finish_reason") != "lost"]
+    """``(medians, runs used, baseline_of)``: the medians of COMPARED over the first BASELINE_RUNS records that
+    count (``counts_for_baseline``; newest first given) of the same ``version`` and ``args_hash`` as ``like`` (a
+    record) if there are MIN_BASELINE, else of the same ``args_hash``, else of any: what a run like it ending now
+    is compared with (as RECORD_RUN_LUA does)."""
+    done = counts_for_baseline(records)
     args, version = (like or {}).get("args_hash"), (like or {}).get("version")
     same_args = [r for r in done if isinstance(args, str) and r.get("args_hash") == args]
     same_version = [r for r in same_args if isinstance(version, str) and r.get("version") == version]

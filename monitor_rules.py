@@ -9,7 +9,7 @@ import fnmatch
 import time
 from typing import Callable, NamedTuple, Optional
 
-from monitor_contract import age, newest_error, number
+from monitor_contract import age, last_report, newest_error, number
 
 MIB = 1024 * 1024
 
@@ -70,12 +70,29 @@ def lowest_field(rule, snapshot, limit):
     return f" for field {name!r} over {fmt(snapshot.get('items'))} items{limit_text(rule, snapshot, limit)}"
 
 
-def queue_growing(rule, view, limit, stuck_since, now):
-    """A spider's queue growth (requests/min) while it has live nodes; how long it must last is the limit."""
+def queue_growing(rule, view, limit, started, now):
+    """A spider's queue growth (requests/min) while it has live nodes; how long it must last is the limit.
+    A crawl's queue grows as it discovers links: its first ``limit`` seconds (since ``started``, when its
+    longest-running crawling node started, on Redis's clock) are not judged."""
     rate = number(view.get("queue_rate"))
+    if started is not None and now - started < limit:
+        return None
     if limit and view.get("nodes_live") and rate is not None and rate > 0:
         return rate
     return None
+
+
+def crawl_starts(nodes):
+    """``{spider: when its longest-running crawling node started}`` on Redis's clock (the node's start_time
+    moved by its clock's offset, learnt from its last report)."""
+    starts = {}
+    for snapshot in nodes.values():
+        start = number(snapshot.get("start_time"))
+        if snapshot.get("state") in ("live", "paused") and start is not None:
+            start += last_report(snapshot) - number(snapshot.get("timestamp"), 0)
+            spider = snapshot.get("spider")
+            starts[spider] = min(start, starts.get(spider, start))
+    return starts
 
 
 def queue_detail(rule, view, limit):
@@ -314,9 +331,10 @@ def evaluate(nodes: dict, state: dict, stall: dict, now: float, cfg, silences: O
             apply(RULE[name], node, None, record, None)
     for node in set(stall) - set(nodes):
         stall_changes[node] = None
+    starts = crawl_starts(nodes) if spiders else {}
     for spider, view in (spiders or {}).items():
         for rule in spider_rules:
-            value = rule.check(rule, view, limits[rule.name], None, now)
+            value = rule.check(rule, view, limits[rule.name], starts.get(spider), now)
             record = spider_records.pop(f"{rule.name}:{spider}", None)
             if record is not None or value is not None:
                 apply(rule, spider, view, record, value)

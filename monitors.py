@@ -110,6 +110,7 @@ class SpiderMonitor:
         self.prefix = prefix
         self.history_len = max(1, int(HISTORY_SECONDS // interval))
         self.task = None
+        self.first_tick = None  # the first report's delayed call
         self.lock = None  # held while a tick's thread works: ticks never overlap
         self.outage = Outage(logger)
         self.clock_offset = None  # Redis's clock minus ours, learnt from each write's reply
@@ -174,12 +175,16 @@ class SpiderMonitor:
         logging.getLogger().addHandler(self.insight.handler)  # error samples, while the spider runs
         self.lock = defer.DeferredLock()
         self.task = task.LoopingCall(self.tick)
-        self.task.start(self.interval, now=True)
+        self.task.start(self.interval, now=False)
+        # The first report comes MIN_CPU_SPAN after the start, so its CPU figures cover a span they can measure.
+        self.first_tick = reactor.callLater(MIN_CPU_SPAN, self.tick)
 
     async def spider_closed(self, spider, reason):
         """Stop the loop and publish the final ``closed`` snapshot (Scrapy waits for it)."""
         if self.task and self.task.running:
             self.task.stop()
+        if self.first_tick and self.first_tick.active():
+            self.first_tick.cancel()
         logging.getLogger().removeHandler(self.insight.handler)
         if self.queue_keys is None:  # never opened
             return
@@ -292,14 +297,35 @@ def args_hash(spider):
 
 # ---------------------------------------------------------------------------- host, process and crawl metrics
 
+# CPU figures over a shorter span read 0.0 (the kernel's counters move in 10 ms steps): the first report
+# comes this long after the start.
+MIN_CPU_SPAN = 0.25
+
+
+def host_cpu_times(psutil_=psutil):
+    """``(total, idle)`` CPU seconds of the host so far, as psutil counts them (guest time is already in user
+    time; iowait is idle)."""
+    t = psutil_.cpu_times()
+    total = sum(t) - getattr(t, "guest", 0) - getattr(t, "guest_nice", 0)
+    return total, t.idle + getattr(t, "iowait", 0)
+
+
+def host_cpu_percent(before, after):
+    """Host CPU % between two ``host_cpu_times`` readings."""
+    total, idle = after[0] - before[0], after[1] - before[1]
+    return round(min(max(100 * (total - idle) / total, 0.0), 100.0), 1) if total > 0 else 0.0
+
+
 class Sampler:
     """Host, process and crawl metrics for one node; each call to ``sample`` covers the time since the last."""
 
     def __init__(self, process=None):
         self.psutil = psutil
         self.process = process or psutil.Process()
-        # psutil's first cpu_percent() is 0.0: prime both so the first real sample means something.
-        psutil.cpu_percent(None)
+        # psutil's first cpu_percent() is 0.0: prime the process's, so the first real sample means something.
+        # The host's is measured here, from our own last reading: psutil keeps its last one per thread, and
+        # each tick samples in whichever pool thread runs it (a thread's first figure would read 0.0).
+        self.host_cpu = host_cpu_times(psutil)
         self.process.cpu_percent(None)
         self.prev = None
 
@@ -322,7 +348,8 @@ class Sampler:
             # Too soon after the last sample (a close right after a tick): keep its CPU figures and rates.
             out.update({k: v for k, v in self.prev[1].items() if k in WINDOW_FIELDS})
             return out
-        out["cpu"] = psutil.cpu_percent(None)
+        host_cpu, self.host_cpu = self.host_cpu, host_cpu_times(psutil)
+        out["cpu"] = host_cpu_percent(host_cpu, self.host_cpu)
         out["process_cpu"] = round(self.process.cpu_percent(None), 1)
         prev, self.prev = self.prev, (now, out)
         elapsed = now - prev[0] if prev else 0

@@ -4,7 +4,15 @@ Redis and monitor settings come from the environment (see the README's reference
 is declared in monitor_settings.SETTINGS.
 """
 
+import warnings
+
+from scrapy.exceptions import ScrapyDeprecationWarning
+
 from monitor_settings import env
+
+# scrapy-redis's scheduler passes Scrapy 2.19's stats a deprecated argument on every crawl: its warning, not
+# something a user of this project can act on, is left out of the log (ours raise none).
+warnings.filterwarnings("ignore", category=ScrapyDeprecationWarning, module=r"scrapy_redis\.")
 
 BOT_NAME = "scrapy_cluster_monitor"
 SPIDER_MODULES = ["main_spider"]

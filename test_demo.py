@@ -1,16 +1,22 @@
-"""The README's first command: the demo runs the whole system, and Ctrl-C leaves nothing running."""
+"""The README's first command: the demo runs the whole system, and Ctrl-C leaves nothing running; the docs'
+screenshot (docs/dashboard.png) is taken from it, so it shows what the demo shows today."""
 
+import os
 import queue
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 
 import psutil
+import pytest
 import requests
 
-from testbed import ROOT, clean_env, free_port, wait_for
+from testbed import ROOT, clean_env, free_port, until, wait_for
+
+SCREENSHOT = f"{ROOT}/docs/dashboard.png"
 
 
 def start_demo(*args, **env):
@@ -30,7 +36,7 @@ def start_demo(*args, **env):
     return demo, printed
 
 
-def test_demo_runs_everything_and_stops_cleanly():
+def test_demo_runs_everything_and_stops_cleanly(request):
     port = free_port()
     demo, printed = start_demo("--pages", "400", "--interval", "1", "--kill-after", "8", "--port", str(port),
                                ALERT_INTERVAL="1", ALERT_FOR="1")
@@ -51,6 +57,7 @@ def test_demo_runs_everything_and_stops_cleanly():
         stale = wait_for(lambda: [n for n, s in metrics().items() if s["state"] == "stale"], 30, what="a stale node")
         wait_for(lambda: printed(f"down on {stale[0]}"), 40, what="the down alert")
         assert any(s["pages"] > 0 for s in metrics().values())
+        screenshot(request, api)
         children = psutil.Process(demo.pid).children(recursive=True)
         assert len(children) >= 5  # the API, three nodes (one killed, not yet reaped... or gone), the alerter
     finally:
@@ -58,6 +65,8 @@ def test_demo_runs_everything_and_stops_cleanly():
         assert demo.wait(60) == 0
     printed("")
     assert any("Stopped everything" in line for line in demo.seen), "".join(demo.seen)
+    [logs] = [line.split()[1] for line in demo.seen if line.startswith("Logs:")]
+    assert logs.startswith(tempfile.gettempdir()) and not os.path.exists(logs)  # its temporary folder is gone
     psutil.wait_procs(children, timeout=0.5)  # each child's exit; a zombie left to init takes the whole 0.5 s
 
     def running(p):
@@ -91,3 +100,19 @@ def test_demo_serves_the_api_on_monitor_api_port_and_never_on_another():
     lines = out.stderr.splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"demo.py: error: MONITOR_API_PORT {taken}: cannot listen on "
                                                    f"127.0.0.1:{taken} ("), out.stderr
+
+
+def screenshot(request, api):
+    """docs/dashboard.png: the demo's page once it shows the stale node's down alert (skipped without Chromium)."""
+    try:
+        browser = request.getfixturevalue("browser")
+    except pytest.skip.Exception:
+        return
+    context = browser.new_context(viewport={"width": 1280, "height": 860}, color_scheme="light")
+    try:
+        page = context.new_page()
+        page.goto(f"{api}/")
+        until(page, "() => document.querySelector('[data-state=stale]') && document.querySelector('[data-alert]')")
+        page.screenshot(path=SCREENSHOT)
+    finally:
+        context.close()

@@ -1,7 +1,8 @@
 """The settings table (monitor_settings.SETTINGS) is the one truth: the README's environment reference, each
 script's --help and every module's reads of the environment and of Scrapy settings agree with it.
+The environment reference lives in docs/settings.md.
 
-Static checks (ast over the sources, the README's text) plus one ``--help`` run per script.
+Static checks (ast over the sources, docs/settings.md's text) plus one ``--help`` run per script.
 """
 
 import ast
@@ -71,7 +72,7 @@ def test_rule_threshold_is_a_declared_alert_setting(rule):
     assert setting.attr == rule.attr  # the rules read their threshold as getattr(cfg, rule.attr)
 
 
-# ---------------------------------------------------------------------------- README
+# ---------------------------------------------------------------------------- docs/settings.md
 
 def readme_environment_rows(text):
     """The names of the `` | `NAME` | `` table rows under any heading containing "Environment" (to the next
@@ -103,19 +104,22 @@ def test_readme_parser():
     assert readme_environment_rows(text) == {"A_ONE", "A_TWO", "A_THREE"}
 
 
+REFERENCE = ROOT / "docs" / "settings.md"
+
+
 def readme_rows():
-    return readme_environment_rows((ROOT / "README.md").read_text(encoding="utf-8"))
+    return readme_environment_rows(REFERENCE.read_text(encoding="utf-8"))
 
 
 def test_every_environment_setting_is_in_the_readme_reference():
     rows = readme_rows()
     missing = [s.name for s in SETTINGS if s.env and s.name not in rows]
-    assert not missing, f"README.md's environment reference has no row for: {', '.join(missing)}"
+    assert not missing, f"docs/settings.md's environment reference has no row for: {', '.join(missing)}"
 
 
 def test_readme_reference_names_only_declared_settings():
     stale = sorted(readme_rows() - set(SETTING))
-    assert not stale, f"README.md's environment reference has rows for undeclared settings: {', '.join(stale)}"
+    assert not stale, f"docs/settings.md's environment reference has rows for undeclared settings: {', '.join(stale)}"
 
 
 # ---------------------------------------------------------------------------- --help

@@ -91,7 +91,10 @@ class Site:
         return 200
 
     def body(self, i):
-        links = sorted({n for n in (2 * i + 1, 2 * i + 2, i + 1) if n < self.pages} | {0})
+        # With mix, error pages have no links a crawler follows: each page also links its next two, so no
+        # page hides behind one (no three pages in a row are errors), and the site's size is what is crawled.
+        more = (i + 2, i + 3) if self.mix else ()
+        links = sorted({n for n in (2 * i + 1, 2 * i + 2, i + 1, *more) if n < self.pages} | {0})
         anchors = "".join(f'<a href="{"/" if n == 0 else f"/page/{n}"}">page {n}</a> ' for n in links)
         if self.mix and i % 29 == 0:
             anchors += f'<a href="/missing/{i}">a dead link</a>'
@@ -644,7 +647,11 @@ if __name__ == "__main__":
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--mix", action="store_true", help="some 404, 500 and slow pages")
     args = parser.parse_args()
-    site = Site(args.pages, mix=args.mix, port=args.port).start()
+    try:
+        site = Site(args.pages, mix=args.mix, port=args.port).start()
+    except OSError as exc:  # a busy port, mostly: one line, not a traceback
+        parser.exit(2, f"testbed.py: error: cannot serve on 127.0.0.1:{args.port} ({exc.strerror or exc}); "
+                       "stop what uses it or pass --port\n")
     print(f"Serving {args.pages} pages at {site.url}", flush=True)
     try:
         while True:
