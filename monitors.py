@@ -53,10 +53,10 @@ from monitor_contract import (
     redis_now,
     run_record,
     scrub,
-    write_marker,
     slow_delays,
     slow_key,
     write_dead,
+    write_marker,
     write_run,
     write_snapshot,
 )
