@@ -39,6 +39,7 @@ bench: $(BIN)/.installed
 	$(BIN)/python bench/history.py
 	$(BIN)/python bench/insight_hooks.py
 	$(BIN)/python bench/dashboard.py
+	$(BIN)/python bench/queues.py
 
 clean:
 	rm -rf $(VENV) artifacts .pytest_cache __pycache__

@@ -27,6 +27,7 @@ from typing import NamedTuple, Optional
 
 import redis
 
+from monitor_acting import SLOW_LUA, act_on_queues, issue_command
 from monitor_alert_state import (
     Lock,
     Store,
@@ -51,10 +52,33 @@ from monitor_channels import (
     text_lines,
     within,
 )
-from monitor_contract import Outage, as_text, connect, dumps, redact, redis_now, status_key
+from monitor_contract import (
+    Outage,
+    as_text,
+    connect,
+    dumps,
+    loads,
+    redact,
+    redis_now,
+    slow_delays,
+    slow_key,
+    status_key,
+)
 from monitor_digest import Digest, log_notes
 from monitor_read import NodeReader, spiders_view, wrong_type
-from monitor_rules import SILENCE_MATCHERS, active_rules, evaluate, fmt, iso, run_alerts, span
+from monitor_rules import (
+    RULE,
+    SILENCE_MATCHERS,
+    active_rules,
+    evaluate,
+    fmt,
+    iso,
+    next_delay,
+    refusal_counts,
+    run_alerts,
+    span,
+    window_shares,
+)
 from monitor_settings import ALERT, ConfigError, Parser, duration, env, exit_config_error, readers_of, value
 
 logger = logging.getLogger(__name__)
@@ -281,6 +305,7 @@ class Outcome(NamedTuple):
     stall_changes: dict
     notes: list
     runs_cursor: Optional[int]
+    spiders: Optional[dict] = None  # the spider views judged (with their per-domain refusals)
 
 
 def spider_views(r, nodes, prefix, now, cfg):
@@ -288,7 +313,7 @@ def spider_views(r, nodes, prefix, now, cfg):
     (then their alerts resolve)."""
     if not any(rule.scope == "spider" for rule in active_rules(cfg)):
         return {}
-    return spiders_view(nodes, r, prefix, now)
+    return spiders_view(nodes, r, prefix, now, cfg.finished_after)
 
 
 class Alerter:
@@ -312,6 +337,11 @@ class Alerter:
         self.who = f"{socket.gethostname()}:{os.getpid()}"
         self.settings = alert_settings(cfg)
         self.digest = Digest(self.r, cfg, self.channels) if cfg.digest_at and not dry_run else None
+        self.actions = dict(cfg.actions or {})
+        if cfg.finished_action != "none":
+            self.actions.setdefault("finished", cfg.finished_action)
+        self.samples = []  # [(now, refusal_counts)]: the per-domain 429/503 window, kept in memory
+        self.window = max(cfg.for_seconds or 0, cfg.interval)
 
     def tick(self, now=None):
         """One evaluation and delivery; whatever goes wrong is logged and the next tick tries again.
@@ -377,10 +407,55 @@ class Alerter:
         """The one evaluation, for the real loop and the dry run alike: every rule over the nodes and spiders,
         then the runs recorded since the cursor. Returns an Outcome; stores and sends nothing."""
         spiders = spider_views(self.r, nodes, self.cfg.prefix, now, self.cfg)
+        self.add_refusals(nodes, now, spiders)
         state_changes, stall_changes, notes = evaluate(nodes, reading.state, reading.stall, now, self.cfg,
                                                        reading.silences, spiders)
         run_notes, cursor = run_alerts(reading.recent, reading.runs_cursor, self.cfg)
-        return Outcome(state_changes, stall_changes, notes + run_notes, cursor)
+        return Outcome(state_changes, stall_changes, notes + run_notes, cursor, spiders)
+
+    def add_refusals(self, nodes, now, spiders):
+        """Each spider view gains ``refusals``: its domains' share of 429/503 answers over the window (ALERT_FOR,
+        at least one ALERT_INTERVAL), from the samples this process took (at first, over the nodes' whole runs)."""
+        if not spiders or RULE["domain_refusing"] not in active_rules(self.cfg):
+            return
+        self.samples.append((now, refusal_counts(nodes)))
+        old = [i for i, (t, _) in enumerate(self.samples) if now - t >= self.window]
+        self.samples = self.samples[old[-1] if old else 0:]
+        shares = window_shares(self.samples, now, self.window)
+        for spider, view in spiders.items():
+            view["refusals"] = shares.get(spider, {})
+
+    def slow_changes(self, spiders, state, now):
+        """The ``slow`` action (ALERT_ACTIONS domain_refusing=slow): ``[(domain, old delay, new delay, its stored
+        JSON or '', share)]`` for the domains whose cluster-wide delay changes now (``next_delay``)."""
+        if self.actions.get("domain_refusing") != "slow" or not spiders:
+            return []
+        totals, allowed = {}, set()
+        for spider, view in spiders.items():
+            record = state.get(f"domain_refusing:{spider}") or {}
+            firing = record.get("state") == "firing" and not record.get("silenced")
+            for name, d in (view.get("refusals") or {}).items():
+                seen, refused = totals.get(name, (0, 0.0))
+                totals[name] = (seen + d["responses"], refused + d["share"] * d["responses"])
+                if firing and d["responses"] >= 1 and d["share"] > self.cfg.domain_refusals:
+                    allowed.add(name)
+        current = {}
+        for field, raw in self.r.hgetall(slow_key(self.cfg.prefix)).items():
+            name = as_text(field)
+            if name in slow_delays({field: raw}):
+                current[name] = json_or_empty(raw)
+        out = []
+        for name in sorted(set(totals) | set(current)):
+            seen, refused = totals.get(name, (0, 0.0))
+            share = refused / seen if seen else 0.0
+            old = current.get(name, {})
+            delay, changed = old.get("delay"), old.get("changed", 0)
+            new, when = next_delay(delay, changed if isinstance(changed, (int, float)) else 0, share, seen,
+                                   self.cfg.domain_refusals, name in allowed, now, self.window, self.cfg.slow_max)
+            if new != delay:
+                stored = dumps({"delay": new, "changed": round(when, 3), "by": "domain_refusing"}) if new else ""
+                out.append((name, delay, new, stored, share))
+        return out
 
     def record(self, outcome, reading, now):
         """Store an evaluation's outcome with the heartbeat and queue its messages, one per channel."""
@@ -396,6 +471,45 @@ class Alerter:
             logger.info("Alert: %s", subject(outcome.notes, self.cfg.prefix))
             if self.digest:
                 log_notes(self.r, self.cfg.prefix, outcome.notes, now)
+        self.slow(outcome.spiders, merged(reading.state, outcome.state_changes), now)
+        for command, target, note in self.due_actions(outcome.notes):
+            try:
+                entry = issue_command(self.r, self.cfg.prefix, command, target, who="alerter", via=note["rule"],
+                                      comment=note["summary"][:500])
+            except redis.RedisError as exc:
+                logger.error("Alert: could not %s %s for rule %s: %s", command, target, note["rule"],
+                             one_line(exc, self.cfg.redis_url))
+                continue
+            logger.info("Alert: rule %s: %s %s (command %d)", note["rule"], command, target, entry["id"])
+
+    def slow(self, spiders, state, now):
+        """Store the cluster-wide delays that change now (``slow_changes``), each logged in the control log as
+        ``slow`` of ``domain:<name>`` by the alerter, and audited."""
+        for name, old, new, stored, share in self.slow_changes(spiders, state, now):
+            target, via = f"domain:{name}", "domain_refusing"
+            comment = f"delay {fmt(old or 0)} s -> {fmt(new or 0)} s; 429/503 share {fmt(share * 100)}%"
+            entry = {"command": "slow", "target": target, "who": "alerter", "from": "", "via": via, "comment": comment}
+            audit = {"who": "alerter", "via": via, "from": "", "action": "control.slow", "target": target,
+                     "outcome": "applied", "comment": comment, "request": ""}
+            try:
+                act_on_queues(self.r, self.cfg.prefix, SLOW_LUA, [slow_key(self.cfg.prefix)],
+                              [name, stored, dumps(new)], entry, audit)
+            except redis.RedisError as exc:
+                logger.error("Alert: could not slow %s: %s", name, one_line(exc, self.cfg.redis_url))
+                continue
+            logger.info("Alert: rule domain_refusing: %s %s", name, comment)
+
+    def due_actions(self, notes):
+        """``[(command, target, note)]``: ALERT_ACTIONS (and ALERT_FINISHED_ACTION) of the alerts that started
+        firing in this evaluation (never a repeat; a silenced alert sends nothing, so it acts on nothing), on the
+        alert's node, or its spider for a spider-level rule."""
+        out = []
+        for note in notes:
+            command = self.actions.get(note["rule"])
+            if command and command != "slow" and note["status"] == "firing" and not note["repeat"]:
+                scope = RULE[note["rule"]].scope if note["rule"] in RULE else "node"
+                out.append((command, f"{scope}:{note['node']}", note))
+        return out
 
 
 class DryRun:
@@ -428,8 +542,22 @@ class DryRun:
             print(f"would send to {channel.describe()}:\n  subject: {subject(notes, alerter.cfg.prefix)}", file=out)
             for line in text_lines(notes):
                 print(f"  {line}", file=out)
+        for command, target, note in alerter.due_actions(notes):
+            print(f"would {command} {target} (rule {note['rule']}, as alerter)", file=out)
+        for name, old, new, _, share in alerter.slow_changes(outcome.spiders, self.memory[0], now):
+            print(f"would slow domain:{name}: delay {fmt(old or 0)} s -> {fmt(new or 0)} s (429/503 share "
+                  f"{fmt(share * 100)}%)", file=out)
         out.flush()
         return notes
+
+
+def json_or_empty(raw):
+    """A stored JSON object, or {} when it is not one."""
+    try:
+        value = loads(raw)
+    except ValueError:
+        return {}
+    return value if isinstance(value, dict) else {}
 
 
 # ---------------------------------------------------------------------------- silences from the command line

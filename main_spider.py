@@ -81,8 +81,9 @@ class DistributedSpider(RedisSpider):
             self.logger.warning("Ignoring start URL entry without an http(s) url: %.200r", text)
             return []
         meta = entry.get("meta") if isinstance(entry.get("meta"), dict) else {}
-        # Filtered like any link, so a start page that other pages link to is fetched once per cluster.
-        return Request(url, meta=meta, dont_filter=bool(entry.get("dont_filter", False)))
+        # Filtered like any link, so a start page that other pages link to is fetched once per cluster; a requeued
+        # dead letter (meta "requeued": its id) was seen already, and is fetched again.
+        return Request(url, meta=meta, dont_filter=bool(entry.get("dont_filter", False)) or "requeued" in meta)
 
     def parse(self, response):
         title = None

@@ -1,5 +1,6 @@
-"""Acting writes: a control command, a silence or an audit entry is stored with its audit entry and its
-idempotency answer in one Lua script, so a change is never recorded without its audit or twice."""
+"""Acting writes: a control command, a silence, a change to a spider's queues (seed, flush, requeue) or an audit
+entry is stored with its audit entry and its idempotency answer in one Lua script, so a change is never recorded
+without its audit or twice."""
 
 from monitor_contract import (
     AUDIT_KEEP,
@@ -144,3 +145,120 @@ def issue_command(r, prefix, command, target, **fields):
 def write_audit(r, prefix, entry):
     """Push one audit entry (``who, from, action, target, outcome, ...``; Redis adds ``id`` and ``at``)."""
     return r.eval(AUDIT_LUA, 2, *audit_keys(prefix), dumps(entry), AUDIT_KEEP)
+
+
+# ---------------------------------------------------------------------------- acting on the queues
+
+# Shared by the queue scripts: KEYS 1-5 are the control seq, the control log, the audit log, its seq and the
+# idempotency key; ARGV 1-6 the log entry (a JSON object without id and at), log keep, the audit entry, audit keep,
+# the idempotency key ('' for none) and its TTL. ``logged`` writes the control log entry (with ``extra``, a text
+# ',"name":value...' of what the change did), audits it and keeps the answer ``{"id", "at", ...extra}``.
+LUA_QUEUES = LUA_COMMON + """
+local function logged(extra)
+  local id = next_id(KEYS[1], KEYS[2])
+  local at = stamp()
+  local head = '{"id":' .. id .. ',"at":' .. at
+  redis.call('LPUSH', KEYS[2], head .. ',' .. string.sub(ARGV[1], 2, -2) .. extra .. '}')
+  redis.call('LTRIM', KEYS[2], 0, tonumber(ARGV[2]) - 1)
+  audit(KEYS[3], KEYS[4], '{"ref":' .. id .. ',' .. string.sub(ARGV[3], 2), tonumber(ARGV[4]), at)
+  local answer = head .. extra .. '}'
+  remember(KEYS[5], ARGV[5], ARGV[6], answer)
+  return answer
+end
+local function push(key, kind, values, first, last)
+  local added = 0
+  for i = first, last, 1000 do
+    local stop = math.min(i + 999, last)
+    if kind == 'list' then
+      redis.call('RPUSH', key, unpack(values, i, stop))
+      added = added + stop - i + 1
+    elseif kind == 'set' then added = added + redis.call('SADD', key, unpack(values, i, stop))
+    else
+      local args = {}
+      for j = i, stop do args[#args + 1] = 0; args[#args + 1] = values[j] end
+      added = added + redis.call('ZADD', key, unpack(args))
+    end
+  end
+  return added
+end
+local function size(key)
+  local kind = redis.call('TYPE', key).ok
+  if kind == 'list' then return redis.call('LLEN', key)
+  elseif kind == 'zset' then return redis.call('ZCARD', key)
+  elseif kind == 'set' then return redis.call('SCARD', key)
+  elseif kind == 'hash' then return redis.call('HLEN', key)
+  elseif kind == 'none' then return 0 end
+  return 1
+end
+local bad = wrong_key(KEYS, {'string', 'list', 'list', 'string', 'string'})
+if bad then return redis.error_reply(bad) end
+local first = first_answer(KEYS[5], ARGV[5])
+if first then return {'repeat', first} end
+"""
+# Pushes start URL entries. KEYS 6: the start URL key. ARGV 7: its type (list, set, zset), then the entries.
+# Replies ``{'new' | 'repeat', answer}``, the answer's ``pushed`` counting the entries added.
+SEED_LUA = LUA_QUEUES + """
+bad = wrong_key({KEYS[6]}, {ARGV[7]})
+if bad then return redis.error_reply(bad) end
+return {'new', logged(',"pushed":' .. push(KEYS[6], ARGV[7], ARGV, 8, #ARGV))}
+"""
+# Deletes keys, saying how many entries each held. KEYS 6...: the keys; ARGV 7...: their names in the answer.
+FLUSH_LUA = LUA_QUEUES + """
+local parts = {}
+for i = 6, #KEYS do
+  parts[#parts + 1] = cjson.encode(ARGV[i + 1]) .. ':' .. size(KEYS[i])
+  redis.call('UNLINK', KEYS[i])
+end
+return {'new', logged(',"flushed":{' .. table.concat(parts, ',') .. '}')}
+"""
+# Moves dead letters back onto the start URLs, each once whoever races: KEYS 6 the dead letters, 7 the start URL
+# key; ARGV 7 its type, 8 'all' or 'ids', then the ids. Each entry is ``{"url", "meta"}`` with ``requeued`` (the
+# dead letter's id) in its meta. Replies ``{'missing', ''}`` when none of them is held any more.
+REQUEUE_LUA = LUA_QUEUES + """
+bad = wrong_key({KEYS[6], KEYS[7]}, {'zset', ARGV[7]})
+if bad then return redis.error_reply(bad) end
+local members, missing = {}, 0
+if ARGV[8] == 'all' then
+  members = redis.call('ZRANGE', KEYS[6], 0, -1)
+else
+  for i = 9, #ARGV do
+    local found = redis.call('ZRANGEBYLEX', KEYS[6], '[' .. ARGV[i] .. ' ', '(' .. ARGV[i] .. '!', 'LIMIT', 0, 1)
+    if found[1] then members[#members + 1] = found[1] else missing = missing + 1 end
+  end
+end
+if #members == 0 then return {'missing', ''} end
+local entries = {}
+for _, m in ipairs(members) do
+  local space = string.find(m, ' ', 1, true)
+  local ok, rec = pcall(cjson.decode, string.sub(m, space + 1))
+  if ok and type(rec) == 'table' and type(rec.url) == 'string' then
+    local meta = type(rec.meta) == 'table' and rec.meta or {}
+    meta.requeued = string.sub(m, 1, space - 1)
+    entries[#entries + 1] = cjson.encode({url = rec.url, meta = meta})
+  end
+  redis.call('ZREM', KEYS[6], m)
+end
+if #entries > 0 then push(KEYS[7], ARGV[7], entries, 1, #entries) end
+return {'new', logged(',"requeued":' .. #entries .. ',"missing":' .. missing)}
+"""
+
+
+def act_on_queues(r, prefix, script, keys, args, entry, audit, idempotency=""):
+    """Run one of the queue scripts with the control log and audit keys: ``(answer, repeated)``, or
+    ``(None, False)`` when it found nothing to act on."""
+    every = (control_key(prefix, "seq"), control_key(prefix, "log"), *audit_keys(prefix),
+             idempotency or control_key(prefix, "seq"), *keys)
+    kind, raw = r.eval(script, len(every), *every, dumps(entry), CONTROL_LOG_KEEP, dumps(audit), AUDIT_KEEP,
+                       idempotency, IDEMPOTENCY_TTL, *args)
+    kind = as_text(kind)
+    if kind == "missing":
+        return None, False
+    return loads(raw, bounded=False), kind == "repeat"
+# Sets (or with '' lifts) one domain's cluster-wide delay: KEYS 6 the slow hash; ARGV 7 the domain, 8 its JSON, 9 the
+# delay as JSON (or null) for the log entry.
+SLOW_LUA = LUA_QUEUES + """
+bad = wrong_key({KEYS[6]}, {'hash'})
+if bad then return redis.error_reply(bad) end
+if ARGV[8] == '' then redis.call('HDEL', KEYS[6], ARGV[7]) else redis.call('HSET', KEYS[6], ARGV[7], ARGV[8]) end
+return {'new', logged(',"delay":' .. ARGV[9])}
+"""

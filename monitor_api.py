@@ -26,7 +26,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from werkzeug.exceptions import HTTPException
 from werkzeug.routing import PathConverter
 
-from monitor_acting import issue, write_audit
+from monitor_acting import FLUSH_LUA, REQUEUE_LUA, SEED_LUA, act_on_queues, issue, write_audit
 from monitor_alert_state import read_alerts, read_silences, remove_silence, silence_from, store_silence
 from monitor_cache import CACHE_ENTRIES, Body, Cache, CachedFastPath, cache_key, json_body, to_json
 from monitor_contract import (
@@ -40,6 +40,8 @@ from monitor_contract import (
     Outage,
     age,
     connect,
+    dead_key,
+    dead_totals_key,
     dumps,
     history_key,
     idempotency_key,
@@ -55,8 +57,19 @@ from monitor_contract import (
     trend_key,
 )
 from monitor_export import DAY_COLUMNS, RUN_COLUMNS, csv_text, days_rows, runs_rows
-from monitor_gate import ADMIN, MAX_BODY, OPERATOR, Gate, acting, gate, identity, log_acting, needs, shown
-from monitor_prometheus import ClusterCollector, RunsCollector
+from monitor_gate import ADMIN, MAX_BODY, OPERATOR, SEED_BODY, Gate, acting, gate, identity, log_acting, needs, shown
+from monitor_prometheus import ClusterCollector, DeadCollector, RunsCollector
+from monitor_queues import (
+    DEAD_LIMIT,
+    MAX_DEAD_LIMIT,
+    QueueError,
+    dead_bound,
+    parse_flush,
+    parse_requeue,
+    parse_seed,
+    queues_of,
+    read_dead,
+)
 from monitor_read import (
     STATES,
     NodeEntry,
@@ -102,7 +115,7 @@ REPORT_EVERY = 60.0
 # The OpenAPI document served at /openapi.json, beside this file (test_api checks it against the routes).
 OPENAPI_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "monitor_openapi.json")
 # Waitress itself refuses a body over this before reading it (the gate answers 413 in JSON from MAX_BODY up).
-WAITRESS_BODY = 1024 * 1024
+WAITRESS_BODY = SEED_BODY
 bp = Blueprint("api", __name__)
 
 
@@ -297,7 +310,8 @@ def spiders():
 
     def compute():
         nodes, skipped, now = reader().nodes()
-        return json_body(spiders_view(nodes, reader().redis, reader().prefix, now), skipped)
+        return json_body(spiders_view(nodes, reader().redis, reader().prefix, now,
+                                      current_app.config["MONITOR_FINISHED_AFTER"]), skipped)
 
     return cached(compute)
 
@@ -360,8 +374,9 @@ def prometheus():
 
     def compute():
         registry = CollectorRegistry()
-        registry.register(ClusterCollector(*reader().nodes()[:2]))
+        registry.register(ClusterCollector(*reader().nodes(), current_app.config["MONITOR_FINISHED_AFTER"]))
         registry.register(RunsCollector(reader().redis.hgetall(run_meta_key(reader().prefix, "totals"))))
+        registry.register(DeadCollector(reader().redis.hgetall(dead_totals_key(reader().prefix))))
         return Body(generate_latest(registry), CONTENT_TYPE_LATEST)
 
     return cached(compute)
@@ -479,7 +494,9 @@ def audit_entry(action, target, comment=""):
 
 
 # The audit action of each route that changes data.
-ACTIONS = {"api.control": "control", "api.add_silence": "silence.add", "api.delete_silence": "silence.delete"}
+ACTIONS = {"api.control": "control", "api.add_silence": "silence.add", "api.delete_silence": "silence.delete",
+           "api.seed_queue": "queues.seed", "api.flush_queue": "queues.flush", "api.requeue_dead": "queues.requeue",
+           "api.delete_dead": "queues.flush"}
 
 
 def audit_refusal(refusal):
@@ -634,6 +651,100 @@ def control_log():
     log = read_control_log(reader().redis, reader().prefix, limit)
     reader().answered()
     return {"log": log}
+
+
+# ---------------------------------------------------------------------------- the spiders' queues
+
+def checked(check, *args):
+    """``check(*args)`` (a parser or ``queues_of`` of monitor_queues), its QueueError answered as JSON."""
+    try:
+        return check(*args)
+    except QueueError as exc:
+        abort(exc.status, str(exc))
+
+
+def act_on(name, command, script, keys, args, comment):
+    """Run a queue script for spider ``name``, logged as ``command`` in the control log and audited."""
+    target = f"spider:{name}"
+    entry = {"command": command, "target": target, "comment": comment, "who": g.actor["who"],
+             "from": g.actor["address"], "via": g.actor["via"]}
+    with writing():
+        answer, repeated = act_on_queues(reader().redis, reader().prefix, script, keys, args, entry,
+                                         audit_entry(f"queues.{command}", target, comment), idempotency())
+    reader().answered()
+    reader().cache.entries.clear()  # the spider's sizes and dead letters show the change at once
+    return answer, repeated
+
+
+@bp.post("/queues/<node:name>/seed")
+@acting
+def seed_queue(name):
+    """``{"urls": [...]}`` or ``{"requests": [{"url", "meta"}]}`` (at most 10,000) onto the spider's start URLs:
+    ``{"pushed", "id", "at"}``; logged as ``seed`` in the control log, audited, idempotent."""
+    request.max_content_length = SEED_BODY
+    entries, comment = checked(parse_seed, request_json())
+    queues = checked(queues_of, reader().nodes()[0], name)
+    answer, repeated = act_on(name, "seed", SEED_LUA, [queues["start_urls"]], [queues["start_urls_type"], *entries],
+                              comment)
+    g.outcome = f"{'repeat: ' if repeated else ''}seed {answer['id']}: {answer['pushed']} URL(s) for {shown(name)}"
+    return answer
+
+
+@bp.post("/queues/<node:name>/flush")
+@acting
+def flush_queue(name):
+    """``{"what": ["requests", "start_urls", "dupefilter"]}``: deletes those keys; ``{"flushed": {name: entries
+    held}, "id", "at"}``; logged as ``flush``, audited, idempotent."""
+    what, comment = checked(parse_flush, request_json())
+    queues = checked(queues_of, reader().nodes()[0], name)
+    keys = [queues[w] or f"{queues['requests']}:none" for w in what]  # a spider without start URLs: nothing there
+    answer, repeated = act_on(name, "flush", FLUSH_LUA, keys, what, comment)
+    g.outcome = f"{'repeat: ' if repeated else ''}flush {answer['id']} of {shown(name)}: {dumps(answer['flushed'])}"
+    return answer
+
+
+@bp.get("/queues/<node:name>/dead")
+def dead_letters(name):
+    """The spider's dead letters, newest first: ``?limit=`` (1-1000, default 50), ``before`` (a ``next`` cursor),
+    ``reason`` (comma-separated); ``{"dead": [...], "next", "total"}``; urls redacted."""
+    limit, before = query_whole("limit", DEAD_LIMIT, MAX_DEAD_LIMIT), request.args.get("before")
+    if dead_bound(before) is None:
+        abort(400, "before must be a dead letter id from 'next'")
+    reasons = set(split_list(request.args["reason"])) if request.args.get("reason") else None
+
+    def compute():
+        found = read_dead(reader().redis, reader().prefix, name, limit, before, reasons)
+        if not found["total"] and name not in reader().spider_names():
+            abort(404, "no spider by that name has nodes or dead letters")
+        return json_body(found)
+
+    return cached(compute)
+
+
+@bp.post("/queues/<node:name>/dead/requeue")
+@acting
+def requeue_dead(name):
+    """``{"ids": [...]}`` or ``{"all": true}``: those dead letters back onto the start URLs, each once however many
+    clients race; ``{"requeued", "missing", "id", "at"}``; 404 when none of them is held any more."""
+    ids, comment = checked(parse_requeue, request_json())
+    queues = checked(queues_of, reader().nodes()[0], name)
+    answer, repeated = act_on(name, "requeue", REQUEUE_LUA, [dead_key(reader().prefix, name), queues["start_urls"]],
+                              [queues["start_urls_type"], "all" if ids is None else "ids", *(ids or ())], comment)
+    if answer is None:
+        abort(404, "none of those dead letters is held any more (requeued or deleted already)")
+    g.outcome = f"{'repeat: ' if repeated else ''}requeue {answer['id']}: {answer['requeued']} of {shown(name)}"
+    return answer
+
+
+@bp.delete("/queues/<node:name>/dead")
+@acting
+def delete_dead(name):
+    """Empties the spider's dead letters: ``{"flushed": {"dead": n}, "id", "at"}``; logged as ``flush``."""
+    if name not in reader().spider_names() and not reader().redis.exists(dead_key(reader().prefix, name)):
+        abort(404, "no spider by that name has nodes or dead letters")
+    answer, repeated = act_on(name, "flush", FLUSH_LUA, [dead_key(reader().prefix, name)], ["dead"], "")
+    g.outcome = f"{'repeat: ' if repeated else ''}flush {answer['id']} of {shown(name)}: {dumps(answer['flushed'])}"
+    return answer
 
 
 # ---------------------------------------------------------------------------- errors

@@ -101,6 +101,40 @@ def run_meta_key(prefix, name):
     return f"{prefix}:runmeta:{name}"
 
 
+def dead_key(prefix, spider):
+    """A spider's dead letters: a sorted set of ``<id> <record JSON>`` members (all score 0, so ordered by id:
+    oldest first), capped at MONITOR_DEAD_KEEP, never by TTL."""
+    return f"{prefix}:dead:{spider}"
+
+
+def dead_totals_key(prefix):
+    """HASH spider -> dead letters ever recorded (capping the list never lowers it): Prometheus's counter."""
+    return f"{prefix}:deadmeta:totals"
+
+
+def slow_key(prefix):
+    """HASH domain -> JSON ``{"delay": seconds, "since", "by"}``: the cluster-wide download delay of slowed
+    domains, which every node applies to its download slot for that domain."""
+    return f"{prefix}:slow"
+
+
+# A cluster-wide delay is at most this many seconds, whatever is stored.
+MAX_SLOW = 3600
+
+
+def slow_delays(raw):
+    """``{domain: delay}`` from an HGETALL of ``slow_key``; malformed entries skipped."""
+    out = {}
+    for field, text in raw.items():
+        try:
+            delay = loads(text).get("delay")
+        except (ValueError, AttributeError):
+            continue
+        if isinstance(delay, (int, float)) and not isinstance(delay, bool) and 0 < delay <= MAX_SLOW:
+            out[as_text(field)] = float(delay)
+    return out
+
+
 def run_claim_key(prefix, node, start_time):
     """Set once a run of ``node`` started at ``start_time`` is recorded lost; holds the lost record's member."""
     return f"{prefix}:runmeta:lost:{int(start_time)}:{node}"
@@ -158,6 +192,9 @@ class Snapshot(TypedDict, total=False):
     queue_requests: int  # scrapy-redis's queues
     queue_start_urls: int
     queue_dupefilter: int
+    queues: dict  # the spider's scrapy-redis key names (see QUEUE_NAMES)
+    dead: int  # dead letters this node recorded in this run
+    idle_since: float  # since when (the node's clock) it downloaded nothing and saw nothing queued
     latency_p50: float  # crawl insight
     latency_p95: float
     latency_p99: float
@@ -189,7 +226,21 @@ def decode_snapshot(raw: Union[bytes, str, None]) -> Optional[Snapshot]:
         return None
     if "seen" in value and not is_number(value["seen"]):
         return None
+    if "queues" in value and not queue_names_ok(value["queues"]):
+        del value["queues"]
     return clean_insight(value)  # crawl insight fields of the wrong shape are dropped, the node kept
+
+
+# The ``queues`` snapshot field: the scrapy-redis key names of the node's spider (names only), the start URL
+# key's type (``list``, ``set`` or ``zset``) and ``apart`` (true when they live in another Redis than the
+# monitor's: REDIS_URL differs from MONITOR_REDIS_URL, so readers cannot act on them).
+QUEUE_NAMES = ("requests", "start_urls", "dupefilter")
+START_URL_TYPES = ("list", "set", "zset")
+
+
+def queue_names_ok(queues):
+    return (isinstance(queues, dict) and all(_name(queues.get(k)) or queues.get(k) == "" for k in QUEUE_NAMES)
+            and queues.get("start_urls_type") in START_URL_TYPES and isinstance(queues.get("apart", False), bool))
 
 
 def parse_snapshot(raw: Union[bytes, str, None], now: Optional[float] = None) -> Optional[Snapshot]:
@@ -239,8 +290,9 @@ MAX_TOP_DOMAINS = 100
 MAX_FIELDS = 100
 SAMPLES = 5
 SAMPLE_TEXT = 300
-# The per-domain figures, in the order ``Insight`` keeps them (pages, errors, 4xx, 5xx, 429).
-DOMAIN_COUNTS = ("pages", "errors", "4xx", "5xx", "429")
+# The per-domain figures, in the order ``Insight`` keeps them (pages, errors, 4xx, 5xx, 429, 503); a domain's
+# figures also say its cluster-wide ``delay`` (seconds) while it is slowed, and its ``latency_p95``.
+DOMAIN_COUNTS = ("pages", "errors", "4xx", "5xx", "429", "503")
 # Snapshot fields too big for list views: the API sends them for one node, or with ?fields=all.
 BIG_FIELDS = frozenset(("domains", "fields", "error_samples", "latency_buckets"))
 
@@ -288,7 +340,7 @@ def clean_insight(snapshot):
     if domains is not None:
         if isinstance(domains, dict):
             snapshot["domains"] = {
-                name: {k: (v[k] if _num(v.get(k)) else None) for k in DOMAIN_COUNTS + ("latency_p95",)}
+                name: {k: (v[k] if _num(v.get(k)) else None) for k in DOMAIN_COUNTS + ("latency_p95", "delay")}
                 for name, v in list(domains.items())[:MAX_TOP_DOMAINS + 1] if _name(name) and isinstance(v, dict)}
         else:
             del snapshot["domains"]
@@ -463,6 +515,26 @@ def write_marker(pipe, prefix, spider, version, at, node=""):
     """Queue MARKER_LUA: a marker for ``version`` of ``spider`` at ``at`` unless the newest one names it already."""
     marker = dumps({"at": int(at), "version": version, "node": node[:RUN_TEXT]}, ensure_ascii=False)
     pipe.eval(MARKER_LUA, 1, markers_key(prefix, spider), version, marker, MARKERS_KEEP, MARKERS_TTL)
+
+
+# A dead letter's id: ``<ms on Redis's clock>-<node hash>-<seq>``, zero-padded, so ids sort by time; a member of
+# ``dead_key`` is ``<id> <record JSON>``.
+DEAD_ID = re.compile(r"\d{14}-[0-9a-f]{8}-\d{8}\Z")
+
+
+def dead_member(record, node, seq):
+    """The sorted-set member of one dead letter (``record["at"]`` on Redis's clock)."""
+    digest = hashlib.sha1(str(node).encode("utf-8", "replace")).hexdigest()[:8]
+    at = min(max(int(record["at"] * 1000), 0), 10 ** 14 - 1)
+    return f"{at:014d}-{digest}-{seq % 10 ** 8:08d} {dumps(record, ensure_ascii=False)}"
+
+
+def write_dead(pipe, prefix, spider, members, keep):
+    """Queue the commands that record dead letters: add, cap at ``keep`` (oldest go), count."""
+    key = dead_key(prefix, spider)
+    pipe.zadd(key, dict.fromkeys(members, 0))
+    pipe.zremrangebyrank(key, 0, -int(keep) - 1)
+    pipe.hincrby(dead_totals_key(prefix), spider, len(members))
 
 
 def history_row(snapshot, at=None):
@@ -697,15 +769,19 @@ def control_targets(node, spider):
     return [f"node:{node}", f"spider:{spider}", "all"]
 
 
-def decode_command(raw):
+# What the control log holds besides the fleet commands: the changes to a spider's queues.
+LOGGED_COMMANDS = CONTROL_COMMANDS + ("seed", "flush", "requeue", "slow")
+
+
+def decode_command(raw, known=CONTROL_COMMANDS):
     """A stored command as a dict, or None unless it is a JSON object with an integer ``id``, a numeric
-    ``at`` and a known ``command``."""
+    ``at`` and a ``command`` in ``known``."""
     try:
         value = loads(raw)
     except (ValueError, TypeError):
         return None
     if (isinstance(value, dict) and isinstance(value.get("id"), int) and not isinstance(value["id"], bool)
-            and is_number(value.get("at")) and value.get("command") in CONTROL_COMMANDS):
+            and is_number(value.get("at")) and value.get("command") in known):
         return value
     return None
 

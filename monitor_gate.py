@@ -32,8 +32,9 @@ logger = logging.getLogger("monitor_api")
 # Roles, from least to most: a tokenless request the API does not trust gets NONE when tokens are set.
 NONE, VIEWER, OPERATOR, ADMIN = "none", "viewer", "operator", "admin"
 RANK = {NONE: 0, VIEWER: 1, OPERATOR: 2, ADMIN: 3}
-# A request body over this is refused (413) before anything reads it.
+# A request body over this is refused (413) before anything reads it; a seed (up to 10,000 URLs) may be larger.
 MAX_BODY = 64 * 1024
+SEED_BODY = 8 * 1024 * 1024
 # Sent with every response: no page may frame the dashboard (or any answer), so no click is borrowed.
 FRAME_HEADERS = [("X-Frame-Options", "DENY"), ("Content-Security-Policy", "frame-ancestors 'none'")]
 # An address that offers this many refused tokens within THROTTLE_WINDOW seconds gets 429 for THROTTLE_WINDOW.
@@ -274,9 +275,9 @@ class Gate:
         if left:
             return Refusal(429, "too many refused tokens from this address: wait a minute",
                            (("Retry-After", str(int(left) + 1)),))
-        length = environ.get("CONTENT_LENGTH") or "0"
-        if not length.isdigit() or int(length) > MAX_BODY:
-            return Refusal(413, f"a request body may be at most {MAX_BODY // 1024} KB")
+        length, limit = environ.get("CONTENT_LENGTH") or "0", body_limit(path)
+        if not length.isdigit() or int(length) > limit:
+            return Refusal(413, f"a request body may be at most {limit // 1024} KB")
         offered, problem = offered_tokens(environ)
         if problem:
             return Refusal(400, problem)
@@ -378,6 +379,11 @@ class Gate:
         if has_body and req.mimetype != "application/json":
             return Refusal(415, "send the body as JSON, with 'Content-Type: application/json'"), ""
         return None, identity(req).via
+
+
+def body_limit(path):
+    """The largest body a request to ``path`` may send: SEED_BODY for a seed, else MAX_BODY."""
+    return SEED_BODY if path and path.startswith("/queues/") and path.endswith("/seed") else MAX_BODY
 
 
 def identity(req):

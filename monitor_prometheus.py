@@ -7,8 +7,8 @@ reads these names (a test checks it).
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
-from monitor_contract import LATENCY_BUCKETS, is_number, number
-from monitor_read import STATES, run_totals, spiders_view
+from monitor_contract import LATENCY_BUCKETS, as_text, is_number, number
+from monitor_read import CRAWL_STATES, FINISHED_AFTER, STATES, run_totals, spiders_view
 
 # (snapshot field, metric name, help, scale): base units, so percentages become ratios.
 GAUGES = (
@@ -38,9 +38,10 @@ QUEUES = (("queue_requests", "requests"), ("queue_start_urls", "start_urls"), ("
 class ClusterCollector:
     """A prometheus_client collector over one read of the status hash."""
 
-    def __init__(self, nodes, skipped):
+    def __init__(self, nodes, skipped, now=None, finished_after=FINISHED_AFTER):
         self.nodes = nodes
         self.skipped = skipped
+        self.now, self.finished_after = now, finished_after
 
     def collect(self):
         labels = ["node", "spider"]
@@ -68,7 +69,7 @@ class ClusterCollector:
         for node, s in self.nodes.items():
             state.add_metric([node, s["spider"], s["state"]], 1)
         yield state
-        views = spiders_view(self.nodes)
+        views = spiders_view(self.nodes, now=self.now, finished_after=self.finished_after)
         count = GaugeMetricFamily("scrapy_nodes", "Nodes of each spider by state.", labels=["spider", "state"])
         queue = GaugeMetricFamily("scrapy_queue_size", "Entries in the spider's shared scrapy-redis queues.",
                                   labels=["spider", "queue"])
@@ -78,8 +79,14 @@ class ClusterCollector:
             for field, kind in QUEUES:
                 if is_number(view.get(field)):
                     queue.add_metric([spider, kind], view[field])
+        crawl = GaugeMetricFamily("scrapy_spider_state", "1 for the spider's crawl state (crawling, idle, finished, "
+                                  "paused).", labels=["spider", "state"])
+        for spider, view in views.items():
+            for name in CRAWL_STATES:
+                crawl.add_metric([spider, name], 1 if view["state"] == name else 0)
         yield count
         yield queue
+        yield crawl
         yield from insight_families(self.nodes)
         yield GaugeMetricFamily("scrapy_monitor_skipped_entries",
                                 "Malformed values in the status hash, left out above.", value=self.skipped)
@@ -104,12 +111,26 @@ class RunsCollector:
         yield family
 
 
+class DeadCollector:
+    """``scrapy_dead_requests_total{spider}``: dead letters ever recorded (a cap or a requeue never lowers it)."""
+
+    def __init__(self, raw_totals):
+        self.totals = {as_text(k): int(v) for k, v in raw_totals.items() if as_text(v).isdigit()}
+
+    def collect(self):
+        family = CounterMetricFamily("scrapy_dead_requests", "Requests failed for good (dead letters) recorded.",
+                                     labels=["spider"])
+        for spider, count in sorted(self.totals.items()):
+            family.add_metric([spider], count)
+        yield family
+
+
 # (snapshot domain figure, metric name, help): per-domain counters of the top domains.
 DOMAIN_COUNTERS = (
     ("pages", "scrapy_domain_responses", "Responses received from the domain (top domains, the rest as 'other')."),
     ("errors", "scrapy_domain_errors", "ERROR log lines naming a request to the domain."),
 )
-DOMAIN_STATUSES = ("4xx", "5xx", "429")
+DOMAIN_STATUSES = ("4xx", "5xx", "429", "503")
 
 
 def insight_families(nodes):

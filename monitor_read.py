@@ -21,6 +21,7 @@ from monitor_contract import (
     DEFAULT_INTERVAL,
     HISTORY_FIELDS,
     HISTORY_SECONDS,
+    LOGGED_COMMANDS,
     MIN_BASELINE,
     NUMBER_LIMIT,
     ROLLUP_COUNTERS,
@@ -228,6 +229,7 @@ SPIDER_FIELDS = {
     "pages_per_min": "sum", "items_per_min": "sum", "requests_per_min": "sum", "errors_per_min": "sum",
     "queue_requests": "newest", "queue_start_urls": "newest", "queue_dupefilter": "newest",
     "latency_p95": "max",
+    "dead": "sum",
 }
 # The 7- and 90-day history (write-time rollups, monitor_contract.ROLLUP_LUA) combines the same figures once per
 # node write, as each write lands in its spider's bucket; a point's figure, by rule:
@@ -307,9 +309,49 @@ def cluster_view(nodes: dict[str, Snapshot], spider: str) -> Optional[dict]:
     return view
 
 
+# A spider's crawl, derived by readers (``spider_state``), never stored.
+CRAWL_STATES = ("crawling", "idle", "finished", "paused")
+FINISHED_AFTER = SETTING["MONITOR_FINISHED_AFTER"].default
+
+
+def spider_state(snaps: list, queued, now: float, finished_after: float = FINISHED_AFTER) -> tuple:
+    """``(state, idle_for)`` of a spider from its nodes' snapshots (with their ``state``), the entries waiting in
+    its requests queue and start URLs (``queued``; None for unknown, as for a spider without scrapy-redis), and
+    Redis's clock: ``paused`` when every live node is paused; ``crawling`` while work is queued; else ``finished``
+    once every live node has been idle (no page, nothing queued: its ``idle_since``) for ``finished_after``
+    seconds, ``idle`` before. A spider with no live node and nothing queued is ``finished`` once every node closed,
+    ``idle`` while one is stale (it may come back). ``idle_for``: seconds since the last live node's last page
+    (None without a live node)."""
+    live = [s for s in snaps if s.get("state") in CRAWLING_STATES]
+    if live and all(s.get("state") == "paused" for s in live):
+        return "paused", None
+    if queued:
+        return "crawling", None
+    if not live:
+        return ("idle" if any(s.get("state") == "stale" for s in snaps) else "finished"), None
+    since = []
+    for s in live:
+        idle = number(s.get("idle_since"))
+        since.append(now if idle is None else idle + last_report(s) - number(s.get("timestamp"), 0))
+    idle_for = max(now - max(since), 0)
+    return ("finished" if idle_for >= finished_after else "idle"), round(idle_for, 1)
+
+
+def slowed_domains(snaps):
+    """``{domain: delay}`` of the domains the nodes report slowed cluster-wide (``domains[*].delay``)."""
+    out = {}
+    for s in snaps:
+        for name, d in (s.get("domains") or {}).items():
+            delay = number(d.get("delay"))
+            if delay:
+                out[name] = max(out.get(name, 0), delay)
+    return out
+
+
 def spiders_view(nodes: dict[str, Snapshot], r: Optional[redis.Redis] = None, prefix: Optional[str] = None,
-                 now: Optional[float] = None) -> dict[str, dict]:
-    """``{spider: cluster view}`` for every spider that has nodes, each view's ``nodes`` a sorted id list;
+                 now: Optional[float] = None, finished_after: float = FINISHED_AFTER) -> dict[str, dict]:
+    """``{spider: cluster view}`` for every spider that has nodes, each view's ``nodes`` a sorted id list and its
+    crawl ``state`` and ``idle_for`` (``spider_state``, at ``now`` on Redis's clock, default this process's);
     given a Redis client ``r``, each view also has its queue forecast (``queue_forecasts``)."""
     groups = {}
     for node, snapshot in nodes.items():
@@ -317,6 +359,12 @@ def spiders_view(nodes: dict[str, Snapshot], r: Optional[redis.Redis] = None, pr
     out = {}
     for spider in sorted(groups):
         view = cluster_view(groups[spider], spider)
+        queued = sum(number(view.get(f), 0) for f in ("queue_requests", "queue_start_urls"))
+        view["state"], view["idle_for"] = spider_state(list(view["nodes"].values()), queued,
+                                                       time.time() if now is None else now, finished_after)
+        view["slowed"] = slowed_domains(view["nodes"].values())
+        view["started"] = min((number(s.get("start_time")) for s in view["nodes"].values()
+                               if number(s.get("start_time")) is not None), default=None)
         view["nodes"] = sorted(view["nodes"])
         out[spider] = view
     if r is not None:
@@ -720,7 +768,7 @@ def run_totals(raw):
 def read_control_log(r, prefix, limit):
     """The newest ``limit`` log entries, each with ``acks``: ``{node: when it applied the command}``."""
     raws = r.lrange(control_key(prefix, "log"), 0, limit - 1)
-    entries = [c for c in map(decode_command, raws) if c is not None]
+    entries = [c for c in (decode_command(raw, LOGGED_COMMANDS) for raw in raws) if c is not None]
     with r.pipeline(transaction=False) as pipe:
         for entry in entries:
             pipe.hgetall(control_ack_key(prefix, entry["id"]))

@@ -99,6 +99,35 @@ def queue_detail(rule, view, limit):
     return f" for {span(limit)} or more, {fmt(view.get('queue_requests'))} requests queued"
 
 
+def crawl_finished(rule, view, limit, stuck_since, now):
+    """The spider's pages while its crawl is ``finished`` (``monitor_read.spider_state``), once it fetched some: a
+    spider that never fetched a page is waiting for its start URLs, not done."""
+    pages = number(view.get("pages"), 0)
+    return pages if view.get("state") == "finished" and pages > 0 else None
+
+
+def finished_totals(rule, view, limit):
+    """The crawl's totals: items, errors, dead letters, and how long since its oldest node started."""
+    took = number(view.get("timestamp"), 0) - number(view.get("started"), number(view.get("timestamp"), 0))
+    return (f", {fmt(view.get('items'))} items, {fmt(view.get('errors'))} errors, {fmt(view.get('dead') or 0)} "
+            f"dead letters in {span(took)}")
+
+
+def refusing(rule, view, limit, stuck_since, now):
+    """The highest share (%) of 429/503 answers among the spider's domains with REFUSAL_MIN responses in the
+    window (``view["refusals"]``, from ``window_shares``), while over the limit (a ratio)."""
+    worst = max((d["share"] for d in (view.get("refusals") or {}).values() if d["responses"] >= REFUSAL_MIN),
+                default=None)
+    return round(worst * 100, 1) if limit and worst is not None and worst > limit else None
+
+
+def refusing_domains(rule, view, limit):
+    over = sorted((d for d in (view.get("refusals") or {}).items()
+                   if d[1]["responses"] >= REFUSAL_MIN and d[1]["share"] > limit), key=lambda d: -d[1]["share"])
+    named = ", ".join(f"{name} {fmt(d['share'] * 100)}% of {fmt(d['responses'])}" for name, d in over[:5])
+    return f" (limit {fmt(limit * 100)}%): {named}"
+
+
 def limit_and_sample(rule, snapshot, limit):
     """The limit, and the node's newest error sample: what the errors are."""
     sample = newest_error(snapshot)
@@ -123,6 +152,8 @@ class Rule(NamedTuple):
     needs_live: bool = True  # judged on reporting nodes only: silenced while down, over once closed
     scope: str = "node"  # or "spider": judged on the spider's cluster view, its alert keyed rule:<spider>
     hold: bool = False  # the threshold is how long the condition must hold (instead of ALERT_FOR)
+    pending: Optional[float] = None  # seconds pending before it fires, instead of ALERT_FOR
+    once: bool = False  # one message per episode: never repeated, its end not sent
 
     @property
     def attr(self):
@@ -152,6 +183,11 @@ RULES = (
     Rule("queue", "ScrapyQueueGrowing", "warning", "queue growing by", "/min", check=queue_growing,
          detail=queue_detail, setting="ALERT_QUEUE_GROWING", needs_live=False, back="queue no longer growing",
          scope="spider", hold=True),
+    Rule("domain_refusing", "ScrapyDomainRefusing", "warning", "429/503 answers", "%", check=refusing,
+         detail=refusing_domains, setting="ALERT_DOMAIN_REFUSALS", needs_live=False, scope="spider",
+         back="domains answer again"),
+    Rule("finished", "ScrapyCrawlFinished", "info", "crawl finished:", " pages", check=crawl_finished,
+         detail=finished_totals, needs_live=False, scope="spider", pending=0, once=True),
 )
 RULE = {rule.name: rule for rule in RULES}
 ORDER = {rule.name: i for i, rule in enumerate(RULES)}
@@ -306,9 +342,11 @@ def evaluate(nodes: dict, state: dict, stall: dict, now: float, cfg, silences: O
             records_of.setdefault(node, {})[rule] = record
 
     def apply(rule, node, snapshot, record, value):
-        new, event = step(record, value, now, cfg, limits.get(rule.name) if rule.hold else None)
+        new, event = step(record, value, now, cfg, limits.get(rule.name) if rule.hold else rule.pending)
         new, event = with_silences(rule, node, snapshot, record, new, event, value, limits.get(rule.name), silences,
                                  now)
+        if rule.once and (event == "resolved" or event == "firing" and record and record["state"] == "firing"):
+            event = None  # sent once per episode
         if new != record:
             state_changes[f"{rule.name}:{node}"] = new
         if event:
@@ -437,6 +475,69 @@ def run_alerts(recent, cursor, cfg):
                 "summary": f"run {why}; {counts} in {span(number(record.get('duration'), 0))}",
                 "repeat": False, "starts_at": iso(record["end_time"]), "ends_at": None})
     return notes, newest
+
+
+# ---------------------------------------------------------------------------- domains refusing, and slowing them
+
+# A domain's share of 429/503 answers is judged once it gave this many responses in the window.
+REFUSAL_MIN = 50
+# The first cluster-wide delay (seconds) the ``slow`` action sets; it doubles from there, and is lifted when
+# halving it would go below this.
+FIRST_DELAY = 1.0
+
+
+def refusal_counts(nodes):
+    """``{spider: {domain: (responses, 429 + 503 answers)}}`` summed over the nodes' per-domain figures
+    (``other`` left out: it is many domains)."""
+    out = {}
+    for s in nodes.values():
+        for name, d in (s.get("domains") or {}).items():
+            if name == "other":
+                continue
+            mine = out.setdefault(s["spider"], {})
+            pages, refused = mine.get(name, (0, 0))
+            mine[name] = (pages + int(number(d.get("pages"), 0)),
+                          refused + int(number(d.get("429"), 0)) + int(number(d.get("503"), 0)))
+    return out
+
+
+def window_shares(samples, now, window):
+    """``{spider: {domain: {"share", "responses"}}}`` over the last ``window`` seconds, from ``samples``
+    (``[(time, refusal_counts)]``, oldest first, the last one now's): now's counts less those of the newest
+    sample at least ``window`` old (the oldest one, if none is that old yet: at first, the whole run). A count
+    that went down (a node restarted or pruned) counts from zero."""
+    if not samples:
+        return {}
+    base = samples[0][1]
+    for t, counts in samples:
+        if now - t >= window:
+            base = counts
+    out = {}
+    for spider, domains in samples[-1][1].items():
+        for name, (pages, refused) in domains.items():
+            old = base.get(spider, {}).get(name, (0, 0)) if base is not samples[-1][1] else (0, 0)
+            if pages < old[0] or refused < old[1]:
+                old = (0, 0)
+            seen = pages - old[0]
+            out.setdefault(spider, {})[name] = {"share": (refused - old[1]) / seen if seen else 0.0,
+                                                "responses": seen}
+    return out
+
+
+def next_delay(delay, changed, share, responses, limit, raise_ok, now, window, most):
+    """``(delay or None, when it last changed)`` of one domain after an evaluation: over ``limit`` (with
+    REFUSAL_MIN responses, and ``raise_ok``: its alert fires, not silenced) it starts at FIRST_DELAY and doubles
+    once per ``window`` up to ``most``; under half the limit for a ``window`` since the last change it halves,
+    and is lifted below FIRST_DELAY."""
+    if raise_ok and responses >= REFUSAL_MIN and share > limit:
+        if delay is None:
+            return FIRST_DELAY, now
+        if now - changed >= window and delay < most:
+            return min(delay * 2, most), now
+        return delay, changed
+    if delay is not None and share < limit / 2 and now - changed >= window:
+        return (delay / 2 if delay / 2 >= FIRST_DELAY else None), now
+    return delay, changed
 
 
 # ---------------------------------------------------------------------------- formatting

@@ -32,7 +32,10 @@ MAX_WHOLE = 10 ** 9 - 1
 DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 DURATION = re.compile(r"([0-9]{1,9}(?:\.[0-9]{1,6})?)([smhd]?)\Z")
 # The alert rules, in evaluation order (monitor_rules.RULES has one row each; a test checks they agree).
-RULE_NAMES = ("down", "cpu", "memory", "stalled", "errors", "rss", "run", "coverage", "latency", "queue")
+RULE_NAMES = ("down", "cpu", "memory", "stalled", "errors", "rss", "run", "coverage", "latency", "queue",
+              "domain_refusing", "finished")
+# What ALERT_ACTIONS may make a rule do: a fleet command on the alert's target, or ``slow`` its domain.
+ACTION_COMMANDS = ("pause", "resume", "stop", "drain", "slow")
 # Finish reasons of a run that ended well, unless ALERT_OK_REASONS says otherwise.
 OK_REASONS = ("finished", "shutdown", "stopped", "drained")
 
@@ -108,9 +111,17 @@ SETTINGS = (
             env=False),
     Setting("SCHEDULER_DUPEFILTER_KEY", "text", "%(spider)s:dupefilter", (CRAWLER,),
             "scrapy-redis's dupefilter key", env=False),
+    Setting("REDIS_START_URLS_AS_SET", "flag", False, (CRAWLER,),
+            "scrapy-redis keeps start URLs in a set (published with the key names)", env=False),
+    Setting("REDIS_START_URLS_AS_ZSET", "flag", False, (CRAWLER,),
+            "scrapy-redis keeps start URLs in a sorted set (published with the key names)", env=False),
+    Setting("MONITOR_DEAD_KEEP", "whole", 10000, (CRAWLER,),
+            "dead letters (requests failed for good) kept per spider, never by TTL; 0 records none", 0, 1000000),
     # Readers' housekeeping (the API and the alerter)
     _alert("MONITOR_LOST_AFTER", "seconds", 600.0, "seconds a node may be silent without closing before its "
            "run is recorded lost; 0 = never", readers=(API, ALERT)),
+    _alert("MONITOR_FINISHED_AFTER", "seconds", 60.0, "seconds a spider's queues must be empty and its live nodes "
+           "idle before its crawl is finished", readers=(API, ALERT), low=1),
     Setting("MONITOR_RETENTION", "seconds", 86400.0, (API,),
             "seconds a silent node is kept before it is pruned with its history; 0 keeps them forever"),
     # The API
@@ -150,6 +161,13 @@ SETTINGS = (
            "run: finish reasons of a good run, comma-separated; shell patterns allowed (closespider_*)"),
     _alert("ALERT_RUN_ITEMS_RATIO", "number", 0.5, "run: a run with items below this ratio of its baseline is "
            "bad; 0 = never"),
+    _alert("ALERT_FINISHED_ACTION", "choice", "none", "what the fleet does once a spider's crawl is finished: none, "
+           "drain or stop", choices=("none", "drain", "stop")),
+    _alert("ALERT_ACTIONS", "actions", None, "comma-separated rule=command pairs run once per firing alert on its "
+           "target, e.g. errors=pause,memory=stop (commands: pause, resume, stop, drain, slow)"),
+    _alert("ALERT_DOMAIN_REFUSALS", "number", 0.2, "domain_refusing: a domain's share of 429/503 answers over "
+           "this (after 50 responses); 0 = off", high=1),
+    _alert("MONITOR_SLOW_MAX", "seconds", 60.0, "slow: the most a domain's cluster-wide delay doubles to", low=1),
     _alert("ALERT_INTERVAL", "seconds", 60.0, "seconds between evaluations", readers=(ALERT, DEMO)),
     _alert("ALERT_FOR", "seconds", 120.0, "seconds a condition must hold before it fires", attr="for_seconds",
            flag="--for", readers=(ALERT, DEMO)),
@@ -326,6 +344,22 @@ def rules(name, raw, choices):
     return found
 
 
+def actions(name, raw, rule_names):
+    """``{rule: command}`` from ``rule=command,...``; ConfigError naming an unknown rule or command."""
+    found = {}
+    for part in split_list(raw):
+        rule, eq, command = (x.strip().lower() for x in part.partition("="))
+        if not (eq and rule and command):
+            raise ConfigError(f"{name} takes rule=command pairs, e.g. errors=pause (not {part[:50]!r})")
+        if rule not in rule_names:
+            raise ConfigError(f"{name}: unknown rule {rule[:50]!r} (rules: {', '.join(rule_names)})")
+        if command not in ACTION_COMMANDS:
+            raise ConfigError(f"{name}: unknown command {command[:50]!r} for {rule} "
+                              f"(commands: {', '.join(ACTION_COMMANDS)})")
+        found[rule] = command
+    return found
+
+
 def _float(raw):
     """``raw`` as a float, or nan (refused by every caller): a bool, or a text Python reads but people do not
     write for a setting (``1_000``)."""
@@ -351,6 +385,7 @@ PARSERS = {
     "list": lambda s, raw: split_list(raw),
     "choice": lambda s, raw: choice(s.name, raw, s.choices),
     "rules": lambda s, raw: rules(s.name, raw, s.choices),
+    "actions": lambda s, raw: actions(s.name, raw, RULE_NAMES),
     "port": lambda s, raw: port(s.name, raw),
     "redis_url": lambda s, raw: redis_url(s.name, raw),
     "http_url": lambda s, raw: http_url(s.name, raw),

@@ -33,6 +33,7 @@ from monitor_contract import (
     HISTORY_SECONDS,
     LATENCY_BUCKETS,
     MAX_FIELDS,
+    QUEUE_NAMES,
     QUEUE_SIZES_LUA,
     SAMPLE_TEXT,
     SAMPLES,
@@ -43,6 +44,7 @@ from monitor_contract import (
     control_ack_key,
     control_key,
     control_targets,
+    dead_member,
     dumps,
     history_row,
     newest_command,
@@ -51,6 +53,9 @@ from monitor_contract import (
     redis_now,
     run_record,
     scrub,
+    slow_delays,
+    slow_key,
+    write_dead,
     write_marker,
     write_run,
     write_snapshot,
@@ -124,6 +129,8 @@ class SpiderMonitor:
         self.marked = False  # whether the version marker has been written (once, with the first write)
         self.runs_keep = None  # MONITOR_RUNS_KEEP, set by from_crawler
         self.control = None  # a NodeControl when MONITOR_CONTROL is on
+        self.busy = (None, None)  # (pages, when) of the last tick that saw a new page or work queued
+        self.dead = DeadLetters(SETTING["MONITOR_DEAD_KEEP"].default)  # replaced by from_crawler's
 
     @classmethod
     def from_crawler(cls, crawler):
@@ -141,6 +148,7 @@ class SpiderMonitor:
                       insight)
             ext.runs_keep = setting("MONITOR_RUNS_KEEP")
             ext.version = setting("MONITOR_VERSION")
+            ext.dead = DeadLetters(setting("MONITOR_DEAD_KEEP"))
         except ConfigError as exc:
             logger.error("Monitor: %s; the monitor is off, the crawl goes on", exc)
             raise NotConfigured() from None  # said above, once
@@ -170,9 +178,15 @@ class SpiderMonitor:
         self.base = {"node": self.node_id, "spider": spider.name, "host": host, "pid": pid,
                      "interval": self.interval, "start_time": int(time.time()), "version": self.version,
                      "args_hash": args_hash(spider)}
+        if self.queue_keys:
+            self.base["queues"] = {**dict(zip(QUEUE_NAMES, self.queue_keys)), "start_urls_type": self._start_type(),
+                                   "apart": self.queue_url != self.url}
         logger.info("Monitor: node %s reports to %s every %ss", self.node_id, redact(self.url), self.interval)
         self.insight.handler.spider = spider
         logging.getLogger().addHandler(self.insight.handler)  # error samples, while the spider runs
+        self.dead.spider = spider
+        if self.dead.keep:
+            logging.getLogger().addHandler(self.dead)
         self.lock = defer.DeferredLock()
         self.task = task.LoopingCall(self.tick)
         self.task.start(self.interval, now=False)
@@ -186,6 +200,7 @@ class SpiderMonitor:
         if self.first_tick and self.first_tick.active():
             self.first_tick.cancel()
         logging.getLogger().removeHandler(self.insight.handler)
+        logging.getLogger().removeHandler(self.dead)
         if self.queue_keys is None:  # never opened
             return
         stats = dict(self.stats.get_stats())
@@ -217,6 +232,9 @@ class SpiderMonitor:
                     **self.insight.figures()}
         snapshot.update(self._queue_sizes())
         self.peak_rss = snapshot["peak_rss"] = max(self.peak_rss, snapshot.get("rss") or 0)
+        snapshot["dead"] = self.dead.count
+        snapshot["idle_since"] = self._idle_since(snapshot, now)
+        dead = self.dead.take()
         try:
             if self.clock_offset is None:  # the first write: history rows go on Redis's clock from the start
                 self.clock_offset = redis_now(self.redis.time()) - time.time()
@@ -233,9 +251,13 @@ class SpiderMonitor:
                 if final:  # the run's record, in the same round trip
                     write_run(pipe, self.prefix, run_record(snapshot, offset=self.clock_offset),
                               self.base["start_time"], self.runs_keep)
+                if dead:  # the dead letters since the last write, in the same round trip
+                    write_dead(pipe, self.prefix, self.base["spider"],
+                               self.dead.members(dead, self.node_id, self.clock_offset), self.dead.keep)
                 sent = time.time()
                 server_time = pipe.execute()[0]
         except redis.RedisError as exc:
+            self.dead.put_back(dead)
             self.outage.failed("Monitor: cannot write metrics to Redis at %s (%s); the crawl goes on, "
                                "retrying every %ss", redact(self.url), scrub(exc), self.interval)
             return snapshot
@@ -259,6 +281,20 @@ class SpiderMonitor:
             start_key or "",
             setting("SCHEDULER_DUPEFILTER_KEY") % name,
         )
+
+    def _idle_since(self, snapshot, now):
+        """Since when (this node's clock) it downloaded no page and saw no request or start URL queued: the
+        readers' "the crawl is done" (to the precision of one interval). Paused, it is not idle."""
+        queued = any(snapshot.get(k) for k in ("queue_requests", "queue_start_urls"))
+        if queued or snapshot["pages"] != self.busy[0] or snapshot.get("status") == "paused":
+            self.busy = (snapshot["pages"], now)
+        return round(self.busy[1], 3)
+
+    def _start_type(self):
+        """How scrapy-redis keeps this spider's start URLs: ``list``, ``set`` or ``zset``."""
+        if scrapy_setting(self.crawler, "REDIS_START_URLS_AS_SET"):
+            return "set"
+        return "zset" if scrapy_setting(self.crawler, "REDIS_START_URLS_AS_ZSET") else "list"
 
     def _queue_sizes(self):
         if not self.queue_keys:
@@ -444,6 +480,7 @@ class Insight:
         self.latency_sum = 0.0
         self.domains = {}  # domain -> [pages, errors, 4xx, 5xx, 429, histogram...]
         self.handler = ErrorSamples(self)
+        self.slowed = {}  # domain -> the cluster-wide delay applied to its download slot (NodeControl)
         self._hosts = {}  # netloc -> its domain entry: the per-response lookup is one dict get
 
     # ---- collection (reactor thread)
@@ -473,6 +510,8 @@ class Insight:
             entry[2 if status < 500 else 3] += 1
             if status == 429:
                 entry[4] += 1
+            elif status == 503:
+                entry[5] += 1
         if latency is not None:
             i = bisect.bisect_left(LATENCY_BUCKETS, latency)
             self.interval[i] += 1
@@ -536,18 +575,120 @@ class Insight:
         out = {}
         for name, entry in entries:
             if len(out) < self.top and name != OTHER:
-                out[name] = self._domain_figures(list(entry))
+                out[name] = self._domain_figures(list(entry), name)
             else:
                 other = [a + b for a, b in zip(other, entry)]
         if any(other):
             out[OTHER] = self._domain_figures(other)
         return out
 
-    def _domain_figures(self, entry):
+    def _domain_figures(self, entry, name=None):
         n = len(DOMAIN_COUNTS)
         figures = dict(zip(DOMAIN_COUNTS, entry[:n]))
         figures["latency_p95"] = percentile(entry[n:], 0.95)
+        figures["delay"] = self.slowed.get(name)
         return figures
+
+
+# ---------------------------------------------------------------------------- dead letters
+
+# Scrapy's own log records that say a request failed for good (matched on their format strings): retries
+# exhausted, a download error nobody handled, an HTTP error response the spider does not handle.
+GAVE_UP, DOWNLOAD_ERROR, IGNORED = "Gave up retrying %(request)s", "Error downloading %(request)s", "Ignoring response"
+# Meta keys Scrapy and its components set for themselves: not part of what rebuilds a request.
+INTERNAL_META = frozenset(("download_latency", "download_slot", "download_timeout", "retry_times", "depth",
+                           "redirect_times", "redirect_ttl", "redirect_urls", "redirect_reasons", "requeued"))
+# A dead letter's url is cut to this many characters, its meta dropped past this many (as JSON).
+DEAD_URL, DEAD_META = 4000, 2000
+# Requests remembered as recorded, so the records that follow a give-up (an error logged, a response ignored)
+# do not record the same failure twice.
+RECENT_DEAD = 1000
+
+
+def json_meta(meta):
+    """The meta keys JSON can hold (Scrapy's own left out), or {} when they are large."""
+    out = {}
+    for key, val in meta.items():
+        if isinstance(key, str) and key not in INTERNAL_META and not key.startswith("_"):
+            try:
+                dumps(val)
+            except (TypeError, ValueError, RecursionError):
+                continue
+            out[key] = val
+    return out if len(dumps(out)) <= DEAD_META else {}
+
+
+class DeadLetters(logging.Handler):
+    """Requests that failed for good, read from Scrapy's own log records (so they are Scrapy's decisions:
+    RETRY_TIMES, HTTPERROR_ALLOWED_CODES, errbacks), kept here until the node's next write carries them."""
+
+    def __init__(self, keep):
+        super().__init__(logging.INFO)
+        self.keep = keep
+        self.pending = collections.deque(maxlen=max(keep, 1))  # a long Redis outage keeps the newest
+        self.recent = collections.OrderedDict()  # id(request) -> url of requests recorded lately
+        self.count = 0  # recorded in this run: the snapshot's ``dead``
+        self.seq = 0
+        self.spider = None
+
+    def emit(self, record):
+        msg, args = record.msg, record.args
+        if not (isinstance(msg, str) and isinstance(args, dict)):
+            return
+        spider = getattr(record, "spider", None)
+        if spider is not None and self.spider is not None and spider is not self.spider:
+            return
+        status = exception = None
+        if msg.startswith(GAVE_UP):
+            request, reason, why = args.get("request"), "retry/max_reached", args.get("reason")
+            if isinstance(why, str):
+                head = why.split(" ", 1)[0]
+                status = int(head) if head.isdigit() and len(head) == 3 else None
+                exception = None if status else why[:200]
+            elif why is not None:
+                kind = why if isinstance(why, type) else type(why)
+                exception = f"{kind.__module__}.{kind.__qualname__}"
+        elif msg.startswith(DOWNLOAD_ERROR):
+            request, reason = args.get("request"), "download_error"
+            if record.exc_info and record.exc_info[0] is not None:
+                exception = f"{record.exc_info[0].__module__}.{record.exc_info[0].__qualname__}"
+        elif msg.startswith(IGNORED):
+            response = args.get("response")
+            request, reason = getattr(response, "request", None), "http_error"
+            status = getattr(response, "status", None)
+        else:
+            return
+        url = getattr(request, "url", None)
+        if not isinstance(url, str) or self.recent.get(id(request)) == url:
+            return
+        self.recent[id(request)] = url
+        if len(self.recent) > RECENT_DEAD:
+            self.recent.popitem(last=False)
+        callback = getattr(request, "callback", None)
+        self.count += 1
+        self.pending.append({
+            "url": url[:DEAD_URL], "method": str(request.method)[:20], "status": status, "exception": exception,
+            "reason": reason, "retries": int(request.meta.get("retry_times", 0) or 0), "at": record.created,
+            "meta": json_meta(request.meta), "callback": getattr(callback, "__name__", None),
+            "priority": int(request.priority)})
+
+    def take(self):
+        """Every pending dead letter (they are gone from here: ``put_back`` if the write fails)."""
+        out = []
+        while self.pending:
+            out.append(self.pending.popleft())
+        return out
+
+    def put_back(self, records):
+        self.pending.extendleft(reversed(records))
+
+    def members(self, records, node, offset):
+        """The sorted-set members of ``records``, stamped with the node and Redis's clock (``offset``)."""
+        out = []
+        for record in records:
+            self.seq += 1
+            out.append(dead_member({**record, "node": node, "at": round(record["at"] + offset, 3)}, node, self.seq))
+        return out
 
 
 # ---------------------------------------------------------------------------- fleet control
@@ -566,6 +707,8 @@ class NodeControl:
         self.draining = False
         self.done = None
         self.outage = Outage(logger)
+        self.slow = {}  # domain -> cluster-wide delay, as last read from <p>:slow
+        self.saved = {}  # slot key -> (delay, jitter) it had before a cluster-wide delay replaced them
 
     def open(self, spider):
         """Read the commands once before the crawl starts (a paused spider's new node starts paused), then
@@ -611,13 +754,15 @@ class NodeControl:
             with r.pipeline(transaction=False) as pipe:
                 self._write_acks(pipe, acks)
                 pipe.hmget(control_key(prefix, "commands"), self.fields)
-                raws = pipe.execute()[-1]
+                pipe.hgetall(slow_key(prefix))
+                raws, slow = pipe.execute()[-2:]
         except redis.RedisError as exc:
             self.acks.extendleft(reversed(acks))
             self.outage.failed("Control: cannot read commands from Redis (%s); retrying every %gs",
                                scrub(exc), CONTROL_POLL)
             return None
         self.outage.ok("Control: Redis answers again; node %s reads its commands", self.monitor.node_id)
+        self.slow = slow_delays(slow)
         command = newest_command(raws)
         if command is None or (command["id"], command["at"]) in self.seen:
             return None
@@ -633,6 +778,8 @@ class NodeControl:
             command = self.read()
             if command is not None:
                 reactor.callFromThread(self.apply, command)
+            if self.slow or self.saved:
+                reactor.callFromThread(self.apply_slow, self.slow)
             if self.draining:
                 sizes = self.monitor._queue_sizes()
                 reactor.callFromThread(self.check_drain, sizes)
@@ -659,6 +806,22 @@ class NodeControl:
         self.command = {"id": command["id"], "name": name, "at": at}
         self.acks.append((command["id"], at))
         self.monitor.tick(queued=True)
+
+    def apply_slow(self, delays):
+        """Runs on the reactor: every download slot of a slowed domain (its key is the host) takes the cluster-wide
+        delay, without jitter; a slot no longer slowed gets its own delay back. New slots are caught at the next
+        poll, so a delay holds within CONTROL_POLL seconds everywhere."""
+        slots = getattr(getattr(self.engine, "downloader", None), "slots", None)
+        if slots is None:
+            return
+        for key, slot in list(slots.items()):
+            want = delays.get(key)
+            if want is not None:
+                self.saved.setdefault(key, (slot.delay, slot.jitter))
+                slot.delay, slot.jitter = want, 0.0
+            elif key in self.saved:
+                slot.delay, slot.jitter = self.saved.pop(key)
+        self.monitor.insight.slowed = dict(delays)
 
     def check_drain(self, sizes):
         """Runs on the reactor: close with ``drained`` once this node is idle and the shared queue and start

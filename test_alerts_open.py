@@ -160,7 +160,8 @@ def test_promtool_checks_and_unit_tests_the_rules(redis_url, redis_client):
     assert {(r["alert"], r["labels"]["severity"]) for r in rules} == \
         {(r.alertname, r.severity) for r in monitor_rules.RULES}
     # Every metric a rule reads is one /prometheus serves.
-    report(redis_client, "n1", time.time(), queue_requests=5, fields={"price": 0.5})
+    report(redis_client, "n1", time.time(), queue_requests=5, fields={"price": 0.5},
+           domains={"d.test": {"pages": 9, "errors": 0, "4xx": 1, "5xx": 0, "429": 1, "503": 0}})
     lost = monitor_contract.run_record(testbed.snapshot("n2", status="closed"), "lost")
     monitor_contract.write_run(redis_client, "scrapy", lost, lost["start_time"], 1000, lost=True)
     served = monitor_api.create_app({"REDIS_URL": redis_url}).test_client().get("/prometheus").get_data(as_text=True)

@@ -240,10 +240,11 @@ def test_hostile_insight_shapes_are_dropped_and_every_view_still_answers(redis_c
     assert set(nodes) == {"good", "bad0", "bad1"}
     assert not {"domains", "fields", "error_samples", "latency_buckets", "latency_p95"} & set(nodes["bad0"])
     bad1 = nodes["bad1"]
-    assert bad1["domains"] == {"__proto__": dict.fromkeys(monitor_contract.DOMAIN_COUNTS + ("latency_p95",))
+    assert bad1["domains"] == {"__proto__": dict.fromkeys(monitor_contract.DOMAIN_COUNTS + ("latency_p95", "delay"))
                                | {"pages": 1},
                                "<img src=x onerror=alert(1)>": {"pages": None, "errors": None, "4xx": None,
-                                                               "5xx": 3, "429": None, "latency_p95": None}}
+                                                               "5xx": 3, "429": None, "503": None,
+                                                               "latency_p95": None, "delay": None}}
     assert bad1["fields"] == {"ok": 0.25} and "latency_buckets" not in bad1 and "latency_p99" not in bad1
     assert bad1["error_samples"] == [{"time": 1, "logger": "<b>l</b>", "message": "m" * 300, "url": None}]
 
