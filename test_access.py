@@ -16,6 +16,7 @@ import requests
 
 import monitor_acting
 import monitor_api
+import monitor_changes
 import monitor_contract
 import testbed
 from testbed import ROOT, clean_env, free_port, serving, wait_for
@@ -56,7 +57,7 @@ def test_a_body_over_64_kb_is_413_before_it_is_parsed(redis_url, redis_client, m
     store(redis_client, "main_spider:a:1")
     c = make_app(redis_url).test_client()
     parsed = []
-    monkeypatch.setattr(monitor_api, "loads", lambda raw: parsed.append(raw) or json.loads(raw))
+    monkeypatch.setattr(monitor_changes, "loads", lambda raw: parsed.append(raw) or json.loads(raw))
     big = json.dumps({**PAUSE_ALL, "comment": "x" * 70_000})
     for path in ("/control", "/silences"):
         resp = c.post(path, data=big, content_type="application/json")
