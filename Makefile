@@ -15,8 +15,11 @@ demo: $(BIN)/.installed
 	$(BIN)/python demo.py
 
 # Tests drive Debian's chromium (browser tests), faketime (a crawler with a wrong clock), Alertmanager and
-# promtool (alert integration). As root on Debian they are installed here; elsewhere those tests skip.
-SYSTEM_PACKAGES := chromium:chromium faketime:faketime prometheus-alertmanager:prometheus-alertmanager promtool:prometheus
+# promtool (alert integration), redis-sentinel and redis-tools' redis-cli (Sentinel and
+# Cluster tests; redis-server --sentinel stands in for redis-sentinel). As root on Debian they are installed here;
+# elsewhere those tests skip.
+SYSTEM_PACKAGES := chromium:chromium faketime:faketime prometheus-alertmanager:prometheus-alertmanager promtool:prometheus \
+	redis-sentinel:redis-sentinel redis-cli:redis-tools
 system-packages:
 	@missing=""; for pair in $(SYSTEM_PACKAGES); do \
 		command -v $${pair%%:*} >/dev/null 2>&1 || missing="$$missing $${pair#*:}"; done; \
@@ -40,6 +43,7 @@ bench: $(BIN)/.installed
 	$(BIN)/python bench/insight_hooks.py
 	$(BIN)/python bench/dashboard.py
 	$(BIN)/python bench/queues.py
+	$(BIN)/python bench/redis_ha.py
 
 clean:
 	rm -rf $(VENV) artifacts .pytest_cache __pycache__

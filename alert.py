@@ -52,20 +52,10 @@ from monitor_channels import (
     text_lines,
     within,
 )
-from monitor_contract import (
-    Outage,
-    as_text,
-    connect,
-    dumps,
-    loads,
-    redact,
-    redis_now,
-    slow_delays,
-    slow_key,
-    status_key,
-)
+from monitor_contract import Outage, as_text, dumps, loads, redact, redis_now, slow_delays, slow_key, status_key
 from monitor_digest import Digest, log_notes
 from monitor_read import NodeReader, spiders_view, wrong_type
+from monitor_redis import RedisWatch, node_figures
 from monitor_rules import (
     RULE,
     SILENCE_MATCHERS,
@@ -79,7 +69,19 @@ from monitor_rules import (
     span,
     window_shares,
 )
-from monitor_settings import ALERT, ConfigError, Parser, duration, env, exit_config_error, readers_of, value
+from monitor_settings import (
+    ALERT,
+    ConfigError,
+    Parser,
+    connect,
+    duration,
+    env,
+    exit_config_error,
+    ha_kind,
+    key_prefix,
+    readers_of,
+    value,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -133,6 +135,7 @@ def load_config(argv=None):
         if raw not in (None, "") or env(s.name) is not None:
             given.add(s.name)
         setattr(args, s.attr, value(s.name, raw))
+    args.prefix = key_prefix(args.prefix, args.redis_url)  # {prefix} under a cluster URL
     check_channels(args)
     check_silence_flags(args)
     if args.smtp_port is None:
@@ -335,6 +338,10 @@ class Alerter:
         self.malformed = 0
         self.alertmanager = Alertmanager(cfg) if cfg.alertmanager_url else None
         self.who = f"{socket.gethostname()}:{os.getpid()}"
+        self.redis_watch = RedisWatch(self.r, cfg.prefix, ha_kind(cfg.redis_url) == "cluster")
+        self.evicted = {}  # master address -> its evicted_keys at the previous evaluation
+        self.answering_since = None  # Redis's time it answered again after an outage or failover seen here
+        self.recovering = False
         self.settings = alert_settings(cfg)
         self.digest = Digest(self.r, cfg, self.channels) if cfg.digest_at and not dry_run else None
         self.actions = dict(cfg.actions or {})
@@ -352,6 +359,7 @@ class Alerter:
         except redis.WatchError:
             logger.warning("Alert: lost the evaluation lock to another alert.py; nothing written")
         except (redis.ConnectionError, redis.TimeoutError) as exc:
+            self.recovering = True  # a failover too breaks the connection: down is judged anew once back
             self.unreachable.failed("Alert: cannot reach Redis at %s (%s); no evaluation until it answers",
                                     redact(url), one_line(exc, url))
             return False
@@ -376,6 +384,8 @@ class Alerter:
         try:
             try:
                 nodes, now = self.read_nodes(now)
+                if self.recovering:
+                    self.answering_since, self.recovering = now, False
             except WrongTypeError:
                 self.delivery.run(time.time() if now is None else now)  # what is queued still goes out
                 raise
@@ -409,7 +419,8 @@ class Alerter:
         spiders = spider_views(self.r, nodes, self.cfg.prefix, now, self.cfg)
         self.add_refusals(nodes, now, spiders)
         state_changes, stall_changes, notes = evaluate(nodes, reading.state, reading.stall, now, self.cfg,
-                                                       reading.silences, spiders)
+                                                       reading.silences, spiders, self.answering_since,
+                                                       self.redis_views())
         run_notes, cursor = run_alerts(reading.recent, reading.runs_cursor, self.cfg)
         return Outcome(state_changes, stall_changes, notes + run_notes, cursor, spiders)
 
@@ -456,6 +467,21 @@ class Alerter:
                 stored = dumps({"delay": new, "changed": round(when, 3), "by": "domain_refusing"}) if new else ""
                 out.append((name, delay, new, stored, share))
         return out
+
+    def redis_views(self):
+        """``{master address: INFO figures + evicted}`` for the Redis rules, ``evicted`` being the keys evicted
+        since the previous evaluation (0 at the first); None when INFO is refused (renamed away)."""
+        try:
+            infos = self.redis_watch.infos()
+        except redis.ResponseError:
+            return None
+        views = {}
+        for name, info in infos.items():
+            views[name] = view = node_figures(info)
+            total = view["evicted_keys"] if isinstance(view["evicted_keys"], int) else 0
+            view["evicted"] = max(total - self.evicted.get(name, total), 0)
+            self.evicted[name] = total
+        return views
 
     def record(self, outcome, reading, now):
         """Store an evaluation's outcome with the heartbeat and queue its messages, one per channel."""

@@ -6,6 +6,7 @@ Helpers are imported from ``testbed``, never from here, nor from another test mo
 """
 
 import os
+import shutil
 import signal
 
 import pytest
@@ -15,8 +16,10 @@ from testbed import (
     CHROMIUM_ARGS,
     TO,
     ApiServer,
+    ClusterServers,
     HangingPort,
     RedisServer,
+    SentinelGroup,
     Site,
     start_crawler,
     start_smtp,
@@ -43,6 +46,24 @@ def redis_client(redis_server, redis_url):
     client = redis_server.client()
     yield client
     client.close()
+
+
+@pytest.fixture(scope="module")
+def sentinel_group():
+    """A master, a replica and three sentinels (``testbed.SentinelGroup``), one per test module."""
+    group = SentinelGroup().start()
+    yield group
+    group.cleanup()
+
+
+@pytest.fixture(scope="module")
+def redis_cluster():
+    """A three-master Redis Cluster (``testbed.ClusterServers``), one per test module."""
+    if not shutil.which("redis-cli"):
+        pytest.skip("redis-cli is not installed (apt-get install redis-tools, or `make test` as root)")
+    cluster = ClusterServers().start()
+    yield cluster
+    cluster.cleanup()
 
 
 @pytest.fixture
@@ -151,7 +172,7 @@ def make(redis_url, smtp, monkeypatch):
     """``make(*flags, **env)``: an Alerter on the test's Redis, mailing the test's SMTP server (to
     ``testbed.TO``); ``env`` adds or, with None, removes settings."""
     import alert
-    import monitor_contract
+    import monitor_settings
 
     def build(*argv, **env):
         for name, *_ in alert.SETTINGS:
@@ -165,7 +186,7 @@ def make(redis_url, smtp, monkeypatch):
             else:
                 monkeypatch.setenv(name, value)
         cfg = alert.load_config(list(argv))
-        return alert.Alerter(cfg, client=monitor_contract.connect(cfg.redis_url, timeout=5))
+        return alert.Alerter(cfg, client=monitor_settings.connect(cfg.redis_url, timeout=5))
 
     return build
 

@@ -11,12 +11,16 @@ import time
 from urllib.parse import urlsplit
 
 import redis
+import redis.cluster
+from redis.backoff import ExponentialBackoff
+from redis.retry import Retry
 from scrapy import Request, signals
 from scrapy.utils.defer import deferred_from_coro
 from scrapy_redis.spiders import RedisSpider
 from twisted.internet import task
 
-from monitor_contract import connect, redact, scrub
+from monitor_contract import redact, scrub
+from monitor_settings import connect
 
 # How often an idle node looks for new start URLs (the engine's own idle check runs only every 5 s).
 START_URLS_POLL_INTERVAL = 1.0
@@ -38,6 +42,25 @@ def redis_problem(url):
     finally:
         client.close()
     return None
+
+
+class TransactionalCluster(redis.cluster.RedisCluster):
+    """A cluster client whose pipelines are MULTI/EXEC transactions, as scrapy-redis's queue expects (each of
+    its pipelines touches one key, so one slot)."""
+
+    def pipeline(self, transaction=None, shard_hint=None):
+        return super().pipeline(True if transaction is None else transaction, shard_hint)
+
+
+class HARedis:
+    """scrapy-redis's ``REDIS_PARAMS["redis_cls"]`` for a ``redis+sentinel://`` or ``redis+cluster://``
+    REDIS_URL (settings.py sets it): the monitor's ``connect``, retrying through a failover (a few seconds)."""
+
+    @classmethod
+    def from_url(cls, url, socket_timeout=30, **_):
+        retry = Retry(ExponentialBackoff(cap=1.0, base=0.1), 30, supported_errors=(redis.ConnectionError,
+                                                                                    redis.TimeoutError))
+        return connect(url, float(socket_timeout), retry, TransactionalCluster)
 
 
 class DistributedSpider(RedisSpider):
@@ -118,7 +141,12 @@ class DistributedSpider(RedisSpider):
             # A paused node (fleet control) is waiting for its resume, not idle: it never closes for idling.
             self.spider_idle_start_time = now
             return
-        if self.count_size(self.redis_key) > 0:
+        try:
+            waiting = self.count_size(self.redis_key)
+        except redis.RedisError as exc:  # no master for a moment (a failover): poll again next second
+            self.logger.warning("Cannot read %s: %s", self.redis_key, exc)
+            return
+        if waiting > 0:
             self.spider_idle_start_time = now
             self.schedule_next_requests()
         elif self.max_idle_time and now - self.spider_idle_start_time >= self.max_idle_time:

@@ -9,6 +9,7 @@ and monitor_alert_state.py.
 """
 
 import argparse
+import contextlib
 import functools
 import json
 import logging
@@ -37,7 +38,6 @@ from monitor_contract import (
     TREND_SECONDS,
     Outage,
     age,
-    connect,
     dead_totals_key,
     history_key,
     redact,
@@ -51,7 +51,7 @@ from monitor_contract import (
 )
 from monitor_export import DAY_COLUMNS, RUN_COLUMNS, csv_text, days_rows, runs_rows
 from monitor_gate import ADMIN, MAX_BODY, OPERATOR, SEED_BODY, Gate, gate, identity, log_acting, needs
-from monitor_prometheus import ClusterCollector, DeadCollector, RunsCollector
+from monitor_prometheus import ClusterCollector, DeadCollector, RedisCollector, RunsCollector
 from monitor_queues import DEAD_LIMIT, MAX_DEAD_LIMIT, dead_bound, read_dead
 from monitor_read import (
     STATES,
@@ -71,12 +71,16 @@ from monitor_read import (
     wrong_type,
 )
 from monitor_read import runs_summary as read_runs_summary
+from monitor_redis import RedisWatch
 from monitor_settings import (
     API,
     ConfigError,
     Parser,
+    connect,
     described,
     exit_config_error,
+    ha_kind,
+    key_prefix,
     port,
     readers_of,
     split_list,
@@ -139,7 +143,7 @@ class StatusReader:
     """The API's read side: a fail-fast Redis client on the status hash, its decode cache, and the response cache."""
 
     def __init__(self, config):
-        self.prefix = config["MONITOR_KEY_PREFIX"]
+        self.prefix = key_prefix(config["MONITOR_KEY_PREFIX"], config["REDIS_URL"])  # {prefix} under a cluster URL
         self.key = status_key(self.prefix)
         self.retention = config["MONITOR_RETENTION"]
         self.cache = Cache(config["MONITOR_API_CACHE"])
@@ -147,8 +151,18 @@ class StatusReader:
         self.redis = connect(self.url, REDIS_TIMEOUT)
         self.node_reader = NodeReader(self.redis, self.prefix, self.retention, config["MONITOR_LOST_AFTER"],
                                       config["MONITOR_RUNS_KEEP"])
+        self.watch = RedisWatch(self.redis, self.prefix, ha_kind(self.url) == "cluster")
         self.outage = Outage(logger)
         self.reported = {}  # wrong-type problem -> when it was last logged
+
+    def redis_health(self):
+        """``monitor_redis.RedisWatch.read``'s payload, read at most once per cache period (INFO once a second):
+        callers arriving while it is read wait for that reading rather than read again."""
+        fresh = self.cache.fresh("redis health")
+        if fresh is not None:
+            return fresh
+        with self.watch.lock:
+            return self.cache.get("redis health", lambda: self.watch.read(*self.nodes()[::2]))
 
     def nodes(self):
         """``({node: snapshot with state}, skipped, now)`` straight from Redis, ``now`` on its clock; see
@@ -356,9 +370,18 @@ def prometheus():
         registry.register(ClusterCollector(*reader().nodes(), current_app.config["MONITOR_FINISHED_AFTER"]))
         registry.register(RunsCollector(reader().redis.hgetall(run_meta_key(reader().prefix, "totals"))))
         registry.register(DeadCollector(reader().redis.hgetall(dead_totals_key(reader().prefix))))
+        with contextlib.suppress(redis.ResponseError):  # INFO renamed away (some managed Redis): no Redis figures
+            registry.register(RedisCollector(reader().redis_health()))
         return Body(generate_latest(registry), CONTENT_TYPE_LATEST)
 
     return cached(compute)
+
+
+@bp.get("/redis")
+def redis_health():
+    """Redis's own health: INFO per master, the spiders' scrapy-redis key sizes with growth and forecast, the
+    monitor's footprint (see monitor_redis.py)."""
+    return cached(lambda: json_body(reader().redis_health()))
 
 
 @bp.get("/")
@@ -467,6 +490,12 @@ def http_error(exc):
     response.data = json.dumps({"error": exc.description, **getattr(exc, "extra", {})})
     response.content_type = "application/json"
     return response
+
+
+@bp.app_errorhandler(redis.exceptions.RedisClusterException)
+def cluster_error(exc):
+    """A Redis Cluster with a slot no master serves (a master lost without a replica): an outage, 503."""
+    return redis_error(redis.ConnectionError(str(exc)))
 
 
 @bp.app_errorhandler(redis.RedisError)

@@ -195,6 +195,7 @@ class Snapshot(TypedDict, total=False):
     queues: dict  # the spider's scrapy-redis key names (see QUEUE_NAMES)
     dead: int  # dead letters this node recorded in this run
     idle_since: float  # since when (the node's clock) it downloaded nothing and saw nothing queued
+    reports_dropped: int  # snapshots the node could not write (Redis down, a failover)
     latency_p50: float  # crawl insight
     latency_p95: float
     latency_p99: float
@@ -413,7 +414,8 @@ def write_snapshot(pipe: redis.client.Pipeline, prefix: str, snapshot: Snapshot,
     (default: from the snapshot)."""
     node = snapshot["node"]
     if stamp:
-        pipe.eval(STAMP_LUA, 1, status_key(prefix), node, dumps(snapshot))
+        # EVAL by name: a cluster pipeline has no eval()
+        pipe.execute_command("EVAL", STAMP_LUA, 1, status_key(prefix), node, dumps(snapshot))
     else:
         pipe.hset(status_key(prefix), node, dumps(snapshot))
     hkey = history_key(prefix, node)
@@ -506,15 +508,16 @@ def write_rollup(pipe, prefix, snapshot, at, previous):
         grown = count - previous.get(field, 0)
         if grown > 0:
             pairs += [ROLLUP_COUNTERS[field], grown]
-    pipe.eval(ROLLUP_LUA, len(keys), *keys, *expiry, repr(float(at)), int(interval * 1000) if crawling else 0,
-              "" if queue is None else int(queue), "" if p95 is None else repr(round(float(p95), 3)), *pairs)
+    pipe.execute_command("EVAL", ROLLUP_LUA, len(keys), *keys, *expiry, repr(float(at)),
+                         int(interval * 1000) if crawling else 0, "" if queue is None else int(queue),
+                         "" if p95 is None else repr(round(float(p95), 3)), *pairs)
     return counts
 
 
 def write_marker(pipe, prefix, spider, version, at, node=""):
     """Queue MARKER_LUA: a marker for ``version`` of ``spider`` at ``at`` unless the newest one names it already."""
     marker = dumps({"at": int(at), "version": version, "node": node[:RUN_TEXT]}, ensure_ascii=False)
-    pipe.eval(MARKER_LUA, 1, markers_key(prefix, spider), version, marker, MARKERS_KEEP, MARKERS_TTL)
+    pipe.execute_command("EVAL", MARKER_LUA, 1, markers_key(prefix, spider), version, marker, MARKERS_KEEP, MARKERS_TTL)
 
 
 # A dead letter's id: ``<ms on Redis's clock>-<node hash>-<seq>``, zero-padded, so ids sort by time; a member of
@@ -731,9 +734,9 @@ def write_run(pipe, prefix, record, start, keep, lost=False):
             run_claim_key(prefix, record["node"], number(start, 0)),
             run_meta_key(prefix, "seq"), run_meta_key(prefix, "recent"))
     body = dumps(record, ensure_ascii=False)
-    return pipe.eval(RECORD_RUN_LUA, len(keys), *keys, "lost" if lost else "close", run_id(record), body,
-                     int(keep), totals_field(spider, record["finish_reason"]), totals_field(spider, "lost"),
-                     RECENT_RUNS, BASELINE_RUNS, MIN_BASELINE)
+    return pipe.execute_command("EVAL", RECORD_RUN_LUA, len(keys), *keys, "lost" if lost else "close", run_id(record),
+                                body, int(keep), totals_field(spider, record["finish_reason"]),
+                                totals_field(spider, "lost"), RECENT_RUNS, BASELINE_RUNS, MIN_BASELINE)
 
 
 # ---------------------------------------------------------------------------- fleet control
@@ -798,7 +801,8 @@ def connect(url: str, timeout: float = REDIS_TIMEOUT) -> redis.Redis:
     """A Redis client that fails fast: short socket timeouts and no retries with backoff.
 
     Clients connect lazily; the URL is checked here, so a malformed one or an option redis-py does not
-    know raises ValueError (naming no password) at start rather than an error on every later call."""
+    know raises ValueError (naming no password) at start rather than an error on every later call. A Sentinel
+    or Cluster URL is ``monitor_settings.connect``'s."""
     try:
         client = redis.Redis.from_url(
             url,
@@ -850,6 +854,8 @@ def safe_url(url):
     """Scheme and host only: a webhook's path and query are often its secret (Slack, Teams, Discord)."""
     try:
         parts = urlsplit(str(url))
+        if "+" in parts.scheme:  # redis+sentinel://, redis+cluster://: host:port[,host:port...]
+            return f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}/..."
         port = f":{parts.port}" if parts.port else ""
         return f"{parts.scheme}://{parts.hostname}{port}/..."
     except ValueError:

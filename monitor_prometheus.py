@@ -97,6 +97,37 @@ class ClusterCollector:
                 family.add_metric([node, s["spider"]], s[field] * scale if scale == 1 else round(s[field] * scale, 6))
 
 
+class RedisCollector:
+    """``scrapy_redis_*``: Redis's memory, evictions and clients per master, and the spiders' key sizes, from
+    one ``monitor_redis.RedisWatch.read`` payload."""
+
+    def __init__(self, health):
+        self.health = health
+
+    def collect(self):
+        masters = self.health["nodes"]
+        for name, doc, field, kind in (
+                ("scrapy_redis_memory_used_bytes", "Memory Redis uses.", "used_memory", GaugeMetricFamily),
+                ("scrapy_redis_memory_max_bytes", "Redis's memory limit: maxmemory, or the machine's memory when "
+                 "maxmemory is 0.", "limit", GaugeMetricFamily),
+                ("scrapy_redis_evicted_keys", "Keys Redis evicted for memory (evicted_keys).", "evicted_keys",
+                 CounterMetricFamily),
+                ("scrapy_redis_connected_clients", "Clients connected to Redis.", "connected_clients",
+                 GaugeMetricFamily)):
+            family = kind(name, doc, labels=["redis"])
+            for master, figures in masters.items():
+                if is_number(figures.get(field)):
+                    family.add_metric([master], figures[field])
+            yield family
+        sizes = GaugeMetricFamily("scrapy_redis_queue_size", "Entries in each spider's scrapy-redis keys, read "
+                                  "from Redis.", labels=["spider", "queue"])
+        for spider, queues in sorted(self.health["spiders"].items()):
+            for queue, figures in queues.items():
+                if isinstance(figures, dict) and is_number(figures.get("size")):
+                    sizes.add_metric([spider, queue], figures["size"])
+        yield sizes
+
+
 class RunsCollector:
     """``scrapy_runs_total{spider,finish_reason}``: runs ever recorded (capping the history never lowers it)."""
 

@@ -107,7 +107,7 @@ class NodeReader:
         and Redis's clock at the read (states are judged on it), or ``now`` when given (tests, replays)."""
         with self.redis.pipeline(transaction=False) as pipe:
             pipe.hgetall(self.key)
-            pipe.time()
+            pipe.execute_command("TIME")  # pipe.time() is refused in a cluster pipeline
             raw_hash, server_now = pipe.execute()
         now = redis_now(server_now) if now is None else now
         entries, nodes, skipped = {}, {}, 0
@@ -132,7 +132,7 @@ class NodeReader:
         """``(snapshot with state or None, malformed, now)`` for one node id, in one round trip."""
         with self.redis.pipeline(transaction=False) as pipe:
             pipe.hget(self.key, name)
-            pipe.time()
+            pipe.execute_command("TIME")  # pipe.time() is refused in a cluster pipeline
             raw, now = pipe.execute()
         now = redis_now(now)
         if raw is None:

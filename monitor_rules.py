@@ -9,7 +9,7 @@ import fnmatch
 import time
 from typing import Callable, NamedTuple, Optional
 
-from monitor_contract import age, last_report, newest_error, number
+from monitor_contract import DEFAULT_INTERVAL, STALE_INTERVALS, age, last_report, newest_error, number
 
 MIB = 1024 * 1024
 
@@ -29,6 +29,16 @@ def down_for(rule, snapshot, limit, stuck_since, now):
     if snapshot.get("state") == "stale":
         return age(snapshot, now)
     return None
+
+
+def redis_settled(snapshot, answering_since, now):
+    """False while Redis has answered for less than STALE_INTERVALS of the node's intervals since an outage or
+    failover the alerter saw (``answering_since``, None: none seen): a node silent through it is not judged
+    down yet, its gap is Redis's, not its death."""
+    if answering_since is None:
+        return True
+    interval = number(snapshot.get("interval"), DEFAULT_INTERVAL) or DEFAULT_INTERVAL
+    return now - answering_since >= STALE_INTERVALS * interval
 
 
 def stalled_for(rule, snapshot, limit, stuck_since, now):
@@ -95,6 +105,29 @@ def crawl_starts(nodes):
     return starts
 
 
+def redis_memory_used(rule, view, limit, stuck_since, now):
+    """A Redis master's used memory as a share of its limit, while over ALERT_REDIS_MEMORY."""
+    used, most = number(view.get("used_memory")), number(view.get("limit"))
+    if limit and used is not None and most and used / most > limit:
+        return round(used / most, 3)
+    return None
+
+
+def redis_evicting(rule, view, limit, stuck_since, now):
+    """Keys a Redis master evicted since the previous evaluation (``evicted``), while any were."""
+    evicted = number(view.get("evicted"))
+    return evicted if evicted else None
+
+
+def redis_detail(rule, view, limit):
+    return f" of {fmt(view.get('limit'))} bytes (limit {fmt(limit)}; policy {view.get('maxmemory_policy')})"
+
+
+def evicting_detail(rule, view, limit):
+    return (f" since the last evaluation (policy {view.get('maxmemory_policy')}: a queue or dupefilter may be "
+            "losing entries)")
+
+
 def queue_detail(rule, view, limit):
     return f" for {span(limit)} or more, {fmt(view.get('queue_requests'))} requests queued"
 
@@ -150,7 +183,8 @@ class Rule(NamedTuple):
     detail: Callable = limit_text  # (rule, snapshot, limit) -> what a firing message adds to the figure
     back: str = "back to normal"  # what a resolved message says
     needs_live: bool = True  # judged on reporting nodes only: silenced while down, over once closed
-    scope: str = "node"  # or "spider": judged on the spider's cluster view, its alert keyed rule:<spider>
+    scope: str = "node"  # or "spider": judged on the spider's cluster view, its alert keyed rule:<spider>; or
+    # "redis": judged on a Redis master's INFO figures, keyed rule:<address>
     hold: bool = False  # the threshold is how long the condition must hold (instead of ALERT_FOR)
     pending: Optional[float] = None  # seconds pending before it fires, instead of ALERT_FOR
     once: bool = False  # one message per episode: never repeated, its end not sent
@@ -188,6 +222,12 @@ RULES = (
          back="domains answer again"),
     Rule("finished", "ScrapyCrawlFinished", "info", "crawl finished:", " pages", check=crawl_finished,
          detail=finished_totals, needs_live=False, scope="spider", pending=0, once=True),
+    # Judged on each Redis master's INFO (alert.py reads it every evaluation); the alert's node is its address.
+    Rule("redis_memory", "ScrapyRedisMemoryHigh", "warning", "Redis memory used", "", needs_live=False,
+         check=redis_memory_used, detail=redis_detail,
+         setting="ALERT_REDIS_MEMORY", scope="redis", back="Redis memory back under its limit"),
+    Rule("redis_evictions", "ScrapyRedisEvicting", "critical", "Redis evicted", " keys", check=redis_evicting,
+         detail=evicting_detail, needs_live=False, scope="redis", back="Redis no longer evicting"),
 )
 RULE = {rule.name: rule for rule in RULES}
 ORDER = {rule.name: i for i, rule in enumerate(RULES)}
@@ -316,28 +356,33 @@ def figure(rule, snapshot, limit, stuck_since, now):
 
 
 def evaluate(nodes: dict, state: dict, stall: dict, now: float, cfg, silences: Optional[dict] = None,
-             spiders: Optional[dict] = None) -> tuple[dict, dict, list]:
+             spiders: Optional[dict] = None, answering_since: Optional[float] = None,
+             redis_views: Optional[dict] = None) -> tuple[dict, dict, list]:
     """One evaluation over ``{node: snapshot with state}``, the stored alerts and stall trackers, and
     ``spiders`` (``spider_views``; None leaves the spider-level alerts as they are).
 
     Returns ``(state changes, stall changes, notifications)``; a change of None deletes the field.
     ``silences`` (``{id: silence}``, as ``read_silences`` returns) hold back what matching alerts
-    send (see ``in_the_open``).
+    send (see ``in_the_open``). ``answering_since``: when Redis answered again after an outage or failover
+    (``redis_settled``): until then a stale node's down alert waits, as a figure of NODE_DOWN. ``redis_views``
+    (``{master address: INFO figures with evicted}``; None leaves the Redis alerts as they are) for the
+    rules of scope ``redis``.
     Pure: no Redis, no clock, so tests can drive it with any ``now``.
     """
     state_changes, stall_changes, notes = {}, {}, []
     rules = active_rules(cfg)
     limits = {rule.name: threshold(rule, cfg) for rule in rules}
     silences = SilenceIndex(silences or {})
-    spider_rules = [rule for rule in rules if rule.scope == "spider"]
+    scoped = {"spider": (spiders, [r for r in rules if r.scope == "spider"]),
+              "redis": (redis_views, [r for r in rules if r.scope == "redis"])}
     rules = [rule for rule in rules if rule.scope == "node"]
     track = RULE["stalled"] in rules
     records_of = {}  # {node: {rule: record}}: few nodes have any, so most nodes cost no key lookups
-    spider_records = {}  # {"rule:spider": record} of the spider-level rules
+    scoped_records = {"spider": {}, "redis": {}}  # {"rule:spider" or "rule:address": record}
     for key, record in state.items():
         rule, _, node = key.partition(":")
-        if RULE[rule].scope == "spider":
-            spider_records[key] = record
+        if RULE[rule].scope != "node":
+            scoped_records[RULE[rule].scope][key] = record
         else:
             records_of.setdefault(node, {})[rule] = record
 
@@ -359,6 +404,8 @@ def evaluate(nodes: dict, state: dict, stall: dict, now: float, cfg, silences: O
         records = records_of.pop(node, {})
         for rule in rules:
             value = figure(rule, snapshot, limits[rule.name], tracker[1] if tracker else None, now)
+            if value is not None and rule.name == "down" and not redis_settled(snapshot, answering_since, now):
+                value = NODE_DOWN
             record = records.pop(rule.name, None)
             if record is not None or value is not None:
                 apply(rule, node, snapshot, record, value)
@@ -369,16 +416,19 @@ def evaluate(nodes: dict, state: dict, stall: dict, now: float, cfg, silences: O
             apply(RULE[name], node, None, record, None)
     for node in set(stall) - set(nodes):
         stall_changes[node] = None
-    starts = crawl_starts(nodes) if spiders else {}
-    for spider, view in (spiders or {}).items():
-        for rule in spider_rules:
-            value = rule.check(rule, view, limits[rule.name], starts.get(spider), now)
-            record = spider_records.pop(f"{rule.name}:{spider}", None)
-            if record is not None or value is not None:
-                apply(rule, spider, view, record, value)
-    for key, record in spider_records.items() if spiders is not None else ():  # spiders gone, rules off
-        name, _, spider = key.partition(":")
-        apply(RULE[name], spider, spiders.get(spider), record, None)
+    starts = crawl_starts(nodes) if spiders else {}  # a spider rule's "since": its crawl's start
+    for scope, (views, scope_rules) in scoped.items():
+        records = scoped_records[scope]
+        for name, view in (views or {}).items():
+            for rule in scope_rules:
+                value = rule.check(rule, view, limits[rule.name], starts.get(name) if scope == "spider" else None,
+                                   now)
+                record = records.pop(f"{rule.name}:{name}", None)
+                if record is not None or value is not None:
+                    apply(rule, name, view, record, value)
+        for key, record in records.items() if views is not None else ():  # spiders or masters gone, rules off
+            rule, _, name = key.partition(":")
+            apply(RULE[rule], name, views.get(name), record, None)
     notes.sort(key=lambda a: (a["status"], ORDER[a["rule"]], a["node"]))
     return state_changes, stall_changes, notes
 

@@ -3,7 +3,8 @@
 Each script reads its settings through ``value`` (the extension offers its Scrapy setting of the same name
 first); ``--help`` and the README's environment table come from SETTINGS, and a test checks both. An empty
 environment variable counts as unset. A value a script cannot run with is a ConfigError naming the setting:
-the scripts print it on one line and exit 2, the extension logs it and turns itself off.
+the scripts print it on one line and exit 2, the extension logs it and turns itself off. Redis URL settings
+also take Sentinel and Cluster URLs: ``connect`` opens every kind (``monitor_contract.connect`` plain ones).
 """
 
 import argparse
@@ -12,11 +13,20 @@ import math
 import os
 import re
 import sys
+import threading
+import time
 import zoneinfo
 from typing import NamedTuple, Optional
 from urllib.parse import urlsplit
 
-from monitor_contract import connect
+import redis
+import redis.cluster
+import redis.sentinel
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+from monitor_contract import REDIS_TIMEOUT, redact
+from monitor_contract import connect as plain_connect
 
 # Who reads a setting: the Scrapy extension (crawler machines), the API, the alerter, the demo, and the
 # demo crawler's own Scrapy project (settings.py).
@@ -33,7 +43,8 @@ DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 DURATION = re.compile(r"([0-9]{1,9}(?:\.[0-9]{1,6})?)([smhd]?)\Z")
 # The alert rules, in evaluation order (monitor_rules.RULES has one row each; a test checks they agree).
 RULE_NAMES = ("down", "cpu", "memory", "stalled", "errors", "rss", "run", "coverage", "latency", "queue",
-              "domain_refusing", "finished")
+              "domain_refusing", "finished", "redis_memory",
+              "redis_evictions")
 # What ALERT_ACTIONS may make a rule do: a fleet command on the alert's target, or ``slow`` its domain.
 ACTION_COMMANDS = ("pause", "resume", "stop", "drain", "slow")
 # Finish reasons of a run that ended well, unless ALERT_OK_REASONS says otherwise.
@@ -155,6 +166,8 @@ SETTINGS = (
     _alert("ALERT_COVERAGE_MIN", "number", 90.0, "coverage: a MONITOR_ITEM_FIELDS field in less than this % of "
            "items, once 100 are scraped; 0 = off"),
     _alert("ALERT_LATENCY_P95", "number", 10.0, "latency: download latency p95 (seconds) over this; 0 = off"),
+    _alert("ALERT_REDIS_MEMORY", "number", 0.9, "redis_memory: Redis's used memory over this share of its limit "
+           "(maxmemory, else the machine's memory), 0 to 1; 0 = off", high=1),
     _alert("ALERT_QUEUE_GROWING", "seconds", 1800.0,
            "queue: the spider's queue growing this long while it has live nodes; 0 = off"),
     _alert("ALERT_OK_REASONS", "list", ",".join(OK_REASONS),
@@ -291,13 +304,150 @@ def port(name, raw):
         raise ConfigError(f"{name} must be a port number from 1 to 65535, not {_shown(raw)}") from None
 
 
+# ---------------------------------------------------------------------------- Redis URLs
+
+def connect(url: str, timeout: float = REDIS_TIMEOUT, retry: Optional[Retry] = None,
+            cluster_class=redis.cluster.RedisCluster) -> redis.Redis:
+    """``monitor_contract.connect`` (a fail-fast client: short timeouts, no retries, the URL checked at once,
+    ValueError naming no password) for every Redis URL a setting takes: also ``redis+sentinel://``, the master
+    of a Sentinel service (found again after a failover), and ``redis+cluster://``, a Redis Cluster client
+    (``rediss+`` for TLS); see ``ha_url``. ``retry`` replaces the default of none (main_spider's queue waits
+    through a failover). Here rather than in monitor_contract.py, which has no room left."""
+    try:
+        kind, nodes, path, options = ha_url(url)
+        if kind is None:
+            return plain_connect(url, timeout)
+        plain_connect(options, timeout)  # its credentials and options, checked as a redis:// URL's
+    except ValueError as exc:
+        reason = str(exc).rpartition(" is not a usable Redis URL ")[2] or f"({exc})"
+        raise ValueError(f"{redact(url)} is not a usable Redis URL {reason}") from None
+    fast = dict(socket_timeout=timeout, socket_connect_timeout=timeout, retry=retry or Retry(NoBackoff(), 0))
+    kwargs = {**fast, **redis.connection.parse_url(options)}  # the URL's options win, as for redis://
+    tls = kwargs.pop("connection_class", None) is redis.SSLConnection
+    for name in ("host", "port", "db", "path"):
+        kwargs.pop(name, None)
+    if kind == "sentinel":
+        service, _, db = path.partition("/")
+        sentinel = redis.sentinel.Sentinel(nodes, sentinel_kwargs={**fast, "ssl": tls})
+        return sentinel.master_for(service, db=int(db or 0), ssl=tls, **kwargs)
+    return LazyCluster(lambda: cluster_class(
+        startup_nodes=[redis.cluster.ClusterNode(h, p) for h, p in nodes], ssl=tls, **kwargs))
+
+
+# The URL schemes of highly available Redis: scheme -> (kind, the plain scheme its options are read as).
+HA_SCHEMES = {"redis+sentinel": ("sentinel", "redis"), "rediss+sentinel": ("sentinel", "rediss"),
+              "redis+cluster": ("cluster", "redis"), "rediss+cluster": ("cluster", "rediss")}
+
+
+def ha_kind(url) -> Optional[str]:
+    """``"sentinel"``, ``"cluster"`` or None (a plain Redis URL) by the URL's scheme."""
+    scheme = str(url).partition("://")[0].lower()
+    return HA_SCHEMES.get(scheme, (None,))[0]
+
+
+def ha_url(url):
+    """``(kind, [(host, port), ...], path, plain URL)`` of a Redis URL: kind None for a plain one (the rest
+    unused); for ``redis+sentinel://[[user]:password@]host:port[,host:port...]/service[/db]`` the sentinels
+    and ``service[/db]``; for ``redis+cluster://...`` the seed nodes. The plain URL carries the credentials and
+    options (``?socket_timeout=``) for redis-py to read. ValueError (quoting no secret) if malformed."""
+    url = str(url)
+    kind = ha_kind(url)
+    if kind is None:
+        return None, [], "", url
+    parts = urlsplit(url)
+    userinfo, at, hosts = parts.netloc.rpartition("@")
+    nodes = []
+    for item in hosts.split(","):
+        node = urlsplit(f"//{item}")
+        if not node.hostname:
+            raise ValueError(f"a {kind} URL needs host:port[,host:port...]")
+        nodes.append((node.hostname, node.port or (26379 if kind == "sentinel" else 6379)))
+    path = parts.path.strip("/")
+    if kind == "sentinel" and not re.fullmatch(r"[^/]+(/\d+)?", path):
+        raise ValueError("a sentinel URL needs /service_name[/db] after its hosts")
+    if kind == "cluster" and path not in ("", "0"):
+        raise ValueError("a cluster URL has no database: a Redis Cluster has only db 0")
+    host, port = nodes[0]
+    host = f"[{host}]" if ":" in host else host
+    plain = f"{HA_SCHEMES[parts.scheme.lower()][1]}://{userinfo}{at}{host}:{port}/0"
+    return kind, nodes, path, plain + (f"?{parts.query}" if parts.query else "")
+
+
+class LazyCluster:
+    """A RedisCluster made on first use (its constructor talks to the seeds, so a cluster down at start is an
+    outage like any other, not a crash); a failure to make it is a ``redis.ConnectionError``."""
+
+    def __init__(self, make):
+        self._make = make
+        self._client = None
+        self._lock = threading.Lock()
+
+    def cluster(self):
+        if self._client is None:
+            with self._lock:
+                if self._client is None:
+                    try:
+                        self._client = self._make()
+                    except redis.exceptions.RedisClusterException as exc:
+                        raise redis.ConnectionError(str(exc)) from None
+        return self._client
+
+    def __getattr__(self, name):
+        return getattr(self.cluster(), name)
+
+
+def key_prefix(prefix: str, url) -> str:
+    """The prefix the monitor's keys are built from: under a cluster URL ``{<prefix>}``, a hash tag that puts
+    every key of the monitor in one slot (so each Lua script and MULTI works there); else ``prefix``."""
+    if ha_kind(url) == "cluster" and not re.search(r"\{[^}]+\}", prefix):
+        return f"{{{prefix}}}"
+    return prefix
+
+
 def redis_url(name, raw):
-    """``raw`` if redis-py can build a connection from it (scheme, port, options), checked without connecting."""
+    """``raw`` if redis-py can build a connection from it (scheme, port, options), checked without connecting;
+    a Sentinel or Cluster URL is also ``probe``d."""
     try:
         connect(str(raw))
+        probe(str(raw))
     except ValueError as exc:
         raise ConfigError(f"{name}: {exc}") from None
     return str(raw)
+
+
+def probe(url, timeout: float = REDIS_TIMEOUT) -> None:
+    """ValueError when a Sentinel or Cluster URL names what is not there: a service no answering sentinel
+    knows, or a seed node that answers but is not in cluster mode. Silent when nothing answers (an outage,
+    handled as one) and for a plain URL. Asks at most ``timeout`` seconds in all, roughly."""
+    kind, nodes, path, options = ha_url(url)
+    if kind is None:
+        return
+    given = redis.Redis.from_url(options).connection_pool.connection_kwargs
+    kwargs = dict(socket_timeout=timeout, socket_connect_timeout=timeout, retry=Retry(NoBackoff(), 0),
+                  ssl=options.startswith("rediss:"), driver_info=None)
+    if kind == "cluster":  # a sentinel has no password of the master's
+        kwargs.update(username=given.get("username"), password=given.get("password"))
+    service, answered, deadline = path.partition("/")[0], [], time.monotonic() + 2 * timeout
+    for host, port in nodes:
+        if time.monotonic() > deadline:
+            break
+        node = redis.Redis(**{**kwargs, "host": host, "port": port})
+        try:
+            if kind == "sentinel":
+                if node.sentinel_get_master_addr_by_name(service):
+                    return
+                answered.append(f"{host}:{port}")
+            elif node.info("cluster").get("cluster_enabled"):
+                return
+            else:
+                raise ValueError(f"{redact(url)}: {host}:{port} is a Redis without cluster mode; use redis://")
+        except redis.RedisError:
+            continue
+        finally:
+            node.close()
+    if answered:
+        raise ValueError(f"{redact(url)}: no sentinel knows a service {service[:100]!r} "
+                         f"(asked {', '.join(answered)})")
 
 
 def http_url(name, raw):

@@ -40,7 +40,6 @@ from monitor_contract import (
     STOPPED,
     Outage,
     TrendBuffer,
-    connect,
     control_ack_key,
     control_key,
     control_targets,
@@ -60,7 +59,7 @@ from monitor_contract import (
     write_run,
     write_snapshot,
 )
-from monitor_settings import SETTING, ConfigError, value
+from monitor_settings import SETTING, ConfigError, connect, key_prefix, value
 
 logger = logging.getLogger(__name__)
 
@@ -127,6 +126,7 @@ class SpiderMonitor:
         self.rolled = {}  # the counters as of the last rollup written (monitor_contract.write_rollup)
         self.version = None  # MONITOR_VERSION, set by from_crawler; the spider's version once it opens
         self.marked = False  # whether the version marker has been written (once, with the first write)
+        self.reports_dropped = 0  # snapshots not written because Redis did not answer (an outage, a failover)
         self.runs_keep = None  # MONITOR_RUNS_KEEP, set by from_crawler
         self.control = None  # a NodeControl when MONITOR_CONTROL is on
         self.busy = (None, None)  # (pages, when) of the last tick that saw a new page or work queued
@@ -144,8 +144,8 @@ class SpiderMonitor:
             queue_url = setting("REDIS_URL")
             url = setting("MONITOR_REDIS_URL") or queue_url
             insight = Insight(setting("MONITOR_TOP_DOMAINS"), (setting("MONITOR_ITEM_FIELDS") or [])[:MAX_FIELDS])
-            ext = cls(crawler, interval, url, queue_url, setting("MONITOR_NODE_ID"), setting("MONITOR_KEY_PREFIX"),
-                      insight)
+            ext = cls(crawler, interval, url, queue_url, setting("MONITOR_NODE_ID"),
+                      key_prefix(setting("MONITOR_KEY_PREFIX"), url), insight)
             ext.runs_keep = setting("MONITOR_RUNS_KEEP")
             ext.version = setting("MONITOR_VERSION")
             ext.dead = DeadLetters(setting("MONITOR_DEAD_KEEP"))
@@ -235,6 +235,7 @@ class SpiderMonitor:
         snapshot["dead"] = self.dead.count
         snapshot["idle_since"] = self._idle_since(snapshot, now)
         dead = self.dead.take()
+        snapshot["reports_dropped"] = self.reports_dropped
         try:
             if self.clock_offset is None:  # the first write: history rows go on Redis's clock from the start
                 self.clock_offset = redis_now(self.redis.time()) - time.time()
@@ -258,6 +259,7 @@ class SpiderMonitor:
                 server_time = pipe.execute()[0]
         except redis.RedisError as exc:
             self.dead.put_back(dead)
+            self.reports_dropped += 1
             self.outage.failed("Monitor: cannot write metrics to Redis at %s (%s); the crawl goes on, "
                                "retrying every %ss", redact(self.url), scrub(exc), self.interval)
             return snapshot
@@ -300,8 +302,11 @@ class SpiderMonitor:
         if not self.queue_keys:
             return {}
         names = ("queue_requests", "queue_start_urls", "queue_dupefilter")
-        try:
-            sizes = self.queue_redis.eval(QUEUE_SIZES_LUA, 3, *self.queue_keys)
+        try:  # one key per script: a spider's keys may sit on three shards of a cluster
+            with self.queue_redis.pipeline(transaction=False) as pipe:
+                for key in self.queue_keys:
+                    pipe.execute_command("EVAL", QUEUE_SIZES_LUA, 1, key)
+                sizes = [size for sizes in pipe.execute() for size in sizes]
         except redis.RedisError:
             return dict.fromkeys(names)
         return dict(zip(names, (int(s) for s in sizes)))

@@ -8,7 +8,7 @@ import warnings
 
 from scrapy.exceptions import ScrapyDeprecationWarning
 
-from monitor_settings import env
+from monitor_settings import env, ha_kind
 
 # scrapy-redis's scheduler passes Scrapy 2.19's stats a deprecated argument on every crawl: its warning, not
 # something a user of this project can act on, is left out of the log (ours raise none).
@@ -27,6 +27,8 @@ SCHEDULER = "scrapy_redis.scheduler.Scheduler"
 DUPEFILTER_CLASS = "scrapy_redis.dupefilter.RFPDupeFilter"
 SCHEDULER_PERSIST = True
 REDIS_URL = env("REDIS_URL") or "redis://localhost:6379/0"
+if ha_kind(REDIS_URL):  # redis+sentinel:// or redis+cluster://: scrapy-redis connects through the monitor's connect
+    REDIS_PARAMS = {"redis_cls": "main_spider.HARedis"}
 # Seconds a node waits with nothing to do before it closes (0: wait for start URLs forever).
 MAX_IDLE_TIME_BEFORE_CLOSE = env("MAX_IDLE_TIME_BEFORE_CLOSE") or "0"
 

@@ -617,7 +617,8 @@ def test_each_rule_is_one_row_and_every_notification_names_its_alertname_and_sev
         "run": ("ScrapyRunFailed", "warning"),
         "coverage": ("ScrapyItemFieldCoverageLow", "warning"), "latency": ("ScrapyDownloadLatencyHigh", "warning"),
         "queue": ("ScrapyQueueGrowing", "warning"), "finished": ("ScrapyCrawlFinished", "info"),
-        "domain_refusing": ("ScrapyDomainRefusing", "warning")}
+        "domain_refusing": ("ScrapyDomainRefusing", "warning"),
+        "redis_memory": ("ScrapyRedisMemoryHigh", "warning"), "redis_evictions": ("ScrapyRedisEvicting", "critical")}
     report(redis_client, "a", T0, cpu=99.0, memory=99.0, errors_per_min=99.0, rss=9000 * MB)
     report(redis_client, "b", T0 - 100)
     make("--for", "0", ALERT_WEBHOOK_URL=webhook.url).run_once(T0)

@@ -24,6 +24,7 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import redis
+import redis.cluster
 import requests
 
 import monitor_contract
@@ -286,10 +287,11 @@ def wait_until_answers(url, timeout=15.0, what=None, statuses=(200,), proc=None,
 class RedisServer:
     """A private redis-server on 127.0.0.1 that can be stopped and started again on the same port."""
 
-    def __init__(self, port=None):
+    def __init__(self, port=None, args=()):
         self.port = port or free_port()
         self.dir = tempfile.mkdtemp(prefix="scm-redis-")
         self.proc = None
+        self.args = [str(a) for a in args]  # more redis-server options: --replicaof, --cluster-enabled ...
 
     @property
     def url(self):
@@ -301,7 +303,7 @@ class RedisServer:
     def start(self):
         self.proc = subprocess.Popen(
             [redis_server_binary(), "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--dir", self.dir, "--logfile", os.path.join(self.dir, "redis.log")],
+             "--appendonly", "no", "--dir", self.dir, "--logfile", os.path.join(self.dir, "redis.log"), *self.args],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
             start_new_session=True,  # a Ctrl-C meant for the demo must not stop Redis before the nodes
         )
@@ -321,6 +323,115 @@ class RedisServer:
     def cleanup(self):
         self.stop()
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class SentinelGroup:
+    """A master, a replica and three sentinels (``down-after-milliseconds`` 1000) on free ports: ``url`` is
+    the group's ``redis+sentinel://`` URL of service ``service``; ``kill_master()`` kills the master as a
+    machine dies, ``wait_failover()`` waits until the sentinels name the replica the new master."""
+
+    def __init__(self, service="mymaster"):
+        self.service = service
+        self.master = RedisServer()
+        self.replica = RedisServer(args=("--replicaof", "127.0.0.1", self.master.port))
+        self.sentinels = []
+
+    @property
+    def url(self):
+        hosts = ",".join(f"127.0.0.1:{s.port}" for s in self.sentinels)
+        return f"redis+sentinel://{hosts}/{self.service}/0"
+
+    def start(self):
+        self.master.start()
+        self.replica.start()
+        binary = shutil.which("redis-sentinel")
+        for _ in range(3):
+            sentinel = RedisServer()
+            conf = os.path.join(sentinel.dir, "sentinel.conf")
+            with open(conf, "w") as f:
+                f.write(f"port {sentinel.port}\nbind 127.0.0.1\ndir {sentinel.dir}\n"
+                        f"sentinel monitor {self.service} 127.0.0.1 {self.master.port} 2\n"
+                        f"sentinel down-after-milliseconds {self.service} 1000\n"
+                        f"sentinel failover-timeout {self.service} 3000\n")
+            cmd = [binary, conf] if binary else [redis_server_binary(), conf, "--sentinel"]
+            sentinel.proc = subprocess.Popen(cmd + ["--logfile", os.path.join(sentinel.dir, "redis.log")],
+                                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                             start_new_session=True)
+            self.sentinels.append(sentinel)
+        wait_for(lambda: all(self.replicas_known(s) for s in self.sentinels), 15, what="sentinels to see the replica")
+        return self
+
+    def replicas_known(self, sentinel):
+        try:
+            return sentinel.client().sentinel_slaves(self.service)
+        except redis.RedisError:
+            return False
+
+    def master_port(self):
+        for sentinel in self.sentinels:
+            try:
+                return int(sentinel.client().sentinel_get_master_addr_by_name(self.service)[1])
+            except (redis.RedisError, TypeError):
+                continue
+        return None
+
+    def kill_master(self):
+        self.master.proc.kill()
+        self.master.proc.wait()
+
+    def wait_failover(self, timeout=20):
+        wait_for(lambda: self.master_port() == self.replica.port, timeout, step=0.1, what="the sentinels' failover")
+
+    def cleanup(self):
+        for server in [*self.sentinels, self.replica, self.master]:
+            server.cleanup()
+
+
+def cluster_port():
+    """A free port whose cluster bus port (10000 above it) is free too."""
+    while True:
+        port = free_port()
+        if port + 10000 < 65536:
+            with socket.socket() as s:
+                try:
+                    s.bind(("127.0.0.1", port + 10000))
+                except OSError:
+                    continue
+            return port
+
+
+class ClusterServers:
+    """A Redis Cluster of three masters (no replicas) on free ports, made by ``redis-cli --cluster create``;
+    ``url`` is its ``redis+cluster://`` URL."""
+
+    def __init__(self):
+        self.nodes = [RedisServer(cluster_port(), args=("--cluster-enabled", "yes", "--cluster-node-timeout", "2000"))
+                      for _ in range(3)]
+
+    @property
+    def url(self):
+        return "redis+cluster://" + ",".join(f"127.0.0.1:{n.port}" for n in self.nodes)
+
+    def start(self):
+        for node in self.nodes:
+            node.start()
+        subprocess.run([shutil.which("redis-cli") or "redis-cli", "--cluster", "create",
+                        *(f"127.0.0.1:{n.port}" for n in self.nodes), "--cluster-yes"],
+                       check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=30)
+        wait_for(lambda: all(n.client().cluster("info").get("cluster_state") == "ok" for n in self.nodes), 15,
+                 what="cluster_state:ok")
+        return self
+
+    def client(self):
+        return redis.cluster.RedisCluster(host="127.0.0.1", port=self.nodes[0].port, socket_timeout=5)
+
+    def flush(self):
+        for node in self.nodes:
+            node.client().flushall()
+
+    def cleanup(self):
+        for node in self.nodes:
+            node.cleanup()
 
 
 # ---------------------------------------------------------------------------- crawler and API processes
