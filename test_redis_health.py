@@ -46,7 +46,8 @@ def test_spider_keys_come_from_the_snapshot_or_scrapy_redis_defaults(named, expe
 
 
 def test_redis_route_serves_info_sizes_footprint_and_prometheus_reading_info_once_a_second(redis_client, redis_url):
-    publish(redis_client, snapshot("a:1", spider="s", queues={"start_urls": "seeds"}), history=3)
+    queues = {"requests": "s:requests", "start_urls": "seeds", "dupefilter": "s:dupefilter", "start_urls_type": "list"}
+    publish(redis_client, snapshot("a:1", spider="s", queues=queues), history=3)
     redis_client.rpush("s:requests", *range(40))  # scrapy-redis's FIFO queue: a list
     redis_client.zadd("s:requests2", {"x": 1})
     redis_client.sadd("s:dupefilter", *range(25))
