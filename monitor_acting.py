@@ -11,6 +11,7 @@ from monitor_contract import (
     control_key,
     dumps,
     loads,
+    notify,
 )
 
 # Lua shared by the write scripts: every key's type is checked before anything is written (a key of the wrong
@@ -132,7 +133,10 @@ def issue(r, prefix, command, target, fields, audit, idempotency="", answer=None
             *audit_keys(prefix), idempotency or control_key(prefix, "seq"))
     kind, raw = r.eval(ISSUE_LUA, len(keys), *keys, target, dumps(entry), CONTROL_LOG_KEEP, dumps(audit), AUDIT_KEEP,
                        idempotency, IDEMPOTENCY_TTL, dumps(answer or entry))
-    return loads(raw, bounded=False), as_text(kind) == "repeat"
+    answer, repeated = loads(raw, bounded=False), as_text(kind) == "repeat"
+    if not repeated:  # /events streams tell of it: what the command is, not who sent it or why
+        notify(r, prefix, "control", dumps({k: answer.get(k) for k in ("id", "command", "target", "at")}))
+    return answer, repeated
 
 
 def issue_command(r, prefix, command, target, **fields):

@@ -26,6 +26,7 @@ from monitor_contract import (
     is_number,
     is_text,
     loads,
+    notify,
     number,
     redis_now,
     run_meta_key,
@@ -105,6 +106,8 @@ def store_silence(r, prefix, silence, audit=None, idempotency="", request=None):
                        dumps({"id": sid, "until": silence["until"]}))
     if as_text(kind) == "full":
         raise ValueError(f"{MAX_SILENCES} silences are active: delete some first")
+    if as_text(kind) == "new":
+        notify(r, prefix, "alerts")  # what is silenced changed
     return loads(raw, bounded=False), as_text(kind) == "repeat"
 
 
@@ -122,6 +125,8 @@ def remove_silence(r, prefix, sid, audit=None, idempotency=""):
                        IDEMPOTENCY_TTL, dumps({"id": sid, "deleted": True}))
     if as_text(kind) == "missing":
         return None, False
+    if as_text(kind) == "new":
+        notify(r, prefix, "alerts")
     return loads(raw, bounded=False), as_text(kind) == "repeat"
 
 
@@ -447,6 +452,8 @@ class Store:
                 raise redis.WatchError("evaluation lock expired")
             pipe.multi()
             _write_hash(pipe, self.key["state"], state_changes)
+            if state_changes:
+                notify(pipe, self.prefix, "alerts")
             _write_hash(pipe, self.key["stall"], stall_changes)
             if entries:
                 pipe.hset(self.key["outbox"], mapping=entries)

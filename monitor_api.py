@@ -49,8 +49,9 @@ from monitor_contract import (
     status_key,
     trend_key,
 )
+from monitor_events import Hub
 from monitor_export import DAY_COLUMNS, RUN_COLUMNS, csv_text, days_rows, runs_rows
-from monitor_gate import ADMIN, MAX_BODY, OPERATOR, SEED_BODY, Gate, gate, identity, log_acting, needs
+from monitor_gate import ADMIN, MAX_BODY, OPERATOR, SEED_BODY, TICKET_SECONDS, Gate, gate, identity, log_acting, needs
 from monitor_prometheus import ClusterCollector, DeadCollector, RedisCollector, RunsCollector
 from monitor_queues import DEAD_LIMIT, MAX_DEAD_LIMIT, dead_bound, read_dead
 from monitor_read import (
@@ -127,6 +128,9 @@ def create_app(config=None):
     app.debug = False  # never, whatever FLASK_DEBUG says: errors are JSON, tracebacks go to the log
     app.extensions["gate"] = Gate(app.config)
     app.extensions["reader"] = StatusReader(app.config)
+    app.extensions["events"] = Hub(app.config["REDIS_URL"], app.config["MONITOR_KEY_PREFIX"],
+                                   app.config["MONITOR_EVENTS_KEEP"], app.config["MONITOR_EVENTS_CLIENTS"],
+                                   app.config["MONITOR_EVENTS_DROP"])
     app.extensions["gate"].tokens.reloaded = functools.partial(audit_reload, app.extensions["reader"], app.config)
     app.extensions["audit_refusal"] = audit_refusal
     app.url_map.merge_slashes = False  # "a//b" is a node id, not a typo to redirect
@@ -382,6 +386,37 @@ def redis_health():
     """Redis's own health: INFO per master, the spiders' scrapy-redis key sizes with growth and forecast, the
     monitor's footprint (see monitor_redis.py)."""
     return cached(lambda: json_body(reader().redis_health()))
+
+
+@bp.get("/events")
+def events():
+    """``text/event-stream`` of changes as they are written (see monitor_events.py and docs/live.md): ``nodes``,
+    ``states``, ``alerts``, ``control``; ``Last-Event-ID`` (or ``?last=``) replays what a client missed, or
+    sends ``reset``. Each open stream holds one server thread, apart from the other routes' (``threads``)."""
+    hub = current_app.extensions["events"]
+    if not hub.limit:
+        abort(404, "/events is off (MONITOR_EVENTS_CLIENTS=0): poll /metrics")
+    stream = hub.open(request.headers.get("Last-Event-ID") or request.args.get("last"), request.environ)
+    if stream is None:
+        response = jsonify(error=f"{hub.limit} event streams are open, the most allowed (MONITOR_EVENTS_CLIENTS): "
+                                 "poll /metrics, or try again later")
+        response.status_code, response.headers["Retry-After"] = 503, "10"
+        return response
+    return Response(stream, 200, {"Cache-Control": "no-store", "X-Accel-Buffering": "no"},
+                    mimetype="text/event-stream")
+
+
+@bp.post("/events/ticket")
+def events_ticket():
+    """A ticket for ``GET /events?ticket=`` (EventSource cannot send the token as a header), good for
+    monitor_gate.TICKET_SECONDS, for this request's identity."""
+    ticket = gate().tickets.issue(identity(request))
+    return {"ticket": ticket, "expires_in": int(TICKET_SECONDS)}, 200, {"Cache-Control": "no-store"}
+
+
+def threads(app):
+    """Waitress worker threads: THREADS for the routes, and one for each event stream that may be open."""
+    return THREADS + app.config["MONITOR_EVENTS_CLIENTS"]
 
 
 @bp.get("/")
@@ -663,7 +698,7 @@ def main(argv=None):
         logging.getLogger("waitress.queue").setLevel(logging.ERROR)  # "Task queue depth" on every busy second
         log_start(app)
         try:
-            server = waitress.create_server(app, host=host, port=number, threads=THREADS,
+            server = waitress.create_server(app, host=host, port=number, threads=threads(app),
                                             ident="scrapy-cluster-monitor", max_request_body_size=WAITRESS_BODY)
         except (OSError, ValueError, UnicodeError) as exc:
             raise ConfigError(f"cannot listen on {host}:{number}: {getattr(exc, 'strerror', None) or exc}") from None

@@ -135,6 +135,17 @@ def slow_delays(raw):
     return out
 
 
+def events_channel(prefix):
+    """The change notifications channel (PUBLISH): ``node <id>`` after a snapshot write or delete, ``alerts``
+    after alert or silence changes, ``control <command JSON>``; the API's /events fans them out."""
+    return f"{prefix}:events"
+
+
+def notify(client, prefix, kind, name=""):
+    """Queue (on a pipeline) or send one change notification on ``events_channel``."""
+    client.publish(events_channel(prefix), f"{kind} {name}" if name else kind)
+
+
 def run_claim_key(prefix, node, start_time):
     """Set once a run of ``node`` started at ``start_time`` is recorded lost; holds the lost record's member."""
     return f"{prefix}:runmeta:lost:{int(start_time)}:{node}"
@@ -395,19 +406,22 @@ end
 return out
 """
 # Publishes a snapshot stamped with Redis's clock: the stored object gains ``seen``, the server's time of
-# the write, which every reader judges liveness by; the reply is that time (TIME's two parts).
+# the write, which every reader judges liveness by; the reply is that time (TIME's two parts). The same step
+# tells readers (``events_channel``, ARGV[3]) which node changed.
 STAMP_LUA = """
 local t = redis.call('TIME')
 local seen = string.format('%d.%03d', t[1], math.floor(t[2] / 1000))
 redis.call('HSET', KEYS[1], ARGV[1], string.sub(ARGV[2], 1, -2) .. ',"seen":' .. seen .. '}')
+redis.call('PUBLISH', ARGV[3], 'node ' .. ARGV[1])
 return t
 """
 
 
 def write_snapshot(pipe: redis.client.Pipeline, prefix: str, snapshot: Snapshot, history_len: int, trend_rows=(),
                    stamp: bool = False, row: Optional[list] = None, rollup: Optional[tuple] = None) -> Optional[dict]:
-    """Queue the commands that publish one snapshot: status hash, capped history, trend, expiries, and with
-    ``rollup`` (``(at, previous counts)``, see ``write_rollup``) the spider's rollups, whose counts it returns.
+    """Queue the commands that publish one snapshot: status hash, capped history, trend, expiries, the change
+    notification (``events_channel``), and with ``rollup`` (``(at, previous counts)``, see ``write_rollup``) the
+    spider's rollups, whose counts it returns.
 
     With ``stamp`` (the extension always stamps) Redis adds ``seen`` and the first reply is its clock;
     without it the snapshot is stored as given (tests on a made-up clock). ``row`` is the history row
@@ -415,9 +429,10 @@ def write_snapshot(pipe: redis.client.Pipeline, prefix: str, snapshot: Snapshot,
     node = snapshot["node"]
     if stamp:
         # EVAL by name: a cluster pipeline has no eval()
-        pipe.execute_command("EVAL", STAMP_LUA, 1, status_key(prefix), node, dumps(snapshot))
+        pipe.execute_command("EVAL", STAMP_LUA, 1, status_key(prefix), node, dumps(snapshot), events_channel(prefix))
     else:
         pipe.hset(status_key(prefix), node, dumps(snapshot))
+        notify(pipe, prefix, "node", node)
     hkey = history_key(prefix, node)
     pipe.lpush(hkey, dumps(row or history_row(snapshot)))
     pipe.ltrim(hkey, 0, history_len - 1)

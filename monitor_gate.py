@@ -13,6 +13,7 @@ import ipaddress
 import logging
 import os
 import re
+import secrets
 import threading
 import time
 import uuid
@@ -44,6 +45,9 @@ THROTTLE_WINDOW = 60.0
 THROTTLE_ADDRESSES = 10000
 # The tokens file is checked for a change at most this often (rotation takes effect within 5 s).
 TOKENS_CHECK = 1.0
+# An /events ticket lasts this long (seconds); at most TICKETS_MAX are remembered at once.
+TICKET_SECONDS = 60.0
+TICKETS_MAX = 10000
 # A token's name: what the audit and control logs show.
 TOKEN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.@+-]{0,63}\Z")
 SHA256 = re.compile(r"sha256:([0-9a-fA-F]{64})\Z")
@@ -194,6 +198,31 @@ class Tokens:
         return len(self.fixed) + len(self.from_file)
 
 
+class Tickets:
+    """Short-lived tickets for GET /events (EventSource cannot send a header): ``POST /events/ticket`` with the
+    token gets one, good for TICKET_SECONDS (for reconnects too), standing for the token's identity. A URL with a
+    ticket in an access log leaks nothing lasting, unlike one with the token."""
+
+    def __init__(self):
+        self.issued = {}  # ticket -> (Identity, expiry on time.monotonic())
+        self.lock = threading.Lock()
+
+    def issue(self, who):
+        ticket, now = secrets.token_urlsafe(24), time.monotonic()
+        with self.lock:
+            if len(self.issued) >= TICKETS_MAX:
+                self.issued = {t: v for t, v in self.issued.items() if v[1] > now}
+                if len(self.issued) >= TICKETS_MAX:
+                    self.issued.clear()
+            self.issued[ticket] = (who, now + TICKET_SECONDS)
+        return ticket
+
+    def find(self, ticket):
+        """The Identity a ticket stands for, or None when unknown or expired."""
+        found = self.issued.get(ticket)
+        return found[0] if found is not None and found[1] > time.monotonic() else None
+
+
 class Throttle:
     """Addresses that offered THROTTLE_REFUSALS refused tokens within THROTTLE_WINDOW seconds: refused with 429
     for THROTTLE_WINDOW seconds, logged once."""
@@ -247,6 +276,7 @@ class Gate:
         self.trust_loopback = config.get("MONITOR_API_TRUST_LOOPBACK", True)
         self.readonly = config["MONITOR_API_READONLY"]
         self.throttle = Throttle()
+        self.tickets = Tickets()
 
     @property
     def token(self):
@@ -283,6 +313,14 @@ class Gate:
             return Refusal(400, problem)
         if self.tokens:
             self.tokens.refresh()
+            if offered is None and path == "/events" and "ticket=" in environ.get("QUERY_STRING", ""):
+                ticket = dict(parse_qsl(environ["QUERY_STRING"])).get("ticket", "")
+                who = self.tickets.find(ticket)
+                if who is None:
+                    return Refusal(401, "that ticket is unknown or expired: POST /events/ticket for a new one",
+                                   (("WWW-Authenticate", "Bearer"),))
+                environ[IDENTITY] = who
+                return None
             if offered is not None:
                 found = self.tokens.find(offered)
                 if found is None:

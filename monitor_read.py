@@ -40,6 +40,7 @@ from monitor_contract import (
     loads,
     markers_key,
     node_state,
+    notify,
     number,
     parse_snapshot,
     redis_now,
@@ -202,6 +203,7 @@ def prune_nodes(r, nodes, retention, prefix, now=None):
             pipe.hdel(control_key(prefix, "commands"), *(f"node:{node}" for node in gone))  # ends with its node
             for node in gone:
                 pipe.delete(history_key(prefix, node), trend_key(prefix, node))
+                notify(pipe, prefix, "node", node)
                 if is_number(nodes[node].get("start_time")):  # a lost run stays correctable a while longer
                     pipe.expire(run_claim_key(prefix, node, nodes[node]["start_time"]), CLAIM_AFTER_PRUNE)
             pipe.execute()

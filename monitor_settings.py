@@ -155,6 +155,12 @@ SETTINGS = (
     Setting("MONITOR_API_READONLY", "flag", False, (API,), "1 turns every route that changes data (control, "
             "silences) off"),
     Setting("MONITOR_API_CACHE", "seconds", 1.0, (API,), "seconds a response may be reused; 0 for never", 0, 3600),
+    Setting("MONITOR_EVENTS_CLIENTS", "whole", 256, (API,), "GET /events streams open at once at most (each holds "
+            "one server thread, kept apart from the other routes' 16); 0 turns /events off", 0, 10000),
+    Setting("MONITOR_EVENTS_KEEP", "whole", 10000, (API,), "changes kept in memory for a stream that reconnects "
+            "with Last-Event-ID (older: it gets 'reset')", 100, 1000000),
+    Setting("MONITOR_EVENTS_DROP", "seconds", 60.0, (API,), "seconds a stream's client may leave sent events unread "
+            "before the stream is dropped", 1, 3600),
     # The alerter
     _alert("ALERT_RULES", "rules", ",".join(RULE_NAMES), "comma-separated rules to evaluate", choices=RULE_NAMES),
     _alert("ALERT_CPU_PERCENT", "number", 80.0, "cpu: host CPU % over this; 0 = off"),

@@ -517,6 +517,68 @@ def serving(app, threads=16):
         thread.join(5)
 
 
+class EventReader:
+    """A client of ``GET /events`` (Server-Sent Events) on a thread: every event it reads goes to ``events``, as
+    ``(name, id, parsed data, arrival time.monotonic())``; ``wait`` takes the first that matches. ``status`` and
+    ``headers`` are the response's."""
+
+    def __init__(self, base, path="/events", headers=None, timeout=30.0):
+        import http.client  # here: only the stream's tests and benchmarks read events
+        import queue
+        from urllib.parse import urlsplit
+
+        where = urlsplit(base)
+        self.conn = http.client.HTTPConnection(where.hostname, where.port, timeout=timeout)
+        self.conn.request("GET", path, headers=headers or {})
+        self.sock = self.conn.sock
+        self.response = self.conn.getresponse()
+        self.status, self.headers = self.response.status, dict(self.response.getheaders())
+        self.events, self.last_id, self.closed = queue.Queue(), None, False
+        if self.status == 200:
+            threading.Thread(target=self._read, daemon=True).start()
+        else:
+            self.body = self.response.read()
+
+    def _read(self):
+        name, ident, data = "message", None, []
+        try:
+            for raw in iter(self.response.readline, b""):
+                line = raw.decode().rstrip("\n")
+                if line.startswith("event: "):
+                    name = line[7:]
+                elif line.startswith("id: "):
+                    ident = line[4:]
+                elif line.startswith("data: "):
+                    data.append(line[6:])
+                elif not line and data:
+                    self.last_id = ident or self.last_id
+                    self.events.put((name, ident, json.loads("\n".join(data)), time.monotonic()))
+                    name, ident, data = "message", None, []
+        except (OSError, ValueError):
+            pass
+        self.closed = True
+
+    def wait(self, name, match=lambda data: True, timeout=10.0):
+        """The data of the first ``name`` event (from now on) whose data ``match``es; AssertionError after
+        ``timeout`` seconds."""
+        import queue
+
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                got, _, data, _ = self.events.get(timeout=max(0.01, deadline - time.monotonic()))
+            except queue.Empty:
+                raise AssertionError(f"no {name} event within {timeout}s") from None
+            if got == name and match(data):
+                return data
+
+    def close(self):
+        """Hang up (the response's file holds the socket open after a plain close)."""
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)
+        self.conn.close()
+
+
 # ---------------------------------------------------------------------------- snapshots as nodes write them
 
 def snapshot(node, spider="main_spider", age=0, now=None, **fields):
