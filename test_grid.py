@@ -1,0 +1,75 @@
+"""The dashboard at 10,000 nodes (issue 22, section 2): the grid draws the cards on screen and near them, and pushed
+changes reach the cards (section 1, the page's side). Headless Chromium against the real API and a private Redis.
+"""
+
+import json
+
+import requests
+
+from testbed import EventReader, publish, snapshot, until
+
+SPIDER = "big"
+NODES = [f"{SPIDER}:crawler-{i:05d}:1" for i in range(10000)]
+
+
+def card(page, node):
+    return page.locator(f"[data-node={json.dumps(node)}]")
+
+
+def drawn(page):
+    return page.evaluate("() => [...document.querySelectorAll('[data-node]')].map((e) => e.getAttribute('data-node'))")
+
+
+def test_ten_thousand_nodes_draw_what_is_near_the_screen_and_scroll_and_search_find_the_last(api, redis_client,
+                                                                                              open_page):
+    publish(redis_client, *(snapshot(n, spider=SPIDER, cpu=float(i % 100)) for i, n in enumerate(NODES)))
+    page = open_page(f"{api.url}/?interval=60000")
+    until(page, "() => window.dashboardStats.nodes === 10000 && document.querySelector('[data-node]') !== null")
+    first = drawn(page)
+    assert 20 <= len(first) <= 600 and first == NODES[:len(first)]  # the top of the sorted grid, in order
+    assert page.evaluate("() => document.getElementsByTagName('*').length") < 60000
+    assert page.text_content("#shown") == "10000 of 10000 nodes shown"
+    assert page.text_content("#s-live") == "10,000"  # counts and filters see every node, drawn or not
+    last = NODES[-1]
+    assert card(page, last).count() == 0
+
+    # Scrolling to the end brings the last cards in, and lets the first ones go.
+    page.evaluate("() => window.scrollTo(0, document.documentElement.scrollHeight)")
+    card(page, last).wait_for(state="visible")
+    assert card(page, NODES[0]).count() == 0
+    assert card(page, last).get_attribute("data-state") == "live"
+    assert page.evaluate("() => document.getElementsByTagName('*').length") < 60000
+
+    # Search finds it from the top, without scrolling.
+    page.evaluate("() => window.scrollTo(0, 0)")
+    page.fill("#f-q", "crawler-09999")
+    until(page, "(id) => { const c = [...document.querySelectorAll('[data-node]')]; "
+                "return c.length === 1 && c[0].getAttribute('data-node') === id; }", last)
+    assert page.text_content("#shown") == "1 of 10000 nodes shown"
+    assert page.evaluate("() => window.scrollY") == 0
+    card(page, last).click()  # its detail view opens as from any card
+    until(page, "(id) => location.hash.includes(encodeURIComponent(id))", last)
+
+
+def test_the_page_shows_pushed_changes_live_and_falls_back_to_polling(api, redis_client, open_page):
+    node = "live:h:1"
+    publish(redis_client, snapshot(node, spider="live", pages=1), stamp=True)
+    page = open_page(f"{api.url}/")  # polls every 30 s once live: only the stream can bring the change quickly
+    until(page, "() => document.getElementById('live-mode').getAttribute('data-mode') === 'live'")
+    assert page.text_content("#live-mode").startswith("live")
+    card(page, node).wait_for()
+    publish(redis_client, snapshot(node, spider="live", pages=777777), stamp=True)
+    until(page, "(id) => { const c = document.querySelector(`[data-node='${id}'] [data-k='pages']`); "
+                "return c && c.textContent.includes('777'); }", node, timeout=5000)
+
+    # A page that cannot stream polls, and says so.
+    polling = open_page(f"{api.url}/?live=0&interval=300")
+    until(polling, "() => document.getElementById('live-mode').textContent.includes('polling every 300 ms (?live=0)')")
+    card(polling, node).wait_for()
+
+    # The stream holds one subscription for every client (the API's, not one per page).
+    stream = EventReader(api.url)
+    stream.wait("hello")
+    assert redis_client.pubsub_numsub("scrapy:events")[0][1] == 1
+    stream.close()
+    assert requests.get(f"{api.url}/health", timeout=5).status_code == 200
