@@ -44,6 +44,7 @@ bench: $(BIN)/.installed
 	$(BIN)/python bench/dashboard.py
 	$(BIN)/python bench/queues.py
 	$(BIN)/python bench/redis_ha.py
+	$(BIN)/python bench/events.py
 
 clean:
 	rm -rf $(VENV) artifacts .pytest_cache __pycache__

@@ -356,6 +356,8 @@ class Stream:
                     data, self.cursor = hub.since(self.cursor)
                     self.pushed = now
                     return self.sent(data)
+                time.sleep(min(wait, CHECK_EVERY))  # news to send, not yet: more news would change nothing
+                continue
             else:
                 wait = self.wrote + KEEPALIVE - now
                 if wait <= 0 and not backlog:

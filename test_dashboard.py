@@ -237,7 +237,7 @@ def test_render_error_is_not_reported_as_api_down(open_page, servers):
     assert page.get_attribute("#conn", "data-ok") == "yes"
     publish(client, snapshot("main_spider:a:1", cpu=77.0))
     until(page, "() => document.querySelector('[data-node=\"main_spider:a:1\"]').innerText.includes('77.0%')")
-    assert page.text_content("#s-live") == "1"
+    assert page.text_content("#s-live") == "2"  # the summary counts the data: the node is live, drawn or not
     logged = [text for kind, text in page.console_lines if kind == "error" and "cannot draw" in text]
     assert logged and "\n    at " in logged[0], page.console_lines  # with its stack
     stats = page.evaluate("() => window.dashboardStats")
@@ -407,8 +407,10 @@ def test_thousand_nodes_render_within_a_second(api, redis_client, open_page):
                       cpu=float(i % 100), age=100 if i % 10 == 0 else 0) for i in range(1000)]
     publish(redis_client, *snaps)
     page = open_page(f"{api.url}/?interval=1000")
-    until(page, "() => window.dashboardStats.firstPaintMs !== null "
-                "&& document.querySelectorAll('[data-node]').length === 1000")
+    until(page, "() => window.dashboardStats.firstPaintMs !== null && window.dashboardStats.nodes === 1000 "
+                "&& document.querySelectorAll('[data-node]').length > 0")
+    # Past 500 nodes the grid draws what is on screen and near it (test_grid.py scrolls and searches 10,000).
+    assert page.evaluate("() => document.querySelectorAll('[data-node]').length") < 1000
     first, script = page.evaluate("() => [window.dashboardStats.firstPaintMs, window.dashboardStats.firstRenderMs]")
     polls_after(page, 2)
     update = page.evaluate("() => [window.dashboardStats.renderMs, window.dashboardStats.paintMs]")
@@ -461,6 +463,8 @@ def test_memory_stays_flat_while_nodes_come_and_go(api, redis_client, open_page)
         n = churn[0]
         with redis_client.pipeline(transaction=True) as pipe:
             pipe.hdel(f"{PREFIX}:node:status", *[f"zz_churn:c{i}:1" for i in range(n - 5, n)])
+            for i in range(n - 5, n):  # as pruning does: streams tell pages the node is gone
+                monitor_contract.notify(pipe, PREFIX, "node", f"zz_churn:c{i}:1")
             for snap in [snapshot(f"main_spider:w{i:03d}:{i}", cpu=float((i + n) % 100), pages=n * 100 + i)
                          for i in range(100)] + [snapshot(f"zz_churn:c{i}:1", spider="zz_churn")
                                                  for i in range(n, n + 5)]:
