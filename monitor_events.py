@@ -358,9 +358,11 @@ class Stream:
                     return self.sent(data)
                 time.sleep(min(wait, CHECK_EVERY))  # news to send, not yet: more news would change nothing
                 continue
+            elif backlog:
+                wait = CHECK_EVERY  # the client has not taken what was sent: nothing more until it does
             else:
                 wait = self.wrote + KEEPALIVE - now
-                if wait <= 0 and not backlog:
+                if wait <= 0:
                     return self.sent(b":\n\n")
             with hub.cond:
                 if hub.seq == seen and not hub.stopped:

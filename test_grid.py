@@ -3,10 +3,11 @@ changes reach the cards (section 1, the page's side). Headless Chromium against 
 """
 
 import json
+from urllib.parse import quote
 
 import requests
 
-from testbed import EventReader, publish, snapshot, until
+from testbed import PAGE, EventReader, publish, snapshot, until
 
 SPIDER = "big"
 NODES = [f"{SPIDER}:crawler-{i:05d}:1" for i in range(10000)]
@@ -24,7 +25,8 @@ def test_ten_thousand_nodes_draw_what_is_near_the_screen_and_scroll_and_search_f
                                                                                               open_page):
     publish(redis_client, *(snapshot(n, spider=SPIDER, cpu=float(i % 100)) for i, n in enumerate(NODES)))
     page = open_page(f"{api.url}/?interval=60000")
-    until(page, "() => window.dashboardStats.nodes === 10000 && document.querySelector('[data-node]') !== null")
+    until(page, "() => window.dashboardStats.nodes === 10000 && document.querySelector('[data-node]') !== null",
+          timeout=60000)  # reading and sending 10,000 nodes takes the API a while on a busy machine
     first = drawn(page)
     assert 20 <= len(first) <= 600 and first == NODES[:len(first)]  # the top of the sorted grid, in order
     assert page.evaluate("() => document.getElementsByTagName('*').length") < 60000
@@ -61,6 +63,13 @@ def test_the_page_shows_pushed_changes_live_and_falls_back_to_polling(api, redis
     publish(redis_client, snapshot(node, spider="live", pages=777777), stamp=True)
     until(page, "(id) => { const c = document.querySelector(`[data-node='${id}'] [data-k='pages']`); "
                 "return c && c.textContent.includes('777'); }", node, timeout=5000)
+
+    # Opened as a file with ?api=, it streams too (CORS: origin null), and a write reaches it by push.
+    from_file = open_page(f"file://{quote(PAGE)}?api={api.url}")
+    until(from_file, "() => document.getElementById('live-mode').getAttribute('data-mode') === 'live'")
+    publish(redis_client, snapshot(node, spider="live", pages=888888), stamp=True)
+    until(from_file, "(id) => { const c = document.querySelector(`[data-node='${id}'] [data-k='pages']`); "
+                     "return c && c.textContent.includes('888'); }", node, timeout=5000)
 
     # A page that cannot stream polls, and says so.
     polling = open_page(f"{api.url}/?live=0&interval=300")

@@ -1,7 +1,7 @@
 """Benchmark dashboard.html with 1,000 nodes: render time, and memory over 200 refreshes.
 
     python bench/dashboard.py [--nodes 1000] [--refreshes 200] [--interval 250] [--churn 10] [--page FILE]
-    python bench/dashboard.py --nodes 10000 --refreshes 50 --churn 0 --interval 1000   # issue 22's figures
+    python bench/dashboard.py --nodes 10000 --refreshes 50 --churn 0 --interval 1000 --share 0.1   # issue 22
     git show main:dashboard.html > /tmp/before.html    # then the same with --page /tmp/before.html
 
 Starts its own redis-server and ``monitor_api.py``, fills Redis the way nodes do, and opens the page in
@@ -35,7 +35,12 @@ def main():
     parser.add_argument("--refreshes", type=int, default=200)
     parser.add_argument("--interval", type=int, default=250, help="the page's poll period in ms")
     parser.add_argument("--churn", type=int, default=10, help="nodes replaced by new ones each round")
+    parser.add_argument("--share", type=float, default=1.0,
+                        help="the share of nodes that report each round (0.1: a tenth, as 10 s reports seen every 1 s)")
     parser.add_argument("--page", help="a dashboard.html to open as a file instead of the API's own")
+    parser.add_argument("--stream", action="store_true",
+                        help="let the page take pushed changes too (GET /events); by default it polls only (?live=0), "
+                             "as a page before push did: the writer rewrites every node each round")
     args = parser.parse_args()
     if not CHROMIUM:
         sys.exit("Debian's chromium is not installed (apt-get install chromium)")
@@ -59,11 +64,15 @@ def main():
         while not stop.is_set():
             turn += 1
             gone, alive[:args.churn] = alive[:args.churn], []
-            client.hdel(monitor_contract.status_key("scrapy"), *[node(i) for i in gone])
+            if gone:  # --churn 0: none
+                client.hdel(monitor_contract.status_key("scrapy"), *[node(i) for i in gone])
             alive.extend(range(serial[0], serial[0] + args.churn))
             serial[0] += args.churn
+            share = max(1, round(len(alive) * args.share))  # the nodes reporting this round, in turn
+            start = (turn * share) % len(alive)
+            chosen = (alive + alive)[start:start + share]
             publish(client, *[snapshot(node(i), spider=f"spider_{i % 4}", cpu=float((i + turn) % 100),
-                                       pages=1000 * turn + i, rss=(100 + (i + turn) % 50) * 2 ** 20) for i in alive])
+                                       pages=1000 * turn + i, rss=(100 + (i + turn) % 50) * 2 ** 20) for i in chosen])
             stop.wait(args.interval / 1000)
 
     try:
@@ -72,10 +81,11 @@ def main():
             page = browser.new_page(viewport={"width": 1280, "height": 900})
             cdp = page.context.new_cdp_session(page)
             cdp.send("Performance.enable")
+            query = f"interval={args.interval}" + ("" if args.stream else "&live=0")
             if args.page:
-                page.goto(f"file://{os.path.abspath(args.page)}?api={api.url}&interval={args.interval}")
+                page.goto(f"file://{os.path.abspath(args.page)}?api={api.url}&{query}")
             else:
-                page.goto(f"{api.url}/?interval={args.interval}")
+                page.goto(f"{api.url}/?{query}")
             page.wait_for_function("() => window.dashboardStats.firstPaintMs !== null", timeout=60000)
             first, script = page.evaluate(
                 "() => [window.dashboardStats.firstPaintMs, window.dashboardStats.firstRenderMs]")
