@@ -93,6 +93,10 @@ def main():
             print(f"{args.nodes} nodes ({args.page or 'this dashboard.html'}): first render {first:.0f} ms from data "
                   f"arrival to painted cards ({script:.0f} ms of it script; goal <= 1000 ms, 500 at 10,000 nodes); "
                   f"{dom} DOM nodes")
+            if not args.refreshes:  # --refreshes 0: the first render and scrolling only
+                print(scrolling(page))
+                browser.close()
+                return
             threading.Thread(target=writer, daemon=True).start()
             page.locator("[data-node]").nth(5).click()  # keep a detail view open throughout
 
@@ -135,7 +139,8 @@ def main():
         redis_server.cleanup()
 
 
-# Scrolls the page from top to bottom, one step a frame, and times the frames (requestAnimationFrame).
+# Scrolls the page down SCROLL_STEP pixels a frame (a fast fling: 3,600 px/s at 60 fps) for at most 600 frames,
+# and times the frames (requestAnimationFrame).
 SCROLL_JS = """async () => {
     window.scrollTo(0, 0);
     await new Promise((r) => requestAnimationFrame(() => requestAnimationFrame(r)));
@@ -147,7 +152,7 @@ SCROLL_JS = """async () => {
             frames.push(t - last);
             last = t;
             if (window.scrollY >= end || frames.length >= 600) return done();
-            window.scrollBy(0, Math.max(40, end / 300));
+            window.scrollBy(0, 60);
             requestAnimationFrame(step);
         }
         requestAnimationFrame(step);
@@ -159,10 +164,28 @@ SCROLL_JS = """async () => {
 }"""
 
 
+# The same frames without scrolling: what this machine's Chromium manages at all, right now.
+IDLE_JS = """async () => {
+    const frames = [];
+    let last = performance.now();
+    await new Promise((done) => {
+        function step(t) {
+            frames.push(t - last);
+            last = t;
+            if (frames.length > 120) done(); else requestAnimationFrame(step);
+        }
+        requestAnimationFrame(step);
+    });
+    frames.shift();
+    return 1000 * frames.length / frames.reduce((a, b) => a + b, 0);
+}"""
+
+
 def scrolling(page):
+    idle = page.evaluate(IDLE_JS)
     count, fps, p95, long = page.evaluate(SCROLL_JS)
-    return (f"scrolling the grid top to bottom: {count} frames, {fps:.0f} fps on average, p95 frame {p95:.1f} ms, "
-            f"{long} frame(s) over 25 ms (goal: 60 fps)")
+    return (f"scrolling the grid 60 px a frame: {count} frames, {fps:.0f} fps on average, p95 frame {p95:.1f} ms, "
+            f"{long} frame(s) over 25 ms (goal: 60 fps; the same page not scrolling: {idle:.0f} fps)")
 
 
 if __name__ == "__main__":
