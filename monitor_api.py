@@ -98,6 +98,8 @@ MAX_POINTS = 360
 MAX_MINUTES = TREND_SECONDS // 60
 # Waitress worker threads: a request waiting on a slow Redis must not hold up the cached ones.
 THREADS = 16
+# Connections waitress keeps open at once besides the event streams' (its default limit).
+CONNECTIONS = 100
 # A key of the wrong Redis type fails every request that reads it: log each such key once a minute, not each time.
 REPORT_EVERY = 60.0
 # The OpenAPI document served at /openapi.json, beside this file (test_api checks it against the routes).
@@ -419,6 +421,14 @@ def threads(app):
     return THREADS + app.config["MONITOR_EVENTS_CLIENTS"]
 
 
+def server_options(app):
+    """Waitress's options: its threads (``threads``), and room for the streams' connections beside waitress's
+    usual CONNECTIONS (past its limit it accepts no new connection, whatever the route), polled with poll(), not
+    select(), which fails past 1,024 descriptors."""
+    return {"threads": threads(app), "connection_limit": CONNECTIONS + app.config["MONITOR_EVENTS_CLIENTS"],
+            "asyncore_use_poll": True}
+
+
 @bp.get("/")
 def dashboard():
     path = current_app.config["DASHBOARD_PATH"]
@@ -698,7 +708,7 @@ def main(argv=None):
         logging.getLogger("waitress.queue").setLevel(logging.ERROR)  # "Task queue depth" on every busy second
         log_start(app)
         try:
-            server = waitress.create_server(app, host=host, port=number, threads=threads(app),
+            server = waitress.create_server(app, host=host, port=number, **server_options(app),
                                             ident="scrapy-cluster-monitor", max_request_body_size=WAITRESS_BODY)
         except (OSError, ValueError, UnicodeError) as exc:
             raise ConfigError(f"cannot listen on {host}:{number}: {getattr(exc, 'strerror', None) or exc}") from None
