@@ -78,6 +78,7 @@ class Hub:
         self.offset = 0.0  # Redis's clock minus time.time()
         self.alerts_seen = None
         self.memo = {}  # cursor -> (seq, bytes): streams at the same cursor share one push
+        self.woken, self.unwoken = 0.0, False  # streams are woken at most every PUSH_EVERY, all at once
         self.thread = None
         self.stopped = False
         self.ready = threading.Event()
@@ -126,6 +127,8 @@ class Hub:
         wait = CHECK_EVERY
         if self.deadlines:
             wait = min(wait, self.deadlines[0][0] - self.redis_clock())
+        if self.unwoken:
+            wait = min(wait, self.woken + PUSH_EVERY - time.monotonic())
         message = pubsub.get_message(timeout=max(wait, 0.01))
         nodes, controls, alerts = set(), [], False
         until = time.monotonic() + GATHER
@@ -146,6 +149,15 @@ class Hub:
             entries += self.read_alerts(client)
         entries += [("control", None, c) for c in controls]
         self.append(entries + self.expired())
+        self.wake()
+
+    def wake(self):
+        """Wake the streams if changes wait and they were not woken within PUSH_EVERY: all at once, so they push
+        together, at the same cursor, sharing one push (``memo``) and the GIL's turns."""
+        with self.cond:
+            if self.unwoken and time.monotonic() - self.woken >= PUSH_EVERY:
+                self.woken, self.unwoken = time.monotonic(), False
+                self.cond.notify_all()
 
     def redis_clock(self):
         return time.time() + self.offset
@@ -237,7 +249,8 @@ class Hub:
             if len(self.ring) > self.keep:
                 del self.ring[:len(self.ring) - self.keep // 2 or 1]
             self.memo = {}
-            self.cond.notify_all()
+            self.unwoken = True
+        self.wake()
 
     # ------------------------------------------------------------ what streams read
 
