@@ -141,9 +141,15 @@ def events_channel(prefix):
     return f"{prefix}:events"
 
 
+# PUBLISH from a script named with a key of the prefix: a cluster pipeline refuses publish() (and has no eval()),
+# and routes a script by its key's slot, the prefix's; the script does not touch the key.
+NOTIFY_LUA = "redis.call('PUBLISH', ARGV[1], ARGV[2])"
+
+
 def notify(client, prefix, kind, name=""):
-    """Queue (on a pipeline) or send one change notification on ``events_channel``."""
-    client.publish(events_channel(prefix), f"{kind} {name}" if name else kind)
+    """Queue (on a pipeline, a MULTI included) or send one change notification on ``events_channel``."""
+    client.execute_command("EVAL", NOTIFY_LUA, 1, status_key(prefix), events_channel(prefix),
+                           f"{kind} {name}" if name else kind)
 
 
 def run_claim_key(prefix, node, start_time):

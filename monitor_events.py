@@ -166,7 +166,7 @@ class Hub:
         """Entries for the changed nodes: their list-view snapshot with state, or null once deleted."""
         names = sorted(names)
         with client.pipeline(transaction=False) as pipe:
-            pipe.time()
+            pipe.execute_command("TIME")  # pipe.time() is refused in a cluster pipeline
             for i in range(0, len(names), READ_BATCH):
                 pipe.hmget(self.key, names[i:i + READ_BATCH])
             server_now, *parts = pipe.execute()
@@ -221,7 +221,7 @@ class Hub:
         """Read every node (at start, and after the subscription was lost): entries for what changed meanwhile."""
         with client.pipeline(transaction=False) as pipe:
             pipe.hgetall(self.key)
-            pipe.time()
+            pipe.execute_command("TIME")  # pipe.time() is refused in a cluster pipeline
             raw_hash, server_now = pipe.execute()
         now = redis_now(server_now)
         self.offset = now - time.time()
