@@ -53,8 +53,8 @@ from monitor_channels import (
     within,
 )
 from monitor_contract import Outage, as_text, dumps, loads, redact, redis_now, slow_delays, slow_key, status_key
-from monitor_digest import Digest, log_notes
-from monitor_read import NodeReader, spiders_view, wrong_type
+from monitor_digest import Digest, due_day, log_notes
+from monitor_read import NodeReader, read_snapshots, spiders_view, wrong_type
 from monitor_redis import RedisWatch, node_figures
 from monitor_rules import (
     RULE,
@@ -63,11 +63,13 @@ from monitor_rules import (
     evaluate,
     fmt,
     iso,
+    needs_details,
     next_delay,
     refusal_counts,
     run_alerts,
     span,
     window_shares,
+    with_details,
 )
 from monitor_settings import (
     ALERT,
@@ -91,6 +93,8 @@ BACKOFF_MAX = 900
 BACKOFF_STEPS = 16
 # The settings alert.py reads (monitor_settings.SETTINGS), in --help's order.
 SETTINGS = readers_of(ALERT)
+# The spider figures the spider-level rules read (besides node counts and the queue forecast).
+SPIDER_RULE_FIELDS = ("queue_requests", "queue_start_urls")
 # Mail settings: any of them set asks for mail, which needs ALERT_TO.
 SMTP_VARS = ("SMTP_HOST", "SMTP_PORT", "SMTP_SECURITY", "SMTP_USER", "SMTP_PASSWORD")
 
@@ -316,7 +320,7 @@ def spider_views(r, nodes, prefix, now, cfg):
     (then their alerts resolve)."""
     if not any(rule.scope == "spider" for rule in active_rules(cfg)):
         return {}
-    return spiders_view(nodes, r, prefix, now, cfg.finished_after)
+    return spiders_view(nodes, r, prefix, now, cfg.finished_after, fields=SPIDER_RULE_FIELDS)
 
 
 class Alerter:
@@ -332,7 +336,7 @@ class Alerter:
         self.store = Store(self.r, cfg.prefix, None if dry_run else self.lock)
         self.delivery = Delivery(cfg, self.store, self.lock, self.channels)
         self.dry_run = DryRun(self) if dry_run else None
-        self.reader = NodeReader(self.r, cfg.prefix, 0, 0 if dry_run else cfg.lost_after, cfg.runs_keep)
+        self.reader = NodeReader(self.r, cfg.prefix, 0, 0 if dry_run else cfg.lost_after, cfg.runs_keep, slim=True)
         self.unreachable = Outage(logger, logging.ERROR)
         self.broken = Outage(logger, logging.ERROR)
         self.malformed = 0
@@ -378,31 +382,55 @@ class Alerter:
         alert.py holds the lock (it does the work). The clock is Redis's, unless ``now`` is given (tests)."""
         if self.dry_run:
             return self.dry_run.run(*self.read_nodes(now))
-        if not self.lock.acquire():
+        replies = self.lock_and_read()
+        if replies is None:
             logger.debug("Alert: another alert.py is evaluating; skipping")
             return None
         try:
             try:
-                nodes, now = self.read_nodes(now)
+                nodes, now = self.read_nodes(now, replies[:self.reader.queued])
                 if self.recovering:
                     self.answering_since, self.recovering = now, False
             except WrongTypeError:
                 self.delivery.run(time.time() if now is None else now)  # what is queued still goes out
                 raise
-            reading = self.store.read(now)
+            reading = self.store.parse(replies[self.reader.queued:], now)
             outcome = self.evaluate_once(nodes, now, reading)
-            self.record(outcome, reading, now)
-            self.delivery.run(now)
-            if self.digest and self.lock.renew():
+            deliver = bool(reading.outbox or outcome.notes and self.channels)
+            digest = self.digest and due_day(now, self.cfg.digest_at, self.cfg.digest_tz) is not None
+            self.record(outcome, reading, now, release=not (deliver or digest))
+            if deliver:
+                self.delivery.run(now)
+            if digest and self.lock.renew():
                 self.digest.run(now)
             return outcome.notes
         finally:
             self.lock.release()
 
-    def read_nodes(self, now=None):
-        """``({node: snapshot with state}, now)``: states judged on Redis's clock, or at ``now`` if given."""
+    def lock_and_read(self):
+        """Take the evaluation lock and read everything the evaluation needs, in one round trip: the replies
+        (the node reader's, then the store's), or None when another alert.py holds the lock."""
+        with self.r.pipeline(transaction=False) as pipe:
+            token = self.lock.queue(pipe)
+            self.reader.queue(pipe)
+            self.store.queue(pipe)
+            took, *replies = pipe.execute(raise_on_error=False)
+        if isinstance(took, Exception):
+            raise took
+        if self.lock.took(took, token):
+            return replies
+        if not self.lock.acquire():  # held, or a lock that never expires set aside: then ours now
+            return None
+        with self.r.pipeline(transaction=False) as pipe:  # read again now that the lock is ours
+            self.reader.queue(pipe)
+            self.store.queue(pipe)
+            return pipe.execute(raise_on_error=False)
+
+    def read_nodes(self, now=None, replies=None):
+        """``({node: snapshot with state}, now)``: states judged on Redis's clock, or at ``now`` if given;
+        from ``replies`` to the reader's queued commands when given."""
         try:
-            nodes, bad, now = self.reader.read(now)
+            nodes, bad, now = self.reader.read(now) if replies is None else self.reader.parse(replies, now)
         except redis.ResponseError as exc:
             key = status_key(self.cfg.prefix)
             if "WRONGTYPE" not in str(exc):
@@ -421,6 +449,9 @@ class Alerter:
         state_changes, stall_changes, notes = evaluate(nodes, reading.state, reading.stall, now, self.cfg,
                                                        reading.silences, spiders, self.answering_since,
                                                        self.redis_views())
+        if needs_details(notes):  # the nodes were read slim: a message's error sample is read now
+            with_details(notes, state_changes, read_snapshots(self.r, self.cfg.prefix, needs_details(notes), now,
+                                                              full=True))
         run_notes, cursor = run_alerts(reading.recent, reading.runs_cursor, self.cfg)
         return Outcome(state_changes, stall_changes, notes + run_notes, cursor, spiders)
 
@@ -483,14 +514,16 @@ class Alerter:
             self.evicted[name] = total
         return views
 
-    def record(self, outcome, reading, now):
-        """Store an evaluation's outcome with the heartbeat and queue its messages, one per channel."""
+    def record(self, outcome, reading, now, release=False):
+        """Store an evaluation's outcome with the heartbeat and queue its messages, one per channel, in one
+        write (which releases the lock with ``release``)."""
         entries = {}
         for name in self.channels if outcome.notes else ():
             entries[f"{now:.3f}:{uuid.uuid4().hex[:8]}:{name}"] = dumps(
                 {"channel": name, "created": now, "attempts": 0, "next_try": now, "alerts": outcome.notes})
-        self.store.write(outcome.state_changes, outcome.stall_changes, entries, outcome.runs_cursor,
-                         heartbeat(now, self.cfg.interval, self.who, self.settings))
+        cursor = outcome.runs_cursor if outcome.runs_cursor != reading.runs_cursor else None  # written if moved
+        self.store.write(outcome.state_changes, outcome.stall_changes, entries, cursor,
+                         heartbeat(now, self.cfg.interval, self.who, self.settings), reading.expired, release)
         if self.alertmanager:
             self.alertmanager.sync(merged(reading.state, outcome.state_changes), outcome.notes, now)
         if outcome.notes:

@@ -22,6 +22,7 @@ from monitor_contract import (
     audit_key,
     audit_keys,
     dumps,
+    events_channel,
     is_bounded,
     is_number,
     is_text,
@@ -31,8 +32,8 @@ from monitor_contract import (
     redis_now,
     run_meta_key,
 )
-from monitor_read import parse_recent
-from monitor_rules import RULE, RULES, SILENCE_MATCHERS, SilenceIndex
+from monitor_read import parse_recent, read_snapshots
+from monitor_rules import RULE, RULES, SILENCE_MATCHERS, SilenceIndex, live_value
 from monitor_settings import SETTING, ConfigError, duration
 from monitor_settings import value as setting_value
 
@@ -209,28 +210,36 @@ def read_alerts(r, prefix):
         pipe.hgetall(alert_key(prefix, "state"))
         pipe.hgetall(alert_key(prefix, "silences"))
         pipe.get(alert_key(prefix, "heartbeat"))
+        pipe.hgetall(alert_key(prefix, "stall"))
         pipe.execute_command("TIME")  # pipe.time() is refused in a cluster pipeline
-        raw_state, raw_silences, beat, server_now = pipe.execute()
+        raw_state, raw_silences, beat, raw_stall, server_now = pipe.execute()
     now = redis_now(server_now)
     silences, expired = parse_silences(raw_silences, now)
     _forget(r, alert_key(prefix, "silences"), expired)
     index = SilenceIndex(silences)
-    alerts = []
+    records = {}
     for field, raw in raw_state.items():
         try:
             record = loads(raw, bounded=False)
         except ValueError:
             continue
-        rule, _, node = as_text(field).partition(":")
-        if not (isinstance(record, dict) and record.get("state") in ("pending", "firing")
+        if (isinstance(record, dict) and record.get("state") in ("pending", "firing")
                 and is_number(record.get("since"))):
-            continue
+            records[as_text(field)] = record
+    # Live figures: a steady alert's record is not rewritten, its figure comes from its node's snapshot now.
+    nodes = read_snapshots(r, prefix, {f.partition(":")[2] for f in records
+                                       if RULE.get(f.partition(":")[0], RULE["run"]).scope == "node"}, now)
+    alerts = []
+    for field, record in records.items():
+        rule, _, node = field.partition(":")
+        tracker = _tracker(raw_stall.get(node.encode("utf-8", "replace")))
+        value = live_value(RULE[rule], nodes.get(node), record, tracker, now) if rule in RULE else None
         labels = {"rule": rule, "node": node, "spider": _label(record.get("spider")),
                   "host": _label(record.get("host"))}
         sent = record.get("sent") if record.get("state") == "firing" and record.get("notified", True) else None
         alerts.append({**labels, "alertname": _label(record.get("alertname")),
                        "severity": _label(record.get("severity")), "state": record["state"],
-                       "value": number(record.get("value")), "threshold": number(record.get("threshold")),
+                       "value": number(value), "threshold": number(record.get("threshold")),
                        "since": record["since"], "last_sent": number(sent),
                        "silenced": index.match(labels)})
     alerts.sort(key=lambda a: (-a["since"], a["rule"], a["node"]))
@@ -243,6 +252,15 @@ def read_alerts(r, prefix):
     settings = ({"source": "alerter", **settings} if isinstance(settings, dict)
                 else {"source": "defaults", **alert_settings()})
     return {"alerts": alerts, "alerter": alerter, "silences": len(silences), "settings": settings, "now": now}
+
+
+def _tracker(raw):
+    """The ``since`` of a stored stall tracker, or None."""
+    try:
+        tracker = loads(raw, bounded=False) if raw else None
+    except ValueError:
+        return None
+    return tracker[1] if tracker_problem(None, tracker) is None else None
 
 
 def _label(value):
@@ -276,6 +294,18 @@ class Lock:
         self.key = alert_key(prefix, "lock")
         self.token = None
 
+    def queue(self, pipe):
+        """Queue an attempt to take the lock on ``pipe`` (to share a round trip); ``took`` reads its reply."""
+        token = uuid.uuid4().hex
+        pipe.set(self.key, token, nx=True, px=LOCK_TTL_MS)
+        return token
+
+    def took(self, reply, token):
+        if reply is True:
+            self.token = token
+            return True
+        return False
+
     def acquire(self):
         for _ in range(2):
             token = uuid.uuid4().hex
@@ -291,6 +321,8 @@ class Lock:
         return bool(self.r.eval(RENEW_LUA, 1, self.key, self.token, LOCK_TTL_MS))
 
     def release(self):
+        if self.token is None:  # released with the evaluation's write already
+            return
         try:
             self.r.eval(RELEASE_LUA, 1, self.key, self.token)
         except redis.RedisError:
@@ -322,6 +354,31 @@ if #ARGV > 3 + 2 * n then
   redis.call('SET', KEYS[4], total)
 end
 return total
+"""
+
+
+# An evaluation's outcome in one step, only while the lock is ours (else 0). KEYS: lock, state, stall, outbox,
+# runs, heartbeat, silences. ARGV: token, release (1: delete the lock after), heartbeat value ('' none) and
+# seconds, runs cursor ('' none), the events channel (told ``alerts`` when records change), then for each of
+# state, stall and outbox a count n and n field/value pairs ('' deletes the field), then the ids of expired
+# silences to delete.
+WRITE_LUA = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+if tonumber(ARGV[7]) > 0 then redis.call('PUBLISH', ARGV[6], 'alerts') end
+local i = 7
+for k = 2, 4 do
+  local n = tonumber(ARGV[i])
+  for j = i + 1, i + 2 * n, 2 do
+    if ARGV[j + 1] == '' then redis.call('HDEL', KEYS[k], ARGV[j])
+    else redis.call('HSET', KEYS[k], ARGV[j], ARGV[j + 1]) end
+  end
+  i = i + 2 * n + 1
+end
+for j = i, #ARGV do redis.call('HDEL', KEYS[7], ARGV[j]) end
+if ARGV[5] ~= '' then redis.call('SET', KEYS[5], ARGV[5]) end
+if ARGV[3] ~= '' then redis.call('SET', KEYS[6], ARGV[3], 'EX', ARGV[4]) end
+if ARGV[2] == '1' then redis.call('DEL', KEYS[1]) end
+return 1
 """
 
 
@@ -371,6 +428,8 @@ class Reading(NamedTuple):
     silences: dict  # id -> active silence
     runs_cursor: Optional[int]  # the seq of the last run judged; None before the first evaluation
     recent: list  # [(seq, run record)], the newest runs recorded
+    expired: list = []  # ids of expired silences, deleted with the evaluation's write
+    outbox: int = 0  # messages waiting to be sent
 
 
 class Store:
@@ -385,18 +444,28 @@ class Store:
         self.key = {name: alert_key(prefix, name) for name in self.TYPES}
 
     def read(self, now):
-        """Everything an evaluation needs, in one round trip: ``Reading(state, stall, silences, runs_cursor,
-        recent)``, checked: a key of the wrong type is moved aside (logged), a malformed field set aside,
-        expired silences deleted (not in a dry run)."""
+        """Everything an evaluation needs, in one round trip: ``Reading``, checked: a key of the wrong type is
+        moved aside (logged), a malformed field set aside."""
         with self.r.pipeline(transaction=False) as pipe:
-            for name in self.TYPES:
-                pipe.type(self.key[name])
-            pipe.hgetall(self.key["state"])
-            pipe.hgetall(self.key["stall"])
-            pipe.hgetall(self.key["silences"])
-            pipe.get(self.key["runs"])
-            pipe.lrange(run_meta_key(self.prefix, "recent"), 0, -1)
-            *kinds, raw_state, raw_stall, raw_silences, cursor, recent = pipe.execute(raise_on_error=False)
+            self.queue(pipe)
+            return self.parse(pipe.execute(raise_on_error=False), now)
+
+    def queue(self, pipe):
+        """Queue ``read``'s commands on ``pipe`` (a caller shares its round trip); ``parse`` takes the replies."""
+        for name in self.TYPES:
+            pipe.type(self.key[name])
+        pipe.hgetall(self.key["state"])
+        pipe.hgetall(self.key["stall"])
+        pipe.hgetall(self.key["silences"])
+        pipe.get(self.key["runs"])
+        pipe.lrange(run_meta_key(self.prefix, "recent"), 0, -1)
+        pipe.hlen(self.key["outbox"])
+
+    QUEUED = len(TYPES) + 6
+
+    def parse(self, replies, now):
+        """``read``'s ``Reading`` from the replies to ``queue``'s commands (errors as values)."""
+        *kinds, raw_state, raw_stall, raw_silences, cursor, recent, waiting = replies
         for name, kind in zip(self.TYPES, kinds):
             if as_text(kind) not in ("none", self.TYPES[name]):
                 if self.lock:
@@ -406,10 +475,9 @@ class Store:
         state = self._checked("state", raw_state, record_problem, now)
         stall = self._checked("stall", raw_stall, tracker_problem, now)
         silences, expired = parse_silences(raw_silences if isinstance(raw_silences, dict) else {}, now)
-        if self.lock:
-            _forget(self.r, self.key["silences"], expired)
         cursor = int(cursor) if isinstance(cursor, bytes) and cursor.isdigit() else None
-        return Reading(state, stall, silences, cursor, parse_recent(recent if isinstance(recent, list) else []))
+        return Reading(state, stall, silences, cursor, parse_recent(recent if isinstance(recent, list) else []),
+                       expired, waiting if isinstance(waiting, int) else 1)
 
     def outbox(self, now):
         """The messages to send, oldest first: ``[(field, entry)]``; malformed ones are set aside."""
@@ -443,25 +511,24 @@ class Store:
             self.settle(name, {field: None for field, _ in dead}, [letter for _, letter in dead])
         return good
 
-    def write(self, state_changes, stall_changes, entries, runs_cursor=None, heartbeat=None):
-        """Write an evaluation's outcome, with the alerter's ``heartbeat`` (``heartbeat()``), only while this
-        process holds the lock (WatchError otherwise)."""
-        with self.r.pipeline(transaction=True) as pipe:
-            pipe.watch(self.lock.key)
-            if as_text(pipe.get(self.lock.key)) != self.lock.token:
-                raise redis.WatchError("evaluation lock expired")
-            pipe.multi()
-            _write_hash(pipe, self.key["state"], state_changes)
-            if state_changes:
-                notify(pipe, self.prefix, "alerts")
-            _write_hash(pipe, self.key["stall"], stall_changes)
-            if entries:
-                pipe.hset(self.key["outbox"], mapping=entries)
-            if runs_cursor is not None:  # with the messages it queued: each run is judged once
-                pipe.set(self.key["runs"], runs_cursor)
-            if heartbeat is not None:
-                pipe.set(self.key["heartbeat"], heartbeat[0], ex=heartbeat[1])
-            pipe.execute()
+    def write(self, state_changes, stall_changes, entries, runs_cursor=None, heartbeat=None, expired=(),
+              release=False):
+        """Write what an evaluation changed in one step (WRITE_LUA), with the alerter's ``heartbeat``
+        (``heartbeat()``) and the ``expired`` silences' deletion, only while this process holds the lock
+        (WatchError otherwise); with ``release`` the lock is released in the same step."""
+        args = []
+        for changes in (state_changes, stall_changes, entries):
+            args.append(len(changes))
+            for field, value in changes.items():
+                args += [field, "" if value is None else value if isinstance(value, str) else dumps(value)]
+        keys = [self.key[name] for name in ("state", "stall", "outbox", "runs", "heartbeat", "silences")]
+        done = self.r.eval(WRITE_LUA, 7, self.lock.key, *keys, self.lock.token, int(release),
+                           heartbeat[0] if heartbeat else "", heartbeat[1] if heartbeat else 0,
+                           "" if runs_cursor is None else runs_cursor, events_channel(self.prefix), *args, *expired)
+        if not done:
+            raise redis.WatchError("evaluation lock expired")
+        if release:
+            self.lock.token = None
 
     def settle(self, name, changes, dead):
         """Set (a value) or delete (None) fields of one hash and keep ``dead`` letters, in one step and only
@@ -479,15 +546,6 @@ class Store:
             logger.error("Alert: dead letter: %s; kept in %s (%d so far)", letter["reason"], self.key["dead"],
                          total)
         return True
-
-
-def _write_hash(pipe, key, changes):
-    gone = [field for field, value in changes.items() if value is None]
-    kept = {field: dumps(value) for field, value in changes.items() if value is not None}
-    if gone:
-        pipe.hdel(key, *gone)
-    if kept:
-        pipe.hset(key, mapping=kept)
 
 
 def merged(old, changes):

@@ -49,6 +49,12 @@ def status_key(prefix):
     return f"{prefix}:node:status"
 
 
+def slim_key(prefix):
+    """HASH beside ``status_key``, same fields: each node's snapshot without BIG_FIELDS (``slim_value``),
+    written in the same step; readers that need no insight read it (the alerter, list views)."""
+    return f"{prefix}:node:slim"
+
+
 def history_key(prefix, node):
     """Full-resolution history of one node: a LIST of rows, newest first, the last hour."""
     return f"{prefix}:node:history:{node}"
@@ -222,6 +228,7 @@ class Snapshot(TypedDict, total=False):
     fields: dict
     fields_listed: bool
     error_samples: list
+    fields_lowest: list  # slim values only (``slim_value``)
 
 
 def decode_snapshot(raw: Union[bytes, str, None]) -> Optional[Snapshot]:
@@ -230,10 +237,11 @@ def decode_snapshot(raw: Union[bytes, str, None]) -> Optional[Snapshot]:
     ``spider``, ``status``, ``finish_reason`` text (or absent) that encodes as UTF-8; every number below
     1e18 in size (no NaN or infinity); ``interval`` within (0, 86400]."""
     try:
-        value = loads(raw)
-    except (ValueError, TypeError):
+        value = json.loads(raw, parse_constant=not_json)  # then bounds checked: faster than loads' hooks
+    except (ValueError, TypeError, RecursionError):
         return None
-    if not (isinstance(value, dict) and isinstance(value.get("spider"), str) and is_number(value.get("timestamp"))):
+    if not (isinstance(value, dict) and _in_bounds(value) and isinstance(value.get("spider"), str)
+            and is_number(value.get("timestamp"))):
         return None
     for field in TEXT_FIELDS:
         text = value.get(field)
@@ -259,6 +267,21 @@ START_URL_TYPES = ("list", "set", "zset")
 def queue_names_ok(queues):
     return (isinstance(queues, dict) and all(_name(queues.get(k)) or queues.get(k) == "" for k in QUEUE_NAMES)
             and queues.get("start_urls_type") in START_URL_TYPES and isinstance(queues.get("apart", False), bool))
+
+
+def _in_bounds(value):
+    """Every number in a decoded JSON value below NUMBER_LIMIT in size (and finite), as ``loads`` checks."""
+    for v in value.values() if value.__class__ is dict else value:
+        kind = v.__class__
+        if kind is int:
+            if not -NUMBER_LIMIT < v < NUMBER_LIMIT:
+                return False
+        elif kind is float:
+            if not -NUMBER_LIMIT < v < NUMBER_LIMIT:  # also false for nan and inf
+                return False
+        elif (kind is dict or kind is list) and not _in_bounds(v):
+            return False
+    return True
 
 
 def parse_snapshot(raw: Union[bytes, str, None], now: Optional[float] = None) -> Optional[Snapshot]:
@@ -346,7 +369,8 @@ def clean_insight(snapshot):
     Kept: ``latency_*`` numbers >= 0; ``latency_buckets`` a list of len(LATENCY_BUCKETS) + 1 counts;
     ``domains`` up to MAX_TOP_DOMAINS + 1 names of at most 300 characters, each an object of numbers
     (others None); ``fields`` up to MAX_FIELDS names -> shares 0..1; ``error_samples`` up to SAMPLES
-    objects with text ``message`` and ``logger``, a number ``time`` and a text or null ``url``."""
+    objects with text ``message`` and ``logger``, a number ``time`` and a text or null ``url``;
+    ``fields_lowest`` (slim values) a ``[name, share]``."""
     for q in ("latency_p50", "latency_p95", "latency_p99", "latency_sum"):
         if q in snapshot and not (snapshot[q] is None or _num(snapshot[q])):
             del snapshot[q]
@@ -369,6 +393,10 @@ def clean_insight(snapshot):
                                   if _name(name) and _num(share, 0, 1)}
         else:
             del snapshot["fields"]
+    lowest = snapshot.get("fields_lowest")
+    if lowest is not None and not (isinstance(lowest, list) and len(lowest) == 2 and _name(lowest[0])
+                                   and _num(lowest[1], 0, 1)):
+        del snapshot["fields_lowest"]
     samples = snapshot.get("error_samples")
     if samples is not None:
         if isinstance(samples, list):
@@ -386,6 +414,29 @@ def clean_insight(snapshot):
 def slim(snapshot):
     """The snapshot without BIG_FIELDS: what list views send unless asked for all fields."""
     return {k: v for k, v in snapshot.items() if k not in BIG_FIELDS}
+
+
+def slim_value(snapshot):
+    """What ``slim_key`` stores of a snapshot: JSON of ``slim(snapshot)`` plus ``fields_lowest``, ``[name,
+    share]`` of its least covered item field (the coverage rule's figure), when it has fields."""
+    out = slim(snapshot)
+    fields = snapshot.get("fields")
+    shares = {k: v for k, v in fields.items() if is_number(v)} if isinstance(fields, dict) else {}
+    if shares:
+        name = min(shares, key=shares.get)
+        out["fields_lowest"] = [name, shares[name]]
+    return dumps(out)
+
+
+def least_covered(snapshot):
+    """``(name, share)`` of the node's least covered item field, from ``fields`` or a slim value's
+    ``fields_lowest``; None when it has neither."""
+    fields = snapshot.get("fields")
+    if fields:
+        name = min(fields, key=fields.get)
+        return name, fields[name]
+    lowest = snapshot.get("fields_lowest")
+    return tuple(lowest) if lowest else None
 
 
 def newest_error(snapshot):
@@ -413,21 +464,23 @@ return out
 """
 # Publishes a snapshot stamped with Redis's clock: the stored object gains ``seen``, the server's time of
 # the write, which every reader judges liveness by; the reply is that time (TIME's two parts). The same step
-# tells readers (``events_channel``, ARGV[3]) which node changed.
+# writes the slim value (KEYS[2], ARGV[3]), stamped alike, and tells readers (``events_channel``, ARGV[4]) which
+# node changed.
 STAMP_LUA = """
 local t = redis.call('TIME')
-local seen = string.format('%d.%03d', t[1], math.floor(t[2] / 1000))
-redis.call('HSET', KEYS[1], ARGV[1], string.sub(ARGV[2], 1, -2) .. ',"seen":' .. seen .. '}')
-redis.call('PUBLISH', ARGV[3], 'node ' .. ARGV[1])
+local seen = ',"seen":' .. string.format('%d.%03d', t[1], math.floor(t[2] / 1000)) .. '}'
+redis.call('HSET', KEYS[1], ARGV[1], string.sub(ARGV[2], 1, -2) .. seen)
+redis.call('HSET', KEYS[2], ARGV[1], string.sub(ARGV[3], 1, -2) .. seen)
+redis.call('PUBLISH', ARGV[4], 'node ' .. ARGV[1])
 return t
 """
 
 
 def write_snapshot(pipe: redis.client.Pipeline, prefix: str, snapshot: Snapshot, history_len: int, trend_rows=(),
                    stamp: bool = False, row: Optional[list] = None, rollup: Optional[tuple] = None) -> Optional[dict]:
-    """Queue the commands that publish one snapshot: status hash, capped history, trend, expiries, the change
-    notification (``events_channel``), and with ``rollup`` (``(at, previous counts)``, see ``write_rollup``) the
-    spider's rollups, whose counts it returns.
+    """Queue the commands that publish one snapshot: status and slim hashes, capped history, trend, expiries, the
+    change notification (``events_channel``), and with ``rollup`` (``(at, previous counts)``, see
+    ``write_rollup``) the spider's rollups, whose counts it returns.
 
     With ``stamp`` (the extension always stamps) Redis adds ``seen`` and the first reply is its clock;
     without it the snapshot is stored as given (tests on a made-up clock). ``row`` is the history row
@@ -435,9 +488,11 @@ def write_snapshot(pipe: redis.client.Pipeline, prefix: str, snapshot: Snapshot,
     node = snapshot["node"]
     if stamp:
         # EVAL by name: a cluster pipeline has no eval()
-        pipe.execute_command("EVAL", STAMP_LUA, 1, status_key(prefix), node, dumps(snapshot), events_channel(prefix))
+        pipe.execute_command("EVAL", STAMP_LUA, 2, status_key(prefix), slim_key(prefix), node, dumps(snapshot),
+                             slim_value(snapshot), events_channel(prefix))
     else:
         pipe.hset(status_key(prefix), node, dumps(snapshot))
+        pipe.hset(slim_key(prefix), node, slim_value(snapshot))
         notify(pipe, prefix, "node", node)
     hkey = history_key(prefix, node)
     pipe.lpush(hkey, dumps(row or history_row(snapshot)))
@@ -922,6 +977,11 @@ class Outage:
 
 def is_number(value):
     """A finite int or float, not a bool."""
+    kind = value.__class__  # the common cases first: readers call this for every figure of every node
+    if kind is int:
+        return True
+    if kind is float:
+        return value - value == 0  # nan and inf give nan
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
@@ -932,6 +992,9 @@ def is_bounded(value):
 
 def number(value, default=None):
     """``value`` if it is a number (``is_number``), else ``default``."""
+    kind = value.__class__
+    if kind is int or kind is float and value - value == 0:
+        return value
     return value if is_number(value) else default
 
 

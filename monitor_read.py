@@ -49,6 +49,7 @@ from monitor_contract import (
     run_meta_key,
     run_record,
     runs_key,
+    slim_key,
     status_key,
     trend_key,
     write_run,
@@ -92,10 +93,11 @@ class NodeReader:
     get a ``lost`` run record first (see ``record_lost_runs``), so pruning never loses a run.
     """
 
-    def __init__(self, client, prefix, retention=0, lost_after=0, runs_keep=RUNS_KEEP):
+    def __init__(self, client, prefix, retention=0, lost_after=0, runs_keep=RUNS_KEEP, slim=False):
         self.redis = client
         self.prefix = prefix
         self.key = status_key(prefix)
+        self.slim = slim  # read <p>:node:slim (no insight's big fields) instead of the status hash
         self.retention = retention
         self.entries = {}  # node -> NodeEntry
         self.last_prune = -PRUNE_EVERY
@@ -107,10 +109,30 @@ class NodeReader:
         """``(nodes, skipped, now)``: ``{node: snapshot with state}``, how many stored values failed the gate,
         and Redis's clock at the read (states are judged on it), or ``now`` when given (tests, replays)."""
         with self.redis.pipeline(transaction=False) as pipe:
-            pipe.hgetall(self.key)
-            pipe.execute_command("TIME")  # pipe.time() is refused in a cluster pipeline
-            raw_hash, server_now = pipe.execute()
+            self.queue(pipe)
+            return self.parse(pipe.execute(), now)
+
+    def queue(self, pipe):
+        """Queue what ``read`` asks Redis on ``pipe``, so a caller can share one round trip; ``parse`` takes
+        the replies (the last ``queued`` of them)."""
+        pipe.hgetall(slim_key(self.prefix) if self.slim else self.key)
+        if self.slim:
+            pipe.hkeys(self.key)
+        pipe.execute_command("TIME")  # pipe.time() is refused in a cluster pipeline
+
+    @property
+    def queued(self):
+        return 3 if self.slim else 2
+
+    def parse(self, replies, now=None):
+        """``read``'s answer from the replies to ``queue``'s commands."""
+        for reply in replies:
+            if isinstance(reply, Exception):  # from a pipeline executed with raise_on_error=False
+                raise reply
+        raw_hash, *names, server_now = replies
         now = redis_now(server_now) if now is None else now
+        if self.slim:
+            raw_hash = self._with_status(raw_hash, names[0])
         entries, nodes, skipped = {}, {}, 0
         for field, raw in raw_hash.items():
             node = as_text(field)
@@ -128,6 +150,15 @@ class NodeReader:
         self._record_lost(nodes, now)
         self._prune(nodes, now)
         return nodes, skipped, now
+
+    def _with_status(self, raw_slim, names):
+        """The slim values of the status hash's nodes; a node without one (an older extension's, or written
+        by hand) is read from the status hash, in one more round trip."""
+        raw = {field: raw_slim[field] for field in names if field in raw_slim}
+        missing = [field for field in names if field not in raw_slim]
+        if missing:
+            raw.update((f, v) for f, v in zip(missing, self.redis.hmget(self.key, missing)) if v is not None)
+        return raw
 
     def node(self, name):
         """``(snapshot with state or None, malformed, now)`` for one node id, in one round trip."""
@@ -179,6 +210,20 @@ class NodeReader:
             logger.info("Pruned %d node(s) silent for more than %gs", len(gone), self.retention)
 
 
+def read_snapshots(r, prefix, nodes, now, full=False):
+    """``{node: snapshot with state}`` of some nodes, from the slim hash (the status hash for a node without
+    a slim value, or with ``full``); nodes gone or malformed are left out."""
+    nodes = list(nodes)
+    if not nodes:
+        return {}
+    raws = dict(zip(nodes, r.hmget(status_key(prefix) if full else slim_key(prefix), nodes)))
+    missing = [n for n, raw in raws.items() if raw is None]
+    if missing:
+        raws.update(zip(missing, r.hmget(status_key(prefix), missing)))
+    parsed = {n: parse_snapshot(raw, now) for n, raw in raws.items() if raw is not None}
+    return {n: s for n, s in parsed.items() if s is not None}
+
+
 def wrong_type(client, expected):
     """``"<key> is a <type>, not a <type>"`` for the first of ``expected`` (``(key, type)`` pairs) that
     exists with another Redis type: what to say when Redis answers WRONGTYPE. None if they all fit."""
@@ -200,6 +245,7 @@ def prune_nodes(r, nodes, retention, prefix, now=None):
     if gone:
         with r.pipeline(transaction=False) as pipe:
             pipe.hdel(status_key(prefix), *gone)
+            pipe.hdel(slim_key(prefix), *gone)
             pipe.hdel(control_key(prefix, "commands"), *(f"node:{node}" for node in gone))  # ends with its node
             for node in gone:
                 pipe.delete(history_key(prefix, node), trend_key(prefix, node))
@@ -251,22 +297,24 @@ CRAWLING_FIELDS = frozenset(("cpu", "memory", "net_sent_rate", "net_recv_rate", 
                              "latency_p95"))
 CRAWLING_STATES = ("live", "paused")
 STATES = ("live", "paused", "stale", "closed")
-NUMBER_TYPES = (int, float)  # exactly: a bool is not a figure
+NUMBER_TYPES = frozenset((int, float))  # exactly: a bool is not a figure
 
 
-def combine(rows: list[dict], fields: Iterable[str], hosts: Optional[list] = None) -> dict:
+def combine(rows: list[dict], fields: Iterable[str], hosts: Optional[list] = None, ordered: bool = False) -> dict:
     """``{field: figure}`` over ``rows`` (snapshots or history rows, each with a ``timestamp``), by
     SPIDER_FIELDS. ``hosts`` maps each row's position to its host (default: the row's ``host``). A field no
-    row has a number for is None. Integer sums stay integers; other figures are rounded to 2 places."""
+    row has a number for is None. Integer sums stay integers; other figures are rounded to 2 places.
+    ``ordered``: the rows are sorted by timestamp already (``by_time``)."""
     hosts = hosts or [r.get("host", r.get("node")) for r in rows]
-    order = sorted(range(len(rows)), key=lambda i: number(rows[i].get("timestamp"), 0))
-    per_host = list({hosts[i]: i for i in order}.values())  # newest row of each host
+    order = range(len(rows)) if ordered else sorted(range(len(rows)), key=lambda i: _time(rows[i]))
+    in_order = rows if ordered else [rows[i] for i in order]
+    per_host = list({hosts[i]: rows[i] for i in order}.values())  # newest row of each host
     out = {}
     for field in fields:
         rule = SPIDER_FIELDS[field]
-        among = per_host if rule.startswith("host") else order
+        among = per_host if rule.startswith("host") else in_order
         # Rows come through the gate (decode_snapshot, read_histories): their numbers are finite already.
-        values = [v for v in (rows[i].get(field) for i in among) if v.__class__ in NUMBER_TYPES]
+        values = [v for v in [r.get(field) for r in among] if v.__class__ in NUMBER_TYPES]
         if not values:
             out[field] = None
         elif rule == "newest":
@@ -282,6 +330,15 @@ def combine(rows: list[dict], fields: Iterable[str], hosts: Optional[list] = Non
     return out
 
 
+def _time(row):
+    return number(row.get("timestamp"), 0)
+
+
+def by_time(rows):
+    """``rows`` sorted by timestamp, as ``combine(..., ordered=True)`` takes them."""
+    return sorted(rows, key=_time)
+
+
 def finite_sum(values):
     """An exact sum of finite numbers (ints stay ints); never inf or nan, whatever the inputs' count."""
     if all(isinstance(v, int) for v in values):
@@ -290,20 +347,23 @@ def finite_sum(values):
     return total if math.isfinite(total) else 0.0
 
 
-def cluster_view(nodes: dict[str, Snapshot], spider: str) -> Optional[dict]:
+def cluster_view(nodes: dict[str, Snapshot], spider: str,
+                 fields: Iterable[str] = tuple(SPIDER_FIELDS)) -> Optional[dict]:
     """One spider over its nodes: newest timestamp, figures by SPIDER_FIELDS, node counts by state, and its
-    nodes. ``nodes`` is a ``{node: snapshot}`` mapping as ``list_nodes`` returns; None when it has none."""
+    nodes. ``nodes`` is a ``{node: snapshot}`` mapping as ``list_nodes`` returns; None when it has none.
+    ``fields``: only these SPIDER_FIELDS (the alerter needs few)."""
     mine = {n: s for n, s in nodes.items() if s.get("spider") == spider}
     if not mine:
         return None
-    snaps = list(mine.values())
+    snaps = by_time(mine.values())
     crawling = [s for s in snaps if s.get("state") in CRAWLING_STATES]
     states = collections.Counter(s.get("state") for s in snaps)
-    rest = [f for f in SPIDER_FIELDS if f not in CRAWLING_FIELDS]
-    view = {"spider": spider, "timestamp": max(int(number(s.get("timestamp"), 0)) for s in snaps)}
-    view.update(combine(snaps, rest))
-    gauges = combine(crawling or snaps, [f for f in CRAWLING_FIELDS if not f.endswith("_per_min")])
-    rates = combine(crawling, [f for f in CRAWLING_FIELDS if f.endswith("_per_min")])
+    rest = [f for f in fields if f not in CRAWLING_FIELDS]
+    crawl = [f for f in fields if f in CRAWLING_FIELDS]
+    view = {"spider": spider, "timestamp": int(_time(snaps[-1]))}
+    view.update(combine(snaps, rest, ordered=True))
+    gauges = combine(crawling or snaps, [f for f in crawl if not f.endswith("_per_min")], ordered=True)
+    rates = combine(crawling, [f for f in crawl if f.endswith("_per_min")], ordered=True)
     view.update(gauges)
     view.update({f: v or 0 for f, v in rates.items()})  # no node crawling: nothing per minute
     view.update({f"nodes_{state}": states[state] for state in STATES})
@@ -351,16 +411,18 @@ def slowed_domains(snaps):
 
 
 def spiders_view(nodes: dict[str, Snapshot], r: Optional[redis.Redis] = None, prefix: Optional[str] = None,
-                 now: Optional[float] = None, finished_after: float = FINISHED_AFTER) -> dict[str, dict]:
+                 now: Optional[float] = None, finished_after: float = FINISHED_AFTER,
+                 fields: Iterable[str] = tuple(SPIDER_FIELDS)) -> dict[str, dict]:
     """``{spider: cluster view}`` for every spider that has nodes, each view's ``nodes`` a sorted id list and its
     crawl ``state`` and ``idle_for`` (``spider_state``, at ``now`` on Redis's clock, default this process's);
-    given a Redis client ``r``, each view also has its queue forecast (``queue_forecasts``)."""
+    given a Redis client ``r``, each view also has its queue forecast (``queue_forecasts``). ``fields``: only
+    these SPIDER_FIELDS (the queue's are needed for ``state``)."""
     groups = {}
     for node, snapshot in nodes.items():
         groups.setdefault(snapshot["spider"], {})[node] = snapshot
     out = {}
     for spider in sorted(groups):
-        view = cluster_view(groups[spider], spider)
+        view = cluster_view(groups[spider], spider, fields)
         queued = sum(number(view.get(f), 0) for f in ("queue_requests", "queue_start_urls"))
         view["state"], view["idle_for"] = spider_state(list(view["nodes"].values()), queued,
                                                        time.time() if now is None else now, finished_after)

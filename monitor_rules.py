@@ -9,7 +9,7 @@ import fnmatch
 import time
 from typing import Callable, NamedTuple, Optional
 
-from monitor_contract import DEFAULT_INTERVAL, STALE_INTERVALS, age, last_report, newest_error, number
+from monitor_contract import DEFAULT_INTERVAL, STALE_INTERVALS, age, last_report, least_covered, newest_error, number
 
 MIB = 1024 * 1024
 
@@ -67,16 +67,15 @@ COVERAGE_MIN_ITEMS = 100
 def low_coverage(rule, snapshot, limit, stuck_since, now):
     """The lowest coverage (%) among the fields the node was told to watch (MONITOR_ITEM_FIELDS: fields
     found on the first items may be optional), once it has scraped COVERAGE_MIN_ITEMS, while below the limit."""
-    fields = snapshot.get("fields") if snapshot.get("fields_listed") is True else None
-    if not (limit and fields and (number(snapshot.get("items")) or 0) >= COVERAGE_MIN_ITEMS):
+    least = least_covered(snapshot) if snapshot.get("fields_listed") is True else None
+    if not (limit and least and (number(snapshot.get("items")) or 0) >= COVERAGE_MIN_ITEMS):
         return None
-    lowest = min(fields.values()) * 100
+    lowest = least[1] * 100
     return round(lowest, 1) if lowest < limit else None
 
 
 def lowest_field(rule, snapshot, limit):
-    fields = snapshot.get("fields") or {}
-    name = min(fields, key=fields.get) if fields else "?"
+    name = (least_covered(snapshot) or ("?",))[0]
     return f" for field {name!r} over {fmt(snapshot.get('items'))} items{limit_text(rule, snapshot, limit)}"
 
 
@@ -188,6 +187,7 @@ class Rule(NamedTuple):
     hold: bool = False  # the threshold is how long the condition must hold (instead of ALERT_FOR)
     pending: Optional[float] = None  # seconds pending before it fires, instead of ALERT_FOR
     once: bool = False  # one message per episode: never repeated, its end not sent
+    big: bool = False  # its message's detail reads a big insight field (error samples): see ``with_details``
 
     @property
     def attr(self):
@@ -205,7 +205,7 @@ RULES = (
     Rule("stalled", "ScrapyCrawlStalled", "warning", "pages not rising for", " s", check=stalled_for,
          detail=limit_and_queue, setting="ALERT_STALL_SECONDS"),
     Rule("errors", "ScrapyErrorsHigh", "warning", "errors", "/min", field="errors_per_min", detail=limit_and_sample,
-         setting="ALERT_ERRORS_PER_MIN"),
+         setting="ALERT_ERRORS_PER_MIN", big=True),
     Rule("rss", "ScrapyProcessRssHigh", "warning", "process RSS", " MiB", field="rss", scale=MIB,
          setting="ALERT_RSS_MB"),
     # Judged on run records, not snapshots: see ``run_alerts`` (one message per bad run, never resolved).
@@ -435,8 +435,9 @@ def evaluate(nodes: dict, state: dict, stall: dict, now: float, cfg, silences: O
 
 def with_silences(rule, node, snapshot, record, new, event, value, limit, silences, now):
     """One step's outcome ``(new record, event)`` with silences applied and what /alerts shows stored in the
-    record (alertname, severity, threshold, spider, host, value, summary, silenced). A silenced alert keeps
-    its state and sends nothing; a firing never sent (``notified`` false) is sent once no silence matches
+    record (alertname, severity, threshold, spider, host, silenced; ``value`` and ``summary`` as last sent).
+    A steady alert's record does not change: /alerts derives its live figure (``live_value``). A silenced
+    alert keeps its state and sends nothing; a firing never sent (``notified`` false) is sent once no silence matches
     it; its resolution is sent only if its firing was."""
     snapshot = snapshot or {}
     base = new or record or {}
@@ -449,8 +450,6 @@ def with_silences(rule, node, snapshot, record, new, event, value, limit, silenc
         return None, event
     new = {**new, "alertname": rule.alertname, "severity": rule.severity, "threshold": limit,
            "spider": labels["spider"], "host": labels["host"], "silenced": sid}
-    if value is not None and value is not NODE_DOWN:
-        new["value"] = value
     if new["state"] != "firing":
         return new, event
     if event == "firing" and sid:
@@ -460,11 +459,39 @@ def with_silences(rule, node, snapshot, record, new, event, value, limit, silenc
     elif event == "firing":
         new["notified"] = True
     elif sid is None and not new.get("notified", True) and value is not NODE_DOWN:
-        new.update(sent=now, notified=True)  # its silence ended while it still fires
+        new.update(sent=now, notified=True, value=value)  # its silence ended while it still fires
         event = "firing"
-    if "value" in new:
+    if event == "firing":
         new["summary"] = firing_summary(rule, new["value"], snapshot, limit)
     return new, event
+
+
+def needs_details(notes):
+    """The nodes whose firing notes' details read big insight fields (``Rule.big``)."""
+    return {n["node"] for n in notes if n["status"] == "firing" and RULE[n["rule"]].big}
+
+
+def with_details(notes, changes, full):
+    """Rewrite the summary of ``needs_details``' notes, and of their records in ``changes``, from the nodes'
+    full snapshots ``full``: for an evaluation over slim snapshots (``slim_key``: no error samples)."""
+    for note in notes:
+        rule, snapshot = RULE[note["rule"]], full.get(note["node"])
+        if note["status"] == "firing" and rule.big and snapshot:
+            note["summary"] = firing_summary(rule, note["value"], snapshot, note["threshold"])
+            record = changes.get(f"{rule.name}:{note['node']}")
+            if record:
+                record["summary"] = note["summary"]
+
+
+def live_value(rule, snapshot, record, stuck_since, now):
+    """An alert's figure now, as /alerts shows it: the rule's check on the node's snapshot (with state) at
+    the record's threshold (``stuck_since``: the stall tracker's); the figure last sent when it cannot be
+    derived (spider rules, the node gone, the condition just ended)."""
+    if snapshot and rule.scope == "node":
+        value = rule.check(rule, snapshot, record.get("threshold"), stuck_since, now)
+        if value is not None and value is not NODE_DOWN:
+            return value
+    return number(record.get("value"))
 
 
 def notification(event, rule, node, snapshot, record, now, cfg):

@@ -299,7 +299,8 @@ def test_alerts_route_matches_the_alerters_state(make, redis_client, redis_url):
         rule = monitor_rules.RULE[a["rule"]]
         assert a["state"] == record["state"] and a["since"] == record["since"]
         assert (a["alertname"], a["severity"]) == (rule.alertname, rule.severity)
-        assert a["threshold"] == getattr(alerter.cfg, rule.attr) and a["value"] == record["value"]
+        assert a["threshold"] == getattr(alerter.cfg, rule.attr)
+        assert record.get("value") in (None, a["value"])  # live from the snapshot; a record keeps the value sent
         assert a["last_sent"] == (record["sent"] if record["state"] == "firing" else None)
     cpu, rss = body["alerts"][1], body["alerts"][0]
     assert (cpu["state"], cpu["value"], cpu["spider"], cpu["host"], cpu["silenced"]) == \

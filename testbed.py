@@ -690,6 +690,17 @@ QUIET = dict(host="h1", pid=1, cpu=10.0, memory=20.0, bytes_sent=0, bytes_recv=0
              queue_requests=0, queue_start_urls=0, queue_dupefilter=0)
 
 
+class CountingConnection(redis.Connection):
+    """A real Redis connection that counts what it sends: each command or pipeline is one send, one round
+    trip. Set as a client's ``connection_pool.connection_class`` before its first command."""
+
+    sends = 0
+
+    def send_packed_command(self, command, check_health=True):
+        CountingConnection.sends += 1
+        return super().send_packed_command(command, check_health)
+
+
 def report(r, node, ts, prefix="scrapy", **fields):
     """Write a quiet node's snapshot at ``ts``, with ``fields``, as the extension does."""
     publish(r, snapshot(node, now=ts, **{**QUIET, **fields}), prefix=prefix, history_len=10)
