@@ -38,6 +38,8 @@ bench: $(BIN)/.installed
 	$(BIN)/python bench/monitor.py
 	$(BIN)/python bench/api.py
 	$(BIN)/python bench/alert_eval.py
+	$(BIN)/python bench/alert_eval.py --insight
+	$(BIN)/python bench/scale.py --insight
 	$(BIN)/python bench/runs.py
 	$(BIN)/python bench/history.py
 	$(BIN)/python bench/insight_hooks.py

@@ -11,6 +11,7 @@ and monitor_alert_state.py.
 import argparse
 import contextlib
 import functools
+import hashlib
 import json
 import logging
 import math
@@ -22,7 +23,7 @@ import time
 import redis
 import waitress
 from flask import Blueprint, Flask, Response, abort, current_app, jsonify, request, send_file, stream_with_context
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 from werkzeug.exceptions import HTTPException
 from werkzeug.routing import PathConverter
 
@@ -30,6 +31,7 @@ from monitor_alert_state import read_alerts, read_silences
 from monitor_cache import CACHE_ENTRIES, Body, Cache, CachedFastPath, cache_key, json_body, to_json
 from monitor_changes import audit_refusal, audit_reload, changes, reader
 from monitor_contract import (
+    BIG_FIELDS,
     CONTROL_LOG_KEEP,
     DEFAULT_INTERVAL,
     HISTORY_SECONDS,
@@ -45,21 +47,19 @@ from monitor_contract import (
     run_meta_key,
     runs_key,
     scrub,
-    slim,
     status_key,
     trend_key,
 )
 from monitor_events import Hub
 from monitor_export import DAY_COLUMNS, RUN_COLUMNS, csv_text, days_rows, runs_rows
+from monitor_fields import NODE_FIELDS, VIEW_FIELDS, closed, node_json, parse_fields, project_view, projected
 from monitor_gate import ADMIN, MAX_BODY, OPERATOR, SEED_BODY, TICKET_SECONDS, Gate, gate, identity, log_acting, needs
-from monitor_prometheus import ClusterCollector, DeadCollector, RedisCollector, RunsCollector
+from monitor_prometheus import LEVELS, NODE_LABELS, RedisCollector, exposition
 from monitor_queues import DEAD_LIMIT, MAX_DEAD_LIMIT, dead_bound, read_dead
 from monitor_read import (
     STATES,
     NodeEntry,
     NodeReader,
-    cluster_view,
-    queue_forecasts,
     read_audit,
     read_control_log,
     read_histories,
@@ -155,8 +155,13 @@ class StatusReader:
         self.cache = Cache(config["MONITOR_API_CACHE"])
         self.url = config["REDIS_URL"]
         self.redis = connect(self.url, REDIS_TIMEOUT)
+        # List views, spider views and housekeeping read the slim hash (no insight's big fields); ?fields=all
+        # and Prometheus the status hash (and so does one node's snapshot: NodeReader.node).
         self.node_reader = NodeReader(self.redis, self.prefix, self.retention, config["MONITOR_LOST_AFTER"],
-                                      config["MONITOR_RUNS_KEEP"])
+                                      config["MONITOR_RUNS_KEEP"], slim=True)
+        self.full_reader = NodeReader(self.redis, self.prefix, runs_keep=config["MONITOR_RUNS_KEEP"])
+        self.memos = {False: {}, True: {}}  # combined spider figures per reader (spiders_view's memo)
+        self.finished_after = config["MONITOR_FINISHED_AFTER"]
         self.watch = RedisWatch(self.redis, self.prefix, ha_kind(self.url) == "cluster")
         self.outage = Outage(logger)
         self.reported = {}  # wrong-type problem -> when it was last logged
@@ -170,32 +175,46 @@ class StatusReader:
         with self.watch.lock:
             return self.cache.get("redis health", lambda: self.watch.read(*self.nodes()[::2]))
 
-    def nodes(self):
+    def nodes(self, full=False):
         """``({node: snapshot with state}, skipped, now)`` straight from Redis, ``now`` on its clock; see
-        ``NodeReader`` (snapshots are shared between reads: never modify one)."""
-        return self.node_reader.read()
+        ``NodeReader`` (snapshots are shared between reads: never modify one). Without insight's big fields
+        unless ``full``."""
+        return (self.full_reader if full else self.node_reader).read()
 
-    def nodes_json(self, nodes, now, full=False):
-        """``{node: snapshot + age}`` as JSON bytes, in node order, reusing each unchanged snapshot's JSON;
-        without insight.BIG_FIELDS unless ``full``."""
-        entries, parts = self.node_reader.entries, []
+    def views(self, nodes, now, full=False):
+        """``spiders_view`` with queue forecasts of a read pass (``nodes(full)``): a spider none of whose
+        snapshots changed since the last pass keeps its combined figures, so the routes combine once."""
+        return spiders_view(nodes, self.redis, self.prefix, now, self.finished_after, memo=self.memos[full])
+
+    def nodes_json(self, nodes, now, fields=None):
+        """``({node: snapshot + age}`` as JSON bytes, in node order, reusing each unchanged snapshot's JSON;
+        the same without ages)``: projected by ``fields`` (``monitor_fields.parse_fields``: None leaves out
+        insight's big fields, "all" sends every field, a tuple only those, ``age`` only if it is one)."""
+        entries = (self.full_reader if fields == "all" or _big(fields) else self.node_reader).entries
+        with_age = not isinstance(fields, tuple) or "age" in fields
+        parts, tag = [], hashlib.blake2b(digest_size=12)
         for node in sorted(nodes):
             entry = entries.get(node)
             if entry is None or entry.snapshot is not nodes[node]:
                 entry = NodeEntry(None, nodes[node])
-            if full and entry.full is None:
-                entry.full = to_json({node: nodes[node]})[1:-2]
-            if not full and entry.json is None:
-                entry.json = to_json({node: slim(nodes[node])})[1:-2]  # '"node":{...' without its braces
-            parts.append(b'%s,"age":%d}' % (entry.full if full else entry.json, age(nodes[node], now)))
-        return b"{" + b",".join(parts) + b"}"
+            if fields is None:
+                part = entry.json = entry.json or node_json(node, nodes[node], None)
+            elif fields == "all":
+                part = entry.full = entry.full or node_json(node, nodes[node], "all")
+            else:
+                if entry.projection is None or entry.projection[0] != fields:
+                    entry.projection = (fields, node_json(node, nodes[node], fields))
+                part = entry.projection[1]
+            tag.update(part)
+            parts.append(closed(part, age(nodes[node], now) if with_age else None))
+        return b"{" + b",".join(parts) + b"}", tag.digest() if with_age else None
 
     def node(self, name):
-        """``(snapshot with state and age, or None; malformed)`` for one node id."""
-        snapshot, malformed, now = self.node_reader.node(name)
+        """``(snapshot with state and age, or None; malformed; now)`` for one node id."""
+        snapshot, malformed, now = self.full_reader.node(name)
         if snapshot is not None:
             snapshot["age"] = age(snapshot, now)
-        return snapshot, malformed
+        return snapshot, malformed, now
 
     def spider_names(self):
         """The spiders that have nodes, up to a cache period old: unknown names cost no full read each."""
@@ -252,11 +271,16 @@ def cached(compute):
 
 # ---------------------------------------------------------------------------- routes
 
+def _big(fields):
+    """Whether a ``?fields=`` projection names one of insight's big fields (read from the status hash)."""
+    return isinstance(fields, tuple) and not BIG_FIELDS.isdisjoint(fields)
+
+
 @bp.get("/metrics")
 def metrics():
-    """Every node's latest snapshot with its state: ``{node: snapshot}``; ``?spider=`` and ``?state=``."""
+    """Every node's latest snapshot with its state: ``{node: snapshot}``; ``?spider=``, ``?state=``, ``?fields=``."""
     spider = request.args.get("spider")
-    full = all_fields()
+    fields = fields_asked(NODE_FIELDS)
     states = request.args.get("state")
     if states is not None:
         states = set(split_list(states))
@@ -264,31 +288,39 @@ def metrics():
             abort(400, f"state must be one or more of {', '.join(STATES)}, comma-separated")
 
     def compute():
-        nodes, skipped, now = reader().nodes()
+        nodes, skipped, now = reader().nodes(fields == "all" or _big(fields))
         chosen = {n: s for n, s in nodes.items()
                   if (spider is None or s["spider"] == spider) and (states is None or s["state"] in states)}
-        return json_body(reader().nodes_json(chosen, now, full), skipped)
+        data, tag = reader().nodes_json(chosen, now, fields)
+        return json_body(data, skipped, tag and tag + b"%d" % skipped, now if tag else None)
 
     return cached(compute)
 
 
 @bp.get("/metrics/<node:name>")
 def metric(name):
-    """A node id gives its snapshot; a spider name gives the spider's cluster view."""
-    full = all_fields()
+    """A node id gives its snapshot; a spider name gives the spider's cluster view. ``?fields=`` projects
+    the node's snapshot, or the view's nodes."""
+    fields = fields_asked(NODE_FIELDS)
 
     def compute():
-        snapshot, malformed = reader().node(name)
+        snapshot, malformed, now = reader().node(name)
         if snapshot is not None:
-            return json_body(snapshot)
+            if isinstance(fields, tuple):
+                snapshot = projected(snapshot, fields) | ({"age": snapshot["age"]} if "age" in fields else {})
+            if "age" not in snapshot:
+                return json_body(snapshot)
+            return json_body(snapshot, tag=to_json({**snapshot, "age": None}), now=now)
         if name in reader().spider_names():
-            nodes, skipped, now = reader().nodes()
-            view = cluster_view(nodes, name)
+            full = fields == "all" or _big(fields)
+            nodes, skipped, now = reader().nodes(full)
+            view = reader().views(nodes, now, full).get(name)
             if view is not None:  # the view with its nodes' JSON spliced in: {..., "nodes": {...}}
-                members = view.pop("nodes")
-                view.update(queue_forecasts(reader().redis, members, reader().prefix, now)[name])
-                return json_body(to_json(view)[:-1] + b',"nodes":' + reader().nodes_json(members, now, full) + b"}",
-                                 skipped)
+                members = {n: nodes[n] for n in view.pop("nodes")}
+                data, tag = reader().nodes_json(members, now, fields)
+                head = to_json(view)[:-1] + b',"nodes":'
+                return json_body(head + data + b"}", skipped, tag and head + tag + b"%d" % skipped,
+                                 now if tag else None)
         if malformed:
             abort(404, "that node's stored snapshot is malformed")
         abort(404, "no node or spider by that name")
@@ -307,10 +339,12 @@ def history(name):
 def spiders():
     """``{spider: cluster view}``, each view's ``nodes`` being the list of its node ids."""
 
+    fields = fields_asked(VIEW_FIELDS)
+
     def compute():
         nodes, skipped, now = reader().nodes()
-        return json_body(spiders_view(nodes, reader().redis, reader().prefix, now,
-                                      current_app.config["MONITOR_FINISHED_AFTER"]), skipped)
+        views = reader().views(nodes, now)
+        return json_body({spider: project_view(view, fields) for spider, view in views.items()}, skipped)
 
     return cached(compute)
 
@@ -350,13 +384,14 @@ def query_whole(name, default, high):
         abort(400, str(exc))
 
 
-def all_fields():
-    """``?fields=all`` asks a list view for every field; by default it leaves out insight.BIG_FIELDS
-    (per-domain figures, field coverage, error samples, latency buckets: most of a snapshot's size)."""
-    fields = request.args.get("fields")
-    if fields not in (None, "all"):
-        abort(400, "fields must be 'all' (or absent: list views leave the large insight fields out)")
-    return fields == "all"
+def fields_asked(known):
+    """``?fields=``: absent (a list view leaves out insight's big fields: per-domain figures, field coverage,
+    error samples, latency buckets, most of a snapshot's size), ``all``, or the names of the only fields to
+    send (``monitor_fields.parse_fields``); 400 naming unknown ones."""
+    try:
+        return parse_fields(request.args.get("fields"), known)
+    except ValueError as exc:
+        abort(400, str(exc))
 
 
 @bp.get("/health")
@@ -369,16 +404,23 @@ def health():
 
 @bp.get("/prometheus")
 def prometheus():
-    """Prometheus text format, one collector built per scrape."""
+    """Prometheus text format, one collector built per scrape: ``?detail=spider`` (the default, see
+    MONITOR_PROMETHEUS_DETAIL) or ``node``; ``?node_label=id`` or ``nopid``."""
+
+    detail = request.args.get("detail", current_app.config["MONITOR_PROMETHEUS_DETAIL"])
+    node_label = request.args.get("node_label", current_app.config["MONITOR_PROMETHEUS_NODE_LABEL"])
+    if detail not in LEVELS or node_label not in NODE_LABELS:
+        abort(400, f"detail must be {' or '.join(LEVELS)}, node_label {' or '.join(NODE_LABELS)}")
 
     def compute():
-        registry = CollectorRegistry()
-        registry.register(ClusterCollector(*reader().nodes(), current_app.config["MONITOR_FINISHED_AFTER"]))
-        registry.register(RunsCollector(reader().redis.hgetall(run_meta_key(reader().prefix, "totals"))))
-        registry.register(DeadCollector(reader().redis.hgetall(dead_totals_key(reader().prefix))))
+        nodes, skipped, now = reader().nodes(True)
+        totals = reader().redis.hgetall(run_meta_key(reader().prefix, "totals"))
+        dead = reader().redis.hgetall(dead_totals_key(reader().prefix))
+        extra = []
         with contextlib.suppress(redis.ResponseError):  # INFO renamed away (some managed Redis): no Redis figures
-            registry.register(RedisCollector(reader().redis_health()))
-        return Body(generate_latest(registry), CONTENT_TYPE_LATEST)
+            extra.append(RedisCollector(reader().redis_health()))
+        return Body(exposition(nodes, skipped, now, totals, dead, detail, node_label == "nopid",
+                               current_app.config["MONITOR_FINISHED_AFTER"], extra), CONTENT_TYPE_LATEST)
 
     return cached(compute)
 

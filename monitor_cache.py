@@ -18,6 +18,8 @@ from monitor_contract import dumps
 CACHE_ENTRIES = 256
 # Bodies smaller than this go out uncompressed.
 GZIP_MIN = 1024
+# The header of a body with ages: when they were computed (see Body).
+AGES_AT = "X-Ages-At"
 
 
 class Cache:
@@ -62,12 +64,20 @@ class Cache:
 
 
 class Body:
-    """A prepared response: bytes, a gzipped copy, ETags and headers, ready to send again and again."""
+    """A prepared response: bytes, a gzipped copy, ETags and headers, ready to send again and again.
 
-    def __init__(self, data, mimetype="application/json", headers=None):
-        tag = hashlib.blake2b(data, digest_size=12).hexdigest()
+    ``tag``: what the ETag is made of when it is not the bytes: a body with ages (seconds since each node
+    reported, which change every second) is tagged by its data without them, so an idle cluster gets 304s.
+    Such a body says when its ages were computed (``X-Ages-At``, Redis's clock) and every answer says the time
+    now (``X-Server-Time``): a 304 carries only the latter, so a client holding the body adds the difference."""
+
+    def __init__(self, data, mimetype="application/json", headers=None, tag=None, now=None):
+        tag = hashlib.blake2b(data if tag is None else tag, digest_size=12).hexdigest()
+        headers = dict(headers or {})
+        if now is not None:
+            headers.update({"X-Server-Time": f"{now:.3f}", AGES_AT: f"{now:.3f}"})
         # no-cache: browsers keep the body but revalidate it each time, and get a 304 if it still holds.
-        common = [("Content-Type", mimetype), ("Cache-Control", "no-cache"), *(headers or {}).items()]
+        common = [("Content-Type", mimetype), ("Cache-Control", "no-cache"), *headers.items()]
         self.zipped = None
         if len(data) >= GZIP_MIN:
             vary = ("Vary", "Accept-Encoding, Origin")
@@ -85,14 +95,15 @@ class Body:
         data, tag, headers = self.zipped if zipped else self.plain
         match = environ.get("HTTP_IF_NONE_MATCH")
         if match and (f'"{tag}"' in match or match.strip() == "*"):
-            return 304, headers, b""
+            return 304, [h for h in headers if h[0] != AGES_AT], b""
         return 200, headers, data
 
 
-def json_body(payload, skipped=None):
-    """A Body of ``payload`` (a JSON-able value, or JSON bytes already), with its skipped-entries count."""
+def json_body(payload, skipped=None, tag=None, now=None):
+    """A Body of ``payload`` (a JSON-able value, or JSON bytes already), with its skipped-entries count;
+    ``tag`` and ``now`` for a body with ages (see Body)."""
     headers = {} if skipped is None else {"X-Skipped-Entries": str(skipped)}
-    return Body(payload if isinstance(payload, bytes) else to_json(payload), headers=headers)
+    return Body(payload if isinstance(payload, bytes) else to_json(payload), headers=headers, tag=tag, now=now)
 
 
 def to_json(payload):

@@ -375,7 +375,7 @@ class Gate:
         if not (own or origin in self.origins or "*" in self.origins):
             return []
         headers = [("Access-Control-Allow-Origin", origin),
-                   ("Access-Control-Expose-Headers", "ETag, X-Skipped-Entries")]
+                   ("Access-Control-Expose-Headers", "ETag, X-Skipped-Entries, X-Server-Time, X-Ages-At")]
         if environ["REQUEST_METHOD"] == "OPTIONS":  # a preflight
             methods, allowed = "GET, HEAD, OPTIONS", "Authorization, If-None-Match"
             if not self.readonly and (self.tokens or (own and self.loopback and self.trust_loopback)):

@@ -10,6 +10,7 @@ import collections
 import json
 import logging
 import math
+import operator
 import time
 from typing import Iterable, Optional
 
@@ -74,13 +75,14 @@ class NodeEntry:
     """One node as a reader last saw it: the stored value, its snapshot (None when malformed) and the
     snapshot's JSON once a caller asked for it (``json`` is the caller's to fill)."""
 
-    __slots__ = ("raw", "snapshot", "json", "full")
+    __slots__ = ("raw", "snapshot", "json", "full", "projection")
 
     def __init__(self, raw, snapshot):
         self.raw = raw
         self.snapshot = snapshot
         self.json = None  # without insight.BIG_FIELDS, as list views send it
         self.full = None  # with every field (?fields=all)
+        self.projection = None  # (fields, JSON) of the last ?fields= projection asked for
 
 
 class NodeReader:
@@ -412,25 +414,36 @@ def slowed_domains(snaps):
 
 def spiders_view(nodes: dict[str, Snapshot], r: Optional[redis.Redis] = None, prefix: Optional[str] = None,
                  now: Optional[float] = None, finished_after: float = FINISHED_AFTER,
-                 fields: Iterable[str] = tuple(SPIDER_FIELDS)) -> dict[str, dict]:
+                 fields: Iterable[str] = tuple(SPIDER_FIELDS), memo: Optional[dict] = None) -> dict[str, dict]:
     """``{spider: cluster view}`` for every spider that has nodes, each view's ``nodes`` a sorted id list and its
     crawl ``state`` and ``idle_for`` (``spider_state``, at ``now`` on Redis's clock, default this process's);
     given a Redis client ``r``, each view also has its queue forecast (``queue_forecasts``). ``fields``: only
-    these SPIDER_FIELDS (the queue's are needed for ``state``)."""
+    these SPIDER_FIELDS (the queue's are needed for ``state``). ``memo``, a dict kept between calls by one
+    reader: a spider whose snapshots are the very objects of the last call (a NodeReader shares unchanged ones)
+    keeps its combined figures, so routes reading the same pass combine it once."""
     groups = {}
     for node, snapshot in nodes.items():
         groups.setdefault(snapshot["spider"], {})[node] = snapshot
     out = {}
     for spider in sorted(groups):
-        view = cluster_view(groups[spider], spider, fields)
-        queued = sum(number(view.get(f), 0) for f in ("queue_requests", "queue_start_urls"))
-        view["state"], view["idle_for"] = spider_state(list(view["nodes"].values()), queued,
-                                                       time.time() if now is None else now, finished_after)
-        view["slowed"] = slowed_domains(view["nodes"].values())
-        view["started"] = min((number(s.get("start_time")) for s in view["nodes"].values()
-                               if number(s.get("start_time")) is not None), default=None)
-        view["nodes"] = sorted(view["nodes"])
+        members = list(groups[spider].values())
+        kept = memo.get(spider) if memo is not None else None
+        if kept and len(kept[0]) == len(members) and all(map(operator.is_, kept[0], members)):
+            view = dict(kept[1])
+        else:
+            view = cluster_view(groups[spider], spider, fields)
+            view["slowed"] = slowed_domains(members)
+            view["started"] = min((number(s.get("start_time")) for s in members
+                                   if number(s.get("start_time")) is not None), default=None)
+            view["nodes"] = sorted(view["nodes"])
+            if memo is not None:
+                memo[spider] = (members, dict(view))
+        queued = sum(number(view.get(f), 0) for f in ("queue_requests", "queue_start_urls"))  # time: each call
+        view["state"], view["idle_for"] = spider_state(members, queued, time.time() if now is None else now,
+                                                       finished_after)
         out[spider] = view
+    for gone in set(memo or ()) - set(groups):
+        memo.pop(gone, None)
     if r is not None:
         for spider, forecast in queue_forecasts(r, nodes, prefix, now).items():
             out[spider].update(forecast)

@@ -161,6 +161,12 @@ SETTINGS = (
             "with Last-Event-ID (older: it gets 'reset')", 100, 1000000),
     Setting("MONITOR_EVENTS_DROP", "seconds", 60.0, (API,), "seconds a stream's client may leave sent events unread "
             "before the stream is dropped", 1, 3600),
+    Setting("MONITOR_PROMETHEUS_DETAIL", "choice", "spider", (API,), "/prometheus's default level: spider (per "
+            "node a core of 12 series, the rest per spider or host) or node (every series per node); ?detail= "
+            "overrides it", choices=("spider", "node")),
+    Setting("MONITOR_PROMETHEUS_NODE_LABEL", "choice", "id", (API,), "/prometheus's node label: id (the node "
+            "id) or nopid (the id without a trailing :<pid>, so a restarted crawler keeps its series); "
+            "?node_label= overrides it", choices=("id", "nopid")),
     # The alerter
     _alert("ALERT_RULES", "rules", ",".join(RULE_NAMES), "comma-separated rules to evaluate", choices=RULE_NAMES),
     _alert("ALERT_CPU_PERCENT", "number", 80.0, "cpu: host CPU % over this; 0 = off"),

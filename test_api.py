@@ -277,7 +277,7 @@ def test_prometheus_exposition(client, redis_client):
     store(redis_client, snap("main_spider:h:1", cpu=12.5, items=8, rss=1234, bytes_sent=100, status_2xx=9),
           snap(odd, status="closed", items=3), snap("other:h:1", spider="other", queue_requests=42))
     redis_client.hset("scrapy:node:status", "junk", b"not json")
-    resp = client.get("/prometheus")
+    resp = client.get("/prometheus?detail=node")
     assert resp.status_code == 200 and resp.content_type.startswith("text/plain")
     families = {f.name: f for f in text_string_to_metric_families(resp.get_data(as_text=True))}
 

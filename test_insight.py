@@ -169,7 +169,7 @@ def test_crawl_of_three_hosts_reports_latency_domains_coverage_and_errors(
     assert client.get("/metrics?fields=all").get_json()["n1"]["domains"] == domains
     assert client.get("/metrics/n1").get_json()["fields"] == snap["fields"]
     assert client.get("/metrics?fields=some").status_code == 400
-    text = client.get("/prometheus").get_data(as_text=True)
+    text = client.get("/prometheus?detail=node").get_data(as_text=True)
     total = ITEM_PAGES + SLOW_PAGES + 2 * BAD_PAGES
     assert f'scrapy_download_latency_seconds_bucket{{le="+Inf",node="n1",spider="insight"}} {total}.0' in text
     assert 'scrapy_domain_responses_total{domain="127.0.0.2",node="n1",spider="insight"} 10.0' in text
@@ -254,7 +254,7 @@ def test_hostile_insight_shapes_are_dropped_and_every_view_still_answers(redis_c
         response = client.get(path)
         assert response.status_code == 200, (path, response.get_data(as_text=True)[:300])
     assert client.get("/metrics/bad1").get_json()["domains"] == bad1["domains"]
-    prom = client.get("/prometheus").get_data(as_text=True)
+    prom = client.get("/prometheus?detail=node").get_data(as_text=True)
     assert ('scrapy_domain_error_responses_total{domain="<img src=x onerror=alert(1)>",node="bad1",spider="s",'
             'status="5xx"} 3.0') in prom
     # The rules judge the good node and pass over the hostile ones without failing.

@@ -1,12 +1,17 @@
 """Live and light at scale (issue 22, §3-§5): the alerter writes only what changed in at most three round trips,
 an idle cluster answers 304, ``?fields=`` projects, Prometheus exports per spider by default."""
 
+import gzip
 import json
+import shutil
+import subprocess
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 import monitor_alert_state
 import monitor_contract
+import monitor_prometheus
 import testbed
 from testbed import MB, T0, CountingConnection, report, wait_for
 
@@ -99,3 +104,104 @@ def test_the_alerter_reads_slim_snapshots_and_still_quotes_error_samples(make, r
 ])
 def test_the_snapshot_gate_bounds_every_number(raw, ok):
     assert (monitor_contract.decode_snapshot(raw) is not None) is ok
+
+
+# ---------------------------------------------------------------------------- idle costs nothing
+
+
+def test_an_idle_cluster_answers_304_and_its_ages_stay_right(redis_client, redis_url):
+    testbed.publish(redis_client, *(testbed.snap(f"n{i}", host=f"h{i}") for i in range(3)), stamp=True)
+    c = testbed.make_app(redis_url).test_client()  # no response cache: every answer is computed anew
+    paths = ("/metrics", "/metrics/n1", "/metrics/main_spider", "/spiders", "/metrics?fields=cpu,state")
+    first = {path: c.get(path) for path in paths}
+    first["gzip"] = c.get("/metrics?fields=all", headers={"Accept-Encoding": "gzip"})
+    assert first["gzip"].headers["Content-Encoding"] == "gzip"
+    at = float(first["/metrics"].headers["X-Ages-At"])
+    assert float(first["/metrics"].headers["X-Server-Time"]) == at
+    wait_for(lambda: monitor_contract.redis_now(redis_client.time()) >= at + 1.5, what="Redis's clock to move on")
+    again = {}
+    for path, answer in first.items():
+        again[path] = c.get("/metrics?fields=all" if path == "gzip" else path, headers={
+            "If-None-Match": answer.headers["ETag"], "Accept-Encoding": "gzip" if path == "gzip" else "identity"})
+        assert (again[path].status_code, again[path].data) == (304, b""), path
+        assert "X-Ages-At" not in again[path].headers  # a client keeps the body's own: it holds the body's ages
+    lag = float(again["/metrics"].headers["X-Server-Time"]) - at
+    fresh = c.get("/metrics")
+    assert fresh.headers["ETag"] == first["/metrics"].headers["ETag"]
+    old = first["/metrics"].get_json()
+    assert json.loads(gzip.decompress(first["gzip"].data))["n1"]["age"] == old["n1"]["age"]
+    for node, snapshot in fresh.get_json().items():  # the ages have grown as the 304's clock says
+        assert snapshot["age"] > old[node]["age"] and abs(old[node]["age"] + lag - snapshot["age"]) <= 1
+    testbed.publish(redis_client, testbed.snap("n1", host="h1", pages=11), stamp=True)
+    assert c.get("/metrics", headers={"If-None-Match": fresh.headers["ETag"]}).status_code == 200
+    assert c.get("/spiders").get_json()["main_spider"]["pages"] == 31  # combined anew: one node changed
+
+
+def test_fields_projects_list_views_and_names_unknown_fields(redis_client, redis_url):
+    domains = {"example.com": {"pages": 5, "errors": 0, "4xx": 0, "5xx": 0, "429": 0, "latency_p95": 0.5}}
+    testbed.store(redis_client, testbed.snap("a", domains=domains), testbed.snap("b", spider="other"))
+    c = testbed.make_app(redis_url).test_client()
+    five = c.get("/metrics?fields=state,cpu,memory,pages_per_min,age")
+    assert {node: sorted(s) for node, s in five.get_json().items()} == {
+        n: ["age", "cpu", "memory", "pages_per_min", "state"] for n in ("a", "b")}
+    bare = c.get("/metrics?fields=state,cpu")
+    assert bare.get_json()["a"] == {"state": "live", "cpu": 12.5} and "X-Ages-At" not in bare.headers
+    assert c.get("/metrics?fields=domains,spider&spider=main_spider").get_json() == {
+        "a": {"domains": domains, "spider": "main_spider"}}  # a big field: read from the status hash
+    assert c.get("/metrics/a?fields=cpu,age").get_json().keys() == {"cpu", "age"}
+    view = c.get("/metrics/main_spider?fields=cpu").get_json()
+    assert view["nodes"] == {"a": {"cpu": 12.5}} and view["nodes_live"] == 1
+    assert c.get("/spiders?fields=nodes_live,pages").get_json() == {
+        "main_spider": {"nodes_live": 1, "pages": 10}, "other": {"nodes_live": 1, "pages": 10}}
+    for path, names in (("/metrics?fields=cpu,colour,flavour", ["'colour'", "'flavour'"]),
+                        ("/metrics/main_spider?fields=nodes_live", ["'nodes_live'"]),
+                        ("/spiders?fields=nodes_live,cpu_avg", ["'cpu_avg'"]), ("/metrics?fields=,", ["fields="])):
+        answer = c.get(path)
+        assert answer.status_code == 400 and all(name in answer.get_json()["error"] for name in names), path
+
+
+# ---------------------------------------------------------------------------- Prometheus at 10,000 nodes
+
+
+def prometheus(client, query=""):
+    text = client.get(f"/prometheus{query}").get_data(as_text=True)
+    samples = [s for f in text_string_to_metric_families(text) for s in f.samples]
+    return text, samples
+
+
+def test_prometheus_exports_per_spider_by_default_and_every_node_series_on_request(redis_client, redis_url):
+    buckets = list(range(0, 2 * (len(monitor_contract.LATENCY_BUCKETS) + 1), 2))  # cumulative counts
+    domain = {"pages": 5, "errors": 1, "4xx": 2, "5xx": 0, "429": 1, "latency_p95": 0.5}
+    testbed.store(redis_client,
+                  testbed.snap("s:h1:11", spider="s", host="h1", items=100, fields={"price": 0.5},
+                               latency_buckets=buckets, latency_sum=1.5, domains={"x.com": domain}),
+                  testbed.snap("s:h1:12", spider="s", host="h1", items=300, fields={"price": 1.0},
+                               latency_buckets=buckets, latency_sum=2.5, domains={"x.com": domain}),
+                  testbed.snap("t:h2:13", spider="t", host="h2", bytes_sent=7))
+    c = testbed.make_app(redis_url).test_client()
+    text, default = prometheus(c)
+    per_node = [s for s in default if s.labels.get("node") == "s:h1:11"]
+    assert len(per_node) == monitor_prometheus.CORE <= 15
+    assert not [s for s in default if "node" in s.labels and ({"domain", "field", "le"} & set(s.labels))]
+
+    def value(name, **labels):
+        return [s.value for s in default if s.name == name and s.labels == labels]
+
+    assert value("scrapy_download_latency_seconds_bucket", spider="s", le="+Inf") == [2 * buckets[-1]]  # merged
+    assert value("scrapy_download_latency_seconds_sum", spider="s") == [4.0]
+    assert value("scrapy_domain_responses_total", spider="s", domain="x.com") == [10]
+    assert value("scrapy_domain_error_responses_total", spider="s", domain="x.com", status="429") == [2]
+    assert value("scrapy_item_field_coverage_ratio", spider="s", field="price") == [0.875]  # weighted by items
+    assert value("scrapy_http_responses_total", spider="s", status_class="2xx") == [18]
+    assert value("scrapy_host_network_sent_bytes_total", host="h2") == [7]
+    text_node, detail = prometheus(c, "?detail=node")
+    assert len([s for s in detail if s.labels.get("node") == "s:h1:11"]) > 3 * monitor_prometheus.CORE
+    assert ('scrapy_domain_responses_total{domain="x.com",node="s:h1:11",spider="s"} 5.0' in text_node)
+    assert {s.labels.get("node") for s in prometheus(c, "?node_label=nopid")[1]} >= {"s:h1:11", "s:h1:12", "t:h2"}
+    assert c.get("/prometheus?detail=host").status_code == 400
+    if shutil.which("promtool"):
+        for body in (text, text_node):
+            done = subprocess.run(["promtool", "check", "metrics"], input=body, capture_output=True, text=True)
+            assert done.returncode == 0 and not (done.stdout + done.stderr).strip(), done.stdout + done.stderr
+    node_app = testbed.make_app(redis_url, MONITOR_PROMETHEUS_DETAIL="node").test_client()
+    assert prometheus(node_app)[0] == text_node
