@@ -3,10 +3,12 @@ an idle cluster answers 304, ``?fields=`` projects, Prometheus exports per spide
 
 import gzip
 import json
+import re
 import shutil
 import subprocess
 
 import pytest
+import requests
 from prometheus_client.parser import text_string_to_metric_families
 
 import monitor_alert_state
@@ -205,3 +207,21 @@ def test_prometheus_exports_per_spider_by_default_and_every_node_series_on_reque
             assert done.returncode == 0 and not (done.stdout + done.stderr).strip(), done.stdout + done.stderr
     node_app = testbed.make_app(redis_url, MONITOR_PROMETHEUS_DETAIL="node").test_client()
     assert prometheus(node_app)[0] == text_node
+
+
+def test_the_page_ages_last_seen_while_an_idle_cluster_answers_304(api, redis_client, open_page):
+    node = "main_spider:idle:1"
+    testbed.publish(redis_client, testbed.snapshot(node, age=20, interval=5))  # stale, and silent from now on
+    page = open_page(f"{api.url}/?interval={testbed.FAST}")
+    seen = page.locator(f'[data-node="{node}"] .c-seen')
+
+    def seconds():
+        found = re.fullmatch(r"last seen (\d+) s ago", seen.inner_text())
+        return int(found.group(1)) if found else None
+
+    testbed.until(page, "() => /last seen \\d+ s ago/.test(document.querySelector('.c-seen').textContent)")
+    first, etag = seconds(), requests.get(f"{api.url}/metrics", timeout=5).headers["ETag"]
+    testbed.until(page, "(n) => /last seen (\\d+) s ago/.exec(document.querySelector('.c-seen').textContent)[1] >= n",
+                  first + 3)  # polls answered 304 (below): the body is the first one, its ages keep growing
+    assert requests.get(f"{api.url}/metrics", headers={"If-None-Match": etag}, timeout=5).status_code == 304
+    assert first + 3 <= seconds() < first + 20
