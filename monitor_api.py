@@ -106,6 +106,9 @@ REPORT_EVERY = 60.0
 OPENAPI_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "monitor_openapi.json")
 # Waitress itself refuses a body over this before reading it (the gate answers 413 in JSON from MAX_BODY up).
 WAITRESS_BODY = SEED_BODY
+# A response larger than this goes through a temporary file on its way out (waitress's default is 1 MB): a
+# projected or gzipped list of 10,000 nodes stays in memory, the whole uncompressed list still spills.
+WAITRESS_OUTBUF = 4 * 1024 * 1024
 bp = Blueprint("api", __name__)
 
 
@@ -751,7 +754,8 @@ def main(argv=None):
         log_start(app)
         try:
             server = waitress.create_server(app, host=host, port=number, **server_options(app),
-                                            ident="scrapy-cluster-monitor", max_request_body_size=WAITRESS_BODY)
+                                            ident="scrapy-cluster-monitor", max_request_body_size=WAITRESS_BODY,
+                                            outbuf_overflow=WAITRESS_OUTBUF)
         except (OSError, ValueError, UnicodeError) as exc:
             raise ConfigError(f"cannot listen on {host}:{number}: {getattr(exc, 'strerror', None) or exc}") from None
     except ConfigError as exc:

@@ -237,8 +237,8 @@ def decode_snapshot(raw: Union[bytes, str, None]) -> Optional[Snapshot]:
     ``spider``, ``status``, ``finish_reason`` text (or absent) that encodes as UTF-8; every number below
     1e18 in size (no NaN or infinity); ``interval`` within (0, 86400]."""
     try:
-        value = json.loads(raw, parse_constant=not_json)  # then bounds checked: faster than loads' hooks
-    except (ValueError, TypeError, RecursionError):
+        value = loads(raw, bounded=False)  # then bounds checked: faster than loads' hooks
+    except (ValueError, TypeError):
         return None
     if not (isinstance(value, dict) and _in_bounds(value) and isinstance(value.get("spider"), str)
             and is_number(value.get("timestamp"))):
@@ -1042,14 +1042,18 @@ def _bounded_int(text):
 def loads(raw: Union[bytes, str], bounded: bool = True) -> object:
     """Strict JSON: no NaN or Infinity, and (``bounded``) every number below NUMBER_LIMIT in size; ValueError
     otherwise, a value nested too deeply included."""
+    if isinstance(raw, (bytes, bytearray)):  # as json.loads reads bytes (UTF-8 here), without a decoder per call
+        raw = raw.decode("utf-8", "surrogatepass")
+    elif not isinstance(raw, str):
+        raise TypeError(f"JSON must be text, not {type(raw).__name__}")
     try:
-        if not bounded:
-            return json.loads(raw, parse_constant=not_json)
-        return json.loads(raw, parse_constant=not_json, parse_float=_bounded_float, parse_int=_bounded_int)
+        return (_BOUNDED if bounded else _STRICT).decode(raw)
     except RecursionError:
         raise ValueError("nested too deeply") from None
 
 
+_STRICT = json.JSONDecoder(parse_constant=not_json)
+_BOUNDED = json.JSONDecoder(parse_constant=not_json, parse_float=_bounded_float, parse_int=_bounded_int)
 _ASCII = json.JSONEncoder(separators=(",", ":")).encode
 _UTF8 = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
 

@@ -397,16 +397,19 @@ def evaluate(nodes: dict, state: dict, stall: dict, now: float, cfg, silences: O
         if event:
             notes.append(notification(event, rule, node, snapshot, new or record, now, cfg))
 
+    # A down or closed node without alerts skips the rules judged on reporting nodes: nothing could start.
+    other_rules = [rule for rule in rules if not rule.needs_live]
     for node, snapshot in nodes.items():
         tracker = track_stall(snapshot, stall.get(node), now) if track else None
         if tracker != stall.get(node):
             stall_changes[node] = tracker
-        records = records_of.pop(node, {})
-        for rule in rules:
+        records = records_of.pop(node, None) or {}
+        state = snapshot.get("state")
+        for rule in other_rules if state in ("stale", "closed") and not records else rules:
             value = figure(rule, snapshot, limits[rule.name], tracker[1] if tracker else None, now)
             if value is not None and rule.name == "down" and not redis_settled(snapshot, answering_since, now):
                 value = NODE_DOWN
-            record = records.pop(rule.name, None)
+            record = records.pop(rule.name, None) if records else None
             if record is not None or value is not None:
                 apply(rule, node, snapshot, record, value)
         for name, record in records.items():  # rules turned off since
