@@ -33,7 +33,7 @@ import requests  # noqa: E402
 
 import testbed  # noqa: E402,F401  (the measured checkout's, before bench.api imports this one's)
 from bench import api as api_bench  # noqa: E402
-from testbed import RedisServer, clean_env, free_port, wait_for  # noqa: E402
+from testbed import RedisServer, clean_env, free_port, wait_until_answers  # noqa: E402
 
 FIVE = "state,cpu,memory,pages_per_min,age"
 
@@ -42,8 +42,11 @@ def start_api(port, redis_url, **settings):
     env = dict(clean_env(), REDIS_URL=redis_url, **settings)
     proc = subprocess.Popen([sys.executable, "monitor_api.py", "--port", str(port)], cwd=ROOT, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    wait_for(lambda: requests.get(f"http://127.0.0.1:{port}/health", timeout=5).ok if proc.poll() is None
-             else sys.exit("the API exited"), 60, what="the API")
+    try:
+        wait_until_answers(f"http://127.0.0.1:{port}/health", 120, "the API", proc=proc)
+    except BaseException:
+        proc.kill()
+        raise
     return proc
 
 
