@@ -314,7 +314,7 @@ def metric(name):
             if "age" not in snapshot:
                 return json_body(snapshot)
             return json_body(snapshot, tag=to_json({**snapshot, "age": None}), now=now)
-        if name in reader().spider_names():
+        if reader().cache.ttl <= 0 or name in reader().spider_names():  # uncached: one read, not two
             full = fields == "all" or _big(fields)
             nodes, skipped, now = reader().nodes(full)
             view = reader().views(nodes, now, full).get(name)

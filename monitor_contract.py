@@ -298,11 +298,15 @@ def node_state(snapshot: Snapshot, now: Optional[float] = None) -> str:
     stored. ``now`` is on Redis's clock, as is the report time (see ``last_report``)."""
     if snapshot.get("status") == "closed":
         return "closed"
-    now = time.time() if now is None else now
-    interval = number(snapshot.get("interval"), DEFAULT_INTERVAL) or DEFAULT_INTERVAL
-    if now - last_report(snapshot) > STALE_INTERVALS * interval:
+    if (time.time() if now is None else now) > stale_after(snapshot):
         return "stale"
     return "paused" if snapshot.get("status") == "paused" else "live"
+
+
+def stale_after(snapshot: Snapshot) -> float:
+    """When a node not closed turns stale, on Redis's clock: three of its intervals after its last report."""
+    return last_report(snapshot) + STALE_INTERVALS * (number(snapshot.get("interval"), DEFAULT_INTERVAL)
+                                                      or DEFAULT_INTERVAL)
 
 
 def last_report(snapshot):

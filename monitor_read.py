@@ -51,6 +51,7 @@ from monitor_contract import (
     run_record,
     runs_key,
     slim_key,
+    stale_after,
     status_key,
     trend_key,
     write_run,
@@ -75,11 +76,13 @@ class NodeEntry:
     """One node as a reader last saw it: the stored value, its snapshot (None when malformed) and the
     snapshot's JSON once a caller asked for it (``json`` is the caller's to fill)."""
 
-    __slots__ = ("raw", "snapshot", "json", "full", "projection")
+    __slots__ = ("raw", "snapshot", "json", "full", "projection", "flips")
 
     def __init__(self, raw, snapshot):
         self.raw = raw
         self.snapshot = snapshot
+        # When its state would change with time alone (stale_after), or None: never (closed, malformed).
+        self.flips = None if snapshot is None or snapshot["state"] == "closed" else stale_after(snapshot)
         self.json = None  # without insight.BIG_FIELDS, as list views send it
         self.full = None  # with every field (?fields=all)
         self.projection = None  # (fields, JSON) of the last ?fields= projection asked for
@@ -102,6 +105,7 @@ class NodeReader:
         self.slim = slim  # read <p>:node:slim (no insight's big fields) instead of the status hash
         self.retention = retention
         self.entries = {}  # node -> NodeEntry
+        self.names = {}  # stored field -> node id, as last read
         self.last_prune = -PRUNE_EVERY
         self.lost_after, self.runs_keep = lost_after, runs_keep
         self.lost = set()  # (node, start_time) of runs recorded lost, by this process or another
@@ -135,13 +139,13 @@ class NodeReader:
         now = redis_now(server_now) if now is None else now
         if self.slim:
             raw_hash = self._with_status(raw_hash, names[0])
-        entries, nodes, skipped = {}, {}, 0
+        entries, nodes, skipped, names = {}, {}, 0, self.names
         for field, raw in raw_hash.items():
-            node = as_text(field)
+            node = names.get(field) or as_text(field)
             entry = self.entries.get(node)
             if entry is None or entry.raw != raw:
                 entry = NodeEntry(raw, parse_snapshot(raw, now))
-            elif entry.snapshot is not None and entry.snapshot["state"] != node_state(entry.snapshot, now):
+            elif entry.flips is not None and (now > entry.flips) != (entry.snapshot["state"] == "stale"):
                 entry = NodeEntry(raw, dict(entry.snapshot, state=node_state(entry.snapshot, now)))
             entries[node] = entry
             if entry.snapshot is None:
@@ -149,6 +153,7 @@ class NodeReader:
             else:
                 nodes[node] = entry.snapshot
         self.entries = entries
+        self.names = {field: node for field, node in zip(raw_hash, entries)} if len(entries) == len(raw_hash) else {}
         self._record_lost(nodes, now)
         self._prune(nodes, now)
         return nodes, skipped, now
