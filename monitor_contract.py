@@ -50,8 +50,7 @@ def status_key(prefix):
 
 
 def slim_key(prefix):
-    """HASH beside ``status_key``, same fields: each node's snapshot without BIG_FIELDS (``slim_value``),
-    written in the same step; readers that need no insight read it (the alerter, list views)."""
+    """HASH beside ``status_key``, written with it: node id -> ``slim_value`` (for readers needing no insight)."""
     return f"{prefix}:node:slim"
 
 
@@ -273,13 +272,9 @@ def _in_bounds(value):
     """Every number in a decoded JSON value below NUMBER_LIMIT in size (and finite), as ``loads`` checks."""
     for v in value.values() if value.__class__ is dict else value:
         kind = v.__class__
-        if kind is int:
-            if not -NUMBER_LIMIT < v < NUMBER_LIMIT:
-                return False
-        elif kind is float:
-            if not -NUMBER_LIMIT < v < NUMBER_LIMIT:  # also false for nan and inf
-                return False
-        elif (kind is dict or kind is list) and not _in_bounds(v):
+        if (kind is int or kind is float) and not -NUMBER_LIMIT < v < NUMBER_LIMIT:  # false for nan and inf too
+            return False
+        if (kind is dict or kind is list) and not _in_bounds(v):
             return False
     return True
 
@@ -421,26 +416,12 @@ def slim(snapshot):
 
 
 def slim_value(snapshot):
-    """What ``slim_key`` stores of a snapshot: JSON of ``slim(snapshot)`` plus ``fields_lowest``, ``[name,
-    share]`` of its least covered item field (the coverage rule's figure), when it has fields."""
-    out = slim(snapshot)
+    """``slim_key``'s JSON of a snapshot: ``slim(snapshot)`` and ``fields_lowest``, ``[name, share]`` of its least
+    covered item field (the coverage rule's figure)."""
     fields = snapshot.get("fields")
     shares = {k: v for k, v in fields.items() if is_number(v)} if isinstance(fields, dict) else {}
-    if shares:
-        name = min(shares, key=shares.get)
-        out["fields_lowest"] = [name, shares[name]]
-    return dumps(out)
-
-
-def least_covered(snapshot):
-    """``(name, share)`` of the node's least covered item field, from ``fields`` or a slim value's
-    ``fields_lowest``; None when it has neither."""
-    fields = snapshot.get("fields")
-    if fields:
-        name = min(fields, key=fields.get)
-        return name, fields[name]
-    lowest = snapshot.get("fields_lowest")
-    return tuple(lowest) if lowest else None
+    lowest = {"fields_lowest": [min(shares, key=shares.get), min(shares.values())]} if shares else {}
+    return dumps({**slim(snapshot), **lowest})
 
 
 def newest_error(snapshot):

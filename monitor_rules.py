@@ -9,7 +9,7 @@ import fnmatch
 import time
 from typing import Callable, NamedTuple, Optional
 
-from monitor_contract import DEFAULT_INTERVAL, STALE_INTERVALS, age, last_report, least_covered, newest_error, number
+from monitor_contract import DEFAULT_INTERVAL, STALE_INTERVALS, age, last_report, newest_error, number
 
 MIB = 1024 * 1024
 
@@ -72,6 +72,17 @@ def low_coverage(rule, snapshot, limit, stuck_since, now):
         return None
     lowest = least[1] * 100
     return round(lowest, 1) if lowest < limit else None
+
+
+def least_covered(snapshot):
+    """``(name, share)`` of the node's least covered item field, from ``fields`` or a slim value's
+    ``fields_lowest``; None when it has neither."""
+    fields = snapshot.get("fields")
+    if fields:
+        name = min(fields, key=fields.get)
+        return name, fields[name]
+    lowest = snapshot.get("fields_lowest")
+    return tuple(lowest) if lowest else None
 
 
 def lowest_field(rule, snapshot, limit):
