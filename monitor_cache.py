@@ -16,6 +16,8 @@ from monitor_contract import dumps
 
 # Distinct URLs cached at once; a client inventing query strings cannot grow the cache past this.
 CACHE_ENTRIES = 256
+# Seconds a request waits for another's computation of a value nobody has yet (see Cache).
+COLD_WAIT = 10.0
 # Bodies smaller than this go out uncompressed.
 GZIP_MIN = 1024
 # The header of a body with ages: when they were computed (see Body).
@@ -24,12 +26,13 @@ AGES_AT = "X-Ages-At"
 
 class Cache:
     """Values computed at most once per ``ttl`` seconds per key; while one request recomputes an expired
-    value, the others get the old one instead of waiting (or all recomputing it at once)."""
+    value, the others get the old one instead of waiting (or all recomputing it at once); with no old one
+    (a cold start), they wait up to COLD_WAIT seconds for it rather than each reading Redis too."""
 
     def __init__(self, ttl):
         self.ttl = ttl
         self.entries = {}  # key -> (expires, value)
-        self.busy = set()
+        self.busy = {}  # key -> an Event set when its computation ends
         self.lock = threading.Lock()
 
     def get(self, key, compute):
@@ -39,23 +42,29 @@ class Cache:
         if entry and time.monotonic() < entry[0]:
             return entry[1]
         with self.lock:
-            mine = key not in self.busy
-            self.busy.add(key)
-        if not mine and entry:
-            return entry[1]
+            done = self.busy.get(key)
+            mine = done is None
+            if mine:
+                done = self.busy[key] = threading.Event()
+        if not mine:
+            if entry:
+                return entry[1]
+            if done.wait(COLD_WAIT) and key in self.entries:
+                return self.entries[key][1]
         try:
             value = compute()
+            if len(self.entries) >= CACHE_ENTRIES:
+                self.entries.clear()
+            self.entries[key] = (time.monotonic() + self.ttl, value)  # before the waiters wake
+            return value
         except redis.RedisError:
             self.entries.clear()  # Redis is down: nobody gets old figures as if they were current
             raise
         finally:
             if mine:
                 with self.lock:
-                    self.busy.discard(key)
-        if len(self.entries) >= CACHE_ENTRIES:
-            self.entries.clear()
-        self.entries[key] = (time.monotonic() + self.ttl, value)
-        return value
+                    self.busy.pop(key, None)
+                done.set()
 
     def fresh(self, key):
         """The value if it is cached and not expired, else None."""
