@@ -333,6 +333,8 @@ SAMPLE_TEXT = 300
 # The per-domain figures, in the order ``Insight`` keeps them (pages, errors, 4xx, 5xx, 429, 503); a domain's
 # figures also say its cluster-wide ``delay`` (seconds) while it is slowed, and its ``latency_p95``.
 DOMAIN_COUNTS = ("pages", "errors", "4xx", "5xx", "429", "503")
+# What a slim value keeps of each domain's figures (slim_value).
+SLIM_DOMAIN = ("pages", "429", "503", "delay")
 # Snapshot fields too big for list views: the API sends them for one node, or with ?fields=all.
 BIG_FIELDS = frozenset(("domains", "fields", "error_samples", "latency_buckets"))
 
@@ -416,12 +418,16 @@ def slim(snapshot):
 
 
 def slim_value(snapshot):
-    """``slim_key``'s JSON of a snapshot: ``slim(snapshot)`` and ``fields_lowest``, ``[name, share]`` of its least
-    covered item field (the coverage rule's figure)."""
-    fields = snapshot.get("fields")
+    """``slim_key``'s JSON of a snapshot: ``slim(snapshot)``, ``fields_lowest`` (``[name, share]`` of its least
+    covered item field: the coverage rule's figure) and ``domains`` cut to what the refusal rule and the slowed
+    domains read (``SLIM_DOMAIN``, zeros left out)."""
+    fields, domains = snapshot.get("fields"), snapshot.get("domains")
     shares = {k: v for k, v in fields.items() if is_number(v)} if isinstance(fields, dict) else {}
-    lowest = {"fields_lowest": [min(shares, key=shares.get), min(shares.values())]} if shares else {}
-    return dumps({**slim(snapshot), **lowest})
+    extra = {"fields_lowest": [min(shares, key=shares.get), min(shares.values())]} if shares else {}
+    if isinstance(domains, dict) and domains:
+        extra["domains"] = {name: {k: d[k] for k in SLIM_DOMAIN if d.get(k)} for name, d in domains.items()
+                            if isinstance(d, dict)}
+    return dumps({**slim(snapshot), **extra})
 
 
 def newest_error(snapshot):
