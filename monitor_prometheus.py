@@ -63,12 +63,14 @@ def stable_ids(nodes):
     return {node: label if taken[label] == 1 else node for node, label in labels.items()}
 
 
-def exposition(nodes, skipped, raw_totals, detail="spider", stable=False):
-    """The /prometheus body over one read of the status hash (``nodes``, ``skipped``) and the run totals hash:
-    ``node_text``, then the other families through prometheus_client."""
+def exposition(nodes, skipped, now, raw_totals, raw_dead, detail="spider", stable=False,
+               finished_after=FINISHED_AFTER):
+    """The /prometheus body over one read of the status hash (``nodes``, ``skipped``, ``now``), the run totals
+    and the dead letter totals hashes: ``node_text``, then the other families through prometheus_client."""
     registry = CollectorRegistry()
-    registry.register(ClusterCollector(nodes, skipped, detail, stable))
+    registry.register(ClusterCollector(nodes, skipped, detail, stable, now, finished_after))
     registry.register(RunsCollector(raw_totals))
+    registry.register(DeadCollector(raw_dead))
     return node_text(nodes, detail, stable) + generate_latest(registry)
 
 
