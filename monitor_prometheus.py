@@ -64,13 +64,16 @@ def stable_ids(nodes):
 
 
 def exposition(nodes, skipped, now, raw_totals, raw_dead, detail="spider", stable=False,
-               finished_after=FINISHED_AFTER):
+               finished_after=FINISHED_AFTER, extra=()):
     """The /prometheus body over one read of the status hash (``nodes``, ``skipped``, ``now``), the run totals
-    and the dead letter totals hashes: ``node_text``, then the other families through prometheus_client."""
+    and the dead letter totals hashes (and ``extra`` collectors): ``node_text``, then the other families through
+    prometheus_client."""
     registry = CollectorRegistry()
     registry.register(ClusterCollector(nodes, skipped, detail, stable, now, finished_after))
     registry.register(RunsCollector(raw_totals))
     registry.register(DeadCollector(raw_dead))
+    for collector in extra:
+        registry.register(collector)
     return node_text(nodes, detail, stable) + generate_latest(registry)
 
 
