@@ -501,7 +501,10 @@ class Alerter:
 
     def redis_views(self):
         """``{master address: INFO figures + evicted}`` for the Redis rules, ``evicted`` being the keys evicted
-        since the previous evaluation (0 at the first); None when INFO is refused (renamed away)."""
+        since the previous evaluation (0 at the first); None when INFO is refused (renamed away); empty when no Redis
+        rule is on (INFO costs a round trip per master: then it is not read)."""
+        if not any(rule.scope == "redis" for rule in active_rules(self.cfg)):
+            return {}
         try:
             infos = self.redis_watch.infos()
         except redis.ResponseError:
