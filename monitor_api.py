@@ -39,7 +39,6 @@ from monitor_contract import (
     TREND_BUCKET,
     TREND_SECONDS,
     Outage,
-    age,
     dead_totals_key,
     history_key,
     redact,
@@ -88,6 +87,7 @@ from monitor_settings import (
     value,
     whole,
 )
+from monitor_snapshot import age
 
 logger = logging.getLogger(__name__)
 

@@ -28,15 +28,14 @@ from monitor_contract import (
     connect,
     dumps,
     events_channel,
-    last_report,
     number,
-    parse_snapshot,
     redact,
     redis_now,
     scrub,
     slim,
     status_key,
 )
+from monitor_snapshot import last_report, parse_snapshot
 
 logger = logging.getLogger("monitor_api")
 

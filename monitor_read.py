@@ -37,13 +37,10 @@ from monitor_contract import (
     dumps,
     history_key,
     is_number,
-    last_report,
     loads,
     markers_key,
-    node_state,
     notify,
     number,
-    parse_snapshot,
     redis_now,
     rollup_key,
     run_claim_key,
@@ -51,12 +48,12 @@ from monitor_contract import (
     run_record,
     runs_key,
     slim_key,
-    stale_after,
     status_key,
     trend_key,
     write_run,
 )
 from monitor_settings import SETTING
+from monitor_snapshot import last_report, node_state, parse_snapshot, stale_after
 
 logger = logging.getLogger(__name__)
 

@@ -9,7 +9,8 @@ import fnmatch
 import time
 from typing import Callable, NamedTuple, Optional
 
-from monitor_contract import DEFAULT_INTERVAL, STALE_INTERVALS, age, last_report, newest_error, number
+from monitor_contract import DEFAULT_INTERVAL, STALE_INTERVALS, number
+from monitor_snapshot import age, last_report, newest_error
 
 MIB = 1024 * 1024
 

@@ -12,6 +12,7 @@ import pytest
 import monitor_acting
 import monitor_contract
 import monitor_read
+import monitor_snapshot
 import testbed
 from testbed import (
     PAGE,
@@ -80,7 +81,7 @@ def reports_for(client, ids, seconds):
     def reported():
         found = nodes(client)
         return (monitor_contract.redis_now(client.time()) >= until
-                and all(monitor_contract.last_report(found.get(n, {})) >= until - INTERVAL for n in ids) and found)
+                and all(monitor_snapshot.last_report(found.get(n, {})) >= until - INTERVAL for n in ids) and found)
 
     return wait_for(reported, seconds + 20, what=f"{seconds} s more of reports from {ids}")
 

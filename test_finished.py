@@ -7,6 +7,7 @@ import pytest
 
 import monitor_contract
 import monitor_read
+import monitor_snapshot
 from testbed import T0, make_app, report, run_script, wait_for
 
 S = "main_spider"
@@ -131,7 +132,7 @@ def test_a_three_node_crawl_becomes_finished_and_drain_makes_every_node_exit(mak
     assert "crawl finished: 40 pages" in fired[0][1]["summary"]
     for proc in procs:
         proc.wait(30)
-    nodes = [monitor_contract.decode_snapshot(raw) for raw in redis_client.hvals("scrapy:node:status")]
+    nodes = [monitor_snapshot.decode_snapshot(raw) for raw in redis_client.hvals("scrapy:node:status")]
     assert [(s["status"], s["finish_reason"]) for s in nodes] == [("closed", "drained")] * 3
     for _ in range(3):
         alerter.run_once()

@@ -16,6 +16,7 @@ import alert
 import monitor_api
 import monitor_contract
 import monitor_read
+import monitor_snapshot
 import monitors
 import testbed
 from main_spider import DistributedSpider
@@ -130,8 +131,8 @@ def test_killed_node_reads_stale_after_three_intervals(redis_client, redis_url, 
     proc.wait(10)
     last = nodes(redis_client)[node]
     assert last["status"] == "running"
-    assert monitor_contract.node_state(last, monitor_contract.last_report(last) + 3) == "live"
-    assert monitor_contract.node_state(last, monitor_contract.last_report(last) + 3.01) == "stale"
+    assert monitor_snapshot.node_state(last, monitor_snapshot.last_report(last) + 3) == "live"
+    assert monitor_snapshot.node_state(last, monitor_snapshot.last_report(last) + 3.01) == "stale"
     wait_for(lambda: nodes(redis_client)[node]["state"] == "stale", 6, what="node stale")
     assert time.time() - last["timestamp"] > 3
 
@@ -362,8 +363,8 @@ def test_liveness_is_judged_on_redis_clock_and_a_stored_age_is_ignored(redis_cli
     assert skipped == 0 and "age" not in stored
     assert abs(stored["seen"] - server) < 0.002 and now >= server
     assert stored["state"] == "live"  # its own clock says 1970, Redis's says it just reported
-    assert monitor_contract.node_state(stored, stored["seen"] + 30.01) == "stale"
-    assert monitor_contract.age(stored, stored["seen"] + 12.5) == 12
+    assert monitor_snapshot.node_state(stored, stored["seen"] + 30.01) == "stale"
+    assert monitor_snapshot.age(stored, stored["seen"] + 12.5) == 12
 
 
 FAKETIME = next(iter(sorted(glob.glob("/usr/lib/*/faketime/libfaketime.so.1"))), None)
@@ -395,8 +396,8 @@ def test_a_crawler_whose_clock_is_five_minutes_off_is_live_then_stale_on_time(sh
         snap = snapshot()
         assert snap["state"] == "live" and snap["age"] <= 2, snap
         assert down_alerts() == []
-        seen = monitor_contract.last_report(testbed.get_node(redis_client, node))
-        wait_for(lambda seen=seen: monitor_contract.last_report(testbed.get_node(redis_client, node)) > seen, 5,
+        seen = monitor_snapshot.last_report(testbed.get_node(redis_client, node))
+        wait_for(lambda seen=seen: monitor_snapshot.last_report(testbed.get_node(redis_client, node)) > seen, 5,
                  what="the node's next report")
     points = api.get(f"/metrics/{node}/history?minutes=5").get_json()["points"]
     assert len(points) >= 3 and all(abs(p["timestamp"] - time.time()) < 10 for p in points)  # Redis's clock

@@ -5,6 +5,7 @@ import threading
 import pytest
 
 import monitor_contract
+import monitor_snapshot
 from testbed import make_app, snapshot, store, wait_for
 
 QUEUES = {"requests": "shop:requests", "start_urls": "shop:start_urls", "dupefilter": "shop:dupefilter",
@@ -211,7 +212,7 @@ def test_delete_dead_empties_them_and_counts_what_it_held(redis_url, redis_clien
 def node_of(client, spider="main_spider"):
     """The spider's first node snapshot that publishes its queue names, or None."""
     for raw in client.hvals("scrapy:node:status"):
-        snap = monitor_contract.decode_snapshot(raw)
+        snap = monitor_snapshot.decode_snapshot(raw)
         if snap and snap["spider"] == spider and snap.get("queues"):
             return snap
     return None

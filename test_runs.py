@@ -20,6 +20,7 @@ import monitor_channels
 import monitor_contract
 import monitor_read
 import monitor_settings
+import monitor_snapshot
 import monitors
 import testbed
 from testbed import ROOT, ApiServer, clean_env, crawl_log, free_port, wait_for, wait_until_answers
@@ -264,7 +265,7 @@ def test_a_sigkilled_crawl_is_recorded_lost_once_with_two_apis_and_two_alerters(
             a.wait()
     assert len(runs(redis_client)) == 1 and lost[0]["node"] == node
     last = testbed.get_node(redis_client, node)
-    assert lost[0]["pages"] == last["pages"] and lost[0]["end_time"] == int(monitor_contract.last_report(last))
+    assert lost[0]["pages"] == last["pages"] and lost[0]["end_time"] == int(monitor_snapshot.last_report(last))
     assert monitor_read.run_totals(redis_client.hgetall(monitor_contract.run_meta_key(P, "totals"))) == {
         ("main_spider", "lost"): 1}
     assert redis_client.llen(monitor_contract.run_meta_key(P, "recent")) == 1

@@ -15,6 +15,7 @@ import monitor_alert_state
 import monitor_contract
 import monitor_prometheus
 import monitor_rules
+import monitor_snapshot
 import testbed
 from testbed import MB, T0, CountingConnection, report, wait_for
 
@@ -109,7 +110,7 @@ def test_the_alerter_reads_slim_snapshots_and_still_quotes_error_samples(make, r
     ('{"spider":"s","timestamp":1,"fields_lowest":["t",0.5]}', True),
 ])
 def test_the_snapshot_gate_bounds_every_number(raw, ok):
-    assert (monitor_contract.decode_snapshot(raw) is not None) is ok
+    assert (monitor_snapshot.decode_snapshot(raw) is not None) is ok
 
 
 # ---------------------------------------------------------------------------- idle costs nothing

@@ -7,6 +7,7 @@ import pytest
 
 import monitor_contract
 import monitor_rules
+import monitor_snapshot
 from testbed import T0, make_app, report, wait_for
 
 LIMIT, WINDOW, MOST = 0.2, 120, 60
@@ -88,7 +89,7 @@ def test_a_host_refusing_a_third_gets_a_delay_on_both_nodes_and_its_request_rate
         """The delay stored, once both nodes report it applied (it may double meanwhile: a third still refused)."""
         alerter.run_once()
         stored = monitor_contract.slow_delays(redis_client.hgetall("scrapy:slow")).get(host)
-        nodes = [monitor_contract.decode_snapshot(raw) for raw in redis_client.hvals("scrapy:node:status")]
+        nodes = [monitor_snapshot.decode_snapshot(raw) for raw in redis_client.hvals("scrapy:node:status")]
         applied = {((s.get("domains") or {}).get(host) or {}).get("delay") for s in nodes}
         return stored if stored and applied == {stored} else None
 

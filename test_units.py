@@ -19,6 +19,7 @@ import monitor_contract
 import monitor_read
 import monitor_rules
 import monitor_settings
+import monitor_snapshot
 import monitors
 from monitor_contract import HISTORY_FIELDS
 from monitor_rules import MIB, NODE_DOWN
@@ -840,7 +841,7 @@ def enc(**fields):
     pytest.param(enc(seen="x"), None, id="seen-not-a-number"),
 ])
 def test_decode_snapshot(raw, expected):
-    assert monitor_contract.decode_snapshot(raw) == expected
+    assert monitor_snapshot.decode_snapshot(raw) == expected
 
 
 @pytest.mark.parametrize("raw, error", [
@@ -917,7 +918,7 @@ def test_scrub_cuts_the_given_url_and_redacts_others():
     pytest.param({"timestamp": 100, "status": "closed"}, 10 ** 9, "closed", id="closed-forever"),
 ])
 def test_node_state(fields, now, expected):
-    assert monitor_contract.node_state(fields, now) == expected
+    assert monitor_snapshot.node_state(fields, now) == expected
 
 
 def row(ts, value=None, **fields):

@@ -29,6 +29,7 @@ import requests
 
 import monitor_contract
 import monitor_read
+import monitor_snapshot
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
@@ -644,7 +645,7 @@ def list_nodes(client, prefix="scrapy", now=None):
 
 def get_node(client, node, prefix="scrapy", now=None):
     """One node's snapshot with its state, or None."""
-    return monitor_contract.parse_snapshot(client.hget(monitor_contract.status_key(prefix), node), now)
+    return monitor_snapshot.parse_snapshot(client.hget(monitor_contract.status_key(prefix), node), now)
 
 
 def read_history(client, node, minutes=60, prefix="scrapy", now=None):

@@ -1,0 +1,178 @@
+"""The one gate readers decode a snapshot by: ``decode_snapshot`` keeps a node only when its fields have the
+types and ranges of ``monitor_contract.Snapshot`` (crawl insight of the wrong shape dropped, the node kept), and
+what readers derive from a snapshot: its state, age, slim list-view form and newest error. The crawler never
+decodes snapshots, so this module is not among the three files a crawler machine needs."""
+
+import math
+import time
+from typing import Optional, Union
+
+from monitor_contract import (
+    DEFAULT_INTERVAL,
+    DOMAIN_COUNTS,
+    LATENCY_BUCKETS,
+    MAX_FIELDS,
+    MAX_TOP_DOMAINS,
+    NUMBER_LIMIT,
+    QUEUE_NAMES,
+    SAMPLE_TEXT,
+    SAMPLES,
+    STALE_INTERVALS,
+    START_URL_TYPES,
+    Snapshot,
+    is_number,
+    is_text,
+    loads,
+    number,
+)
+
+# A report interval beyond a day is not a monitor's interval.
+MAX_INTERVAL = 86400
+
+
+# Snapshot fields that must be text when present: they become labels, keys and page text.
+TEXT_FIELDS = ("node", "host", "spider", "status", "finish_reason", "version", "args_hash")
+
+
+def decode_snapshot(raw: Union[bytes, str, None]) -> Optional[Snapshot]:
+    """A stored snapshot as a dict, or None unless it passes the one gate every reader goes through:
+    a strict JSON object with a string ``spider`` and a numeric ``timestamp``; ``node``, ``host``,
+    ``spider``, ``status``, ``finish_reason`` text (or absent) that encodes as UTF-8; every number below
+    1e18 in size (no NaN or infinity); ``interval`` within (0, 86400]."""
+    try:
+        value = loads(raw, bounded=False)  # then bounds checked: faster than loads' hooks
+    except (ValueError, TypeError):
+        return None
+    if not (isinstance(value, dict) and _in_bounds(value) and isinstance(value.get("spider"), str)
+            and is_number(value.get("timestamp"))):
+        return None
+    for field in TEXT_FIELDS:
+        text = value.get(field)
+        if text is not None and not (isinstance(text, str) and is_text(text)):
+            return None
+    interval = value.get("interval")
+    if interval is not None and not (is_number(interval) and 0 < interval <= MAX_INTERVAL):
+        return None
+    if "seen" in value and not is_number(value["seen"]):
+        return None
+    if "queues" in value and not queue_names_ok(value["queues"]):
+        del value["queues"]
+    return clean_insight(value)  # crawl insight fields of the wrong shape are dropped, the node kept
+
+
+def queue_names_ok(queues):
+    return (isinstance(queues, dict) and all(_name(queues.get(k)) or queues.get(k) == "" for k in QUEUE_NAMES)
+            and queues.get("start_urls_type") in START_URL_TYPES and isinstance(queues.get("apart", False), bool))
+
+
+def _in_bounds(value):
+    """Every number in a decoded JSON value below NUMBER_LIMIT in size (and finite), as ``loads`` checks."""
+    for v in value.values() if value.__class__ is dict else value:
+        kind = v.__class__
+        if (kind is int or kind is float) and not -NUMBER_LIMIT < v < NUMBER_LIMIT:  # false for nan and inf too
+            return False
+        if (kind is dict or kind is list) and not _in_bounds(v):
+            return False
+    return True
+
+
+def parse_snapshot(raw: Union[bytes, str, None], now: Optional[float] = None) -> Optional[Snapshot]:
+    """``decode_snapshot`` plus the node's derived ``state``."""
+    snapshot = decode_snapshot(raw)
+    if snapshot is not None:
+        snapshot.pop("age", None)  # readers derive it
+        snapshot["state"] = node_state(snapshot, now)
+    return snapshot
+
+
+def node_state(snapshot: Snapshot, now: Optional[float] = None) -> str:
+    """``closed``, ``stale`` (silent for more than three intervals), ``paused`` or ``live``; derived, never
+    stored. ``now`` is on Redis's clock, as is the report time (see ``last_report``)."""
+    if snapshot.get("status") == "closed":
+        return "closed"
+    if (time.time() if now is None else now) > stale_after(snapshot):
+        return "stale"
+    return "paused" if snapshot.get("status") == "paused" else "live"
+
+
+def stale_after(snapshot: Snapshot) -> float:
+    """When a node not closed turns stale, on Redis's clock: three of its intervals after its last report."""
+    return last_report(snapshot) + STALE_INTERVALS * (number(snapshot.get("interval"), DEFAULT_INTERVAL)
+                                                      or DEFAULT_INTERVAL)
+
+
+def last_report(snapshot):
+    """When the node last reported, on Redis's clock: ``seen``, which Redis stamps on every write (so a node
+    whose own clock is wrong is judged fairly), else the node's own ``timestamp``."""
+    seen = number(snapshot.get("seen"))
+    return seen if seen is not None else number(snapshot.get("timestamp"), 0)
+
+
+def age(snapshot, now):
+    """Whole seconds since the node last reported, at ``now`` on Redis's clock."""
+    return max(int(now - last_report(snapshot)), 0)
+
+
+def _num(value, low=0.0, high=math.inf):
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and low <= value <= high
+
+
+def _name(value):
+    return is_text(value) and 0 < len(value) <= SAMPLE_TEXT
+
+
+def clean_insight(snapshot):
+    """Drop from a decoded snapshot every insight field, or part of one, of the wrong shape (in place).
+
+    Kept: ``latency_*`` numbers >= 0; ``latency_buckets`` a list of len(LATENCY_BUCKETS) + 1 counts;
+    ``domains`` up to MAX_TOP_DOMAINS + 1 names of at most 300 characters, each an object of numbers
+    (others None); ``fields`` up to MAX_FIELDS names -> shares 0..1; ``error_samples`` up to SAMPLES
+    objects with text ``message`` and ``logger``, a number ``time`` and a text or null ``url``;
+    ``fields_lowest`` (slim values) a ``[name, share]``."""
+    for q in ("latency_p50", "latency_p95", "latency_p99", "latency_sum"):
+        if q in snapshot and not (snapshot[q] is None or _num(snapshot[q])):
+            del snapshot[q]
+    buckets = snapshot.get("latency_buckets")
+    if buckets is not None and not (isinstance(buckets, list) and len(buckets) == len(LATENCY_BUCKETS) + 1
+                                    and all(_num(b) for b in buckets)):
+        del snapshot["latency_buckets"]
+    domains = snapshot.get("domains")
+    if domains is not None:
+        if isinstance(domains, dict):
+            snapshot["domains"] = {
+                name: {k: (v[k] if _num(v.get(k)) else None) for k in DOMAIN_COUNTS + ("latency_p95", "delay")}
+                for name, v in list(domains.items())[:MAX_TOP_DOMAINS + 1] if _name(name) and isinstance(v, dict)}
+        else:
+            del snapshot["domains"]
+    fields = snapshot.get("fields")
+    if fields is not None:
+        if isinstance(fields, dict):
+            snapshot["fields"] = {name: share for name, share in list(fields.items())[:MAX_FIELDS]
+                                  if _name(name) and _num(share, 0, 1)}
+        else:
+            del snapshot["fields"]
+    lowest = snapshot.get("fields_lowest")
+    if lowest is not None and not (isinstance(lowest, list) and len(lowest) == 2 and _name(lowest[0])
+                                   and _num(lowest[1], 0, 1)):
+        del snapshot["fields_lowest"]
+    samples = snapshot.get("error_samples")
+    if samples is not None:
+        if isinstance(samples, list):
+            snapshot["error_samples"] = [
+                {"time": s["time"], "logger": s["logger"][:SAMPLE_TEXT], "message": s["message"][:SAMPLE_TEXT],
+                 "url": s["url"][:SAMPLE_TEXT] if is_text(s.get("url")) else None}
+                for s in samples[:SAMPLES]
+                if isinstance(s, dict) and _num(s.get("time")) and is_text(s.get("logger"))
+                and is_text(s.get("message"))]
+        else:
+            del snapshot["error_samples"]
+    return snapshot
+
+
+def newest_error(snapshot):
+    """``"<logger>: <message> (<url>)"`` of the node's newest error sample, or None."""
+    samples = snapshot.get("error_samples") or []
+    if not samples:
+        return None
+    s = samples[0]
+    return f"{s['logger']}: {s['message']}" + (f" ({s['url']})" if s.get("url") else "")
