@@ -13,21 +13,6 @@ import monitor_acting
 import testbed
 from testbed import HangingPort, Site, crawl_log, wait_for
 
-PLAIN_SPIDER = '''
-import scrapy
-
-class PlainSpider(scrapy.Spider):
-    name = "plain"
-
-    async def start(self):
-        yield scrapy.Request(self.url)
-
-    def parse(self, response):
-        yield {"url": response.url}
-        yield from response.follow_all(css="a")
-'''
-
-
 # ---------------------------------------------------------------------------- 6. a hung Redis delays nothing
 
 @pytest.fixture
@@ -46,7 +31,7 @@ def opened_at(proc):
 
 def test_a_hung_monitor_redis_delays_the_crawl_by_at_most_a_quarter_second_and_a_later_pause_is_obeyed(
         redis_client, redis_url, hung_redis, crawlers, tmp_path):
-    project = testbed.scrapy_project(tmp_path, "plain", PLAIN_SPIDER)
+    project = testbed.scrapy_project(tmp_path, "plain", testbed.PLAIN_SPIDER)
     site = Site(pages=400, delay=0.1).start()
     try:
         env = {"REDIS_URL": redis_url, "MONITOR_REDIS_URL": hung_redis.url, "MONITOR_INTERVAL": "1"}

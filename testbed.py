@@ -437,6 +437,23 @@ class ClusterServers:
 
 # ---------------------------------------------------------------------------- crawler and API processes
 
+# A spider with no scrapy-redis: it crawls the site from ``-a url=`` and follows every link, so a node keeps
+# crawling (and reporting) while it is measured.
+PLAIN_SPIDER = '''
+import scrapy
+
+class PlainSpider(scrapy.Spider):
+    name = "plain"
+
+    async def start(self):
+        yield scrapy.Request(self.url)
+
+    def parse(self, response):
+        yield {"url": response.url}
+        yield from response.follow_all(css="a")  # keeps the node crawling (and reporting) while it is measured
+'''
+
+
 def scrapy_project(folder, name, spider_source, settings=""):
     """A plain Scrapy project in ``folder`` (a pathlib.Path): module ``<name>_spider`` holding
     ``spider_source``, settings with nothing but it, the monitor's one line and ``settings``. Returns it."""

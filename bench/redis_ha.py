@@ -30,6 +30,7 @@ import requests  # noqa: E402
 
 from monitor_settings import connect  # noqa: E402
 from testbed import (  # noqa: E402
+    PLAIN_SPIDER,
     ApiServer,
     ClusterServers,
     RedisServer,
@@ -42,20 +43,6 @@ from testbed import (  # noqa: E402
     stop_process,
     wait_for,
 )
-
-PLAIN_SPIDER = '''
-import scrapy
-
-class Plain(scrapy.Spider):
-    name = "plain"
-
-    async def start(self):
-        yield scrapy.Request(self.url)
-
-    def parse(self, response):
-        yield {"url": response.url}
-        yield from response.follow_all(css="a")  # keeps the node crawling (and reporting) while it is measured
-'''
 
 
 def latencies(url, count):
