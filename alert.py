@@ -93,8 +93,9 @@ BACKOFF_MAX = 900
 BACKOFF_STEPS = 16
 # The settings alert.py reads (monitor_settings.SETTINGS), in --help's order.
 SETTINGS = readers_of(ALERT)
-# The spider figures the spider-level rules read (besides node counts and the queue forecast).
-SPIDER_RULE_FIELDS = ("queue_requests", "queue_start_urls")
+# The spider figures the spider-level rules read (besides node counts and the queue forecast): the queue's, and
+# the crawl's totals that the finished rule sends.
+SPIDER_RULE_FIELDS = ("queue_requests", "queue_start_urls", "pages", "items", "errors", "dead")
 # Mail settings: any of them set asks for mail, which needs ALERT_TO.
 SMTP_VARS = ("SMTP_HOST", "SMTP_PORT", "SMTP_SECURITY", "SMTP_USER", "SMTP_PASSWORD")
 
