@@ -244,6 +244,8 @@ def test_render_error_is_not_reported_as_api_down(open_page, servers):
     assert stats["displayErrors"] >= 1 and stats["failedPolls"] == 0, stats
     # The node goes: the next poll renders, and the message clears by itself.
     client.hdel(f"{PREFIX}:node:status", bomb)
+    client.hdel(monitor_contract.slim_key(PREFIX), bomb)  # list views read the slim hash
+    monitor_contract.notify(client, PREFIX, "node", bomb)  # as pruning does: streams tell pages the node is gone
     page.wait_for_selector("#banner", state="hidden", timeout=WAIT)
     assert cards(page) == {"main_spider:a:1": "live"}
 
@@ -463,6 +465,7 @@ def test_memory_stays_flat_while_nodes_come_and_go(api, redis_client, open_page)
         n = churn[0]
         with redis_client.pipeline(transaction=True) as pipe:
             pipe.hdel(f"{PREFIX}:node:status", *[f"zz_churn:c{i}:1" for i in range(n - 5, n)])
+            pipe.hdel(monitor_contract.slim_key(PREFIX), *[f"zz_churn:c{i}:1" for i in range(n - 5, n)])
             for i in range(n - 5, n):  # as pruning does: streams tell pages the node is gone
                 monitor_contract.notify(pipe, PREFIX, "node", f"zz_churn:c{i}:1")
             for snap in [snapshot(f"main_spider:w{i:03d}:{i}", cpu=float((i + n) % 100), pages=n * 100 + i)

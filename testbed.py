@@ -622,6 +622,12 @@ def snapshot(node, spider="main_spider", age=0, now=None, **fields):
         "latency_p50": 0.12, "latency_p95": 0.4, "latency_p99": 0.9, "latency_sum": 0.0,
         "latency_buckets": [0] * (len(monitor_contract.LATENCY_BUCKETS) + 1), "domains": {}, "fields": {},
         "fields_listed": False, "error_samples": [],
+        # the spider's version and arguments (issue 21), its scrapy-redis keys, idleness and dead letters (issue
+        # 19), and the reports a Redis outage or failover dropped (issue 18)
+        "version": "VERSION_2.3", "args_hash": "51bda1466730", "idle_since": float(now - 60), "dead": 0,
+        "queues": {"requests": f"{spider}:requests", "start_urls": "distributed:start_urls",
+                   "dupefilter": f"{spider}:dupefilter", "start_urls_type": "list", "apart": False},
+        "reports_dropped": 0,
     }
     snap.update(fields)
     if snap["status"] == "closed":
