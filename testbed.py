@@ -624,12 +624,13 @@ def snapshot(node, spider="main_spider", age=0, now=None, **fields):
         "fields_listed": False, "error_samples": [],
         # the spider's version and arguments (issue 21), its scrapy-redis keys, idleness and dead letters (issue
         # 19), and the reports a Redis outage or failover dropped (issue 18)
-        "version": "VERSION_2.3", "args_hash": "51bda1466730", "idle_since": float(now - 60), "dead": 0,
+        "version": "VERSION_2.3", "args_hash": "51bda1466730", "dead": 0,
         "queues": {"requests": f"{spider}:requests", "start_urls": "distributed:start_urls",
                    "dupefilter": f"{spider}:dupefilter", "start_urls_type": "list", "apart": False},
         "reports_dropped": 0,
     }
     snap.update(fields)
+    snap.setdefault("idle_since", float(snap["timestamp"]))  # no page since this report: idle 0 s, as before
     if snap["status"] == "closed":
         snap.setdefault("finish_reason", "finished")
     return snap
