@@ -24,9 +24,12 @@ def served(redis_url, **config):
 
     @contextlib.contextmanager
     def server():
-        with serving(app, threads=monitor_api.threads(app)) as base:
-            yield base
-            wait_for(lambda: app.extensions["events"].streams == 0, what="the streams to end")
+        try:
+            with serving(app, threads=monitor_api.threads(app)) as base:
+                yield base
+                wait_for(lambda: app.extensions["events"].streams == 0, what="the streams to end")
+        finally:
+            app.extensions["events"].stop()  # its subscription ends: no hub outlives its test on the session's Redis
 
     return app, server()
 

@@ -5,6 +5,7 @@ changes reach the cards (section 1, the page's side). Headless Chromium against 
 import json
 from urllib.parse import quote
 
+import psutil
 import requests
 
 from testbed import PAGE, EventReader, publish, snapshot, until
@@ -15,6 +16,13 @@ NODES = [f"{SPIDER}:crawler-{i:05d}:1" for i in range(10000)]
 
 def card(page, node):
     return page.locator(f"[data-node={json.dumps(node)}]")
+
+
+def subscriptions(client, pid):
+    """How many of process ``pid``'s connections to the client's Redis are subscribed to a channel."""
+    port = client.connection_pool.connection_kwargs["port"]
+    mine = {c.laddr.port for c in psutil.Process(pid).net_connections("tcp") if c.raddr and c.raddr.port == port}
+    return sum(1 for c in client.client_list() if int(c["addr"].rpartition(":")[2]) in mine and int(c["sub"]) > 0)
 
 
 def drawn(page):
@@ -28,7 +36,11 @@ def test_ten_thousand_nodes_draw_what_is_near_the_screen_and_scroll_and_search_f
     until(page, "() => window.dashboardStats.nodes === 10000 && document.querySelector('[data-node]') !== null",
           timeout=60000)  # reading and sending 10,000 nodes takes the API a while on a busy machine
     first = drawn(page)
-    assert 20 <= len(first) <= 600 and first == NODES[:len(first)]  # the top of the sorted grid, in order
+    assert 6 <= len(first) <= 600 and first == NODES[:len(first)]  # the top of the sorted grid, in order
+    # Every card on the screen is drawn, and those near it: the drawn ones reach well below the fold (the grid
+    # starts below the summary, alerts, cluster charts and Redis panel, so how many cards that is varies).
+    assert page.evaluate("() => { const c = document.querySelectorAll('[data-node]'); "
+                         "return c[c.length - 1].getBoundingClientRect().bottom >= 1.5 * innerHeight; }")
     assert page.evaluate("() => document.getElementsByTagName('*').length") < 60000
     assert page.text_content("#shown") == "10000 of 10000 nodes shown"
     assert page.text_content("#s-live") == "10,000"  # counts and filters see every node, drawn or not
@@ -76,9 +88,10 @@ def test_the_page_shows_pushed_changes_live_and_falls_back_to_polling(api, redis
     until(polling, "() => document.getElementById('live-mode').textContent.includes('polling every 300 ms (?live=0)')")
     card(polling, node).wait_for()
 
-    # The stream holds one subscription for every client (the API's, not one per page).
+    # The stream holds one subscription for every client (the API's, not one per page). Counted among the API
+    # process's own connections: the session's Redis may hold other subscribers (an alerter, another API).
     stream = EventReader(api.url)
     stream.wait("hello")
-    assert redis_client.pubsub_numsub("scrapy:events")[0][1] == 1
+    assert subscriptions(redis_client, api.proc.pid) == 1
     stream.close()
     assert requests.get(f"{api.url}/health", timeout=5).status_code == 200
