@@ -449,7 +449,7 @@ def test_detail_view_survives_updates(api, redis_client, open_page):
     until(page, "() => document.querySelector('#d-fields').innerText.includes('77.0%')")
     polls_after(page, 3)
     assert page.is_visible("#detail")
-    assert page.evaluate("() => window.scrollY") == scroll
+    assert abs(page.evaluate("() => window.scrollY") - scroll) <= 2  # stays put (a sub-pixel layout may round)
     assert page.evaluate("(n) => document.querySelector(`[data-node='${n}']`).__mark", target) == 1
     assert "77.0%" in card(page, target).inner_text()
     page.keyboard.press("Escape")
