@@ -20,6 +20,7 @@ from monitor_contract import (
     STALE_INTERVALS,
     START_URL_TYPES,
     Snapshot,
+    in_bounds,
     is_number,
     is_text,
     loads,
@@ -40,15 +41,23 @@ def decode_snapshot(raw: Union[bytes, str, None]) -> Optional[Snapshot]:
     ``spider``, ``status``, ``finish_reason`` text (or absent) that encodes as UTF-8; every number below
     1e18 in size (no NaN or infinity); ``interval`` within (0, 86400]."""
     try:
-        value = loads(raw, bounded=False)  # then bounds checked: faster than loads' hooks
-    except (ValueError, TypeError):
+        value = loads(raw, bounded=False)  # then bounds checked: faster than loads' own check
+        if value.__class__ is not dict:
+            return None
+        domains = value.get("domains")
+        if domains.__class__ is dict:  # checked while cleaned (the bulk of a snapshot with insight)
+            value["domains"] = None
+        if not in_bounds(value):
+            return None
+        if domains.__class__ is dict:
+            value["domains"] = _domains(domains)
+    except (ValueError, TypeError):  # out of bounds in the domains too
         return None
-    if not (isinstance(value, dict) and _in_bounds(value) and isinstance(value.get("spider"), str)
-            and is_number(value.get("timestamp"))):
+    if not (value.get("spider").__class__ is str and is_number(value.get("timestamp"))):
         return None
     for field in TEXT_FIELDS:
         text = value.get(field)
-        if text is not None and not (isinstance(text, str) and is_text(text)):
+        if text is not None and not (text.__class__ is str and (text.isascii() or is_text(text))):
             return None
     interval = value.get("interval")
     if interval is not None and not (is_number(interval) and 0 < interval <= MAX_INTERVAL):
@@ -63,17 +72,6 @@ def decode_snapshot(raw: Union[bytes, str, None]) -> Optional[Snapshot]:
 def queue_names_ok(queues):
     return (isinstance(queues, dict) and all(_name(queues.get(k)) or queues.get(k) == "" for k in QUEUE_NAMES)
             and queues.get("start_urls_type") in START_URL_TYPES and isinstance(queues.get("apart", False), bool))
-
-
-def _in_bounds(value):
-    """Every number in a decoded JSON value below NUMBER_LIMIT in size (and finite), as ``loads`` checks."""
-    for v in value.values() if value.__class__ is dict else value:
-        kind = v.__class__
-        if (kind is int or kind is float) and not -NUMBER_LIMIT < v < NUMBER_LIMIT:  # false for nan and inf too
-            return False
-        if (kind is dict or kind is list) and not _in_bounds(v):
-            return False
-    return True
 
 
 def parse_snapshot(raw: Union[bytes, str, None], now: Optional[float] = None) -> Optional[Snapshot]:
@@ -118,7 +116,36 @@ def _num(value, low=0.0, high=math.inf):
 
 
 def _name(value):
-    return is_text(value) and 0 < len(value) <= SAMPLE_TEXT
+    return value.__class__ is str and 0 < len(value) <= SAMPLE_TEXT and (value.isascii() or is_text(value))
+
+
+# A domain's figures after the gate: each known one a number >= 0, else None.
+NO_FIGURES = dict.fromkeys(DOMAIN_COUNTS + ("latency_p95", "delay"))
+
+
+def _domains(domains):
+    """The first MAX_TOP_DOMAINS + 1 of a snapshot's domains named by text of at most SAMPLE_TEXT characters,
+    each an object: its known figures (NO_FIGURES) that are numbers >= 0, the others None. Raises ValueError
+    for any number out of bounds in ``domains`` (``in_bounds``), kept or not. Iterates the figures present: a
+    slim value's domain has two or three."""
+    out = {}
+    for i, (name, v) in enumerate(domains.items()):
+        if v.__class__ is not dict or i > MAX_TOP_DOMAINS or not _name(name):
+            if not in_bounds([v]):
+                raise ValueError("a number is out of range")
+            continue
+        figures = NO_FIGURES.copy()
+        for k, x in v.items():
+            kind = x.__class__
+            if kind is int or kind is float:
+                if not -NUMBER_LIMIT < x < NUMBER_LIMIT:
+                    raise ValueError("a number is out of range")
+                if x >= 0 and k in figures:
+                    figures[k] = x
+            elif (kind is dict or kind is list) and not in_bounds(x):
+                raise ValueError("a number is out of range")
+        out[name] = figures
+    return out
 
 
 def clean_insight(snapshot):
@@ -137,13 +164,8 @@ def clean_insight(snapshot):
                                     and all(_num(b) for b in buckets)):
         del snapshot["latency_buckets"]
     domains = snapshot.get("domains")
-    if domains is not None:
-        if isinstance(domains, dict):
-            snapshot["domains"] = {
-                name: {k: (v[k] if _num(v.get(k)) else None) for k in DOMAIN_COUNTS + ("latency_p95", "delay")}
-                for name, v in list(domains.items())[:MAX_TOP_DOMAINS + 1] if _name(name) and isinstance(v, dict)}
-        else:
-            del snapshot["domains"]
+    if domains is not None and domains.__class__ is not dict:
+        del snapshot["domains"]
     fields = snapshot.get("fields")
     if fields is not None:
         if isinstance(fields, dict):
