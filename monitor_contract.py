@@ -7,6 +7,7 @@ every script shares: strict JSON, numbers, text, redaction of secrets.
 """
 
 import hashlib
+import itertools
 import json
 import logging
 import math
@@ -912,27 +913,30 @@ def loads(raw: Union[bytes, str], bounded: bool = True) -> object:
 
 
 def in_bounds(value) -> bool:
-    """Every number in a decoded JSON value (a dict or list) below NUMBER_LIMIT in size, as ``loads`` checks
-    (false for NaN and infinity too); ValueError for a value nested too deeply."""
+    """Every number in a decoded JSON value below NUMBER_LIMIT in size, as ``loads`` checks (false for infinity,
+    which the stdlib decodes from 1e999; decoded JSON holds no NaN); ValueError for a value nested too deeply."""
     try:
         return _in_bounds(value)
     except RecursionError:
         raise ValueError("nested too deeply") from None
 
 
+_NUMBER = frozenset((int, float)).__contains__  # exactly: a bool is no figure
+_CONTAINER = frozenset((dict, list)).__contains__
+
+
 def _in_bounds(value):
-    if value.__class__ is dict:
-        value = value.values()
-    elif value.__class__ is not list:
-        kind = value.__class__
-        return not (kind is int or kind is float) or -NUMBER_LIMIT < value < NUMBER_LIMIT
-    for v in value:
-        kind = v.__class__
-        if (kind is int or kind is float) and not -NUMBER_LIMIT < v < NUMBER_LIMIT:  # false for nan and inf too
-            return False
-        if (kind is dict or kind is list) and not _in_bounds(v):
-            return False
-    return True
+    """``in_bounds`` at C speed: the numbers and the containers among an object's or a list's values picked by
+    their type, the numbers' extremes compared with the limit, the containers checked in turn."""
+    kind = value.__class__
+    if kind is not dict and kind is not list:
+        return not _NUMBER(kind) or -NUMBER_LIMIT < value < NUMBER_LIMIT
+    values = value.values() if kind is dict else value
+    kinds = list(map(type, values))
+    numbers = list(itertools.compress(values, map(_NUMBER, kinds)))
+    if numbers and not (-NUMBER_LIMIT < min(numbers) and max(numbers) < NUMBER_LIMIT):
+        return False
+    return all(map(_in_bounds, itertools.compress(values, map(_CONTAINER, kinds))))
 
 
 _STRICT = json.JSONDecoder(parse_constant=not_json)

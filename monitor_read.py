@@ -141,7 +141,7 @@ class NodeReader:
             node = names.get(field) or as_text(field)
             entry = self.entries.get(node)
             if entry is None or entry.raw != raw:
-                entry = NodeEntry(raw, parse_snapshot(raw, now))
+                entry = NodeEntry(raw, parse_snapshot(raw, now, self.slim))
             elif entry.flips is not None and (now > entry.flips) != (entry.snapshot["state"] == "stale"):
                 entry = NodeEntry(raw, dict(entry.snapshot, state=node_state(entry.snapshot, now)))
             entries[node] = entry
@@ -224,7 +224,7 @@ def read_snapshots(r, prefix, nodes, now, full=False):
     missing = [n for n, raw in raws.items() if raw is None]
     if missing:
         raws.update(zip(missing, r.hmget(status_key(prefix), missing)))
-    parsed = {n: parse_snapshot(raw, now) for n, raw in raws.items() if raw is not None}
+    parsed = {n: parse_snapshot(raw, now, not full) for n, raw in raws.items() if raw is not None}
     return {n: s for n, s in parsed.items() if s is not None}
 
 

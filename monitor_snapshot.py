@@ -3,7 +3,10 @@ types and ranges of ``monitor_contract.Snapshot`` (crawl insight of the wrong sh
 what readers derive from a snapshot: its state, age, slim list-view form and newest error. The crawler never
 decodes snapshots, so this module is not among the three files a crawler machine needs."""
 
+import functools
+import itertools
 import math
+import operator
 import time
 from typing import Optional, Union
 
@@ -35,11 +38,12 @@ MAX_INTERVAL = 86400
 TEXT_FIELDS = ("node", "host", "spider", "status", "finish_reason", "version", "args_hash")
 
 
-def decode_snapshot(raw: Union[bytes, str, None]) -> Optional[Snapshot]:
+def decode_snapshot(raw: Union[bytes, str, None], slim: bool = False) -> Optional[Snapshot]:
     """A stored snapshot as a dict, or None unless it passes the one gate every reader goes through:
     a strict JSON object with a string ``spider`` and a numeric ``timestamp``; ``node``, ``host``,
     ``spider``, ``status``, ``finish_reason`` text (or absent) that encodes as UTF-8; every number below
-    1e18 in size (no NaN or infinity); ``interval`` within (0, 86400]."""
+    1e18 in size (no NaN or infinity); ``interval`` within (0, 86400]. ``slim``: a slim value (``slim_value``),
+    whose domains keep the figures they have (see ``clean_insight``)."""
     try:
         value = loads(raw, bounded=False)  # then bounds checked: faster than loads' own check
         if value.__class__ is not dict:
@@ -50,7 +54,7 @@ def decode_snapshot(raw: Union[bytes, str, None]) -> Optional[Snapshot]:
         if not in_bounds(value):
             return None
         if domains.__class__ is dict:
-            value["domains"] = _domains(domains)
+            value["domains"] = _domains(domains, slim)
     except (ValueError, TypeError):  # out of bounds in the domains too
         return None
     if not (value.get("spider").__class__ is str and is_number(value.get("timestamp"))):
@@ -74,9 +78,10 @@ def queue_names_ok(queues):
             and queues.get("start_urls_type") in START_URL_TYPES and isinstance(queues.get("apart", False), bool))
 
 
-def parse_snapshot(raw: Union[bytes, str, None], now: Optional[float] = None) -> Optional[Snapshot]:
+def parse_snapshot(raw: Union[bytes, str, None], now: Optional[float] = None, slim: bool = False
+                   ) -> Optional[Snapshot]:
     """``decode_snapshot`` plus the node's derived ``state``."""
-    snapshot = decode_snapshot(raw)
+    snapshot = decode_snapshot(raw, slim)
     if snapshot is not None:
         snapshot.pop("age", None)  # readers derive it
         snapshot["state"] = node_state(snapshot, now)
@@ -119,15 +124,40 @@ def _name(value):
     return value.__class__ is str and 0 < len(value) <= SAMPLE_TEXT and (value.isascii() or is_text(value))
 
 
+def _names_ok(names):
+    """Whether every one of ``names`` (an object's keys: text) is a ``_name``, checked at C speed."""
+    return all(map(str.isascii, names)) and (not names or 0 < min(map(len, names))
+                                             and max(map(len, names)) <= SAMPLE_TEXT)
+
+
+def _counts_ok(values, high=math.inf):
+    """Whether every one of ``values`` is a number (not a bool) within [0, ``high``], checked at C speed."""
+    return set(map(type, values)) <= NUMBER_TYPES and (not values or min(values) >= 0 and max(values) <= high)
+
+
+NUMBER_TYPES = frozenset((int, float))
 # A domain's figures after the gate: each known one a number >= 0, else None.
 NO_FIGURES = dict.fromkeys(DOMAIN_COUNTS + ("latency_p95", "delay"))
+FIGURES = frozenset(NO_FIGURES)
+FIGURE_TYPES = frozenset((int, float, type(None)))
 
 
-def _domains(domains):
+def _domains(domains, slim=False):
     """The first MAX_TOP_DOMAINS + 1 of a snapshot's domains named by text of at most SAMPLE_TEXT characters,
-    each an object: its known figures (NO_FIGURES) that are numbers >= 0, the others None. Raises ValueError
-    for any number out of bounds in ``domains`` (``in_bounds``), kept or not. Iterates the figures present: a
-    slim value's domain has two or three."""
+    each an object: its known figures (NO_FIGURES) that are numbers >= 0, the others None; with ``slim``, when
+    every figure is such a number, the figures it does not have stay absent (a slim value leaves zeros out: its
+    readers ``get`` them). Raises ValueError for any number out of bounds in ``domains`` (``in_bounds``), kept or
+    not. The usual domains are checked at C speed; the others figure by figure."""
+    figures = domains.values()
+    if (len(domains) <= MAX_TOP_DOMAINS + 1 and set(map(type, figures)) <= {dict} and _names_ok(domains)
+            and all(map(FIGURES.issuperset, figures))):  # the usual case, checked at C speed
+        values = list(itertools.chain.from_iterable(map(dict.values, figures)))
+        if set(map(type, values)) <= FIGURE_TYPES:
+            numbers = list(filter(functools.partial(operator.is_not, None), values))
+            if not numbers or min(numbers) >= 0 and max(numbers) < NUMBER_LIMIT:
+                if slim or all(map(len(FIGURES).__eq__, map(len, figures))):
+                    return domains
+                return {name: NO_FIGURES | v for name, v in domains.items()}
     out = {}
     for i, (name, v) in enumerate(domains.items()):
         if v.__class__ is not dict or i > MAX_TOP_DOMAINS or not _name(name):
@@ -152,25 +182,26 @@ def clean_insight(snapshot):
     """Drop from a decoded snapshot every insight field, or part of one, of the wrong shape (in place).
 
     Kept: ``latency_*`` numbers >= 0; ``latency_buckets`` a list of len(LATENCY_BUCKETS) + 1 counts;
-    ``domains`` up to MAX_TOP_DOMAINS + 1 names of at most 300 characters, each an object of numbers
-    (others None); ``fields`` up to MAX_FIELDS names -> shares 0..1; ``error_samples`` up to SAMPLES
-    objects with text ``message`` and ``logger``, a number ``time`` and a text or null ``url``;
+    ``domains`` an object (its entries cleaned by ``_domains``, in ``decode_snapshot``); ``fields`` up to
+    MAX_FIELDS names -> shares 0..1; ``error_samples`` up to SAMPLES objects with text ``message`` and
+    ``logger``, a number ``time`` and a text or null ``url``;
     ``fields_lowest`` (slim values) a ``[name, share]``."""
     for q in ("latency_p50", "latency_p95", "latency_p99", "latency_sum"):
         if q in snapshot and not (snapshot[q] is None or _num(snapshot[q])):
             del snapshot[q]
     buckets = snapshot.get("latency_buckets")
-    if buckets is not None and not (isinstance(buckets, list) and len(buckets) == len(LATENCY_BUCKETS) + 1
-                                    and all(_num(b) for b in buckets)):
+    if buckets is not None and not (buckets.__class__ is list and len(buckets) == len(LATENCY_BUCKETS) + 1
+                                    and _counts_ok(buckets)):
         del snapshot["latency_buckets"]
     domains = snapshot.get("domains")
     if domains is not None and domains.__class__ is not dict:
         del snapshot["domains"]
     fields = snapshot.get("fields")
     if fields is not None:
-        if isinstance(fields, dict):
-            snapshot["fields"] = {name: share for name, share in list(fields.items())[:MAX_FIELDS]
-                                  if _name(name) and _num(share, 0, 1)}
+        if fields.__class__ is dict:
+            if not (len(fields) <= MAX_FIELDS and _names_ok(fields) and _counts_ok(fields.values(), 1)):
+                snapshot["fields"] = {name: share for name, share in list(fields.items())[:MAX_FIELDS]
+                                      if _name(name) and _num(share, 0, 1)}
         else:
             del snapshot["fields"]
     lowest = snapshot.get("fields_lowest")
