@@ -580,17 +580,25 @@ FIRST_DELAY = 1.0
 
 def refusal_counts(nodes):
     """``{spider: {domain: (responses, 429 + 503 answers)}}`` summed over the nodes' per-domain figures
-    (``other`` left out: it is many domains)."""
+    (``other`` left out: it is many domains); a figure that is not a number counts 0, a fraction its whole part."""
     out = {}
     for s in nodes.values():
-        for name, d in (s.get("domains") or {}).items():
+        domains = s.get("domains")
+        if not domains:
+            continue
+        mine = out.get(s["spider"])
+        if mine is None:
+            mine = out[s["spider"]] = {}
+        for name, d in domains.items():
             if name == "other":
                 continue
-            mine = out.setdefault(s["spider"], {})
-            pages, refused = mine.get(name, (0, 0))
-            mine[name] = (pages + int(number(d.get("pages"), 0)),
-                          refused + int(number(d.get("429"), 0)) + int(number(d.get("503"), 0)))
-    return out
+            pages, refused = d.get("pages") or 0, d.get("429") or 0
+            more = d.get("503") or 0
+            if pages.__class__ is not int or refused.__class__ is not int or more.__class__ is not int:
+                pages, refused, more = (int(number(x, 0)) for x in (pages, refused, more))
+            kept = mine.get(name)
+            mine[name] = (pages, refused + more) if kept is None else (kept[0] + pages, kept[1] + refused + more)
+    return {spider: mine for spider, mine in out.items() if mine}
 
 
 def window_shares(samples, now, window):

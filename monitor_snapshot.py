@@ -144,10 +144,10 @@ FIGURE_TYPES = frozenset((int, float, type(None)))
 
 def _domains(domains, slim=False):
     """The first MAX_TOP_DOMAINS + 1 of a snapshot's domains named by text of at most SAMPLE_TEXT characters,
-    each an object: its known figures (NO_FIGURES) that are numbers >= 0, the others None; with ``slim``, when
-    every figure is such a number, the figures it does not have stay absent (a slim value leaves zeros out: its
-    readers ``get`` them). Raises ValueError for any number out of bounds in ``domains`` (``in_bounds``), kept or
-    not. The usual domains are checked at C speed; the others figure by figure."""
+    each an object: its known figures (NO_FIGURES) that are numbers >= 0, the others None; with ``slim`` the others
+    are absent (a slim value leaves zeros out: its readers ``get`` figures). Raises ValueError for any number out
+    of bounds in ``domains`` (``in_bounds``), kept or not. The usual domains are checked at C speed; the others
+    figure by figure."""
     figures = domains.values()
     if (len(domains) <= MAX_TOP_DOMAINS + 1 and set(map(type, figures)) <= {dict} and _names_ok(domains)
             and all(map(FIGURES.issuperset, figures))):  # the usual case, checked at C speed
@@ -164,13 +164,13 @@ def _domains(domains, slim=False):
             if not in_bounds([v]):
                 raise ValueError("a number is out of range")
             continue
-        figures = NO_FIGURES.copy()
+        figures = {} if slim else NO_FIGURES.copy()
         for k, x in v.items():
             kind = x.__class__
             if kind is int or kind is float:
                 if not -NUMBER_LIMIT < x < NUMBER_LIMIT:
                     raise ValueError("a number is out of range")
-                if x >= 0 and k in figures:
+                if x >= 0 and k in FIGURES:
                     figures[k] = x
             elif (kind is dict or kind is list) and not in_bounds(x):
                 raise ValueError("a number is out of range")

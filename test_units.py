@@ -869,6 +869,78 @@ def test_loads_accepts(raw, expected):
     assert monitor_contract.loads(raw) == expected
 
 
+@pytest.mark.parametrize("raw, expected", [
+    pytest.param('"\\ud800"', "\ud800", id="lone-surrogate-escape-kept-for-the-gate"),
+    pytest.param(b'"\xed\xa0\x80"', "\ud800", id="lone-surrogate-bytes-kept-for-the-gate"),
+    pytest.param("123456789012345678", 123456789012345678, id="int-stays-int"),
+    pytest.param('{"a": 1, "a": 2}', {"a": 2}, id="duplicate-key-last-wins"),
+    pytest.param(" [-0, 1E2, 0.1] ", [0, 100.0, 0.1], id="blanks-and-exponents"),
+])
+def test_loads_gives_the_stdlib_value(raw, expected):
+    value = monitor_contract.loads(raw)
+    assert value == expected and type(value) is type(expected)
+    assert value == json.loads(raw.decode("utf-8", "surrogatepass") if isinstance(raw, bytes) else raw)
+
+
+@pytest.mark.parametrize("value, expected", [
+    pytest.param({}, True, id="empty"),
+    pytest.param([1, -2.5, "x", None, True, {"a": [3]}], True, id="mixed"),
+    pytest.param({"a": 10 ** 18 - 1, "b": -(10 ** 18 - 1)}, True, id="largest"),
+    pytest.param({"a": 10 ** 18}, False, id="int-limit"),
+    pytest.param({"a": -1e18}, False, id="negative-float-limit"),
+    pytest.param({"a": ["x", {"b": [float("inf")]}]}, False, id="nested-infinity"),
+    pytest.param(7, True, id="scalar"),
+    pytest.param(1e300, False, id="scalar-too-large"),
+])
+def test_in_bounds(value, expected):
+    assert monitor_contract.in_bounds(value) is expected
+
+
+NO_FIGURES = dict.fromkeys(monitor_contract.DOMAIN_COUNTS + ("latency_p95", "delay"))
+
+
+@pytest.mark.parametrize("domains, slim, expected", [
+    pytest.param({"a.test": {"pages": 3, "429": 1}}, False, {"a.test": NO_FIGURES | {"pages": 3, "429": 1}},
+                 id="absent-figures-none"),
+    pytest.param({"a.test": {"pages": 3, "429": 1}}, True, {"a.test": {"pages": 3, "429": 1}}, id="slim-kept-as-is"),
+    pytest.param({"a.test": NO_FIGURES | {"pages": 3}}, False, {"a.test": NO_FIGURES | {"pages": 3}}, id="full"),
+    pytest.param({"a.test": {"pages": -1, "429": True, "503": "x", "odd": 5}}, False, {"a.test": NO_FIGURES},
+                 id="wrong-figures-none"),
+    pytest.param({"a.test": {"pages": -1, "429": True, "503": "x", "odd": 5, "delay": 2}}, True,
+                 {"a.test": {"delay": 2}}, id="slim-wrong-figures-absent"),
+    pytest.param({"": {}, "x" * 301: {}, "ok": [], "\ud800": {}}, False, {}, id="bad-names-and-values-dropped"),
+    pytest.param({f"d{i}": {"pages": i} for i in range(102)}, True, {f"d{i}": {"pages": i} for i in range(101)},
+                 id="at-most-101"),
+    pytest.param({"d\u00e9": {"pages": 1}}, True, {"d\u00e9": {"pages": 1}}, id="non-ascii-name"),
+])
+def test_domains_cleaned(domains, slim, expected):
+    assert monitor_snapshot._domains(domains, slim) == expected
+
+
+@pytest.mark.parametrize("domains", [
+    pytest.param({"a.test": {"pages": 10 ** 18}}, id="known-figure"),
+    pytest.param({"a.test": {"odd": [1e300]}}, id="unknown-figure"),
+    pytest.param({"": {"pages": -1e19}}, id="dropped-domain"),
+    pytest.param({f"d{i}": {"pages": 1} for i in range(101)} | {"late": [10 ** 18]}, id="beyond-the-101"),
+])
+def test_domains_out_of_bounds_refuse_the_node(domains):
+    with pytest.raises(ValueError):
+        monitor_snapshot._domains(domains)
+    assert monitor_snapshot.decode_snapshot(enc(domains=domains)) is None
+
+
+@pytest.mark.parametrize("nodes, expected", [
+    pytest.param({}, {}, id="none"),
+    pytest.param({"n": {"spider": "s", "domains": {"other": {"pages": 5}}}}, {}, id="only-other"),
+    pytest.param({"n": {"spider": "s", "domains": {"a": {"pages": 4, "503": 1}}},
+                  "m": {"spider": "s", "domains": {"a": {"pages": 2.9, "429": "x", "503": None}}},
+                  "k": {"spider": "t", "domains": {"a": {"pages": 1, "429": True}}}},
+                 {"s": {"a": (6, 1)}, "t": {"a": (1, 0)}}, id="fractions-and-non-numbers"),
+])
+def test_refusal_counts(nodes, expected):
+    assert monitor_rules.refusal_counts(nodes) == expected
+
+
 def test_loads_unbounded_still_refuses_nan():
     assert monitor_contract.loads("1e18", bounded=False) == 1e18
     with pytest.raises(ValueError):
