@@ -7,7 +7,6 @@ every script shares: strict JSON, numbers, text, redaction of secrets.
 """
 
 import hashlib
-import itertools
 import json
 import logging
 import math
@@ -921,22 +920,17 @@ def in_bounds(value) -> bool:
         raise ValueError("nested too deeply") from None
 
 
-_NUMBER = frozenset((int, float)).__contains__  # exactly: a bool is no figure
-_CONTAINER = frozenset((dict, list)).__contains__
-
-
 def _in_bounds(value):
-    """``in_bounds`` at C speed: the numbers and the containers among an object's or a list's values picked by
-    their type, the numbers' extremes compared with the limit, the containers checked in turn."""
     kind = value.__class__
     if kind is not dict and kind is not list:
-        return not _NUMBER(kind) or -NUMBER_LIMIT < value < NUMBER_LIMIT
-    values = value.values() if kind is dict else value
-    kinds = list(map(type, values))
-    numbers = list(itertools.compress(values, map(_NUMBER, kinds)))
-    if numbers and not (-NUMBER_LIMIT < min(numbers) and max(numbers) < NUMBER_LIMIT):
-        return False
-    return all(map(_in_bounds, itertools.compress(values, map(_CONTAINER, kinds))))
+        return not (kind is int or kind is float) or -NUMBER_LIMIT < value < NUMBER_LIMIT
+    for v in value.values() if kind is dict else value:
+        kind = v.__class__
+        if (kind is int or kind is float) and not -NUMBER_LIMIT < v < NUMBER_LIMIT:  # false for nan and inf too
+            return False
+        if (kind is dict or kind is list) and not _in_bounds(v):
+            return False
+    return True
 
 
 _STRICT = json.JSONDecoder(parse_constant=not_json)
