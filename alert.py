@@ -54,7 +54,16 @@ from monitor_channels import (
 )
 from monitor_contract import Outage, as_text, dumps, loads, redact, redis_now, slow_delays, slow_key, status_key
 from monitor_digest import Digest, due_day, log_notes
-from monitor_read import NodeReader, read_snapshots, spiders_view, wrong_type
+from monitor_read import (
+    QUEUE_WINDOW,
+    NodeReader,
+    forecast_nodes,
+    parse_histories,
+    queue_histories,
+    read_snapshots,
+    spiders_view,
+    wrong_type,
+)
 from monitor_redis import RedisWatch, node_figures
 from monitor_rules import (
     RULE,
@@ -96,6 +105,8 @@ SETTINGS = readers_of(ALERT)
 # The spider figures the spider-level rules read (besides node counts and the queue forecast): the queue's, and
 # the crawl's totals that the finished rule sends.
 SPIDER_RULE_FIELDS = ("queue_requests", "queue_start_urls", "pages", "items", "errors", "dead")
+# A send needs the lock for SEND_DEADLINE and this many seconds more, else it renews the lock first.
+LOCK_MARGIN = 5
 # Mail settings: any of them set asks for mail, which needs ALERT_TO.
 SMTP_VARS = ("SMTP_HOST", "SMTP_PORT", "SMTP_SECURITY", "SMTP_USER", "SMTP_PASSWORD")
 
@@ -232,25 +243,42 @@ class Delivery:
         self.cfg, self.store, self.lock, self.channels = cfg, store, lock, channels
         self.secrets = (cfg.webhook_url, cfg.redis_url)
 
-    def run(self, now):
+    def run(self, now, entries=None, release=False):
+        """Send what is due of the outbox (``entries`` as ``Store.outbox`` returns them, read here when None).
+        Each send's outcome is settled in one step, which renews the lock (so a send right after needs no renewal
+        of its own), or with ``release`` releases it after the last message to send (as planned: a failed one
+        leaves that to the caller)."""
+        entries = self.store.outbox(now) if entries is None else entries
+        last = self.last_to_settle(entries, now) if release else None
         blocked = set()
-        for field, entry in self.store.outbox(now):
+        for field, entry in entries:
             channel = self.channels.get(entry["channel"])
             if channel is None:
                 gone = self.dead(field, entry, f"channel {entry['channel']!r} is no longer configured", now)
-                if not self.store.settle("outbox", {field: None}, [gone]):
+                if not self.store.settle("outbox", {field: None}, [gone], release=field == last):
                     return self.lost()
                 continue
             if channel.name in blocked or entry["next_try"] > now:
                 blocked.add(channel.name)  # a channel sends in order: the rest wait behind this one
                 continue
-            if not self.lock.renew():
+            if not self.lock.held_for(SEND_DEADLINE + LOCK_MARGIN) and not self.lock.renew():
                 return self.lost()
             update, dead = self.attempt(channel, field, entry, now)
-            if not self.store.settle("outbox", {field: update}, dead):
+            if not self.store.settle("outbox", {field: update}, dead, release=field == last and not update):
                 return self.lost()
             if update:
                 blocked.add(channel.name)
+
+    def last_to_settle(self, entries, now):
+        """The field of the last outbox entry ``run`` would settle if every send succeeded, or None."""
+        blocked, last = set(), None
+        for field, entry in entries:
+            channel = self.channels.get(entry["channel"])
+            if channel is not None and (channel.name in blocked or entry["next_try"] > now):
+                blocked.add(channel.name)
+            else:
+                last = field
+        return last
 
     def lost(self):
         logger.warning("Alert: lost the evaluation lock; delivery stops here, the lock's holder goes on")
@@ -316,12 +344,12 @@ class Outcome(NamedTuple):
     spiders: Optional[dict] = None  # the spider views judged (with their per-domain refusals)
 
 
-def spider_views(r, nodes, prefix, now, cfg):
+def spider_views(r, nodes, prefix, now, cfg, histories=None):
     """``{spider: cluster view with queue forecast}`` for the spider-level rules; empty when none is on
-    (then their alerts resolve)."""
+    (then their alerts resolve). ``histories``: the forecasts' histories read already (``queue_forecasts``)."""
     if not any(rule.scope == "spider" for rule in active_rules(cfg)):
         return {}
-    return spiders_view(nodes, r, prefix, now, cfg.finished_after, fields=SPIDER_RULE_FIELDS)
+    return spiders_view(nodes, r, prefix, now, cfg.finished_after, fields=SPIDER_RULE_FIELDS, histories=histories)
 
 
 class Alerter:
@@ -353,6 +381,7 @@ class Alerter:
         if cfg.finished_action != "none":
             self.actions.setdefault("finished", cfg.finished_action)
         self.samples = []  # [(now, refusal_counts)]: the per-domain 429/503 window, kept in memory
+        self.forecast = ([], 0)  # (nodes, rows) whose histories the queue forecasts read last time
         self.window = max(cfg.for_seconds or 0, cfg.interval)
 
     def tick(self, now=None):
@@ -388,6 +417,7 @@ class Alerter:
             logger.debug("Alert: another alert.py is evaluating; skipping")
             return None
         try:
+            replies, extra = replies[:self.reader.queued + Store.QUEUED], replies[self.reader.queued + Store.QUEUED:]
             try:
                 nodes, now = self.read_nodes(now, replies[:self.reader.queued])
                 if self.recovering:
@@ -396,12 +426,15 @@ class Alerter:
                 self.delivery.run(time.time() if now is None else now)  # what is queued still goes out
                 raise
             reading = self.store.parse(replies[self.reader.queued:], now)
-            outcome = self.evaluate_once(nodes, now, reading)
+            outcome = self.evaluate_once(nodes, now, reading, self.extras(extra, now))
             deliver = bool(reading.outbox or outcome.notes and self.channels)
             digest = self.digest and due_day(now, self.cfg.digest_at, self.cfg.digest_tz) is not None
-            self.record(outcome, reading, now, release=not (deliver or digest))
+            written = self.record(outcome, reading, now, release=not (deliver or digest))
             if deliver:
-                self.delivery.run(now)
+                messages = None if reading.messages is None else sorted(
+                    reading.messages + [(field.encode(), loads(text)) for field, text in written.items()],
+                    key=lambda item: (item[1]["created"], item[0]))
+                self.delivery.run(now, messages, release=not digest)
             if digest and self.lock.renew():
                 self.digest.run(now)
             return outcome.notes
@@ -410,11 +443,12 @@ class Alerter:
 
     def lock_and_read(self):
         """Take the evaluation lock and read everything the evaluation needs, in one round trip: the replies
-        (the node reader's, then the store's), or None when another alert.py holds the lock."""
+        (the node reader's, the store's, then ``queue_extras``'), or None when another alert.py holds the lock."""
         with self.r.pipeline(transaction=False) as pipe:
             token = self.lock.queue(pipe)
             self.reader.queue(pipe)
             self.store.queue(pipe)
+            self.queue_extras(pipe)
             took, *replies = pipe.execute(raise_on_error=False)
         if isinstance(took, Exception):
             raise took
@@ -425,7 +459,31 @@ class Alerter:
         with self.r.pipeline(transaction=False) as pipe:  # read again now that the lock is ours
             self.reader.queue(pipe)
             self.store.queue(pipe)
+            self.queue_extras(pipe)
             return pipe.execute(raise_on_error=False)
+
+    def queue_extras(self, pipe):
+        """Queue on the evaluation's read what else it needs: the queue forecasts' histories of the nodes they
+        read last time (the same ones, unless a node came or went), and INFO for the Redis rules on one server
+        (on a cluster each master's INFO is one more round trip, see ``redis_views``). The forecast nodes are
+        queued first; ``extras`` parses the replies."""
+        nodes, rows = self.forecast
+        queue_histories(pipe, nodes, QUEUE_WINDOW / 60, self.cfg.prefix, rows)
+        if self.info_in_read():
+            pipe.execute_command("INFO")
+
+    def info_in_read(self):
+        """Whether INFO goes with the evaluation's read: a Redis rule is on and Redis is one server (not a
+        cluster, whose masters each answer their own INFO; not Sentinel, whose master is named by a sentinel)."""
+        pool = self.r.connection_pool
+        return (any(rule.scope == "redis" for rule in active_rules(self.cfg)) and not self.redis_watch.cluster
+                and not hasattr(pool, "get_master_address") and hasattr(pool, "connection_kwargs"))
+
+    def extras(self, replies, now):
+        """``(histories read as queue_forecasts takes them, INFO reply or None)`` from ``queue_extras``' replies."""
+        nodes, rows = self.forecast
+        histories = (rows, parse_histories(nodes, replies[:len(nodes)], QUEUE_WINDOW / 60, now))
+        return histories, (replies[len(nodes)] if len(replies) > len(nodes) else None)
 
     def read_nodes(self, now=None, replies=None):
         """``({node: snapshot with state}, now)``: states judged on Redis's clock, or at ``now`` if given;
@@ -442,14 +500,19 @@ class Alerter:
             self.malformed = bad
         return nodes, now
 
-    def evaluate_once(self, nodes, now, reading):
+    def evaluate_once(self, nodes, now, reading, extras=(None, None)):
         """The one evaluation, for the real loop and the dry run alike: every rule over the nodes and spiders,
-        then the runs recorded since the cursor. Returns an Outcome; stores and sends nothing."""
-        spiders = spider_views(self.r, nodes, self.cfg.prefix, now, self.cfg)
+        then the runs recorded since the cursor. ``extras``: what the evaluation's read brought besides
+        (``extras``). Returns an Outcome; stores and sends nothing."""
+        histories, info = extras
+        spiders = spider_views(self.r, nodes, self.cfg.prefix, now, self.cfg, histories)
+        if spiders:
+            chosen, rows = forecast_nodes(nodes)
+            self.forecast = (sorted(chosen.values()), rows)
         self.add_refusals(nodes, now, spiders)
         state_changes, stall_changes, notes = evaluate(nodes, reading.state, reading.stall, now, self.cfg,
                                                        reading.silences, spiders, self.answering_since,
-                                                       self.redis_views())
+                                                       self.redis_views(info))
         if needs_details(notes):  # the nodes were read slim: a message's error sample is read now
             with_details(notes, state_changes, read_snapshots(self.r, self.cfg.prefix, needs_details(notes), now,
                                                               full=True))
@@ -500,14 +563,21 @@ class Alerter:
                 out.append((name, delay, new, stored, share))
         return out
 
-    def redis_views(self):
+    def redis_views(self, info=None):
         """``{master address: INFO figures + evicted}`` for the Redis rules, ``evicted`` being the keys evicted
         since the previous evaluation (0 at the first); None when INFO is refused (renamed away); empty when no Redis
-        rule is on (INFO costs a round trip per master: then it is not read)."""
+        rule is on (then INFO is not read). ``info``: the one server's INFO reply, read with the evaluation's
+        (``queue_extras``); else INFO is read here, a round trip per master."""
         if not any(rule.scope == "redis" for rule in active_rules(self.cfg)):
             return {}
         try:
-            infos = self.redis_watch.infos()
+            if isinstance(info, Exception):
+                raise info
+            if info is not None:
+                kwargs = self.r.connection_pool.connection_kwargs
+                infos = {f"{kwargs.get('host', 'redis')}:{kwargs.get('port', '')}".rstrip(":"): info}
+            else:
+                infos = self.redis_watch.infos()
         except redis.ResponseError:
             return None
         views = {}
@@ -520,7 +590,7 @@ class Alerter:
 
     def record(self, outcome, reading, now, release=False):
         """Store an evaluation's outcome with the heartbeat and queue its messages, one per channel, in one
-        write (which releases the lock with ``release``)."""
+        write (which releases the lock with ``release``). Returns the messages queued: ``{field: JSON}``."""
         entries = {}
         for name in self.channels if outcome.notes else ():
             entries[f"{now:.3f}:{uuid.uuid4().hex[:8]}:{name}"] = dumps(
@@ -544,6 +614,7 @@ class Alerter:
                              one_line(exc, self.cfg.redis_url))
                 continue
             logger.info("Alert: rule %s: %s %s (command %d)", note["rule"], command, target, entry["id"])
+        return entries
 
     def slow(self, spiders, state, now):
         """Store the cluster-wide delays that change now (``slow_changes``), each logged in the control log as

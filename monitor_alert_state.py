@@ -8,6 +8,7 @@ reads alerts (``read_alerts``) and adds or deletes silences through the same fun
 """
 
 import logging
+import time
 import uuid
 from typing import NamedTuple, Optional
 
@@ -269,7 +270,8 @@ def _label(value):
 
 # ---------------------------------------------------------------------------- the lock
 
-# The evaluation lock outlives a crashed holder by this long; the holder renews it before every send.
+# The evaluation lock outlives a crashed holder by this long; the holder renews it before every send (the
+# evaluation's write and each settled send renew it too, so a send right after one needs no renewal of its own).
 LOCK_TTL_MS = 60_000
 RELEASE_LUA = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0"
 RENEW_LUA = ("if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) "
@@ -293,6 +295,7 @@ class Lock:
         self.r, self.prefix = r, prefix
         self.key = alert_key(prefix, "lock")
         self.token = None
+        self.until = 0.0  # time.monotonic() the lock expires at, as last taken or renewed here
 
     def queue(self, pipe):
         """Queue an attempt to take the lock on ``pipe`` (to share a round trip); ``took`` reads its reply."""
@@ -303,14 +306,24 @@ class Lock:
     def took(self, reply, token):
         if reply is True:
             self.token = token
+            self.renewed()
             return True
         return False
+
+    def renewed(self):
+        """The lock was taken or renewed (LOCK_TTL_MS from now) just now."""
+        self.until = time.monotonic() + LOCK_TTL_MS / 1000
+
+    def held_for(self, seconds):
+        """Whether the lock is ours for ``seconds`` more at least, as last taken or renewed (no round trip)."""
+        return self.token is not None and self.until - time.monotonic() >= seconds
 
     def acquire(self):
         for _ in range(2):
             token = uuid.uuid4().hex
             if self.r.set(self.key, token, nx=True, px=LOCK_TTL_MS):
                 self.token = token
+                self.renewed()
                 return True
             if self.r.pttl(self.key) != -1:  # a live lock, or gone just now
                 return False
@@ -318,7 +331,10 @@ class Lock:
         return False
 
     def renew(self):
-        return bool(self.r.eval(RENEW_LUA, 1, self.key, self.token, LOCK_TTL_MS))
+        if not self.r.eval(RENEW_LUA, 1, self.key, self.token, LOCK_TTL_MS):
+            return False
+        self.renewed()
+        return True
 
     def release(self):
         if self.token is None:  # released with the evaluation's write already
@@ -337,31 +353,33 @@ DEAD_MAX = 1000
 # A dead letter keeps this much of a malformed record's text.
 DEAD_TEXT = 10_000
 # Only while the lock is ours: set or delete ('' value) fields of one hash and keep dead letters in the
-# capped list, counted. KEYS: lock, hash, dead list, dead counter. ARGV: token, cap, n, n field/value pairs,
-# then the dead letters. Returns -1 when the lock is not ours, else the dead letters counted so far.
+# capped list, counted; then release the lock (ARGV[3] '1') or renew it. KEYS: lock, hash, dead list, dead counter.
+# ARGV: token, cap, release, n, n field/value pairs, then the dead letters. Returns -1 when the lock is not ours,
+# else the dead letters counted so far.
 SETTLE_LUA = """
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return -1 end
-local n = tonumber(ARGV[3])
-for i = 4, 3 + 2 * n, 2 do
+local n = tonumber(ARGV[4])
+for i = 5, 4 + 2 * n, 2 do
   if ARGV[i + 1] == '' then redis.call('HDEL', KEYS[2], ARGV[i])
   else redis.call('HSET', KEYS[2], ARGV[i], ARGV[i + 1]) end
 end
 local total = tonumber(redis.call('GET', KEYS[4])) or 0
-if #ARGV > 3 + 2 * n then
-  for i = 4 + 2 * n, #ARGV do redis.call('LPUSH', KEYS[3], ARGV[i]) end
+if #ARGV > 4 + 2 * n then
+  for i = 5 + 2 * n, #ARGV do redis.call('LPUSH', KEYS[3], ARGV[i]) end
   redis.call('LTRIM', KEYS[3], 0, tonumber(ARGV[2]) - 1)
-  total = total + #ARGV - 3 - 2 * n
+  total = total + #ARGV - 4 - 2 * n
   redis.call('SET', KEYS[4], total)
 end
+if ARGV[3] == '1' then redis.call('DEL', KEYS[1]) else redis.call('PEXPIRE', KEYS[1], %d) end
 return total
-"""
+""" % LOCK_TTL_MS
 
 
 # An evaluation's outcome in one step, only while the lock is ours (else 0). KEYS: lock, state, stall, outbox,
-# runs, heartbeat, silences. ARGV: token, release (1: delete the lock after), heartbeat value ('' none) and
-# seconds, runs cursor ('' none), the events channel (told ``alerts`` when records change), then for each of
-# state, stall and outbox a count n and n field/value pairs ('' deletes the field), then the ids of expired
-# silences to delete.
+# runs, heartbeat, silences. ARGV: token, release (1: delete the lock after, else renew it), heartbeat value
+# ('' none) and seconds, runs cursor ('' none), the events channel (told ``alerts`` when records change), then
+# for each of state, stall and outbox a count n and n field/value pairs ('' deletes the field), then the ids of
+# expired silences to delete.
 WRITE_LUA = """
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
 if tonumber(ARGV[7]) > 0 then redis.call('PUBLISH', ARGV[6], 'alerts') end
@@ -377,9 +395,9 @@ end
 for j = i, #ARGV do redis.call('HDEL', KEYS[7], ARGV[j]) end
 if ARGV[5] ~= '' then redis.call('SET', KEYS[5], ARGV[5]) end
 if ARGV[3] ~= '' then redis.call('SET', KEYS[6], ARGV[3], 'EX', ARGV[4]) end
-if ARGV[2] == '1' then redis.call('DEL', KEYS[1]) end
+if ARGV[2] == '1' then redis.call('DEL', KEYS[1]) else redis.call('PEXPIRE', KEYS[1], %d) end
 return 1
-"""
+""" % LOCK_TTL_MS
 
 
 def record_problem(field, record):
@@ -430,6 +448,7 @@ class Reading(NamedTuple):
     recent: list  # [(seq, run record)], the newest runs recorded
     expired: list = []  # ids of expired silences, deleted with the evaluation's write
     outbox: int = 0  # messages waiting to be sent
+    messages: Optional[list] = None  # those messages as ``Store.outbox`` returns them (None: not read)
 
 
 class Store:
@@ -459,7 +478,7 @@ class Store:
         pipe.hgetall(self.key["silences"])
         pipe.get(self.key["runs"])
         pipe.lrange(run_meta_key(self.prefix, "recent"), 0, -1)
-        pipe.hlen(self.key["outbox"])
+        pipe.hgetall(self.key["outbox"])  # usually empty: read whole, delivery needs no read of its own
 
     QUEUED = len(TYPES) + 6
 
@@ -476,12 +495,15 @@ class Store:
         stall = self._checked("stall", raw_stall, tracker_problem, now)
         silences, expired = parse_silences(raw_silences if isinstance(raw_silences, dict) else {}, now)
         cursor = int(cursor) if isinstance(cursor, bytes) and cursor.isdigit() else None
+        messages = self._messages(waiting, now) if self.lock and isinstance(waiting, dict) else None
         return Reading(state, stall, silences, cursor, parse_recent(recent if isinstance(recent, list) else []),
-                       expired, waiting if isinstance(waiting, int) else 1)
+                       expired, len(waiting) if isinstance(waiting, dict) else 1, messages)
 
     def outbox(self, now):
         """The messages to send, oldest first: ``[(field, entry)]``; malformed ones are set aside."""
-        raw = self.r.hgetall(self.key["outbox"])
+        return self._messages(self.r.hgetall(self.key["outbox"]), now)
+
+    def _messages(self, raw, now):
         entries = self._checked("outbox", raw, entry_problem, now, keep_fields=True)
         return sorted(entries.values(), key=lambda item: (item[1]["created"], item[0]))
 
@@ -529,19 +551,26 @@ class Store:
             raise redis.WatchError("evaluation lock expired")
         if release:
             self.lock.token = None
+        else:
+            self.lock.renewed()
 
-    def settle(self, name, changes, dead):
+    def settle(self, name, changes, dead, release=False):
         """Set (a value) or delete (None) fields of one hash and keep ``dead`` letters, in one step and only
-        while the lock is ours; logs each dead letter. False when the lock was lost."""
+        while the lock is ours, which it renews, or releases with ``release``; logs each dead letter. False when
+        the lock was lost."""
         if self.lock is None:
             for letter in dead:
                 logger.warning("Alert: %s (dry run: left in place)", letter["reason"])
             return True
         pairs = [item for field, value in changes.items() for item in (field, "" if value is None else dumps(value))]
         total = self.r.eval(SETTLE_LUA, 4, self.lock.key, self.key[name], self.key["dead"], self.key["dead_total"],
-                            self.lock.token, DEAD_MAX, len(changes), *pairs, *map(dumps, dead))
+                            self.lock.token, DEAD_MAX, int(release), len(changes), *pairs, *map(dumps, dead))
         if total < 0:
             return False
+        if release:
+            self.lock.token = None
+        else:
+            self.lock.renewed()
         for letter in dead:
             logger.error("Alert: dead letter: %s; kept in %s (%d so far)", letter["reason"], self.key["dead"],
                          total)

@@ -419,13 +419,15 @@ def slowed_domains(snaps):
 
 def spiders_view(nodes: dict[str, Snapshot], r: Optional[redis.Redis] = None, prefix: Optional[str] = None,
                  now: Optional[float] = None, finished_after: float = FINISHED_AFTER,
-                 fields: Iterable[str] = tuple(SPIDER_FIELDS), memo: Optional[dict] = None) -> dict[str, dict]:
+                 fields: Iterable[str] = tuple(SPIDER_FIELDS), memo: Optional[dict] = None,
+                 histories: Optional[tuple] = None) -> dict[str, dict]:
     """``{spider: cluster view}`` for every spider that has nodes, each view's ``nodes`` a sorted id list and its
     crawl ``state`` and ``idle_for`` (``spider_state``, at ``now`` on Redis's clock, default this process's);
     given a Redis client ``r``, each view also has its queue forecast (``queue_forecasts``). ``fields``: only
     these SPIDER_FIELDS (the queue's are needed for ``state``). ``memo``, a dict kept between calls by one
     reader: a spider whose snapshots are the very objects of the last call (a NodeReader shares unchanged ones)
-    keeps its combined figures, so routes reading the same pass combine it once."""
+    keeps its combined figures, so routes reading the same pass combine it once. ``histories``: the forecasts'
+    histories read already (``queue_forecasts``' ``read``)."""
     groups = {}
     for node, snapshot in nodes.items():
         groups.setdefault(snapshot["spider"], {})[node] = snapshot
@@ -450,7 +452,7 @@ def spiders_view(nodes: dict[str, Snapshot], r: Optional[redis.Redis] = None, pr
     for gone in set(memo or ()) - set(groups):
         memo.pop(gone, None)
     if r is not None:
-        for spider, forecast in queue_forecasts(r, nodes, prefix, now).items():
+        for spider, forecast in queue_forecasts(r, nodes, prefix, now, histories).items():
             out[spider].update(forecast)
     return out
 
@@ -488,19 +490,32 @@ def queue_forecast(rows: list[dict]) -> dict:
     return {"queue_rate": round(slope * 60, 1), "queue_eta": None if eta is None else round(eta)}
 
 
-def queue_forecasts(r, nodes, prefix=None, now=None):
-    """``{spider: queue_forecast}`` for every spider of ``nodes``, in one round trip: each from the history
-    of its crawling node that started first (the queue is shared, so one node's readings are the spider's;
-    the longest-running one has the most of them). A spider with no crawling node gets None figures."""
+def forecast_nodes(nodes):
+    """``({spider: node}, rows)``: whose history each spider's queue forecast reads (its crawling node that started
+    first, the lowest id among those that started together: the queue is shared, so one node's readings are the
+    spider's; the longest-running one has the most of them), and how many of each one's newest history rows."""
     chosen = {}
     for node, s in nodes.items():
         if s.get("state") in CRAWLING_STATES:
-            best = chosen.get(s["spider"])
-            if best is None or number(s.get("start_time"), 0) < number(nodes[best].get("start_time"), 0):
+            best, start = chosen.get(s["spider"]), number(s.get("start_time"), 0)
+            if best is None or (start, node) < (number(nodes[best].get("start_time"), 0), best):
                 chosen[s["spider"]] = node
     rows = max((math.ceil(QUEUE_WINDOW / number(nodes[n].get("interval"), DEFAULT_INTERVAL)) + 2
                 for n in chosen.values()), default=0)
-    series = read_histories(r, list(chosen.values()), QUEUE_WINDOW / 60, prefix, now, rows) if chosen else {}
+    return chosen, rows
+
+
+def queue_forecasts(r, nodes, prefix=None, now=None, read=None):
+    """``{spider: queue_forecast}`` for every spider of ``nodes``, in one round trip, from the histories of
+    ``forecast_nodes``; ``read``: ``(rows, {node: history rows})`` read already (``queue_histories``), used for
+    those nodes when read as many rows. A spider with no crawling node gets None figures."""
+    chosen, rows = forecast_nodes(nodes)
+    series = {}
+    if read is not None and read[0] == rows:
+        series = {n: read[1][n] for n in chosen.values() if n in read[1]}
+    missing = [n for n in chosen.values() if n not in series]
+    if missing:
+        series.update(read_histories(r, missing, QUEUE_WINDOW / 60, prefix, now, rows))
     empty = {"queue_rate": None, "queue_eta": None}
     return {spider: queue_forecast(series[chosen[spider]]) if spider in chosen else dict(empty)
             for spider in {s["spider"] for s in nodes.values()}}
@@ -519,15 +534,26 @@ def read_histories(r: redis.Redis, nodes: list[str], minutes: float, prefix: str
     5-minute tier. Values that are not numbers (or too large) read as None; rows without a timestamp in the
     window (``now`` plus FUTURE_SLACK at most) are dropped, and rows are sorted by time. ``limit``: read only
     each list's newest rows."""
+    with r.pipeline(transaction=False) as pipe:
+        queue_histories(pipe, nodes, minutes, prefix, limit)
+        return parse_histories(nodes, pipe.execute(), minutes, now)
+
+
+def queue_histories(pipe, nodes, minutes, prefix, limit=None):
+    """Queue ``read_histories``' commands on ``pipe`` (a caller shares its round trip)."""
+    key = history_key if minutes * 60 <= HISTORY_SECONDS else trend_key
+    for node in nodes:
+        pipe.lrange(key(prefix, node), 0, -1 if limit is None else limit - 1)
+
+
+def parse_histories(nodes, lists, minutes, now=None):
+    """``read_histories``' answer from the replies to ``queue_histories``."""
     now = time.time() if now is None else now
     since, until = now - minutes * 60, now + FUTURE_SLACK
-    key = history_key if minutes * 60 <= HISTORY_SECONDS else trend_key
-    with r.pipeline(transaction=False) as pipe:
-        for node in nodes:
-            pipe.lrange(key(prefix, node), 0, -1 if limit is None else limit - 1)
-        lists = pipe.execute()
     out = {}
     for node, raws in zip(nodes, lists):
+        if isinstance(raws, Exception):  # from a pipeline executed with raise_on_error=False
+            raise raws
         rows = []
         for raw in reversed(raws):
             try:
