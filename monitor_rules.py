@@ -319,9 +319,9 @@ def track_stall(snapshot, previous, now):
     None (nothing to remember) unless the node is live, running, has requests waiting and its own last
     interval saw no new page; so a healthy cluster stores no trackers at all.
     """
-    if snapshot.get("state") != "live" or snapshot.get("status") != "running" or not queued(snapshot):
+    if snapshot.get("state") != "live" or snapshot.get("status") != "running":
         return None
-    if (number(snapshot.get("pages_per_min")) or 0) > 0:
+    if (number(snapshot.get("pages_per_min")) or 0) > 0 or not queued(snapshot):
         return None
     pages = number(snapshot.get("pages"))
     if previous and previous[0] == pages:
@@ -410,15 +410,25 @@ def evaluate(nodes: dict, state: dict, stall: dict, now: float, cfg, silences: O
             notes.append(notification(event, rule, node, snapshot, new or record, now, cfg))
 
     # A down or closed node without alerts skips the rules judged on reporting nodes: nothing could start.
-    other_rules = [rule for rule in rules if not rule.needs_live]
+    # A threshold on one field (``over``) is judged inline on a reporting node: most of an evaluation's checks.
+    judged = [(rule, rule.field if rule.check is over and rule.needs_live else None, rule.scale, limits[rule.name])
+              for rule in rules]
+    other_rules = [row for row in judged if not row[0].needs_live]
     for node, snapshot in nodes.items():
         tracker = track_stall(snapshot, stall.get(node), now) if track else None
         if tracker != stall.get(node):
             stall_changes[node] = tracker
         records = records_of.pop(node, None) or {}
         state = snapshot.get("state")
-        for rule in other_rules if state in ("stale", "closed") and not records else rules:
-            value = figure(rule, snapshot, limits[rule.name], tracker[1] if tracker else None, now)
+        reporting = state == "live" or state == "paused"
+        for rule, field, scale, limit in other_rules if state in ("stale", "closed") and not records else judged:
+            if field is not None and reporting:  # over(), inline
+                value = snapshot.get(field)
+                kind = value.__class__
+                value = (round(value / scale, 1) if limit and (kind is int or kind is float and value - value == 0)
+                         and value / scale > limit else None)
+            else:
+                value = figure(rule, snapshot, limit, tracker[1] if tracker else None, now)
             if value is not None and rule.name == "down" and not redis_settled(snapshot, answering_since, now):
                 value = NODE_DOWN
             record = records.pop(rule.name, None) if records else None
