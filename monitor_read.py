@@ -310,16 +310,19 @@ def combine(rows: list[dict], fields: Iterable[str], hosts: Optional[list] = Non
     SPIDER_FIELDS. ``hosts`` maps each row's position to its host (default: the row's ``host``). A field no
     row has a number for is None. Integer sums stay integers; other figures are rounded to 2 places.
     ``ordered``: the rows are sorted by timestamp already (``by_time``)."""
-    hosts = hosts or [r.get("host", r.get("node")) for r in rows]
     order = range(len(rows)) if ordered else sorted(range(len(rows)), key=lambda i: _time(rows[i]))
     in_order = rows if ordered else [rows[i] for i in order]
-    per_host = list({hosts[i]: rows[i] for i in order}.values())  # newest row of each host
+    fields = list(fields)
+    by_host = [f for f in fields if SPIDER_FIELDS[f].startswith("host")]
+    columns = _columns(in_order, [f for f in fields if f not in by_host])
+    if by_host:
+        hosts = hosts or [r.get("host", r.get("node")) for r in rows]
+        columns.update(_columns({hosts[i]: rows[i] for i in order}.values(), by_host))  # newest row of each host
     out = {}
     for field in fields:
         rule = SPIDER_FIELDS[field]
-        among = per_host if rule.startswith("host") else in_order
         # Rows come through the gate (decode_snapshot, read_histories): their numbers are finite already.
-        values = [v for v in [r.get(field) for r in among] if v.__class__ in NUMBER_TYPES]
+        values = numbers(columns[field])
         if not values:
             out[field] = None
         elif rule == "newest":
@@ -331,8 +334,20 @@ def combine(rows: list[dict], fields: Iterable[str], hosts: Optional[list] = Non
             if rule == "host_mean":
                 out[field] = round(total / len(values), 2)
             else:
-                out[field] = total if all(isinstance(v, int) for v in values) else round(total, 2)
+                out[field] = total if set(map(type, values)) == {int} else round(total, 2)
     return out
+
+
+def _columns(rows, fields):
+    """``{field: [each row's value or None]}``: every row read once (a spider may have 10,000 nodes)."""
+    if not fields:
+        return {}
+    return dict(zip(fields, zip(*[tuple(map(row.get, fields)) for row in rows]))) if rows else dict.fromkeys(fields, ())
+
+
+def numbers(values):
+    """The ints and floats (not bools) among ``values`` (a sequence), in order, picked at C speed."""
+    return list(itertools.compress(values, map(NUMBER_TYPES.__contains__, map(type, values))))
 
 
 def _time(row):
@@ -341,12 +356,16 @@ def _time(row):
 
 def by_time(rows):
     """``rows`` sorted by timestamp, as ``combine(..., ordered=True)`` takes them."""
+    rows = list(rows)
+    times = list(map(dict.get, rows, itertools.repeat("timestamp")))
+    if set(map(type, times)) <= NUMBER_TYPES and all(map(math.isfinite, times)):  # gated snapshots: at C speed
+        return sorted(rows, key=operator.itemgetter("timestamp"))
     return sorted(rows, key=_time)
 
 
 def finite_sum(values):
     """An exact sum of finite numbers (ints stay ints); never inf or nan, whatever the inputs' count."""
-    if all(isinstance(v, int) for v in values):
+    if all(issubclass(kind, int) for kind in set(map(type, values))):  # every one an int, checked at C speed
         return sum(values)
     total = math.fsum(values)
     return total if math.isfinite(total) else 0.0
@@ -361,16 +380,20 @@ def cluster_view(nodes: dict[str, Snapshot], spider: str,
     if not mine:
         return None
     snaps = by_time(mine.values())
-    crawling = [s for s in snaps if s.get("state") in CRAWLING_STATES]
-    states = collections.Counter(s.get("state") for s in snaps)
+    states = list(map(dict.get, snaps, itertools.repeat("state")))
+    crawling = list(itertools.compress(snaps, map(CRAWLING_STATES.__contains__, states)))
     rest = [f for f in fields if f not in CRAWLING_FIELDS]
     crawl = [f for f in fields if f in CRAWLING_FIELDS]
+    rates = [f for f in crawl if f.endswith("_per_min")]
     view = {"spider": spider, "timestamp": int(_time(snaps[-1]))}
     view.update(combine(snaps, rest, ordered=True))
-    gauges = combine(crawling or snaps, [f for f in crawl if not f.endswith("_per_min")], ordered=True)
-    rates = combine(crawling, [f for f in crawl if f.endswith("_per_min")], ordered=True)
-    view.update(gauges)
-    view.update({f: v or 0 for f, v in rates.items()})  # no node crawling: nothing per minute
+    if crawling:  # gauges and rates over the same nodes: combined in one pass
+        view.update(combine(crawling, crawl, ordered=True))
+    else:
+        view.update(combine(snaps, [f for f in crawl if f not in rates], ordered=True))
+        view.update(dict.fromkeys(rates))
+    view.update({f: view[f] or 0 for f in rates})  # no node crawling: nothing per minute
+    states = collections.Counter(states)
     view.update({f"nodes_{state}": states[state] for state in STATES})
     view["nodes"] = mine
     return view
