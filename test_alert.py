@@ -535,6 +535,31 @@ def test_an_alerter_that_lost_the_lock_mid_send_leaves_the_outbox_to_the_holder(
     assert [b["alerts"][0]["status"] for b in webhook.bodies] == ["firing", "firing", "resolved"]
 
 
+def test_an_evaluation_takes_at_most_three_round_trips(make, redis_client, webhook, monkeypatch):
+    import redis
+
+    alerter = make("--for", "0", ALERT_TO=None, SMTP_HOST=None, SMTP_PORT=None, ALERT_WEBHOOK_URL=webhook.url)
+    sent = []
+    real = redis.Connection.send_packed_command
+
+    def counting(self, command, check_health=True):
+        sent.append(self)
+        return real(self, command, check_health)
+
+    monkeypatch.setattr(redis.Connection, "send_packed_command", counting)
+    alerter.r.ping()  # connected: the handshake is not the evaluation's
+    trips = []
+    for t, cpu in ((0, 10.0), (60, 10.0), (120, 99.0), (180, 99.0), (240, 10.0)):
+        report(redis_client, "n1", T0 + t, cpu=cpu, queue_requests=5)
+        before = len(sent)
+        alerter.run_once(T0 + t)
+        trips.append(len(sent) - before)
+    # read (+ the queue forecast's history, the first time) and write; a send adds its settling, which releases
+    assert trips == [3, 2, 3, 2, 3]
+    assert [b["alerts"][0]["status"] for b in webhook.bodies] == ["firing", "resolved"]
+    assert not redis_client.exists("scrapy:alert:lock")
+
+
 def test_a_send_past_its_deadline_is_kept_for_a_retry(make, redis_client, webhook, monkeypatch, caplog):
     import time
     monkeypatch.setattr(alert, "SEND_DEADLINE", 0.5)

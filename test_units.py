@@ -486,6 +486,42 @@ def test_combine_hosts_argument_overrides_row_hosts():
     assert monitor_read.combine(rows, ["cpu"], ["x", "y", "z"]) == {"cpu": 40.0}
 
 
+@pytest.mark.parametrize("values, expected", [
+    pytest.param([], [], id="empty"),
+    pytest.param([1, 2.5, None, "3", True, False, -4], [1, 2.5, -4], id="ints-and-floats-in-order"),
+    pytest.param((None, [1], {"a": 1}), [], id="none"),
+])
+def test_numbers(values, expected):
+    assert monitor_read.numbers(values) == expected
+
+
+@pytest.mark.parametrize("times, expected", [
+    pytest.param([3, 1, 2.5], [1, 2.5, 3], id="gated"),
+    pytest.param([3, None, 2], [None, 2, 3], id="missing-counts-0"),
+    pytest.param([3, "x", 1, True], ["x", True, 1, 3], id="non-numbers-count-0-in-order"),
+    pytest.param([2, math.inf, 1], [math.inf, 1, 2], id="infinity-counts-0"),
+    pytest.param([2, 1, 2, 1], [1, 1, 2, 2], id="stable"),
+])
+def test_by_time(times, expected):
+    rows = [{"timestamp": t, "i": i} for i, t in enumerate(times)]
+    ordered = monitor_read.by_time(rows)
+    assert [r["timestamp"] for r in ordered] == expected
+    assert ordered == sorted(rows, key=lambda r: monitor_read.number(r["timestamp"], 0))
+
+
+@pytest.mark.parametrize("nodes, chosen, rows", [
+    pytest.param({}, {}, 0, id="none"),
+    pytest.param({"b": ("s", "live", 5, 10), "a": ("s", "paused", 5, 10), "c": ("s", "live", 1, 5)},
+                 {"s": "c"}, 62, id="started-first-shortest-interval-rows"),
+    pytest.param({"b": ("s", "live", 5, 10), "a": ("s", "live", 5, 10), "z": ("t", "stale", 0, 10)},
+                 {"s": "a"}, 32, id="tie-lowest-id-not-crawling-left-out"),
+])
+def test_forecast_nodes(nodes, chosen, rows):
+    nodes = {n: {"spider": sp, "state": st, "start_time": start, "interval": interval}
+             for n, (sp, st, start, interval) in nodes.items()}
+    assert monitor_read.forecast_nodes(nodes) == (chosen, rows)
+
+
 # ---------------------------------------------------------------------------- cluster_view
 
 def view_nodes():
