@@ -58,6 +58,7 @@ from monitor_read import (
     QUEUE_WINDOW,
     NodeReader,
     forecast_nodes,
+    gc_paused,
     parse_histories,
     queue_histories,
     read_snapshots,
@@ -426,7 +427,8 @@ class Alerter:
                 self.delivery.run(time.time() if now is None else now)  # what is queued still goes out
                 raise
             reading = self.store.parse(replies[self.reader.queued:], now)
-            outcome = self.evaluate_once(nodes, now, reading, self.extras(extra, now))
+            with gc_paused():
+                outcome = self.evaluate_once(nodes, now, reading, self.extras(extra, now))
             deliver = bool(reading.outbox or outcome.notes and self.channels)
             digest = self.digest and due_day(now, self.cfg.digest_at, self.cfg.digest_tz) is not None
             written = self.record(outcome, reading, now, release=not (deliver or digest))
