@@ -329,19 +329,21 @@ STATES = ("live", "paused", "stale", "closed")
 NUMBER_TYPES = frozenset((int, float))  # exactly: a bool is not a figure
 
 
-def combine(rows: list[dict], fields: Iterable[str], hosts: Optional[list] = None, ordered: bool = False) -> dict:
+def combine(rows: list[dict], fields: Iterable[str], hosts: Optional[list] = None, ordered: bool = False,
+            cache: Optional[dict] = None) -> dict:
     """``{field: figure}`` over ``rows`` (snapshots or history rows, each with a ``timestamp``), by
     SPIDER_FIELDS. ``hosts`` maps each row's position to its host (default: the row's ``host``). A field no
     row has a number for is None. Integer sums stay integers; other figures are rounded to 2 places.
-    ``ordered``: the rows are sorted by timestamp already (``by_time``)."""
+    ``ordered``: the rows are sorted by timestamp already (``by_time``). ``cache``: a dict kept between calls
+    (``_columns``), for rows that are mostly the same objects each time (a reader's unchanged snapshots)."""
     order = range(len(rows)) if ordered else sorted(range(len(rows)), key=lambda i: _time(rows[i]))
     in_order = rows if ordered else [rows[i] for i in order]
     fields = list(fields)
     by_host = [f for f in fields if SPIDER_FIELDS[f].startswith("host")]
-    columns = _columns(in_order, [f for f in fields if f not in by_host])
+    columns = _columns(in_order, [f for f in fields if f not in by_host], cache)
     if by_host:
         hosts = hosts or [r.get("host", r.get("node")) for r in rows]
-        columns.update(_columns({hosts[i]: rows[i] for i in order}.values(), by_host))  # newest row of each host
+        columns.update(_columns({hosts[i]: rows[i] for i in order}.values(), by_host, cache))  # newest per host
     out = {}
     for field in fields:
         rule = SPIDER_FIELDS[field]
@@ -362,11 +364,25 @@ def combine(rows: list[dict], fields: Iterable[str], hosts: Optional[list] = Non
     return out
 
 
-def _columns(rows, fields):
-    """``{field: [each row's value or None]}``: every row read once (a spider may have 10,000 nodes)."""
+def _columns(rows, fields, cache=None):
+    """``{field: [each row's value or None]}``: every row read once (a spider may have 10,000 nodes). With
+    ``cache`` (``{fields: {id(row): (row, values)}}``, kept by the caller) a row seen at the last call with these
+    fields is not read again; the cache keeps the rows of this call only."""
     if not fields:
         return {}
-    return dict(zip(fields, zip(*[tuple(map(row.get, fields)) for row in rows]))) if rows else dict.fromkeys(fields, ())
+    if cache is None:
+        values = [tuple(map(row.get, fields)) for row in rows]
+    else:
+        old, new, key = cache.get(tuple(fields), {}), {}, tuple(fields)
+        values = []
+        for row in rows:
+            kept = old.get(id(row))
+            if kept is None or kept[0] is not row:
+                kept = (row, tuple(map(row.get, fields)))
+            new[id(row)] = kept
+            values.append(kept[1])
+        cache[key] = new
+    return dict(zip(fields, zip(*values))) if values else dict.fromkeys(fields, ())
 
 
 def numbers(values):
@@ -396,10 +412,10 @@ def finite_sum(values):
 
 
 def cluster_view(nodes: dict[str, Snapshot], spider: str,
-                 fields: Iterable[str] = tuple(SPIDER_FIELDS)) -> Optional[dict]:
+                 fields: Iterable[str] = tuple(SPIDER_FIELDS), cache: Optional[dict] = None) -> Optional[dict]:
     """One spider over its nodes: newest timestamp, figures by SPIDER_FIELDS, node counts by state, and its
     nodes. ``nodes`` is a ``{node: snapshot}`` mapping as ``list_nodes`` returns; None when it has none.
-    ``fields``: only these SPIDER_FIELDS (the alerter needs few)."""
+    ``fields``: only these SPIDER_FIELDS (the alerter needs few). ``cache``: ``combine``'s."""
     mine = {n: s for n, s in nodes.items() if s.get("spider") == spider}
     if not mine:
         return None
@@ -410,11 +426,11 @@ def cluster_view(nodes: dict[str, Snapshot], spider: str,
     crawl = [f for f in fields if f in CRAWLING_FIELDS]
     rates = [f for f in crawl if f.endswith("_per_min")]
     view = {"spider": spider, "timestamp": int(_time(snaps[-1]))}
-    view.update(combine(snaps, rest, ordered=True))
+    view.update(combine(snaps, rest, ordered=True, cache=cache))
     if crawling:  # gauges and rates over the same nodes: combined in one pass
-        view.update(combine(crawling, crawl, ordered=True))
+        view.update(combine(crawling, crawl, ordered=True, cache=cache))
     else:
-        view.update(combine(snaps, [f for f in crawl if f not in rates], ordered=True))
+        view.update(combine(snaps, [f for f in crawl if f not in rates], ordered=True, cache=cache))
         view.update(dict.fromkeys(rates))
     view.update({f: view[f] or 0 for f in rates})  # no node crawling: nothing per minute
     states = collections.Counter(states)
@@ -451,16 +467,24 @@ def spider_state(snaps: list, queued, now: float, finished_after: float = FINISH
     return ("finished" if idle_for >= finished_after else "idle"), round(idle_for, 1)
 
 
-def slowed_domains(snaps):
-    """``{domain: delay}`` of the domains the nodes report slowed cluster-wide (``domains[*].delay``)."""
+def slowed_domains(snaps, cache=None):
+    """``{domain: delay}`` of the domains the nodes report slowed cluster-wide (``domains[*].delay``). ``cache``:
+    a dict kept between calls: a snapshot seen at the last call (the same object) is not looked through again."""
     out = {}
+    old, new = (cache or {}).get("slowed", {}), {}
     for s in snaps:
-        domains = s.get("domains")
-        if domains and any(map(dict.get, domains.values(), itertools.repeat("delay"))):  # few nodes: at C speed
-            for name, d in domains.items():
-                delay = number(d.get("delay"))
-                if delay:
-                    out[name] = max(out.get(name, 0), delay)
+        kept = old.get(id(s))
+        if kept is None or kept[0] is not s:
+            domains = s.get("domains")
+            slowed = None
+            if domains and any(map(dict.get, domains.values(), itertools.repeat("delay"))):  # few: at C speed
+                slowed = {name: number(d.get("delay")) for name, d in domains.items() if number(d.get("delay"))}
+            kept = (s, slowed)
+        new[id(s)] = kept
+        for name, delay in (kept[1] or {}).items():
+            out[name] = max(out.get(name, 0), delay)
+    if cache is not None:
+        cache["slowed"] = new
     return out
 
 
@@ -490,13 +514,14 @@ def _spiders_view(nodes, r, prefix, now, finished_after, fields, memo, histories
         if kept and len(kept[0]) == len(members) and all(map(operator.is_, kept[0], members)):
             view = dict(kept[1])
         else:
-            view = cluster_view(groups[spider], spider, fields)
-            view["slowed"] = slowed_domains(members)
+            cache = kept[2] if kept else {}  # each unchanged snapshot's figures, read at the last combine
+            view = cluster_view(groups[spider], spider, fields, cache)
+            view["slowed"] = slowed_domains(members, cache)
             view["started"] = min((number(s.get("start_time")) for s in members
                                    if number(s.get("start_time")) is not None), default=None)
             view["nodes"] = sorted(view["nodes"])
             if memo is not None:
-                memo[spider] = (members, dict(view))
+                memo[spider] = (members, dict(view), cache)
         queued = sum(number(view.get(f), 0) for f in ("queue_requests", "queue_start_urls"))  # time: each call
         view["state"], view["idle_for"] = spider_state(members, queued, time.time() if now is None else now,
                                                        finished_after)

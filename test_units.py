@@ -522,6 +522,23 @@ def test_forecast_nodes(nodes, chosen, rows):
     assert monitor_read.forecast_nodes(nodes) == (chosen, rows)
 
 
+@pytest.mark.parametrize("changes", [
+    pytest.param({}, id="unchanged"),
+    pytest.param({"b": {"cpu": 10, "pages": 99}}, id="one-node-reported"),
+    pytest.param({"a": {"state": "stale"}, "c": {"timestamp": int(NOW) + 5, "queue_requests": 1}}, id="two"),
+    pytest.param({"d": {}}, id="a-node-came"),
+])
+def test_spiders_view_memo_and_row_cache_give_the_fresh_figures(changes):
+    nodes = {n: snap(n, pages=i, cpu=10.0 * i, pages_per_min=i, queue_requests=5 - i, rss=i, latency_p95=i / 10)
+             for i, n in enumerate("abc")}
+    memo = {}
+    assert monitor_read.spiders_view(nodes, now=NOW, memo=memo) == monitor_read.spiders_view(nodes, now=NOW)
+    nodes = dict(nodes)
+    for n, fields in changes.items():
+        nodes[n] = {**nodes.get(n, snap(n)), **fields}  # a new object, as a reader makes for a changed value
+    assert monitor_read.spiders_view(nodes, now=NOW, memo=memo) == monitor_read.spiders_view(nodes, now=NOW)
+
+
 # ---------------------------------------------------------------------------- cluster_view
 
 def view_nodes():
