@@ -882,8 +882,14 @@ def start_smtp(**kwargs):
     from aiosmtpd.controller import Controller  # only where mail is received
 
     inbox = Inbox()
-    controller = Controller(inbox, hostname="127.0.0.1", port=free_port(), **kwargs)
-    controller.start()
+    for attempt in range(5):
+        controller = Controller(inbox, hostname="127.0.0.1", port=free_port(), **kwargs)
+        try:
+            controller.start()
+            break
+        except OSError:  # another process took the free port first: pick again
+            if attempt == 4:
+                raise
     inbox.controller = controller
     inbox.port = controller.port
     return inbox
