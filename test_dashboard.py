@@ -482,8 +482,10 @@ def test_memory_stays_flat_while_nodes_come_and_go(api, redis_client, open_page)
     cdp.send("Performance.enable")
 
     def measure():
-        # Sparklines still loading would count as growth: let the history requests settle first.
-        until(page, "() => window.dashboardStats.historyInFlight === 0")
+        # Sparklines still loading would count as growth: let the history requests settle first. And the cards
+        # too: a poll answered from the API's cache (up to a second old) can show the five churn nodes just
+        # removed beside the five pushed in their place (110) until the next fresh answer.
+        until(page, "() => window.dashboardStats.historyInFlight === 0 && window.dashboardStats.nodes === 105")
         cdp.send("HeapProfiler.collectGarbage")
         metrics = {m["name"]: m["value"] for m in cdp.send("Performance.getMetrics")["metrics"]}
         return cdp.send("Runtime.getHeapUsage")["usedSize"], int(metrics["Nodes"])
@@ -497,7 +499,6 @@ def test_memory_stays_flat_while_nodes_come_and_go(api, redis_client, open_page)
     heap0, dom0 = measure()
     refreshes(40)
     heap1, dom1 = measure()
-    assert page.evaluate("() => window.dashboardStats.nodes") == 105
     print(f"\n40 refreshes, 200 cards created and removed: JS heap {heap0 / 2**20:.2f} -> {heap1 / 2**20:.2f} MB, "
           f"DOM nodes {dom0} -> {dom1}")
     assert abs(dom1 - dom0) <= 20
