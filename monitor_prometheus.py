@@ -24,7 +24,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.utils import floatToGoString
 
 from monitor_contract import LATENCY_BUCKETS, as_text, is_number, number
-from monitor_read import CRAWL_STATES, FINISHED_AFTER, STATES, run_totals, spiders_view
+from monitor_read import CRAWL_STATES, FINISHED_AFTER, STATES, combine, run_totals, spider_state
 
 # (snapshot field, metric name, help, scale): base units, so percentages become ratios.
 GAUGES = (
@@ -73,6 +73,7 @@ def stable_ids(nodes):
 
 # Lines joined and encoded at a time: the body grows by blocks, never through a list of every line.
 BLOCK = 20_000
+EXACT = 2 ** 53  # ints below this are floats exactly
 QUEUE_FIELDS = tuple(field for field, _ in QUEUES)
 SPIDER_COUNTERS = "Summed over the spider's nodes."
 
@@ -113,7 +114,13 @@ def _escaped(value):
 
 
 def _value(value):
-    """A finite number as prometheus_client writes it (``floatToGoString``: Go's exponents from 1e7 up), faster."""
+    """A finite number as prometheus_client writes it (``floatToGoString``: Go's exponents from 1e7 up), faster:
+    an int below 2 ** 53 is a float's exact value, written from its digits."""
+    if value.__class__ is int and -EXACT < value < EXACT:
+        if value < 1_000_000:
+            return f"{value}.0"
+        digits = str(value)
+        return f"{digits[0]}.{digits[1:]}".rstrip("0.") + f"e+{len(digits) - 1:02d}"
     text = repr(float(value))
     dot = text.find(".")
     if dot > 6 and value > 0:
@@ -136,17 +143,14 @@ def node_lines(nodes, heads, per_node):
     for field, doc, scale, kind, sample in families:
         if per_node or field in NODE_CORE:
             yield f"# HELP {sample} {doc}\n# TYPE {sample} {kind}\n"
-            for head, s in pairs:
-                value = s.get(field)
-                if value.__class__ is int or value.__class__ is float:
-                    yield f"{sample}{{{head}}} {_value(value if scale == 1 else round(value * scale, 6))}\n"
+            values = [(head, s.get(field)) for head, s in pairs]
+            yield "".join([f"{sample}{{{head}}} {_value(value if scale == 1 else round(value * scale, 6))}\n"
+                           for head, value in values if value.__class__ is int or value.__class__ is float])
     yield "# HELP scrapy_node_up 1 while the node reports on time, else 0.\n# TYPE scrapy_node_up gauge\n"
-    for head, s in pairs:
-        yield f"scrapy_node_up{{{head}}} {'1.0' if s['state'] == 'live' else '0.0'}\n"
+    yield "".join([f"scrapy_node_up{{{head}}} {'1.0' if s['state'] == 'live' else '0.0'}\n" for head, s in pairs])
     yield ("# HELP scrapy_node_state 1 for the node's state (live, paused, stale, closed).\n"
            "# TYPE scrapy_node_state gauge\n")
-    for head, s in pairs:
-        yield f'scrapy_node_state{{{head},state="{s["state"]}"}} 1.0\n'
+    yield "".join([f'scrapy_node_state{{{head},state="{s["state"]}"}} 1.0\n' for head, s in pairs])
 
 
 def summed_lines(nodes, spiders):
@@ -175,19 +179,28 @@ def status_lines(nodes, keys):
 
 
 def spider_lines(nodes, spiders, now, finished_after):
-    """Per spider: node counts by state, queue sizes and the crawl state."""
-    views = spiders_view(nodes, now=now, finished_after=finished_after, fields=QUEUE_FIELDS)
+    """Per spider: node counts by state, queue sizes (the newest report's, as in ``spiders_view``) and the crawl
+    state (``spider_state``); without the rest of ``spiders_view`` (combined figures, slowed domains)."""
+    groups = {}
+    for s in nodes.values():
+        groups.setdefault(s["spider"], []).append(s)
+    views = {}
+    for spider in sorted(groups):
+        members = groups[spider]
+        queues = combine(members, QUEUE_FIELDS)
+        queued = sum(number(queues[f], 0) for f in ("queue_requests", "queue_start_urls"))
+        views[spiders[spider]] = (collections.Counter(s["state"] for s in members), queues,
+                                  spider_state(members, queued, now, finished_after)[0])
     yield from _family("scrapy_nodes", "gauge", "Nodes of each spider by state.", [
-        f'scrapy_nodes{{{spiders[spider]},state="{s}"}} {_value(view[f"nodes_{s}"])}\n'
-        for spider, view in views.items() for s in STATES])
+        f'scrapy_nodes{{{head},state="{s}"}} {_value(counts[s])}\n' for head, (counts, _, _) in views.items()
+        for s in STATES])
     yield from _family("scrapy_queue_size", "gauge", "Entries in the spider's shared scrapy-redis queues.", [
-        f'scrapy_queue_size{{queue="{kind}",{spiders[spider]}}} {_value(view[field])}\n'
-        for spider, view in views.items() for field, kind in QUEUES if is_number(view.get(field))])
+        f'scrapy_queue_size{{queue="{kind}",{head}}} {_value(queues[field])}\n'
+        for head, (_, queues, _) in views.items() for field, kind in QUEUES if is_number(queues[field])])
     yield from _family("scrapy_spider_state", "gauge",
                        "1 for the spider's crawl state (crawling, idle, finished, paused).", [
-                           f'scrapy_spider_state{{{spiders[spider]},state="{name}"}} '
-                           f'{"1.0" if view["state"] == name else "0.0"}\n'
-                           for spider, view in views.items() for name in CRAWL_STATES])
+                           f'scrapy_spider_state{{{head},state="{name}"}} {"1.0" if state == name else "0.0"}\n'
+                           for head, (_, _, state) in views.items() for name in CRAWL_STATES])
 
 
 def spider_sums(nodes, field, keys=None):
