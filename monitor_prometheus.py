@@ -89,10 +89,11 @@ def exposition(nodes, skipped, now, raw_totals, raw_dead, detail="spider", stabl
              for node, s in nodes.items()}
     spiders = {spider: f'spider="{_escaped(spider)}"' for spider in {s["spider"] for s in nodes.values()}}
     keys = heads if per_node else {node: spiders[s["spider"]] for node, s in nodes.items()}
+    keyed = list(zip(keys.values(), nodes.values()))
     families = [node_lines(nodes, heads, per_node)]
     if not per_node:
-        families.append(summed_lines(nodes, spiders))
-    families += [status_lines(nodes, keys), spider_lines(nodes, spiders, now, finished_after),
+        families.append(summed_lines(nodes, keyed))
+    families += [status_lines(keyed), spider_lines(nodes, spiders, now, finished_after),
                  insight_lines(nodes, keys, per_node), _family("scrapy_monitor_skipped_entries", "gauge",
                                                                "Malformed values in the status hash, left out above.",
                                                                [f"scrapy_monitor_skipped_entries {_value(skipped)}\n"])]
@@ -143,9 +144,8 @@ def node_lines(nodes, heads, per_node):
     for field, doc, scale, kind, sample in families:
         if per_node or field in NODE_CORE:
             yield f"# HELP {sample} {doc}\n# TYPE {sample} {kind}\n"
-            values = [(head, s.get(field)) for head, s in pairs]
-            yield "".join([f"{sample}{{{head}}} {_value(value if scale == 1 else round(value * scale, 6))}\n"
-                           for head, value in values if value.__class__ is int or value.__class__ is float])
+            yield "".join([f"{sample}{{{head}}} {_value(v if scale == 1 else round(v * scale, 6))}\n"
+                           for head, s in pairs if (v := s.get(field)).__class__ is int or v.__class__ is float])
     yield "# HELP scrapy_node_up 1 while the node reports on time, else 0.\n# TYPE scrapy_node_up gauge\n"
     yield "".join([f"scrapy_node_up{{{head}}} {'1.0' if s['state'] == 'live' else '0.0'}\n" for head, s in pairs])
     yield ("# HELP scrapy_node_state 1 for the node's state (live, paused, stale, closed).\n"
@@ -153,8 +153,9 @@ def node_lines(nodes, heads, per_node):
     yield "".join([f'scrapy_node_state{{{head},state="{s["state"]}"}} 1.0\n' for head, s in pairs])
 
 
-def summed_lines(nodes, spiders):
-    """At ``spider`` level, the COUNTERS not in NODE_CORE: per host (HOST_FIELDS) or summed per spider."""
+def summed_lines(nodes, keyed):
+    """At ``spider`` level, the COUNTERS not in NODE_CORE: per host (HOST_FIELDS) or summed per spider
+    (``keyed``: (its spider's labels, snapshot) a node)."""
     for field, name, doc in COUNTERS:
         if field in NODE_CORE:
             continue
@@ -164,18 +165,17 @@ def summed_lines(nodes, spiders):
                 for host, value in host_figures(nodes, field).items()])
         else:
             yield from _family(name + "_total", "counter", f"{doc} {SPIDER_COUNTERS}", [
-                f"{name}_total{{{spiders[spider]}}} {_value(total)}\n"
-                for spider, total in spider_sums(nodes, field).items()])
+                f"{name}_total{{{key}}} {_value(total)}\n" for key, total in sums(keyed, field).items()])
 
 
-def status_lines(nodes, keys):
-    """``scrapy_http_responses_total`` by status class, per node or per spider (``keys``: each node's labels)."""
+def status_lines(keyed):
+    """``scrapy_http_responses_total`` by status class, per node or per spider (``keyed``: (labels, snapshot) a
+    node)."""
     yield "# HELP scrapy_http_responses_total Responses by status class.\n# TYPE scrapy_http_responses_total counter\n"
     for c in range(1, 6):
         field = f"status_{c}xx"
-        sums = spider_sums(nodes, field, keys)
-        yield from (f'scrapy_http_responses_total{{{key},status_class="{c}xx"}} {_value(total)}\n'
-                    for key, total in sums.items())
+        yield "".join([f'scrapy_http_responses_total{{{key},status_class="{c}xx"}} {_value(total)}\n'
+                       for key, total in sums(keyed, field).items()])
 
 
 def spider_lines(nodes, spiders, now, finished_after):
@@ -203,27 +203,27 @@ def spider_lines(nodes, spiders, now, finished_after):
                            for head, (_, _, state) in views.items() for name in CRAWL_STATES])
 
 
-def spider_sums(nodes, field, keys=None):
-    """``{spider: the field summed over its nodes that report it}``; with ``keys`` (``{node: key}``), per key
-    (in first-seen order)."""
+def sums(keyed, field):
+    """``{key: the field summed over the key's nodes that report it}`` over ``keyed``, (key, snapshot) pairs."""
     out = {}
-    for node, s in nodes.items():
+    for key, s in keyed:
         value = s.get(field)
         if value.__class__ is int or value.__class__ is float:
-            key = s["spider"] if keys is None else keys[node]
             out[key] = out.get(key, 0) + value
     return out
 
 
 def host_figures(nodes, field):
     """``{host: the field in the host's newest report}``: a host figure counted once, however many nodes."""
-    newest = {}
+    newest = {}  # host -> (timestamp, figure)
     for s in nodes.values():
-        host = s.get("host")
-        if isinstance(host, str) and is_number(s.get(field)):
-            if host not in newest or number(s.get("timestamp"), 0) >= number(newest[host].get("timestamp"), 0):
-                newest[host] = s
-    return {host: s[field] for host, s in newest.items()}
+        host, value = s.get("host"), s.get(field)
+        if host.__class__ is str and (value.__class__ is int or value.__class__ is float):
+            when = number(s.get("timestamp"), 0)
+            kept = newest.get(host)
+            if kept is None or when >= kept[0]:
+                newest[host] = when, value
+    return {host: value for host, (_, value) in newest.items()}
 
 
 class RedisCollector:

@@ -1,6 +1,7 @@
 """Live and light at scale (issue 22, §3-§5): the alerter writes only what changed in at most three round trips,
 an idle cluster answers 304, ``?fields=`` projects, Prometheus exports per spider by default."""
 
+import collections
 import gzip
 import json
 import re
@@ -214,6 +215,67 @@ def test_prometheus_exports_per_spider_by_default_and_every_node_series_on_reque
     node_app = testbed.make_app(redis_url, MONITOR_PROMETHEUS_DETAIL="node").test_client()
     of_a_node = lambda text: [line for line in text.splitlines() if 'node="s:h1:11"' in line]  # noqa: E731
     assert of_a_node(prometheus(node_app)[0]) == of_a_node(text_node)  # Redis's own figures move: left out
+
+
+def test_prometheus_spider_series_are_the_exact_sums_of_the_node_series(redis_client, redis_url):
+    # 24 nodes of two spiders, figures varied per node: some domains and statuses missing, one node without
+    # items; sums of quarters, so any order of addition gives the same float.
+    width = len(monitor_contract.LATENCY_BUCKETS) + 1
+    snaps, expected = [], {}
+    for i in range(24):
+        spider = ("s", "t")[i % 2]
+        buckets = [k * (i + 1) for k in range(width)]
+        domains = {"a.com": {"pages": i, "errors": i % 3, "4xx": 1, "429": i % 2},
+                   **({"b.com": {"pages": 2 * i, "5xx": 3}} if i % 3 else {})}
+        items = 0 if i == 5 else 10 * i
+        snaps.append(testbed.snap(f"{spider}:h{i // 4}:{i}", spider=spider, host=f"h{i // 4}", items=items,
+                                  status_2xx=100 + i, warnings=i, latency_buckets=buckets, latency_sum=i + 0.25,
+                                  domains=domains, fields={"price": (i % 4) / 4}))
+        mine = expected.setdefault(spider, collections.Counter())
+        mine["+Inf"] += buckets[-1]
+        mine["sum"] += i + 0.25
+        for domain, figures in domains.items():
+            for key, value in figures.items():
+                mine[domain, key] += value
+        mine["weighted"] += (i % 4) / 4 * items
+        mine["items"] += items
+        mine["2xx"] += 100 + i
+    testbed.store(redis_client, *snaps)
+    c = testbed.make_app(redis_url).test_client()
+    _, default = prometheus(c)
+    _, detail = prometheus(c, "?detail=node")
+
+    def spider_level(name, spider, **labels):
+        found = [s.value for s in default if s.name == name and s.labels == dict(labels, spider=spider)]
+        assert len(found) <= 1, (name, labels)
+        return found[0] if found else None
+
+    def summed(name, spider, **labels):
+        values = [s.value for s in detail if s.name == name and s.labels.get("spider") == spider
+                  and {k: s.labels.get(k) for k in labels} == labels]
+        return sum(values) if values else None
+
+    for spider, mine in expected.items():
+        for name, labels in [("scrapy_download_latency_seconds_bucket", {"le": le}) for le in
+                             [f"{b:g}" for b in monitor_contract.LATENCY_BUCKETS] + ["+Inf"]] + [
+                ("scrapy_download_latency_seconds_count", {}), ("scrapy_download_latency_seconds_sum", {}),
+                ("scrapy_http_responses_total", {"status_class": "2xx"}), ("scrapy_log_warnings_total", {})] + [
+                ("scrapy_domain_responses_total", {"domain": d}) for d in ("a.com", "b.com")] + [
+                ("scrapy_domain_error_responses_total", {"domain": d, "status": st})
+                for d in ("a.com", "b.com") for st in ("4xx", "5xx", "429", "503")]:
+            assert spider_level(name, spider, **labels) == summed(name, spider, **labels), (spider, name, labels)
+        # ... and those sums are the snapshots' own
+        assert spider_level("scrapy_download_latency_seconds_bucket", spider, le="+Inf") == mine["+Inf"]
+        assert spider_level("scrapy_download_latency_seconds_sum", spider) == mine["sum"]
+        assert spider_level("scrapy_http_responses_total", spider, status_class="2xx") == mine["2xx"]
+        assert spider_level("scrapy_domain_responses_total", spider, domain="b.com") == mine["b.com", "pages"]
+        assert spider_level("scrapy_domain_error_responses_total", spider, domain="a.com",
+                            status="429") == mine["a.com", "429"]
+        assert spider_level("scrapy_domain_error_responses_total", spider, domain="b.com", status="4xx") is None
+        assert spider_level("scrapy_domain_errors_total", spider, domain="b.com") is None  # no node reports one
+        assert spider_level("scrapy_item_field_coverage_ratio", spider, field="price") == round(
+            mine["weighted"] / mine["items"], 4)
+    assert expected["t"]["+Inf"] > 0 and expected["t"]["a.com", "429"] == 12  # the figures add up to something
 
 
 def test_the_page_ages_last_seen_while_an_idle_cluster_answers_304(api, redis_client, open_page):
