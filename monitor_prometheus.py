@@ -89,11 +89,13 @@ def exposition(nodes, skipped, now, raw_totals, raw_dead, detail="spider", stabl
              for node, s in nodes.items()}
     spiders = {spider: f'spider="{_escaped(spider)}"' for spider in {s["spider"] for s in nodes.values()}}
     keys = heads if per_node else {node: spiders[s["spider"]] for node, s in nodes.items()}
-    keyed = list(zip(keys.values(), nodes.values()))
+    groups = {}  # key -> its nodes' snapshots
+    for node, s in nodes.items():
+        groups.setdefault(keys[node], []).append(s)
     families = [node_lines(nodes, heads, per_node)]
     if not per_node:
-        families.append(summed_lines(nodes, keyed))
-    families += [status_lines(keyed), spider_lines(nodes, spiders, now, finished_after),
+        families.append(summed_lines(nodes, groups))
+    families += [status_lines(groups), spider_lines(nodes, spiders, now, finished_after),
                  insight_lines(nodes, keys, per_node), _family("scrapy_monitor_skipped_entries", "gauge",
                                                                "Malformed values in the status hash, left out above.",
                                                                [f"scrapy_monitor_skipped_entries {_value(skipped)}\n"])]
@@ -153,9 +155,9 @@ def node_lines(nodes, heads, per_node):
     yield "".join([f'scrapy_node_state{{{head},state="{s["state"]}"}} 1.0\n' for head, s in pairs])
 
 
-def summed_lines(nodes, keyed):
+def summed_lines(nodes, groups):
     """At ``spider`` level, the COUNTERS not in NODE_CORE: per host (HOST_FIELDS) or summed per spider
-    (``keyed``: (its spider's labels, snapshot) a node)."""
+    (``groups``: ``{spider's labels: its snapshots}``)."""
     for field, name, doc in COUNTERS:
         if field in NODE_CORE:
             continue
@@ -165,17 +167,17 @@ def summed_lines(nodes, keyed):
                 for host, value in host_figures(nodes, field).items()])
         else:
             yield from _family(name + "_total", "counter", f"{doc} {SPIDER_COUNTERS}", [
-                f"{name}_total{{{key}}} {_value(total)}\n" for key, total in sums(keyed, field).items()])
+                f"{name}_total{{{key}}} {_value(total)}\n" for key, total in sums(groups, field).items()])
 
 
-def status_lines(keyed):
-    """``scrapy_http_responses_total`` by status class, per node or per spider (``keyed``: (labels, snapshot) a
-    node)."""
+def status_lines(groups):
+    """``scrapy_http_responses_total`` by status class, per node or per spider (``groups``: ``{labels: their
+    snapshots}``)."""
     yield "# HELP scrapy_http_responses_total Responses by status class.\n# TYPE scrapy_http_responses_total counter\n"
     for c in range(1, 6):
         field = f"status_{c}xx"
         yield "".join([f'scrapy_http_responses_total{{{key},status_class="{c}xx"}} {_value(total)}\n'
-                       for key, total in sums(keyed, field).items()])
+                       for key, total in sums(groups, field).items()])
 
 
 def spider_lines(nodes, spiders, now, finished_after):
@@ -203,13 +205,13 @@ def spider_lines(nodes, spiders, now, finished_after):
                            for head, (_, _, state) in views.items() for name in CRAWL_STATES])
 
 
-def sums(keyed, field):
-    """``{key: the field summed over the key's nodes that report it}`` over ``keyed``, (key, snapshot) pairs."""
+def sums(groups, field):
+    """``{key: the field summed over the key's snapshots that report it}`` (``groups``: ``{key: snapshots}``)."""
     out = {}
-    for key, s in keyed:
-        value = s.get(field)
-        if value.__class__ is int or value.__class__ is float:
-            out[key] = out.get(key, 0) + value
+    for key, members in groups.items():
+        values = [v for s in members if (v := s.get(field)).__class__ is int or v.__class__ is float]
+        if values:
+            out[key] = sum(values)
     return out
 
 

@@ -160,6 +160,7 @@ def main():
 def prometheus(port, proc):
     """/prometheus at the default level, then ?detail=node, then the default level again (its RSS after a
     node-level scrape)."""
+    print(f"API RSS before /prometheus: {rss_mb(proc.pid):.0f} MB (peak so far {rss_mb(proc.pid, 'VmHWM'):.0f})")
     print(f"/prometheus, uncached, default level:  {scrape(port, proc)}")
     if '"detail"' in requests.get(f"http://127.0.0.1:{port}/openapi.json", timeout=60).text:
         print(f"/prometheus, uncached, ?detail=node:   {scrape(port, proc, '?detail=node')}")
