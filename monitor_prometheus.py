@@ -23,8 +23,9 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.utils import floatToGoString
 
-from monitor_contract import LATENCY_BUCKETS, as_text, is_number, number
+from monitor_contract import BIG_FIELDS, LATENCY_BUCKETS, as_text, is_number, number, redis_now
 from monitor_read import CRAWL_STATES, FINISHED_AFTER, STATES, combine, run_totals, spider_state
+from monitor_snapshot import parse_snapshot
 
 # (snapshot field, metric name, help, scale): base units, so percentages become ratios.
 GAUGES = (
@@ -78,27 +79,38 @@ QUEUE_FIELDS = tuple(field for field, _ in QUEUES)
 SPIDER_COUNTERS = "Summed over the spider's nodes."
 
 
-def exposition(nodes, skipped, now, raw_totals, raw_dead, detail="spider", stable=False,
-               finished_after=FINISHED_AFTER, extra=()):
-    """The /prometheus body (bytes) over one read of the status hash (``nodes``, ``skipped``, ``now``), the run
-    totals and the dead letter totals hashes, at ``detail`` ``spider`` or ``node`` (LEVELS); with ``stable`` the
-    node label is the id without its pid (``stable_ids``). ``extra``: more prometheus_client collectors."""
+def exposition(decoded, now, raw_totals, raw_dead, detail="spider", stable=False, finished_after=FINISHED_AFTER,
+               extra=()):
+    """The /prometheus body (bytes) over one read of the status hash and Redis's clock ``now``: ``decoded``,
+    ``(node, snapshot with state)`` pairs (None for a value the gate refused), taken one at a time: each
+    snapshot's big fields (BIG_FIELDS) are gathered, then dropped from it, so a scrape never holds every node's
+    whole snapshot (give it snapshots of its own: ``read_decoded``); the run totals and the dead letter totals
+    hashes; at ``detail`` ``spider`` or ``node`` (LEVELS); with ``stable`` the node label is the id without its
+    pid (``stable_ids``). ``extra``: more prometheus_client collectors."""
     per_node = detail == "node"
+    insight, nodes, skipped = Insight(), {}, 0
+    for node, s in decoded:
+        if s is None:
+            skipped += 1
+            continue
+        insight.add(node if per_node else s["spider"], s)
+        for field in BIG_FIELDS:
+            s.pop(field, None)
+        nodes[node] = s
     label = stable_ids(nodes) if stable else {}
     heads = {node: f'node="{_escaped(label.get(node, node))}",spider="{_escaped(s["spider"])}"'
              for node, s in nodes.items()}
     spiders = {spider: f'spider="{_escaped(spider)}"' for spider in {s["spider"] for s in nodes.values()}}
-    keys = heads if per_node else {node: spiders[s["spider"]] for node, s in nodes.items()}
-    groups = {}  # key -> its nodes' snapshots
+    groups = {}  # labels (a node's, or its spider's) -> the snapshots
     for node, s in nodes.items():
-        groups.setdefault(keys[node], []).append(s)
+        groups.setdefault(heads[node] if per_node else spiders[s["spider"]], []).append(s)
     families = [node_lines(nodes, heads, per_node)]
     if not per_node:
         families.append(summed_lines(nodes, groups))
     families += [status_lines(groups), spider_lines(nodes, spiders, now, finished_after),
-                 insight_lines(nodes, keys, per_node), _family("scrapy_monitor_skipped_entries", "gauge",
-                                                               "Malformed values in the status hash, left out above.",
-                                                               [f"scrapy_monitor_skipped_entries {_value(skipped)}\n"])]
+                 insight_lines(insight, heads if per_node else spiders, per_node),
+                 _family("scrapy_monitor_skipped_entries", "gauge", "Malformed values in the status hash, left out "
+                         "above.", [f"scrapy_monitor_skipped_entries {_value(skipped)}\n"])]
     body = io.BytesIO()
     for lines in families:
         lines = iter(lines)
@@ -109,6 +121,23 @@ def exposition(nodes, skipped, now, raw_totals, raw_dead, detail="spider", stabl
         registry.register(collector)
     body.write(generate_latest(registry))
     return body.getvalue()
+
+
+def read_decoded(r, key):
+    """``(decoded, now)``: the status hash ``key`` read in one round trip with Redis's clock, and a generator of
+    its ``(node, snapshot with state or None)``, each value through the gate (``parse_snapshot``) as it is taken
+    and let go of then (no decoded snapshot is kept between scrapes: a scrape frees what it made)."""
+    with r.pipeline(transaction=False) as pipe:
+        pipe.hgetall(key)
+        pipe.execute_command("TIME")  # pipe.time() is refused in a cluster pipeline
+        raw, server_now = pipe.execute()
+    now = redis_now(server_now)
+
+    def decoded():
+        for field in list(raw):
+            yield as_text(field), parse_snapshot(raw.pop(field), now)
+
+    return decoded(), now
 
 
 def _escaped(value):
@@ -297,11 +326,13 @@ DOMAIN_FIGURES = (*(field for field, _, _ in DOMAIN_COUNTERS), *DOMAIN_STATUSES)
 BOUNDS = (*(f"{b:g}" for b in LATENCY_BUCKETS), "+Inf")
 
 
-def insight_lines(nodes, keys, per_node):
-    """The download latency histogram, per-domain counters and item field coverage per key (``keys``: each
-    node's labels, its own or its spider's): over a key's nodes, histograms merged, domain figures summed,
+def insight_lines(insight, labels, per_node):
+    """The download latency histogram, per-domain counters and item field coverage of each key of ``insight``
+    (an Insight; ``labels``: each key's labels): over a key's nodes, histograms merged, domain figures summed,
     coverage the mean weighted by their items (a single node's share as it is)."""
-    histograms, domains, fields = gather(nodes, keys)
+    histograms = {labels[key]: kept for key, kept in insight.histograms.items()}
+    domains = {labels[key]: mine for key, mine in insight.domains.items()}
+    fields = {labels[key]: mine for key, mine in insight.fields.items()}
     name = "scrapy_download_latency_seconds"
     yield (f"# HELP {name} Download latency of the responses over the run"
            f"{'' if per_node else ', all the spider' + chr(39) + 's nodes merged'}.\n# TYPE {name} histogram\n")
@@ -332,26 +363,31 @@ def insight_lines(nodes, keys, per_node):
             yield f'{name}{{field="{_escaped(field)}",{key}}} {_value(_coverage(rows))}\n'
 
 
-def gather(nodes, keys):
-    """``(histograms, domains, fields)`` per key: ``{key: [latency buckets, latency sum]}`` added up, ``{key:
-    {domain: [DOMAIN_FIGURES of each node, one after the other]}}`` and ``{key: {field: [share, items, share,
-    items ...]}}`` (flat lists: no object a node; in node order, so sums add up as a running total would)."""
+class Insight:
+    """Crawl insight gathered per key (a node or a spider), one snapshot at a time (``add``): ``histograms``
+    ``{key: [latency buckets, latency sum]}`` added up, ``domains`` ``{key: {domain: [DOMAIN_FIGURES of each
+    node, one after the other]}}`` and ``fields`` ``{key: {field: [share, items, share, items ...]}}`` (flat
+    lists: no object a node; in node order, so sums add up as a running total would)."""
+
     figures = operator.itemgetter(*DOMAIN_FIGURES)
-    histograms, domains, fields = {}, {}, {}
-    for node, s in nodes.items():
-        key = keys[node]
+
+    def __init__(self):
+        self.histograms, self.domains, self.fields = {}, {}, {}
+
+    def add(self, key, s):
         buckets = s.get("latency_buckets")
         if buckets:
-            kept = histograms.get(key)
+            kept = self.histograms.get(key)
             if kept is None:
-                histograms[key] = [buckets, number(s.get("latency_sum"), 0)]
+                self.histograms[key] = [buckets, number(s.get("latency_sum"), 0)]
             else:
                 kept[0] = list(map(operator.add, kept[0], buckets))
                 kept[1] += number(s.get("latency_sum"), 0)
         if s.get("domains"):
-            mine = domains.get(key)
+            mine = self.domains.get(key)
             if mine is None:
-                mine = domains[key] = {}
+                mine = self.domains[key] = {}
+            figures = self.figures
             for domain, values in s["domains"].items():
                 rows = mine.get(domain)
                 if rows is None:
@@ -360,16 +396,15 @@ def gather(nodes, keys):
                     rows += figures(values)
         if s.get("fields"):
             items = max(number(s.get("items"), 0), 0)
-            mine = fields.get(key)
+            mine = self.fields.get(key)
             if mine is None:
-                mine = fields[key] = {}
+                mine = self.fields[key] = {}
             for field, share in s["fields"].items():
                 rows = mine.get(field)
                 if rows is None:
                     mine[field] = [share, items]
                 else:
                     rows += share, items
-    return histograms, domains, fields
 
 
 def _total(values):

@@ -2,11 +2,13 @@
 an idle cluster answers 304, ``?fields=`` projects, Prometheus exports per spider by default."""
 
 import collections
+import gc
 import gzip
 import json
 import re
 import shutil
 import subprocess
+import tracemalloc
 
 import pytest
 import requests
@@ -276,6 +278,40 @@ def test_prometheus_spider_series_are_the_exact_sums_of_the_node_series(redis_cl
         assert spider_level("scrapy_item_field_coverage_ratio", spider, field="price") == round(
             mine["weighted"] / mine["items"], 4)
     assert expected["t"]["+Inf"] > 0 and expected["t"]["a.com", "429"] == 12  # the figures add up to something
+
+
+def test_a_prometheus_scrape_keeps_no_decoded_snapshot(redis_client, redis_url):
+    width = len(monitor_contract.LATENCY_BUCKETS) + 1
+    insight = {"latency_buckets": list(range(width)), "latency_sum": 12.5,
+               "domains": {f"shop-{d}.example.com": {"pages": d, "errors": 1, "4xx": 2, "5xx": 0, "429": 1,
+                                                     "503": 0, "latency_p95": 0.5, "delay": 0} for d in range(21)},
+               "fields": {f"field_{f:02d}": 0.5 for f in range(30)},
+               "error_samples": [{"time": T0, "logger": "scrapy.core.scraper", "message": "x" * 200,
+                                  "url": "https://shop-1.example.com/a"}] * 5}
+
+    def publish(pages):
+        testbed.publish(redis_client, *(testbed.snapshot(f"s:h{i // 8}:{i}", "s", pages=pages + i, **insight)
+                                        for i in range(300)))
+
+    publish(100)
+    c = testbed.make_app(redis_url).test_client()
+    c.get("/prometheus?detail=node")
+    publish(200)  # every value new, as when each node reported since the last scrape
+    c.get("/metrics")  # the slim reads the page makes (and /prometheus's Redis figures): not the scrape's
+    tracemalloc.start()
+    try:
+        start = tracemalloc.get_traced_memory()[0]
+        text = c.get("/prometheus").get_data(as_text=True)
+        assert 'scrapy_domain_responses_total{domain="shop-20.example.com",spider="s"} 6000.0' in text
+        del text
+        gc.collect()
+        kept = tracemalloc.get_traced_memory()[0] - start
+        start = tracemalloc.get_traced_memory()[0]
+        whole = [monitor_snapshot.parse_snapshot(raw) for raw in redis_client.hvals("scrapy:node:status")]
+        decoded = tracemalloc.get_traced_memory()[0] - start
+    finally:
+        tracemalloc.stop()
+    assert len(whole) == 300 and kept < decoded / 10, (kept, decoded)
 
 
 def test_the_page_ages_last_seen_while_an_idle_cluster_answers_304(api, redis_client, open_page):
