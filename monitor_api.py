@@ -53,7 +53,7 @@ from monitor_events import Hub
 from monitor_export import DAY_COLUMNS, RUN_COLUMNS, csv_text, days_rows, runs_rows
 from monitor_fields import NODE_FIELDS, VIEW_FIELDS, closed, node_json, parse_fields, project_view, projected
 from monitor_gate import ADMIN, MAX_BODY, OPERATOR, SEED_BODY, TICKET_SECONDS, Gate, gate, identity, log_acting, needs
-from monitor_prometheus import LEVELS, NODE_LABELS, RedisCollector, exposition, read_decoded
+from monitor_prometheus import LEVELS, NODE_LABELS, RedisCollector, ScrapeReader, exposition
 from monitor_queues import DEAD_LIMIT, MAX_DEAD_LIMIT, dead_bound, read_dead
 from monitor_read import (
     STATES,
@@ -416,9 +416,9 @@ def prometheus():
         abort(400, f"detail must be {' or '.join(LEVELS)}, node_label {' or '.join(NODE_LABELS)}")
 
     def compute():
-        # The status hash decoded one value at a time and let go of once written (see monitor_prometheus):
-        # not through the full reader, whose decoded snapshots would stay in memory between scrapes.
-        decoded, now = read_decoded(reader().redis, reader().key)
+        # Not through the full reader, whose whole decoded snapshots stay in memory: see ScrapeReader.
+        scrapes = current_app.extensions.setdefault("prometheus", ScrapeReader())
+        decoded, now = scrapes.read(reader().redis, reader().key)
         totals = reader().redis.hgetall(run_meta_key(reader().prefix, "totals"))
         dead = reader().redis.hgetall(dead_totals_key(reader().prefix))
         extra = []

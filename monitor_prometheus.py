@@ -25,7 +25,7 @@ from prometheus_client.utils import floatToGoString
 
 from monitor_contract import BIG_FIELDS, LATENCY_BUCKETS, as_text, is_number, number, redis_now
 from monitor_read import CRAWL_STATES, FINISHED_AFTER, STATES, combine, run_totals, spider_state
-from monitor_snapshot import parse_snapshot
+from monitor_snapshot import decode_snapshot, node_state
 
 # (snapshot field, metric name, help, scale): base units, so percentages become ratios.
 GAUGES = (
@@ -76,26 +76,24 @@ def stable_ids(nodes):
 BLOCK = 20_000
 EXACT = 2 ** 53  # ints below this are floats exactly
 QUEUE_FIELDS = tuple(field for field, _ in QUEUES)
+IDLE = ("closed", "stale")  # states of nodes that no longer report
 SPIDER_COUNTERS = "Summed over the spider's nodes."
 
 
 def exposition(decoded, now, raw_totals, raw_dead, detail="spider", stable=False, finished_after=FINISHED_AFTER,
                extra=()):
     """The /prometheus body (bytes) over one read of the status hash and Redis's clock ``now``: ``decoded``,
-    ``(node, snapshot with state)`` pairs (None for a value the gate refused), taken one at a time: each
-    snapshot's big fields (BIG_FIELDS) are gathered, then dropped from it, so a scrape never holds every node's
-    whole snapshot (give it snapshots of its own: ``read_decoded``); the run totals and the dead letter totals
+    ``(node, snapshot with state and without BIG_FIELDS, its Insight.part)`` triples (snapshot None for a value
+    the gate refused) taken one at a time (``ScrapeReader.read``); the run totals and the dead letter totals
     hashes; at ``detail`` ``spider`` or ``node`` (LEVELS); with ``stable`` the node label is the id without its
     pid (``stable_ids``). ``extra``: more prometheus_client collectors."""
     per_node = detail == "node"
     insight, nodes, skipped = Insight(), {}, 0
-    for node, s in decoded:
+    for node, s, part in decoded:
         if s is None:
             skipped += 1
             continue
-        insight.add(node if per_node else s["spider"], s)
-        for field in BIG_FIELDS:
-            s.pop(field, None)
+        insight.add(node if per_node else s["spider"], part)
         nodes[node] = s
     label = stable_ids(nodes) if stable else {}
     heads = {node: f'node="{_escaped(label.get(node, node))}",spider="{_escaped(s["spider"])}"'
@@ -123,21 +121,42 @@ def exposition(decoded, now, raw_totals, raw_dead, detail="spider", stable=False
     return body.getvalue()
 
 
-def read_decoded(r, key):
-    """``(decoded, now)``: the status hash ``key`` read in one round trip with Redis's clock, and a generator of
-    its ``(node, snapshot with state or None)``, each value through the gate (``parse_snapshot``) as it is taken
-    and let go of then (no decoded snapshot is kept between scrapes: a scrape frees what it made)."""
-    with r.pipeline(transaction=False) as pipe:
-        pipe.hgetall(key)
-        pipe.execute_command("TIME")  # pipe.time() is refused in a cluster pipeline
-        raw, server_now = pipe.execute()
-    now = redis_now(server_now)
+class ScrapeReader:
+    """/prometheus's reads of the status hash, one round trip each, its values decoded through the gate one at a
+    time and kept small: a snapshot without insight's big fields (BIG_FIELDS), and of those only the figures the
+    export adds up (``Insight.part``). A scrape holds no whole snapshot but the one being decoded. Between scrapes
+    only the nodes that stopped reporting (closed or stale) are kept, as they were last decoded: their values do
+    not change, so they are not decoded again; a reporting node's value is new at the next scrape anyway."""
 
-    def decoded():
+    def __init__(self):
+        self.kept = {}  # stored field -> (value, snapshot without big fields and state, Insight.part)
+
+    def read(self, r, key):
+        """``(decoded, now)``: a generator of ``(node, snapshot with state, Insight.part)`` over the hash ``key``
+        (``exposition``'s input), and Redis's clock at the read."""
+        with r.pipeline(transaction=False) as pipe:
+            pipe.hgetall(key)
+            pipe.execute_command("TIME")  # pipe.time() is refused in a cluster pipeline
+            raw, server_now = pipe.execute()
+        return self._decoded(raw, redis_now(server_now)), redis_now(server_now)
+
+    def _decoded(self, raw, now):
+        kept, before = {}, self.kept
         for field in list(raw):
-            yield as_text(field), parse_snapshot(raw.pop(field), now)
-
-    return decoded(), now
+            value = raw.pop(field)  # let go of each value once decoded
+            entry = before.get(field)
+            if entry is None or entry[0] != value:
+                snapshot = decode_snapshot(value)
+                if snapshot is None:
+                    yield as_text(field), None, None
+                    continue
+                snapshot.pop("age", None)  # readers derive it
+                entry = (value, snapshot, Insight.part(snapshot))
+            snapshot = dict(entry[1], state=node_state(entry[1], now))
+            if snapshot["state"] in IDLE:
+                kept[field] = entry
+            yield as_text(field), snapshot, entry[2]
+        self.kept = kept
 
 
 def _escaped(value):
@@ -374,32 +393,41 @@ class Insight:
     def __init__(self):
         self.histograms, self.domains, self.fields = {}, {}, {}
 
-    def add(self, key, s):
-        buckets = s.get("latency_buckets")
+    @classmethod
+    def part(cls, snapshot):
+        """What ``add`` needs of a snapshot's big fields, which are taken off it: ``(latency buckets, latency
+        sum, [(domain, DOMAIN_FIGURES)], [(field, share)], items)``."""
+        big = {field: snapshot.pop(field, None) for field in BIG_FIELDS}
+        domains, fields = big["domains"], big["fields"]
+        return (big["latency_buckets"] or None, number(snapshot.get("latency_sum"), 0),
+                [(domain, cls.figures(values)) for domain, values in domains.items()] if domains else None,
+                list(fields.items()) if fields else None, max(number(snapshot.get("items"), 0), 0))
+
+    def add(self, key, part):
+        """One node's ``part`` added to ``key``'s figures."""
+        buckets, latency_sum, domains, fields, items = part
         if buckets:
             kept = self.histograms.get(key)
             if kept is None:
-                self.histograms[key] = [buckets, number(s.get("latency_sum"), 0)]
+                self.histograms[key] = [buckets, latency_sum]
             else:
                 kept[0] = list(map(operator.add, kept[0], buckets))
-                kept[1] += number(s.get("latency_sum"), 0)
-        if s.get("domains"):
+                kept[1] += latency_sum
+        if domains:
             mine = self.domains.get(key)
             if mine is None:
                 mine = self.domains[key] = {}
-            figures = self.figures
-            for domain, values in s["domains"].items():
+            for domain, values in domains:
                 rows = mine.get(domain)
                 if rows is None:
-                    mine[domain] = list(figures(values))
+                    mine[domain] = list(values)
                 else:
-                    rows += figures(values)
-        if s.get("fields"):
-            items = max(number(s.get("items"), 0), 0)
+                    rows += values
+        if fields:
             mine = self.fields.get(key)
             if mine is None:
                 mine = self.fields[key] = {}
-            for field, share in s["fields"].items():
+            for field, share in fields:
                 rows = mine.get(field)
                 if rows is None:
                     mine[field] = [share, items]

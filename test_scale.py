@@ -314,6 +314,30 @@ def test_a_prometheus_scrape_keeps_no_decoded_snapshot(redis_client, redis_url):
     assert len(whole) == 300 and kept < decoded / 10, (kept, decoded)
 
 
+def test_prometheus_decodes_again_only_the_values_that_changed_or_keep_changing(redis_client, redis_url,
+                                                                                 monkeypatch):
+    domains = {"x.com": {"pages": 3, "errors": 1}}
+
+    def node(i, **fields):
+        return testbed.snapshot(f"s:h:{i}", "s", **{"domains": domains, **({"status": "closed"} if i < 10 else {}),
+                                                    **fields})
+
+    testbed.publish(redis_client, *(node(i) for i in range(20)))  # 10 closed, 10 live
+    c = testbed.make_app(redis_url).test_client()
+    c.get("/prometheus")
+    decoded = []
+    gate = monitor_prometheus.decode_snapshot
+    monkeypatch.setattr(monitor_prometheus, "decode_snapshot", lambda raw: decoded.append(raw) or gate(raw))
+    text = c.get("/prometheus").get_data(as_text=True)
+    assert len(decoded) == 10  # the live nodes' (they report between two scrapes); the closed ones kept
+    assert 'scrapy_domain_responses_total{domain="x.com",spider="s"} 60.0' in text
+    assert 'scrapy_nodes{spider="s",state="closed"} 10.0' in text
+    testbed.publish(redis_client, node(3, domains={"x.com": {"pages": 33}}))  # a closed node written again
+    decoded.clear()
+    text = c.get("/prometheus").get_data(as_text=True)
+    assert len(decoded) == 11 and 'scrapy_domain_responses_total{domain="x.com",spider="s"} 90.0' in text
+
+
 def test_the_page_ages_last_seen_while_an_idle_cluster_answers_304(api, redis_client, open_page):
     node = "main_spider:idle:1"
     testbed.publish(redis_client, testbed.snapshot(node, age=20, interval=5))  # stale, and silent from now on
