@@ -7,10 +7,12 @@ field coverage weighted by items) or per host (network bytes); ``node``: every s
 Per-spider node counts, queues and run totals come at both levels. ``prometheus-rules.yml`` reads these names at
 the default level (a test checks it).
 
-The node and spider families (10,000 nodes: over 120,000 lines, two million with ``?detail=node``) are written
-here as prometheus_client's ``generate_latest`` writes them (same lines, labels in name order), but each node's
-or spider's labels are escaped once, not once a sample, and the body is encoded in blocks of BLOCK lines into
-one buffer; the small families (runs, dead letters, Redis) go through prometheus_client.
+The status hash is read by ScrapeReader: one value decoded at a time, its big fields reduced at once to the
+figures the export adds up (Insight), so a scrape never holds every whole snapshot. The node and spider families
+(10,000 nodes: over 120,000 lines, two million with ``?detail=node``) are written here as prometheus_client's
+``generate_latest`` writes them (same lines, labels in name order), but each node's or spider's labels are
+escaped once, not once a sample, and the body is encoded in blocks of BLOCK lines into one buffer; the small
+families (runs, dead letters, Redis) go through prometheus_client.
 """
 
 import collections
