@@ -100,14 +100,17 @@ def exposition(decoded, now, raw_totals, raw_dead, detail="spider", stable=False
     label = stable_ids(nodes) if stable else {}
     heads = {node: f'node="{_escaped(label.get(node, node))}",spider="{_escaped(s["spider"])}"'
              for node, s in nodes.items()}
-    spiders = {spider: f'spider="{_escaped(spider)}"' for spider in {s["spider"] for s in nodes.values()}}
-    groups = {}  # labels (a node's, or its spider's) -> the snapshots
-    for node, s in nodes.items():
-        groups.setdefault(heads[node] if per_node else spiders[s["spider"]], []).append(s)
+    by_spider = {}
+    for s in nodes.values():
+        by_spider.setdefault(s["spider"], []).append(s)
+    spiders = {spider: f'spider="{_escaped(spider)}"' for spider in by_spider}
+    # labels (a node's, or its spider's) -> the snapshots
+    groups = ({heads[node]: [s] for node, s in nodes.items()} if per_node else
+              {spiders[spider]: members for spider, members in by_spider.items()})
     families = [node_lines(nodes, heads, per_node)]
     if not per_node:
         families.append(summed_lines(nodes, groups))
-    families += [status_lines(groups), spider_lines(nodes, spiders, now, finished_after),
+    families += [status_lines(groups), spider_lines(by_spider, spiders, now, finished_after),
                  insight_lines(insight, heads if per_node else spiders, per_node),
                  _family("scrapy_monitor_skipped_entries", "gauge", "Malformed values in the status hash, left out "
                          "above.", [f"scrapy_monitor_skipped_entries {_value(skipped)}\n"])]
@@ -230,15 +233,13 @@ def status_lines(groups):
                        for key, total in sums(groups, field).items()])
 
 
-def spider_lines(nodes, spiders, now, finished_after):
-    """Per spider: node counts by state, queue sizes (the newest report's, as in ``spiders_view``) and the crawl
-    state (``spider_state``); without the rest of ``spiders_view`` (combined figures, slowed domains)."""
-    groups = {}
-    for s in nodes.values():
-        groups.setdefault(s["spider"], []).append(s)
+def spider_lines(by_spider, spiders, now, finished_after):
+    """Per spider (``by_spider``: ``{spider: its snapshots}``): node counts by state, queue sizes (the newest
+    report's, as in ``spiders_view``) and the crawl state (``spider_state``); without the rest of
+    ``spiders_view`` (combined figures, slowed domains)."""
     views = {}
-    for spider in sorted(groups):
-        members = groups[spider]
+    for spider in sorted(by_spider):
+        members = by_spider[spider]
         queues = combine(members, QUEUE_FIELDS)
         queued = sum(number(queues[f], 0) for f in ("queue_requests", "queue_start_urls"))
         views[spiders[spider]] = (collections.Counter(s["state"] for s in members), queues,
