@@ -12,10 +12,12 @@ import time
 import types
 
 import pytest
+from prometheus_client.utils import floatToGoString
 
 import alert
 import monitor_alert_state
 import monitor_contract
+import monitor_prometheus
 import monitor_read
 import monitor_rules
 import monitor_settings
@@ -484,6 +486,17 @@ def test_combine_hosts_argument_overrides_row_hosts():
     rows = [{"timestamp": 1, "cpu": 10}, {"timestamp": 2, "cpu": 30}, {"timestamp": 3, "cpu": 80}]
     assert monitor_read.combine(rows, ["cpu"], ["x", "y", "y"]) == {"cpu": 45.0}
     assert monitor_read.combine(rows, ["cpu"], ["x", "y", "z"]) == {"cpu": 40.0}
+
+
+# ---------------------------------------------------------------------------- Prometheus values
+
+
+@pytest.mark.parametrize("value", [
+    0, 1, -1, 7, 999_999, 1_000_000, 1_000_001, 150_000_000, 1_700_000_000, -12_345_678, 2 ** 53 - 1, 2 ** 53,
+    2 ** 53 + 1, 10 ** 16, 10 ** 20, 0.0, -0.0, 0.125, 0.3, 1e-7, 12.5, 123_456.75, 1_234_567.0, 12_345_678.9,
+    -12_345_678.9, 1e16, 1e22, 1.5e300, math.inf, -math.inf])
+def test_prometheus_values_are_written_as_prometheus_client_writes_them(value):
+    assert monitor_prometheus._value(value) == floatToGoString(value)
 
 
 # ---------------------------------------------------------------------------- cluster_view
