@@ -16,6 +16,7 @@ from prometheus_client.utils import floatToGoString
 
 import alert
 import monitor_alert_state
+import monitor_cache
 import monitor_contract
 import monitor_prometheus
 import monitor_read
@@ -1192,3 +1193,22 @@ def test_every_default_passes_its_own_parser():
         parsed = monitor_settings.value(s.name)
         assert (parsed is None) == (s.default is None), s.name
         assert not isinstance(parsed, float) or math.isfinite(parsed)
+
+
+# ---------------------------------------------------------------------------- the response cache
+
+
+@pytest.mark.parametrize("later, kept", [
+    pytest.param(1.5, True, id="just-expired-kept-for-the-next-reader"),
+    pytest.param(monitor_cache.KEEP_EXPIRED + 0.5, True, id="within-keep-expired-of-its-expiry"),
+    pytest.param(monitor_cache.KEEP_EXPIRED + 2, False, id="long-expired-dropped-when-another-is-stored"),
+])
+def test_cache_drops_long_expired_entries(monkeypatch, later, kept):
+    clock = [100.0]
+    monkeypatch.setattr(monitor_cache, "time", types.SimpleNamespace(monotonic=lambda: clock[0]))
+    cache = monitor_cache.Cache(1.0)
+    assert cache.get("big", lambda: "body") == "body"
+    clock[0] += later
+    assert cache.get("other", lambda: "x") == "x"
+    assert ("big" in cache.entries) is kept
+    assert cache.get("big", lambda: "new") == "new"  # expired either way: computed again
