@@ -28,8 +28,11 @@ system-packages:
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
 	else echo "Missing:$$missing: the tests that need them will be skipped (install these Debian packages)."; fi
 
+# Most of a test's time is waiting (crawls, browsers, failovers), so TEST_WORKERS processes share the cores; each
+# takes whole test files (their module fixtures start once) and has its own Redis and Chromium.
+TEST_WORKERS ?= 3
 test: $(BIN)/.installed system-packages
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 lint: $(BIN)/.installed
 	$(BIN)/ruff check .

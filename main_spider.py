@@ -54,12 +54,15 @@ class TransactionalCluster(redis.cluster.RedisCluster):
 
 class HARedis:
     """scrapy-redis's ``REDIS_PARAMS["redis_cls"]`` for a ``redis+sentinel://`` or ``redis+cluster://``
-    REDIS_URL (settings.py sets it): the monitor's ``connect``, retrying through a failover (a few seconds)."""
+    REDIS_URL (settings.py sets it): the monitor's ``connect``, retrying through a failover for up to about
+    FAILOVER_TRIES seconds (a failover takes a few; a loaded machine or a managed Redis may take tens)."""
+
+    FAILOVER_TRIES = 90  # one a second at most (backoff capped at 1 s)
 
     @classmethod
     def from_url(cls, url, socket_timeout=30, **_):
-        retry = Retry(ExponentialBackoff(cap=1.0, base=0.1), 30, supported_errors=(redis.ConnectionError,
-                                                                                    redis.TimeoutError))
+        retry = Retry(ExponentialBackoff(cap=1.0, base=0.1), cls.FAILOVER_TRIES,
+                      supported_errors=(redis.ConnectionError, redis.TimeoutError))
         return connect(url, float(socket_timeout), retry, TransactionalCluster)
 
 

@@ -53,7 +53,7 @@ from monitor_events import Hub
 from monitor_export import DAY_COLUMNS, RUN_COLUMNS, csv_text, days_rows, runs_rows
 from monitor_fields import NODE_FIELDS, VIEW_FIELDS, closed, node_json, parse_fields, project_view, projected
 from monitor_gate import ADMIN, MAX_BODY, OPERATOR, SEED_BODY, TICKET_SECONDS, Gate, gate, identity, log_acting, needs
-from monitor_prometheus import LEVELS, NODE_LABELS, RedisCollector, exposition
+from monitor_prometheus import LEVELS, NODE_LABELS, RedisCollector, ScrapeReader, exposition
 from monitor_queues import DEAD_LIMIT, MAX_DEAD_LIMIT, dead_bound, read_dead
 from monitor_read import (
     STATES,
@@ -416,13 +416,15 @@ def prometheus():
         abort(400, f"detail must be {' or '.join(LEVELS)}, node_label {' or '.join(NODE_LABELS)}")
 
     def compute():
-        nodes, skipped, now = reader().nodes(True)
+        # Not through the full reader, whose whole decoded snapshots stay in memory: see ScrapeReader.
+        scrapes = current_app.extensions.setdefault("prometheus", ScrapeReader())
+        decoded, now = scrapes.read(reader().redis, reader().key)
         totals = reader().redis.hgetall(run_meta_key(reader().prefix, "totals"))
         dead = reader().redis.hgetall(dead_totals_key(reader().prefix))
         extra = []
         with contextlib.suppress(redis.ResponseError):  # INFO renamed away (some managed Redis): no Redis figures
             extra.append(RedisCollector(reader().redis_health()))
-        return Body(exposition(nodes, skipped, now, totals, dead, detail, node_label == "nopid",
+        return Body(exposition(decoded, now, totals, dead, detail, node_label == "nopid",
                                current_app.config["MONITOR_FINISHED_AFTER"], extra), CONTENT_TYPE_LATEST)
 
     return cached(compute)
@@ -439,7 +441,8 @@ def redis_health():
 def events():
     """``text/event-stream`` of changes as they are written (see monitor_events.py and docs/live.md): ``nodes``,
     ``states``, ``alerts``, ``control``; ``Last-Event-ID`` (or ``?last=``) replays what a client missed, or
-    sends ``reset``. Each open stream holds one server thread, apart from the other routes' (``threads``)."""
+    sends ``reset``. Each open stream parks one server thread, apart from the other routes' (``threads``);
+    the hub's one pusher thread writes to them all."""
     hub = current_app.extensions["events"]
     if not hub.limit:
         abort(404, "/events is off (MONITOR_EVENTS_CLIENTS=0): poll /metrics")

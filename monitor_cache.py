@@ -18,6 +18,9 @@ from monitor_contract import dumps
 CACHE_ENTRIES = 256
 # Seconds a request waits for another's computation of a value nobody has yet (see Cache).
 COLD_WAIT = 10.0
+# An entry expired this long ago is dropped when another is stored (a big body asked for once, such as
+# /prometheus?detail=node, is not kept for ever).
+KEEP_EXPIRED = 60.0
 # Bodies smaller than this go out uncompressed.
 GZIP_MIN = 1024
 # The header of a body with ages: when they were computed (see Body).
@@ -55,6 +58,9 @@ class Cache:
             value = compute()
             if len(self.entries) >= CACHE_ENTRIES:
                 self.entries.clear()
+            old = time.monotonic() - KEEP_EXPIRED
+            for gone in [k for k, (expires, _) in list(self.entries.items()) if expires < old]:
+                self.entries.pop(gone, None)
             self.entries[key] = (time.monotonic() + self.ttl, value)  # before the waiters wake
             return value
         except redis.RedisError:

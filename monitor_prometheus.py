@@ -1,4 +1,4 @@
-"""The cluster in Prometheus's text format: collectors built per scrape over one read of the status hash.
+"""The cluster in Prometheus's text format, written per scrape over one read of the status hash.
 
 Two levels. ``spider`` (the default): per node only a core of CORE series (up, state, host CPU and memory,
 process CPU and RSS, last report, pages, items, requests, errors, retries), the rest summed per spider (status
@@ -6,17 +6,28 @@ classes, dropped items, exceptions, warnings; the download latency histogram mer
 field coverage weighted by items) or per host (network bytes); ``node``: every series per node, as before.
 Per-spider node counts, queues and run totals come at both levels. ``prometheus-rules.yml`` reads these names at
 the default level (a test checks it).
+
+The status hash is read by ScrapeReader: one value decoded at a time, its big fields reduced at once to the
+figures the export adds up (Insight), so a scrape never holds every whole snapshot. The node and spider families
+(10,000 nodes: over 120,000 lines, two million with ``?detail=node``) are written here as prometheus_client's
+``generate_latest`` writes them (same lines, labels in name order), but each node's or spider's labels are
+escaped once, not once a sample, and the body is encoded in blocks of BLOCK lines into one buffer; the small
+families (runs, dead letters, Redis) go through prometheus_client.
 """
 
 import collections
+import io
+import itertools
+import operator
 import re
 
 from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.utils import floatToGoString
 
-from monitor_contract import LATENCY_BUCKETS, as_text, is_number, number
-from monitor_read import CRAWL_STATES, FINISHED_AFTER, STATES, run_totals, spiders_view
+from monitor_contract import BIG_FIELDS, LATENCY_BUCKETS, as_text, is_number, number, redis_now
+from monitor_read import CRAWL_STATES, FINISHED_AFTER, STATES, combine, run_totals, spider_state
+from monitor_snapshot import decode_snapshot, node_state
 
 # (snapshot field, metric name, help, scale): base units, so percentages become ratios.
 GAUGES = (
@@ -63,135 +74,209 @@ def stable_ids(nodes):
     return {node: label if taken[label] == 1 else node for node, label in labels.items()}
 
 
-def exposition(nodes, skipped, now, raw_totals, raw_dead, detail="spider", stable=False,
-               finished_after=FINISHED_AFTER, extra=()):
-    """The /prometheus body over one read of the status hash (``nodes``, ``skipped``, ``now``), the run totals
-    and the dead letter totals hashes (and ``extra`` collectors): ``node_text``, then the other families through
-    prometheus_client."""
-    registry = CollectorRegistry()
-    registry.register(ClusterCollector(nodes, skipped, detail, stable, now, finished_after))
-    registry.register(RunsCollector(raw_totals))
-    registry.register(DeadCollector(raw_dead))
-    for collector in extra:
-        registry.register(collector)
-    return node_text(nodes, detail, stable) + generate_latest(registry)
+# Lines joined and encoded at a time: the body grows by blocks, never through a list of every line.
+BLOCK = 20_000
+EXACT = 2 ** 53  # ints below this are floats exactly
+QUEUE_FIELDS = tuple(field for field, _ in QUEUES)
+IDLE = ("closed", "stale")  # states of nodes that no longer report
+SPIDER_COUNTERS = "Summed over the spider's nodes."
 
 
-def _escaped(value):
-    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
-
-
-def node_text(nodes, detail="spider", stable=False):
-    """The per-node families in the text format (at ``spider`` the NODE_CORE fields, up and state; at ``node``
-    every GAUGES and COUNTERS field too), written here rather than through prometheus_client: they are the bulk
-    of a scrape (10,000 nodes: 120,000 lines), and each node's labels are escaped once, not once a series."""
+def exposition(decoded, now, raw_totals, raw_dead, detail="spider", stable=False, finished_after=FINISHED_AFTER,
+               extra=()):
+    """The /prometheus body (bytes) over one read of the status hash and Redis's clock ``now``: ``decoded``,
+    ``(node, snapshot with state and without BIG_FIELDS, its Insight.part)`` triples (snapshot None for a value
+    the gate refused) taken one at a time (``ScrapeReader.read``); the run totals and the dead letter totals
+    hashes; at ``detail`` ``spider`` or ``node`` (LEVELS); with ``stable`` the node label is the id without its
+    pid (``stable_ids``). ``extra``: more prometheus_client collectors."""
+    per_node = detail == "node"
+    insight, nodes, skipped = Insight(), {}, 0
+    for node, s, part in decoded:
+        if s is None:
+            skipped += 1
+            continue
+        insight.add(node if per_node else s["spider"], part)
+        nodes[node] = s
     label = stable_ids(nodes) if stable else {}
     heads = {node: f'node="{_escaped(label.get(node, node))}",spider="{_escaped(s["spider"])}"'
              for node, s in nodes.items()}
+    by_spider = {}
+    for s in nodes.values():
+        by_spider.setdefault(s["spider"], []).append(s)
+    spiders = {spider: f'spider="{_escaped(spider)}"' for spider in by_spider}
+    # labels (a node's, or its spider's) -> the snapshots
+    groups = ({heads[node]: [s] for node, s in nodes.items()} if per_node else
+              {spiders[spider]: members for spider, members in by_spider.items()})
+    families = [node_lines(nodes, heads, per_node)]
+    if not per_node:
+        families.append(summed_lines(nodes, groups))
+    families += [status_lines(groups), spider_lines(by_spider, spiders, now, finished_after),
+                 insight_lines(insight, heads if per_node else spiders, per_node),
+                 _family("scrapy_monitor_skipped_entries", "gauge", "Malformed values in the status hash, left out "
+                         "above.", [f"scrapy_monitor_skipped_entries {_value(skipped)}\n"])]
+    body = io.BytesIO()
+    for lines in families:
+        lines = iter(lines)
+        while block := "".join(itertools.islice(lines, BLOCK)):
+            body.write(block.encode())
+    registry = CollectorRegistry()
+    for collector in (RunsCollector(raw_totals), DeadCollector(raw_dead), *extra):
+        registry.register(collector)
+    body.write(generate_latest(registry))
+    return body.getvalue()
+
+
+class ScrapeReader:
+    """/prometheus's reads of the status hash, one round trip each, its values decoded through the gate one at a
+    time and kept small: a snapshot without insight's big fields (BIG_FIELDS), and of those only the figures the
+    export adds up (``Insight.part``). A scrape holds no whole snapshot but the one being decoded. Between scrapes
+    only the nodes that stopped reporting (closed or stale) are kept, as they were last decoded: their values do
+    not change, so they are not decoded again; a reporting node's value is new at the next scrape anyway."""
+
+    def __init__(self):
+        self.kept = {}  # stored field -> (value, snapshot without big fields and state, Insight.part)
+
+    def read(self, r, key):
+        """``(decoded, now)``: a generator of ``(node, snapshot with state, Insight.part)`` over the hash ``key``
+        (``exposition``'s input), and Redis's clock at the read."""
+        with r.pipeline(transaction=False) as pipe:
+            pipe.hgetall(key)
+            pipe.execute_command("TIME")  # pipe.time() is refused in a cluster pipeline
+            raw, server_now = pipe.execute()
+        return self._decoded(raw, redis_now(server_now)), redis_now(server_now)
+
+    def _decoded(self, raw, now):
+        kept, before = {}, self.kept
+        for field in list(raw):
+            value = raw.pop(field)  # let go of each value once decoded
+            entry = before.get(field)
+            if entry is None or entry[0] != value:
+                snapshot = decode_snapshot(value)
+                if snapshot is None:
+                    yield as_text(field), None, None
+                    continue
+                snapshot.pop("age", None)  # readers derive it
+                entry = (value, snapshot, Insight.part(snapshot))
+            snapshot = dict(entry[1], state=node_state(entry[1], now))
+            if snapshot["state"] in IDLE:
+                kept[field] = entry
+            yield as_text(field), snapshot, entry[2]
+        self.kept = kept
+
+
+def _escaped(value):
+    """A label value as the text format writes it."""
+    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+def _value(value):
+    """A finite number as prometheus_client writes it (``floatToGoString``: Go's exponents from 1e7 up), faster:
+    an int below 2 ** 53 is a float's exact value, written from its digits."""
+    if value.__class__ is int and -EXACT < value < EXACT:
+        if value < 1_000_000:
+            return f"{value}.0"
+        digits = str(value)
+        return f"{digits[0]}.{digits[1:]}".rstrip("0.") + f"e+{len(digits) - 1:02d}"
+    text = repr(float(value))
+    dot = text.find(".")
+    if dot > 6 and value > 0:
+        return f"{text[0]}.{text[1:dot]}{text[dot + 1:]}".rstrip("0.") + f"e+{dot - 1:02d}"
+    return floatToGoString(value) if text[-1] > "9" else text  # inf and nan: never from the gate
+
+
+def _family(name, kind, doc, lines=()):
+    """A family's lines: its HELP and TYPE lines, then ``lines``."""
+    yield f"# HELP {name} {doc}\n# TYPE {name} {kind}\n"
+    yield from lines
+
+
+def node_lines(nodes, heads, per_node):
+    """The per-node families: at ``spider`` level the NODE_CORE fields, up and state; at ``node`` every GAUGES
+    and COUNTERS field too."""
+    pairs = list(zip(heads.values(), nodes.values()))
     families = [(field, doc, scale, "gauge", name) for field, name, doc, scale in GAUGES]
     families += [(field, doc, 1, "counter", name + "_total") for field, name, doc in COUNTERS]
-    out = []
     for field, doc, scale, kind, sample in families:
-        if detail == "node" or field in NODE_CORE:
-            out.append(f"# HELP {sample} {doc}\n# TYPE {sample} {kind}\n")
-            for node, s in nodes.items():
-                value = s.get(field)
-                if value.__class__ is int or value.__class__ is float:
-                    value = value if scale == 1 else round(value * scale, 6)
-                    out.append(f"{sample}{{{heads[node]}}} {floatToGoString(value)}\n")
-    out.append("# HELP scrapy_node_up 1 while the node reports on time, else 0.\n# TYPE scrapy_node_up gauge\n")
-    out += [f"scrapy_node_up{{{heads[node]}}} {'1.0' if s['state'] == 'live' else '0.0'}\n"
-            for node, s in nodes.items()]
-    out.append("# HELP scrapy_node_state 1 for the node's state (live, paused, stale, closed).\n"
-               "# TYPE scrapy_node_state gauge\n")
-    out += [f'scrapy_node_state{{{heads[node]},state="{s["state"]}"}} 1.0\n' for node, s in nodes.items()]
-    return "".join(out).encode()
+        if per_node or field in NODE_CORE:
+            yield f"# HELP {sample} {doc}\n# TYPE {sample} {kind}\n"
+            yield "".join([f"{sample}{{{head}}} {_value(v if scale == 1 else round(v * scale, 6))}\n"
+                           for head, s in pairs if (v := s.get(field)).__class__ is int or v.__class__ is float])
+    yield "# HELP scrapy_node_up 1 while the node reports on time, else 0.\n# TYPE scrapy_node_up gauge\n"
+    yield "".join([f"scrapy_node_up{{{head}}} {'1.0' if s['state'] == 'live' else '0.0'}\n" for head, s in pairs])
+    yield ("# HELP scrapy_node_state 1 for the node's state (live, paused, stale, closed).\n"
+           "# TYPE scrapy_node_state gauge\n")
+    yield "".join([f'scrapy_node_state{{{head},state="{s["state"]}"}} 1.0\n' for head, s in pairs])
 
 
-class ClusterCollector:
-    """A prometheus_client collector over one read of the status hash, at ``detail`` ``spider`` or ``node``
-    (LEVELS), for every family but ``node_text``'s; with ``stable`` the node label is the id without its pid
-    (``stable_ids``)."""
-
-    def __init__(self, nodes, skipped, detail="spider", stable=False, now=None, finished_after=FINISHED_AFTER):
-        self.nodes = nodes
-        self.skipped = skipped
-        self.now, self.finished_after = now, finished_after
-        self.per_node = detail == "node"
-        self.label = stable_ids(nodes) if stable else {node: node for node in nodes}
-
-    def collect(self):
-        views = spiders_view(self.nodes, now=self.now, finished_after=self.finished_after)
-        for field, name, doc in COUNTERS:  # per node: node_text
-            if self.per_node or field in NODE_CORE:
-                continue
-            if field in HOST_FIELDS:
-                family = CounterMetricFamily(name, doc, labels=["host"])
-                for host, value in host_figures(self.nodes, field).items():
-                    family.add_metric([host], value)
-                yield family
-            else:
-                family = CounterMetricFamily(name, doc + " Summed over the spider's nodes.", labels=["spider"])
-                for spider, total in spider_sums(self.nodes, field).items():
-                    family.add_metric([spider], total)
-                yield family
-        yield self.status_classes()
-        count = GaugeMetricFamily("scrapy_nodes", "Nodes of each spider by state.", labels=["spider", "state"])
-        queue = GaugeMetricFamily("scrapy_queue_size", "Entries in the spider's shared scrapy-redis queues.",
-                                  labels=["spider", "queue"])
-        for spider, view in views.items():
-            for s in STATES:
-                count.add_metric([spider, s], view[f"nodes_{s}"])
-            for field, kind in QUEUES:
-                if is_number(view.get(field)):
-                    queue.add_metric([spider, kind], view[field])
-        crawl = GaugeMetricFamily("scrapy_spider_state", "1 for the spider's crawl state (crawling, idle, finished, "
-                                  "paused).", labels=["spider", "state"])
-        for spider, view in views.items():
-            for name in CRAWL_STATES:
-                crawl.add_metric([spider, name], 1 if view["state"] == name else 0)
-        yield count
-        yield queue
-        yield crawl
-        yield from insight_families(self.nodes, self.label if self.per_node else None)
-        yield GaugeMetricFamily("scrapy_monitor_skipped_entries",
-                                "Malformed values in the status hash, left out above.", value=self.skipped)
-
-    def status_classes(self):
-        per_node = self.per_node
-        family = CounterMetricFamily("scrapy_http_responses", "Responses by status class.",
-                                     labels=(["node", "spider"] if per_node else ["spider"]) + ["status_class"])
-        for c in range(1, 6):
-            field = f"status_{c}xx"
-            if per_node:
-                for node, s in self.nodes.items():
-                    if is_number(s.get(field)):
-                        family.add_metric([self.label[node], s["spider"], f"{c}xx"], s[field])
-            else:
-                for spider, total in spider_sums(self.nodes, field).items():
-                    family.add_metric([spider, f"{c}xx"], total)
-        return family
+def summed_lines(nodes, groups):
+    """At ``spider`` level, the COUNTERS not in NODE_CORE: per host (HOST_FIELDS) or summed per spider
+    (``groups``: ``{spider's labels: its snapshots}``)."""
+    for field, name, doc in COUNTERS:
+        if field in NODE_CORE:
+            continue
+        if field in HOST_FIELDS:
+            yield from _family(name + "_total", "counter", doc, [
+                f'{name}_total{{host="{_escaped(host)}"}} {_value(value)}\n'
+                for host, value in host_figures(nodes, field).items()])
+        else:
+            yield from _family(name + "_total", "counter", f"{doc} {SPIDER_COUNTERS}", [
+                f"{name}_total{{{key}}} {_value(total)}\n" for key, total in sums(groups, field).items()])
 
 
-def spider_sums(nodes, field):
-    """``{spider: the field summed over its nodes that report it}``."""
+def status_lines(groups):
+    """``scrapy_http_responses_total`` by status class, per node or per spider (``groups``: ``{labels: their
+    snapshots}``)."""
+    yield "# HELP scrapy_http_responses_total Responses by status class.\n# TYPE scrapy_http_responses_total counter\n"
+    for c in range(1, 6):
+        field = f"status_{c}xx"
+        yield "".join([f'scrapy_http_responses_total{{{key},status_class="{c}xx"}} {_value(total)}\n'
+                       for key, total in sums(groups, field).items()])
+
+
+def spider_lines(by_spider, spiders, now, finished_after):
+    """Per spider (``by_spider``: ``{spider: its snapshots}``): node counts by state, queue sizes (the newest
+    report's, as in ``spiders_view``) and the crawl state (``spider_state``); without the rest of
+    ``spiders_view`` (combined figures, slowed domains)."""
+    views = {}
+    for spider in sorted(by_spider):
+        members = by_spider[spider]
+        queues = combine(members, QUEUE_FIELDS)
+        queued = sum(number(queues[f], 0) for f in ("queue_requests", "queue_start_urls"))
+        views[spiders[spider]] = (collections.Counter(s["state"] for s in members), queues,
+                                  spider_state(members, queued, now, finished_after)[0])
+    yield from _family("scrapy_nodes", "gauge", "Nodes of each spider by state.", [
+        f'scrapy_nodes{{{head},state="{s}"}} {_value(counts[s])}\n' for head, (counts, _, _) in views.items()
+        for s in STATES])
+    yield from _family("scrapy_queue_size", "gauge", "Entries in the spider's shared scrapy-redis queues.", [
+        f'scrapy_queue_size{{queue="{kind}",{head}}} {_value(queues[field])}\n'
+        for head, (_, queues, _) in views.items() for field, kind in QUEUES if is_number(queues[field])])
+    yield from _family("scrapy_spider_state", "gauge",
+                       "1 for the spider's crawl state (crawling, idle, finished, paused).", [
+                           f'scrapy_spider_state{{{head},state="{name}"}} {"1.0" if state == name else "0.0"}\n'
+                           for head, (_, _, state) in views.items() for name in CRAWL_STATES])
+
+
+def sums(groups, field):
+    """``{key: the field summed over the key's snapshots that report it}`` (``groups``: ``{key: snapshots}``)."""
     out = {}
-    for s in nodes.values():
-        value = s.get(field)
-        if value.__class__ is int or value.__class__ is float:
-            out[s["spider"]] = out.get(s["spider"], 0) + value
+    for key, members in groups.items():
+        values = [v for s in members if (v := s.get(field)).__class__ is int or v.__class__ is float]
+        if values:
+            out[key] = sum(values)
     return out
 
 
 def host_figures(nodes, field):
     """``{host: the field in the host's newest report}``: a host figure counted once, however many nodes."""
-    newest = {}
+    newest = {}  # host -> (timestamp, figure)
     for s in nodes.values():
-        host = s.get("host")
-        if isinstance(host, str) and is_number(s.get(field)):
-            if host not in newest or number(s.get("timestamp"), 0) >= number(newest[host].get("timestamp"), 0):
-                newest[host] = s
-    return {host: s[field] for host, s in newest.items()}
+        host, value = s.get("host"), s.get(field)
+        if host.__class__ is str and (value.__class__ is int or value.__class__ is float):
+            when = number(s.get("timestamp"), 0)
+            kept = newest.get(host)
+            if kept is None or when >= kept[0]:
+                newest[host] = when, value
+    return {host: value for host, (_, value) in newest.items()}
 
 
 class RedisCollector:
@@ -260,65 +345,113 @@ DOMAIN_COUNTERS = (
 )
 DOMAIN_STATUSES = ("4xx", "5xx", "429", "503")
 DOMAIN_FIGURES = (*(field for field, _, _ in DOMAIN_COUNTERS), *DOMAIN_STATUSES)
+BOUNDS = (*(f"{b:g}" for b in LATENCY_BUCKETS), "+Inf")
 
 
-def insight_families(nodes, label=None):
-    """The download latency histogram, per-domain counters and item field coverage: of every node (``label``:
-    its node label per id), or of every spider (None): histograms merged, domain figures summed, coverage the
-    mean over its nodes weighted by their items."""
-    per_node = label is not None
-    labels = ["node", "spider"] if per_node else ["spider"]
-    latency = HistogramMetricFamily("scrapy_download_latency_seconds", "Download latency of the responses over "
-                                    "the run" + ("" if per_node else ", all the spider's nodes merged") + ".",
-                                    labels=labels)
-    coverage = GaugeMetricFamily("scrapy_item_field_coverage_ratio",
-                                 "Share of the run's items with the field present and not empty.",
-                                 labels=labels + ["field"])
-    counters = {field: CounterMetricFamily(name, doc, labels=labels + ["domain"])
-                for field, name, doc in DOMAIN_COUNTERS}
-    statuses = CounterMetricFamily("scrapy_domain_error_responses",
-                                   "Responses from the domain by error status (4xx, 5xx, and 429 among the 4xx).",
-                                   labels=labels + ["domain", "status"])
-    bounds = [f"{b:g}" for b in LATENCY_BUCKETS] + ["+Inf"]
-    histograms, domains, fields = {}, {}, {}  # per key (node or spider): merged figures
-    for node, s in nodes.items():
-        key = (label[node], s["spider"]) if per_node else (s["spider"],)
-        buckets = s.get("latency_buckets")
-        if buckets:
-            merged = histograms.get(key)
-            histograms[key] = ([a + b for a, b in zip(merged[0], buckets)], merged[1] + number(s.get("latency_sum"), 0)
-                               ) if merged else (buckets, number(s.get("latency_sum"), 0))
-        if s.get("domains"):
-            mine = domains.setdefault(key, {})
-            for domain, figures in s["domains"].items():
-                values = [figures[f] for f in DOMAIN_FIGURES]
-                kept = mine.get(domain)
-                mine[domain] = values if kept is None else [
-                    a if b is None else b if a is None else a + b for a, b in zip(kept, values)]
-        if s.get("fields"):
-            items = max(number(s.get("items"), 0), 0)
-            mine = fields.setdefault(key, {})
-            for field, share in s["fields"].items():
-                kept = mine.get(field)
-                mine[field] = (share * items, items, share, 1) if kept is None else (
-                    kept[0] + share * items, kept[1] + items, kept[2] + share, kept[3] + 1)
-    for key, (counts, total) in histograms.items():  # the buckets are cumulative: their sums are too
-        latency.add_metric(list(key), list(zip(bounds, counts)), total)
-    families = [*counters.values(), *(status for status in DOMAIN_STATUSES)]
-    for key, mine in domains.items():
+def insight_lines(insight, labels, per_node):
+    """The download latency histogram, per-domain counters and item field coverage of each key of ``insight``
+    (an Insight; ``labels``: each key's labels): over a key's nodes, histograms merged, domain figures summed,
+    coverage the mean weighted by their items (a single node's share as it is)."""
+    histograms = {labels[key]: kept for key, kept in insight.histograms.items()}
+    domains = {labels[key]: mine for key, mine in insight.domains.items()}
+    fields = {labels[key]: mine for key, mine in insight.fields.items()}
+    name = "scrapy_download_latency_seconds"
+    yield (f"# HELP {name} Download latency of the responses over the run"
+           f"{'' if per_node else ', all the spider' + chr(39) + 's nodes merged'}.\n# TYPE {name} histogram\n")
+    for key, (counts, total) in histograms.items():
+        yield from (f'{name}_bucket{{le="{bound}",{key}}} {_value(count)}\n' for bound, count in zip(BOUNDS, counts))
+        yield f"{name}_count{{{key}}} {_value(counts[-1])}\n{name}_sum{{{key}}} {_value(total)}\n"
+    width = len(DOMAIN_FIGURES)
+    merged = {key: {_escaped(domain): rows if len(rows) == width else [_total(rows[i::width]) for i in range(width)]
+                    for domain, rows in mine.items()} for key, mine in domains.items()}
+    for i, (_, name, doc) in enumerate(DOMAIN_COUNTERS):
+        yield f"# HELP {name}_total {doc}\n# TYPE {name}_total counter\n"
+        for key, mine in merged.items():
+            yield from (f'{name}_total{{domain="{domain}",{key}}} {_value(values[i])}\n'
+                        for domain, values in mine.items() if values[i] is not None)
+    name = "scrapy_domain_error_responses_total"
+    yield (f"# HELP {name} Responses from the domain by error status (4xx, 5xx, and 429 among the 4xx).\n"
+           f"# TYPE {name} counter\n")
+    first = len(DOMAIN_COUNTERS)
+    for key, mine in merged.items():
         for domain, values in mine.items():
-            for family, value in zip(families, values):
-                if value is None:
-                    continue
-                if isinstance(family, str):
-                    statuses.add_metric([*key, domain, family], value)
-                else:
-                    family.add_metric([*key, domain], value)
+            yield from (f'{name}{{domain="{domain}",{key},status="{status}"}} {_value(value)}\n'
+                        for status, value in zip(DOMAIN_STATUSES, values[first:]) if value is not None)
+    name = "scrapy_item_field_coverage_ratio"
+    yield (f"# HELP {name} Share of the run's items with the field present and not empty.\n"
+           f"# TYPE {name} gauge\n")
     for key, mine in fields.items():
-        for field, (weighted, weight, shares, count) in mine.items():  # a node's own share stays exact
-            coverage.add_metric([*key, field], shares if count == 1 else
-                                round(weighted / weight if weight else shares / count, 4))
-    yield latency
-    yield from counters.values()
-    yield statuses
-    yield coverage
+        for field, rows in mine.items():
+            yield f'{name}{{field="{_escaped(field)}",{key}}} {_value(_coverage(rows))}\n'
+
+
+class Insight:
+    """Crawl insight gathered per key (a node or a spider), one snapshot at a time (``add``): ``histograms``
+    ``{key: [latency buckets, latency sum]}`` added up, ``domains`` ``{key: {domain: [DOMAIN_FIGURES of each
+    node, one after the other]}}`` and ``fields`` ``{key: {field: [share, items, share, items ...]}}`` (flat
+    lists: no object a node; in node order, so sums add up as a running total would)."""
+
+    figures = operator.itemgetter(*DOMAIN_FIGURES)
+
+    def __init__(self):
+        self.histograms, self.domains, self.fields = {}, {}, {}
+
+    @classmethod
+    def part(cls, snapshot):
+        """What ``add`` needs of a snapshot's big fields, which are taken off it: ``(latency buckets, latency
+        sum, [(domain, DOMAIN_FIGURES)], [(field, share)], items)``."""
+        big = {field: snapshot.pop(field, None) for field in BIG_FIELDS}
+        domains, fields = big["domains"], big["fields"]
+        return (big["latency_buckets"] or None, number(snapshot.get("latency_sum"), 0),
+                [(domain, cls.figures(values)) for domain, values in domains.items()] if domains else None,
+                list(fields.items()) if fields else None, max(number(snapshot.get("items"), 0), 0))
+
+    def add(self, key, part):
+        """One node's ``part`` added to ``key``'s figures."""
+        buckets, latency_sum, domains, fields, items = part
+        if buckets:
+            kept = self.histograms.get(key)
+            if kept is None:
+                self.histograms[key] = [buckets, latency_sum]
+            else:
+                kept[0] = list(map(operator.add, kept[0], buckets))
+                kept[1] += latency_sum
+        if domains:
+            mine = self.domains.get(key)
+            if mine is None:
+                mine = self.domains[key] = {}
+            for domain, values in domains:
+                rows = mine.get(domain)
+                if rows is None:
+                    mine[domain] = list(values)
+                else:
+                    rows += values
+        if fields:
+            mine = self.fields.get(key)
+            if mine is None:
+                mine = self.fields[key] = {}
+            for field, share in fields:
+                rows = mine.get(field)
+                if rows is None:
+                    mine[field] = [share, items]
+                else:
+                    rows += share, items
+
+
+def _total(values):
+    """The sum of the figures that are not None (None if none is)."""
+    if None in values:
+        values = [v for v in values if v is not None]
+        if not values:
+            return None
+    return sum(values[1:], values[0])
+
+
+def _coverage(rows):
+    """A field's coverage over ``[share, items, share, items ...]``: its share for one node, else the mean of the
+    shares weighted by items (plain mean when no node has items), to 4 places."""
+    if len(rows) == 2:
+        return rows[0]
+    shares, items = rows[::2], rows[1::2]
+    weight = sum(items)
+    return round(sum(map(operator.mul, shares, items)) / weight if weight else sum(shares) / len(shares), 4)

@@ -15,7 +15,7 @@ import requests
 
 import monitor_contract
 import testbed
-from testbed import FAST, PAGE, ROOT, WAIT, XSS, ApiServer, RedisServer, polls_after, until, wait_for
+from testbed import FAST, PAGE, ROOT, WAIT, XSS, ApiServer, RedisServer, polls_after, reporting, until, wait_for
 
 ARTIFACTS = os.path.join(ROOT, "artifacts")
 PREFIX = "scrapy"
@@ -118,23 +118,26 @@ def test_cards_match_nodes_and_states(api, redis_client, open_page):
 
 
 def test_node_that_stops_reporting_turns_stale(api, redis_client, open_page):
-    publish(redis_client, snapshot("quiet:1", interval=1), snapshot("busy:2", interval=1))
-    page = open_page(f"{api.url}/?interval={FAST}")
-    wait_cards(page, {"quiet:1": "live", "busy:2": "live"})
-    page.evaluate("() => { document.querySelector('[data-node=\"quiet:1\"]').__mark = 1; }")
-    deadline = time.monotonic() + 15
-    while card(page, "quiet:1").get_attribute("data-state") != "stale":  # busy:2 keeps reporting, quiet:1 not
-        assert time.monotonic() < deadline, "quiet:1 never turned stale"
-        publish(redis_client, snapshot("busy:2", interval=1))
-        time.sleep(0.2)  # the pace of busy:2's reports, not a wait
-    assert card(page, "busy:2").get_attribute("data-state") == "live"
-    assert card(page, "quiet:1").locator(".badge").inner_text().lower() == "stale"
-    assert page.text_content("#s-stale") == "1"
-    # Updated in place: the same element, not a new one.
-    assert page.evaluate("() => document.querySelector('[data-node=\"quiet:1\"]').__mark") == 1
-    # It reports again: live again.
-    publish(redis_client, snapshot("quiet:1", interval=1), snapshot("busy:2", interval=1))
-    until(page, "() => document.querySelector('[data-node=\"quiet:1\"]').getAttribute('data-state') === 'live'")
+    # Both report (Redis stamps each write) on threads of their own, so a browser slow to answer on a loaded
+    # machine cannot make busy:2 miss its 1 s interval, nor quiet:1 stale before the page first shows it live.
+    def report(node):
+        return lambda: publish(redis_client, snapshot(node, interval=1), stamp=True)
+
+    with reporting(report("busy:2")):
+        with reporting(report("quiet:1")):
+            page = open_page(f"{api.url}/?interval={FAST}")
+            wait_cards(page, {"quiet:1": "live", "busy:2": "live"})
+            page.evaluate("() => { document.querySelector('[data-node=\"quiet:1\"]').__mark = 1; }")
+        # quiet:1 falls silent; busy:2 goes on reporting.
+        until(page, "() => document.querySelector('[data-node=\"quiet:1\"]').getAttribute('data-state') === 'stale'")
+        assert card(page, "busy:2").get_attribute("data-state") == "live"
+        assert card(page, "quiet:1").locator(".badge").inner_text().lower() == "stale"
+        assert page.text_content("#s-stale") == "1"
+        # Updated in place: the same element, not a new one.
+        assert page.evaluate("() => document.querySelector('[data-node=\"quiet:1\"]').__mark") == 1
+        # It reports again: live again.
+        report("quiet:1")()
+        until(page, "() => document.querySelector('[data-node=\"quiet:1\"]').getAttribute('data-state') === 'live'")
 
 
 def test_hostile_names_show_as_text_and_nothing_runs(api, redis_client, open_page):
@@ -345,28 +348,26 @@ def test_last_seen_comes_from_the_api_not_the_clocks(redis_server, redis_client,
         assert m, (node, text)
         return int(m.group(2) or 0)
 
-    report(*offsets)
-    page = open_page(f"{server.url}/?interval={FAST}")
-    deadline = time.monotonic() + 20
-    while cards(page) != {n: "live" for n in offsets}:
-        assert time.monotonic() < deadline, cards(page)
-        report(*offsets)
-        time.sleep(0.3)  # the pace of the nodes' reports, not a wait
-    for node in offsets:
-        assert seen(node) < 2 * interval + 2, node
-    card(page, "main_spider:behind:1").click()
-    assert re.search(r"last seen (just now|\d s ago)", page.inner_text("#d-sub")), page.inner_text("#d-sub")
-    page.keyboard.press("Escape")
+    # Reports go on in threads while the test reads the page: a browser slow to answer on a loaded machine
+    # cannot make a reporting node miss its intervals.
+    with reporting(lambda: report(*offsets), every=0.3):
+        page = open_page(f"{server.url}/?interval={FAST}")
+        wait_cards(page, {n: "live" for n in offsets})
+        for node in offsets:
+            assert seen(node) < 2 * interval + 2, node
+        card(page, "main_spider:behind:1").click()
+        assert re.search(r"last seen (just now|\d s ago)", page.inner_text("#d-sub")), page.inner_text("#d-sub")
+        page.keyboard.press("Escape")
 
     # Two fall silent; "true" goes on reporting.
     last = report(*offsets)
     silent = ["main_spider:behind:1", "main_spider:ahead:2"]
-    while any(card(page, n).get_attribute("data-state") != "stale" for n in silent):
-        assert time.monotonic() - last < 3 * interval + 6, cards(page)
-        report("main_spider:true:3")
-        time.sleep(0.2)  # the pace of its reports, not a wait
+    with reporting(lambda: report("main_spider:true:3")):
+        until(page, """(silent) => silent.every((n) =>
+            document.querySelector(`[data-node="${n}"]`).getAttribute('data-state') === 'stale')""", silent,
+              timeout=(3 * interval + 6) * 1000)
+        assert card(page, "main_spider:true:3").get_attribute("data-state") == "live"
     assert time.monotonic() - last > 3 * interval - 1, "stale before three intervals"
-    assert card(page, "main_spider:true:3").get_attribute("data-state") == "live"
     before = {n: seen(n) for n in silent}
     assert all(3 * interval - 1 <= s < 3 * interval + 8 for s in before.values()), before
 
@@ -481,8 +482,10 @@ def test_memory_stays_flat_while_nodes_come_and_go(api, redis_client, open_page)
     cdp.send("Performance.enable")
 
     def measure():
-        # Sparklines still loading would count as growth: let the history requests settle first.
-        until(page, "() => window.dashboardStats.historyInFlight === 0")
+        # Sparklines still loading would count as growth: let the history requests settle first. And the cards
+        # too: a poll answered from the API's cache (up to a second old) can show the five churn nodes just
+        # removed beside the five pushed in their place (110) until the next fresh answer.
+        until(page, "() => window.dashboardStats.historyInFlight === 0 && window.dashboardStats.nodes === 105")
         cdp.send("HeapProfiler.collectGarbage")
         metrics = {m["name"]: m["value"] for m in cdp.send("Performance.getMetrics")["metrics"]}
         return cdp.send("Runtime.getHeapUsage")["usedSize"], int(metrics["Nodes"])
@@ -496,7 +499,6 @@ def test_memory_stays_flat_while_nodes_come_and_go(api, redis_client, open_page)
     heap0, dom0 = measure()
     refreshes(40)
     heap1, dom1 = measure()
-    assert page.evaluate("() => window.dashboardStats.nodes") == 105
     print(f"\n40 refreshes, 200 cards created and removed: JS heap {heap0 / 2**20:.2f} -> {heap1 / 2**20:.2f} MB, "
           f"DOM nodes {dom0} -> {dom1}")
     assert abs(dom1 - dom0) <= 20

@@ -1,11 +1,14 @@
 """Live and light at scale (issue 22, §3-§5): the alerter writes only what changed in at most three round trips,
 an idle cluster answers 304, ``?fields=`` projects, Prometheus exports per spider by default."""
 
+import collections
+import gc
 import gzip
 import json
 import re
 import shutil
 import subprocess
+import tracemalloc
 
 import pytest
 import requests
@@ -214,6 +217,125 @@ def test_prometheus_exports_per_spider_by_default_and_every_node_series_on_reque
     node_app = testbed.make_app(redis_url, MONITOR_PROMETHEUS_DETAIL="node").test_client()
     of_a_node = lambda text: [line for line in text.splitlines() if 'node="s:h1:11"' in line]  # noqa: E731
     assert of_a_node(prometheus(node_app)[0]) == of_a_node(text_node)  # Redis's own figures move: left out
+
+
+def test_prometheus_spider_series_are_the_exact_sums_of_the_node_series(redis_client, redis_url):
+    # 24 nodes of two spiders, figures varied per node: some domains and statuses missing, one node without
+    # items; sums of quarters, so any order of addition gives the same float.
+    width = len(monitor_contract.LATENCY_BUCKETS) + 1
+    snaps, expected = [], {}
+    for i in range(24):
+        spider = ("s", "t")[i % 2]
+        buckets = [k * (i + 1) for k in range(width)]
+        domains = {"a.com": {"pages": i, "errors": i % 3, "4xx": 1, "429": i % 2},
+                   **({"b.com": {"pages": 2 * i, "5xx": 3}} if i % 3 else {})}
+        items = 0 if i == 5 else 10 * i
+        snaps.append(testbed.snap(f"{spider}:h{i // 4}:{i}", spider=spider, host=f"h{i // 4}", items=items,
+                                  status_2xx=100 + i, warnings=i, latency_buckets=buckets, latency_sum=i + 0.25,
+                                  domains=domains, fields={"price": (i % 4) / 4}))
+        mine = expected.setdefault(spider, collections.Counter())
+        mine["+Inf"] += buckets[-1]
+        mine["sum"] += i + 0.25
+        for domain, figures in domains.items():
+            for key, value in figures.items():
+                mine[domain, key] += value
+        mine["weighted"] += (i % 4) / 4 * items
+        mine["items"] += items
+        mine["2xx"] += 100 + i
+    testbed.store(redis_client, *snaps)
+    c = testbed.make_app(redis_url).test_client()
+    _, default = prometheus(c)
+    _, detail = prometheus(c, "?detail=node")
+
+    def spider_level(name, spider, **labels):
+        found = [s.value for s in default if s.name == name and s.labels == dict(labels, spider=spider)]
+        assert len(found) <= 1, (name, labels)
+        return found[0] if found else None
+
+    def summed(name, spider, **labels):
+        values = [s.value for s in detail if s.name == name and s.labels.get("spider") == spider
+                  and {k: s.labels.get(k) for k in labels} == labels]
+        return sum(values) if values else None
+
+    for spider, mine in expected.items():
+        for name, labels in [("scrapy_download_latency_seconds_bucket", {"le": le}) for le in
+                             [f"{b:g}" for b in monitor_contract.LATENCY_BUCKETS] + ["+Inf"]] + [
+                ("scrapy_download_latency_seconds_count", {}), ("scrapy_download_latency_seconds_sum", {}),
+                ("scrapy_http_responses_total", {"status_class": "2xx"}), ("scrapy_log_warnings_total", {})] + [
+                ("scrapy_domain_responses_total", {"domain": d}) for d in ("a.com", "b.com")] + [
+                ("scrapy_domain_error_responses_total", {"domain": d, "status": st})
+                for d in ("a.com", "b.com") for st in ("4xx", "5xx", "429", "503")]:
+            assert spider_level(name, spider, **labels) == summed(name, spider, **labels), (spider, name, labels)
+        # ... and those sums are the snapshots' own
+        assert spider_level("scrapy_download_latency_seconds_bucket", spider, le="+Inf") == mine["+Inf"]
+        assert spider_level("scrapy_download_latency_seconds_sum", spider) == mine["sum"]
+        assert spider_level("scrapy_http_responses_total", spider, status_class="2xx") == mine["2xx"]
+        assert spider_level("scrapy_domain_responses_total", spider, domain="b.com") == mine["b.com", "pages"]
+        assert spider_level("scrapy_domain_error_responses_total", spider, domain="a.com",
+                            status="429") == mine["a.com", "429"]
+        assert spider_level("scrapy_domain_error_responses_total", spider, domain="b.com", status="4xx") is None
+        assert spider_level("scrapy_domain_errors_total", spider, domain="b.com") is None  # no node reports one
+        assert spider_level("scrapy_item_field_coverage_ratio", spider, field="price") == round(
+            mine["weighted"] / mine["items"], 4)
+    assert expected["t"]["+Inf"] > 0 and expected["t"]["a.com", "429"] == 12  # the figures add up to something
+
+
+def test_a_prometheus_scrape_keeps_no_decoded_snapshot(redis_client, redis_url):
+    width = len(monitor_contract.LATENCY_BUCKETS) + 1
+    insight = {"latency_buckets": list(range(width)), "latency_sum": 12.5,
+               "domains": {f"shop-{d}.example.com": {"pages": d, "errors": 1, "4xx": 2, "5xx": 0, "429": 1,
+                                                     "503": 0, "latency_p95": 0.5, "delay": 0} for d in range(21)},
+               "fields": {f"field_{f:02d}": 0.5 for f in range(30)},
+               "error_samples": [{"time": T0, "logger": "scrapy.core.scraper", "message": "x" * 200,
+                                  "url": "https://shop-1.example.com/a"}] * 5}
+
+    def publish(pages):
+        testbed.publish(redis_client, *(testbed.snapshot(f"s:h{i // 8}:{i}", "s", pages=pages + i, **insight)
+                                        for i in range(300)))
+
+    publish(100)
+    c = testbed.make_app(redis_url).test_client()
+    c.get("/prometheus?detail=node")
+    publish(200)  # every value new, as when each node reported since the last scrape
+    c.get("/metrics")  # the slim reads the page makes (and /prometheus's Redis figures): not the scrape's
+    tracemalloc.start()
+    try:
+        start = tracemalloc.get_traced_memory()[0]
+        text = c.get("/prometheus").get_data(as_text=True)
+        assert 'scrapy_domain_responses_total{domain="shop-20.example.com",spider="s"} 6000.0' in text
+        del text
+        gc.collect()
+        kept = tracemalloc.get_traced_memory()[0] - start
+        start = tracemalloc.get_traced_memory()[0]
+        whole = [monitor_snapshot.parse_snapshot(raw) for raw in redis_client.hvals("scrapy:node:status")]
+        decoded = tracemalloc.get_traced_memory()[0] - start
+    finally:
+        tracemalloc.stop()
+    assert len(whole) == 300 and kept < decoded / 10, (kept, decoded)
+
+
+def test_prometheus_decodes_again_only_the_values_that_changed_or_keep_changing(redis_client, redis_url,
+                                                                                 monkeypatch):
+    domains = {"x.com": {"pages": 3, "errors": 1}}
+
+    def node(i, **fields):
+        return testbed.snapshot(f"s:h:{i}", "s", **{"domains": domains, **({"status": "closed"} if i < 10 else {}),
+                                                    **fields})
+
+    testbed.publish(redis_client, *(node(i) for i in range(20)))  # 10 closed, 10 live
+    c = testbed.make_app(redis_url).test_client()
+    c.get("/prometheus")
+    decoded = []
+    gate = monitor_prometheus.decode_snapshot
+    monkeypatch.setattr(monitor_prometheus, "decode_snapshot", lambda raw: decoded.append(raw) or gate(raw))
+    text = c.get("/prometheus").get_data(as_text=True)
+    assert len(decoded) == 10  # the live nodes' (they report between two scrapes); the closed ones kept
+    assert 'scrapy_domain_responses_total{domain="x.com",spider="s"} 60.0' in text
+    assert 'scrapy_nodes{spider="s",state="closed"} 10.0' in text
+    testbed.publish(redis_client, node(3, domains={"x.com": {"pages": 33}}))  # a closed node written again
+    decoded.clear()
+    text = c.get("/prometheus").get_data(as_text=True)
+    assert len(decoded) == 11 and 'scrapy_domain_responses_total{domain="x.com",spider="s"} 90.0' in text
 
 
 def test_the_page_ages_last_seen_while_an_idle_cluster_answers_304(api, redis_client, open_page):

@@ -12,10 +12,13 @@ import time
 import types
 
 import pytest
+from prometheus_client.utils import floatToGoString
 
 import alert
 import monitor_alert_state
+import monitor_cache
 import monitor_contract
+import monitor_prometheus
 import monitor_read
 import monitor_rules
 import monitor_settings
@@ -537,6 +540,16 @@ def test_spiders_view_memo_and_row_cache_give_the_fresh_figures(changes):
     for n, fields in changes.items():
         nodes[n] = {**nodes.get(n, snap(n)), **fields}  # a new object, as a reader makes for a changed value
     assert monitor_read.spiders_view(nodes, now=NOW, memo=memo) == monitor_read.spiders_view(nodes, now=NOW)
+
+
+# ---------------------------------------------------------------------------- Prometheus values
+
+@pytest.mark.parametrize("value", [
+    0, 1, -1, 7, 999_999, 1_000_000, 1_000_001, 150_000_000, 1_700_000_000, -12_345_678, 2 ** 53 - 1, 2 ** 53,
+    2 ** 53 + 1, 10 ** 16, 10 ** 20, 0.0, -0.0, 0.125, 0.3, 1e-7, 12.5, 123_456.75, 1_234_567.0, 12_345_678.9,
+    -12_345_678.9, 1e16, 1e22, 1.5e300, math.inf, -math.inf])
+def test_prometheus_values_are_written_as_prometheus_client_writes_them(value):
+    assert monitor_prometheus._value(value) == floatToGoString(value)
 
 
 # ---------------------------------------------------------------------------- cluster_view
@@ -1304,3 +1317,22 @@ def test_every_default_passes_its_own_parser():
         parsed = monitor_settings.value(s.name)
         assert (parsed is None) == (s.default is None), s.name
         assert not isinstance(parsed, float) or math.isfinite(parsed)
+
+
+# ---------------------------------------------------------------------------- the response cache
+
+
+@pytest.mark.parametrize("later, kept", [
+    pytest.param(1.5, True, id="just-expired-kept-for-the-next-reader"),
+    pytest.param(monitor_cache.KEEP_EXPIRED + 0.5, True, id="within-keep-expired-of-its-expiry"),
+    pytest.param(monitor_cache.KEEP_EXPIRED + 2, False, id="long-expired-dropped-when-another-is-stored"),
+])
+def test_cache_drops_long_expired_entries(monkeypatch, later, kept):
+    clock = [100.0]
+    monkeypatch.setattr(monitor_cache, "time", types.SimpleNamespace(monotonic=lambda: clock[0]))
+    cache = monitor_cache.Cache(1.0)
+    assert cache.get("big", lambda: "body") == "body"
+    clock[0] += later
+    assert cache.get("other", lambda: "x") == "x"
+    assert ("big" in cache.entries) is kept
+    assert cache.get("big", lambda: "new") == "new"  # expired either way: computed again

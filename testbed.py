@@ -23,6 +23,7 @@ import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+import psutil
 import redis
 import redis.cluster
 import requests
@@ -268,6 +269,32 @@ def wait_for(predicate, timeout=10.0, step=0.05, what="condition"):
         time.sleep(step)
 
 
+@contextlib.contextmanager
+def reporting(report, every=0.2):
+    """Calls ``report()`` every ``every`` seconds on a thread while the block runs, as a node that keeps
+    reporting does, whatever the block's own waits cost (a browser on a loaded machine may take seconds)."""
+    stop, failed = threading.Event(), []
+
+    def loop():
+        while not stop.is_set():
+            try:
+                report()
+            except Exception as exc:  # raised again in the test's thread
+                failed.append(exc)
+                return
+            stop.wait(every)
+
+    thread = threading.Thread(target=loop, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(10)
+    if failed:
+        raise failed[0]
+
+
 def wait_until_answers(url, timeout=15.0, what=None, statuses=(200,), proc=None, log=None):
     """Wait until a GET of ``url`` answers with one of ``statuses``; fail after ``timeout`` seconds, or at once
     if ``proc``, the process that should serve it, exits (quoting the file ``log`` if given)."""
@@ -285,11 +312,27 @@ def wait_until_answers(url, timeout=15.0, what=None, statuses=(200,), proc=None,
     return wait_for(answers, timeout, what=what)
 
 
-class RedisServer:
-    """A private redis-server on 127.0.0.1 that can be stopped and started again on the same port."""
+def listens(proc, port):
+    """Whether the child ``proc`` itself listens on ``port``: a server that answers there may be another's,
+    started on the same free port a moment earlier (parallel test workers pick ports at once)."""
+    try:
+        return any(c.status == psutil.CONN_LISTEN and c.laddr.port == port
+                   for c in psutil.Process(proc.pid).net_connections("tcp"))
+    except psutil.Error:
+        return False
 
-    def __init__(self, port=None, args=()):
-        self.port = port or free_port()
+
+class PortTakenError(Exception):
+    """A server could not listen on the free port it was given: another process took it first."""
+
+
+class RedisServer:
+    """A private redis-server on 127.0.0.1 that can be stopped and started again on the same port. Without
+    ``port``, ``pick()`` chooses one, and again if another process takes it before redis-server listens."""
+
+    def __init__(self, port=None, args=(), pick=free_port):
+        self.pick = None if port else pick  # None once the port is fixed: a restart keeps it
+        self.port = port or pick()
         self.dir = tempfile.mkdtemp(prefix="scm-redis-")
         self.proc = None
         self.args = [str(a) for a in args]  # more redis-server options: --replicaof, --cluster-enabled ...
@@ -298,25 +341,44 @@ class RedisServer:
     def url(self):
         return f"redis://127.0.0.1:{self.port}/0"
 
+    @property
+    def log(self):
+        return os.path.join(self.dir, "redis.log")
+
     def client(self):
         return redis.Redis(port=self.port, socket_timeout=5)
 
+    def command(self):
+        return [redis_server_binary(), "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+                "--appendonly", "no", "--dir", self.dir, "--logfile", self.log, *self.args]
+
     def start(self):
-        self.proc = subprocess.Popen(
-            [redis_server_binary(), "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--dir", self.dir, "--logfile", os.path.join(self.dir, "redis.log"), *self.args],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-            start_new_session=True,  # a Ctrl-C meant for the demo must not stop Redis before the nodes
-        )
-
-        def up():
+        for _ in range(5):
+            self.proc = subprocess.Popen(
+                self.command(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                start_new_session=True,  # a Ctrl-C meant for the demo must not stop Redis before the nodes
+            )
             try:
-                return self.client().ping()
-            except redis.RedisError:
-                return False
+                wait_for(self._up, 10, what=f"redis-server on port {self.port}")
+            except PortTakenError:
+                if self.pick is None:
+                    raise
+                self.port = self.pick()
+                continue
+            self.pick = None
+            return self
+        raise PortTakenError(f"no free port for redis-server after 5 tries (last {self.port})")
 
-        wait_for(up, 10, what=f"redis-server on port {self.port}")
-        return self
+    def _up(self):
+        if self.proc.poll() is not None:
+            said = open(self.log, encoding="utf-8", errors="replace").read() if os.path.exists(self.log) else ""
+            if "in use" in said:
+                raise PortTakenError(f"port {self.port}: {said.strip().splitlines()[-1]}")
+            raise AssertionError(f"redis-server exited with {self.proc.returncode}\n{said}".rstrip())
+        try:
+            return listens(self.proc, self.port) and self.client().ping()
+        except redis.RedisError:
+            return False
 
     def stop(self):
         self.proc = stop_process(self.proc)
@@ -324,6 +386,25 @@ class RedisServer:
     def cleanup(self):
         self.stop()
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class SentinelServer(RedisServer):
+    """One Redis Sentinel watching ``service`` at ``master_port`` (``down-after-milliseconds`` 1000):
+    redis-sentinel, or redis-server --sentinel where there is none."""
+
+    def __init__(self, service, master_port):
+        super().__init__()
+        self.conf = os.path.join(self.dir, "sentinel.conf")
+        with open(self.conf, "w") as f:  # no port here: the command line gives it, so a retry can change it
+            f.write(f"bind 127.0.0.1\ndir {self.dir}\n"
+                    f"sentinel monitor {service} 127.0.0.1 {master_port} 2\n"
+                    f"sentinel down-after-milliseconds {service} 1000\n"
+                    f"sentinel failover-timeout {service} 3000\n")
+
+    def command(self):
+        binary = shutil.which("redis-sentinel")
+        cmd = [binary, self.conf] if binary else [redis_server_binary(), self.conf, "--sentinel"]
+        return cmd + ["--port", str(self.port), "--logfile", self.log]
 
 
 class SentinelGroup:
@@ -334,7 +415,7 @@ class SentinelGroup:
     def __init__(self, service="mymaster"):
         self.service = service
         self.master = RedisServer()
-        self.replica = RedisServer(args=("--replicaof", "127.0.0.1", self.master.port))
+        self.replica = None  # made once the master's port is sure
         self.sentinels = []
 
     @property
@@ -344,21 +425,8 @@ class SentinelGroup:
 
     def start(self):
         self.master.start()
-        self.replica.start()
-        binary = shutil.which("redis-sentinel")
-        for _ in range(3):
-            sentinel = RedisServer()
-            conf = os.path.join(sentinel.dir, "sentinel.conf")
-            with open(conf, "w") as f:
-                f.write(f"port {sentinel.port}\nbind 127.0.0.1\ndir {sentinel.dir}\n"
-                        f"sentinel monitor {self.service} 127.0.0.1 {self.master.port} 2\n"
-                        f"sentinel down-after-milliseconds {self.service} 1000\n"
-                        f"sentinel failover-timeout {self.service} 3000\n")
-            cmd = [binary, conf] if binary else [redis_server_binary(), conf, "--sentinel"]
-            sentinel.proc = subprocess.Popen(cmd + ["--logfile", os.path.join(sentinel.dir, "redis.log")],
-                                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                             start_new_session=True)
-            self.sentinels.append(sentinel)
+        self.replica = RedisServer(args=("--replicaof", "127.0.0.1", self.master.port)).start()
+        self.sentinels = [SentinelServer(self.service, self.master.port).start() for _ in range(3)]
         wait_for(lambda: all(self.replicas_known(s) for s in self.sentinels), 15, what="sentinels to see the replica")
         return self
 
@@ -385,7 +453,8 @@ class SentinelGroup:
 
     def cleanup(self):
         for server in [*self.sentinels, self.replica, self.master]:
-            server.cleanup()
+            if server is not None:
+                server.cleanup()
 
 
 def cluster_port():
@@ -406,8 +475,8 @@ class ClusterServers:
     ``url`` is its ``redis+cluster://`` URL."""
 
     def __init__(self):
-        self.nodes = [RedisServer(cluster_port(), args=("--cluster-enabled", "yes", "--cluster-node-timeout", "2000"))
-                      for _ in range(3)]
+        options = ("--cluster-enabled", "yes", "--cluster-node-timeout", "2000")
+        self.nodes = [RedisServer(args=options, pick=cluster_port) for _ in range(3)]
 
     @property
     def url(self):
@@ -490,22 +559,49 @@ def crawl_log(proc):
 
 
 class ApiServer:
-    """``python monitor_api.py --port N`` in a subprocess, stoppable and restartable on the same port."""
+    """``python monitor_api.py --port N`` in a subprocess, stoppable and restartable on the same port (a free
+    one, chosen again if another process takes it before the API listens)."""
 
     def __init__(self, redis_url, prefix="scrapy", **env):
         self.port = free_port()
         self.env = clean_env(env, REDIS_URL=redis_url, MONITOR_KEY_PREFIX=prefix)
         self.proc = None
+        self.pinned = False  # once it has listened, a restart keeps the port
 
     @property
     def url(self):
         return f"http://127.0.0.1:{self.port}"
 
     def start(self):
-        self.proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "monitor_api.py"), "--port", str(self.port)],
-                                     cwd=ROOT, env=self.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        wait_until_answers(self.url + "/health", 15, "monitor_api.py to listen", statuses=(200, 503), proc=self.proc)
-        return self
+        for _ in range(5):
+            with tempfile.TemporaryFile("w+") as err:
+                self.proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "monitor_api.py"), "--port",
+                                              str(self.port)], cwd=ROOT, env=self.env, stdout=subprocess.DEVNULL,
+                                             stderr=err)
+                try:
+                    wait_for(lambda: self._up(err), 15, what="monitor_api.py to listen")
+                except PortTakenError:
+                    if self.pinned:
+                        raise
+                    self.port = free_port()
+                    continue
+            self.pinned = True
+            return self
+        raise PortTakenError(f"no free port for monitor_api.py after 5 tries (last {self.port})")
+
+    def _up(self, err):
+        if self.proc.poll() is not None:
+            err.seek(0)
+            said = err.read()
+            if "cannot listen" in said:
+                raise PortTakenError(said.strip())
+            raise AssertionError(f"monitor_api.py exited with {self.proc.returncode} before listening\n{said}".rstrip())
+        if not listens(self.proc, self.port):
+            return False
+        try:
+            return requests.get(self.url + "/health", timeout=1).status_code in (200, 503)
+        except (requests.ConnectionError, requests.Timeout):
+            return False
 
     def stop(self):
         self.proc = stop_process(self.proc)
@@ -786,8 +882,14 @@ def start_smtp(**kwargs):
     from aiosmtpd.controller import Controller  # only where mail is received
 
     inbox = Inbox()
-    controller = Controller(inbox, hostname="127.0.0.1", port=free_port(), **kwargs)
-    controller.start()
+    for attempt in range(5):
+        controller = Controller(inbox, hostname="127.0.0.1", port=free_port(), **kwargs)
+        try:
+            controller.start()
+            break
+        except OSError:  # another process took the free port first: pick again
+            if attempt == 4:
+                raise
     inbox.controller = controller
     inbox.port = controller.port
     return inbox

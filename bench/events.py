@@ -6,12 +6,14 @@ Starts its own redis-server and ``monitor_api.py``, writes the nodes the way the
 write and publishes the change in the same script), then, while every node reports every 10 s (a tenth of them each
 second, in ten batches):
 - ``/metrics`` latency with no stream open, then with ``--clients`` streams open (each reading and dropping what it
-  gets) and the dashboard in headless Chromium taking pushed changes (goal: p99 <= 25 ms);
+  gets) and the dashboard in headless Chromium taking pushed changes (goal: p99 <= 25 ms); beside it the API
+  process's CPU seconds per second in each phase (steadier than latency on a busy machine);
 - from a node's write to the frame that shows the change in the page (window.dashboardStats.painted), p50 and p99
   (goal: p99 <= 1 s);
 - how many subscriptions the API holds on Redis, whatever the number of clients (goal: 1);
 - after every node's last write (with a long interval, so nothing turns stale), the bytes an idle stream gets per
   minute over ``--idle`` seconds (goal: <= 1 KB/min: keep-alive comments only).
+``--root DIR`` runs another checkout's API (before/after figures in one run).
 """
 
 import argparse
@@ -26,9 +28,11 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+import psutil  # noqa: E402
 import requests  # noqa: E402
 
 import monitor_contract  # noqa: E402
+import testbed  # noqa: E402
 from testbed import CHROMIUM, CHROMIUM_ARGS, ApiServer, RedisServer, publish, snapshot  # noqa: E402
 
 INTERVAL = 10.0
@@ -83,6 +87,19 @@ def metrics_latency(url, count):
     return times
 
 
+class ApiLoad:
+    """The API process's CPU seconds per second since the last ``reading``."""
+
+    def __init__(self, pid):
+        self.proc = psutil.Process(pid)
+        self.reading()
+
+    def reading(self):
+        cpu, now = sum(self.proc.cpu_times()[:2]), time.monotonic()
+        last, self.last = getattr(self, "last", None), (cpu, now)
+        return "" if last is None else f"   API: {(cpu - last[0]) / (now - last[1]):.2f} CPU s/s"
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--nodes", type=int, default=1000)
@@ -90,7 +107,9 @@ def main():
     parser.add_argument("--seconds", type=float, default=30.0, help="how long the page is watched")
     parser.add_argument("--idle", type=float, default=60.0, help="seconds an idle stream is measured")
     parser.add_argument("--requests", type=int, default=1000, help="GET /metrics timed per measurement")
+    parser.add_argument("--root", default=ROOT, help="the checkout whose API is measured (default: this one)")
     args = parser.parse_args()
+    testbed.ROOT = os.path.abspath(args.root)  # ApiServer starts that checkout's monitor_api.py
 
     redis_server = RedisServer().start()
     client = redis_server.client()
@@ -120,12 +139,14 @@ def main():
     try:
         threading.Thread(target=writer, daemon=True).start()
         time.sleep(2)
+        load = ApiLoad(api.proc.pid)
         alone = metrics_latency(api.url, args.requests)
-        print(f"{args.nodes} nodes, each writing every {INTERVAL:g} s")
+        print(f"{args.nodes} nodes, each writing every {INTERVAL:g} s; API of {testbed.ROOT}")
         print(f"GET /metrics, no stream open:        p50 {statistics.median(alone):6.1f} ms   "
-              f"p99 {percentile(alone, 0.99):6.1f} ms")
+              f"p99 {percentile(alone, 0.99):6.1f} ms{load.reading()}")
         sinks = Sinks(api.port, args.clients)
         time.sleep(2)
+        load.reading()
         subscribed = client.pubsub_numsub(monitor_contract.events_channel("scrapy"))[0][1]
         latencies, crowded = [], []
         if CHROMIUM:
@@ -156,7 +177,7 @@ def main():
             crowded = metrics_latency(api.url, args.requests)
         streams = sum(1 for b in sinks.bytes if b)
         print(f"GET /metrics, {args.clients} streams open:    p50 {statistics.median(crowded):6.1f} ms   "
-              f"p99 {percentile(crowded, 0.99):6.1f} ms   (goal: p99 <= 25 ms)")
+              f"p99 {percentile(crowded, 0.99):6.1f} ms   (goal: p99 <= 25 ms){load.reading()}")
         if latencies:
             print(f"write -> card painted ({len(latencies)} writes, {args.clients} other streams): "
                   f"p50 {statistics.median(latencies):.0f} ms   p99 {percentile(latencies, 0.99):.0f} ms   "

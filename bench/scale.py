@@ -1,6 +1,6 @@
 """The API at 10,000 nodes: ?fields= projection, spider views uncached, idle 304s and /prometheus.
 
-    python bench/scale.py [--nodes 10000] [--seconds 5] [--insight] [--root DIR]
+    python bench/scale.py [--nodes 10000] [--seconds 5] [--insight] [--root DIR] [--only prometheus]
 
 Starts a private redis-server holding N nodes of one spider (as bench/api.py writes them, eight nodes a host;
 with --insight each carries crawl insight at its budget: 20 domains, 30 fields, 5 error samples, latency
@@ -13,7 +13,9 @@ While every node reports again every 10 s it measures:
 then, with the cluster idle, whether /metrics answers If-None-Match with 304, and /prometheus without the
 cache (default level, and ?detail=node): series, bytes, build time, the API's resident memory after it, and
 ``promtool check metrics`` (goals at 10,000 nodes with insight, default level: <= 150,000 series, <= 25 MB,
-<= 1 s). A checkout without ?fields= or ?detail= answers 400: the line says so.
+<= 1 s), with the CPU time the API spent on it. A checkout without ?fields= or ?detail= answers 400: the line
+says so. ``--only prometheus``: only the /prometheus part (one API, without the cache, its slim reads warmed by one
+/metrics as in the whole run).
 """
 
 import argparse
@@ -63,17 +65,25 @@ def reads(url, count=15):
     return f"median {statistics.median(times):6.1f} ms, p90 {times[int(len(times) * 0.9)]:6.1f} ms"
 
 
-def rss_mb(pid):
+def rss_mb(pid, field="VmRSS"):
+    """The process's resident memory (``VmHWM``: its peak) in MB."""
     with open(f"/proc/{pid}/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) / 1024
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":")) / 1024
+
+
+def cpu_seconds(pid):
+    """CPU time (user + system) the process has used so far."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def scrape(port, proc, query=""):
     """One uncached /prometheus: a line with its series, bytes, time, the API's RSS and promtool's verdict."""
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), cpu_seconds(proc.pid)
     resp = requests.get(f"http://127.0.0.1:{port}/prometheus{query}", headers={"Accept-Encoding": "identity"},
                         timeout=300)
-    took = time.perf_counter() - start
+    took, cpu = time.perf_counter() - start, cpu_seconds(proc.pid) - cpu
     if resp.status_code != 200:
         return f"HTTP {resp.status_code}"
     series = sum(1 for line in resp.content.splitlines() if line and not line.startswith(b"#"))
@@ -86,8 +96,8 @@ def scrape(port, proc, query=""):
         verdict = "promtool clean" if check.returncode == 0 and not problems else f"promtool: {problems[:2]}"
     except FileNotFoundError:
         pass
-    return (f"{series:9,} series, {len(resp.content) / 1e6:6.1f} MB, {took:5.2f} s, "
-            f"API RSS {rss_mb(proc.pid):5.0f} MB, {verdict}")
+    return (f"{series:9,} series, {len(resp.content) / 1e6:6.1f} MB, {took:5.2f} s (API CPU {cpu:5.2f} s), "
+            f"API RSS {rss_mb(proc.pid):5.0f} MB (peak {rss_mb(proc.pid, 'VmHWM'):5.0f}), {verdict}")
 
 
 def main():
@@ -97,6 +107,7 @@ def main():
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--insight", action="store_true", help="every node carries crawl insight at its budget")
     parser.add_argument("--root", default=HERE, help="the checkout whose API is measured")
+    parser.add_argument("--only", choices=["prometheus"], help="measure only this part")
     args = parser.parse_args()
     if args.insight:
         import bench.insight_hooks
@@ -106,6 +117,14 @@ def main():
     procs, stop, pause = [], threading.Event(), threading.Event()
     try:
         api_bench.fill(server.client(), args.nodes)
+        if args.only == "prometheus":
+            port = free_port()
+            procs.append(start_api(port, server.url, MONITOR_API_CACHE="0"))
+            print(f"{args.nodes} nodes of one spider{' with insight at its budget' if args.insight else ''}; "
+                  f"API of {ROOT}; {os.cpu_count()} CPUs")
+            requests.get(f"http://127.0.0.1:{port}/metrics", timeout=60)
+            prometheus(port, procs[0])
+            return
         cached_port, bare_port = free_port(), free_port()
         procs.append(start_api(cached_port, server.url))
         procs.append(start_api(bare_port, server.url, MONITOR_API_CACHE="0"))
@@ -133,13 +152,21 @@ def main():
         again = requests.get(base + "/metrics", headers={"If-None-Match": first.headers["ETag"]}, timeout=60)
         print(f"idle cluster, /metrics with If-None-Match 1.5 s later: HTTP {again.status_code}, "
               f"{len(again.content)} bytes")
-        print(f"/prometheus, uncached, default level:  {scrape(bare_port, procs[1])}")
-        if '"detail"' in requests.get(f"http://127.0.0.1:{bare_port}/openapi.json", timeout=60).text:
-            print(f"/prometheus, uncached, ?detail=node:   {scrape(bare_port, procs[1], '?detail=node')}")
-        else:
-            print("/prometheus?detail=node: not supported by this checkout (its default is every series per node)")
+        prometheus(bare_port, procs[1])
     finally:
         api_bench.stop_all(stop, procs, server)
+
+
+def prometheus(port, proc):
+    """/prometheus at the default level, then ?detail=node, then the default level again (its RSS after a
+    node-level scrape)."""
+    print(f"API RSS before /prometheus: {rss_mb(proc.pid):.0f} MB (peak so far {rss_mb(proc.pid, 'VmHWM'):.0f})")
+    print(f"/prometheus, uncached, default level:  {scrape(port, proc)}")
+    if '"detail"' in requests.get(f"http://127.0.0.1:{port}/openapi.json", timeout=60).text:
+        print(f"/prometheus, uncached, ?detail=node:   {scrape(port, proc, '?detail=node')}")
+        print(f"/prometheus, uncached, default again:  {scrape(port, proc)}")
+    else:
+        print("/prometheus?detail=node: not supported by this checkout (its default is every series per node)")
 
 
 if __name__ == "__main__":
