@@ -477,9 +477,10 @@ class Alerter:
     def info_in_read(self):
         """Whether INFO goes with the evaluation's read: a Redis rule is on and Redis is one server (not a
         cluster, whose masters each answer their own INFO; not Sentinel, whose master is named by a sentinel)."""
+        if self.redis_watch.cluster or not any(rule.scope == "redis" for rule in active_rules(self.cfg)):
+            return False  # a cluster client has no connection pool of its own
         pool = self.r.connection_pool
-        return (any(rule.scope == "redis" for rule in active_rules(self.cfg)) and not self.redis_watch.cluster
-                and not hasattr(pool, "get_master_address") and hasattr(pool, "connection_kwargs"))
+        return not hasattr(pool, "get_master_address") and hasattr(pool, "connection_kwargs")
 
     def extras(self, replies, now):
         """``(histories read as queue_forecasts takes them, INFO reply or None)`` from ``queue_extras``' replies."""
