@@ -441,8 +441,7 @@ def redis_health():
 def events():
     """``text/event-stream`` of changes as they are written (see monitor_events.py and docs/live.md): ``nodes``,
     ``states``, ``alerts``, ``control``; ``Last-Event-ID`` (or ``?last=``) replays what a client missed, or
-    sends ``reset``. Each open stream parks one server thread, apart from the other routes' (``threads``);
-    the hub's one pusher thread writes to them all."""
+    sends ``reset``. Each open stream holds one server thread, apart from the other routes' (``threads``)."""
     hub = current_app.extensions["events"]
     if not hub.limit:
         abort(404, "/events is off (MONITOR_EVENTS_CLIENTS=0): poll /metrics")

@@ -5,16 +5,14 @@ in the same script, pruning publishes the ids it deletes, the alerter and the si
 control command ``control <JSON>``. One ``Hub`` per API process holds the only subscription (a background
 thread): it reads what changed (the changed nodes in one HMGET), computes live -> stale when it becomes true (a
 change nobody writes), and appends numbered entries to a bounded in-memory ring. Each stream (a waitress worker
-thread parked, see ``Stream``) gets what came after its cursor, coalesced, at most every PUSH_EVERY seconds,
-written by the hub's one pusher thread straight to its connection; a client that reconnects with
-``Last-Event-ID`` gets what it missed, or ``reset`` when the ring no longer holds it.
+thread, see ``Stream``) sends what came after its cursor, coalesced, at most every PUSH_EVERY seconds; a client
+that reconnects with ``Last-Event-ID`` gets what it missed, or ``reset`` when the ring no longer holds it.
 """
 
 import heapq
 import itertools
 import logging
 import os
-import queue
 import socket
 import threading
 import time
@@ -79,7 +77,7 @@ class Hub:
         self.offset = 0.0  # Redis's clock minus time.time()
         self.alerts_seen = None
         self.memo = {}  # cursor -> (seq, bytes): streams at the same cursor share one push
-        self.attached = set()  # the streams the pusher writes to
+        self.woken, self.unwoken = 0.0, False  # streams are woken at most every PUSH_EVERY, all at once
         self.thread = None
         self.stopped = False
         self.ready = threading.Event()
@@ -93,7 +91,6 @@ class Hub:
             if self.thread is None:
                 self.thread = threading.Thread(target=self.run, name="monitor-events", daemon=True)
                 self.thread.start()
-                threading.Thread(target=self.pushing, name="monitor-events-push", daemon=True).start()
         self.ready.wait(2.0)
 
     def stop(self):
@@ -129,6 +126,8 @@ class Hub:
         wait = CHECK_EVERY
         if self.deadlines:
             wait = min(wait, self.deadlines[0][0] - self.redis_clock())
+        if self.unwoken:
+            wait = min(wait, self.woken + PUSH_EVERY - time.monotonic())
         message = pubsub.get_message(timeout=max(wait, 0.01))
         nodes, controls, alerts = set(), [], False
         until = time.monotonic() + GATHER
@@ -149,6 +148,15 @@ class Hub:
             entries += self.read_alerts(client)
         entries += [("control", None, c) for c in controls]
         self.append(entries + self.expired())
+        self.wake()
+
+    def wake(self):
+        """Wake the streams if changes wait and they were not woken within PUSH_EVERY: all at once, so they push
+        together, at the same cursor, sharing one push (``memo``) and the GIL's turns."""
+        with self.cond:
+            if self.unwoken and time.monotonic() - self.woken >= PUSH_EVERY:
+                self.woken, self.unwoken = time.monotonic(), False
+                self.cond.notify_all()
 
     def redis_clock(self):
         return time.time() + self.offset
@@ -230,7 +238,7 @@ class Hub:
             self.append(entries + self.read_alerts(client))
 
     def append(self, entries):
-        """Number ``entries`` and wake the pusher."""
+        """Number ``entries`` and wake the streams."""
         if not entries:
             return
         with self.cond:
@@ -240,22 +248,8 @@ class Hub:
             if len(self.ring) > self.keep:
                 del self.ring[:len(self.ring) - self.keep // 2 or 1]
             self.memo = {}
-            self.cond.notify_all()
-
-    # ------------------------------------------------------------ the pusher (one thread writes every stream)
-
-    def pushing(self):
-        """Write to every attached stream: what came after its cursor as soon as there is news, at most every
-        PUSH_EVERY (streams at one cursor share a push), and at least every CHECK_EVERY a look at each client
-        (gone? reading?) and the keep-alives due. One thread's work per push, however many streams are open."""
-        while not self.stopped:
-            started, seen = time.monotonic(), self.seq
-            for stream in list(self.attached):
-                stream.tick(started)
-            time.sleep(max(started + PUSH_EVERY - time.monotonic(), 0.0))
-            with self.cond:
-                if self.seq == seen and not self.stopped:
-                    self.cond.wait(CHECK_EVERY - PUSH_EVERY)
+            self.unwoken = True
+        self.wake()
 
     # ------------------------------------------------------------ what streams read
 
@@ -339,90 +333,62 @@ class Hub:
 
 
 class Stream:
-    """One client's stream. Its WSGI body yields the hello, then parks the server thread that serves it (no CPU)
-    until the stream ends: the hub's pusher writes everything else straight to the connection (waitress's
-    channel), so 200 streams cost one thread's work per push, not 200 threads' turns. Under another WSGI server
-    the pusher hands its writes to the body, which yields them. It ends when the client goes, when the client
-    leaves sent data unread for ``drop_after`` seconds (waitress: the bytes its channel could not hand to the
-    socket), or when the hub stops."""
+    """One client's stream: a WSGI response body that blocks its worker thread between pushes. It ends when the
+    client goes, when the client leaves sent data unread for ``drop_after`` seconds (waitress: the bytes its
+    channel could not hand to the socket), or when the hub stops."""
 
     def __init__(self, hub, cursor, why, environ):
         self.hub, self.cursor = hub, cursor
-        self.first = hub.hello(cursor) + (hub.reset(why, cursor) if why else b"")
-        disconnected = environ.get("waitress.client_disconnected")
-        self.channel = getattr(disconnected, "__self__", None)  # waitress's channel: the pusher writes to it
-        self.chunked = environ.get("SERVER_PROTOCOL") == "HTTP/1.1"  # waitress chunks a body of unknown length
-        self.queue = None if self.channel is not None else queue.SimpleQueue()
+        self.pending = [hub.hello(cursor)] + ([hub.reset(why, cursor)] if why else [])
+        self.disconnected = environ.get("waitress.client_disconnected") or (lambda: False)
+        self.socket_channel = getattr(self.disconnected, "__self__", None)  # waitress's channel: its unsent bytes
         self.peer = environ.get("REMOTE_ADDR", "")
-        self.lock = threading.Lock()
-        self.done = threading.Event()
+        self.pushed = 0.0
         self.wrote = time.monotonic()
-        self.written = len(self.first)
-        self.delivered = 0
+        self.written = self.delivered = 0
         self.stuck_since = None
         self.closed = False
-        self.counted = True  # in hub.streams until close
 
     def __iter__(self):
         return self
 
     def __next__(self):
-        """The server thread's part: the hello (the server writes it, with the headers), then wait."""
-        if self.first is not None:
-            data, self.first = self.first, None
-            return data
-        self.hub.attached.add(self)  # after the first write: the pusher's writes come after the headers
-        while not (self.done.is_set() or self.hub.stopped):
-            if self.queue is None:
-                self.done.wait(CHECK_EVERY)
-                continue
-            try:
-                data = self.queue.get(timeout=CHECK_EVERY)
-            except queue.Empty:
-                continue
-            if data is not None:
-                return data
-        self.close()
-        raise StopIteration
-
-    def tick(self, now):
-        """The pusher's part, once per round: end the stream, or send what is new, or a keep-alive when due."""
+        if self.pending:
+            return self.sent(self.pending.pop(0))
         hub = self.hub
-        if self.closed or hub.stopped or self.hung_up() or self.unread():
-            self.end()
-            return
-        backlog = self.backlog()
-        if self.cursor < hub.seq and backlog < MAX_BACKLOG:
-            data, self.cursor = hub.since(self.cursor)
-            self.send(data)
-        elif not backlog and now - self.wrote >= KEEPALIVE:
-            self.send(b":\n\n")
-
-    def send(self, data):
-        with self.lock:
-            if self.closed:
-                return
-            if self.queue is not None:
-                self.queue.put(data)
+        while True:
+            if self.closed or hub.stopped or self.disconnected() or self.hung_up() or self.unread():
+                self.close()
+                raise StopIteration
+            now, seen = time.monotonic(), hub.seq
+            backlog = self.backlog()
+            if seen > self.cursor and backlog < MAX_BACKLOG:
+                wait = self.pushed + PUSH_EVERY - now
+                if wait <= 0:
+                    data, self.cursor = hub.since(self.cursor)
+                    self.pushed = now
+                    return self.sent(data)
+                time.sleep(min(wait, CHECK_EVERY))  # news to send, not yet: more news would change nothing
+                continue
+            elif backlog:
+                wait = CHECK_EVERY  # the client has not taken what was sent: nothing more until it does
             else:
-                if self.chunked:
-                    data = b"%X\r\n%s\r\n" % (len(data), data)
-                try:
-                    self.channel.write_soon(data)
-                except Exception:  # noqa: BLE001 - waitress's ClientDisconnected, a socket error: the client left
-                    self.end()
-                    return
-            self.written += len(data)
-            self.wrote = time.monotonic()
+                wait = self.wrote + KEEPALIVE - now
+                if wait <= 0:
+                    return self.sent(b":\n\n")
+            with hub.cond:
+                if hub.seq == seen and not hub.stopped:
+                    hub.cond.wait(min(max(wait, 0.01), CHECK_EVERY))
+
+    def sent(self, data):
+        self.written += len(data)
+        self.wrote = time.monotonic()
+        return data
 
     def hung_up(self):
         """Whether the client closed its end (waitress reads nothing from a connection while it serves a request,
         so the stream looks: a peek that finds the end of the data)."""
-        if self.channel is None:
-            return False
-        if not self.channel.connected:
-            return True
-        sock = getattr(self.channel, "socket", None)
+        sock = getattr(self.socket_channel, "socket", None)
         if sock is None:
             return False
         try:
@@ -434,7 +400,7 @@ class Stream:
 
     def backlog(self):
         """Bytes written to the connection that it has not sent yet (0 when the server does not say)."""
-        return getattr(self.channel, "total_outbufs_len", 0) or 0
+        return getattr(self.socket_channel, "total_outbufs_len", 0) or 0
 
     def unread(self):
         """Whether the client has taken nothing of what was sent for ``drop_after`` seconds."""
@@ -450,19 +416,8 @@ class Stream:
         logger.info("Dropped an event stream to %s: it read nothing for %g s", self.peer, self.hub.drop_after)
         return True
 
-    def end(self):
-        """Let the server thread finish the response (the pusher writes nothing more)."""
-        with self.lock:
-            self.closed = True
-        self.done.set()
-        if self.queue is not None:
-            self.queue.put(None)
-
     def close(self):
-        """The server ends the body (the client left, or ``end``): the pusher forgets the stream, its slot is free."""
-        self.end()
-        with self.hub.cond:
-            self.hub.attached.discard(self)
-            if self.counted:
-                self.counted = False
+        if not self.closed:
+            self.closed = True
+            with self.hub.cond:
                 self.hub.streams -= 1
