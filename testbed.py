@@ -620,11 +620,21 @@ def serving(app, threads=16):
     from waitress import wasyncore
 
     server = waitress.create_server(app, host="127.0.0.1", port=0, threads=threads)
-    thread = threading.Thread(target=server.run, daemon=True)
+    closing = threading.Event()
+
+    def run():
+        try:
+            server.run()
+        except OSError:  # the loop's sockets closed under its select() at shutdown
+            if not closing.is_set():
+                raise
+
+    thread = threading.Thread(target=run, daemon=True)
     thread.start()
     try:
         yield f"http://127.0.0.1:{server.effective_port}"
     finally:
+        closing.set()
         server.close()
         server.task_dispatcher.shutdown(timeout=5)
         wasyncore.close_all(server._map)  # connections clients left open
