@@ -348,9 +348,11 @@ def test_the_page_ages_last_seen_while_an_idle_cluster_answers_304(api, redis_cl
         found = re.fullmatch(r"last seen (\d+) s ago", seen.inner_text())
         return int(found.group(1)) if found else None
 
-    testbed.until(page, "() => /last seen \\d+ s ago/.test(document.querySelector('.c-seen').textContent)")
+    # The card may not be drawn yet when the wait starts: its text is read only once it is.
+    text = "(document.querySelector('.c-seen') || {textContent: ''}).textContent"
+    testbed.until(page, f"() => /last seen \\d+ s ago/.test({text})")
     first, etag = seconds(), requests.get(f"{api.url}/metrics", timeout=5).headers["ETag"]
-    testbed.until(page, "(n) => /last seen (\\d+) s ago/.exec(document.querySelector('.c-seen').textContent)[1] >= n",
+    testbed.until(page, f"(n) => (/last seen (\\d+) s ago/.exec({text}) || [0, -1])[1] >= n",
                   first + 3)  # polls answered 304 (below): the body is the first one, its ages keep growing
     assert requests.get(f"{api.url}/metrics", headers={"If-None-Match": etag}, timeout=5).status_code == 304
     assert first + 3 <= seconds() < first + 20
