@@ -19,9 +19,14 @@ MIB = 1024 * 1024
 
 def over(rule, snapshot, limit, stuck_since, now):
     """``snapshot[rule.field] / rule.scale`` while it is over the threshold."""
-    value = number(snapshot.get(rule.field))
-    if limit and value is not None and value / rule.scale > limit:
-        return round(value / rule.scale, 1)
+    return over_limit(snapshot.get(rule.field), rule.scale, limit)
+
+
+def over_limit(value, scale, limit):
+    """``value / scale`` (to 0.1) while ``value`` is a number and that is over ``limit``, else None."""
+    value = number(value)
+    if limit and value is not None and value / scale > limit:
+        return round(value / scale, 1)
     return None
 
 
@@ -422,11 +427,8 @@ def evaluate(nodes: dict, state: dict, stall: dict, now: float, cfg, silences: O
         state = snapshot.get("state")
         reporting = state == "live" or state == "paused"
         for rule, field, scale, limit in other_rules if state in ("stale", "closed") and not records else judged:
-            if field is not None and reporting:  # over(), inline
-                value = snapshot.get(field)
-                kind = value.__class__
-                value = (round(value / scale, 1) if limit and (kind is int or kind is float and value - value == 0)
-                         and value / scale > limit else None)
+            if field is not None and reporting:  # over(), without figure()'s and the rule's lookups
+                value = over_limit(snapshot.get(field), scale, limit)
             else:
                 value = figure(rule, snapshot, limit, tracker[1] if tracker else None, now)
             if value is not None and rule.name == "down" and not redis_settled(snapshot, answering_since, now):
