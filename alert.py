@@ -36,6 +36,7 @@ from monitor_alert_state import (
     delete_silence,
     heartbeat,
     merged,
+    oldest_first,
     read_silences,
     silence_from,
 )
@@ -249,18 +250,16 @@ class Delivery:
         Each send's outcome is settled in one step, which renews the lock (so a send right after needs no renewal
         of its own), or with ``release`` releases it after the last message to send (as planned: a failed one
         leaves that to the caller)."""
-        entries = self.store.outbox(now) if entries is None else entries
-        last = self.last_to_settle(entries, now) if release else None
-        blocked = set()
-        for field, entry in entries:
-            channel = self.channels.get(entry["channel"])
+        due = self.due(self.store.outbox(now) if entries is None else entries, now)
+        last = due[-1][0] if release and due else None
+        failed = set()  # channels whose send failed now: their later messages wait behind it
+        for field, entry, channel in due:
             if channel is None:
                 gone = self.dead(field, entry, f"channel {entry['channel']!r} is no longer configured", now)
                 if not self.store.settle("outbox", {field: None}, [gone], release=field == last):
                     return self.lost()
                 continue
-            if channel.name in blocked or entry["next_try"] > now:
-                blocked.add(channel.name)  # a channel sends in order: the rest wait behind this one
+            if channel.name in failed:
                 continue
             if not self.lock.held_for(SEND_DEADLINE + LOCK_MARGIN) and not self.lock.renew():
                 return self.lost()
@@ -268,18 +267,20 @@ class Delivery:
             if not self.store.settle("outbox", {field: update}, dead, release=field == last and not update):
                 return self.lost()
             if update:
-                blocked.add(channel.name)
+                failed.add(channel.name)
 
-    def last_to_settle(self, entries, now):
-        """The field of the last outbox entry ``run`` would settle if every send succeeded, or None."""
-        blocked, last = set(), None
+    def due(self, entries, now):
+        """``[(field, entry, its channel or None)]`` of the outbox entries to settle now, in order: a channel sends
+        in order, so its messages behind one not yet due wait; a message to a channel no longer configured is
+        due (as a dead letter)."""
+        blocked, out = set(), []
         for field, entry in entries:
             channel = self.channels.get(entry["channel"])
             if channel is not None and (channel.name in blocked or entry["next_try"] > now):
                 blocked.add(channel.name)
             else:
-                last = field
-        return last
+                out.append((field, entry, channel))
+        return out
 
     def lost(self):
         logger.warning("Alert: lost the evaluation lock; delivery stops here, the lock's holder goes on")
@@ -433,9 +434,8 @@ class Alerter:
             digest = self.digest and due_day(now, self.cfg.digest_at, self.cfg.digest_tz) is not None
             written = self.record(outcome, reading, now, release=not (deliver or digest))
             if deliver:
-                messages = None if reading.messages is None else sorted(
-                    reading.messages + [(field.encode(), loads(text)) for field, text in written.items()],
-                    key=lambda item: (item[1]["created"], item[0]))
+                messages = None if reading.messages is None else oldest_first(
+                    reading.messages + [(field.encode(), loads(text)) for field, text in written.items()])
                 self.delivery.run(now, messages, release=not digest)
             if digest and self.lock.renew():
                 self.digest.run(now)
@@ -576,11 +576,7 @@ class Alerter:
         try:
             if isinstance(info, Exception):
                 raise info
-            if info is not None:
-                kwargs = self.r.connection_pool.connection_kwargs
-                infos = {f"{kwargs.get('host', 'redis')}:{kwargs.get('port', '')}".rstrip(":"): info}
-            else:
-                infos = self.redis_watch.infos()
+            infos = self.redis_watch.infos(info)
         except redis.ResponseError:
             return None
         views = {}

@@ -314,6 +314,13 @@ class Lock:
         """The lock was taken or renewed (LOCK_TTL_MS from now) just now."""
         self.until = time.monotonic() + LOCK_TTL_MS / 1000
 
+    def wrote(self, released):
+        """A write that released the lock (``released``), else renewed it, went through."""
+        if released:
+            self.token = None
+        else:
+            self.renewed()
+
     def held_for(self, seconds):
         """Whether the lock is ours for ``seconds`` more at least, as last taken or renewed (no round trip)."""
         return self.token is not None and self.until - time.monotonic() >= seconds
@@ -438,6 +445,11 @@ def entry_problem(field, entry):
     return None
 
 
+def oldest_first(messages):
+    """Outbox messages ``[(field, entry)]`` in the order they are sent: by creation, then field."""
+    return sorted(messages, key=lambda item: (item[1]["created"], item[0]))
+
+
 class Reading(NamedTuple):
     """What one evaluation reads of the alerter's state (``Store.read``)."""
 
@@ -504,8 +516,7 @@ class Store:
         return self._messages(self.r.hgetall(self.key["outbox"]), now)
 
     def _messages(self, raw, now):
-        entries = self._checked("outbox", raw, entry_problem, now, keep_fields=True)
-        return sorted(entries.values(), key=lambda item: (item[1]["created"], item[0]))
+        return oldest_first(self._checked("outbox", raw, entry_problem, now, keep_fields=True).values())
 
     def queued(self):
         try:
@@ -549,10 +560,7 @@ class Store:
                            "" if runs_cursor is None else runs_cursor, events_channel(self.prefix), *args, *expired)
         if not done:
             raise redis.WatchError("evaluation lock expired")
-        if release:
-            self.lock.token = None
-        else:
-            self.lock.renewed()
+        self.lock.wrote(release)
 
     def settle(self, name, changes, dead, release=False):
         """Set (a value) or delete (None) fields of one hash and keep ``dead`` letters, in one step and only
@@ -567,10 +575,7 @@ class Store:
                             self.lock.token, DEAD_MAX, int(release), len(changes), *pairs, *map(dumps, dead))
         if total < 0:
             return False
-        if release:
-            self.lock.token = None
-        else:
-            self.lock.renewed()
+        self.lock.wrote(release)
         for letter in dead:
             logger.error("Alert: dead letter: %s; kept in %s (%d so far)", letter["reason"], self.key["dead"],
                          total)

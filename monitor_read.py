@@ -70,8 +70,8 @@ RUNS_KEEP = SETTING["MONITOR_RUNS_KEEP"].default
 def gc_paused():
     """The cyclic garbage collector paused for a bulk decode or evaluation (unless paused already): what it makes
     is acyclic, freed by reference counting, and each collection of the young generation would scan again the
-    thousands of snapshots decoded so far (at 10,000 nodes a third of an alert evaluation). The young generation
-    is collected once it resumes."""
+    thousands of snapshots decoded so far (at 10,000 nodes a third of an alert evaluation). Once it resumes, it
+    collects at its next threshold as usual."""
     enabled = gc.isenabled()
     gc.disable()
     try:
@@ -79,7 +79,6 @@ def gc_paused():
     finally:
         if enabled:
             gc.enable()
-
 
 
 # How often readers delete nodes silent for longer than the retention: housekeeping, once a minute.

@@ -77,8 +77,9 @@ class RedisWatch:
         self.bytes = {}  # key -> (when read, MEMORY USAGE)
         self.lock = threading.RLock()  # one reading at a time (the API holds it across its cache check)
 
-    def infos(self):
-        """``{node address: INFO}`` of every master (one, unless on a cluster)."""
+    def infos(self, reply=None):
+        """``{node address: INFO}`` of every master (one, unless on a cluster); ``reply``: the one server's INFO,
+        read already (with other commands)."""
         if self.cluster:
             replies = self.r.info(target_nodes=self.r.PRIMARIES)
             return dict(sorted(replies.items())) if isinstance(replies, dict) and "role" not in replies else \
@@ -88,7 +89,7 @@ class RedisWatch:
             host, port = pool.get_master_address()
         else:
             host, port = pool.connection_kwargs.get("host", "redis"), pool.connection_kwargs.get("port", "")
-        return {f"{host}:{port}".rstrip(":"): self.r.info()}
+        return {f"{host}:{port}".rstrip(":"): self.r.info() if reply is None else reply}
 
     def read(self, nodes, now=None):
         """The /redis payload over ``nodes`` (``{node: snapshot}``, for the spiders and the monitor's keys)."""
