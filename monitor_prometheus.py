@@ -26,7 +26,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.utils import floatToGoString
 
 from monitor_contract import BIG_FIELDS, LATENCY_BUCKETS, as_text, is_number, number, redis_now
-from monitor_read import CRAWL_STATES, FINISHED_AFTER, STATES, combine, run_totals, spider_state
+from monitor_read import CRAWL_STATES, FINISHED_AFTER, STATES, combine, numbers, queued_work, run_totals, spider_state
 from monitor_snapshot import decode_snapshot, node_state
 
 # (snapshot field, metric name, help, scale): base units, so percentages become ratios.
@@ -241,9 +241,8 @@ def spider_lines(by_spider, spiders, now, finished_after):
     for spider in sorted(by_spider):
         members = by_spider[spider]
         queues = combine(members, QUEUE_FIELDS)
-        queued = sum(number(queues[f], 0) for f in ("queue_requests", "queue_start_urls"))
         views[spiders[spider]] = (collections.Counter(s["state"] for s in members), queues,
-                                  spider_state(members, queued, now, finished_after)[0])
+                                  spider_state(members, queued_work(queues), now, finished_after)[0])
     yield from _family("scrapy_nodes", "gauge", "Nodes of each spider by state.", [
         f'scrapy_nodes{{{head},state="{s}"}} {_value(counts[s])}\n' for head, (counts, _, _) in views.items()
         for s in STATES])
@@ -260,7 +259,7 @@ def sums(groups, field):
     """``{key: the field summed over the key's snapshots that report it}`` (``groups``: ``{key: snapshots}``)."""
     out = {}
     for key, members in groups.items():
-        values = [v for s in members if (v := s.get(field)).__class__ is int or v.__class__ is float]
+        values = numbers([s.get(field) for s in members])
         if values:
             out[key] = sum(values)
     return out

@@ -443,6 +443,11 @@ CRAWL_STATES = ("crawling", "idle", "finished", "paused")
 FINISHED_AFTER = SETTING["MONITOR_FINISHED_AFTER"].default
 
 
+def queued_work(figures) -> float:
+    """Requests and start URLs waiting (what keeps a crawl crawling), from a view's combined queue figures."""
+    return sum(number(figures.get(f), 0) for f in ("queue_requests", "queue_start_urls"))
+
+
 def spider_state(snaps: list, queued, now: float, finished_after: float = FINISHED_AFTER) -> tuple:
     """``(state, idle_for)`` of a spider from its nodes' snapshots (with their ``state``), the entries waiting in
     its requests queue and start URLs (``queued``; None for unknown, as for a spider without scrapy-redis), and
@@ -521,8 +526,7 @@ def _spiders_view(nodes, r, prefix, now, finished_after, fields, memo, histories
             view["nodes"] = sorted(view["nodes"])
             if memo is not None:
                 memo[spider] = (members, dict(view), cache)
-        queued = sum(number(view.get(f), 0) for f in ("queue_requests", "queue_start_urls"))  # time: each call
-        view["state"], view["idle_for"] = spider_state(members, queued, time.time() if now is None else now,
+        view["state"], view["idle_for"] = spider_state(members, queued_work(view), time.time() if now is None else now,
                                                        finished_after)
         out[spider] = view
     for gone in set(memo or ()) - set(groups):
