@@ -416,25 +416,20 @@ class Insight:
                 kept[0] = list(map(operator.add, kept[0], buckets))
                 kept[1] += latency_sum
         if domains:
-            mine = self.domains.get(key)
-            if mine is None:
-                mine = self.domains[key] = {}
-            for domain, values in domains:
-                rows = mine.get(domain)
-                if rows is None:
-                    mine[domain] = list(values)
-                else:
-                    rows += values
+            _extend(self.domains, key, domains)
         if fields:
-            mine = self.fields.get(key)
-            if mine is None:
-                mine = self.fields[key] = {}
-            for field, share in fields:
-                rows = mine.get(field)
-                if rows is None:
-                    mine[field] = [share, items]
-                else:
-                    rows += share, items
+            _extend(self.fields, key, ((field, (share, items)) for field, share in fields))
+
+
+def _extend(table, key, rows):
+    """``table[key][name]`` extended by the values of each ``(name, values)`` of ``rows``."""
+    mine = table.setdefault(key, {})
+    for name, values in rows:
+        kept = mine.get(name)
+        if kept is None:
+            mine[name] = list(values)
+        else:
+            kept += values
 
 
 def _total(values):
