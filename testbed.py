@@ -312,6 +312,11 @@ def wait_until_answers(url, timeout=15.0, what=None, statuses=(200,), proc=None,
     return wait_for(answers, timeout, what=what)
 
 
+def cpu_seconds(pid):
+    """CPU time (user + system) the process ``pid`` has used so far (benchmarks measure servers by it)."""
+    return sum(psutil.Process(pid).cpu_times()[:2])
+
+
 def listens(proc, port):
     """Whether the child ``proc`` itself listens on ``port``: a server that answers there may be another's,
     started on the same free port a moment earlier (parallel test workers pick ports at once)."""

@@ -28,12 +28,11 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-import psutil  # noqa: E402
 import requests  # noqa: E402
 
 import monitor_contract  # noqa: E402
 import testbed  # noqa: E402
-from testbed import CHROMIUM, CHROMIUM_ARGS, ApiServer, RedisServer, publish, snapshot  # noqa: E402
+from testbed import CHROMIUM, CHROMIUM_ARGS, ApiServer, RedisServer, cpu_seconds, publish, snapshot  # noqa: E402
 
 INTERVAL = 10.0
 
@@ -91,11 +90,11 @@ class ApiLoad:
     """The API process's CPU seconds per second since the last ``reading``."""
 
     def __init__(self, pid):
-        self.proc = psutil.Process(pid)
+        self.pid = pid
         self.reading()
 
     def reading(self):
-        cpu, now = sum(self.proc.cpu_times()[:2]), time.monotonic()
+        cpu, now = cpu_seconds(self.pid), time.monotonic()
         last, self.last = getattr(self, "last", None), (cpu, now)
         return "" if last is None else f"   API: {(cpu - last[0]) / (now - last[1]):.2f} CPU s/s"
 

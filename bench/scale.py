@@ -35,7 +35,7 @@ import requests  # noqa: E402
 
 import testbed  # noqa: E402,F401  (the measured checkout's, before bench.api imports this one's)
 from bench import api as api_bench  # noqa: E402
-from testbed import RedisServer, clean_env, free_port, wait_until_answers  # noqa: E402
+from testbed import RedisServer, clean_env, cpu_seconds, free_port, wait_until_answers  # noqa: E402
 
 FIVE = "state,cpu,memory,pages_per_min,age"
 
@@ -69,13 +69,6 @@ def rss_mb(pid, field="VmRSS"):
     """The process's resident memory (``VmHWM``: its peak) in MB."""
     with open(f"/proc/{pid}/status") as f:
         return next(int(line.split()[1]) for line in f if line.startswith(field + ":")) / 1024
-
-
-def cpu_seconds(pid):
-    """CPU time (user + system) the process has used so far."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def scrape(port, proc, query=""):
