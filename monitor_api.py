@@ -59,18 +59,15 @@ from monitor_read import (
     STATES,
     NodeEntry,
     NodeReader,
-    read_audit,
-    read_control_log,
     read_histories,
     read_markers,
     read_rollups,
-    read_runs,
-    run_bound,
     spider_points,
     spiders_view,
     wrong_type,
 )
-from monitor_read import runs_summary as read_runs_summary
+from monitor_records import read_audit, read_control_log, read_runs, run_bound
+from monitor_records import runs_summary as read_runs_summary
 from monitor_redis import RedisWatch
 from monitor_settings import (
     API,

@@ -564,7 +564,7 @@ def run_id(record):
 # record JSON (an object without compare), keep, totals field of this run, totals field of a lost run of
 # the spider, recent runs kept. A lost run is recorded only if its claim is free (exactly once whoever
 # tries); a close replaces the node's lost record, if it had one. ``compare`` is computed here, from the
-# previous BASELINE_RUNS runs that count (``monitor_read.counts_for_baseline``: not lost, and not empty unless
+# previous BASELINE_RUNS runs that count (``monitor_records.counts_for_baseline``: not lost, and not empty unless
 # the spider usually scrapes nothing and the run finished) of the same version and arguments if there are
 # MIN_BASELINE, else of the same arguments, else any; ``compare.baseline_of`` says which (``version``, ``args``,
 # ``any``). Returns 0 when the claim was taken already, else the run's seq.

@@ -16,8 +16,8 @@ import statistics
 import redis
 
 from monitor_channels import SEND_DEADLINE, Console, Mail, Notify, Webhook, one_line, printable, within
-from monitor_contract import alert_key, dumps, is_number, loads, runs_key
-from monitor_read import parse_run, run_meta_key, run_totals
+from monitor_contract import alert_key, dumps, is_number, loads, run_meta_key, runs_key
+from monitor_records import parse_run, run_totals
 
 logger = logging.getLogger(__name__)
 

@@ -8,7 +8,7 @@ spreadsheet would run as a formula are made text. It imports only the standard l
 import csv
 import io
 
-from monitor_read import COMPARED, read_runs
+from monitor_records import COMPARED, read_runs
 
 # A run record's columns, in order (monitor_contract.run_record, RECORD_RUN_LUA's compare and baseline_runs).
 RUN_COLUMNS = (

@@ -26,7 +26,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.utils import floatToGoString
 
 from monitor_contract import BIG_FIELDS, LATENCY_BUCKETS, as_text, is_number, number, redis_now
-from monitor_read import CRAWL_STATES, FINISHED_AFTER, STATES, combine, numbers, queued_work, run_totals, spider_state
+from monitor_read import CRAWL_STATES, FINISHED_AFTER, STATES, combine, numbers, queued_work, spider_state
+from monitor_records import run_totals
 from monitor_snapshot import decode_snapshot, node_state
 
 # (snapshot field, metric name, help, scale): base units, so percentages become ratios.

@@ -14,7 +14,7 @@ import pytest
 
 import alert
 import monitor_contract
-import monitor_read
+import monitor_records
 import monitor_rules
 import monitors
 from testbed import ROOT, Site, clean_env, crawl_command, free_port
@@ -136,12 +136,12 @@ F, S = "finished", "shutdown"
 def test_an_empty_run_is_no_baseline_unless_the_spider_usually_scrapes_nothing(redis_client, history, used, compared):
     last_items = 100 if compared else 0
     records = seed_runs(redis_client, "s", history + [(last_items, F)])
-    newest = monitor_read.read_runs(redis_client, "scrapy", "s", 1)[0][0]
+    newest = monitor_records.read_runs(redis_client, "scrapy", "s", 1)[0][0]
     assert newest["baseline_runs"] == used
     if used >= monitor_contract.MIN_BASELINE:
         assert {k: v for k, v in newest["compare"].items() if k == "items"} == compared
     # the summary's baseline (Python) picks the same runs as the record's compare (Lua)
-    assert monitor_read.baseline(list(reversed(records[:-1])))[1] == used
+    assert monitor_records.baseline(list(reversed(records[:-1])))[1] == used
 
 
 def growing_spider(started_ago, now=NOW):

@@ -9,7 +9,7 @@ import redis
 import scrapy
 
 import monitor_contract
-import monitor_read
+import monitor_records
 import monitors
 import testbed
 from main_spider import DistributedSpider
@@ -57,7 +57,7 @@ def seed(client, runs, start=1_000_000):
                 "pages": 100, "errors": 0, "finish_reason": "finished", "status": "closed", "version": version,
                 "args_hash": args}
         write_run(client, P, run_record(snap), begin, 1000)
-    return monitor_read.read_runs(client, P, "s", 500)[0]
+    return monitor_records.read_runs(client, P, "s", 500)[0]
 
 
 @pytest.mark.parametrize("history, of, baseline_runs, items_ratio", [
@@ -77,7 +77,7 @@ def test_a_run_is_compared_like_for_like_when_it_can_be(redis_client, history, o
     assert newest["compare"]["baseline_of"] == of and newest["baseline_runs"] == baseline_runs
     assert newest["compare"]["items"] == items_ratio
     # the summary's baseline is for a run like the newest: with it, each history has 3 of version "2" and args "a"
-    summary = monitor_read.runs_summary(redis_client, P, "s", 2_000_000)
+    summary = monitor_records.runs_summary(redis_client, P, "s", 2_000_000)
     assert summary["baseline_of"] == "version" and summary["baseline_runs"] >= 3
 
 
@@ -134,7 +134,7 @@ def test_a_real_crawl_reports_version_and_arguments_marks_and_rolls_up(redis_cli
                     settings={"MAX_IDLE_TIME_BEFORE_CLOSE": 2}, args=("-a", "category=books"))
     redis_client.lpush("distributed:start_urls", json.dumps({"url": site.url}))
     assert proc.wait(120) == 0, crawl_log(proc)
-    (run,) = monitor_read.read_runs(redis_client, P, "main_spider", 10)[0]
+    (run,) = monitor_records.read_runs(redis_client, P, "main_spider", 10)[0]
     assert run["version"] == "VERSION_2.3" and run["args_hash"] == monitors.args_hash(Plain(category="books"))
     assert [m["version"] for m in markers(redis_client)] == ["VERSION_2.3"]
     client = make_app(redis_url).test_client()

@@ -19,6 +19,7 @@ import monitor_api
 import monitor_channels
 import monitor_contract
 import monitor_read
+import monitor_records
 import monitor_settings
 import monitor_snapshot
 import monitors
@@ -33,7 +34,7 @@ def crawler_env(url, **extra):
 
 
 def runs(client, spider="main_spider"):
-    return monitor_read.read_runs(client, P, spider, 500)[0]
+    return monitor_records.read_runs(client, P, spider, 500)[0]
 
 
 def seed(client, spider, items_list, reason="finished", start=1_000_000, node="n", keep=1000, pages=100,
@@ -82,7 +83,7 @@ def test_compare_is_the_ratio_to_the_median_of_the_previous_ten_runs_not_lost(re
     assert newest["compare"] == {"items": round(55 / 75, 3), "items_per_min": round(27.5 / 75, 3),
                                  "pages_per_min": round(55 / 100, 3), "duration": 2, "baseline_of": "any"}
     # error ratio: the baseline's is 0, so it cannot be compared; the summary says the same medians
-    summary = monitor_read.runs_summary(redis_client, P, "s", 1_001_500)
+    summary = monitor_records.runs_summary(redis_client, P, "s", 1_001_500)
     assert summary["baseline_runs"] == 10 and summary["baseline"]["items"] == 75  # 55, 120 ... 40
     assert summary["reasons"] == {"finished": 13, "lost": 1} and summary["runs"] == 14
     assert summary["totals"] == {"finished": 13, "lost": 1}
@@ -203,7 +204,7 @@ def test_a_crawl_that_finishes_and_one_stopped_by_sigterm_record_their_runs(redi
     assert done["end_time"] - done["start_time"] == done["duration"]
     closed = testbed.get_node(redis_client, done["node"])
     assert closed["peak_rss"] == done["peak_rss"] >= closed["rss"]
-    assert monitor_read.run_totals(redis_client.hgetall(monitor_contract.run_meta_key(P, "totals"))) == {
+    assert monitor_records.run_totals(redis_client.hgetall(monitor_contract.run_meta_key(P, "totals"))) == {
         ("main_spider", "finished"): 1, ("main_spider", "shutdown"): 1}
 
 
@@ -266,7 +267,7 @@ def test_a_sigkilled_crawl_is_recorded_lost_once_with_two_apis_and_two_alerters(
     assert len(runs(redis_client)) == 1 and lost[0]["node"] == node
     last = testbed.get_node(redis_client, node)
     assert lost[0]["pages"] == last["pages"] and lost[0]["end_time"] == int(monitor_snapshot.last_report(last))
-    assert monitor_read.run_totals(redis_client.hgetall(monitor_contract.run_meta_key(P, "totals"))) == {
+    assert monitor_records.run_totals(redis_client.hgetall(monitor_contract.run_meta_key(P, "totals"))) == {
         ("main_spider", "lost"): 1}
     assert redis_client.llen(monitor_contract.run_meta_key(P, "recent")) == 1
 
@@ -286,7 +287,7 @@ def test_a_late_node_keeps_its_run_and_corrects_the_lost_record(redis_client, re
     assert proc.wait(120) == 0, crawl_log(proc)
     [run] = runs(redis_client)
     assert run["node"] == node and run["finish_reason"] == "finished" and run["items"] == 40
-    assert monitor_read.run_totals(redis_client.hgetall(monitor_contract.run_meta_key(P, "totals"))) == {
+    assert monitor_records.run_totals(redis_client.hgetall(monitor_contract.run_meta_key(P, "totals"))) == {
         ("main_spider", "finished"): 1, ("main_spider", "lost"): 0}
     reader.read()  # closed now: never lost again
     assert len(runs(redis_client)) == 1

@@ -20,6 +20,7 @@ import monitor_cache
 import monitor_contract
 import monitor_prometheus
 import monitor_read
+import monitor_records
 import monitor_rules
 import monitor_settings
 import monitor_snapshot
@@ -691,11 +692,11 @@ def past(items=None, reason="finished", **fields):
                  id="duration"),
 ])
 def test_baseline(records, field, median, used):
-    medians, count, of = monitor_read.baseline(records)
+    medians, count, of = monitor_records.baseline(records)
     assert of == "any"
     assert count == used
     assert medians[field] == median
-    assert set(medians) == set(monitor_read.COMPARED)
+    assert set(medians) == set(monitor_records.COMPARED)
 
 
 @pytest.mark.parametrize("records", [
@@ -704,7 +705,7 @@ def test_baseline(records, field, median, used):
     pytest.param([past(10), past(20), past(30, "lost"), past(40, "lost")], id="two-not-lost"),
 ])
 def test_baseline_needs_three_runs(records):
-    medians, used, _ = monitor_read.baseline(records)
+    medians, used, _ = monitor_records.baseline(records)
     assert medians is None and used == len([r for r in records if r["finish_reason"] != "lost"])
 
 
@@ -729,7 +730,7 @@ RID = "01700000000-01699990000-0123456789ab"
     pytest.param(RID + "0", None, id="cursor-too-long"),
 ])
 def test_run_bound(before, expected):
-    assert monitor_read.run_bound(before) == expected
+    assert monitor_records.run_bound(before) == expected
 
 
 def test_run_bound_excludes_the_cursor_and_newer_runs():
@@ -738,9 +739,9 @@ def test_run_bound_excludes_the_cursor_and_newer_runs():
     older = "01699999999-01699990000-ffffffffffff {}"
     own = f"{RID} " + "{}"
     same_end_newer_start = "01700000000-01699990001-000000000000 {}"
-    bound = monitor_read.run_bound(RID)[1:]
+    bound = monitor_records.run_bound(RID)[1:]
     assert older < bound < own < same_end_newer_start
-    seconds = monitor_read.run_bound("1700000000")[1:]
+    seconds = monitor_records.run_bound("1700000000")[1:]
     assert older < seconds < own  # runs that ended before that second only
 
 
