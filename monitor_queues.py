@@ -7,7 +7,8 @@ read a page at a time (``read_dead``). The writes themselves are monitor_acting.
 
 from urllib.parse import urlsplit
 
-from monitor_contract import DEAD_ID, QUEUE_NAMES, as_text, dead_key, dumps, is_text, loads, number, redact
+from monitor_contract import DEAD_ID, QUEUE_NAMES, as_text, dead_key, dumps, is_text, number, redact
+from monitor_records import parse_member
 
 # At most this many URLs or requests in one seed (413 beyond).
 MAX_SEED = 10000
@@ -139,17 +140,8 @@ def queues_of(nodes, spider):
 
 def parse_dead(member):
     """``(id, record)`` from a stored member, or None when malformed."""
-    text = as_text(member)
-    rid, _, body = text.partition(" ")
-    if not DEAD_ID.match(rid):
-        return None
-    try:
-        record = loads(body)
-    except ValueError:
-        return None
-    if not (isinstance(record, dict) and isinstance(record.get("url"), str)):
-        return None
-    return rid, record
+    found = parse_member(member, DEAD_ID)
+    return found if found is not None and isinstance(found[1].get("url"), str) else None
 
 
 def shown_dead(rid, record):

@@ -68,20 +68,26 @@ def record_lost_runs(r, prefix, nodes, now, lost_after, keep=RUNS_KEEP, done=Non
     return sum(1 for w in written if w)
 
 
-def parse_run(member):
-    """``(id, record)`` from a stored member, or None unless it passes the snapshot gate's number rules."""
-    text = as_text(member)
-    rid, _, body = text.partition(" ")
-    if not RUN_ID.match(rid):
+def parse_member(member, id_pattern):
+    """``(id, JSON object)`` of a stored ``<id> <JSON>`` member (a run, a dead letter) whose id matches
+    ``id_pattern``, or None."""
+    rid, _, body = as_text(member).partition(" ")
+    if not id_pattern.match(rid):
         return None
     try:
         record = loads(body)
     except ValueError:
         return None
-    if not (isinstance(record, dict) and isinstance(record.get("spider"), str)
-            and isinstance(record.get("finish_reason"), str) and is_number(record.get("end_time"))):
+    return (rid, record) if isinstance(record, dict) else None
+
+
+def parse_run(member):
+    """``(id, record)`` from a stored member, or None unless it passes the snapshot gate's number rules."""
+    found = parse_member(member, RUN_ID)
+    if found is None or not (isinstance(found[1].get("spider"), str) and isinstance(found[1].get("finish_reason"), str)
+                             and is_number(found[1].get("end_time"))):
         return None
-    return rid, record
+    return found
 
 
 def run_bound(before):
