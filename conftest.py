@@ -48,6 +48,25 @@ def redis_client(redis_server, redis_url):
     client.close()
 
 
+@pytest.fixture(autouse=True)
+def no_hub_outlives_its_test(monkeypatch):
+    """Every events hub (GET /events' subscription thread) a test starts in this process is stopped when the
+    test ends. A hub left running on the session's Redis reads /alerts at every change, and on its clock (Redis's)
+    tidies away as expired the silences that explicit-clock tests set at T0."""
+    import monitor_events
+
+    started, start = [], monitor_events.Hub.start
+
+    def tracked(hub):
+        started.append(hub)
+        return start(hub)
+
+    monkeypatch.setattr(monitor_events.Hub, "start", tracked)
+    yield
+    for hub in started:
+        hub.stop()
+
+
 @pytest.fixture(scope="module")
 def sentinel_group():
     """A master, a replica and three sentinels (``testbed.SentinelGroup``), one per test module."""

@@ -94,6 +94,7 @@ class Hub:
         self.ready.wait(2.0)
 
     def stop(self):
+        """End the subscription and the streams: the thread reads nothing more (it is gone within CHECK_EVERY)."""
         with self.cond:
             self.stopped = True
             self.cond.notify_all()
@@ -143,6 +144,8 @@ class Hub:
             if left <= 0 or len(nodes) >= 10 * READ_BATCH:
                 break
             message = pubsub.get_message(timeout=left)
+        if self.stopped:
+            return
         entries = self.read_nodes(client, nodes) if nodes else []
         if alerts:
             entries += self.read_alerts(client)
