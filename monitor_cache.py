@@ -93,13 +93,12 @@ class Body:
             headers.update({"X-Server-Time": f"{now:.3f}", AGES_AT: f"{now:.3f}"})
         # no-cache: browsers keep the body but revalidate it each time, and get a 304 if it still holds.
         common = [("Content-Type", mimetype), ("Cache-Control", "no-cache"), *headers.items()]
-        self.zipped = None
         if len(data) >= GZIP_MIN:
             vary = ("Vary", "Accept-Encoding, Origin")
-            self.zipped = (gzip.compress(data, 4, mtime=0), tag + "-gz",
-                           common + [("ETag", f'"{tag}-gz"'), ("Content-Encoding", "gzip"), vary])
+            self.zipped = [None, tag + "-gz",  # its bytes made when a client first takes gzip, then kept
+                           common + [("ETag", f'"{tag}-gz"'), ("Content-Encoding", "gzip"), vary]]
         else:
-            vary = ("Vary", "Origin")
+            vary, self.zipped = ("Vary", "Origin"), None
         self.plain = (data, tag, common + [("ETag", f'"{tag}"'), vary])
 
     def pick(self, environ):
@@ -111,6 +110,8 @@ class Body:
         match = environ.get("HTTP_IF_NONE_MATCH")
         if match and (f'"{tag}"' in match or match.strip() == "*"):
             return 304, [h for h in headers if h[0] != AGES_AT], b""
+        if data is None:
+            data = self.zipped[0] = gzip.compress(self.plain[0], 4, mtime=0)
         return 200, headers, data
 
 

@@ -441,13 +441,14 @@ def spider_state(snaps: list, queued, now: float, finished_after: float = FINISH
     seconds, ``idle`` before. A spider with no live node and nothing queued is ``finished`` once every node closed,
     ``idle`` while one is stale (it may come back). ``idle_for``: seconds since the last live node's last page
     (None without a live node)."""
-    live = [s for s in snaps if s.get("state") in CRAWLING_STATES]
-    if live and all(s.get("state") == "paused" for s in live):
+    states = list(map(dict.get, snaps, itertools.repeat("state")))  # at C speed: a spider may have 10,000
+    live = list(itertools.compress(snaps, map(CRAWLING_STATES.__contains__, states)))
+    if live and states.count("paused") == len(live):
         return "paused", None
     if queued:
         return "crawling", None
     if not live:
-        return ("idle" if any(s.get("state") == "stale" for s in snaps) else "finished"), None
+        return ("idle" if "stale" in states else "finished"), None
     since = []
     for s in live:
         idle = number(s.get("idle_since"))

@@ -5,6 +5,7 @@ No Redis, no processes, no clock: every function here takes ``now`` (or needs no
 not prove the arithmetic. Every environment variable of monitor_settings.SETTINGS is cleared for each test.
 """
 
+import gzip
 import json
 import math
 import re
@@ -1337,3 +1338,26 @@ def test_cache_drops_long_expired_entries(monkeypatch, later, kept):
     assert cache.get("other", lambda: "x") == "x"
     assert ("big" in cache.entries) is kept
     assert cache.get("big", lambda: "new") == "new"  # expired either way: computed again
+
+
+@pytest.mark.parametrize("accept, match, status, zipped", [
+    pytest.param("identity", None, 200, False, id="identity-never-compressed"),
+    pytest.param("gzip, deflate", None, 200, True, id="gzip-compressed-when-asked"),
+    pytest.param("gzip;q=0", None, 200, False, id="gzip-refused-by-q0"),
+    pytest.param("gzip", "-gz", 304, False, id="gzip-etag-holds-304-without-compressing"),
+    pytest.param("identity", "", 304, False, id="plain-etag-holds-304"),
+])
+def test_a_body_is_gzipped_only_for_a_client_that_takes_it(accept, match, status, zipped):
+    data = monitor_cache.to_json({"nodes": ["n%d" % i for i in range(2000)]})
+    body = monitor_cache.Body(data)
+    environ = {"HTTP_ACCEPT_ENCODING": accept}
+    if match is not None:
+        environ["HTTP_IF_NONE_MATCH"] = f'"{body.plain[1]}{match}"'
+    got, headers, sent = body.pick(environ)
+    assert got == status and (body.zipped[0] is not None) is zipped
+    assert (("Content-Encoding", "gzip") in headers) is (zipped or match == "-gz")
+    if status == 200:
+        assert (gzip.decompress(sent) if zipped else sent) == data
+        assert body.pick(environ)[2] is sent  # made once, then kept
+    else:
+        assert sent == b""
