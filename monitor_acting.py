@@ -1,6 +1,9 @@
 """Acting writes: a control command, a silence, a change to a spider's queues (seed, flush, requeue) or an audit
 entry is stored with its audit entry and its idempotency answer in one Lua script, so a change is never recorded
-without its audit or twice."""
+without its audit or twice. (On a Redis Cluster, a change to a spider's scrapy-redis keys, in other slots than the
+monitor's, is made key by key and then recorded: see ``act_apart``.)"""
+
+import logging
 
 from monitor_contract import (
     AUDIT_KEEP,
@@ -13,6 +16,8 @@ from monitor_contract import (
     loads,
     notify,
 )
+
+logger = logging.getLogger(__name__)
 
 # Lua shared by the write scripts: every key's type is checked before anything is written (a key of the wrong
 # type fails the whole script, naming the key: "WRONGKEY <key> is a <type>, not a <type>"); ids are one above
@@ -153,22 +158,8 @@ def write_audit(r, prefix, entry):
 
 # ---------------------------------------------------------------------------- acting on the queues
 
-# Shared by the queue scripts: KEYS 1-5 are the control seq, the control log, the audit log, its seq and the
-# idempotency key; ARGV 1-6 the log entry (a JSON object without id and at), log keep, the audit entry, audit keep,
-# the idempotency key ('' for none) and its TTL. ``logged`` writes the control log entry (with ``extra``, a text
-# ',"name":value...' of what the change did), audits it and keeps the answer ``{"id", "at", ...extra}``.
-LUA_QUEUES = LUA_COMMON + """
-local function logged(extra)
-  local id = next_id(KEYS[1], KEYS[2])
-  local at = stamp()
-  local head = '{"id":' .. id .. ',"at":' .. at
-  redis.call('LPUSH', KEYS[2], head .. ',' .. string.sub(ARGV[1], 2, -2) .. extra .. '}')
-  redis.call('LTRIM', KEYS[2], 0, tonumber(ARGV[2]) - 1)
-  audit(KEYS[3], KEYS[4], '{"ref":' .. id .. ',' .. string.sub(ARGV[3], 2), tonumber(ARGV[4]), at)
-  local answer = head .. extra .. '}'
-  remember(KEYS[5], ARGV[5], ARGV[6], answer)
-  return answer
-end
+# Lua for a spider's scrapy-redis keys: push entries onto a key of any of scrapy-redis's types, and a key's size.
+LUA_KEYS = LUA_COMMON + """
 local function push(key, kind, values, first, last)
   local added = 0
   for i = first, last, 1000 do
@@ -194,6 +185,49 @@ local function size(key)
   elseif kind == 'none' then return 0 end
   return 1
 end
+"""
+# Shared by the queue scripts: KEYS 1-5 are the control seq, the control log, the audit log, its seq and the
+# idempotency key; ARGV 1-6 the log entry (a JSON object without id and at), log keep, the audit entry, audit keep,
+# the idempotency key ('' for none) and its TTL. ``logged`` writes the control log entry (with ``extra``, a text
+# ',"name":value...' of what the change did), audits it and keeps the answer ``{"id", "at", ...extra}``. ``claim``
+# takes dead letters out of KEYS[6] (``mode`` 'all', or 'ids' with the ids in ARGV from ``first``): ``(their
+# start URL entries, each ``{"url", "meta"}`` with ``requeued`` (the dead letter's id) in its meta, how many
+# ids were not held, the members taken)``, so each is claimed once whoever races.
+LUA_QUEUES = LUA_KEYS + """
+local function logged(extra)
+  local id = next_id(KEYS[1], KEYS[2])
+  local at = stamp()
+  local head = '{"id":' .. id .. ',"at":' .. at
+  redis.call('LPUSH', KEYS[2], head .. ',' .. string.sub(ARGV[1], 2, -2) .. extra .. '}')
+  redis.call('LTRIM', KEYS[2], 0, tonumber(ARGV[2]) - 1)
+  audit(KEYS[3], KEYS[4], '{"ref":' .. id .. ',' .. string.sub(ARGV[3], 2), tonumber(ARGV[4]), at)
+  local answer = head .. extra .. '}'
+  remember(KEYS[5], ARGV[5], ARGV[6], answer)
+  return answer
+end
+local function claim(mode, first)
+  local members, missing = {}, 0
+  if mode == 'all' then
+    members = redis.call('ZRANGE', KEYS[6], 0, -1)
+  else
+    for i = first, #ARGV do
+      local found = redis.call('ZRANGEBYLEX', KEYS[6], '[' .. ARGV[i] .. ' ', '(' .. ARGV[i] .. '!', 'LIMIT', 0, 1)
+      if found[1] then members[#members + 1] = found[1] else missing = missing + 1 end
+    end
+  end
+  local entries = {}
+  for _, m in ipairs(members) do
+    local space = string.find(m, ' ', 1, true)
+    local ok, rec = pcall(cjson.decode, string.sub(m, space + 1))
+    if ok and type(rec) == 'table' and type(rec.url) == 'string' then
+      local meta = type(rec.meta) == 'table' and rec.meta or {}
+      meta.requeued = string.sub(m, 1, space - 1)
+      entries[#entries + 1] = cjson.encode({url = rec.url, meta = meta})
+    end
+    redis.call('ZREM', KEYS[6], m)
+  end
+  return entries, missing, members
+end
 local bad = wrong_key(KEYS, {'string', 'list', 'list', 'string', 'string'})
 if bad then return redis.error_reply(bad) end
 local first = first_answer(KEYS[5], ARGV[5])
@@ -216,48 +250,97 @@ end
 return {'new', logged(',"flushed":{' .. table.concat(parts, ',') .. '}')}
 """
 # Moves dead letters back onto the start URLs, each once whoever races: KEYS 6 the dead letters, 7 the start URL
-# key; ARGV 7 its type, 8 'all' or 'ids', then the ids. Each entry is ``{"url", "meta"}`` with ``requeued`` (the
-# dead letter's id) in its meta. Replies ``{'missing', ''}`` when none of them is held any more.
+# key; ARGV 7 its type, 8 'all' or 'ids', then the ids. Replies ``{'missing', ''}`` when none of them is held any
+# more.
 REQUEUE_LUA = LUA_QUEUES + """
 bad = wrong_key({KEYS[6], KEYS[7]}, {'zset', ARGV[7]})
 if bad then return redis.error_reply(bad) end
-local members, missing = {}, 0
-if ARGV[8] == 'all' then
-  members = redis.call('ZRANGE', KEYS[6], 0, -1)
-else
-  for i = 9, #ARGV do
-    local found = redis.call('ZRANGEBYLEX', KEYS[6], '[' .. ARGV[i] .. ' ', '(' .. ARGV[i] .. '!', 'LIMIT', 0, 1)
-    if found[1] then members[#members + 1] = found[1] else missing = missing + 1 end
-  end
-end
-if #members == 0 then return {'missing', ''} end
-local entries = {}
-for _, m in ipairs(members) do
-  local space = string.find(m, ' ', 1, true)
-  local ok, rec = pcall(cjson.decode, string.sub(m, space + 1))
-  if ok and type(rec) == 'table' and type(rec.url) == 'string' then
-    local meta = type(rec.meta) == 'table' and rec.meta or {}
-    meta.requeued = string.sub(m, 1, space - 1)
-    entries[#entries + 1] = cjson.encode({url = rec.url, meta = meta})
-  end
-  redis.call('ZREM', KEYS[6], m)
-end
+local entries, missing, held = claim(ARGV[8], 9)
+if #held == 0 then return {'missing', ''} end
 if #entries > 0 then push(KEYS[7], ARGV[7], entries, 1, #entries) end
 return {'new', logged(',"requeued":' .. #entries .. ',"missing":' .. missing)}
+"""
+
+# On a Redis Cluster a spider's scrapy-redis keys sit in other slots than the monitor's (one hash tag), and one
+# script cannot touch both: the change is made key by key (PUSH_LUA, UNLINK_LUA; a requeue first claims its dead
+# letters, CLAIM_LUA), then logged, audited and its answer kept (LOGGED_LUA, ARGV 7 the ``extra``). The idempotency
+# key is checked before the change and again when it is logged; two identical requests racing may both act.
+PUSH_LUA = LUA_KEYS + """
+local bad = wrong_key(KEYS, {ARGV[1]})
+if bad then return redis.error_reply(bad) end
+return push(KEYS[1], ARGV[1], ARGV, 2, #ARGV)
+"""
+UNLINK_LUA = LUA_KEYS + """
+local n = size(KEYS[1])
+redis.call('UNLINK', KEYS[1])
+return n
+"""
+CLAIM_LUA = LUA_QUEUES + """
+bad = wrong_key({KEYS[6]}, {'zset'})
+if bad then return redis.error_reply(bad) end
+local entries, missing, held = claim(ARGV[7], 8)
+if #held == 0 then return {'missing', ''} end
+return {'claimed', cjson.encode({entries = entries, members = held, missing = missing})}
+"""
+LOGGED_LUA = LUA_QUEUES + """
+return {'new', logged(ARGV[7])}
 """
 
 
 def act_on_queues(r, prefix, script, keys, args, entry, audit, idempotency=""):
     """Run one of the queue scripts with the control log and audit keys: ``(answer, repeated)``, or
-    ``(None, False)`` when it found nothing to act on."""
+    ``(None, False)`` when it found nothing to act on. On a Redis Cluster whose slots part the keys, key by key
+    (``act_apart``)."""
     every = (control_key(prefix, "seq"), control_key(prefix, "log"), *audit_keys(prefix),
              idempotency or control_key(prefix, "seq"), *keys)
-    kind, raw = r.eval(script, len(every), *every, dumps(entry), CONTROL_LOG_KEEP, dumps(audit), AUDIT_KEEP,
-                       idempotency, IDEMPOTENCY_TTL, *args)
+    head = (dumps(entry), CONTROL_LOG_KEEP, dumps(audit), AUDIT_KEEP, idempotency, IDEMPOTENCY_TTL)
+    keyslot = getattr(r, "keyslot", None)  # a cluster client's
+    if keyslot is not None and len(set(map(keyslot, every))) > 1:
+        return act_apart(r, script, every, head, args)
+    kind, raw = r.eval(script, len(every), *every, *head, *args)
+    return answered(kind, raw)
+
+
+def answered(kind, raw):
     kind = as_text(kind)
     if kind == "missing":
         return None, False
     return loads(raw, bounded=False), kind == "repeat"
+
+
+def act_apart(r, script, every, head, args):
+    """``act_on_queues`` on a cluster: SEED_LUA, FLUSH_LUA or REQUEUE_LUA's change made key by key, then logged.
+    A requeue's claimed dead letters go back if their push fails, so none is lost."""
+    monitor, keys = every[:5], every[5:]
+    if head[4] and r.get(every[4]) is not None:
+        return answered(*r.eval(LOGGED_LUA, 5, *monitor, *head, ""))  # the first answer, as a repeat
+    if script == SEED_LUA:
+        extra = ',"pushed":%d' % r.eval(PUSH_LUA, 1, keys[0], *args)
+    elif script == FLUSH_LUA:
+        extra = ',"flushed":{%s}' % ",".join(f"{dumps(name)}:{r.eval(UNLINK_LUA, 1, key)}"
+                                              for key, name in zip(keys, args))
+    elif script == REQUEUE_LUA:
+        kind, raw = r.eval(CLAIM_LUA, 6, *monitor, keys[0], *head, *args[1:])
+        if as_text(kind) != "claimed":
+            return answered(kind, raw)
+        claimed = loads(raw, bounded=False)
+        entries = claimed["entries"] if isinstance(claimed["entries"], list) else []  # cjson: {} for an empty list
+        try:
+            if entries:
+                r.eval(PUSH_LUA, 1, keys[1], args[0], *entries)
+        except BaseException:
+            try:
+                r.zadd(keys[0], dict.fromkeys(claimed["members"], 0))
+            except Exception:
+                logger.error("%d dead letter(s) claimed for a requeue could not be pushed nor given back",
+                             len(claimed["members"]))
+            raise
+        extra = ',"requeued":%d,"missing":%d' % (len(entries), claimed["missing"])
+    else:
+        raise ValueError("a script that cannot be split across cluster slots")
+    return answered(*r.eval(LOGGED_LUA, 5, *monitor, *head, extra))
+
+
 # Sets (or with '' lifts) one domain's cluster-wide delay: KEYS 6 the slow hash; ARGV 7 the domain, 8 its JSON, 9 the
 # delay as JSON (or null) for the log entry.
 SLOW_LUA = LUA_QUEUES + """

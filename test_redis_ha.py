@@ -18,7 +18,7 @@ import monitor_rules
 import monitor_settings
 from monitor_contract import redact, safe_url, scrub
 from monitor_settings import connect, ha_url, key_prefix
-from testbed import ApiServer, Site, crawl_log, run_script, wait_for
+from testbed import ApiServer, Site, crawl_log, make_app, run_script, snapshot, store, wait_for
 
 NOW = 1_800_000_000.0
 
@@ -224,3 +224,57 @@ def test_on_a_cluster_crawl_api_alerter_runs_and_control_all_work(redis_cluster,
     finally:
         api.stop()
         site.stop()
+
+
+def test_on_a_cluster_seed_flush_and_requeue_act_on_the_spiders_keys_in_their_own_slots(redis_cluster):
+    redis_cluster.flush()
+    client = redis_cluster.client()
+    keys = {"requests": "shop:requests", "start_urls": "shop:start_urls", "dupefilter": "shop:dupefilter"}
+    assert len({client.keyslot(k) for k in (*keys.values(), "{scrapy}:control:log")}) == 4  # one script would fail
+    store(client, snapshot("shop:h:1", spider="shop", queues={**keys, "start_urls_type": "list", "apart": False}),
+          prefix="{scrapy}")
+    c = make_app(redis_cluster.url).test_client()
+    urls = {"urls": ["http://a.test/1", "http://a.test/2"]}
+    seeded = c.post("/queues/shop/seed", json=urls, headers={"Idempotency-Key": "k1"})
+    assert seeded.status_code == 200, seeded.get_json()
+    assert seeded.get_json()["pushed"] == 2 and client.llen("shop:start_urls") == 2
+    again = c.post("/queues/shop/seed", json=urls, headers={"Idempotency-Key": "k1"})
+    assert again.get_json() == seeded.get_json() and client.llen("shop:start_urls") == 2  # a repeat pushes nothing
+    client.zadd("shop:requests", {"r1": 0, "r2": 0, "r3": 0})
+    client.sadd("shop:dupefilter", "f1")
+    flushed = c.post("/queues/shop/flush", json={"what": ["requests", "start_urls", "dupefilter"]})
+    assert flushed.status_code == 200 and flushed.get_json()["flushed"] == {"requests": 3, "start_urls": 2,
+                                                                            "dupefilter": 1}
+    assert not any(client.exists(k) for k in keys.values())
+
+    def dead(n, first=0):
+        members = [monitor_contract.dead_member({"url": f"http://a.test/d/{i}", "reason": "retry/max_reached",
+                                                 "meta": {"k": i}, "at": 1_700_000_000 + i}, "shop:h:1", i)
+                   for i in range(first, first + n)]
+        with client.pipeline() as pipe:
+            monitor_contract.write_dead(pipe, "{scrapy}", "shop", members, 100)
+            pipe.execute()
+        return [m.split(" ", 1)[0] for m in members]
+
+    ids = dead(3)
+    nobody = "00000000000000-00000000-00000000"
+    one = c.post("/queues/shop/dead/requeue", json={"ids": [ids[0], nobody]}).get_json()
+    assert (one["requeued"], one["missing"]) == (1, 1)
+    entry = json.loads(client.lindex("shop:start_urls", 0))
+    assert entry == {"url": "http://a.test/d/0", "meta": {"k": 0, "requeued": ids[0]}}
+    assert c.post("/queues/shop/dead/requeue", json={"all": True}).get_json()["requeued"] == 2
+    assert client.llen("shop:start_urls") == 3 and client.zcard("{scrapy}:dead:shop") == 0
+    assert c.post("/queues/shop/dead/requeue", json={"ids": [ids[0]]}).status_code == 404
+    # A push that fails (the start URL key is a string: a hand edit) gives the claimed dead letters back.
+    client.delete("shop:start_urls")
+    client.set("shop:start_urls", "x")
+    held = dead(2, first=10)
+    refused = c.post("/queues/shop/dead/requeue", json={"all": True})
+    assert refused.status_code == 500 and "shop:start_urls is a string" in refused.get_json()["error"]
+    assert sorted(m.split(b" ", 1)[0].decode() for m in client.zrange("{scrapy}:dead:shop", 0, -1)) == held
+    log = c.get("/control/log").get_json()["log"]
+    assert [e["command"] for e in log] == ["requeue", "requeue", "flush", "seed"]
+    audit = c.get("/audit").get_json()["entries"]
+    assert [(e["action"], e["outcome"]) for e in audit if e["action"].startswith("queues.")] == [
+        ("queues.requeue", "refused"), ("queues.requeue", "applied"), ("queues.requeue", "applied"),
+        ("queues.flush", "applied"), ("queues.seed", "applied")]  # the 404 refused; a repeat is not a change
