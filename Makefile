@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test lint system-packages bench clean
+.PHONY: demo test lint system-packages bench clean screenshot
 
 $(BIN)/.installed: requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +33,10 @@ system-packages:
 TEST_WORKERS ?= 3
 test: $(BIN)/.installed system-packages
 	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
+
+# docs/dashboard.png, taken from the demo as the demo test sees it (the test alone writes artifacts/dashboard.png).
+screenshot: $(BIN)/.installed system-packages
+	UPDATE_SCREENSHOT=1 $(BIN)/python -m pytest -q test_demo.py -k runs_everything
 
 lint: $(BIN)/.installed
 	$(BIN)/ruff check .
