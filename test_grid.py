@@ -95,3 +95,28 @@ def test_the_page_shows_pushed_changes_live_and_falls_back_to_polling(api, redis
     assert subscriptions(redis_client, api.proc.pid) == 1
     stream.close()
     assert requests.get(f"{api.url}/health", timeout=5).status_code == 200
+
+
+def test_a_fling_asks_for_no_history_until_it_settles_then_the_cards_on_screen_get_theirs(api, redis_client,
+                                                                                           open_page):
+    nodes = [f"fling:crawler-{i:05d}:1" for i in range(2000)]
+    publish(redis_client, *(snapshot(n, spider="fling") for n in nodes))
+    page = open_page(f"{api.url}/?interval=60000")
+    until(page, "() => window.dashboardStats.nodes === 2000 && window.dashboardStats.historyRequests > 0 "
+                "&& window.dashboardStats.historyInFlight === 0", timeout=60000)
+    # 60 frames of 120 px: some 150 cards pass the screen. A frame that comes more than SCROLL_SETTLE (150 ms)
+    # after the one before (a loaded machine) lets the requests waiting start: at most 3 each.
+    before, asked, slow = page.evaluate("""async () => {
+        const s = window.dashboardStats, before = s.historyRequests;
+        let last = performance.now(), slow = 0;
+        for (let i = 0; i < 60; i++) {
+            window.scrollBy(0, 120);
+            await new Promise((r) => requestAnimationFrame(r));
+            if (performance.now() - last > 140) slow++;
+            last = performance.now();
+        }
+        return [before, s.historyRequests - before, slow];
+    }""")
+    assert asked <= 3 * slow, (asked, slow)
+    until(page, "(n) => window.dashboardStats.historyRequests > n", before + asked)  # settled: those now on screen
+    assert page.evaluate("() => window.scrollY") > 5000
