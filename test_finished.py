@@ -103,6 +103,8 @@ def test_spiders_and_prometheus_show_the_crawl_state(redis_url, redis_client):
     c = make_app(redis_url, MONITOR_FINISHED_AFTER="60").test_client()
     views = c.get("/spiders").get_json()
     assert (views[S]["state"], views["other"]["state"]) == ("finished", "crawling")
+    one = c.get(f"/metrics/{S}").get_json()  # the spider's own view says the same
+    assert one["state"] == "finished" and 100 <= one["idle_for"] < views[S]["idle_for"] + 5
     text = c.get("/prometheus").get_data(as_text=True)
     assert f'scrapy_spider_state{{spider="{S}",state="finished"}} 1.0' in text
     assert 'scrapy_spider_state{spider="other",state="finished"} 0.0' in text
