@@ -217,7 +217,7 @@ class Snapshot(TypedDict, total=False):
     queue_dupefilter: int
     queues: dict  # the spider's scrapy-redis key names (see QUEUE_NAMES)
     dead: int  # dead letters this node recorded in this run
-    idle_since: float  # since when (the node's clock) it downloaded nothing and saw nothing queued
+    idle_since: float  # since when (the node's clock) it downloaded nothing, had nothing in flight or queued
     reports_dropped: int  # snapshots the node could not write (Redis down, a failover)
     latency_p50: float  # crawl insight
     latency_p95: float

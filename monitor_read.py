@@ -436,16 +436,18 @@ def queued_work(figures) -> float:
 def spider_state(snaps: list, queued, now: float, finished_after: float = FINISHED_AFTER) -> tuple:
     """``(state, idle_for)`` of a spider from its nodes' snapshots (with their ``state``), the entries waiting in
     its requests queue and start URLs (``queued``; None for unknown, as for a spider without scrapy-redis), and
-    Redis's clock: ``paused`` when every live node is paused; ``crawling`` while work is queued; else ``finished``
-    once every live node has been idle (no page, nothing queued: its ``idle_since``) for ``finished_after``
-    seconds, ``idle`` before. A spider with no live node and nothing queued is ``finished`` once every node closed,
-    ``idle`` while one is stale (it may come back). ``idle_for``: seconds since the last live node's last page
-    (None without a live node)."""
+    Redis's clock: ``paused`` when every live node is paused; ``crawling`` while work is queued or a live node was
+    busy at its last report (a page, a request in flight or work queued over its last interval: its ``idle_since``
+    is that report's ``timestamp``); else ``finished`` once every live node has been idle (its ``idle_since``) for
+    ``finished_after`` seconds, ``idle`` before. A spider with no live node and nothing queued is ``finished`` once
+    every node closed, ``idle`` while one is stale (it may come back). ``idle_for``: seconds since the last live
+    node's last page (None without a live node)."""
     states = list(map(dict.get, snaps, itertools.repeat("state")))  # at C speed: a spider may have 10,000
     live = list(itertools.compress(snaps, map(CRAWLING_STATES.__contains__, states)))
     if live and states.count("paused") == len(live):
         return "paused", None
-    if queued:
+    if queued or any(number(s.get("idle_since"), -math.inf) >= number(s.get("timestamp"), math.inf)
+                     for s in live if s.get("state") == "live"):  # a paused node's report is no work
         return "crawling", None
     if not live:
         return ("idle" if "stale" in states else "finished"), None

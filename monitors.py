@@ -130,6 +130,7 @@ class SpiderMonitor:
         self.runs_keep = None  # MONITOR_RUNS_KEEP, set by from_crawler
         self.control = None  # a NodeControl when MONITOR_CONTROL is on
         self.busy = (None, None)  # (pages, when) of the last tick that saw a new page or work queued
+        self.in_flight = False  # requests in flight at the last tick (``_in_flight``)
         self.dead = DeadLetters(SETTING["MONITOR_DEAD_KEEP"].default)  # replaced by from_crawler's
 
     @classmethod
@@ -215,8 +216,19 @@ class SpiderMonitor:
         ``queued`` (a control command was applied) it runs after the tick in progress instead of skipping."""
         if self.lock.locked and not queued:
             return  # the previous tick is still talking to Redis: ticks never overlap
+        self.in_flight = self._in_flight()
         self.lock.run(self._in_thread, dict(self.stats.get_stats()),
                       {"status": "running", **self.control_fields(), **self.insight.take_interval()})
+
+    def _in_flight(self):
+        """Runs on the reactor: whether requests are being downloaded (or wait in a download slot, as with a
+        download delay) or responses processed. In memory only: never the scheduler, which scrapy-redis keeps in
+        Redis."""
+        engine = self.crawler.engine
+        try:
+            return bool(engine.downloader.active) or not engine.scraper.slot.is_idle()
+        except AttributeError:  # not open yet, or closing
+            return False
 
     def control_fields(self):
         return self.control.status() if self.control else {}
@@ -285,10 +297,12 @@ class SpiderMonitor:
         )
 
     def _idle_since(self, snapshot, now):
-        """Since when (this node's clock) it downloaded no page and saw no request or start URL queued: the
-        readers' "the crawl is done" (to the precision of one interval). Paused, it is not idle."""
+        """Since when (this node's clock) it downloaded no page, had no request in flight and saw no request or
+        start URL queued: the readers' "the crawl is done" (to the precision of one interval). Paused, it is not
+        idle. Busy at this report, it is this report's time (readers: ``idle_since >= timestamp``)."""
         queued = any(snapshot.get(k) for k in ("queue_requests", "queue_start_urls"))
-        if queued or snapshot["pages"] != self.busy[0] or snapshot.get("status") == "paused":
+        if (queued or self.in_flight or snapshot["pages"] != self.busy[0]
+                or snapshot.get("status") == "paused"):
             self.busy = (snapshot["pages"], now)
         return round(self.busy[1], 3)
 

@@ -8,7 +8,8 @@ import pytest
 import monitor_contract
 import monitor_read
 import monitor_snapshot
-from testbed import T0, make_app, report, run_script, wait_for
+import testbed
+from testbed import T0, Site, make_app, report, run_script, wait_for
 
 S = "main_spider"
 
@@ -34,8 +35,15 @@ def node(state="live", idle_since=None, timestamp=T0, seen=None, **more):
     pytest.param([node("closed", T0 - 100), node("closed", T0 - 100)], 0, T0, ("finished", None), id="all closed"),
     pytest.param([node("closed", T0 - 100), node("stale", T0 - 100)], 0, T0, ("idle", None), id="one stale"),
     pytest.param([node("closed")], 4, T0, ("crawling", None), id="nobody left, work queued"),
-    pytest.param([node(idle_since=T0 + 3600, timestamp=T0 + 3600, seen=T0)], 0, T0 + 1, ("idle", 1),
+    pytest.param([node(idle_since=T0 + 3590, timestamp=T0 + 3600, seen=T0)], 0, T0 + 1, ("idle", 11),
                  id="a node clock an hour fast, judged on Redis's clock"),
+    pytest.param([node(idle_since=T0, timestamp=T0)], 0, T0 + 5, ("crawling", None),
+                 id="busy at its last report: a page or a request in flight, nothing queued"),
+    pytest.param([node(idle_since=T0 + 0.7, timestamp=T0), node(idle_since=T0 - 100)], None, T0 + 5,
+                 ("crawling", None), id="no scrapy-redis queue, one node busy: a plain spider crawling slowly"),
+    pytest.param([node("paused", T0, timestamp=T0), node(idle_since=T0 - 100)], 0, T0, ("idle", 0),
+                 id="a paused node is not crawling, and not idle either"),
+    pytest.param([node("stale", T0, timestamp=T0)], 0, T0 + 100, ("idle", None), id="a stale node's neither"),
     pytest.param([node(idle_since=T0 - 3700, timestamp=T0 - 3600, seen=T0)], 0, T0, ("finished", 100),
                  id="a node clock an hour slow"),
 ])
@@ -139,3 +147,26 @@ def test_a_three_node_crawl_becomes_finished_and_drain_makes_every_node_exit(mak
     for _ in range(3):
         alerter.run_once()
     assert len(fired) == 1  # still finished, every node gone: nothing more is sent
+
+
+def test_a_plain_spider_crawling_slowly_is_crawling_until_it_closes_then_finished(redis_url, crawlers, tmp_path):
+    """A spider without scrapy-redis, a page every 2 s, judged finished after 1 s idle: between its pages a request
+    waits in the download slot, so its node is busy and the crawl is never called idle or finished while it runs."""
+    project = testbed.scrapy_project(tmp_path, "plain", testbed.PLAIN_SPIDER)
+    site = Site(pages=4).start()
+    try:
+        proc = crawlers("plain", env={"REDIS_URL": redis_url, "MONITOR_INTERVAL": "1"}, cwd=project,
+                        args=["-a", f"url={site.url}"],
+                        settings={"DOWNLOAD_DELAY": 2, "RANDOMIZE_DOWNLOAD_DELAY": False})
+        c = make_app(redis_url, MONITOR_FINISHED_AFTER="1").test_client()
+        states = []
+        while proc.poll() is None:  # what a reader sees at each moment of the crawl, while the node is live
+            view = c.get("/spiders").get_json().get("plain")
+            if view and view["nodes_live"] and view["nodes_closed"] == 0:
+                states.append(view["state"])
+            time.sleep(0.1)
+        assert proc.returncode == 0 and len(site.page_hits()) == 4
+        assert len(states) >= 20 and set(states) == {"crawling"}, states
+        assert c.get("/spiders").get_json()["plain"]["state"] == "finished"  # its node closed
+    finally:
+        site.stop()

@@ -25,20 +25,6 @@ from testbed import RedisServer, Site, crawl_log, wait_for
 SEED_FIELDS = {"timestamp", "spider", "cpu", "memory", "bytes_sent", "bytes_recv"}
 CONTRACT_FIELDS = SEED_FIELDS | {"node", "host", "pid", "status", "interval", "pages", "items"}
 
-PLAIN_SPIDER = '''
-import scrapy
-
-class PlainSpider(scrapy.Spider):
-    name = "plain"
-
-    async def start(self):
-        yield scrapy.Request(self.url)  # filtered, so the links back to it are not fetched again
-
-    def parse(self, response):
-        yield {"url": response.url}
-        yield from response.follow_all(css="a")
-'''
-
 
 def nodes(client, prefix="scrapy"):
     return testbed.list_nodes(client, prefix)[0]
@@ -51,7 +37,7 @@ def crawler_env(url, **extra):
 @pytest.fixture
 def plain_project(tmp_path):
     """A plain Scrapy project whose settings hold nothing but its spider and the monitor's one line."""
-    return testbed.scrapy_project(tmp_path, "plain", PLAIN_SPIDER)
+    return testbed.scrapy_project(tmp_path, "plain", testbed.PLAIN_SPIDER)
 
 
 def test_two_nodes_share_one_queue_and_report_separately(redis_client, redis_url, crawlers):

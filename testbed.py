@@ -741,7 +741,7 @@ def snapshot(node, spider="main_spider", age=0, now=None, **fields):
         "reports_dropped": 0,
     }
     snap.update(fields)
-    snap.setdefault("idle_since", float(snap["timestamp"]))  # no page since this report: idle 0 s, as before
+    snap.setdefault("idle_since", float(snap["timestamp"]))  # busy over its last interval, as a crawling node
     if snap["status"] == "closed":
         snap.setdefault("finish_reason", "finished")
     return snap
