@@ -370,6 +370,7 @@ class Alerter:
         self.reader = NodeReader(self.r, cfg.prefix, 0, 0 if dry_run else cfg.lost_after, cfg.runs_keep, slim=True)
         self.unreachable = Outage(logger, logging.ERROR)
         self.broken = Outage(logger, logging.ERROR)
+        self.refused = Outage(logger, logging.ERROR)
         self.malformed = 0
         self.alertmanager = Alertmanager(cfg) if cfg.alertmanager_url else None
         self.who = f"{socket.gethostname()}:{os.getpid()}"
@@ -402,11 +403,16 @@ class Alerter:
         except WrongTypeError as exc:
             self.broken.failed("Alert: %s; no evaluation until it is fixed", exc)
             return False
+        except redis.ResponseError as exc:  # NOPERM, OOM, LOADING, a database the server does not have...
+            self.refused.failed("Alert: Redis at %s refused the evaluation (%s); no evaluation until it accepts",
+                                redact(url), one_line(exc, url))
+            return False
         except Exception:  # noqa: BLE001 - the alerter must outlive any bug or odd data
             logger.exception("Alert: evaluation failed; trying again in %ss", fmt(self.cfg.interval))
             return False
         self.unreachable.ok("Alert: Redis at %s is back", redact(url))
         self.broken.ok("Alert: %s is readable again", status_key(self.cfg.prefix))
+        self.refused.ok("Alert: Redis at %s accepts the evaluation again", redact(url))
         return True
 
     def run_once(self, now=None):
@@ -750,8 +756,9 @@ def main(argv=None):
                 status_key(cfg.prefix), redact(cfg.redis_url), fmt(cfg.interval),
                 ",".join(cfg.rules) or "none", "dry run: nothing is sent" if cfg.dry_run else channels)
     if not (cfg.to or cfg.webhook_url or cfg.notify_urls or cfg.dry_run):
-        logger.warning("Alert: no channel configured (ALERT_TO, ALERT_WEBHOOK_URL, ALERT_NOTIFY_URLS): nothing is "
-                       "sent, each notification is printed here")
+        logger.warning("Alert: no channel configured (ALERT_TO, ALERT_WEBHOOK_URL, ALERT_NOTIFY_URLS): %s",
+                       "each notification is printed here; alerts are posted to Alertmanager" if cfg.alertmanager_url
+                       else "nothing is sent, each notification is printed here")
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     try:

@@ -369,6 +369,26 @@ def test_redis_outage_is_logged_once_and_recovered_from(make, smtp, caplog):
         server.cleanup()
 
 
+def test_a_redis_refusal_is_one_line_once_and_recovered_from(make, smtp, caplog):
+    server = RedisServer().start()
+    try:
+        alerter = make("--for", "0", REDIS_URL=server.url)
+        client = server.client()
+        report(client, "n1", T0, cpu=99.0)
+        client.config_set("maxmemory", 1)  # every write refused (OOM): the evaluation cannot take its lock
+        with caplog.at_level(logging.INFO, logger="alert"):
+            assert [alerter.tick(T0 + t) for t in (0, 60)] == [False, False]
+            client.config_set("maxmemory", 0)
+            report(client, "n1", T0 + 120, cpu=99.0)
+            assert alerter.tick(T0 + 120) is True
+        refused = [r for r in caplog.records if "refused the evaluation" in r.getMessage()]
+        assert len(refused) == 1 and "OutOfMemoryError" in refused[0].getMessage() and not refused[0].exc_info
+        assert any("accepts the evaluation again" in r.getMessage() for r in caplog.records)
+        assert smtp.subjects() == ["[scrapy] FIRING 1: cpu on n1"]
+    finally:
+        server.cleanup()
+
+
 # ---------------------------------------------------------------------------- delivery never goes silent
 
 def dead_letters(r):
