@@ -289,7 +289,8 @@ def requeue_dead(name):
     answer, repeated = act_on(name, "requeue", REQUEUE_LUA, [dead_key(reader().prefix, name), queues["start_urls"]],
                               [queues["start_urls_type"], "all" if ids is None else "ids", *(ids or ())], comment)
     if answer is None:
-        abort(404, "none of those dead letters is held any more (requeued or deleted already)")
+        abort(404, "the spider holds no dead letters" if ids is None else
+              "none of those dead letters is held any more (requeued or deleted already)")
     g.outcome = f"{'repeat: ' if repeated else ''}requeue {answer['id']}: {answer['requeued']} of {shown(name)}"
     return answer
 

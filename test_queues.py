@@ -193,6 +193,8 @@ def test_requeue_moves_dead_letters_onto_the_start_urls_once_even_racing(redis_u
     assert (partly["requeued"], partly["missing"]) == (1, 1)
     rest = c.post("/queues/shop/dead/requeue", json={"all": True}).get_json()
     assert rest["requeued"] == 9 and redis_client.zcard("scrapy:dead:shop") == 0
+    empty = c.post("/queues/shop/dead/requeue", json={"all": True})
+    assert empty.status_code == 404 and empty.get_json()["error"] == "the spider holds no dead letters"
     assert redis_client.llen("shop:start_urls") == 40
     for bad in ({"ids": ["x"]}, {"ids": []}, {"all": False}, {"ids": ids[:1], "all": True}):
         assert c.post("/queues/shop/dead/requeue", json=bad).status_code == 400
