@@ -219,7 +219,7 @@ def main():
     parser.add_argument("--interval", help=f"MONITOR_INTERVAL of the nodes (default: $MONITOR_INTERVAL "
                                            f"or {DEMO_INTERVAL})")
     parser.add_argument("--delay", type=float, default=0.1, help="DOWNLOAD_DELAY of the nodes (default 0.1)")
-    parser.add_argument("--kill-after", type=float, default=45, help="seconds before node 3 is killed")
+    parser.add_argument("--kill-after", type=float, default=45, help="seconds before node 3 is killed (default: 45)")
     try:
         args = parser.parse_args()
         demo = Demo(args, *settings(args))  # a bad setting or a busy port ends the demo before it starts anything

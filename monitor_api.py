@@ -769,6 +769,11 @@ def log_start(app):
     logger.info("Reading %s (prefix %r); %s%s", redact(str(reader.url)), reader.prefix,
                 f"{gate.tokens.count()} token(s) accepted" if gate.token else "no token required",
                 "; read-only" if gate.readonly else "")
+    try:
+        reader.redis.ping()
+    except (redis.RedisError, redis.exceptions.RedisClusterException) as exc:  # it serves anyway (503s) and recovers
+        logger.warning("Redis at %s does not answer yet (%s): routes answer 503 until it does",
+                       redact(str(reader.url)), scrub(exc, reader.url))
     if not gate.token and not gate.loopback:
         logger.warning("Listening on %s without MONITOR_API_TOKEN: anyone who can reach it can read the metrics; "
                        "requests must name this address, localhost or a name in MONITOR_API_HOSTS as their Host, "

@@ -872,6 +872,16 @@ def test_redis_down_is_logged_once_per_outage(caplog):
     assert "unavailable" in lines[0][1] and "answers again" in lines[1][1]
 
 
+def test_starting_on_a_redis_that_does_not_answer_says_so_once_without_its_password(redis_url, caplog):
+    caplog.set_level(logging.INFO, logger="monitor_api")
+    monitor_api.log_start(make_app(redis_url))
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+    monitor_api.log_start(make_app(f"redis://:s3cret@127.0.0.1:{free_port()}/0"))
+    [warning] = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert "does not answer yet" in warning and "routes answer 503 until it does" in warning
+    assert "s3cret" not in caplog.text and "redis://:***@127.0.0.1:" in warning
+
+
 # ---------------------------------------------------------------------------- command line
 
 def run_cli(*args, **env):
