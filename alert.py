@@ -390,25 +390,30 @@ class Alerter:
     def tick(self, now=None):
         """One evaluation and delivery; whatever goes wrong is logged and the next tick tries again.
         True when the evaluation ran."""
-        url = self.cfg.redis_url
+        url, once = self.cfg.redis_url, getattr(self.cfg, "once", False)
+
+        def then(until):
+            return "exiting (--once)" if once else f"no evaluation until it {until}"
+
         try:
             self.run_once(now)
         except redis.WatchError:
             logger.warning("Alert: lost the evaluation lock to another alert.py; nothing written")
         except (redis.ConnectionError, redis.TimeoutError) as exc:
             self.recovering = True  # a failover too breaks the connection: down is judged anew once back
-            self.unreachable.failed("Alert: cannot reach Redis at %s (%s); no evaluation until it answers",
+            self.unreachable.failed("Alert: cannot reach Redis at %s (%s); " + then("answers"),
                                     redact(url), one_line(exc, url))
             return False
         except WrongTypeError as exc:
-            self.broken.failed("Alert: %s; no evaluation until it is fixed", exc)
+            self.broken.failed("Alert: %s; " + then("is fixed"), exc)
             return False
         except redis.ResponseError as exc:  # NOPERM, OOM, LOADING, a database the server does not have...
-            self.refused.failed("Alert: Redis at %s refused the evaluation (%s); no evaluation until it accepts",
+            self.refused.failed("Alert: Redis at %s refused the evaluation (%s); " + then("accepts"),
                                 redact(url), one_line(exc, url))
             return False
         except Exception:  # noqa: BLE001 - the alerter must outlive any bug or odd data
-            logger.exception("Alert: evaluation failed; trying again in %ss", fmt(self.cfg.interval))
+            logger.exception("Alert: evaluation failed; %s", "exiting (--once)" if once else
+                             f"trying again in {fmt(self.cfg.interval)}s")
             return False
         self.unreachable.ok("Alert: Redis at %s is back", redact(url))
         self.broken.ok("Alert: %s is readable again", status_key(self.cfg.prefix))

@@ -698,6 +698,9 @@ def test_once_from_cron_and_two_processes_at_once_send_one_message(redis_url, re
     again = run_script("--once", env=env)  # the next cron run: no duplicate
     assert again.returncode == 0, again.stderr
     assert len(smtp.envelopes) == 1
+    down = run_script("--once", env={**env, "REDIS_URL": f"redis://127.0.0.1:{free_port()}/0"})  # cron: one line
+    [line] = [x for x in down.stderr.splitlines() if "ERROR" in x]
+    assert down.returncode == 1 and "cannot reach Redis" in line and line.endswith("; exiting (--once)")
     assert redis_client.hexists("scrapy:alert:state", "cpu:n1")
 
 
