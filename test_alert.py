@@ -349,41 +349,27 @@ def test_two_instances_at_once_send_one_message(make, redis_client, smtp):
         assert errors == []
 
 
-def test_redis_outage_is_logged_once_and_recovered_from(make, smtp, caplog):
+@pytest.mark.parametrize("fail, mend, says, back", [
+    pytest.param(RedisServer.stop, RedisServer.start, "cannot reach Redis", "is back", id="down"),
+    pytest.param(lambda s: s.client().config_set("maxmemory", 1),  # every write refused: no evaluation lock
+                 lambda s: s.client().config_set("maxmemory", 0),
+                 "refused the evaluation (OutOfMemoryError", "accepts the evaluation again", id="refusing"),
+])
+def test_a_redis_outage_or_refusal_is_logged_once_and_recovered_from(make, smtp, caplog, fail, mend, says, back):
     server = RedisServer().start()
     try:
         alerter = make("--for", "0", REDIS_URL=server.url)
         client = server.client()
         report(client, "n1", T0, cpu=99.0)
-        server.stop()
+        fail(server)
         with caplog.at_level(logging.INFO, logger="alert"):
             assert [alerter.tick(T0 + t) for t in (0, 60, 120)] == [False, False, False]
-            server.start()
+            mend(server)
             report(client, "n1", T0 + 180, cpu=99.0)
             assert alerter.tick(T0 + 180) is True
-        outages = [r for r in caplog.records if "cannot reach Redis" in r.getMessage()]
-        assert len(outages) == 1 and server.url in outages[0].getMessage()
-        assert any("is back" in r.getMessage() for r in caplog.records)
-        assert smtp.subjects() == ["[scrapy] FIRING 1: cpu on n1"]
-    finally:
-        server.cleanup()
-
-
-def test_a_redis_refusal_is_one_line_once_and_recovered_from(make, smtp, caplog):
-    server = RedisServer().start()
-    try:
-        alerter = make("--for", "0", REDIS_URL=server.url)
-        client = server.client()
-        report(client, "n1", T0, cpu=99.0)
-        client.config_set("maxmemory", 1)  # every write refused (OOM): the evaluation cannot take its lock
-        with caplog.at_level(logging.INFO, logger="alert"):
-            assert [alerter.tick(T0 + t) for t in (0, 60)] == [False, False]
-            client.config_set("maxmemory", 0)
-            report(client, "n1", T0 + 120, cpu=99.0)
-            assert alerter.tick(T0 + 120) is True
-        refused = [r for r in caplog.records if "refused the evaluation" in r.getMessage()]
-        assert len(refused) == 1 and "OutOfMemoryError" in refused[0].getMessage() and not refused[0].exc_info
-        assert any("accepts the evaluation again" in r.getMessage() for r in caplog.records)
+        [outage] = [r for r in caplog.records if says in r.getMessage()]
+        assert server.url in outage.getMessage() and not outage.exc_info  # one line, no traceback
+        assert any(back in r.getMessage() for r in caplog.records)
         assert smtp.subjects() == ["[scrapy] FIRING 1: cpu on n1"]
     finally:
         server.cleanup()
