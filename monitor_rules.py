@@ -486,7 +486,8 @@ def with_silences(rule, node, snapshot, record, new, event, value, limit, silenc
     elif event == "firing":
         new["notified"] = True
     elif sid is None and not new.get("notified", True) and value is not NODE_DOWN:
-        new.update(sent=now, notified=True, value=value)  # its silence ended while it still fires
+        new.update(sent=now, first_sent=now, notified=True, value=value)  # its silence ended while it still fires:
+        # its first message, sent now (a repeat is one sent after the first: ``notification``)
         event = "firing"
     if event == "firing":
         new["summary"] = firing_summary(rule, new["value"], snapshot, limit)
@@ -533,7 +534,7 @@ def notification(event, rule, node, snapshot, record, now, cfg):
         "status": event, "rule": rule.name, "alertname": rule.alertname, "severity": rule.severity,
         "node": node, "spider": snapshot.get("spider"), "host": snapshot.get("host"),
         "value": record.get("value"), "threshold": limit, "summary": summary,
-        "repeat": event == "firing" and record["sent"] > record["fired"],
+        "repeat": event == "firing" and record["sent"] > record.get("first_sent", record["fired"]),
         "starts_at": iso(record["fired"]), "ends_at": iso(now) if event == "resolved" else None,
     }
 

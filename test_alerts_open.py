@@ -211,6 +211,7 @@ def test_silence_by_node_holds_its_firing_back_until_it_expires(make, redis_clie
     report(redis_client, "b", T0 + 3601, cpu=99.0)
     alerter.run_once(T0 + 3601)  # the silence ended, a still fires: sent now, once
     assert smtp.subjects()[1:] == ["[scrapy] FIRING 1: cpu on a"]
+    assert "(still firing)" not in smtp.messages()[1].get_body(("plain",)).get_content()  # its first message
     assert redis_client.hlen("scrapy:alert:silences") == 0  # expired: cleaned by the reader
     report(redis_client, "a", T0 + 3661, cpu=10.0)
     report(redis_client, "b", T0 + 3661, cpu=99.0)
