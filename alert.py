@@ -93,6 +93,7 @@ from monitor_settings import (
     ha_kind,
     key_prefix,
     readers_of,
+    unknown_settings,
     value,
 )
 
@@ -760,6 +761,8 @@ def main(argv=None):
     logger.info("Alert: watching %s at %s every %ss (rules: %s; %s)",
                 status_key(cfg.prefix), redact(cfg.redis_url), fmt(cfg.interval),
                 ",".join(cfg.rules) or "none", "dry run: nothing is sent" if cfg.dry_run else channels)
+    for line in unknown_settings():
+        logger.warning("Alert: %s", line)
     if not (cfg.to or cfg.webhook_url or cfg.notify_urls or cfg.dry_run):
         logger.warning("Alert: no channel configured (ALERT_TO, ALERT_WEBHOOK_URL, ALERT_NOTIFY_URLS): %s",
                        "each notification is printed here; alerts are posted to Alertmanager" if cfg.alertmanager_url

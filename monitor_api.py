@@ -81,6 +81,7 @@ from monitor_settings import (
     port,
     readers_of,
     split_list,
+    unknown_settings,
     value,
     whole,
 )
@@ -769,6 +770,8 @@ def log_start(app):
     logger.info("Reading %s (prefix %r); %s%s", redact(str(reader.url)), reader.prefix,
                 f"{gate.tokens.count()} token(s) accepted" if gate.token else "no token required",
                 "; read-only" if gate.readonly else "")
+    for line in unknown_settings():
+        logger.warning(line)
     try:
         reader.redis.ping()
     except (redis.RedisError, redis.exceptions.RedisClusterException) as exc:  # it serves anyway (503s) and recovers

@@ -9,6 +9,7 @@ also take Sentinel and Cluster URLs: ``connect`` opens every kind (``monitor_con
 
 import argparse
 import datetime
+import difflib
 import math
 import os
 import re
@@ -569,6 +570,24 @@ def env(name: str) -> Optional[str]:
         raise KeyError(f"{name} is a Scrapy setting, not an environment variable")
     value = os.environ.get(name, "")
     return value if value != "" else None
+
+
+# Environment variables of these families that are no setting are most likely misspelt ones (REDIS_ is left out:
+# other tools read their own REDIS_ variables).
+FAMILIES = ("MONITOR_", "ALERT_", "SMTP_")
+
+
+def unknown_settings(environ=None) -> list[str]:
+    """One line for each environment variable of the toolkit's families (FAMILIES) that is no setting, with the
+    closest setting's name: a misspelt setting would otherwise be ignored without a word."""
+    lines = []
+    for name in sorted(os.environ if environ is None else environ):
+        if not name.startswith(FAMILIES) or name in SETTING:
+            continue
+        names = [s.name for s in SETTINGS if s.env]
+        close = [n for n in names if n.startswith(name)] or difflib.get_close_matches(name, names, n=1, cutoff=0.8)
+        lines.append(f"{name} is not a setting and is ignored" + (f" (did you mean {close[0]}?)" if close else ""))
+    return lines
 
 
 def value(name: str, raw: object = None, label: Optional[str] = None) -> object:

@@ -59,7 +59,7 @@ from monitor_contract import (
     write_run,
     write_snapshot,
 )
-from monitor_settings import SETTING, ConfigError, connect, key_prefix, value
+from monitor_settings import SETTING, ConfigError, connect, key_prefix, unknown_settings, value
 
 logger = logging.getLogger(__name__)
 
@@ -183,6 +183,8 @@ class SpiderMonitor:
             self.base["queues"] = {**dict(zip(QUEUE_NAMES, self.queue_keys)), "start_urls_type": self._start_type(),
                                    "apart": self.queue_url != self.url}
         logger.info("Monitor: node %s reports to %s every %ss", self.node_id, redact(self.url), self.interval)
+        for line in unknown_settings():
+            logger.warning("Monitor: %s", line)
         self.insight.handler.spider = spider
         logging.getLogger().addHandler(self.insight.handler)  # error samples, while the spider runs
         self.dead.spider = spider

@@ -701,8 +701,9 @@ def test_dry_run_prints_and_sends_and_stores_nothing(redis_url, redis_client, sm
     assert "SECRET-TOKEN" not in result.stdout + result.stderr
     assert smtp.envelopes == [] and webhook.bodies == []
     assert not redis_client.exists("scrapy:alert:state", "scrapy:alert:outbox")
-    nothing = run_script("--once", "--dry-run", env={"REDIS_URL": redis_url, "ALERT_FOR": "0"})
+    nothing = run_script("--once", "--dry-run", env={"REDIS_URL": redis_url, "ALERT_FOR": "0", "ALERT_CPU": "1"})
     assert nothing.returncode == 0 and "set ALERT_TO, ALERT_WEBHOOK_URL or ALERT_NOTIFY_URLS" in nothing.stdout
+    assert "Alert: ALERT_CPU is not a setting and is ignored (did you mean ALERT_CPU_PERCENT?)" in nothing.stderr
     real = run_script("--once", env=env)  # the dry runs took nothing away
     assert real.returncode == 0 and len(smtp.envelopes) == 1 and len(webhook.bodies) == 1
 

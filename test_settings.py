@@ -164,6 +164,20 @@ def test_help_word_match_is_exact():
     assert not names_in("XALERT_FOR", "ALERT_FOR")
 
 
+@pytest.mark.parametrize("environ, lines", [
+    pytest.param({"ALERT_CPU_PERCENT": "5", "MONITOR_INTERVAL": "2", "SMTP_HOST": "h"}, [], id="all-known"),
+    pytest.param({"REDIS_PARAMS": "x", "HOME": "/", "ALERTS": "x"}, [], id="other-families-left-alone"),
+    pytest.param({"ALERT_CPU": "1"}, ["ALERT_CPU is not a setting and is ignored (did you mean ALERT_CPU_PERCENT?)"],
+                 id="a-prefix-of-one"),
+    pytest.param({"MONITOR_INTERVALL": "2"},
+                 ["MONITOR_INTERVALL is not a setting and is ignored (did you mean MONITOR_INTERVAL?)"], id="typo"),
+    pytest.param({"MONITOR_ZZZ": "1"}, ["MONITOR_ZZZ is not a setting and is ignored"], id="nothing-close"),
+    pytest.param({}, [], id="empty"),
+])
+def test_unknown_settings_are_named_with_the_closest_one(environ, lines):
+    assert monitor_settings.unknown_settings(environ) == lines
+
+
 # ---------------------------------------------------------------------------- what the modules read
 
 SETTINGS_GETTERS = {"get", "getbool", "getint", "getfloat", "getlist", "getdict", "getdictorlist", "getwithbase",
