@@ -22,6 +22,7 @@ import monitor_api
 import monitor_channels
 import monitor_contract
 import monitor_rules
+import monitor_settings
 import testbed
 from testbed import ROOT, T0, WAIT, XSS, ApiServer, free_port, report, run_script, until, wait_for, wait_until_answers
 
@@ -159,6 +160,8 @@ def test_promtool_checks_and_unit_tests_the_rules(redis_url, redis_client):
         rules = [rule for group in yaml.safe_load(f)["groups"] for rule in group["rules"]]
     assert {(r["alert"], r["labels"]["severity"]) for r in rules} == \
         {(r.alertname, r.severity) for r in monitor_rules.RULES}
+    [failed] = [r["expr"] for r in rules if r["alert"] == "ScrapyRunFailed"]  # the run reasons alert.py calls good
+    assert re.search(r'finish_reason!~"([^"]*)"', failed)[1].split("|") == list(monitor_settings.OK_REASONS)
     # Every metric a rule reads is one /prometheus serves.
     report(redis_client, "n1", time.time(), queue_requests=5, fields={"price": 0.5},
            domains={"d.test": {"pages": 9, "errors": 0, "4xx": 1, "5xx": 0, "429": 1, "503": 0}})
