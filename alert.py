@@ -27,7 +27,7 @@ from typing import NamedTuple, Optional
 
 import redis
 
-from monitor_acting import SLOW_LUA, act_on_queues, issue_command
+from monitor_acting import SLOW_LUA, act_on_queues, audit_fields, issue_command
 from monitor_alert_state import (
     Lock,
     Store,
@@ -634,8 +634,7 @@ class Alerter:
             target, via = f"domain:{name}", "domain_refusing"
             comment = f"delay {fmt(old or 0)} s -> {fmt(new or 0)} s; 429/503 share {fmt(share * 100)}%"
             entry = {"command": "slow", "target": target, "who": "alerter", "from": "", "via": via, "comment": comment}
-            audit = {"who": "alerter", "via": via, "from": "", "action": "control.slow", "target": target,
-                     "outcome": "applied", "comment": comment, "request": ""}
+            audit = audit_fields("alerter", "control.slow", target, comment, via)
             try:
                 act_on_queues(self.r, self.cfg.prefix, SLOW_LUA, [slow_key(self.cfg.prefix)],
                               [name, stored, dumps(new)], entry, audit)

@@ -144,10 +144,17 @@ def issue(r, prefix, command, target, fields, audit, idempotency="", answer=None
     return answer, repeated
 
 
+def audit_fields(who, action, target, comment="", via="", address="", request="", outcome="applied"):
+    """An audit entry's fields, every one the audit log has (Redis adds ``id`` and ``at``): ``via`` how the actor
+    acted (a token's way in, ``command line``, an alert rule), ``address`` the client's (API requests only)."""
+    return {"who": who, "via": via, "from": address, "action": action, "target": target, "outcome": outcome,
+            "comment": comment, "request": request}
+
+
 def issue_command(r, prefix, command, target, **fields):
     """``issue`` audited as done by ``fields["who"]`` (default ``unknown``); returns the stored entry."""
-    audit = {"who": fields.get("who", "unknown"), "action": f"control.{command}", "target": target,
-             "outcome": "applied", "comment": fields.get("comment", "")}
+    audit = audit_fields(fields.get("who", "unknown"), f"control.{command}", target, fields.get("comment", ""),
+                         fields.get("via", ""), fields.get("from", ""))
     return issue(r, prefix, command, target, fields, audit)[0]
 
 

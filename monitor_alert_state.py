@@ -14,7 +14,7 @@ from typing import NamedTuple, Optional
 
 import redis
 
-from monitor_acting import ADD_SILENCE_LUA, DELETE_SILENCE_LUA
+from monitor_acting import ADD_SILENCE_LUA, DELETE_SILENCE_LUA, audit_fields
 from monitor_contract import (
     AUDIT_KEEP,
     IDEMPOTENCY_TTL,
@@ -96,13 +96,14 @@ def add_silence(r, prefix, silence):
     return store_silence(r, prefix, silence)[0]["id"]
 
 
-def store_silence(r, prefix, silence, audit=None, idempotency="", request=None):
+def store_silence(r, prefix, silence, audit=None, idempotency=""):
     """Store a checked silence under the MAX_SILENCES cap and audit it, in one script (ADD_SILENCE_LUA).
-    ``audit``: the audit entry's fields (default: by the silence's ``who``); ``idempotency``: a key from
-    ``idempotency_key`` or ''. Returns ``({"id", "until"}, repeated)``; ValueError when the cap is reached."""
+    ``audit``: the audit entry (``audit_fields``; default: by the silence's ``who``, on the command line);
+    ``idempotency``: a key from ``idempotency_key`` or ''. Returns ``({"id", "until"}, repeated)``; ValueError
+    when the cap is reached."""
     sid = uuid.uuid4().hex[:16]
-    audit = {"who": silence["who"], "action": "silence.add", "target": dumps(silence["matchers"]),
-             "outcome": "applied", "comment": silence["comment"], **(audit or {})}
+    audit = audit or audit_fields(silence["who"], "silence.add", dumps(silence["matchers"]), silence["comment"],
+                                  "command line")
     keys = (alert_key(prefix, "silences"), *audit_keys(prefix), idempotency or audit_key(prefix, "seq"))
     kind, raw = r.eval(ADD_SILENCE_LUA, len(keys), *keys, sid, dumps(silence), MAX_SILENCES, silence["created"],
                        dumps(audit), AUDIT_KEEP, idempotency, IDEMPOTENCY_TTL,
@@ -116,13 +117,12 @@ def store_silence(r, prefix, silence, audit=None, idempotency="", request=None):
 
 def delete_silence(r, prefix, sid, who="unknown"):
     """Delete one silence and audit it as ``who``'s, in one script; whether it existed."""
-    return remove_silence(r, prefix, sid, {"who": who})[0] is not None
+    return remove_silence(r, prefix, sid, audit_fields(who, "silence.delete", sid, via="command line"))[0] is not None
 
 
 def remove_silence(r, prefix, sid, audit=None, idempotency=""):
     """``({"id", "deleted": true} or None when there is no such silence, repeated)``."""
-    audit = {"who": "unknown", "action": "silence.delete", "target": sid, "outcome": "applied", "comment": "",
-             **(audit or {})}
+    audit = audit or audit_fields("unknown", "silence.delete", sid)
     keys = (alert_key(prefix, "silences"), *audit_keys(prefix), idempotency or audit_key(prefix, "seq"))
     kind, raw = r.eval(DELETE_SILENCE_LUA, len(keys), *keys, sid, dumps(audit), AUDIT_KEEP, idempotency,
                        IDEMPOTENCY_TTL, dumps({"id": sid, "deleted": True}))

@@ -10,7 +10,7 @@ import redis
 from flask import Blueprint, abort, current_app, g, request
 from werkzeug.exceptions import HTTPException
 
-from monitor_acting import FLUSH_LUA, REQUEUE_LUA, SEED_LUA, act_on_queues, issue, write_audit
+from monitor_acting import FLUSH_LUA, REQUEUE_LUA, SEED_LUA, act_on_queues, audit_fields, issue, write_audit
 from monitor_alert_state import remove_silence, silence_from, store_silence
 from monitor_contract import (
     CONTROL_COMMANDS,
@@ -76,8 +76,7 @@ def actor_text():
 
 def audit_entry(action, target, comment=""):
     """The audit fields of the change this request makes (Redis adds ``id`` and ``at``, the script ``ref``)."""
-    return {"who": g.actor["who"], "via": g.actor["via"], "from": g.actor["address"], "action": action,
-            "target": target, "outcome": "applied", "comment": comment, "request": g.request_id}
+    return audit_fields(g.actor["who"], action, target, comment, g.actor["via"], g.actor["address"], g.request_id)
 
 
 # The audit action of each route that changes data.
@@ -100,9 +99,8 @@ def audit_refusal(refusal):
 def audit_reload(status_reader, config, names, problems):
     """Record a re-read of MONITOR_API_TOKENS_FILE (``monitor_gate.Tokens.reloaded``)."""
     skipped = f"; {len(problems)} line(s) skipped" if problems else ""
-    entry = {"who": "tokens file", "via": "", "from": "", "action": "tokens.reload",
-             "target": str(config.get("MONITOR_API_TOKENS_FILE")), "outcome": "applied",
-             "comment": f"{len(names)} token(s): {', '.join(names)}{skipped}"[:500], "request": ""}
+    entry = audit_fields("tokens file", "tokens.reload", str(config.get("MONITOR_API_TOKENS_FILE")),
+                         f"{len(names)} token(s): {', '.join(names)}{skipped}"[:500])
     try:
         write_audit(status_reader.redis, status_reader.prefix, entry)
     except redis.RedisError as exc:

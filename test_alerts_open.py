@@ -273,6 +273,11 @@ def test_silence_command_line_adds_lists_and_deletes(redis_url, redis_client):
     assert "deploy" in listed.stdout
     assert run_script("--unsilence", sid, env=env).returncode == 0
     assert redis_client.hlen("scrapy:alert:silences") == 0
+    audit = [json.loads(x) for x in redis_client.lrange("scrapy:audit:log", 0, -1)]  # newest first
+    assert [(a["action"], a["target"], a["via"], a["from"], a["request"]) for a in audit] == [
+        ("silence.delete", sid, "command line", "", ""),
+        ("silence.add", '{"spider":"main_spider"}', "command line", "", "")]
+    assert all(a["who"].startswith("alert.py on ") and a["outcome"] == "applied" for a in audit)
     assert run_script("--silences", env=env).stdout == "no active silences\n"
     for args, message in ((["--silence", "spider"], "LABEL=VALUE"), (["--silence", "spider=x"], "needs --for"),
                           (["--silence", "colour=red", "--for", "1h"], "unknown matcher 'colour'"),
