@@ -35,5 +35,8 @@ MAX_IDLE_TIME_BEFORE_CLOSE = env("MAX_IDLE_TIME_BEFORE_CLOSE") or "0"
 # The node monitor; MONITOR_* settings default to the environment variables of the same names.
 EXTENSIONS = {"monitors.SpiderMonitor": 500}
 
+# Scrapy's own consoles, which run code in the crawler, are off: the telnet console and Scrapy 2.19's remote
+# control HTTP server (fleet control goes through the monitor's API instead).
 TELNETCONSOLE_ENABLED = False
+REMOTE_CONTROL_ENABLED = False
 FEED_EXPORT_ENCODING = "utf-8"

@@ -53,6 +53,7 @@ def test_two_nodes_share_one_queue_and_report_separately(redis_client, redis_url
                          what="pages counted")[0]
         for proc in procs:
             assert proc.wait(90) == 0, crawl_log(proc)
+            assert "Remote control HTTP server" not in crawl_log(proc)  # settings.py: no code-running console
 
         final = nodes(redis_client)
         assert set(final) == ids
