@@ -757,8 +757,8 @@ def main(argv=None):
             print(f"would send a test message by {channels}")
             return 0
         return 1 if send_tests(alerter.channels.values(), cfg.prefix, alerter.delivery.secrets) else 0
-    logger.info("Alert: watching %s at %s every %ss (rules: %s; %s)",
-                status_key(cfg.prefix), redact(cfg.redis_url), fmt(cfg.interval),
+    logger.info("Alert: watching %s at %s %s (rules: %s; %s)",
+                status_key(cfg.prefix), redact(cfg.redis_url), "once" if cfg.once else f"every {fmt(cfg.interval)}s",
                 ",".join(cfg.rules) or "none", "dry run: nothing is sent" if cfg.dry_run else channels)
     for line in unknown_settings():
         logger.warning("Alert: %s", line)
