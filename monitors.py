@@ -244,6 +244,8 @@ class SpiderMonitor:
         now = time.time()
         snapshot = {"timestamp": int(now), **self.base, **self.sampler.sample(stats, now), **extra,
                     **self.insight.figures()}
+        if final:  # closed, it downloads nothing any more; and its last window, cut short, would extrapolate
+            snapshot.update({rate: 0.0 for _, rate, _ in RATES})  # a few seconds into hundreds a minute
         snapshot.update(self._queue_sizes())
         self.peak_rss = snapshot["peak_rss"] = max(self.peak_rss, snapshot.get("rss") or 0)
         snapshot["dead"] = self.dead.count

@@ -132,6 +132,7 @@ def test_plain_spider_is_monitored_with_the_extension_line_only(redis_client, re
     assert node_id == f"plain:{socket.gethostname()}:{proc.pid}"
     assert snap["status"] == "closed" and snap["finish_reason"] == "finished"
     assert snap["items"] == 40 and snap["pages"] >= 40
+    assert snap["pages_per_min"] == snap["errors_per_min"] == snap["net_recv_rate"] == 0  # closed: no rate
     assert "queue_requests" not in snap  # not a scrapy-redis spider
     assert site.page_hits() == {p: 1 for p in site.page_paths()}
 
