@@ -72,9 +72,12 @@ def test_the_page_shows_pushed_changes_live_and_falls_back_to_polling(api, redis
     until(page, "() => document.getElementById('live-mode').getAttribute('data-mode') === 'live'")
     assert page.text_content("#live-mode").startswith("live")
     card(page, node).wait_for()
-    publish(redis_client, snapshot(node, spider="live", pages=777777), stamp=True)
+    publish(redis_client, snapshot(node, spider="live", pages=777777, pages_per_min=4321.0), stamp=True)
     until(page, "(id) => { const c = document.querySelector(`[data-node='${id}'] [data-k='pages']`); "
                 "return c && c.textContent.includes('777'); }", node, timeout=5000)
+    # The summary and the spider's header follow within seconds too (their /spiders is reread every 5 s while
+    # live), not only at the 30 s safety-net poll.
+    until(page, "() => document.getElementById('s-ppm').textContent === '4,321'", timeout=12000)
 
     # Opened as a file with ?api=, it streams too (CORS: origin null), and a write reaches it by push.
     from_file = open_page(f"file://{quote(PAGE)}?api={api.url}")
