@@ -401,6 +401,8 @@ def test_dashboard_buttons_send_commands_confirm_stop_and_show_the_log(redis_ser
         detail.locator("button[data-command='pause']").click()  # no confirmation for a pause
         page.wait_for_function("() => document.querySelector('#ctl-msg').textContent.includes('sent to 1 node')",
                                timeout=WAIT)
+        assert page.locator("#d-ctl-msg").is_visible()  # said in the detail view too, which covers the header
+        assert "sent to 1 node" in page.inner_text("#d-ctl-msg")
         assert len(dialogs) == 1
         assert json.loads(stored_commands(redis_client)[b"node:main_spider:a:1"])["command"] == "pause"
         page.evaluate("() => { location.hash = 'node=' + encodeURIComponent('main_spider:a:3'); }")  # closed
@@ -420,13 +422,13 @@ def test_dashboard_buttons_send_commands_confirm_stop_and_show_the_log(redis_ser
                                timeout=WAIT)
         texts = page.eval_on_selector_all("#ctl-entries > li", "lis => lis.map(li => li.innerText)")
         assert "pause \u2192 node:main_spider:a:1" in texts[0] and "stop \u2192 spider:main_spider" in texts[1]
-        assert "127.0.0.1" in texts[0] and "applied by 0 of 1 reached node" in texts[0]
+        assert "127.0.0.1" in texts[0] and "sent to 1 node; applied by 0 nodes" in texts[0]
         # A node acknowledges: the open log shows it on its next refresh.
         first = json.loads(stored_commands(redis_client)[b"node:main_spider:a:1"])["id"]
         redis_client.hset(monitor_contract.control_ack_key("scrapy", first), "main_spider:a:1",
                           json.dumps({"at": time.time()}))
         page.wait_for_function("() => document.querySelector('#ctl-entries > li').innerText"
-                               ".includes('applied by 1 of 1')", timeout=WAIT)
+                               ".includes('sent to 1 node; applied by 1 node')", timeout=WAIT)
         assert not errors, errors
 
         # From a file without a token the buttons are disabled and say why.
