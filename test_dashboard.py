@@ -586,3 +586,12 @@ def test_thresholds_and_ok_reasons_come_from_the_alerts_settings(api, redis_clie
     assert not blind.evaluate(bad, ["main_spider:hot:1", "cpu"])
     assert not blind.evaluate(bad, ["main_spider:hot:1", "memory"])
     assert blind.text_content("#r-bad") == "0 of the last 3 runs bad" and blind.is_hidden("#alerts")
+
+
+def test_a_range_holding_one_reading_draws_it(api, redis_client, open_page):
+    node = "main_spider:lone:1"
+    publish(redis_client, snapshot(node, cpu=42.0))  # its first report: one history row, one point in the hour
+    page = open_page(f"{api.url}/?interval={FAST}#node={quote(node, safe='')}")
+    until(page, "() => [...document.querySelectorAll('#d-hour .chart path')]"  # a short dash back from it
+                ".some((p) => /^M[\\d.]+ [\\d.]+h-3$/.test(p.getAttribute('d') || ''))")
+    assert page.evaluate("() => document.querySelector('#d-hour .chart').getAttribute('data-empty')") == "no"
