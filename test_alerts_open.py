@@ -390,6 +390,8 @@ def test_page_shows_a_firing_alert_and_silences_it(make, redis_client, redis_ser
             const li = document.querySelector('#a-list li[data-alert="cpu:main_spider:w1:1"]');
             return li && li.hasAttribute('data-silenced');
         }""")
+        until(page, "() => document.getElementById('s-alerts').textContent === '2'")  # the silenced one not counted
+        assert page.get_attribute("#s-alerts", "title") == "1 more firing, silenced"
         [stored] = monitor_alert_state.read_silences(redis_client, "scrapy").values()
         assert stored["matchers"] == {"node": "main_spider:w1:1", "rule": "cpu"}
         assert 3500 < stored["until"] - stored["created"] <= 3600
