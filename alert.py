@@ -391,7 +391,7 @@ class Alerter:
     def tick(self, now=None):
         """One evaluation and delivery; whatever goes wrong is logged and the next tick tries again.
         True when the evaluation ran."""
-        url, once = self.cfg.redis_url, getattr(self.cfg, "once", False)
+        url, once = self.cfg.redis_url, self.cfg.once
 
         def then(until):
             return "exiting (--once)" if once else f"no evaluation until it {until}"
