@@ -580,11 +580,10 @@ FAMILIES = ("MONITOR_", "ALERT_", "SMTP_")
 def unknown_settings(environ=None) -> list[str]:
     """One line for each environment variable of the toolkit's families (FAMILIES) that is no setting, with the
     closest setting's name: a misspelt setting would otherwise be ignored without a word."""
-    lines = []
+    lines, names = [], [s.name for s in SETTINGS if s.env]
     for name in sorted(os.environ if environ is None else environ):
         if not name.startswith(FAMILIES) or name in SETTING:
             continue
-        names = [s.name for s in SETTINGS if s.env]
         close = [n for n in names if n.startswith(name)] or difflib.get_close_matches(name, names, n=1, cutoff=0.8)
         lines.append(f"{name} is not a setting and is ignored" + (f" (did you mean {close[0]}?)" if close else ""))
     return lines
