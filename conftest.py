@@ -11,10 +11,8 @@ import signal
 
 import pytest
 
-from testbed import (
-    CHROMIUM,
-    CHROMIUM_ARGS,
-    TO,
+from testbed import CHROMIUM, CHROMIUM_ARGS, TO
+from testbed_servers import (
     ApiServer,
     ClusterServers,
     HangingPort,
@@ -69,7 +67,7 @@ def no_hub_outlives_its_test(monkeypatch):
 
 @pytest.fixture(scope="module")
 def sentinel_group():
-    """A master, a replica and three sentinels (``testbed.SentinelGroup``), one per test module."""
+    """A master, a replica and three sentinels (``testbed_servers.SentinelGroup``), one per test module."""
     group = SentinelGroup().start()
     yield group
     group.cleanup()
@@ -77,7 +75,7 @@ def sentinel_group():
 
 @pytest.fixture(scope="module")
 def redis_cluster():
-    """A three-master Redis Cluster (``testbed.ClusterServers``), one per test module."""
+    """A three-master Redis Cluster (``testbed_servers.ClusterServers``), one per test module."""
     if not shutil.which("redis-cli"):
         pytest.skip("redis-cli is not installed (apt-get install redis-tools, or `make test` as root)")
     cluster = ClusterServers().start()
@@ -94,7 +92,7 @@ def site():
 
 @pytest.fixture
 def crawlers():
-    """``crawlers(spider, env=, settings=, cwd=, args=)`` starts ``testbed.start_crawler``; any still running
+    """``crawlers(spider, env=, settings=, cwd=, args=)`` starts ``testbed_servers.start_crawler``; any still running
     at the end are killed."""
     procs = []
 
@@ -112,7 +110,7 @@ def crawlers():
 
 @pytest.fixture
 def hanging_port():
-    """A port that accepts connections and never answers a byte (testbed.HangingPort)."""
+    """A port that accepts connections and never answers a byte (testbed_servers.HangingPort)."""
     port = HangingPort()
     yield port.port
     port.close()
@@ -122,7 +120,7 @@ def hanging_port():
 
 @pytest.fixture(scope="module")
 def api(redis_server):
-    """``python monitor_api.py`` on the session's Redis, one per test module (``testbed.ApiServer``)."""
+    """``python monitor_api.py`` on the session's Redis, one per test module (``testbed_servers.ApiServer``)."""
     server = ApiServer(redis_server.url).start()
     yield server
     server.stop()
@@ -171,7 +169,7 @@ def open_page(browser):
 
 @pytest.fixture
 def smtp():
-    """An SMTP server on a free port: ``testbed.Inbox`` (``subjects()``, ``messages()``, ``envelopes``...)."""
+    """An SMTP server on a free port: ``testbed_servers.Inbox`` (``subjects()``, ``messages()``, ``envelopes``...)."""
     inbox = start_smtp()
     yield inbox
     inbox.controller.stop()
@@ -179,7 +177,7 @@ def smtp():
 
 @pytest.fixture
 def webhook():
-    """A local HTTP receiver (``testbed.start_webhook``): ``url``, ``bodies``, ``hits``, ``fail``..."""
+    """A local HTTP receiver (``testbed_servers.start_webhook``): ``url``, ``bodies``, ``hits``, ``fail``..."""
     server = start_webhook()
     yield server
     server.shutdown()

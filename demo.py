@@ -34,7 +34,8 @@ from monitor_settings import (
     exit_config_error,
     value,
 )
-from testbed import ROOT, RedisServer, Site, crawl_command, free_port, stop_process, wait_for
+from testbed import ROOT
+from testbed_servers import RedisServer, Site, crawl_command, free_port, stop_process, wait_for
 
 # The demo's nodes report every 2 s unless MONITOR_INTERVAL says otherwise: a demo should move.
 DEMO_INTERVAL = 2

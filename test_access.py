@@ -19,7 +19,9 @@ import monitor_api
 import monitor_changes
 import monitor_contract
 import testbed
-from testbed import ROOT, clean_env, free_port, serving, wait_for
+import testbed_servers
+from testbed import ROOT
+from testbed_servers import clean_env, free_port, serving, wait_for
 
 # ---------------------------------------------------------------------------- helpers
 
@@ -73,7 +75,7 @@ def test_a_body_over_64_kb_is_413_before_it_is_parsed(redis_url, redis_client, m
 
 
 def test_the_server_refuses_a_huge_body_without_reading_it(redis_url):
-    server = testbed.ApiServer(redis_url).start()
+    server = testbed_servers.ApiServer(redis_url).start()
     try:
         with socket.create_connection(("127.0.0.1", server.port), timeout=5) as s:
             s.sendall(b"POST /control HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"

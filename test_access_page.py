@@ -11,7 +11,8 @@ import time
 import requests
 
 import monitor_contract
-from testbed import WAIT, ApiServer, PageHandler, QuietServer, publish, report, snapshot, until, wait_for
+from testbed import WAIT, publish, report, snapshot, until
+from testbed_servers import ApiServer, PageHandler, QuietServer, wait_for
 
 TITLE = "Scrapy cluster monitor"
 VIEWER_SECRET, OPERATOR_SECRET = "v1ewer-secret", "0perator-secret"

@@ -21,7 +21,8 @@ import alert
 import monitor_channels
 import monitor_rules
 import testbed
-from testbed import MB, ROOT, T0, TO, Inbox, RedisServer, clean_env, free_port, report, run_script, wait_for
+from testbed import MB, ROOT, T0, TO, report, run_script
+from testbed_servers import Inbox, RedisServer, clean_env, free_port, wait_for
 
 # ---------------------------------------------------------------------------- semantics
 

@@ -24,7 +24,8 @@ import monitor_contract
 import monitor_rules
 import monitor_settings
 import testbed
-from testbed import ROOT, T0, WAIT, XSS, ApiServer, free_port, report, run_script, until, wait_for, wait_until_answers
+from testbed import ROOT, T0, WAIT, XSS, report, run_script, until
+from testbed_servers import ApiServer, free_port, wait_for, wait_until_answers
 
 ALERTMANAGER = shutil.which("prometheus-alertmanager") or shutil.which("alertmanager")
 PROMTOOL = shutil.which("promtool")

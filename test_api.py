@@ -22,7 +22,8 @@ import monitor_api
 import monitor_contract
 import monitor_gate
 import monitor_read
-from testbed import ROOT, RedisServer, clean_env, free_port, make_app, serving, snap, store, wait_for
+from testbed import ROOT, make_app, snap, store
+from testbed_servers import RedisServer, clean_env, free_port, serving, wait_for
 
 SEED_FIELDS = {"timestamp", "spider", "cpu", "memory", "bytes_sent", "bytes_recv"}
 CONTRACT_FIELDS = SEED_FIELDS | {"node", "host", "pid", "status", "interval", "pages", "items", "state"}

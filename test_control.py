@@ -14,20 +14,8 @@ import monitor_contract
 import monitor_read
 import monitor_snapshot
 import testbed
-from testbed import (
-    PAGE,
-    WAIT,
-    ApiServer,
-    Site,
-    crawl_log,
-    make_app,
-    polls_after,
-    publish,
-    snap,
-    snapshot,
-    store,
-    wait_for,
-)
+from testbed import PAGE, WAIT, make_app, polls_after, publish, snap, snapshot, store
+from testbed_servers import ApiServer, Site, crawl_log, wait_for
 
 SPIDER = "main_spider"
 QUEUE = f"{SPIDER}:requests"

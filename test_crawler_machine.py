@@ -7,7 +7,9 @@ import socket
 import subprocess
 
 import testbed
-from testbed import ROOT, clean_env, crawl_command
+import testbed_servers
+from testbed import ROOT
+from testbed_servers import clean_env, crawl_command
 
 # What a crawler machine needs of the toolkit (the README's "Monitoring your own Scrapy project" says so).
 CRAWLER_FILES = ("monitors.py", "monitor_contract.py", "monitor_settings.py")
@@ -37,7 +39,7 @@ def test_the_readme_names_the_three_files_a_crawler_machine_needs():
 
 
 def test_a_project_with_only_the_three_files_reports_to_redis(tmp_path, redis_url, redis_client, site):
-    project = testbed.scrapy_project(tmp_path, "plain", SPIDER)
+    project = testbed_servers.scrapy_project(tmp_path, "plain", SPIDER)
     for name in CRAWLER_FILES:
         shutil.copy(f"{ROOT}/{name}", project / name)
     env = clean_env({"REDIS_URL": redis_url, "MONITOR_INTERVAL": "1"})

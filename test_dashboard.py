@@ -15,7 +15,8 @@ import requests
 
 import monitor_contract
 import testbed
-from testbed import FAST, PAGE, ROOT, WAIT, XSS, ApiServer, RedisServer, polls_after, reporting, until, wait_for
+from testbed import FAST, PAGE, ROOT, WAIT, XSS, polls_after, reporting, until
+from testbed_servers import ApiServer, RedisServer, wait_for
 
 ARTIFACTS = os.path.join(ROOT, "artifacts")
 PREFIX = "scrapy"

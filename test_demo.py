@@ -15,7 +15,8 @@ import psutil
 import pytest
 import requests
 
-from testbed import ROOT, clean_env, free_port, until, wait_for
+from testbed import ROOT, until
+from testbed_servers import clean_env, free_port, wait_for
 
 SCREENSHOT = f"{ROOT}/docs/dashboard.png" if os.environ.get("UPDATE_SCREENSHOT") == "1" else \
     f"{ROOT}/artifacts/dashboard.png"

@@ -13,7 +13,8 @@ import pytest
 
 import monitor_rules
 import monitor_settings
-from testbed import ROOT, clean_env, publish, snapshot
+from testbed import ROOT, publish, snapshot
+from testbed_servers import clean_env
 
 DOCS = pathlib.Path(ROOT) / "docs"
 PAGES = sorted([pathlib.Path(ROOT) / "README.md", *DOCS.glob("*.md")])

@@ -13,7 +13,8 @@ import requests
 
 import monitor_api
 from monitor_alert_state import Lock, Store
-from testbed import EventReader, make_app, publish, serving, snapshot, wait_for
+from testbed import EventReader, make_app, publish, snapshot
+from testbed_servers import serving, wait_for
 
 NODE = "main_spider:h:1"
 

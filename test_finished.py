@@ -8,8 +8,9 @@ import pytest
 import monitor_contract
 import monitor_read
 import monitor_snapshot
-import testbed
-from testbed import T0, Site, make_app, report, run_script, wait_for
+import testbed_servers
+from testbed import T0, make_app, report, run_script
+from testbed_servers import Site, wait_for
 
 S = "main_spider"
 
@@ -152,7 +153,7 @@ def test_a_three_node_crawl_becomes_finished_and_drain_makes_every_node_exit(mak
 def test_a_plain_spider_crawling_slowly_is_crawling_until_it_closes_then_finished(redis_url, crawlers, tmp_path):
     """A spider without scrapy-redis, a page every 2 s, judged finished after 1 s idle: between its pages a request
     waits in the download slot, so its node is busy and the crawl is never called idle or finished while it runs."""
-    project = testbed.scrapy_project(tmp_path, "plain", testbed.PLAIN_SPIDER)
+    project = testbed_servers.scrapy_project(tmp_path, "plain", testbed_servers.PLAIN_SPIDER)
     site = Site(pages=4).start()
     try:
         proc = crawlers("plain", env={"REDIS_URL": redis_url, "MONITOR_INTERVAL": "1"}, cwd=project,

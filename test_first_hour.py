@@ -17,7 +17,8 @@ import monitor_contract
 import monitor_records
 import monitor_rules
 import monitors
-from testbed import ROOT, Site, clean_env, crawl_command, free_port
+from testbed import ROOT
+from testbed_servers import Site, clean_env, crawl_command, free_port
 
 NOW = 1_800_000_000.0
 

@@ -17,7 +17,9 @@ import monitor_read
 import monitor_rules
 import monitors
 import testbed
-from testbed import FAST, PageHandler, QuietServer, crawl_log, publish, snapshot, until, wait_for
+import testbed_servers
+from testbed import FAST, publish, snapshot, until
+from testbed_servers import PageHandler, QuietServer, crawl_log, wait_for
 
 ITEM_PAGES, SLOW_PAGES, BAD_PAGES = 150, 10, 10
 # The site stops sending the price after this many item pages: the field goes missing partway.
@@ -98,7 +100,7 @@ def hosts():
 
 @pytest.fixture
 def insight_project(tmp_path):
-    return testbed.scrapy_project(tmp_path, "insight", INSIGHT_SPIDER,
+    return testbed_servers.scrapy_project(tmp_path, "insight", INSIGHT_SPIDER,
                                   "ROBOTSTXT_OBEY = False\nTELNETCONSOLE_ENABLED = False\n")
 
 

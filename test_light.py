@@ -11,7 +11,8 @@ import pytest
 
 import monitor_acting
 import testbed
-from testbed import HangingPort, Site, crawl_log, wait_for
+import testbed_servers
+from testbed_servers import HangingPort, Site, crawl_log, wait_for
 
 # ---------------------------------------------------------------------------- 6. a hung Redis delays nothing
 
@@ -31,7 +32,7 @@ def opened_at(proc):
 
 def test_a_hung_monitor_redis_delays_the_crawl_by_at_most_a_quarter_second_and_a_later_pause_is_obeyed(
         redis_client, redis_url, hung_redis, crawlers, tmp_path):
-    project = testbed.scrapy_project(tmp_path, "plain", testbed.PLAIN_SPIDER)
+    project = testbed_servers.scrapy_project(tmp_path, "plain", testbed_servers.PLAIN_SPIDER)
     site = Site(pages=400, delay=0.1).start()
     try:
         env = {"REDIS_URL": redis_url, "MONITOR_REDIS_URL": hung_redis.url, "MONITOR_INTERVAL": "1"}

@@ -15,7 +15,8 @@ import testbed
 from main_spider import DistributedSpider
 from monitor_contract import markers_key, run_record, write_marker, write_run
 from monitor_rules import bad_run
-from testbed import crawl_log, make_app
+from testbed import make_app
+from testbed_servers import crawl_log
 
 P = "scrapy"
 

@@ -19,8 +19,9 @@ import monitor_read
 import monitor_snapshot
 import monitors
 import testbed
+import testbed_servers
 from main_spider import DistributedSpider
-from testbed import RedisServer, Site, crawl_log, wait_for
+from testbed_servers import RedisServer, Site, crawl_log, wait_for
 
 SEED_FIELDS = {"timestamp", "spider", "cpu", "memory", "bytes_sent", "bytes_recv"}
 CONTRACT_FIELDS = SEED_FIELDS | {"node", "host", "pid", "status", "interval", "pages", "items"}
@@ -37,7 +38,7 @@ def crawler_env(url, **extra):
 @pytest.fixture
 def plain_project(tmp_path):
     """A plain Scrapy project whose settings hold nothing but its spider and the monitor's one line."""
-    return testbed.scrapy_project(tmp_path, "plain", testbed.PLAIN_SPIDER)
+    return testbed_servers.scrapy_project(tmp_path, "plain", testbed_servers.PLAIN_SPIDER)
 
 
 def test_two_nodes_share_one_queue_and_report_separately(redis_client, redis_url, crawlers):

@@ -9,7 +9,8 @@ import time
 from urllib.parse import quote
 
 import monitor_contract
-from testbed import FAST, ApiServer, RedisServer, publish, snapshot, until
+from testbed import FAST, publish, snapshot, until
+from testbed_servers import ApiServer, RedisServer
 
 P = "scrapy"
 NODE = "main_spider:w1:11"

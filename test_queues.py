@@ -6,7 +6,8 @@ import pytest
 
 import monitor_contract
 import monitor_snapshot
-from testbed import make_app, snapshot, store, wait_for
+from testbed import make_app, snapshot, store
+from testbed_servers import wait_for
 
 QUEUES = {"requests": "shop:requests", "start_urls": "shop:start_urls", "dupefilter": "shop:dupefilter",
           "start_urls_type": "list", "apart": False}

@@ -18,7 +18,8 @@ import monitor_rules
 import monitor_settings
 from monitor_contract import redact, safe_url, scrub
 from monitor_settings import connect, ha_url, key_prefix
-from testbed import ApiServer, Site, crawl_log, make_app, run_script, snapshot, store, wait_for
+from testbed import make_app, run_script, snapshot, store
+from testbed_servers import ApiServer, Site, crawl_log, wait_for
 
 NOW = 1_800_000_000.0
 

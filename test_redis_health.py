@@ -7,7 +7,8 @@ import requests
 
 from monitor_contract import history_key
 from monitor_redis import full_in_hours, growth_per_min, spider_keys
-from testbed import make_app, publish, serving, snapshot
+from testbed import make_app, publish, snapshot
+from testbed_servers import serving
 
 
 @pytest.mark.parametrize("readings, expected", [

@@ -24,7 +24,8 @@ import monitor_settings
 import monitor_snapshot
 import monitors
 import testbed
-from testbed import ROOT, ApiServer, clean_env, crawl_log, free_port, wait_for, wait_until_answers
+from testbed import ROOT
+from testbed_servers import ApiServer, clean_env, crawl_log, free_port, wait_for, wait_until_answers
 
 P = "scrapy"
 

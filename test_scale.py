@@ -20,7 +20,8 @@ import monitor_prometheus
 import monitor_rules
 import monitor_snapshot
 import testbed
-from testbed import MB, T0, CountingConnection, report, wait_for
+from testbed import MB, T0, CountingConnection, report
+from testbed_servers import wait_for
 
 # ---------------------------------------------------------------------------- the lighter alerter
 

@@ -22,7 +22,7 @@ from monitor_settings import ALERT, API, CRAWLER, DEMO, PROJECT, SETTING, SETTIN
 ROOT = pathlib.Path(__file__).resolve().parent
 
 # The modules that run in production (not tests, fixtures, the test bed or benchmarks).
-NOT_SCANNED = re.compile(r"^(test_.*|conftest|testbed|bench.*)\.py$")
+NOT_SCANNED = re.compile(r"^(test_.*|conftest|testbed|testbed_servers|bench.*)\.py$")
 SCANNED = sorted(p.name for p in ROOT.glob("*.py") if not NOT_SCANNED.match(p.name))
 
 # Scrapy's own settings a module may read from its crawler's settings without declaring them. main_spider.py

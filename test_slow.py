@@ -8,7 +8,8 @@ import pytest
 import monitor_contract
 import monitor_rules
 import monitor_snapshot
-from testbed import T0, make_app, report, wait_for
+from testbed import T0, make_app, report
+from testbed_servers import wait_for
 
 LIMIT, WINDOW, MOST = 0.2, 120, 60
 

@@ -29,7 +29,7 @@ import alert  # noqa: E402
 import monitor_alert_state  # noqa: E402
 import monitor_contract  # noqa: E402
 import testbed  # noqa: E402
-from testbed import RedisServer  # noqa: E402
+from testbed_servers import RedisServer  # noqa: E402
 
 BUDGET = 0.35
 INTERVAL = 60

@@ -38,7 +38,7 @@ sys.path.insert(0, ROOT)
 import requests  # noqa: E402
 
 import testbed  # noqa: E402
-from testbed import RedisServer, clean_env, free_port, wait_for  # noqa: E402
+from testbed_servers import RedisServer, clean_env, free_port, wait_for  # noqa: E402
 
 NAIVE_APP = """
 import json, sys

@@ -24,7 +24,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import monitor_contract
-from testbed import CHROMIUM, CHROMIUM_ARGS, ApiServer, RedisServer, publish, snapshot  # noqa: E402
+from testbed import CHROMIUM, CHROMIUM_ARGS, publish, snapshot  # noqa: E402
+from testbed_servers import ApiServer, RedisServer  # noqa: E402
 
 WARM_UP = 20  # refreshes before the first reading: caches, JIT and the sparklines on screen settle
 

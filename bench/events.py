@@ -31,8 +31,9 @@ sys.path.insert(0, ROOT)
 import requests  # noqa: E402
 
 import monitor_contract  # noqa: E402
-import testbed  # noqa: E402
-from testbed import CHROMIUM, CHROMIUM_ARGS, ApiServer, RedisServer, cpu_seconds, publish, snapshot  # noqa: E402
+import testbed_servers  # noqa: E402
+from testbed import CHROMIUM, CHROMIUM_ARGS, publish, snapshot  # noqa: E402
+from testbed_servers import ApiServer, RedisServer, cpu_seconds  # noqa: E402
 
 INTERVAL = 10.0
 
@@ -108,7 +109,7 @@ def main():
     parser.add_argument("--requests", type=int, default=1000, help="GET /metrics timed per measurement")
     parser.add_argument("--root", default=ROOT, help="the checkout whose API is measured (default: this one)")
     args = parser.parse_args()
-    testbed.ROOT = os.path.abspath(args.root)  # ApiServer starts that checkout's monitor_api.py
+    testbed_servers.ROOT = os.path.abspath(args.root)  # ApiServer starts that checkout's monitor_api.py
 
     redis_server = RedisServer().start()
     client = redis_server.client()
@@ -140,7 +141,7 @@ def main():
         time.sleep(2)
         load = ApiLoad(api.proc.pid)
         alone = metrics_latency(api.url, args.requests)
-        print(f"{args.nodes} nodes, each writing every {INTERVAL:g} s; API of {testbed.ROOT}")
+        print(f"{args.nodes} nodes, each writing every {INTERVAL:g} s; API of {testbed_servers.ROOT}")
         print(f"GET /metrics, no stream open:        p50 {statistics.median(alone):6.1f} ms   "
               f"p99 {percentile(alone, 0.99):6.1f} ms{load.reading()}")
         sinks = Sinks(api.port, args.clients)

@@ -27,7 +27,7 @@ import requests  # noqa: E402
 
 import monitor_contract  # noqa: E402
 import testbed  # noqa: E402
-from testbed import ApiServer, RedisServer  # noqa: E402
+from testbed_servers import ApiServer, RedisServer  # noqa: E402
 
 P = "scrapy"
 

@@ -20,7 +20,7 @@ sys.path.insert(0, ROOT)
 import bench.insight_hooks as insight_bench  # noqa: E402
 import monitor_contract
 import monitors  # noqa: E402
-from testbed import HangingPort, RedisServer, Site, clean_env, crawl_command  # noqa: E402
+from testbed_servers import HangingPort, RedisServer, Site, clean_env, crawl_command  # noqa: E402
 
 # The crawler gets a core of its own; the site, Redis and this script share the other (less noise).
 CPUS = sorted(os.sched_getaffinity(0))

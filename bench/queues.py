@@ -31,7 +31,8 @@ from scrapy import Request  # noqa: E402
 import monitor_contract  # noqa: E402
 import monitor_read  # noqa: E402
 import monitors  # noqa: E402
-from testbed import RedisServer, make_app, snapshot, store  # noqa: E402
+from testbed import make_app, snapshot, store  # noqa: E402
+from testbed_servers import RedisServer  # noqa: E402
 
 SPIDER = "shop"
 QUEUES = {"requests": "shop:requests", "start_urls": "shop:start_urls", "dupefilter": "shop:dupefilter",

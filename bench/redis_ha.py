@@ -29,16 +29,15 @@ sys.path.insert(0, ROOT)
 import requests  # noqa: E402
 
 from monitor_settings import connect  # noqa: E402
-from testbed import (  # noqa: E402
+from testbed import publish, snapshot  # noqa: E402
+from testbed_servers import (  # noqa: E402
     PLAIN_SPIDER,
     ApiServer,
     ClusterServers,
     RedisServer,
     SentinelGroup,
     Site,
-    publish,
     scrapy_project,
-    snapshot,
     start_crawler,
     stop_process,
     wait_for,

@@ -28,7 +28,7 @@ sys.path.insert(0, ROOT)
 import requests  # noqa: E402
 
 import monitor_contract
-from testbed import RedisServer, clean_env, free_port, wait_for  # noqa: E402
+from testbed_servers import RedisServer, clean_env, free_port, wait_for  # noqa: E402
 
 
 def snapshot(spider, i, now):

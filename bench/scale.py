@@ -35,7 +35,7 @@ import requests  # noqa: E402
 
 import testbed  # noqa: E402,F401  (the measured checkout's, before bench.api imports this one's)
 from bench import api as api_bench  # noqa: E402
-from testbed import RedisServer, clean_env, cpu_seconds, free_port, wait_until_answers  # noqa: E402
+from testbed_servers import RedisServer, clean_env, cpu_seconds, free_port, wait_until_answers  # noqa: E402
 
 FIVE = "state,cpu,memory,pages_per_min,age"
 
