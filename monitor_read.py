@@ -106,6 +106,7 @@ class NodeReader:
         self.retention = retention
         self.entries = {}  # node -> NodeEntry
         self.names = {}  # stored field -> node id, as last read
+        self.last = None  # the last read, for _aligned
         self.last_prune = -PRUNE_EVERY
         self.lost_after, self.runs_keep = lost_after, runs_keep
         self.lost = set()  # (node, start_time) of runs recorded lost, by this process or another
@@ -146,9 +147,15 @@ class NodeReader:
         return nodes, skipped, now
 
     def _decode(self, raw_hash, now):
-        """``(nodes, skipped)`` of the stored values, decoding only those that changed since the last read."""
+        """``(nodes, skipped)`` of the stored values, decoding only those that changed since the last read. When
+        the hash holds the same fields in the same order as at the last read (nodes reporting, none coming or
+        going), the changed values and the states that time alone changed are found at C speed (``_aligned``)."""
+        fields, raws = list(raw_hash), list(raw_hash.values())
+        last = self.last
+        if last is not None and fields == last[0]:
+            return self._aligned(last, raws, now)
         entries, nodes, skipped, names = {}, {}, 0, self.names
-        for field, raw in raw_hash.items():
+        for field, raw in zip(fields, raws):
             node = names.get(field) or as_text(field)
             entry = self.entries.get(node)
             if entry is None or entry.raw != raw:
@@ -161,8 +168,49 @@ class NodeReader:
             else:
                 nodes[node] = entry.snapshot
         self.entries = entries
-        self.names = {field: node for field, node in zip(raw_hash, entries)} if len(entries) == len(raw_hash) else {}
+        aligned = len(entries) == len(fields)  # else two fields read as one node id (undecodable bytes)
+        self.names = dict(zip(fields, entries)) if aligned else {}
+        self.last = self._last(fields, list(entries), list(entries.values())) if aligned else None
         return nodes, skipped
+
+    def _aligned(self, last, raws, now):
+        """``_decode`` of a hash whose fields are ``last``'s (``_last``: the last read's, in the hash's order): the
+        entries whose value changed, or whose state time alone changed (``flips``), are made anew, found at C speed;
+        the others, most of them, are not looked at one by one. Each read builds new lists and swaps them in at
+        once, so readers in other threads always see one consistent read."""
+        fields, old_raws, order, entries, flips, stale = last
+        redo = set(itertools.compress(range(len(raws)), map(operator.ne, raws, old_raws)))
+        redo.update(itertools.compress(range(len(raws)), map(operator.ne, map(operator.lt, flips,
+                                                                                itertools.repeat(now)), stale)))
+        entries, flips, stale = list(entries), list(flips), list(stale)
+        for i in redo:
+            entry = entries[i]
+            if entry.raw != raws[i]:
+                entries[i] = NodeEntry(raws[i], parse_snapshot(raws[i], now, self.slim))
+            else:
+                entries[i] = NodeEntry(raws[i], dict(entry.snapshot, state=node_state(entry.snapshot, now)))
+            flips[i], stale[i] = self._flip(entries[i])
+        snaps = list(map(NodeEntry.snapshot.__get__, entries))
+        skipped = snaps.count(None)
+        nodes = dict(zip(order, snaps))
+        if skipped:
+            nodes = {node: s for node, s in nodes.items() if s is not None}
+        self.entries = dict(zip(order, entries))
+        self.last = (fields, list(map(NodeEntry.raw.__get__, entries)), order, entries, flips, stale)
+        return nodes, skipped
+
+    @staticmethod
+    def _flip(entry):
+        """An entry's ``flips`` (infinity: never) and whether it is stale, as ``_aligned`` compares them."""
+        return (math.inf if entry.flips is None else entry.flips,
+                entry.snapshot is not None and entry.snapshot["state"] == "stale")
+
+    def _last(self, fields, order, entries):
+        """What ``_aligned`` compares the next read with: the fields, the values (the entries' own: an unchanged
+        value is held once), node ids and entries in the hash's order, each entry's ``flips`` and whether it is stale
+        (``_flip``)."""
+        flips, stale = zip(*map(self._flip, entries)) if entries else ((), ())
+        return fields, list(map(NodeEntry.raw.__get__, entries)), order, entries, list(flips), list(stale)
 
     def _with_status(self, raw_slim, names):
         """The slim values of the status hash's nodes; a node without one (an older extension's, or written

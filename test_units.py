@@ -1361,3 +1361,34 @@ def test_a_body_is_gzipped_only_for_a_client_that_takes_it(accept, match, status
         assert body.pick(environ)[2] is sent  # made once, then kept
     else:
         assert sent == b""
+
+
+def _stored(node, seen, **fields):
+    return json.dumps({"spider": "s", "node": node, "timestamp": seen, "seen": seen, "interval": 10, **fields}).encode()
+
+
+# Reads of one status hash in turn: (what the hash holds, Redis's clock, nodes whose snapshot is the last read's).
+READS = [
+    ({b"a": _stored("a", 100), b"b": _stored("b", 100), b"c": _stored("c", 100, status="closed")}, 105, ()),
+    ({b"a": _stored("a", 100), b"b": _stored("b", 100), b"c": _stored("c", 100, status="closed")}, 106, "abc"),
+    ({b"a": _stored("a", 100), b"b": _stored("b", 100), b"c": _stored("c", 100, status="closed")}, 140, "c"),  # stale
+    ({b"a": _stored("a", 100), b"b": _stored("b", 138), b"c": _stored("c", 100, status="closed")}, 140, "ac"),
+    ({b"a": _stored("a", 100), b"b": _stored("b", 138), b"c": _stored("c", 100, status="closed")}, 120, "bc"),  # back
+    ({b"a": _stored("a", 100), b"b": b"{not json", b"c": _stored("c", 100, status="closed")}, 121, "ac"),
+    ({b"a": _stored("a", 100), b"b": _stored("b", 121, status="paused"), b"c": _stored("c", 100)}, 121, "a"),
+    ({b"b": _stored("b", 121, status="paused"), b"a": _stored("a", 100), b"c": _stored("c", 100)}, 121, "abc"),
+    ({b"b": _stored("b", 121), b"a": _stored("a", 100), b"d": _stored("d", 120)}, 150, ""),  # a node gone, one new
+    ({b"\xff": _stored("x", 120), b"\xfe": _stored("y", 120), b"d": _stored("d", 120)}, 150, "d"),  # one id, twice
+    ({b"\xff": _stored("x", 120), b"\xfe": _stored("y", 120), b"d": _stored("d", 120)}, 150, "d\ufffd"),
+]
+
+
+def test_a_reader_decodes_again_only_what_changed_and_reads_as_a_fresh_reader_does():
+    reader, last = monitor_read.NodeReader(None, "p"), {}
+    for held, now, kept in READS:
+        nodes, skipped = reader._decode(held, now)
+        fresh, fresh_skipped = monitor_read.NodeReader(None, "p")._decode(held, now)
+        assert (nodes, skipped) == (fresh, fresh_skipped) and list(nodes) == list(fresh), now
+        assert {n for n in nodes if nodes[n] is last.get(n)} == set(kept), now
+        assert {n: e.snapshot for n, e in reader.entries.items() if e.snapshot is not None} == nodes
+        last = nodes
