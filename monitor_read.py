@@ -361,21 +361,23 @@ STATES = ("live", "paused", "stale", "closed")
 NUMBER_TYPES = frozenset((int, float))  # exactly: a bool is not a figure
 
 
-def combine(rows: list[dict], fields: Iterable[str], hosts: Optional[list] = None, ordered: bool = False,
-            cache: Optional[dict] = None) -> dict:
+def combine(rows: list[dict], fields: Iterable[str], hosts: Optional[list] = None) -> dict:
     """``{field: figure}`` over ``rows`` (snapshots or history rows, each with a ``timestamp``), by
     SPIDER_FIELDS. ``hosts`` maps each row's position to its host (default: the row's ``host``). A field no
-    row has a number for is None. Integer sums stay integers; other figures are rounded to 2 places.
-    ``ordered``: the rows are sorted by timestamp already (``by_time``). ``cache``: a dict kept between calls
-    (``_columns``), for rows that are mostly the same objects each time (a reader's unchanged snapshots)."""
-    order = range(len(rows)) if ordered else sorted(range(len(rows)), key=lambda i: _time(rows[i]))
-    in_order = rows if ordered else [rows[i] for i in order]
+    row has a number for is None. Integer sums stay integers; other figures are rounded to 2 places."""
+    order = sorted(range(len(rows)), key=lambda i: _time(rows[i]))
     fields = list(fields)
     by_host = [f for f in fields if SPIDER_FIELDS[f].startswith("host")]
-    columns = _columns(in_order, [f for f in fields if f not in by_host], cache)
+    columns = _columns([rows[i] for i in order], [f for f in fields if f not in by_host])
     if by_host:
         hosts = hosts or [r.get("host", r.get("node")) for r in rows]
-        columns.update(_columns({hosts[i]: rows[i] for i in order}.values(), by_host, cache))  # newest per host
+        columns.update(_columns({hosts[i]: rows[i] for i in order}.values(), by_host))  # newest per host
+    return _combined(columns, fields)
+
+
+def _combined(columns, fields):
+    """``combine``'s figures from ``{field: values}``, each column in time order (a host field's: one value a
+    host, its newest)."""
     out = {}
     for field in fields:
         rule = SPIDER_FIELDS[field]
@@ -396,24 +398,9 @@ def combine(rows: list[dict], fields: Iterable[str], hosts: Optional[list] = Non
     return out
 
 
-def _columns(rows, fields, cache=None):
-    """``{field: [each row's value or None]}``: every row read once (a spider may have 10,000 nodes). With
-    ``cache`` (``{fields: {id(row): (row, values)}}``, kept by the caller) a row seen at the last call with these
-    fields is not read again; the cache keeps the rows of this call only."""
-    if not fields:
-        return {}
-    if cache is None:
-        values = [tuple(map(row.get, fields)) for row in rows]
-    else:
-        old, new, key = cache.get(tuple(fields), {}), {}, tuple(fields)
-        values = []
-        for row in rows:
-            kept = old.get(id(row))
-            if kept is None or kept[0] is not row:
-                kept = (row, tuple(map(row.get, fields)))
-            new[id(row)] = kept
-            values.append(kept[1])
-        cache[key] = new
+def _columns(rows, fields):
+    """``{field: [each row's value or None]}``: every row read once."""
+    values = [tuple(map(row.get, fields)) for row in rows]
     return dict(zip(fields, zip(*values))) if values else dict.fromkeys(fields, ())
 
 
@@ -426,15 +413,6 @@ def _time(row):
     return number(row.get("timestamp"), 0)
 
 
-def by_time(rows):
-    """``rows`` sorted by timestamp, as ``combine(..., ordered=True)`` takes them."""
-    rows = list(rows)
-    times = list(map(dict.get, rows, itertools.repeat("timestamp")))
-    if set(map(type, times)) <= NUMBER_TYPES and all(map(math.isfinite, times)):  # gated snapshots: at C speed
-        return sorted(rows, key=operator.itemgetter("timestamp"))
-    return sorted(rows, key=_time)
-
-
 def finite_sum(values):
     """An exact sum of finite numbers (ints stay ints); never inf or nan, whatever the inputs' count."""
     if all(issubclass(kind, int) for kind in set(map(type, values))):  # every one an int, checked at C speed
@@ -444,31 +422,93 @@ def finite_sum(values):
 
 
 def cluster_view(nodes: dict[str, Snapshot], spider: str,
-                 fields: Iterable[str] = tuple(SPIDER_FIELDS), cache: Optional[dict] = None) -> Optional[dict]:
+                 fields: Iterable[str] = tuple(SPIDER_FIELDS)) -> Optional[dict]:
     """One spider over its nodes: newest timestamp, figures by SPIDER_FIELDS, node counts by state, and its
     nodes. ``nodes`` is a ``{node: snapshot}`` mapping as ``list_nodes`` returns; None when it has none.
-    ``fields``: only these SPIDER_FIELDS (the alerter needs few). ``cache``: ``combine``'s."""
+    ``fields``: only these SPIDER_FIELDS (the alerter needs few)."""
     mine = {n: s for n, s in nodes.items() if s.get("spider") == spider}
     if not mine:
         return None
-    snaps = by_time(mine.values())
-    states = list(map(dict.get, snaps, itertools.repeat("state")))
-    crawling = list(itertools.compress(snaps, map(CRAWLING_STATES.__contains__, states)))
-    rest = [f for f in fields if f not in CRAWLING_FIELDS]
-    crawl = [f for f in fields if f in CRAWLING_FIELDS]
-    rates = [f for f in crawl if f.endswith("_per_min")]
-    view = {"spider": spider, "timestamp": int(_time(snaps[-1]))}
-    view.update(combine(snaps, rest, ordered=True, cache=cache))
-    if crawling:  # gauges and rates over the same nodes: combined in one pass
-        view.update(combine(crawling, crawl, ordered=True, cache=cache))
-    else:
-        view.update(combine(snaps, [f for f in crawl if f not in rates], ordered=True, cache=cache))
-        view.update(dict.fromkeys(rates))
-    view.update({f: view[f] or 0 for f in rates})  # no node crawling: nothing per minute
-    states = collections.Counter(states)
-    view.update({f"nodes_{state}": states[state] for state in STATES})
+    view = SpiderColumns().update(list(mine), list(mine.values())).view(spider, fields)
     view["nodes"] = mine
     return view
+
+
+class SpiderColumns:
+    """One spider's nodes as columns, one list per figure ``cluster_view`` reads, in the nodes' order, kept between
+    read passes (``spiders_view``'s memo): a pass whose nodes are the last pass's, in the same order, updates only
+    the positions whose snapshot is a new object (a NodeReader shares unchanged ones), so a spider of 10,000 nodes
+    with a few hundred new reports is not read row by row again. Never modified once made: ``update`` returns a
+    new one (API threads share the memo)."""
+
+    def __init__(self, ids=(), members=(), columns=None):
+        self.ids, self.members = ids, members
+        self.columns = columns or {}
+
+    NAMES = (*SPIDER_FIELDS, "timestamp", "state", "host", "start_time")  # a column each
+
+    def update(self, ids, members):
+        """The columns of ``members`` (snapshots of the nodes ``ids``), from these where they still hold."""
+        if ids == self.ids:
+            changed = list(itertools.compress(range(len(members)), map(operator.is_not, members, self.members)))
+            if not changed:
+                return self
+            columns = {name: list(values) for name, values in self.columns.items()}
+            for i in changed:
+                get = members[i].get
+                for name in self.NAMES:
+                    columns[name][i] = get(name)
+            return SpiderColumns(ids, members, columns)
+        return SpiderColumns(ids, members, {name: list(map(dict.get, members, itertools.repeat(name)))
+                                            for name in self.NAMES})
+
+    def view(self, spider, fields=tuple(SPIDER_FIELDS)):
+        """``cluster_view``'s figures, without ``nodes``: rows in time order (stable: the nodes' order among equal
+        times), the crawling ones for the rates and gauges (every node's gauges when none crawls)."""
+        cols = self.columns
+        times = cols["timestamp"]
+        if not (set(map(type, times)) <= NUMBER_TYPES and all(map(math.isfinite, times))):  # gated: at C speed
+            times = [number(t, 0) for t in times]
+        order = sorted(range(len(self.ids)), key=times.__getitem__)
+        pick = operator.itemgetter(*order) if len(order) > 1 else (lambda values: (values[order[0]],))
+        states = pick(cols["state"])
+        crawling = list(map(CRAWLING_STATES.__contains__, states))
+        rest = [f for f in fields if f not in CRAWLING_FIELDS]
+        crawl = [f for f in fields if f in CRAWLING_FIELDS]
+        rates = [f for f in crawl if f.endswith("_per_min")]
+        view = {"spider": spider, "timestamp": int(times[order[-1]])}
+        view.update(self._combine(pick, rest, None))
+        if any(crawling):  # gauges and rates over the same nodes
+            view.update(self._combine(pick, crawl, crawling))
+        else:
+            view.update(self._combine(pick, [f for f in crawl if f not in rates], None))
+            view.update(dict.fromkeys(rates))
+        view.update({f: view[f] or 0 for f in rates})  # no node crawling: nothing per minute
+        counts = collections.Counter(states)
+        view.update({f"nodes_{state}": counts[state] for state in STATES})
+        return view
+
+    def _combine(self, pick, fields, mask):
+        """``combine``'s figures over the rows in time order (``pick``), those of ``mask`` only if given."""
+        def column(name):
+            values = pick(self.hosts() if name == "host" else self.columns[name])
+            return values if mask is None else list(itertools.compress(values, mask))
+
+        by_host = [f for f in fields if SPIDER_FIELDS[f].startswith("host")]
+        columns = {f: column(f) for f in fields if f not in by_host}
+        if by_host:  # each host's newest row
+            newest = operator.itemgetter(*{host: i for i, host in enumerate(column("host"))}.values(), -1)
+            columns.update({f: newest(column(f))[:-1] for f in by_host})
+        return _combined(columns, fields)
+
+    def hosts(self):
+        """Each node's host (its node id when it names none), as ``combine`` reads them."""
+        hosts = self.columns["host"]
+        return hosts if None not in hosts else [s.get("host", s.get("node")) for s in self.members]
+
+    def started(self):
+        """When the first of the nodes started (None if none says)."""
+        return min(filter(is_number, numbers(self.columns["start_time"])), default=None) if self.ids else None
 
 
 # A spider's crawl, derived by readers (``spider_state``), never stored.
@@ -549,19 +589,19 @@ def _spiders_view(nodes, r, prefix, now, finished_after, fields, memo, histories
         groups.setdefault(snapshot["spider"], {})[node] = snapshot
     out = {}
     for spider in sorted(groups):
-        members = list(groups[spider].values())
+        ids, members = list(groups[spider]), list(groups[spider].values())
         kept = memo.get(spider) if memo is not None else None
-        if kept and len(kept[0]) == len(members) and all(map(operator.is_, kept[0], members)):
+        if kept and kept[0].ids == ids and all(map(operator.is_, kept[0].members, members)):
             view = dict(kept[1])
         else:
-            cache = kept[2] if kept else {}  # each unchanged snapshot's figures, read at the last combine
-            view = cluster_view(groups[spider], spider, fields, cache)
+            columns = (kept[0] if kept else SpiderColumns()).update(ids, members)
+            cache = kept[2] if kept else {}  # each unchanged snapshot's slowed domains, read at the last pass
+            view = columns.view(spider, fields)
             view["slowed"] = slowed_domains(members, cache)
-            view["started"] = min((number(s.get("start_time")) for s in members
-                                   if number(s.get("start_time")) is not None), default=None)
-            view["nodes"] = sorted(view["nodes"])
+            view["started"] = columns.started()
+            view["nodes"] = sorted(ids)
             if memo is not None:
-                memo[spider] = (members, dict(view), cache)
+                memo[spider] = (columns, dict(view), cache)
         view["state"], view["idle_for"] = spider_state(members, queued_work(view), time.time() if now is None else now,
                                                        finished_after)
         out[spider] = view

@@ -500,18 +500,20 @@ def test_numbers(values, expected):
     assert monitor_read.numbers(values) == expected
 
 
-@pytest.mark.parametrize("times, expected", [
-    pytest.param([3, 1, 2.5], [1, 2.5, 3], id="gated"),
-    pytest.param([3, None, 2], [None, 2, 3], id="missing-counts-0"),
-    pytest.param([3, "x", 1, True], ["x", True, 1, 3], id="non-numbers-count-0-in-order"),
-    pytest.param([2, math.inf, 1], [math.inf, 1, 2], id="infinity-counts-0"),
-    pytest.param([2, 1, 2, 1], [1, 1, 2, 2], id="stable"),
+@pytest.mark.parametrize("times, newest", [
+    pytest.param([3, 1, 2.5], 0, id="gated"),
+    pytest.param([3, None, 2], 0, id="missing-counts-0"),
+    pytest.param([3, "x", 1, True], 0, id="non-numbers-count-0"),
+    pytest.param([2, math.inf, 1], 0, id="infinity-counts-0"),
+    pytest.param([2, 1, 2, 1], 2, id="equal-times-the-later-node"),
+    pytest.param([None, "x"], 1, id="none-a-number-the-later-node"),
 ])
-def test_by_time(times, expected):
-    rows = [{"timestamp": t, "i": i} for i, t in enumerate(times)]
-    ordered = monitor_read.by_time(rows)
-    assert [r["timestamp"] for r in ordered] == expected
-    assert ordered == sorted(rows, key=lambda r: monitor_read.number(r["timestamp"], 0))
+def test_a_spider_view_reads_its_nodes_in_time_order(times, newest):
+    nodes = {f"n{i}": {"spider": "s", "state": "live", "timestamp": t, "queue_requests": i, "host": f"h{i}"}
+             for i, t in enumerate(times)}
+    view = monitor_read.cluster_view(nodes, "s")
+    assert view["queue_requests"] == newest  # the newest node's reading
+    assert view["timestamp"] == int(max(monitor_read.number(t, 0) for t in times))
 
 
 @pytest.mark.parametrize("nodes, chosen, rows", [
@@ -1392,3 +1394,36 @@ def test_a_reader_decodes_again_only_what_changed_and_reads_as_a_fresh_reader_do
         assert {n for n in nodes if nodes[n] is last.get(n)} == set(kept), now
         assert {n: e.snapshot for n, e in reader.entries.items() if e.snapshot is not None} == nodes
         last = nodes
+
+
+def _random_nodes(rng, count, spider="s"):
+    def value():
+        return rng.choice([None, "x", True, rng.randint(0, 50), round(rng.uniform(0, 50), 3)])
+    return {f"n{i}": {"spider": spider, "node": f"n{i}", "host": f"h{rng.randint(0, count // 3)}",
+                      "state": rng.choice(monitor_read.STATES), "timestamp": rng.choice([1, 2, 3, None]),
+                      "start_time": rng.choice([None, rng.randint(0, 9)]),
+                      **{f: value() for f in monitor_read.SPIDER_FIELDS}} for i in range(count)}
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_a_spider_view_by_columns_combines_as_rows_do_and_a_pass_updates_only_what_changed(seed):
+    import random
+    rng = random.Random(seed)
+    nodes = _random_nodes(rng, 60)
+    rows = list(nodes.values())
+    crawling = [r for r in rows if r["state"] in monitor_read.CRAWLING_STATES]
+    view = monitor_read.cluster_view(nodes, "s")
+    rest = [f for f in monitor_read.SPIDER_FIELDS if f not in monitor_read.CRAWLING_FIELDS]
+    crawl = [f for f in monitor_read.SPIDER_FIELDS if f in monitor_read.CRAWLING_FIELDS]
+    expected = monitor_read.combine(rows, rest)
+    if crawling:
+        expected.update(monitor_read.combine(crawling, crawl))
+    expected.update({f: expected.get(f) or 0 for f in crawl if f.endswith("_per_min")})
+    assert {f: view[f] for f in expected} == expected
+    memo = {}
+    monitor_read.spiders_view(nodes, memo=memo)
+    for _ in range(3):  # some nodes report: new snapshot objects
+        for node in rng.sample(sorted(nodes), 10):
+            nodes[node] = _random_nodes(rng, 60)[node]
+        passed = monitor_read.spiders_view(nodes, now=100, memo=memo)
+        assert passed == monitor_read.spiders_view(nodes, now=100)  # as a pass with nothing kept
