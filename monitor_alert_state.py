@@ -474,6 +474,7 @@ class Store:
     def __init__(self, r, prefix, lock=None):
         self.r, self.prefix, self.lock = r, prefix, lock
         self.key = {name: alert_key(prefix, name) for name in self.TYPES}
+        self.decoded = {}  # hash name -> {field: (stored value, field as text, decoded value)}, as last read
 
     def read(self, now):
         """Everything an evaluation needs, in one round trip: ``Reading``, checked: a key of the wrong type is
@@ -527,8 +528,13 @@ class Store:
 
     def _checked(self, name, raw, problem_of, now, keep_fields=False):
         """Decode a hash's JSON fields; those with a problem go to the dead letters (kept, logged)."""
-        good, dead = {}, []
+        good, dead, last, kept = {}, [], self.decoded.get(name, {}), {}
         for field, value in (raw.items() if isinstance(raw, dict) else ()):
+            seen = last.get(field)
+            if seen is not None and seen[0] == value:  # unchanged since the last read (steady alerts, trackers)
+                kept[field] = seen
+                good[seen[1]] = seen[2].copy()
+                continue
             text = as_text(field)
             try:
                 decoded = loads(value, bounded=False)
@@ -536,11 +542,14 @@ class Store:
             except ValueError as exc:
                 why = f"not JSON ({exc})"
             if why is None:
+                if not keep_fields:  # outbox entries (nested, rare) are decoded each time
+                    kept[field] = (value, text, decoded.copy())  # never handed out: callers get copies
                 good[text] = (field, decoded) if keep_fields else decoded
             else:
                 dead.append((field, {"at": now, "key": self.key[name], "field": text,
                                      "reason": f"malformed record in {self.key[name]} field {text!r}: {why}",
                                      "value": as_text(value)[:DEAD_TEXT]}))
+        self.decoded[name] = kept
         if dead:
             self.settle(name, {field: None for field, _ in dead}, [letter for _, letter in dead])
         return good

@@ -213,8 +213,11 @@ class NodeReader:
         return fields, list(map(NodeEntry.raw.__get__, entries)), order, entries, list(flips), list(stale)
 
     def _with_status(self, raw_slim, names):
-        """The slim values of the status hash's nodes; a node without one (an older extension's, or written
-        by hand) is read from the status hash, in one more round trip."""
+        """The slim values of the status hash's nodes (``names``); a node without one (an older extension's, or
+        written by hand) is read from the status hash, in one more round trip. When both hashes name the same nodes
+        (checked at C speed), the slim hash as read."""
+        if len(names) == len(raw_slim) and raw_slim.keys() == set(names):
+            return raw_slim
         raw = {field: raw_slim[field] for field in names if field in raw_slim}
         missing = [field for field in names if field not in raw_slim]
         if missing:
@@ -406,6 +409,8 @@ def _columns(rows, fields):
 
 def numbers(values):
     """The ints and floats (not bools) among ``values`` (a sequence), in order, picked at C speed."""
+    if set(map(type, values)) <= NUMBER_TYPES:  # the usual column: every node reports the figure
+        return list(values)
     return list(itertools.compress(values, map(NUMBER_TYPES.__contains__, map(type, values))))
 
 

@@ -835,3 +835,21 @@ def test_killed_crawler_gives_one_down_and_one_resolved_message(make, redis_clie
                                "[scrapy] RESOLVED 1: down on main_spider:box:1"]
     assert "reporting again" in smtp.messages()[1].get_body(("plain",)).get_content()
     assert back.poll() is None
+
+
+def test_the_store_decodes_again_only_records_that_changed_and_hands_out_copies(redis_client):
+    import monitor_alert_state
+
+    store = monitor_alert_state.Store(redis_client, "scrapy")
+    key = store.key["state"]
+    record = {"state": "firing", "since": T0, "fired": T0, "sent": T0, "value": 91.0}
+    redis_client.hset(key, mapping={"cpu:a": json.dumps(record), "cpu:b": json.dumps(record)})
+    first = store.read(T0).state
+    first["cpu:a"]["value"] = -1  # a caller's change stays its own
+    redis_client.hset(key, "cpu:b", json.dumps(dict(record, value=95.0)))
+    redis_client.hset(key, "cpu:c", "{not json")
+    second = store.read(T0).state
+    assert second == {"cpu:a": record, "cpu:b": dict(record, value=95.0)}
+    assert second["cpu:a"] is not first["cpu:a"]
+    redis_client.hset(key, "cpu:a", json.dumps({"state": "gone"}))  # a kept record that turns malformed
+    assert set(store.read(T0).state) == {"cpu:b"}

@@ -17,6 +17,7 @@ from prometheus_client.parser import text_string_to_metric_families
 import monitor_alert_state
 import monitor_contract
 import monitor_prometheus
+import monitor_read
 import monitor_rules
 import monitor_snapshot
 import testbed
@@ -357,3 +358,15 @@ def test_the_page_ages_last_seen_while_an_idle_cluster_answers_304(api, redis_cl
                   first + 3)  # polls answered 304 (below): the body is the first one, its ages keep growing
     assert requests.get(f"{api.url}/metrics", headers={"If-None-Match": etag}, timeout=5).status_code == 304
     assert first + 3 <= seconds() < first + 20
+
+
+def test_slim_readers_read_a_node_without_a_slim_value_from_the_status_hash(redis_client):
+    testbed.publish(redis_client, *(testbed.snapshot(f"s:h:{i}", "s", pages=i) for i in range(3)))
+    redis_client.hset(monitor_contract.status_key("scrapy"), "s:old:9",  # an older extension writes no slim value
+                      json.dumps(testbed.snapshot("s:old:9", "s", pages=9)))
+    reader = monitor_read.NodeReader(redis_client, "scrapy", slim=True)
+    nodes, skipped, _ = reader.read(T0)
+    assert skipped == 0 and {n: s["pages"] for n, s in nodes.items()} == {"s:h:0": 0, "s:h:1": 1, "s:h:2": 2,
+                                                                          "s:old:9": 9}
+    redis_client.hdel(monitor_contract.status_key("scrapy"), "s:h:0")  # gone from the status hash: gone
+    assert set(reader.read(T0)[0]) == {"s:h:1", "s:h:2", "s:old:9"}
