@@ -434,7 +434,7 @@ def cluster_view(nodes: dict[str, Snapshot], spider: str,
     mine = {n: s for n, s in nodes.items() if s.get("spider") == spider}
     if not mine:
         return None
-    view = SpiderColumns().update(list(mine), list(mine.values())).view(spider, fields)
+    view = SpiderColumns(fields).update(list(mine), list(mine.values())).view(spider)
     view["nodes"] = mine
     return view
 
@@ -446,11 +446,10 @@ class SpiderColumns:
     with a few hundred new reports is not read row by row again. Never modified once made: ``update`` returns a
     new one (API threads share the memo)."""
 
-    def __init__(self, ids=(), members=(), columns=None):
-        self.ids, self.members = ids, members
+    def __init__(self, fields=tuple(SPIDER_FIELDS), ids=(), members=(), columns=None):
+        self.fields, self.ids, self.members = tuple(fields), ids, members
+        self.names = (*self.fields, "timestamp", "state", "host", "start_time")  # a column each
         self.columns = columns or {}
-
-    NAMES = (*SPIDER_FIELDS, "timestamp", "state", "host", "start_time")  # a column each
 
     def update(self, ids, members):
         """The columns of ``members`` (snapshots of the nodes ``ids``), from these where they still hold."""
@@ -461,15 +460,15 @@ class SpiderColumns:
             columns = {name: list(values) for name, values in self.columns.items()}
             for i in changed:
                 get = members[i].get
-                for name in self.NAMES:
+                for name in self.names:
                     columns[name][i] = get(name)
-            return SpiderColumns(ids, members, columns)
-        return SpiderColumns(ids, members, {name: list(map(dict.get, members, itertools.repeat(name)))
-                                            for name in self.NAMES})
+            return SpiderColumns(self.fields, ids, members, columns)
+        return SpiderColumns(self.fields, ids, members, {name: list(map(dict.get, members, itertools.repeat(name)))
+                                                         for name in self.names})
 
-    def view(self, spider, fields=tuple(SPIDER_FIELDS)):
-        """``cluster_view``'s figures, without ``nodes``: rows in time order (stable: the nodes' order among equal
-        times), the crawling ones for the rates and gauges (every node's gauges when none crawls)."""
+    def view(self, spider):
+        """``cluster_view``'s figures of its ``fields``, without ``nodes``: rows in time order (stable: the nodes'
+        order among equal times), the crawling ones for the rates and gauges (every node's gauges when none crawls)."""
         cols = self.columns
         times = cols["timestamp"]
         if not (set(map(type, times)) <= NUMBER_TYPES and all(map(math.isfinite, times))):  # gated: at C speed
@@ -478,8 +477,8 @@ class SpiderColumns:
         pick = operator.itemgetter(*order) if len(order) > 1 else (lambda values: (values[order[0]],))
         states = pick(cols["state"])
         crawling = list(map(CRAWLING_STATES.__contains__, states))
-        rest = [f for f in fields if f not in CRAWLING_FIELDS]
-        crawl = [f for f in fields if f in CRAWLING_FIELDS]
+        rest = [f for f in self.fields if f not in CRAWLING_FIELDS]
+        crawl = [f for f in self.fields if f in CRAWLING_FIELDS]
         rates = [f for f in crawl if f.endswith("_per_min")]
         view = {"spider": spider, "timestamp": int(times[order[-1]])}
         view.update(self._combine(pick, rest, None))
@@ -589,9 +588,7 @@ def spiders_view(nodes: dict[str, Snapshot], r: Optional[redis.Redis] = None, pr
 
 
 def _spiders_view(nodes, r, prefix, now, finished_after, fields, memo, histories):
-    groups = {}
-    for node, snapshot in nodes.items():
-        groups.setdefault(snapshot["spider"], {})[node] = snapshot
+    groups = spider_groups(nodes)
     out = {}
     for spider in sorted(groups):
         ids, members = list(groups[spider]), list(groups[spider].values())
@@ -599,9 +596,10 @@ def _spiders_view(nodes, r, prefix, now, finished_after, fields, memo, histories
         if kept and kept[0].ids == ids and all(map(operator.is_, kept[0].members, members)):
             view = dict(kept[1])
         else:
-            columns = (kept[0] if kept else SpiderColumns()).update(ids, members)
+            fresh = not kept or kept[0].fields != tuple(fields)
+            columns = (SpiderColumns(fields) if fresh else kept[0]).update(ids, members)
             cache = kept[2] if kept else {}  # each unchanged snapshot's slowed domains, read at the last pass
-            view = columns.view(spider, fields)
+            view = columns.view(spider)
             view["slowed"] = slowed_domains(members, cache)
             view["started"] = columns.started()
             view["nodes"] = sorted(ids)
@@ -613,7 +611,7 @@ def _spiders_view(nodes, r, prefix, now, finished_after, fields, memo, histories
     for gone in set(memo or ()) - set(groups):
         memo.pop(gone, None)
     if r is not None:
-        for spider, forecast in queue_forecasts(r, nodes, prefix, now, histories).items():
+        for spider, forecast in queue_forecasts(r, nodes, prefix, now, histories, groups).items():
             out[spider].update(forecast)
     return out
 
@@ -651,27 +649,47 @@ def queue_forecast(rows: list[dict]) -> dict:
     return {"queue_rate": round(slope * 60, 1), "queue_eta": None if eta is None else round(eta)}
 
 
-def forecast_nodes(nodes):
+def spider_groups(nodes):
+    """``{spider: {node: snapshot}}`` of ``nodes``, in their order (one spider's nodes found at C speed)."""
+    spiders = set(map(operator.itemgetter("spider"), nodes.values()))
+    if len(spiders) <= 1:
+        return {spider: nodes for spider in spiders}
+    groups = {}
+    for node, snapshot in nodes.items():
+        groups.setdefault(snapshot["spider"], {})[node] = snapshot
+    return groups
+
+
+def first_crawling(members):
+    """The node of ``members`` (``{node: snapshot}``) whose history a spider's queue forecast reads, None if none
+    crawls (see ``forecast_nodes``), found at C speed."""
+    snaps = list(members.values())
+    starts = list(map(dict.get, snaps, itertools.repeat("start_time")))
+    if not (set(map(type, starts)) <= NUMBER_TYPES and all(map(math.isfinite, starts))):
+        starts = [number(start, 0) for start in starts]
+    crawling = map(CRAWLING_STATES.__contains__, map(dict.get, snaps, itertools.repeat("state")))
+    return min(itertools.compress(zip(starts, members), crawling), default=(None, None))[1]
+
+
+def forecast_nodes(nodes, groups=None):
     """``({spider: node}, rows)``: whose history each spider's queue forecast reads (its crawling node that started
     first, the lowest id among those that started together: the queue is shared, so one node's readings are the
-    spider's; the longest-running one has the most of them), and how many of each one's newest history rows."""
-    chosen = {}  # spider -> (start, node)
-    for node, s in nodes.items():
-        if s.get("state") in CRAWLING_STATES:
-            best, start = chosen.get(s["spider"]), number(s.get("start_time"), 0)
-            if best is None or start < best[0] or start == best[0] and node < best[1]:
-                chosen[s["spider"]] = (start, node)
-    chosen = {spider: node for spider, (_, node) in chosen.items()}
+    spider's; the longest-running one has the most of them), and how many of each one's newest history rows.
+    ``groups``: ``spider_groups(nodes)``, made already."""
+    chosen = {spider: first_crawling(members) for spider, members in (groups or spider_groups(nodes)).items()}
+    chosen = {spider: node for spider, node in chosen.items() if node is not None}
     rows = max((math.ceil(QUEUE_WINDOW / number(nodes[n].get("interval"), DEFAULT_INTERVAL)) + 2
                 for n in chosen.values()), default=0)
     return chosen, rows
 
 
-def queue_forecasts(r, nodes, prefix=None, now=None, read=None):
+def queue_forecasts(r, nodes, prefix=None, now=None, read=None, groups=None):
     """``{spider: queue_forecast}`` for every spider of ``nodes``, in one round trip, from the histories of
     ``forecast_nodes``; ``read``: ``(rows, {node: history rows})`` read already (``queue_histories``), used for
-    those nodes when read as many rows. A spider with no crawling node gets None figures."""
-    chosen, rows = forecast_nodes(nodes)
+    those nodes when read as many rows. A spider with no crawling node gets None figures. ``groups``:
+    ``spider_groups(nodes)``, made already."""
+    groups = groups or spider_groups(nodes)
+    chosen, rows = forecast_nodes(nodes, groups)
     series = {}
     if read is not None and read[0] == rows:
         series = {n: read[1][n] for n in chosen.values() if n in read[1]}
@@ -679,8 +697,7 @@ def queue_forecasts(r, nodes, prefix=None, now=None, read=None):
     if missing:
         series.update(read_histories(r, missing, QUEUE_WINDOW / 60, prefix, now, rows))
     empty = {"queue_rate": None, "queue_eta": None}
-    return {spider: queue_forecast(series[chosen[spider]]) if spider in chosen else dict(empty)
-            for spider in {s["spider"] for s in nodes.values()}}
+    return {spider: queue_forecast(series[chosen[spider]]) if spider in chosen else dict(empty) for spider in groups}
 
 
 # ---------------------------------------------------------------------------- histories
