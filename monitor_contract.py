@@ -255,8 +255,6 @@ SAMPLE_TEXT = 300
 # The per-domain figures, in the order ``Insight`` keeps them (pages, errors, 4xx, 5xx, 429, 503); a domain's
 # figures also say its cluster-wide ``delay`` (seconds) while it is slowed, and its ``latency_p95``.
 DOMAIN_COUNTS = ("pages", "errors", "4xx", "5xx", "429", "503")
-# What a slim value keeps of each domain's figures (slim_value).
-SLIM_DOMAIN = ("pages", "429", "503", "delay")
 # Snapshot fields too big for list views: the API sends them for one node, or with ?fields=all.
 BIG_FIELDS = frozenset(("domains", "fields", "error_samples", "latency_buckets"))
 
@@ -286,14 +284,24 @@ def slim(snapshot):
 def slim_value(snapshot):
     """``slim_key``'s JSON of a snapshot: ``slim(snapshot)``, ``fields_lowest`` (``[name, share]`` of its least
     covered item field: the coverage rule's figure) and ``domains`` cut to what the refusal rule and the slowed
-    domains read (``SLIM_DOMAIN``, zeros left out)."""
+    domains read, as columns (``slim_domains``)."""
     fields, domains = snapshot.get("fields"), snapshot.get("domains")
     shares = {k: v for k, v in fields.items() if is_number(v)} if isinstance(fields, dict) else {}
     extra = {"fields_lowest": [min(shares, key=shares.get), min(shares.values())]} if shares else {}
     if isinstance(domains, dict) and domains:
-        extra["domains"] = {name: {k: d[k] for k in SLIM_DOMAIN if d.get(k)} for name, d in domains.items()
-                            if isinstance(d, dict)}
+        extra["domains"] = slim_domains({name: d for name, d in domains.items() if isinstance(d, dict)})
     return dumps({**slim(snapshot), **extra})
+
+
+def slim_domains(domains):
+    """A slim value's ``domains``: ``[names, pages, refused (429 + 503 answers), delays]`` of each named domain of
+    ``{name: figures}`` (``other``, many domains, left out), one list per figure; ``delays`` only when one is set.
+    A figure that is not a number counts 0."""
+    named = [(name, d) for name, d in domains.items() if name != "other"]
+    columns = [[name for name, _ in named], [number(d.get("pages"), 0) for _, d in named],
+               [number(d.get("429"), 0) + number(d.get("503"), 0) for _, d in named],
+               [number(d.get("delay"), 0) for _, d in named]]
+    return columns if any(columns[3]) else columns[:3]
 
 
 # ---------------------------------------------------------------------------- what a node writes

@@ -551,24 +551,19 @@ def spider_state(snaps: list, queued, now: float, finished_after: float = FINISH
     return ("finished" if idle_for >= finished_after else "idle"), round(idle_for, 1)
 
 
-def slowed_domains(snaps, cache=None):
-    """``{domain: delay}`` of the domains the nodes report slowed cluster-wide (``domains[*].delay``). ``cache``:
-    a dict kept between calls: a snapshot seen at the last call (the same object) is not looked through again."""
+def slowed_domains(snaps):
+    """``{domain: delay}`` of the domains the nodes report slowed cluster-wide: a slim snapshot's ``domains`` has
+    a fourth column, ``delays``, only when one is set (``monitor_contract.slim_domains``); a whole snapshot's
+    domains (the views of ``?fields=all``) say each domain's ``delay``."""
     out = {}
-    old, new = (cache or {}).get("slowed", {}), {}
-    for s in snaps:
-        kept = old.get(id(s))
-        if kept is None or kept[0] is not s:
-            domains = s.get("domains")
-            slowed = None
-            if domains and any(map(dict.get, domains.values(), itertools.repeat("delay"))):  # few: at C speed
-                slowed = {name: number(d.get("delay")) for name, d in domains.items() if number(d.get("delay"))}
-            kept = (s, slowed)
-        new[id(s)] = kept
-        for name, delay in (kept[1] or {}).items():
-            out[name] = max(out.get(name, 0), delay)
-    if cache is not None:
-        cache["slowed"] = new
+    for domains in filter(None, map(dict.get, snaps, itertools.repeat("domains"))):
+        if domains.__class__ is dict:
+            delays = ((name, d.get("delay")) for name, d in domains.items())
+        else:
+            delays = zip(domains[0], domains[3]) if len(domains) > 3 else ()
+        for name, delay in delays:
+            if delay:
+                out[name] = max(out.get(name, 0), delay)
     return out
 
 
@@ -598,13 +593,12 @@ def _spiders_view(nodes, r, prefix, now, finished_after, fields, memo, histories
         else:
             fresh = not kept or kept[0].fields != tuple(fields)
             columns = (SpiderColumns(fields) if fresh else kept[0]).update(ids, members)
-            cache = kept[2] if kept else {}  # each unchanged snapshot's slowed domains, read at the last pass
             view = columns.view(spider)
-            view["slowed"] = slowed_domains(members, cache)
+            view["slowed"] = slowed_domains(members)
             view["started"] = columns.started()
             view["nodes"] = sorted(ids)
             if memo is not None:
-                memo[spider] = (columns, dict(view), cache)
+                memo[spider] = (columns, dict(view))
         view["state"], view["idle_for"] = spider_state(members, queued_work(view), time.time() if now is None else now,
                                                        finished_after)
         out[spider] = view

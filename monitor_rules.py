@@ -592,26 +592,24 @@ FIRST_DELAY = 1.0
 
 
 def refusal_counts(nodes):
-    """``{spider: {domain: (responses, 429 + 503 answers)}}`` summed over the nodes' per-domain figures
-    (``other`` left out: it is many domains); a figure that is not a number counts 0, a fraction its whole part."""
+    """``{spider: {domain: (responses, 429 + 503 answers)}}`` summed over the nodes' per-domain figures (slim
+    snapshots' ``domains``: ``[names, pages, refused, ...]``, see ``monitor_contract.slim_domains``); a fraction
+    counts its whole part."""
     out = {}
     for s in nodes.values():
         domains = s.get("domains")
-        if not domains:
+        if not domains or not domains[0]:
             continue
+        names, pages, refused = domains[0], domains[1], domains[2]
+        if not set(map(type, pages)) | set(map(type, refused)) <= {int}:
+            pages, refused = list(map(int, pages)), list(map(int, refused))
         mine = out.get(s["spider"])
         if mine is None:
             mine = out[s["spider"]] = {}
-        for name, d in domains.items():
-            if name == "other":
-                continue
-            pages, refused = d.get("pages") or 0, d.get("429") or 0
-            more = d.get("503") or 0
-            if pages.__class__ is not int or refused.__class__ is not int or more.__class__ is not int:
-                pages, refused, more = (int(number(x, 0)) for x in (pages, refused, more))
+        for name, seen, refusals in zip(names, pages, refused):
             kept = mine.get(name)
-            mine[name] = (pages, refused + more) if kept is None else (kept[0] + pages, kept[1] + refused + more)
-    return {spider: mine for spider, mine in out.items() if mine}
+            mine[name] = (seen, refusals) if kept is None else (kept[0] + seen, kept[1] + refusals)
+    return out
 
 
 def window_shares(samples, now, window):

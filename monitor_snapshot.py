@@ -28,6 +28,7 @@ from monitor_contract import (
     is_text,
     loads,
     number,
+    slim_domains,
 )
 
 # A report interval beyond a day is not a monitor's interval.
@@ -43,18 +44,23 @@ def decode_snapshot(raw: Union[bytes, str, None], slim: bool = False) -> Optiona
     a strict JSON object with a string ``spider`` and a numeric ``timestamp``; ``node``, ``host``,
     ``spider``, ``status``, ``finish_reason`` text (or absent) that encodes as UTF-8; every number below
     1e18 in size (no NaN or infinity); ``interval`` within (0, 86400]. ``slim``: a slim value (``slim_value``),
-    whose domains keep the figures they have (see ``clean_insight``)."""
+    whose domains are columns (``_slim_domains``)."""
     try:
         value = loads(raw, bounded=False)  # then bounds checked: faster than loads' own check
         if value.__class__ is not dict:
             return None
         domains = value.get("domains")
-        if domains.__class__ is dict:  # checked while cleaned (the bulk of a snapshot with insight)
+        if domains is not None:  # checked while cleaned (the bulk of a snapshot with insight)
             value["domains"] = None
         if not in_bounds(value):
             return None
-        if domains.__class__ is dict:
-            value["domains"] = _domains(domains, slim)
+        if domains is not None:
+            domains = _slim_domains(domains) if slim else _domains(domains) if domains.__class__ is dict else \
+                _unbounded(domains)
+            if domains is None:
+                del value["domains"]
+            else:
+                value["domains"] = domains
     except (ValueError, TypeError):  # out of bounds in the domains too
         return None
     if not (value.get("spider").__class__ is str and is_number(value.get("timestamp"))):
@@ -180,11 +186,35 @@ def _domains(domains, slim=False):
     return out
 
 
+def _unbounded(value):
+    """None for a value of the wrong shape, once its numbers are found in bounds (else ValueError, as ``in_bounds``)."""
+    if not in_bounds(value):
+        raise ValueError("a number is out of range")
+    return None
+
+
+def _slim_domains(domains):
+    """A slim value's ``domains`` (``monitor_contract.slim_domains``: ``[names, pages, refused(, delays)]``), or None
+    when of the wrong shape; an older extension's (``{name: figures}``, as ``_domains`` cleans them) made columns.
+    ValueError for a number out of bounds, as ``_domains``. Checked at C speed."""
+    if domains.__class__ is dict:
+        return slim_domains(_domains(domains, slim=True))
+    if not (domains.__class__ is list and len(domains) in (3, 4) and set(map(type, domains)) == {list}):
+        return _unbounded(domains)
+    names, *columns = domains
+    if not all(map(_counts_ok, columns, itertools.repeat(NUMBER_LIMIT - 1))):
+        return _unbounded(columns)
+    if (len(names) <= MAX_TOP_DOMAINS + 1 and set(map(len, columns)) == {len(names)} and set(map(type, names)) <= {str}
+            and (_names_ok(names) or all(map(_name, names)))):
+        return domains
+    return None
+
+
 def clean_insight(snapshot):
     """Drop from a decoded snapshot every insight field, or part of one, of the wrong shape (in place).
 
     Kept: ``latency_*`` numbers >= 0; ``latency_buckets`` a list of len(LATENCY_BUCKETS) + 1 counts;
-    ``domains`` an object (its entries cleaned by ``_domains``, in ``decode_snapshot``); ``fields`` up to
+    (``domains`` are cleaned in ``decode_snapshot``: ``_domains``, ``_slim_domains``); ``fields`` up to
     MAX_FIELDS names -> shares 0..1; ``error_samples`` up to SAMPLES objects with text ``message`` and
     ``logger``, a number ``time`` and a text or null ``url``;
     ``fields_lowest`` (slim values) a ``[name, share]``."""
@@ -195,9 +225,6 @@ def clean_insight(snapshot):
     if buckets is not None and not (buckets.__class__ is list and len(buckets) == len(LATENCY_BUCKETS) + 1
                                     and _counts_ok(buckets)):
         del snapshot["latency_buckets"]
-    domains = snapshot.get("domains")
-    if domains is not None and domains.__class__ is not dict:
-        del snapshot["domains"]
     fields = snapshot.get("fields")
     if fields is not None:
         if fields.__class__ is dict:

@@ -40,8 +40,8 @@ def test_window_shares_difference_the_counters_and_survive_a_restart():
     assert monitor_rules.window_shares(samples, T0 + 60, 30)["s"]["a.test"] == {"share": 50 / 150, "responses": 150}
     restarted = samples + [(T0 + 90, c(20, 10))]
     assert monitor_rules.window_shares(restarted, T0 + 90, 30)["s"]["a.test"] == {"share": 0.5, "responses": 20}
-    nodes = {"n1": {"spider": "s", "domains": {"a.test": {"pages": 10, "429": 2, "503": 1}, "other": {"pages": 5}}},
-             "n2": {"spider": "s", "domains": {"a.test": {"pages": 5, "429": None, "503": 2}}}}
+    nodes = {"n1": {"spider": "s", "domains": [["a.test"], [10], [3]]},
+             "n2": {"spider": "s", "domains": [["a.test"], [5], [2]]}}
     assert monitor_rules.refusal_counts(nodes) == {"s": {"a.test": (15, 5)}}
 
 

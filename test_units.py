@@ -1007,8 +1007,36 @@ def test_domains_out_of_bounds_refuse_the_node(domains):
                   "k": {"spider": "t", "domains": {"a": {"pages": 1, "429": True}}}},
                  {"s": {"a": (6, 1)}, "t": {"a": (1, 0)}}, id="fractions-and-non-numbers"),
 ])
-def test_refusal_counts(nodes, expected):
-    assert monitor_rules.refusal_counts(nodes) == expected
+def test_refusal_counts(nodes, expected):  # the nodes' domains as a node writes them, read from their slim values
+    slim = {n: monitor_snapshot.decode_snapshot(monitor_contract.slim_value({**s, "timestamp": 1}), slim=True)
+            for n, s in nodes.items()}
+    assert monitor_rules.refusal_counts(slim) == expected
+
+
+@pytest.mark.parametrize("domains, expected", [
+    pytest.param([["a", "b"], [3, 0], [1, 0]], [["a", "b"], [3, 0], [1, 0]], id="columns"),
+    pytest.param([["a"], [3], [1], [2.5]], [["a"], [3], [1], [2.5]], id="with-delays"),
+    pytest.param([[], [], []], [[], [], []], id="none"),
+    pytest.param([["d\u00e9"], [1], [0]], [["d\u00e9"], [1], [0]], id="non-ascii-name"),
+    pytest.param({"a": {"pages": 3, "429": 1, "503": 2}, "other": {"pages": 9}, "b": {"delay": 2}},
+                 [["a", "b"], [3, 0], [3, 0], [0, 2]], id="an-older-extensions-object"),
+    pytest.param([["a", "b"], [3], [1]], None, id="columns-of-other-lengths"),
+    pytest.param([["a"], [-3], [1]], None, id="a-negative-count"),
+    pytest.param([["a"], [True], [1]], None, id="a-bool"),
+    pytest.param([[""], [1], [1]], None, id="an-empty-name"),
+    pytest.param([[7], [1], [1]], None, id="a-number-for-a-name"),
+    pytest.param([["a"], [1]], None, id="two-columns"),
+    pytest.param("a", None, id="text"),
+    pytest.param([[f"d{i}" for i in range(102)], [1] * 102, [0] * 102], None, id="too-many"),
+])
+def test_slim_domains_read_as_columns(domains, expected):
+    snapshot = monitor_snapshot.decode_snapshot(enc(domains=domains), slim=True)
+    assert snapshot is not None and snapshot.get("domains") == expected
+
+
+@pytest.mark.parametrize("domains", [[["a"], [10 ** 18], [0]], [["a"], [1], [0], [1e300]], ["x", [10 ** 18]]])
+def test_slim_domains_out_of_bounds_refuse_the_node(domains):
+    assert monitor_snapshot.decode_snapshot(enc(domains=domains), slim=True) is None
 
 
 def test_loads_unbounded_still_refuses_nan():
