@@ -393,11 +393,12 @@ def _combined(columns, fields):
         elif rule == "max":
             out[field] = max(values)
         else:
-            total = finite_sum(values)
+            ints = set(map(type, values)) == {int}  # checked once, at C speed
+            total = sum(values) if ints else finite_sum(values)
             if rule == "host_mean":
                 out[field] = round(total / len(values), 2)
             else:
-                out[field] = total if set(map(type, values)) == {int} else round(total, 2)
+                out[field] = total if ints else round(total, 2)
     return out
 
 
@@ -467,42 +468,48 @@ class SpiderColumns:
                                                          for name in self.names})
 
     def view(self, spider):
-        """``cluster_view``'s figures of its ``fields``, without ``nodes``: rows in time order (stable: the nodes'
-        order among equal times), the crawling ones for the rates and gauges (every node's gauges when none crawls)."""
+        """``cluster_view``'s figures of its ``fields``, without ``nodes``: the crawling nodes' for the rates and gauges
+        (every node's gauges when none crawls). Sums are the same in any order; the newest reading, the highest (an
+        int or a float of equal value) and each host's newest row are taken in time order (stable: the nodes' order
+        among equal times)."""
         cols = self.columns
         times = cols["timestamp"]
         if not (set(map(type, times)) <= NUMBER_TYPES and all(map(math.isfinite, times))):  # gated: at C speed
             times = [number(t, 0) for t in times]
         order = sorted(range(len(self.ids)), key=times.__getitem__)
         pick = operator.itemgetter(*order) if len(order) > 1 else (lambda values: (values[order[0]],))
-        states = pick(cols["state"])
-        crawling = list(map(CRAWLING_STATES.__contains__, states))
+        crawling = list(map(CRAWLING_STATES.__contains__, cols["state"]))
         rest = [f for f in self.fields if f not in CRAWLING_FIELDS]
         crawl = [f for f in self.fields if f in CRAWLING_FIELDS]
         rates = [f for f in crawl if f.endswith("_per_min")]
         view = {"spider": spider, "timestamp": int(times[order[-1]])}
-        view.update(self._combine(pick, rest, None))
+        view.update(self._combine(order, pick, rest, None))
         if any(crawling):  # gauges and rates over the same nodes
-            view.update(self._combine(pick, crawl, crawling))
+            view.update(self._combine(order, pick, crawl, crawling))
         else:
-            view.update(self._combine(pick, [f for f in crawl if f not in rates], None))
+            view.update(self._combine(order, pick, [f for f in crawl if f not in rates], None))
             view.update(dict.fromkeys(rates))
         view.update({f: view[f] or 0 for f in rates})  # no node crawling: nothing per minute
-        counts = collections.Counter(states)
+        counts = collections.Counter(cols["state"])
         view.update({f"nodes_{state}": counts[state] for state in STATES})
         return view
 
-    def _combine(self, pick, fields, mask):
-        """``combine``'s figures over the rows in time order (``pick``), those of ``mask`` only if given."""
-        def column(name):
-            values = pick(self.hosts() if name == "host" else self.columns[name])
-            return values if mask is None else list(itertools.compress(values, mask))
+    def _combine(self, order, pick, fields, mask):
+        """``combine``'s figures over the rows (``order``: their positions in time order, ``pick`` taking them in
+        that order), those of ``mask`` only if given."""
+        cols = self.columns
+        in_time = mask if mask is None else pick(mask)
 
+        def rows(values, keep):
+            return values if keep is None else list(itertools.compress(values, keep))
+
+        columns = {f: rows(pick(cols[f]), in_time) if SPIDER_FIELDS[f] in ("newest", "max") else rows(cols[f], mask)
+                   for f in fields if not SPIDER_FIELDS[f].startswith("host")}
         by_host = [f for f in fields if SPIDER_FIELDS[f].startswith("host")]
-        columns = {f: column(f) for f in fields if f not in by_host}
         if by_host:  # each host's newest row
-            newest = operator.itemgetter(*{host: i for i, host in enumerate(column("host"))}.values(), -1)
-            columns.update({f: newest(column(f))[:-1] for f in by_host})
+            newest = {host: i for host, i in zip(rows(pick(self.hosts()), in_time), rows(order, in_time))}
+            get = operator.itemgetter(*newest.values(), -1)  # a tuple however few
+            columns.update({f: get(cols[f])[:-1] for f in by_host})
         return _combined(columns, fields)
 
     def hosts(self):
