@@ -12,9 +12,11 @@ import argparse
 import contextlib
 import functools
 import hashlib
+import itertools
 import json
 import logging
 import math
+import operator
 import os
 import re
 import sys
@@ -85,7 +87,7 @@ from monitor_settings import (
     value,
     whole,
 )
-from monitor_snapshot import age
+from monitor_snapshot import age, ages
 
 logger = logging.getLogger(__name__)
 
@@ -146,6 +148,22 @@ def create_app(config=None):
     return app
 
 
+def opened(node, snapshot, entry, fields):
+    """A node's ``node_json`` part as ``nodes_json`` sends it, kept on its reader's entry (``entry``: None, or one
+    of another snapshot, keeps nothing) for as long as the snapshot is unchanged."""
+    if entry is None or entry.snapshot is not snapshot:
+        entry = NodeEntry(None, snapshot)
+    if fields is None:
+        part = entry.json = entry.json or node_json(node, snapshot, None)
+    elif fields == "all":
+        part = entry.full = entry.full or node_json(node, snapshot, "all")
+    else:
+        if entry.projection is None or entry.projection[0] != fields:
+            entry.projection = (fields, node_json(node, snapshot, fields))
+        part = entry.projection[1]
+    return part
+
+
 class StatusReader:
     """The API's read side: a fail-fast Redis client on the status hash, its decode cache, and the response cache."""
 
@@ -192,23 +210,15 @@ class StatusReader:
         the same without ages)``: projected by ``fields`` (``monitor_fields.parse_fields``: None leaves out
         insight's big fields, "all" sends every field, a tuple only those, ``age`` only if it is one)."""
         entries = (self.full_reader if fields == "all" or _big(fields) else self.node_reader).entries
-        with_age = not isinstance(fields, tuple) or "age" in fields
-        parts, tag = [], hashlib.blake2b(digest_size=12)
-        for node in sorted(nodes):
-            entry = entries.get(node)
-            if entry is None or entry.snapshot is not nodes[node]:
-                entry = NodeEntry(None, nodes[node])
-            if fields is None:
-                part = entry.json = entry.json or node_json(node, nodes[node], None)
-            elif fields == "all":
-                part = entry.full = entry.full or node_json(node, nodes[node], "all")
-            else:
-                if entry.projection is None or entry.projection[0] != fields:
-                    entry.projection = (fields, node_json(node, nodes[node], fields))
-                part = entry.projection[1]
-            tag.update(part)
-            parts.append(closed(part, age(nodes[node], now) if with_age else None))
-        return b"{" + b",".join(parts) + b"}", tag.digest() if with_age else None
+        names = sorted(nodes)
+        snaps = [nodes[node] for node in names]
+        parts = list(map(opened, names, snaps, map(entries.get, names), itertools.repeat(fields)))
+        if isinstance(fields, tuple) and "age" not in fields:
+            return b"{" + b",".join(map(closed, parts, itertools.repeat(None))) + b"}", None
+        tag = hashlib.blake2b(b"".join(parts), digest_size=12).digest()
+        if any(map(operator.methodcaller("endswith", b"{"), parts)):  # an empty object: no comma before the age
+            return b"{" + b",".join(map(closed, parts, ages(snaps, now))) + b"}", tag
+        return b"{" + b",".join(map(bytes.__add__, parts, map(b',"age":%d}'.__mod__, ages(snaps, now)))) + b"}", tag
 
     def node(self, name):
         """``(snapshot with state and age, or None; malformed; now)`` for one node id."""

@@ -1455,3 +1455,13 @@ def test_a_spider_view_by_columns_combines_as_rows_do_and_a_pass_updates_only_wh
             nodes[node] = _random_nodes(rng, 60)[node]
         passed = monitor_read.spiders_view(nodes, now=100, memo=memo)
         assert json.dumps(passed) == json.dumps(monitor_read.spiders_view(nodes, now=100))  # as one keeping nothing
+
+
+@pytest.mark.parametrize("snapshots, expected", [
+    pytest.param([{"seen": 90.5}, {"seen": 100}, {"seen": 130}], [9, 0, 0], id="stamped-future-is-0"),
+    pytest.param([{"seen": 90}, {"timestamp": 70}], [10, 30], id="one-unstamped-its-timestamp"),
+    pytest.param([{"seen": "x", "timestamp": 95}, {}], [5, 100], id="no-number"),
+    pytest.param([], [], id="none"),
+])
+def test_ages(snapshots, expected):
+    assert monitor_snapshot.ages(snapshots, 100) == expected == [monitor_snapshot.age(s, 100) for s in snapshots]
