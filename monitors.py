@@ -17,6 +17,7 @@ import os
 import socket
 import threading
 import time
+import weakref
 
 import psutil
 import redis
@@ -649,7 +650,9 @@ class DeadLetters(logging.Handler):
         super().__init__(logging.INFO)
         self.keep = keep
         self.pending = collections.deque(maxlen=max(keep, 1))  # a long Redis outage keeps the newest
-        self.recent = collections.OrderedDict()  # id(request) -> url of requests recorded lately
+        # id(request) -> a weak reference to each request recorded lately: an id alone is reused by a later
+        # request once the first is gone (a dead letter requeued and failing again would be taken for it)
+        self.recent = collections.OrderedDict()
         self.count = 0  # recorded in this run: the snapshot's ``dead``
         self.seq = 0
         self.spider = None
@@ -682,9 +685,10 @@ class DeadLetters(logging.Handler):
         else:
             return
         url = getattr(request, "url", None)
-        if not isinstance(url, str) or self.recent.get(id(request)) == url:
+        seen = self.recent.get(id(request))
+        if not isinstance(url, str) or (seen is not None and seen() is request):
             return
-        self.recent[id(request)] = url
+        self.recent[id(request)] = weakref.ref(request)
         if len(self.recent) > RECENT_DEAD:
             self.recent.popitem(last=False)
         callback = getattr(request, "callback", None)

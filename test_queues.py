@@ -320,3 +320,23 @@ def test_dead_letters_are_read_from_scrapys_own_records_once_per_failure(kinds, 
     dead.put_back(taken)  # a failed write keeps them for the next
     members = dead.members(dead.take(), "n1", 0.0)
     assert monitor_contract.DEAD_ID.match(members[0].split(" ", 1)[0]) and '"node":"n1"' in members[0]
+
+
+def test_a_request_failing_again_at_a_freed_requests_address_is_a_dead_letter_again():
+    """CPython gives a new object the address of one just freed: a dead letter requeued and failing again
+    can be a request at its first failure's id, and is a failure of its own."""
+    from scrapy import Request
+
+    import monitors
+
+    dead = monitors.DeadLetters(10)
+    first = Request("http://a.test/p")
+    address = id(first)
+    dead.handle(scrapy_records("gave up (status)", first))
+    del first
+    again = [Request("http://a.test/p") for _ in range(1000)]  # held, so each is at an address of its own
+    reused = [r for r in again if id(r) == address]
+    assert reused, "no request took the freed address"
+    dead.handle(scrapy_records("gave up (status)", reused[0]))
+    dead.handle(scrapy_records("ignored", reused[0]))  # the same failure logged again: still one
+    assert dead.count == 2 and [d["url"] for d in dead.take()] == ["http://a.test/p"] * 2
