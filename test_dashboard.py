@@ -485,11 +485,17 @@ def test_memory_stays_flat_while_nodes_come_and_go(api, redis_client, open_page)
     def measure():
         # Sparklines still loading would count as growth: let the history requests settle first. And the cards
         # too: a poll answered from the API's cache (up to a second old) can show the five churn nodes just
-        # removed beside the five pushed in their place (110) until the next fresh answer.
-        until(page, "() => window.dashboardStats.historyInFlight === 0 && window.dashboardStats.nodes === 105")
-        cdp.send("HeapProfiler.collectGarbage")
-        metrics = {m["name"]: m["value"] for m in cdp.send("Performance.getMetrics")["metrics"]}
-        return cdp.send("Runtime.getHeapUsage")["usedSize"], int(metrics["Nodes"])
+        # removed beside the five pushed in their place (110) until the next fresh answer. A leak stays, a
+        # card's elements held for a moment (a busy machine once showed the five removed cards' 200 elements)
+        # do not: the least of three polls' readings.
+        readings = []
+        for _ in range(3):
+            polls_after(page, 1)
+            until(page, "() => window.dashboardStats.historyInFlight === 0 && window.dashboardStats.nodes === 105")
+            cdp.send("HeapProfiler.collectGarbage")
+            metrics = {m["name"]: m["value"] for m in cdp.send("Performance.getMetrics")["metrics"]}
+            readings.append((cdp.send("Runtime.getHeapUsage")["usedSize"], int(metrics["Nodes"])))
+        return min(r[0] for r in readings), min(r[1] for r in readings)
 
     def refreshes(n):
         for _ in range(n):
