@@ -347,12 +347,14 @@ class Outcome(NamedTuple):
     spiders: Optional[dict] = None  # the spider views judged (with their per-domain refusals)
 
 
-def spider_views(r, nodes, prefix, now, cfg, histories=None):
+def spider_views(r, nodes, prefix, now, cfg, histories=None, memo=None):
     """``{spider: cluster view with queue forecast}`` for the spider-level rules; empty when none is on
-    (then their alerts resolve). ``histories``: the forecasts' histories read already (``queue_forecasts``)."""
+    (then their alerts resolve). ``histories``: the forecasts' histories read already (``queue_forecasts``);
+    ``memo``: ``spiders_view``'s, kept between evaluations."""
     if not any(rule.scope == "spider" for rule in active_rules(cfg)):
         return {}
-    return spiders_view(nodes, r, prefix, now, cfg.finished_after, fields=SPIDER_RULE_FIELDS, histories=histories)
+    return spiders_view(nodes, r, prefix, now, cfg.finished_after, fields=SPIDER_RULE_FIELDS, memo=memo,
+                        histories=histories)
 
 
 class Alerter:
@@ -369,6 +371,7 @@ class Alerter:
         self.delivery = Delivery(cfg, self.store, self.lock, self.channels)
         self.dry_run = DryRun(self) if dry_run else None
         self.reader = NodeReader(self.r, cfg.prefix, 0, 0 if dry_run else cfg.lost_after, cfg.runs_keep, slim=True)
+        self.spider_memo = {}  # spiders_view's: a spider whose nodes did not change is not combined again
         self.unreachable = Outage(logger, logging.ERROR)
         self.broken = Outage(logger, logging.ERROR)
         self.refused = Outage(logger, logging.ERROR)
@@ -520,9 +523,10 @@ class Alerter:
         then the runs recorded since the cursor. ``extras``: what the evaluation's read brought besides
         (``extras``). Returns an Outcome; stores and sends nothing."""
         histories, info = extras
-        spiders = spider_views(self.r, nodes, self.cfg.prefix, now, self.cfg, histories)
-        if spiders:
-            chosen, rows = forecast_nodes(nodes)
+        spiders = spider_views(self.r, nodes, self.cfg.prefix, now, self.cfg, histories, self.spider_memo)
+        if spiders:  # each spider's forecast node, found by the views
+            chosen, rows = forecast_nodes(nodes, firsts={spider: kept[0].crawling
+                                                         for spider, kept in self.spider_memo.items()})
             self.forecast = (sorted(chosen.values()), rows)
         self.add_refusals(nodes, now, spiders)
         state_changes, stall_changes, notes = evaluate(nodes, reading.state, reading.stall, now, self.cfg,

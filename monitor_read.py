@@ -8,6 +8,7 @@ and the logs are monitor_records.py's). Pure functions where it can (``combine``
 
 import collections
 import contextlib
+import functools
 import gc
 import itertools
 import json
@@ -467,6 +468,11 @@ class SpiderColumns:
         return SpiderColumns(self.fields, ids, members, {name: list(map(dict.get, members, itertools.repeat(name)))
                                                          for name in self.names})
 
+    @functools.cached_property
+    def crawling(self):
+        """The node whose history the spider's queue forecast reads (``first_crawling``)."""
+        return first_crawling(self.ids, self.columns["start_time"], self.columns["state"])
+
     def view(self, spider):
         """``cluster_view``'s figures of its ``fields``, without ``nodes``: the crawling nodes' for the rates and gauges
         (every node's gauges when none crawls). Sums are the same in any order; the newest reading, the highest (an
@@ -591,12 +597,12 @@ def spiders_view(nodes: dict[str, Snapshot], r: Optional[redis.Redis] = None, pr
 
 def _spiders_view(nodes, r, prefix, now, finished_after, fields, memo, histories):
     groups = spider_groups(nodes)
-    out = {}
+    out, firsts = {}, {}
     for spider in sorted(groups):
         ids, members = list(groups[spider]), list(groups[spider].values())
         kept = memo.get(spider) if memo is not None else None
         if kept and kept[0].ids == ids and all(map(operator.is_, kept[0].members, members)):
-            view = dict(kept[1])
+            columns, view = kept[0], dict(kept[1])
         else:
             fresh = not kept or kept[0].fields != tuple(fields)
             columns = (SpiderColumns(fields) if fresh else kept[0]).update(ids, members)
@@ -609,10 +615,11 @@ def _spiders_view(nodes, r, prefix, now, finished_after, fields, memo, histories
         view["state"], view["idle_for"] = spider_state(members, queued_work(view), time.time() if now is None else now,
                                                        finished_after)
         out[spider] = view
+        firsts[spider] = columns.crawling
     for gone in set(memo or ()) - set(groups):
         memo.pop(gone, None)
     if r is not None:
-        for spider, forecast in queue_forecasts(r, nodes, prefix, now, histories, groups).items():
+        for spider, forecast in queue_forecasts(r, nodes, prefix, now, histories, groups, firsts).items():
             out[spider].update(forecast)
     return out
 
@@ -661,36 +668,39 @@ def spider_groups(nodes):
     return groups
 
 
-def first_crawling(members):
-    """The node of ``members`` (``{node: snapshot}``) whose history a spider's queue forecast reads, None if none
-    crawls (see ``forecast_nodes``), found at C speed."""
-    snaps = list(members.values())
-    starts = list(map(dict.get, snaps, itertools.repeat("start_time")))
+def first_crawling(ids, starts, states):
+    """Of nodes ``ids`` with these ``start_time`` and ``state`` values (in the same order), the one whose history a
+    spider's queue forecast reads, None if none crawls (see ``forecast_nodes``), found at C speed."""
     if not (set(map(type, starts)) <= NUMBER_TYPES and all(map(math.isfinite, starts))):
         starts = [number(start, 0) for start in starts]
-    crawling = map(CRAWLING_STATES.__contains__, map(dict.get, snaps, itertools.repeat("state")))
-    return min(itertools.compress(zip(starts, members), crawling), default=(None, None))[1]
+    crawling = map(CRAWLING_STATES.__contains__, states)
+    return min(itertools.compress(zip(starts, ids), crawling), default=(None, None))[1]
 
 
-def forecast_nodes(nodes, groups=None):
+def forecast_nodes(nodes, groups=None, firsts=None):
     """``({spider: node}, rows)``: whose history each spider's queue forecast reads (its crawling node that started
     first, the lowest id among those that started together: the queue is shared, so one node's readings are the
     spider's; the longest-running one has the most of them), and how many of each one's newest history rows.
-    ``groups``: ``spider_groups(nodes)``, made already."""
-    chosen = {spider: first_crawling(members) for spider, members in (groups or spider_groups(nodes)).items()}
-    chosen = {spider: node for spider, node in chosen.items() if node is not None}
+    ``groups``: ``spider_groups(nodes)``, made already; ``firsts``: ``{spider: that node}``, found already (a
+    SpiderColumns' ``crawling``)."""
+    if firsts is None:
+        firsts = {spider: first_crawling(list(members), list(map(dict.get, members.values(),
+                                                                   itertools.repeat("start_time"))),
+                                         map(dict.get, members.values(), itertools.repeat("state")))
+                  for spider, members in (groups or spider_groups(nodes)).items()}
+    chosen = {spider: node for spider, node in firsts.items() if node is not None}
     rows = max((math.ceil(QUEUE_WINDOW / number(nodes[n].get("interval"), DEFAULT_INTERVAL)) + 2
                 for n in chosen.values()), default=0)
     return chosen, rows
 
 
-def queue_forecasts(r, nodes, prefix=None, now=None, read=None, groups=None):
+def queue_forecasts(r, nodes, prefix=None, now=None, read=None, groups=None, firsts=None):
     """``{spider: queue_forecast}`` for every spider of ``nodes``, in one round trip, from the histories of
     ``forecast_nodes``; ``read``: ``(rows, {node: history rows})`` read already (``queue_histories``), used for
-    those nodes when read as many rows. A spider with no crawling node gets None figures. ``groups``:
-    ``spider_groups(nodes)``, made already."""
+    those nodes when read as many rows. A spider with no crawling node gets None figures. ``groups`` and
+    ``firsts``: as ``forecast_nodes`` takes them."""
     groups = groups or spider_groups(nodes)
-    chosen, rows = forecast_nodes(nodes, groups)
+    chosen, rows = forecast_nodes(nodes, groups, firsts)
     series = {}
     if read is not None and read[0] == rows:
         series = {n: read[1][n] for n in chosen.values() if n in read[1]}
