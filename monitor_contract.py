@@ -908,7 +908,7 @@ def loads(raw: Union[bytes, str], bounded: bool = True) -> object:
         except orjson.JSONDecodeError:
             pass
         else:
-            if bounded and not in_bounds(value):
+            if bounded and not (surely_in_bounds(raw) or in_bounds(value)):
                 raise ValueError("a number is out of range")
             return value
     if raw.__class__ is not str:  # as json.loads reads bytes (UTF-8 here), without a decoder per call
@@ -917,6 +917,23 @@ def loads(raw: Union[bytes, str], bounded: bool = True) -> object:
         return (_BOUNDED if bounded else _STRICT).decode(raw)
     except RecursionError:
         raise ValueError("nested too deeply") from None
+
+
+# JSON text as a number's size and its nesting show in it: each digit as 0, e and E as e, [ and { as [, the rest blank.
+_SHAPE = bytes(48 if 48 <= c <= 57 else 101 if c in b"eE" else 91 if c in b"[{" else 32 for c in range(256))
+_LIMIT_DIGITS = b"0" * len(str(NUMBER_LIMIT))  # 19 digits in a row: a number of 1e18 or more written whole
+_SHALLOW = 200  # fewer opening brackets cannot nest deeply enough for in_bounds' recursion to fail
+
+
+def surely_in_bounds(raw) -> bool:
+    """True when JSON text ``raw`` (bytes) can hold no number of NUMBER_LIMIT or more in size and no nesting too
+    deep for ``in_bounds``, told from the text at C speed: a number that large is written with an exponent (a digit
+    then e or E) or with 19 digits in a row. False is only a maybe (``in_bounds`` decides): text (str), an
+    exponent or a long run of digits anywhere, strings included."""
+    if raw.__class__ is not bytes:
+        return False
+    shape = raw.translate(_SHAPE)
+    return b"0e" not in shape and _LIMIT_DIGITS not in shape and shape.count(b"[") < _SHALLOW
 
 
 def in_bounds(value) -> bool:

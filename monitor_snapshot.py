@@ -29,6 +29,7 @@ from monitor_contract import (
     loads,
     number,
     slim_domains,
+    surely_in_bounds,
 )
 
 # A report interval beyond a day is not a monitor's interval.
@@ -52,7 +53,7 @@ def decode_snapshot(raw: Union[bytes, str, None], slim: bool = False) -> Optiona
         domains = value.get("domains")
         if domains is not None:  # checked while cleaned (the bulk of a snapshot with insight)
             value["domains"] = None
-        if not in_bounds(value):
+        if not (surely_in_bounds(raw) or in_bounds(value)):
             return None
         if domains is not None:
             domains = _slim_domains(domains) if slim else _domains(domains) if domains.__class__ is dict else \

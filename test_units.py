@@ -5,6 +5,7 @@ No Redis, no processes, no clock: every function here takes ``now`` (or needs no
 not prove the arithmetic. Every environment variable of monitor_settings.SETTINGS is cleared for each test.
 """
 
+import collections
 import gzip
 import json
 import math
@@ -964,6 +965,42 @@ def test_loads_gives_the_stdlib_value(raw, expected):
 ])
 def test_in_bounds(value, expected):
     assert monitor_contract.in_bounds(value) is expected
+
+
+@pytest.mark.parametrize("raw, expected", [
+    pytest.param(b'{"a": 999999999999999999, "b": -12.5, "c": "x"}', True, id="18-digits"),
+    pytest.param(b'{"a": 1000000000000000000}', False, id="19-digits"),
+    pytest.param(b'{"a": 1000000000000000000.0}', False, id="19-digits-float"),
+    pytest.param(b'{"a": 1e3}', False, id="exponent-a-maybe"),
+    pytest.param(b'{"a": 1.5E+2}', False, id="capital-exponent"),
+    pytest.param(b'{"host": "box-1e5"}', False, id="exponent-in-a-string-a-maybe"),
+    pytest.param(b'{"domains": {"e": 1, "x.test": [1, 2]}}', True, id="e-without-a-digit-before"),
+    pytest.param(b'[' * 199 + b']' * 199, True, id="199-brackets"),
+    pytest.param(b'[' * 100 + b'{"a":' * 100 + b'1' + b'}' * 100 + b']' * 100, False, id="200-brackets"),
+    pytest.param('{"a": 1}', False, id="text-a-maybe"),
+])
+def test_surely_in_bounds(raw, expected):
+    assert monitor_contract.surely_in_bounds(raw) is expected
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_surely_in_bounds_never_passes_what_in_bounds_refuses(seed):
+    import random
+    rng = random.Random(seed)
+    forms = [lambda x: str(int(x)), lambda x: repr(float(x)), lambda x: f"{x:.3e}", lambda x: f"{x:.1f}"]
+    seen = collections.Counter()
+    for _ in range(2000):  # numbers about the limit, written whole, as floats and with exponents
+        x = rng.choice([-1, 1]) * 10 ** rng.uniform(0, 20)
+        raw = f'{{"n": {rng.choice(forms)(x)}}}'.encode()
+        value, sure = monitor_contract.loads(raw, bounded=False), monitor_contract.surely_in_bounds(raw)
+        seen[sure, monitor_contract.in_bounds(value)] += 1
+        assert not sure or monitor_contract.in_bounds(value), raw
+        if monitor_contract.in_bounds(value):  # loads, which takes the shortcut, decides as before
+            assert monitor_contract.loads(raw) == value
+        else:
+            with pytest.raises(ValueError):
+                monitor_contract.loads(raw)
+    assert seen[True, True] and seen[False, True] and seen[False, False]  # each side was tried
 
 
 NO_FIGURES = dict.fromkeys(monitor_contract.DOMAIN_COUNTS + ("latency_p95", "delay"))
