@@ -459,12 +459,13 @@ class SpiderColumns:
             changed = list(itertools.compress(range(len(members)), map(operator.is_not, members, self.members)))
             if not changed:
                 return self
-            columns = {name: list(values) for name, values in self.columns.items()}
-            for i in changed:
-                get = members[i].get
-                for name in self.names:
-                    columns[name][i] = get(name)
-            return SpiderColumns(self.fields, ids, members, columns)
+            if len(changed) * 4 <= len(members):  # a few: their positions updated (else all read at C speed)
+                columns = {name: list(values) for name, values in self.columns.items()}
+                for i in changed:
+                    get = members[i].get
+                    for name in self.names:
+                        columns[name][i] = get(name)
+                return SpiderColumns(self.fields, ids, members, columns)
         return SpiderColumns(self.fields, ids, members, {name: list(map(dict.get, members, itertools.repeat(name)))
                                                          for name in self.names})
 

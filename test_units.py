@@ -1487,8 +1487,8 @@ def test_a_spider_view_by_columns_combines_as_rows_do_and_a_pass_updates_only_wh
     assert json.dumps({f: view[f] for f in expected}) == json.dumps(expected)  # 2 and 2.0 apart
     memo = {}
     monitor_read.spiders_view(nodes, memo=memo)
-    for _ in range(3):  # some nodes report: new snapshot objects
-        for node in rng.sample(sorted(nodes), 10):
+    for count in (3, 10, 30, 60):  # some nodes report: new snapshot objects (few: positions updated; many: all read)
+        for node in rng.sample(sorted(nodes), count):
             nodes[node] = _random_nodes(rng, 60)[node]
         passed = monitor_read.spiders_view(nodes, now=100, memo=memo)
         assert json.dumps(passed) == json.dumps(monitor_read.spiders_view(nodes, now=100))  # as one keeping nothing
