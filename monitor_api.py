@@ -61,6 +61,7 @@ from monitor_read import (
     STATES,
     NodeEntry,
     NodeReader,
+    gc_paused,
     read_histories,
     read_markers,
     read_rollups,
@@ -432,8 +433,9 @@ def prometheus():
         extra = []
         with contextlib.suppress(redis.ResponseError):  # INFO renamed away (some managed Redis): no Redis figures
             extra.append(RedisCollector(reader().redis_health()))
-        return Body(exposition(decoded, now, totals, dead, detail, node_label == "nopid",
-                               current_app.config["MONITOR_FINISHED_AFTER"], extra), CONTENT_TYPE_LATEST)
+        with gc_paused():  # a bulk decode: see gc_paused
+            return Body(exposition(decoded, now, totals, dead, detail, node_label == "nopid",
+                                   current_app.config["MONITOR_FINISHED_AFTER"], extra), CONTENT_TYPE_LATEST)
 
     return cached(compute)
 
