@@ -594,22 +594,32 @@ FIRST_DELAY = 1.0
 def refusal_counts(nodes):
     """``{spider: {domain: (responses, 429 + 503 answers)}}`` summed over the nodes' per-domain figures (slim
     snapshots' ``domains``: ``[names, pages, refused, ...]``, see ``monitor_contract.slim_domains``); a fraction
-    counts its whole part."""
-    out = {}
+    counts its whole part. Nodes of a spider listing the same domains in the same order (the usual case) are
+    added up column by column at C speed."""
+    alike = {}  # (spider, names) -> ([each node's pages], [each node's refused])
     for s in nodes.values():
         domains = s.get("domains")
         if not domains or not domains[0]:
             continue
-        names, pages, refused = domains[0], domains[1], domains[2]
-        if not set(map(type, pages)) | set(map(type, refused)) <= {int}:
-            pages, refused = list(map(int, pages)), list(map(int, refused))
-        mine = out.get(s["spider"])
-        if mine is None:
-            mine = out[s["spider"]] = {}
-        for name, seen, refusals in zip(names, pages, refused):
+        key = (s["spider"], tuple(domains[0]))
+        columns = alike.get(key)
+        if columns is None:
+            columns = alike[key] = ([], [])
+        columns[0].append(domains[1])
+        columns[1].append(domains[2])
+    out = {}
+    for (spider, names), (pages, refused) in alike.items():
+        mine = out.setdefault(spider, {})
+        for name, seen, refusals in zip(names, map(_whole_sum, zip(*pages)), map(_whole_sum, zip(*refused))):
             kept = mine.get(name)
             mine[name] = (seen, refusals) if kept is None else (kept[0] + seen, kept[1] + refusals)
     return out
+
+
+def _whole_sum(values):
+    """The sum of the whole parts of ``values`` (gated numbers: a float among them makes the plain sum a float)."""
+    total = sum(values)
+    return total if total.__class__ is int else sum(map(int, values))
 
 
 def window_shares(samples, now, window):

@@ -1050,6 +1050,30 @@ def test_refusal_counts(nodes, expected):  # the nodes' domains as a node writes
     assert monitor_rules.refusal_counts(slim) == expected
 
 
+@pytest.mark.parametrize("seed", range(5))
+def test_refusal_counts_add_up_each_node_as_one_by_one(seed):
+    """Nodes alike (the same domains in the same order) are added up by columns; the figures are those of adding
+    every node's domains one by one, whatever the mix of orders, spiders and fractions."""
+    import random
+    rng = random.Random(seed)
+    lists = [["a", "b", "c"], ["b", "a", "c"], ["a"], ["c", "d"]]
+    nodes = {}
+    for i in range(rng.randint(0, 40)):
+        names = rng.choice(lists)
+        figure = (lambda: rng.randint(0, 9)) if rng.random() < 0.8 else (lambda: rng.choice([0.5, 2.9, 7]))
+        nodes[f"n{i}"] = {"spider": rng.choice("st"),
+                          "domains": [names, [figure() for _ in names], [figure() for _ in names]]}
+    nodes["empty"] = {"spider": "s", "domains": [[], [], []]}
+    expected = {}
+    for s in nodes.values():
+        for name, seen, refused in zip(*s["domains"]):
+            kept = expected.setdefault(s["spider"], {}).get(name, (0, 0))
+            expected[s["spider"]][name] = (kept[0] + int(seen), kept[1] + int(refused))
+    got = monitor_rules.refusal_counts(nodes)
+    assert {k: v for k, v in got.items() if v} == {k: v for k, v in expected.items() if v}
+    assert all(type(n) is int for d in got.values() for pair in d.values() for n in pair)
+
+
 @pytest.mark.parametrize("domains, expected", [
     pytest.param([["a", "b"], [3, 0], [1, 0]], [["a", "b"], [3, 0], [1, 0]], id="columns"),
     pytest.param([["a"], [3], [1], [2.5]], [["a"], [3], [1], [2.5]], id="with-delays"),
