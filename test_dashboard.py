@@ -370,7 +370,9 @@ def test_last_seen_comes_from_the_api_not_the_clocks(redis_server, redis_client,
         assert card(page, "main_spider:true:3").get_attribute("data-state") == "live"
     assert time.monotonic() - last > 3 * interval - 1, "stale before three intervals"
     before = {n: seen(n) for n in silent}
-    assert all(3 * interval - 1 <= s < 3 * interval + 8 for s in before.values()), before
+    # "last seen" counts from the answer's arrival (its ages were computed at the API before): an answer slowed
+    # by a loaded machine reads up to its delay younger (CI once saw 4 s here). Clocks 300 s off read far apart.
+    assert all(3 * interval - 3 <= s < 3 * interval + 8 for s in before.values()), before
 
     # The API goes away: the last data stays, and its "last seen" ages on from the API's age.
     server.stop()
