@@ -60,6 +60,7 @@ from monitor_read import (
     NodeReader,
     forecast_nodes,
     gc_paused,
+    memo_firsts,
     parse_histories,
     queue_histories,
     read_snapshots,
@@ -525,8 +526,7 @@ class Alerter:
         histories, info = extras
         spiders = spider_views(self.r, nodes, self.cfg.prefix, now, self.cfg, histories, self.spider_memo)
         if spiders:  # each spider's forecast node, found by the views
-            chosen, rows = forecast_nodes(nodes, firsts={spider: kept[0].crawling
-                                                         for spider, kept in self.spider_memo.items()})
+            chosen, rows = forecast_nodes(nodes, memo_firsts(self.spider_memo))
             self.forecast = (sorted(chosen.values()), rows)
         self.add_refusals(nodes, now, spiders)
         state_changes, stall_changes, notes = evaluate(nodes, reading.state, reading.stall, now, self.cfg,

@@ -620,7 +620,7 @@ def _spiders_view(nodes, r, prefix, now, finished_after, fields, memo, histories
     for gone in set(memo or ()) - set(groups):
         memo.pop(gone, None)
     if r is not None:
-        for spider, forecast in queue_forecasts(r, nodes, prefix, now, histories, groups, firsts).items():
+        for spider, forecast in queue_forecasts(r, nodes, firsts, prefix, now, histories).items():
             out[spider].update(forecast)
     return out
 
@@ -678,30 +678,31 @@ def first_crawling(ids, starts, states):
     return min(itertools.compress(zip(starts, ids), crawling), default=(None, None))[1]
 
 
-def forecast_nodes(nodes, groups=None, firsts=None):
+def forecast_nodes(nodes, firsts=None):
     """``({spider: node}, rows)``: whose history each spider's queue forecast reads (its crawling node that started
     first, the lowest id among those that started together: the queue is shared, so one node's readings are the
     spider's; the longest-running one has the most of them), and how many of each one's newest history rows.
-    ``groups``: ``spider_groups(nodes)``, made already; ``firsts``: ``{spider: that node}``, found already (a
-    SpiderColumns' ``crawling``)."""
+    ``firsts``: ``{spider: that node, or None}``, found already (``SpiderColumns.crawling``, ``memo_firsts``)."""
     if firsts is None:
-        firsts = {spider: first_crawling(list(members), list(map(dict.get, members.values(),
-                                                                   itertools.repeat("start_time"))),
-                                         map(dict.get, members.values(), itertools.repeat("state")))
-                  for spider, members in (groups or spider_groups(nodes)).items()}
+        firsts = {spider: SpiderColumns(()).update(list(members), list(members.values())).crawling
+                  for spider, members in spider_groups(nodes).items()}
     chosen = {spider: node for spider, node in firsts.items() if node is not None}
     rows = max((math.ceil(QUEUE_WINDOW / number(nodes[n].get("interval"), DEFAULT_INTERVAL)) + 2
                 for n in chosen.values()), default=0)
     return chosen, rows
 
 
-def queue_forecasts(r, nodes, prefix=None, now=None, read=None, groups=None, firsts=None):
-    """``{spider: queue_forecast}`` for every spider of ``nodes``, in one round trip, from the histories of
-    ``forecast_nodes``; ``read``: ``(rows, {node: history rows})`` read already (``queue_histories``), used for
-    those nodes when read as many rows. A spider with no crawling node gets None figures. ``groups`` and
-    ``firsts``: as ``forecast_nodes`` takes them."""
-    groups = groups or spider_groups(nodes)
-    chosen, rows = forecast_nodes(nodes, groups, firsts)
+def memo_firsts(memo):
+    """``forecast_nodes``' ``firsts`` of the spiders a ``spiders_view`` with ``memo`` just combined."""
+    return {spider: kept[0].crawling for spider, kept in memo.items()}
+
+
+def queue_forecasts(r, nodes, firsts, prefix=None, now=None, read=None):
+    """``{spider: queue_forecast}`` for every spider of ``firsts`` (as ``forecast_nodes`` takes them), in one round
+    trip, from the histories of ``forecast_nodes``; ``read``: ``(rows, {node: history rows})`` read already
+    (``queue_histories``), used for those nodes when read as many rows. A spider with no crawling node gets None
+    figures."""
+    chosen, rows = forecast_nodes(nodes, firsts)
     series = {}
     if read is not None and read[0] == rows:
         series = {n: read[1][n] for n in chosen.values() if n in read[1]}
@@ -709,7 +710,7 @@ def queue_forecasts(r, nodes, prefix=None, now=None, read=None, groups=None, fir
     if missing:
         series.update(read_histories(r, missing, QUEUE_WINDOW / 60, prefix, now, rows))
     empty = {"queue_rate": None, "queue_eta": None}
-    return {spider: queue_forecast(series[chosen[spider]]) if spider in chosen else dict(empty) for spider in groups}
+    return {spider: queue_forecast(series[chosen[spider]]) if spider in chosen else dict(empty) for spider in firsts}
 
 
 # ---------------------------------------------------------------------------- histories

@@ -1517,8 +1517,7 @@ def test_a_spider_view_by_columns_combines_as_rows_do_and_a_pass_updates_only_wh
         passed = monitor_read.spiders_view(nodes, now=100, memo=memo)
         assert json.dumps(passed) == json.dumps(monitor_read.spiders_view(nodes, now=100))  # as one keeping nothing
         # the forecast's node, as the columns find it (the alerter's), is the one the rows give
-        assert monitor_read.forecast_nodes(nodes, firsts={s: kept[0].crawling for s, kept in memo.items()}) == \
-            monitor_read.forecast_nodes(nodes)
+        assert monitor_read.forecast_nodes(nodes, monitor_read.memo_firsts(memo)) == monitor_read.forecast_nodes(nodes)
 
 
 @pytest.mark.parametrize("snapshots, expected", [
