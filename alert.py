@@ -60,6 +60,7 @@ from monitor_read import (
     NodeReader,
     forecast_nodes,
     gc_paused,
+    gc_tidy,
     memo_firsts,
     parse_histories,
     queue_histories,
@@ -778,6 +779,7 @@ def main(argv=None):
             ok = alerter.tick()
             if cfg.once:
                 return 0 if ok else 1
+            gc_tidy(within=cfg.interval)  # between evaluations, rather than in the next one
             if stop.wait(max(cfg.interval - (time.monotonic() - started), 0)):
                 return 0
     except KeyboardInterrupt:

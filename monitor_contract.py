@@ -7,6 +7,7 @@ every script shares: strict JSON, numbers, text, redaction of secrets.
 """
 
 import hashlib
+import itertools
 import json
 import logging
 import math
@@ -925,15 +926,21 @@ _LIMIT_DIGITS = b"0" * len(str(NUMBER_LIMIT))  # 19 digits in a row: a number of
 _SHALLOW = 200  # fewer opening brackets cannot nest deeply enough for in_bounds' recursion to fail
 
 
-def surely_in_bounds(raw) -> bool:
-    """True when JSON text ``raw`` (bytes) can hold no number of NUMBER_LIMIT or more in size and no nesting too
-    deep for ``in_bounds``, told from the text at C speed: a number that large is written with an exponent (a digit
-    then e or E) or with 19 digits in a row. False is only a maybe (``in_bounds`` decides): text (str), an
+def surely_in_bounds(*raws) -> bool:
+    """True when each JSON text of ``raws`` (bytes) can hold no number of NUMBER_LIMIT or more in size and no nesting
+    too deep for ``in_bounds``, told from the text at C speed: a number that large is written with an exponent (a
+    digit then e or E) or with 19 digits in a row. False is only a maybe (``in_bounds`` decides): text (str), an
     exponent or a long run of digits anywhere, strings included."""
-    if raw.__class__ is not bytes:
+    if len(raws) == 1 and raws[0].__class__ is bytes:  # one text (as loads checks): no join, one count
+        shape = raws[0].translate(_SHAPE)
+        nested = shape.count(b"[")
+    elif len(raws) > 1 and set(map(type, raws)) == {bytes}:  # a block: its most nested text, at most
+        shape = b" ".join(raws).translate(_SHAPE)
+        nested = max(map(bytes.count, raws, itertools.repeat(b"["))) + max(map(bytes.count, raws,
+                                                                                itertools.repeat(b"{")))
+    else:
         return False
-    shape = raw.translate(_SHAPE)
-    return b"0e" not in shape and _LIMIT_DIGITS not in shape and shape.count(b"[") < _SHALLOW
+    return b"0e" not in shape and _LIMIT_DIGITS not in shape and nested < _SHALLOW
 
 
 def in_bounds(value) -> bool:

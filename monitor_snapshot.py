@@ -8,6 +8,7 @@ import itertools
 import math
 import operator
 import time
+from itertools import repeat
 from typing import Optional, Union
 
 from monitor_contract import (
@@ -28,10 +29,13 @@ from monitor_contract import (
     is_text,
     loads,
     number,
+    orjson,
     slim_domains,
     surely_in_bounds,
 )
 
+# Insight's latency figures: each a number >= 0, or null.
+LATENCY_FIGURES = ("latency_p50", "latency_p95", "latency_p99", "latency_sum")
 # A report interval beyond a day is not a monitor's interval.
 MAX_INTERVAL = 86400
 
@@ -93,6 +97,114 @@ def parse_snapshot(raw: Union[bytes, str, None], now: Optional[float] = None, sl
         snapshot.pop("age", None)  # readers derive it
         snapshot["state"] = node_state(snapshot, now)
     return snapshot
+
+
+# How many stored values ``parse_snapshots`` checks at once: a value that is not usual sends its block value by value.
+BLOCK = 256
+
+
+def parse_snapshots(raws: list, now: float, slim: bool = False) -> tuple[list, list]:
+    """``([parse_snapshot(raw, now, slim) for raw in raws], flips)``, with each one's ``stale_after`` in ``flips``
+    (None when closed or malformed: its state never changes with time alone). Each BLOCK of values that are all usual
+    (``_usual``) is checked and judged at C speed, figure by figure over the block; any other block value by value."""
+    snapshots, flips = [], []
+    for start in range(0, len(raws), BLOCK):
+        block = raws[start:start + BLOCK]
+        values = _usual(block, slim)
+        if values is None:
+            values = [parse_snapshot(raw, now, slim) for raw in block]
+            after = [None if s is None or s["state"] == "closed" else stale_after(s) for s in values]
+        else:  # as node_state and stale_after judge each one: seen (or timestamp) + STALE_INTERVALS * interval
+            reports = map(dict.get, values, repeat("seen"), map(dict.get, values, repeat("timestamp")))
+            intervals = list(map(dict.get, values, repeat("interval"), repeat(DEFAULT_INTERVAL)))
+            if None in intervals:
+                intervals = [DEFAULT_INTERVAL if i is None else i for i in intervals]
+            after = list(map(operator.add, reports, map(operator.mul, repeat(STALE_INTERVALS), intervals)))
+            states = ["closed" if status == "closed" else "stale" if now > t else "paused" if status == "paused"
+                      else "live" for status, t in zip(map(dict.get, values, repeat("status")), after)]
+            list(map(dict.pop, values, repeat("age"), repeat(None)))
+            list(map(operator.setitem, values, repeat("state"), states))
+            after = [None if state == "closed" else t for state, t in zip(states, after)]
+        snapshots += values
+        flips += after
+    return snapshots, flips
+
+
+def _column(values, key, default=None):
+    return list(map(dict.get, values, repeat(key), repeat(default)))
+
+
+def _present(values, key):
+    return list(filter(NOT_NONE, _column(values, key)))
+
+
+def _usual(raws, slim):
+    """The decoded values of ``raws`` when each passes ``decode_snapshot`` unchanged (so the gate's answer), else
+    None: bytes that orjson decodes (its text is always UTF-8: it refuses surrogates) into objects with the fields'
+    usual types and ranges, checked figure by figure over all of them at C speed. Not usual (left to
+    ``decode_snapshot``): a wrong or unusual field, names that are not ASCII, an exponent or 19 digits anywhere,
+    error samples (cleaned afresh), whole domains (``_domains``)."""
+    if orjson is None or not surely_in_bounds(*raws):
+        return None
+    try:
+        values = list(map(orjson.loads, raws))
+    except orjson.JSONDecodeError:
+        return None
+    if set(map(type, values)) != {dict}:
+        return None
+    texts = list(itertools.chain.from_iterable(_column(values, field) for field in TEXT_FIELDS))
+    intervals = _present(values, "interval")
+    if not (_kinds(_column(values, "spider", 0)) == {str} and _kinds(_column(values, "timestamp")) <= NUMBER_TYPES
+            and _kinds(_column(values, "seen", 0)) <= NUMBER_TYPES and _kinds(texts) <= {str, NONE}
+            and _kinds(intervals) <= NUMBER_TYPES
+            and (not intervals or min(intervals) > 0 and max(intervals) <= MAX_INTERVAL)
+            and _kinds(_column(values, "error_samples")) <= {NONE}
+            and all(_counts_ok(_present(values, q)) for q in LATENCY_FIGURES)):
+        return None
+    queues = _present(values, "queues")
+    if len(queues) != sum(map(operator.contains, values, repeat("queues"))) or not _kinds(queues) <= {dict}:
+        return None
+    names = list(itertools.chain.from_iterable(_column(queues, name, 0) for name in QUEUE_NAMES))
+    if not (_kinds(names) <= {str} and "".join(names).isascii() and max(map(len, names), default=0) <= SAMPLE_TEXT
+            and _kinds(types := _column(queues, "start_urls_type", "")) <= {str} and set(types) <= set(START_URL_TYPES)
+            and _kinds(_column(queues, "apart", False)) <= {bool}):
+        return None
+    buckets, fields, lowest = (_present(values, key) for key in ("latency_buckets", "fields", "fields_lowest"))
+    if not (_kinds(buckets) <= {list} and set(map(len, buckets)) <= {len(LATENCY_BUCKETS) + 1}
+            and _counts_ok(list(itertools.chain.from_iterable(buckets)))
+            and _kinds(fields) <= {dict} and max(map(len, fields), default=0) <= MAX_FIELDS
+            and _names_ok(list(itertools.chain.from_iterable(fields)))
+            and _counts_ok(list(itertools.chain.from_iterable(map(dict.values, fields))), 1)
+            and _kinds(lowest) <= {list} and set(map(len, lowest)) <= {2}):
+        return None
+    lowest_names = list(map(operator.itemgetter(0), lowest))
+    if not (_kinds(lowest_names) <= {str} and _names_ok(lowest_names) and _counts_ok(
+            list(map(operator.itemgetter(1), lowest)), 1)):
+        return None
+    domains = _present(values, "domains")
+    if domains and not (slim and _usual_slim_domains(domains)):
+        return None
+    return values
+
+
+def _usual_slim_domains(domains):
+    """Whether each of ``domains`` (slim values' columns) passes ``_slim_domains`` as it is, checked over all."""
+    if not (_kinds(domains) <= {list} and set(map(len, domains)) <= {3, 4}
+            and _kinds(itertools.chain.from_iterable(domains)) <= {list}):
+        return False
+    names, pages, refused = (list(map(operator.itemgetter(i), domains)) for i in range(3))
+    delays = [d for d in domains if len(d) == 4]
+    lengths = list(map(len, names))
+    flat = list(itertools.chain.from_iterable(names))
+    return (max(lengths, default=0) <= MAX_TOP_DOMAINS + 1 and lengths == list(map(len, pages))
+            == list(map(len, refused)) and list(map(len, map(operator.itemgetter(0), delays)))
+            == list(map(len, map(operator.itemgetter(3), delays))) and _kinds(flat) <= {str} and _names_ok(flat)
+            and _counts_ok(list(itertools.chain.from_iterable(itertools.chain(
+                pages, refused, map(operator.itemgetter(3), delays)))), NUMBER_LIMIT - 1))
+
+
+def _kinds(values):
+    return set(map(type, values))
 
 
 def node_state(snapshot: Snapshot, now: Optional[float] = None) -> str:
@@ -227,7 +339,7 @@ def clean_insight(snapshot):
     MAX_FIELDS names -> shares 0..1; ``error_samples`` up to SAMPLES objects with text ``message`` and
     ``logger``, a number ``time`` and a text or null ``url``;
     ``fields_lowest`` (slim values) a ``[name, share]``."""
-    for q in ("latency_p50", "latency_p95", "latency_p99", "latency_sum"):
+    for q in LATENCY_FIGURES:
         if q in snapshot and not (snapshot[q] is None or _num(snapshot[q])):
             del snapshot[q]
     buckets = snapshot.get("latency_buckets")

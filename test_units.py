@@ -27,6 +27,7 @@ import monitor_rules
 import monitor_settings
 import monitor_snapshot
 import monitors
+import testbed
 from monitor_contract import HISTORY_FIELDS
 from monitor_rules import MIB, NODE_DOWN
 from monitor_settings import ConfigError
@@ -1001,6 +1002,104 @@ def test_surely_in_bounds_never_passes_what_in_bounds_refuses(seed):
             with pytest.raises(ValueError):
                 monitor_contract.loads(raw)
     assert seen[True, True] and seen[False, True] and seen[False, False]  # each side was tried
+
+
+def test_a_pause_freezes_what_lives_on_and_a_tidy_collects_frozen_cycles(monkeypatch):
+    import gc
+    import weakref
+
+    class Node:
+        pass
+
+    monkeypatch.setattr(monitor_read, "_tidied", [time.monotonic()])
+    with monitor_read.gc_paused():
+        cycle = Node()
+        cycle.me, ref = cycle, weakref.ref(cycle)
+        assert not gc.isenabled()
+    assert gc.isenabled() and gc.get_freeze_count() > 0
+    del cycle
+    gc.collect()
+    assert ref() is not None  # frozen: no collection looks at it
+    monitor_read.gc_tidy(within=monitor_read.TIDY_EVERY / 2)
+    assert ref() is not None  # not due yet
+    monitor_read.gc_tidy(within=monitor_read.TIDY_EVERY)
+    assert ref() is None and gc.get_freeze_count() == 0
+
+
+def test_surely_in_bounds_of_a_block_is_each_texts():
+    usual, exponent = b'{"a": [1, 2.5]}', b'{"a": 2e3}'
+    nested, deep = b"[" * 150 + b"]" * 150, b"[" * 100 + b'{"a":' * 100 + b"1" + b"}" * 100 + b"]" * 100
+    assert monitor_contract.surely_in_bounds(usual, usual, b'{"b": "x"}', nested, nested)
+    assert not monitor_contract.surely_in_bounds(usual, exponent)
+    assert not monitor_contract.surely_in_bounds(usual, deep)
+    assert monitor_contract.surely_in_bounds(b"1234567890", b"123456789")  # kept apart: no run of 19 digits
+    assert not monitor_contract.surely_in_bounds(b"1234567890123456789", usual)
+    assert not monitor_contract.surely_in_bounds(usual, '{"a": 1}') and not monitor_contract.surely_in_bounds()
+
+
+# What the gate's block path must agree on with decode_snapshot: each change makes a value unusual, or wrong.
+WRONGS = ["remove", None, True, "x", "", -1, 0, 0.5, 2, 86401, 1e300, 10 ** 18, "h\u00e9", "\ud800", [], {},
+          [[[[[1]]]]], [1], ["a"], [1, "a"], ["a", 2], ["x" * 301, 0.1], ["a", -1], ["a", 0.5, 1], ["x.test", "y"],
+          "x" * 301, {"": 0.5}, {"x" * 301: 0.5}, [["a.test"], [1]], [["a.test"], [1], [0]],
+          [[f"d{k}" for k in range(102)], [1] * 102, [0] * 102]]
+PLACES = ["spider", "timestamp", "seen", "interval", "node", "host", "status", "version", "queues",
+          ("queues", "requests"), ("queues", "start_urls_type"), ("queues", "apart"), "latency_p50", "latency_sum",
+          "latency_buckets", ("latency_buckets", 0), "fields", ("fields", "price"), "fields_lowest",
+          ("fields_lowest", 0), ("fields_lowest", 1), "domains", ("domains", 0), ("domains", 1), ("domains", 2),
+          ("domains", 3), ("domains", 0, 0), ("domains", 1, 0), "error_samples", "age", "extra", ()]
+
+
+@pytest.mark.parametrize("slim", [True, False], ids=["slim", "whole"])
+def test_parse_snapshots_is_parse_snapshot_one_by_one(slim, monkeypatch):
+    """The block path (``_usual``, checked over many values at C speed) gives what the gate gives value by value:
+    the same snapshot (same keys in the same order) or None, and the same stale_after: over blocks of usual values
+    with each wrong or unusual value (non-ASCII, exponents, deep nesting, whole domains) in each place."""
+    import random
+    rng = random.Random(7)
+    monkeypatch.setattr(monitor_snapshot, "BLOCK", 4)
+
+    def value(i):
+        snap = testbed.snapshot(f"s{i % 3}:h{i}:{i}", f"s{i % 3}", now=NOW - rng.choice([0, 5, 31, 100]),
+                                status=rng.choice(["running", "running", "paused", "closed"]),
+                                interval=rng.choice([10, 2.5, 60]), pages=rng.randrange(10 ** 6),
+                                fields={"price": 0.5, "title": 1.0}, latency_p50=rng.choice([None, 0.2]),
+                                domains={f"d{k}.test": {"pages": k, "429": k % 2, "delay": rng.choice([0, 1.5])}
+                                         for k in range(rng.randrange(4))})
+        if rng.random() < 0.7:  # as Redis stamps it on a write; else the node's own timestamp counts
+            snap["seen"] = snap["timestamp"] + rng.choice([0, 3, 50])
+        if slim:
+            return json.loads(monitor_contract.slim_value(snap))
+        return {k: v for k, v in snap.items() if k not in ("domains", "error_samples")}  # else each goes slowly
+
+    def spoiled(snap, place, wrong):
+        if place == ():
+            return json.dumps(wrong).encode()
+        *path, last = place if isinstance(place, tuple) else (place,)
+        target = snap
+        for key in path:
+            target = target.get(key) if isinstance(target, dict) else target[key] if isinstance(
+                target, list) and key < len(target) else None
+        if isinstance(target, list) and last < len(target):
+            target[last] = None if wrong == "remove" else wrong
+        elif isinstance(target, dict):
+            target.pop(last, None) if wrong == "remove" else target.__setitem__(last, wrong)
+        return json.dumps(snap).encode().replace(b"\\\\u", b"\\u")
+
+    fast = collections.Counter()
+    for place in PLACES:
+        for wrong in WRONGS:
+            raws = [json.dumps(value(i)).encode() for i in range(rng.randrange(2, 10))]
+            k = rng.randrange(len(raws))
+            raws[k] = spoiled(json.loads(raws[k]), place, wrong)
+            now = NOW + rng.choice([0, 40, 200])
+            for start in range(0, len(raws), 4):
+                fast[monitor_snapshot._usual(raws[start:start + 4], slim) is not None] += 1
+            got, flips = monitor_snapshot.parse_snapshots(raws, now, slim)
+            want = [monitor_snapshot.parse_snapshot(raw, now, slim) for raw in raws]
+            assert got == want and [list(g or ()) for g in got] == [list(w or ()) for w in want], (place, wrong)
+            assert flips == [None if w is None or w["state"] == "closed" else monitor_snapshot.stale_after(w)
+                             for w in want]
+    assert fast[True] > 200 and fast[False] > 200  # both paths were taken, often
 
 
 NO_FIGURES = dict.fromkeys(monitor_contract.DOMAIN_COUNTS + ("latency_p95", "delay"))
