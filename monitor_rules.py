@@ -6,11 +6,13 @@ judges run records. No Redis and no clock here: tests drive them with any ``now`
 """
 
 import fnmatch
+import itertools
+import operator
 import time
 from typing import Callable, NamedTuple, Optional
 
 from monitor_contract import DEFAULT_INTERVAL, STALE_INTERVALS, number
-from monitor_snapshot import age, last_report, newest_error
+from monitor_snapshot import NUMBER_TYPES, age, last_report, newest_error
 
 MIB = 1024 * 1024
 
@@ -110,7 +112,20 @@ def queue_growing(rule, view, limit, started, now):
 
 def crawl_starts(nodes):
     """``{spider: when its longest-running crawling node started}`` on Redis's clock (the node's start_time
-    moved by its clock's offset, learnt from its last report)."""
+    moved by its clock's offset, learnt from its last report); when every figure is a number, at C speed."""
+    live = list(itertools.compress(nodes.values(), map(("live", "paused").__contains__, map(
+        dict.get, nodes.values(), itertools.repeat("state")))))
+    starts, times = (list(map(dict.get, live, itertools.repeat(field))) for field in ("start_time", "timestamp"))
+    seen = list(map(dict.get, live, itertools.repeat("seen"), times))  # last_report: else the timestamp
+    if set(map(type, itertools.chain(starts, times, seen))) <= NUMBER_TYPES:
+        starts = list(map(operator.add, starts, map(operator.sub, seen, times)))
+        spiders = list(map(dict.get, live, itertools.repeat("spider")))
+        if len(set(spiders)) == 1:
+            return {spiders[0]: min(starts)}
+        out = {}
+        for spider, start in zip(spiders, starts):
+            out[spider] = min(start, out.get(spider, start))
+        return out
     starts = {}
     for snapshot in nodes.values():
         start = number(snapshot.get("start_time"))
@@ -419,7 +434,8 @@ def evaluate(nodes: dict, state: dict, stall: dict, now: float, cfg, silences: O
     judged = [(rule, rule.field if rule.check is over and rule.needs_live else None, rule.scale, limits[rule.name])
               for rule in rules]
     other_rules = [row for row in judged if not row[0].needs_live]
-    for node, snapshot in nodes.items():
+    for node in to_judge(nodes, judged, stall, records_of, now):
+        snapshot = nodes[node]
         tracker = track_stall(snapshot, stall.get(node), now) if track else None
         if tracker != stall.get(node):
             stall_changes[node] = tracker
@@ -458,6 +474,59 @@ def evaluate(nodes: dict, state: dict, stall: dict, now: float, cfg, silences: O
             apply(RULE[rule], name, views.get(name), record, None)
     notes.sort(key=lambda a: (a["status"], ORDER[a["rule"]], a["node"]))
     return state_changes, stall_changes, notes
+
+
+def to_judge(nodes, judged, stall, records_of, now):
+    """The nodes ``evaluate`` must go through one by one, in their order: all but those found quiet at C speed, figure
+    by figure over every node: no alert, no stall tracker before or now, and no rule of ``judged`` holding (a rule
+    of another kind leaves every node in). The snapshots are the gate's: their numbers are finite."""
+    ids, snaps = list(nodes), list(nodes.values())
+
+    def column(field):
+        return list(map(dict.get, snaps, itertools.repeat(field)))
+
+    def over(field, scale, limit):  # per node: over_limit(its value, scale, limit) is not None
+        values = column(field)
+        if set(map(type, values)) <= NUMBER_TYPES:
+            return list(map(operator.gt, map(operator.truediv, values, itertools.repeat(scale)),
+                            itertools.repeat(limit)))
+        return [v.__class__ in NUMBER_TYPES and v / scale > limit for v in values]
+
+    states = column("state")
+    live_running = map(operator.and_, map(operator.eq, states, itertools.repeat("live")),
+                       map(operator.eq, column("status"), itertools.repeat("running")))
+    idle = map(operator.not_, over("pages_per_min", 1, 0))
+    masks = [list(map(operator.eq, states, itertools.repeat("stale"))),  # down
+             list(map(operator.and_, live_running, idle))]  # stalled, or to be tracked (track_stall)
+    for rule, field, scale, limit in judged:
+        if field is not None:
+            if limit:
+                masks.append(over(field, scale, limit))
+        elif rule.check is low_coverage:
+            masks.append(low_covered(snaps, column, rule, limit, now))
+        elif not (rule.check is down_for or rule.check is stalled_for or rule.name == "run"):
+            return ids  # down: stale, above; stalled: the tracker, above; run: judged on run records
+    judge = list(map(any, zip(*masks)))
+    position = dict(zip(ids, itertools.count()))
+    for name in itertools.chain(stall, records_of):
+        if name in position:
+            judge[position[name]] = True
+    return list(itertools.compress(ids, judge))
+
+
+def low_covered(snaps, column, rule, limit, now):
+    """Per node: whether the coverage rule may hold (``low_coverage``): its fields listed and, from slim values'
+    ``fields_lowest`` at C speed, its lowest share under the limit (its items not looked at)."""
+    listed = list(map(operator.is_, column("fields_listed"), itertools.repeat(True)))
+    if not (limit and any(listed)):
+        return listed
+    lowest = column("fields_lowest")
+    if set(map(type, lowest)) == {list} and set(map(len, lowest)) == {2} and not any(column("fields")):
+        shares = list(map(operator.itemgetter(1), lowest))
+        if set(map(type, shares)) <= NUMBER_TYPES:
+            return list(map(operator.and_, listed, map(operator.lt, map(operator.mul, shares, itertools.repeat(100)),
+                                                       itertools.repeat(limit))))
+    return [flag and low_coverage(rule, s, limit, None, now) is not None for flag, s in zip(listed, snaps)]
 
 
 def with_silences(rule, node, snapshot, record, new, event, value, limit, silences, now):
@@ -596,17 +665,22 @@ def refusal_counts(nodes):
     snapshots' ``domains``: ``[names, pages, refused, ...]``, see ``monitor_contract.slim_domains``); a fraction
     counts its whole part. Nodes of a spider listing the same domains in the same order (the usual case) are
     added up column by column at C speed."""
+    listed = {}  # spider -> its nodes' domains
+    snaps = nodes.values()
+    for spider, domains in zip(map(dict.get, snaps, itertools.repeat("spider")),
+                               map(dict.get, snaps, itertools.repeat("domains"))):
+        if domains and domains[0]:
+            listed.setdefault(spider, []).append(domains)
     alike = {}  # (spider, names) -> ([each node's pages], [each node's refused])
-    for s in nodes.values():
-        domains = s.get("domains")
-        if not domains or not domains[0]:
+    for spider, lists in listed.items():
+        names = list(map(operator.itemgetter(0), lists))
+        if names.count(names[0]) == len(names):  # every node lists the same (compared at C speed)
+            alike[spider, tuple(names[0])] = tuple(list(map(operator.itemgetter(i), lists)) for i in (1, 2))
             continue
-        key = (s["spider"], tuple(domains[0]))
-        columns = alike.get(key)
-        if columns is None:
-            columns = alike[key] = ([], [])
-        columns[0].append(domains[1])
-        columns[1].append(domains[2])
+        for domains in lists:
+            columns = alike.setdefault((spider, tuple(domains[0])), ([], []))
+            columns[0].append(domains[1])
+            columns[1].append(domains[2])
     out = {}
     for (spider, names), (pages, refused) in alike.items():
         mine = out.setdefault(spider, {})

@@ -1149,7 +1149,7 @@ def test_refusal_counts(nodes, expected):  # the nodes' domains as a node writes
     assert monitor_rules.refusal_counts(slim) == expected
 
 
-@pytest.mark.parametrize("seed", range(5))
+@pytest.mark.parametrize("seed", range(8))
 def test_refusal_counts_add_up_each_node_as_one_by_one(seed):
     """Nodes alike (the same domains in the same order) are added up by columns; the figures are those of adding
     every node's domains one by one, whatever the mix of orders, spiders and fractions."""
@@ -1158,10 +1158,10 @@ def test_refusal_counts_add_up_each_node_as_one_by_one(seed):
     lists = [["a", "b", "c"], ["b", "a", "c"], ["a"], ["c", "d"]]
     nodes = {}
     for i in range(rng.randint(0, 40)):
-        names = rng.choice(lists)
+        spider = rng.choice("st")
+        names = list(lists[0]) if seed % 2 and spider == "s" else rng.choice(lists)  # s alike: at C speed
         figure = (lambda: rng.randint(0, 9)) if rng.random() < 0.8 else (lambda: rng.choice([0.5, 2.9, 7]))
-        nodes[f"n{i}"] = {"spider": rng.choice("st"),
-                          "domains": [names, [figure() for _ in names], [figure() for _ in names]]}
+        nodes[f"n{i}"] = {"spider": spider, "domains": [names, [figure() for _ in names], [figure() for _ in names]]}
     nodes["empty"] = {"spider": "s", "domains": [[], [], []]}
     expected = {}
     for s in nodes.values():
@@ -1582,6 +1582,63 @@ def test_a_reader_decodes_again_only_what_changed_and_reads_as_a_fresh_reader_do
         assert {n for n in nodes if nodes[n] is last.get(n)} == set(kept), now
         assert {n: e.snapshot for n, e in reader.entries.items() if e.snapshot is not None} == nodes
         last = nodes
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_evaluate_goes_through_only_the_nodes_it_must_and_decides_as_over_all(seed, monkeypatch):
+    """``to_judge`` leaves out nodes found quiet at C speed: the outcome is the one of judging every node, over
+    figures above, at and below each threshold, not numbers, stall trackers, alerts pending and firing, gone nodes."""
+    import random
+    rng = random.Random(seed)
+    cfg = config("--cpu-percent", "90", "--memory-percent", "80", "--errors-per-min", "5", "--rss-mb", "100",
+                 "--coverage-min", "90", "--latency-p95", "2", "--stall-seconds", "60", "--for", "30")
+
+    def figure(limit):  # mostly below it, as on a healthy node
+        return rng.choice([None, "x", True, 0, limit, limit + 0.5, limit - 1, int(limit * 2), -3]) \
+            if rng.random() < 0.2 else limit / 2
+
+    nodes = {}
+    for i in range(rng.randrange(1, 60)):
+        nodes[f"n{i}"] = snap(f"n{i}", rng.choice(["live", "live", "live", "paused", "stale", "closed"]),
+                              cpu=figure(90), memory=figure(80), errors_per_min=figure(5), rss=figure(100 * MIB),
+                              latency_p95=figure(2), pages_per_min=rng.choice([0, 0.0, 3, None, "x"]),
+                              pages=rng.randrange(3), queue_requests=rng.choice([0, 5, None]),
+                              fields_listed=rng.choice([True, False, None]), items=rng.choice([50, 500]),
+                              fields_lowest=rng.choice([["price", 0.5], ["price", 0.95], ["price", 0.9]] + (
+                                  [None] if seed % 2 else [])))  # some all slim: at C speed
+    names = list(nodes) + ["gone"]
+    stall = {n: [rng.randrange(3), NOW - rng.choice([10, 100])] for n in rng.sample(names, len(names) // 4)}
+    state = {}
+    for n in rng.sample(names, len(names) // 3):
+        rule = rng.choice(["down", "cpu", "memory", "stalled", "errors", "rss", "coverage", "latency"])
+        state[f"{rule}:{n}"] = rng.choice([firing(), {"state": "pending", "since": NOW - rng.choice([5, 50])}])
+    to_judge, went = monitor_rules.to_judge, []
+    monkeypatch.setattr(monitor_rules, "to_judge", lambda *args: went.append(to_judge(*args)) or went[-1])
+    judged = monitor_rules.evaluate(nodes, state, stall, NOW, cfg)
+    monkeypatch.setattr(monitor_rules, "to_judge", lambda nodes, *_: list(nodes))
+    assert judged == monitor_rules.evaluate(nodes, state, stall, NOW, cfg)
+    assert len(went[0]) < len(nodes) or len(nodes) < 5  # some were left out
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_crawl_starts_at_c_speed_is_node_by_node(seed):
+    import random
+    rng = random.Random(seed)
+    nodes = {}
+    for i in range(rng.randrange(1, 40)):
+        nodes[f"n{i}"] = snap(f"n{i}", rng.choice(["live", "paused", "stale", "closed"]), spider=rng.choice("ab"),
+                              start_time=rng.choice([NOW - 500, NOW - 100.5, NOW - 7]),
+                              timestamp=NOW - rng.randrange(9))
+        if rng.random() < 0.3:
+            del nodes[f"n{i}"]["seen"]  # the node's own clock then
+        if seed % 2 and rng.random() < 0.1:
+            nodes[f"n{i}"][rng.choice(["start_time", "seen", "timestamp"])] = rng.choice([None, "x"])  # node by node
+    expected = {}
+    for s in nodes.values():
+        if s["state"] in ("live", "paused") and monitor_contract.is_number(s.get("start_time")):
+            start = s["start_time"] + monitor_snapshot.last_report(s) - monitor_contract.number(s.get("timestamp"), 0)
+            expected[s["spider"]] = min(start, expected.get(s["spider"], start))
+    assert monitor_rules.crawl_starts(nodes) == expected
 
 
 def _random_nodes(rng, count, spider="s"):
