@@ -48,18 +48,24 @@ def redis_client(redis_server, redis_url):
 
 @pytest.fixture(autouse=True)
 def no_hub_outlives_its_test(monkeypatch):
-    """Every events hub (GET /events' subscription thread) a test starts in this process is stopped when the
-    test ends. A hub left running on the session's Redis reads /alerts at every change, and on its clock (Redis's)
-    tidies away as expired the silences that explicit-clock tests set at T0."""
+    """Every events hub (GET /events' subscription thread) and change feed (a big cluster's reads) a test starts in
+    this process is stopped when the test ends. A hub left running on the session's Redis reads /alerts at every
+    change, and on its clock (Redis's) tidies away as expired the silences that explicit-clock tests set at T0."""
     import monitor_events
+    import monitor_read
 
-    started, start = [], monitor_events.Hub.start
+    started, start, feed = [], monitor_events.Hub.start, monitor_read.ChangeFeed.__init__
 
     def tracked(hub):
         started.append(hub)
         return start(hub)
 
+    def made(self, *args):
+        started.append(self)
+        feed(self, *args)
+
     monkeypatch.setattr(monitor_events.Hub, "start", tracked)
+    monkeypatch.setattr(monitor_read.ChangeFeed, "__init__", made)
     yield
     for hub in started:
         hub.stop()

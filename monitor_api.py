@@ -59,6 +59,7 @@ from monitor_prometheus import LEVELS, NODE_LABELS, RedisCollector, ScrapeReader
 from monitor_queues import DEAD_LIMIT, MAX_DEAD_LIMIT, dead_bound, read_dead
 from monitor_read import (
     STATES,
+    ChangeFeed,
     NodeEntry,
     NodeReader,
     gc_paused,
@@ -136,7 +137,7 @@ def create_app(config=None):
     app.extensions["reader"] = StatusReader(app.config)
     app.extensions["events"] = Hub(app.config["REDIS_URL"], app.config["MONITOR_KEY_PREFIX"],
                                    app.config["MONITOR_EVENTS_KEEP"], app.config["MONITOR_EVENTS_CLIENTS"],
-                                   app.config["MONITOR_EVENTS_DROP"])
+                                   app.config["MONITOR_EVENTS_DROP"], app.extensions["reader"].node_reader.feed)
     app.extensions["gate"].tokens.reloaded = functools.partial(audit_reload, app.extensions["reader"], app.config)
     app.extensions["audit_refusal"] = audit_refusal
     app.url_map.merge_slashes = False  # "a//b" is a node id, not a typo to redirect
@@ -178,7 +179,7 @@ class StatusReader:
         # List views, spider views and housekeeping read the slim hash (no insight's big fields); ?fields=all
         # and Prometheus the status hash (and so does one node's snapshot: NodeReader.node).
         self.node_reader = NodeReader(self.redis, self.prefix, self.retention, config["MONITOR_LOST_AFTER"],
-                                      config["MONITOR_RUNS_KEEP"], slim=True)
+                                      config["MONITOR_RUNS_KEEP"], slim=True, feed=ChangeFeed(self.url, self.prefix))
         self.full_reader = NodeReader(self.redis, self.prefix, runs_keep=config["MONITOR_RUNS_KEEP"])
         self.memos = {False: {}, True: {}}  # combined spider figures per reader (spiders_view's memo)
         self.finished_after = config["MONITOR_FINISHED_AFTER"]

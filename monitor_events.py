@@ -2,9 +2,10 @@
 
 Writers publish on ``events_channel(prefix)`` (monitor_contract): a node's snapshot write publishes ``node <id>``
 in the same script, pruning publishes the ids it deletes, the alerter and the silence routes ``alerts``, a
-control command ``control <JSON>``. One ``Hub`` per API process holds the only subscription (a background
-thread): it reads what changed (the changed nodes in one HMGET), computes live -> stale when it becomes true (a
-change nobody writes), and appends numbered entries to a bounded in-memory ring. Each stream (a waitress worker
+control command ``control <JSON>``. The API process's one subscription (``monitor_read.ChangeFeed``, which also
+tells the node reader what changed) hands them to its ``Hub``, whose thread reads what changed (the changed nodes
+in one HMGET), computes live -> stale when it becomes true (a change nobody writes), and appends numbered entries
+to a bounded in-memory ring. Each stream (a waitress worker
 thread, see ``Stream``) sends what came after its cursor, coalesced, at most every PUSH_EVERY seconds; a client
 that reconnects with ``Last-Event-ID`` gets what it missed, or ``reset`` when the ring no longer holds it.
 """
@@ -13,6 +14,7 @@ import heapq
 import itertools
 import logging
 import os
+import queue
 import socket
 import threading
 import time
@@ -27,7 +29,6 @@ from monitor_contract import (
     as_text,
     connect,
     dumps,
-    events_channel,
     number,
     redact,
     redis_now,
@@ -35,6 +36,7 @@ from monitor_contract import (
     slim,
     status_key,
 )
+from monitor_read import ChangeFeed
 from monitor_snapshot import last_report, parse_snapshot
 
 logger = logging.getLogger("monitor_api")
@@ -62,9 +64,10 @@ class Hub:
     ``keep``: entries kept for replay; ``limit``: streams open at once at most; ``drop_after``: seconds a client
     may leave sent data unread before its stream ends."""
 
-    def __init__(self, url, prefix, keep, limit, drop_after):
+    def __init__(self, url, prefix, keep, limit, drop_after, feed=None):
         self.url, self.prefix = url, prefix
-        self.channel = events_channel(prefix)
+        self.own_feed = feed is None
+        self.feed = ChangeFeed(url, prefix) if feed is None else feed  # the API's one subscription
         self.key = status_key(prefix)
         self.keep, self.limit, self.drop_after = keep, limit, drop_after
         self.boot = os.urandom(4).hex()  # ids of another process (an API restart) are too old: reset
@@ -94,46 +97,50 @@ class Hub:
         self.ready.wait(2.0)
 
     def stop(self):
-        """End the subscription and the streams: the thread reads nothing more (it is gone within CHECK_EVERY)."""
+        """End the streams and the hub's thread (it reads nothing more: it is gone within CHECK_EVERY), and the
+        subscription if it is the hub's own."""
         with self.cond:
             self.stopped = True
             self.cond.notify_all()
+        if self.own_feed:
+            self.feed.stop()
 
     def run(self):
         client = connect(self.url, READ_TIMEOUT)
-        while not self.stopped:
-            pubsub = None
-            try:
-                pubsub = client.pubsub(ignore_subscribe_messages=True)
-                pubsub.subscribe(self.channel)
-                self.resync(client)  # after subscribing: nothing written meanwhile is missed
-                self.outage.ok("Events: Redis at %s answers again", redact(str(self.url)))
-                self.ready.set()
-                while not self.stopped:
-                    self.listen(client, pubsub)
-            except redis.RedisError as exc:
-                self.outage.failed("Events: Redis at %s is unavailable (%s): streams wait for it",
-                                   redact(str(self.url)), scrub(exc, self.url))
-                time.sleep(CHECK_EVERY)
-            finally:
-                if pubsub is not None:
-                    try:
-                        pubsub.close()
-                    except redis.RedisError:
-                        pass
+        messages, synced = self.feed.listen(), False
+        try:
+            while not self.stopped:
+                try:
+                    if not synced:
+                        subscribed = self.feed.subscribed  # else a new subscription follows: read again then
+                        self.resync(client)  # after subscribing: nothing written meanwhile is missed
+                        self.outage.ok("Events: Redis at %s answers again", redact(str(self.url)))
+                        if subscribed:
+                            self.ready.set()
+                    synced = self.listen(client, messages)
+                except redis.RedisError as exc:
+                    synced = False
+                    self.outage.failed("Events: Redis at %s is unavailable (%s): streams wait for it",
+                                       redact(str(self.url)), scrub(exc, self.url))
+                    time.sleep(CHECK_EVERY)
+        finally:
+            self.feed.unlisten(messages)
 
-    def listen(self, client, pubsub):
-        """Wait for notifications (until the next stale deadline at most), gather a burst, apply it."""
+    def listen(self, client, messages):
+        """Wait for notifications (until the next stale deadline at most), gather a burst, apply it; False when
+        the feed subscribed anew (what came meanwhile is unknown: everything is read again)."""
         wait = CHECK_EVERY
         if self.deadlines:
             wait = min(wait, self.deadlines[0][0] - self.redis_clock())
         if self.unwoken:
             wait = min(wait, self.woken + PUSH_EVERY - time.monotonic())
-        message = pubsub.get_message(timeout=max(wait, 0.01))
+        data = _next(messages, max(wait, 0.01))
         nodes, controls, alerts = set(), [], False
         until = time.monotonic() + GATHER
-        while message is not None:
-            kind, _, name = as_text(message.get("data", b"")).partition(" ")
+        while data is not False:
+            if data is None:
+                return False
+            kind, _, name = as_text(data).partition(" ")
             if kind == "node" and name:
                 nodes.add(name)
             elif kind == "control" and name:
@@ -143,15 +150,16 @@ class Hub:
             left = until - time.monotonic()
             if left <= 0 or len(nodes) >= 10 * READ_BATCH:
                 break
-            message = pubsub.get_message(timeout=left)
+            data = _next(messages, left)
         if self.stopped:
-            return
+            return True
         entries = self.read_nodes(client, nodes) if nodes else []
         if alerts:
             entries += self.read_alerts(client)
         entries += [("control", None, c) for c in controls]
         self.append(entries + self.expired())
         self.wake()
+        return True
 
     def wake(self):
         """Wake the streams if changes wait and they were not woken within PUSH_EVERY: all at once, so they push
@@ -424,3 +432,12 @@ class Stream:
             self.closed = True
             with self.hub.cond:
                 self.hub.streams -= 1
+
+
+def _next(messages, timeout):
+    """The next notification's data from a ``ChangeFeed.listen`` queue (None: subscribed anew), False if none came
+    within ``timeout`` seconds."""
+    try:
+        return messages.get(timeout=timeout)
+    except queue.Empty:
+        return False

@@ -15,6 +15,8 @@ import json
 import logging
 import math
 import operator
+import queue
+import threading
 import time
 from typing import Iterable, Optional
 
@@ -29,7 +31,9 @@ from monitor_contract import (
     ROLLUP_TIERS,
     Snapshot,
     as_text,
+    connect,
     control_key,
+    events_channel,
     history_key,
     is_number,
     loads,
@@ -92,6 +96,93 @@ PRUNE_EVERY = 60.0
 CLAIM_AFTER_PRUNE = 7 * 86400
 
 
+# From this many nodes the API reads only the nodes written since its last read (``ChangeFeed``); a smaller cluster
+# is read whole each time, which costs little. A whole read at least every FULL_EVERY seconds all the same.
+FEED_FROM = 1000
+FULL_EVERY = 30.0
+FEED_BATCH = 1000  # node ids per HMGET
+
+
+class ChangeFeed:
+    """An API process's one subscription to the change notifications (``events_channel``), started on first use: it
+    keeps the node ids written since a reader last took them (``take``: every snapshot write and pruning publishes
+    ``node <id>``) and hands every notification to its listeners (``listen``: the /events hub). Its generation
+    changes at each subscription: what was written while it was not subscribed is unknown, so a reader reads whole
+    again and the hub reads everything again (a listener gets None)."""
+
+    def __init__(self, url, prefix):
+        self.url, self.channel = url, events_channel(prefix)
+        self.lock = threading.Lock()
+        self.dirty, self.generation, self.subscribed = set(), 0, False
+        self.listeners = []  # a queue per listener
+        self.thread, self.stopped = None, False
+
+    def start(self):
+        with self.lock:
+            if self.thread is None:
+                self.thread = threading.Thread(target=self.run, name="monitor-feed", daemon=True)
+                self.thread.start()
+
+    def take(self):
+        """``(generation, the stored fields of the nodes written since the last take)``; None while not subscribed."""
+        self.start()
+        with self.lock:
+            if not self.subscribed:
+                return None
+            dirty, self.dirty = self.dirty, set()
+            return self.generation, dirty
+
+    def listen(self):
+        """A queue of every notification's data (bytes) from now on, and None at each subscription; ``unlisten``
+        it when done."""
+        messages = queue.SimpleQueue()
+        with self.lock:
+            self.listeners.append(messages)
+        self.start()
+        return messages
+
+    def unlisten(self, messages):
+        with self.lock:
+            self.listeners.remove(messages)
+
+    def stop(self):
+        self.stopped = True
+
+    def run(self):
+        client = connect(self.url)
+        while not self.stopped:
+            pubsub = None
+            try:
+                pubsub = client.pubsub(ignore_subscribe_messages=True)
+                pubsub.subscribe(self.channel)
+                self.got(None)
+                while not self.stopped:
+                    message = pubsub.get_message(timeout=1.0)
+                    if message is not None and isinstance(message.get("data"), bytes):
+                        self.got(message["data"])
+            except redis.RedisError:
+                with self.lock:
+                    self.subscribed = False
+                time.sleep(1.0)
+            finally:
+                if pubsub is not None:
+                    with contextlib.suppress(redis.RedisError):
+                        pubsub.close()
+
+    def got(self, data):
+        """One notification (None: subscribed, anew)."""
+        with self.lock:
+            if data is None:
+                self.generation += 1
+                self.subscribed = True
+            else:
+                kind, _, name = data.partition(b" ")
+                if kind == b"node" and name:
+                    self.dirty.add(name)
+            for messages in self.listeners:
+                messages.put(data)
+
+
 class NodeEntry:
     """One node as a reader last saw it: the stored value, its snapshot (None when malformed) and the
     snapshot's JSON once a caller asked for it (``json`` is the caller's to fill)."""
@@ -119,8 +210,11 @@ class NodeReader:
     get a ``lost`` run record first (see ``record_lost_runs``), so pruning never loses a run.
     """
 
-    def __init__(self, client, prefix, retention=0, lost_after=0, runs_keep=RUNS_KEEP, slim=False):
+    def __init__(self, client, prefix, retention=0, lost_after=0, runs_keep=RUNS_KEEP, slim=False, feed=None):
         self.redis = client
+        self.feed = feed  # a ChangeFeed: from FEED_FROM nodes, read only the nodes written since the last read
+        self.fed = None  # (the feed's generation, monotonic time) of the last whole read, while the feed is used
+        self.lock = threading.Lock()  # reads from the feed go one at a time: each builds on the last
         self.prefix = prefix
         self.key = status_key(prefix)
         self.slim = slim  # read <p>:node:slim (no insight's big fields) instead of the status hash
@@ -136,9 +230,52 @@ class NodeReader:
     def read(self, now: Optional[float] = None) -> tuple[dict[str, Snapshot], int, float]:
         """``(nodes, skipped, now)``: ``{node: snapshot with state}``, how many stored values failed the gate,
         and Redis's clock at the read (states are judged on it), or ``now`` when given (tests, replays)."""
+        if self.feed is not None and self.last is not None and len(self.last[0]) >= FEED_FROM:
+            with self.lock:
+                return self._read_fed(now)
         with self.redis.pipeline(transaction=False) as pipe:
             self.queue(pipe)
             return self.parse(pipe.execute(), now)
+
+    def _read_fed(self, now):
+        """``read`` of the nodes written since the last read (``ChangeFeed``), the others as last read: a whole read
+        when the feed was not subscribed all along since the last whole read (its generation changed), when the
+        status hash does not hold as many nodes as that makes (a node added or deleted without a notification: by
+        hand, a flush), once FULL_EVERY seconds passed (a value changed without one: an older extension, by hand),
+        or when most nodes were written."""
+        taken, (fields, raws, *_) = self.feed.take(), self.last
+        if (taken is None or self.fed is None or taken[0] != self.fed[0]
+                or time.monotonic() - self.fed[1] >= FULL_EVERY or len(taken[1]) * 2 > len(fields)):
+            return self._read_whole(taken, now)
+        names = sorted(taken[1])
+        with self.redis.pipeline(transaction=False) as pipe:
+            for i in range(0, len(names), FEED_BATCH):
+                pipe.hmget(slim_key(self.prefix) if self.slim else self.key, names[i:i + FEED_BATCH])
+            pipe.hlen(self.key)
+            pipe.execute_command("TIME")
+            *parts, count, server_now = pipe.execute()
+        values = list(itertools.chain.from_iterable(parts))
+        missing = [name for name, value in zip(names, values) if value is None]
+        if missing and self.slim:  # a node without a slim value (an older extension's), or deleted
+            found = dict(zip(missing, self.redis.hmget(self.key, missing)))
+            values = [found.get(name) if value is None else value for name, value in zip(names, values)]
+        raw_hash = dict(zip(fields, raws))
+        for name, value in zip(names, values):
+            if value is None:
+                raw_hash.pop(name, None)
+            else:
+                raw_hash[name] = value
+        if count != len(raw_hash):
+            return self._read_whole(taken, now)
+        return self._parsed(raw_hash, redis_now(server_now) if now is None else now)
+
+    def _read_whole(self, taken, now):
+        """A whole read, from which the feed's notifications (``taken``: after it started) are followed."""
+        with self.redis.pipeline(transaction=False) as pipe:
+            self.queue(pipe)
+            result = self.parse(pipe.execute(), now)
+        self.fed = None if taken is None else (taken[0], time.monotonic())
+        return result
 
     def queue(self, pipe):
         """Queue what ``read`` asks Redis on ``pipe``, so a caller can share one round trip; ``parse`` takes
@@ -161,6 +298,9 @@ class NodeReader:
         now = redis_now(server_now) if now is None else now
         if self.slim:
             raw_hash = self._with_status(raw_hash, names[0])
+        return self._parsed(raw_hash, now)
+
+    def _parsed(self, raw_hash, now):
         with gc_paused():
             nodes, skipped = self._decode(raw_hash, now)
         self._record_lost(nodes, now)

@@ -8,6 +8,7 @@ import json
 import re
 import shutil
 import subprocess
+import time
 import tracemalloc
 
 import pytest
@@ -370,3 +371,54 @@ def test_slim_readers_read_a_node_without_a_slim_value_from_the_status_hash(redi
                                                                           "s:old:9": 9}
     redis_client.hdel(monitor_contract.status_key("scrapy"), "s:h:0")  # gone from the status hash: gone
     assert set(reader.read(T0)[0]) == {"s:h:1", "s:h:2", "s:old:9"}
+
+
+def test_a_big_clusters_reads_take_only_the_nodes_written_since_and_a_whole_read_now_and_then(
+        redis_client, redis_url, monkeypatch):
+    """From FEED_FROM nodes a reader with a change feed reads the nodes the notifications name (new, changed, pruned)
+    and keeps the others as last read: the same nodes as a whole read. A value changed without a notification shows
+    at the next whole read (every FULL_EVERY seconds), nodes added or deleted without one at once (the count
+    differs); a lost subscription makes the next read whole."""
+    monkeypatch.setattr(monitor_read, "FEED_FROM", 5)
+    testbed.publish(redis_client, *(testbed.snapshot(f"s:h:{i}", "s", pages=i) for i in range(8)))
+    feed = monitor_read.ChangeFeed(redis_url, "scrapy")
+    reader = monitor_read.NodeReader(monitor_contract.connect(redis_url), "scrapy", slim=True, feed=feed)
+    whole, parse = [], reader.parse
+    monkeypatch.setattr(reader, "parse", lambda *a: whole.append(1) or parse(*a))
+
+    def read():
+        nodes = reader.read(T0)[0]
+        assert nodes == monitor_read.NodeReader(redis_client, "scrapy", slim=True).read(T0)[0]  # as a whole read
+        return nodes
+
+    read()
+    read()  # whole: the feed starts subscribing
+    wait_for(lambda: feed.subscribed, what="the feed's subscription")
+    read()  # whole again: the first since it subscribed
+    assert len(whole) == 3
+    testbed.publish(redis_client, testbed.snapshot("s:h:3", "s", pages=999), testbed.snapshot("s:h:new", "s"))
+    monitor_read.prune_nodes(redis_client, {"s:h:0": testbed.get_node(redis_client, "s:h:0")}, 0, "scrapy",
+                             now=time.time() + 10 ** 6)
+    redis_client.hset("scrapy:node:slim", "s:h:5", b"not JSON")  # by hand: no notification
+    redis_client.hset("scrapy:node:status", "s:h:old", monitor_contract.dumps(testbed.snapshot("s:h:old", "s")))
+    monitor_contract.notify(redis_client, "scrapy", "node", "s:h:old")  # an older extension's: no slim value
+    wait_for(lambda: {b"s:h:3", b"s:h:new", b"s:h:0", b"s:h:old"} <= feed.dirty, what="the notifications")
+    nodes = reader.read(T0)[0]
+    assert len(whole) == 3 and nodes["s:h:3"]["pages"] == 999 and "s:h:new" in nodes and "s:h:0" not in nodes
+    assert nodes["s:h:old"]["node"] == "s:h:old"
+    assert "s:h:5" in nodes  # not seen yet: nobody told
+    monkeypatch.setattr(monitor_read, "FULL_EVERY", 0)
+    assert "s:h:5" not in read() and len(whole) == 4  # the whole read sees it (malformed: skipped)
+    monkeypatch.setattr(monitor_read, "FULL_EVERY", 30.0)
+    generation = feed.generation
+    redis_client.client_kill_filter(_type="pubsub")
+    wait_for(lambda: feed.subscribed and feed.generation > generation, what="a new subscription")
+    read()
+    assert len(whole) == 5
+    testbed.publish(redis_client, testbed.snapshot("s:h:4", "s", pages=444))
+    wait_for(lambda: b"s:h:4" in feed.dirty, what="the notification")
+    assert read()["s:h:4"]["pages"] == 444 and len(whole) == 5
+    redis_client.delete("scrapy:node:status", "scrapy:node:slim")  # by hand: as many nodes no more
+    testbed.publish(redis_client, testbed.snapshot("s:h:1", "s", pages=111))
+    wait_for(lambda: b"s:h:1" in feed.dirty, what="the notification")
+    assert list(read()) == ["s:h:1"] and len(whole) == 6
