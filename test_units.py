@@ -7,6 +7,7 @@ not prove the arithmetic. Every environment variable of monitor_settings.SETTING
 
 import collections
 import gzip
+import itertools
 import json
 import math
 import re
@@ -1037,20 +1038,25 @@ def test_surely_in_bounds_of_a_block_is_each_texts():
     assert not monitor_contract.surely_in_bounds(usual, '{"a": 1}') and not monitor_contract.surely_in_bounds()
 
 
+WHOLE = dict.fromkeys(monitor_contract.DOMAIN_COUNTS + ("latency_p95", "delay"), 1)  # a domain's every figure
 # What the gate's block path must agree on with decode_snapshot: each change makes a value unusual, or wrong.
 WRONGS = ["remove", None, True, "x", "", -1, 0, 0.5, 2, 86401, 1e300, 10 ** 18, "h\u00e9", "\ud800", [], {},
           [[[[[1]]]]], [1], ["a"], [1, "a"], ["a", 2], ["x" * 301, 0.1], ["a", -1], ["a", 0.5, 1], ["x.test", "y"],
           "x" * 301, {"": 0.5}, {"x" * 301: 0.5}, [["a.test"], [1]], [["a.test"], [1], [0]],
-          [[f"d{k}" for k in range(102)], [1] * 102, [0] * 102]]
+          [[f"d{k}" for k in range(102)], [1] * 102, [0] * 102], {f"d{k}": WHOLE for k in range(102)},
+          {"": WHOLE}, {"x" * 301: WHOLE}, {**{k: v for k, v in WHOLE.items() if k != "delay"}, "bogus": 1}]
 PLACES = ["spider", "timestamp", "seen", "interval", "node", "host", "status", "version", "queues",
           ("queues", "requests"), ("queues", "start_urls_type"), ("queues", "apart"), "latency_p50", "latency_sum",
           "latency_buckets", ("latency_buckets", 0), "fields", ("fields", "price"), "fields_lowest",
           ("fields_lowest", 0), ("fields_lowest", 1), "domains", ("domains", 0), ("domains", 1), ("domains", 2),
-          ("domains", 3), ("domains", 0, 0), ("domains", 1, 0), "error_samples", "age", "extra", ()]
+          ("domains", 3), ("domains", 0, 0), ("domains", 1, 0), ("domains", "d0.test"), ("domains", "d1.test", "pages"),
+          ("domains", "d1.test", "delay"), ("domains", "d0.test", "extra"), "error_samples", ("error_samples", 0),
+          "age", "extra", ()]
 
 
-@pytest.mark.parametrize("slim", [True, False], ids=["slim", "whole"])
-def test_parse_snapshots_is_parse_snapshot_one_by_one(slim, monkeypatch):
+@pytest.mark.parametrize("slim, errors", [(True, False), (False, False), (False, True)],
+                         ids=["slim", "whole", "whole-without-error-samples"])
+def test_parse_snapshots_is_parse_snapshot_one_by_one(slim, errors, monkeypatch):
     """The block path (``_usual``, checked over many values at C speed) gives what the gate gives value by value:
     the same snapshot (same keys in the same order) or None, and the same stale_after: over blocks of usual values
     with each wrong or unusual value (non-ASCII, exponents, deep nesting, whole domains) in each place."""
@@ -1069,7 +1075,9 @@ def test_parse_snapshots_is_parse_snapshot_one_by_one(slim, monkeypatch):
             snap["seen"] = snap["timestamp"] + rng.choice([0, 3, 50])
         if slim:
             return json.loads(monitor_contract.slim_value(snap))
-        return {k: v for k, v in snap.items() if k not in ("domains", "error_samples")}  # else each goes slowly
+        if rng.random() < 0.9:  # every figure given, as the extension writes them (else the gate fills them in)
+            snap["domains"] = {name: dict(monitor_snapshot.NO_FIGURES, **d) for name, d in snap["domains"].items()}
+        return {k: v for k, v in snap.items() if k != "error_samples" or errors}  # their cleaning goes slowly
 
     def spoiled(snap, place, wrong):
         if place == ():
@@ -1078,27 +1086,33 @@ def test_parse_snapshots_is_parse_snapshot_one_by_one(slim, monkeypatch):
         target = snap
         for key in path:
             target = target.get(key) if isinstance(target, dict) else target[key] if isinstance(
-                target, list) and key < len(target) else None
-        if isinstance(target, list) and last < len(target):
+                target, list) and isinstance(key, int) and key < len(target) else None
+        if isinstance(target, list) and isinstance(last, int) and last < len(target):
             target[last] = None if wrong == "remove" else wrong
         elif isinstance(target, dict):
             target.pop(last, None) if wrong == "remove" else target.__setitem__(last, wrong)
         return json.dumps(snap).encode().replace(b"\\\\u", b"\\u")
 
     fast = collections.Counter()
-    for place in PLACES:
-        for wrong in WRONGS:
-            raws = [json.dumps(value(i)).encode() for i in range(rng.randrange(2, 10))]
-            k = rng.randrange(len(raws))
-            raws[k] = spoiled(json.loads(raws[k]), place, wrong)
-            now = NOW + rng.choice([0, 40, 200])
-            for start in range(0, len(raws), 4):
-                fast[monitor_snapshot._usual(raws[start:start + 4], slim) is not None] += 1
-            got, flips = monitor_snapshot.parse_snapshots(raws, now, slim)
-            want = [monitor_snapshot.parse_snapshot(raw, now, slim) for raw in raws]
+    for place, wrong, _ in itertools.product(PLACES, WRONGS, range(3)):
+        raws = [json.dumps(value(i)).encode() for i in range(rng.randrange(2, 10))]
+        k = rng.randrange(len(raws))
+        raws[k] = spoiled(json.loads(raws[k]), place, wrong)
+        now = NOW + rng.choice([0, 40, 200])
+        for start in range(0, len(raws), 4):
+            fast[monitor_snapshot._usual(raws[start:start + 4], slim, ("error_samples",) * errors) is not None] += 1
+        if errors:  # as /prometheus reads: no error samples (taken off, never checked)
+            got = monitor_snapshot.decode_snapshots(raws, drop=("error_samples",))
+            want = [monitor_snapshot.decode_snapshot(raw) for raw in raws]
+            for w in filter(None, want):
+                w.pop("error_samples", None)
             assert got == want and [list(g or ()) for g in got] == [list(w or ()) for w in want], (place, wrong)
-            assert flips == [None if w is None or w["state"] == "closed" else monitor_snapshot.stale_after(w)
-                             for w in want]
+            continue
+        got, flips = monitor_snapshot.parse_snapshots(raws, now, slim)
+        want = [monitor_snapshot.parse_snapshot(raw, now, slim) for raw in raws]
+        assert got == want and [list(g or ()) for g in got] == [list(w or ()) for w in want], (place, wrong)
+        assert flips == [None if w is None or w["state"] == "closed" else monitor_snapshot.stale_after(w)
+                         for w in want]
     assert fast[True] > 200 and fast[False] > 200  # both paths were taken, often
 
 
@@ -1674,6 +1688,18 @@ def test_a_spider_view_by_columns_combines_as_rows_do_and_a_pass_updates_only_wh
         assert json.dumps(passed) == json.dumps(monitor_read.spiders_view(nodes, now=100))  # as one keeping nothing
         # the forecast's node, as the columns find it (the alerter's), is the one the rows give
         assert monitor_read.forecast_nodes(nodes, monitor_read.memo_firsts(memo)) == monitor_read.forecast_nodes(nodes)
+
+
+@pytest.mark.parametrize("domains, expected", [
+    pytest.param([[["a", "b"], [1, 2], [0, 0]], [["a"], [1], [0]]], {}, id="slim-none-slowed"),
+    pytest.param([[["a", "b"], [1, 2], [0, 0], [0, 2.5]], [["a"], [1], [0]], [["b"], [1], [0], [4]]],
+                 {"b": 4}, id="slim-the-highest-delay"),
+    pytest.param([None, [["a"], [1], [0], [1.5]], {"c": {"delay": 3}, "d": {"delay": None}}], {"a": 1.5, "c": 3},
+                 id="slim-and-whole-mixed"),
+    pytest.param([{}, None], {}, id="empty"),
+])
+def test_slowed_domains(domains, expected):
+    assert monitor_read.slowed_domains([{"domains": d} for d in domains]) == expected
 
 
 @pytest.mark.parametrize("snapshots, expected", [
