@@ -28,8 +28,7 @@ from prometheus_client.utils import floatToGoString
 from monitor_contract import BIG_FIELDS, LATENCY_BUCKETS, as_text, is_number, number, redis_now
 from monitor_read import CRAWL_STATES, FINISHED_AFTER, STATES, combine, numbers, queued_work, spider_state
 from monitor_records import run_totals
-from monitor_snapshot import BLOCK as DECODED_AT_ONCE
-from monitor_snapshot import decode_snapshots, node_state
+from monitor_snapshot import decode_snapshot, node_state
 
 # (snapshot field, metric name, help, scale): base units, so percentages become ratios.
 GAUGES = (
@@ -129,10 +128,9 @@ def exposition(decoded, now, raw_totals, raw_dead, detail="spider", stable=False
 
 
 class ScrapeReader:
-    """/prometheus's reads of the status hash, one round trip each, its values decoded through the gate a block at a
-    time (``decode_snapshots``, without the error samples it never exports) and kept small: a snapshot without
-    insight's big fields (BIG_FIELDS), and of those only the figures the export adds up (``Insight.part``). A scrape
-    holds no whole snapshot but the block's being decoded. Between scrapes
+    """/prometheus's reads of the status hash, one round trip each, its values decoded through the gate one at a
+    time and kept small: a snapshot without insight's big fields (BIG_FIELDS), and of those only the figures the
+    export adds up (``Insight.part``). A scrape holds no whole snapshot but the one being decoded. Between scrapes
     only the nodes that stopped reporting (closed or stale) are kept, as they were last decoded: their values do
     not change, so they are not decoded again; a reporting node's value is new at the next scrape anyway."""
 
@@ -149,24 +147,21 @@ class ScrapeReader:
         return self._decoded(raw, redis_now(server_now)), redis_now(server_now)
 
     def _decoded(self, raw, now):
-        kept, before, fields = {}, self.kept, list(raw)
-        for start in range(0, len(fields), DECODED_AT_ONCE):  # a block of values decoded together, let go of
-            block = fields[start:start + DECODED_AT_ONCE]
-            values = list(map(raw.pop, block))
-            entries = list(map(before.get, block))
-            fresh = [i for i, (entry, value) in enumerate(zip(entries, values)) if entry is None or entry[0] != value]
-            for i, snapshot in zip(fresh, decode_snapshots([values[i] for i in fresh], drop=("error_samples",))):
-                if snapshot is not None:
-                    snapshot.pop("age", None)  # readers derive it
-                entries[i] = None if snapshot is None else (values[i], snapshot, Insight.part(snapshot))
-            for field, entry in zip(block, entries):
-                if entry is None:
+        kept, before = {}, self.kept
+        for field in list(raw):
+            value = raw.pop(field)  # let go of each value once decoded
+            entry = before.get(field)
+            if entry is None or entry[0] != value:
+                snapshot = decode_snapshot(value)
+                if snapshot is None:
                     yield as_text(field), None, None
                     continue
-                snapshot = dict(entry[1], state=node_state(entry[1], now))
-                if snapshot["state"] in IDLE:
-                    kept[field] = entry
-                yield as_text(field), snapshot, entry[2]
+                snapshot.pop("age", None)  # readers derive it
+                entry = (value, snapshot, Insight.part(snapshot))
+            snapshot = dict(entry[1], state=node_state(entry[1], now))
+            if snapshot["state"] in IDLE:
+                kept[field] = entry
+            yield as_text(field), snapshot, entry[2]
         self.kept = kept
 
 

@@ -130,22 +130,6 @@ def parse_snapshots(raws: list, now: float, slim: bool = False) -> tuple[list, l
     return snapshots, flips
 
 
-def decode_snapshots(raws: list, drop: tuple = ()) -> list:
-    """``[decode_snapshot(raw) for raw in raws]`` (whole values) without the fields ``drop`` (what the caller never
-    reads, so never checks: error samples, which the gate only cleans); each BLOCK of usual values (``_usual``) at
-    C speed, any other block value by value."""
-    out = []
-    for start in range(0, len(raws), BLOCK):
-        block = raws[start:start + BLOCK]
-        values = _usual(block, False, drop)
-        if values is None:
-            values = list(map(decode_snapshot, block))
-            for field in drop:
-                list(map(dict.pop, filter(None, values), repeat(field), repeat(None)))
-        out += values
-    return out
-
-
 def _column(values, key, default=None):
     return list(map(dict.get, values, repeat(key), repeat(default)))
 
@@ -154,13 +138,12 @@ def _present(values, key):
     return list(filter(NOT_NONE, _column(values, key)))
 
 
-def _usual(raws, slim, drop=()):
+def _usual(raws, slim):
     """The decoded values of ``raws`` when each passes ``decode_snapshot`` unchanged (so the gate's answer), else
     None: bytes that orjson decodes (its text is always UTF-8: it refuses surrogates) into objects with the fields'
     usual types and ranges, checked figure by figure over all of them at C speed. Not usual (left to
     ``decode_snapshot``): a wrong or unusual field, names that are not ASCII, an exponent or 19 digits anywhere,
-    error samples (cleaned afresh) unless dropped (``drop``: fields taken off each value first), a domain without
-    all its figures."""
+    error samples (cleaned afresh), whole domains (``_domains``)."""
     if orjson is None or not surely_in_bounds(*raws):
         return None
     try:
@@ -169,8 +152,6 @@ def _usual(raws, slim, drop=()):
         return None
     if set(map(type, values)) != {dict}:
         return None
-    for field in drop:
-        list(map(dict.pop, values, repeat(field), repeat(None)))
     texts = list(itertools.chain.from_iterable(_column(values, field) for field in TEXT_FIELDS))
     intervals = _present(values, "interval")
     if not (_kinds(_column(values, "spider", 0)) == {str} and _kinds(_column(values, "timestamp")) <= NUMBER_TYPES
@@ -201,24 +182,9 @@ def _usual(raws, slim, drop=()):
             list(map(operator.itemgetter(1), lowest)), 1)):
         return None
     domains = _present(values, "domains")
-    if domains and not (_usual_slim_domains(domains) if slim else _usual_domains(domains)):
+    if domains and not (slim and _usual_slim_domains(domains)):
         return None
     return values
-
-
-def _usual_domains(domains):
-    """Whether each of ``domains`` (whole values': ``{name: figures}``) passes ``_domains`` as it is (every figure
-    known and given, as the extension writes them), checked over all."""
-    if not (_kinds(domains) <= {dict} and max(map(len, domains)) <= MAX_TOP_DOMAINS + 1):
-        return False
-    figures = list(itertools.chain.from_iterable(map(dict.values, domains)))
-    if not (_names_ok(list(itertools.chain.from_iterable(domains))) and _kinds(figures) <= {dict}
-            and set(map(len, figures)) <= {len(FIGURES)} and set(itertools.chain.from_iterable(figures)) <= FIGURES):
-        return False
-    values = list(itertools.chain.from_iterable(map(dict.values, figures)))
-    kinds = _kinds(values)
-    numbers = list(filter(NOT_NONE, values)) if NONE in kinds else values
-    return kinds <= FIGURE_TYPES and (not numbers or min(numbers) >= 0 and max(numbers) < NUMBER_LIMIT)
 
 
 def _usual_slim_domains(domains):

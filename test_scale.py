@@ -329,9 +329,8 @@ def test_prometheus_decodes_again_only_the_values_that_changed_or_keep_changing(
     c = testbed.make_app(redis_url).test_client()
     c.get("/prometheus")
     decoded = []
-    gate = monitor_prometheus.decode_snapshots
-    monkeypatch.setattr(monitor_prometheus, "decode_snapshots", lambda raws, **kw: decoded.extend(raws) or gate(
-        raws, **kw))
+    gate = monitor_prometheus.decode_snapshot
+    monkeypatch.setattr(monitor_prometheus, "decode_snapshot", lambda raw: decoded.append(raw) or gate(raw))
     text = c.get("/prometheus").get_data(as_text=True)
     assert len(decoded) == 10  # the live nodes' (they report between two scrapes); the closed ones kept
     assert 'scrapy_domain_responses_total{domain="x.com",spider="s"} 60.0' in text
