@@ -165,7 +165,7 @@ def _usual(raws, slim):
     if len(queues) != sum(map(operator.contains, values, repeat("queues"))) or not _kinds(queues) <= {dict}:
         return None
     names = list(itertools.chain.from_iterable(_column(queues, name, 0) for name in QUEUE_NAMES))
-    if not (_kinds(names) <= {str} and "".join(names).isascii() and max(map(len, names), default=0) <= SAMPLE_TEXT
+    if not (_kinds(names) <= {str} and max(map(len, names), default=0) <= SAMPLE_TEXT
             and _kinds(types := _column(queues, "start_urls_type", "")) <= {str} and set(types) <= set(START_URL_TYPES)
             and _kinds(_column(queues, "apart", False)) <= {bool}):
         return None
