@@ -49,7 +49,7 @@ from monitor_contract import (
 )
 from monitor_records import RUNS_KEEP, record_lost_runs
 from monitor_settings import SETTING
-from monitor_snapshot import last_report, node_state, parse_snapshot, parse_snapshots, stale_after
+from monitor_snapshot import NUMBER_TYPES, last_report, node_state, parse_snapshot, parse_snapshots, stale_after
 
 logger = logging.getLogger(__name__)
 
@@ -199,6 +199,10 @@ class NodeEntry:
         self.full = None  # with every field (?fields=all)
         self.projection = None  # (fields, JSON) of the last ?fields= projection asked for
 
+    def restated(self, now):
+        """The entry anew with its snapshot's state judged at ``now`` (a state that time alone changes)."""
+        return NodeEntry(self.raw, dict(self.snapshot, state=node_state(self.snapshot, now)))
+
 
 class NodeReader:
     """Every node's snapshot in one round trip, with Redis's clock; used by the API and the alerter.
@@ -233,9 +237,7 @@ class NodeReader:
         if self.feed is not None and self.last is not None and len(self.last[0]) >= FEED_FROM:
             with self.lock:
                 return self._read_fed(now)
-        with self.redis.pipeline(transaction=False) as pipe:
-            self.queue(pipe)
-            return self.parse(pipe.execute(), now)
+        return self._read_whole(None, now)
 
     def _read_fed(self, now):
         """``read`` of the nodes written since the last read (``ChangeFeed``), the others as last read: a whole read
@@ -270,7 +272,7 @@ class NodeReader:
         return self._parsed(raw_hash, redis_now(server_now) if now is None else now)
 
     def _read_whole(self, taken, now):
-        """A whole read, from which the feed's notifications (``taken``: after it started) are followed."""
+        """A whole read, from which the feed's notifications (``taken``, None: without the feed) are followed."""
         with self.redis.pipeline(transaction=False) as pipe:
             self.queue(pipe)
             result = self.parse(pipe.execute(), now)
@@ -319,12 +321,12 @@ class NodeReader:
         ids = [names.get(field) or as_text(field) for field in fields]
         fresh = self._parse([i for i, (node, raw) in enumerate(zip(ids, raws))
                              if node not in self.entries or self.entries[node].raw != raw], raws, now)
-        for i, (node, raw) in enumerate(zip(ids, raws)):
+        for i, node in enumerate(ids):
             entry = fresh.get(i)
             if entry is None:
                 entry = self.entries[node]
                 if entry.flips is not None and (now > entry.flips) != (entry.snapshot["state"] == "stale"):
-                    entry = NodeEntry(raw, dict(entry.snapshot, state=node_state(entry.snapshot, now)))
+                    entry = entry.restated(now)
             entries[node] = entry
             if entry.snapshot is None:
                 skipped += 1
@@ -348,9 +350,7 @@ class NodeReader:
         entries, flips, stale = list(entries), list(flips), list(stale)
         fresh = self._parse([i for i in redo if entries[i].raw != raws[i]], raws, now)
         for i in redo:
-            entry = entries[i]
-            entries[i] = fresh.get(i) or NodeEntry(raws[i], dict(entry.snapshot, state=node_state(entry.snapshot,
-                                                                                                  now)))
+            entries[i] = fresh.get(i) or entries[i].restated(now)
             flips[i], stale[i] = self._flip(entries[i])
         snaps = list(map(NodeEntry.snapshot.__get__, entries))
         skipped = snaps.count(None)
@@ -528,7 +528,6 @@ CRAWLING_FIELDS = frozenset(("cpu", "memory", "net_sent_rate", "net_recv_rate", 
                              "latency_p95"))
 CRAWLING_STATES = ("live", "paused")
 STATES = ("live", "paused", "stale", "closed")
-NUMBER_TYPES = frozenset((int, float))  # exactly: a bool is not a figure
 
 
 def combine(rows: list[dict], fields: Iterable[str], hosts: Optional[list] = None) -> dict:

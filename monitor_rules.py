@@ -12,7 +12,7 @@ import time
 from typing import Callable, NamedTuple, Optional
 
 from monitor_contract import DEFAULT_INTERVAL, STALE_INTERVALS, number
-from monitor_snapshot import NUMBER_TYPES, age, last_report, newest_error
+from monitor_snapshot import NUMBER_TYPES, age, last_report, last_reports, newest_error
 
 MIB = 1024 * 1024
 
@@ -116,7 +116,7 @@ def crawl_starts(nodes):
     live = list(itertools.compress(nodes.values(), map(("live", "paused").__contains__, map(
         dict.get, nodes.values(), itertools.repeat("state")))))
     starts, times = (list(map(dict.get, live, itertools.repeat(field))) for field in ("start_time", "timestamp"))
-    seen = list(map(dict.get, live, itertools.repeat("seen"), times))  # last_report: else the timestamp
+    seen = last_reports(live)
     if set(map(type, itertools.chain(starts, times, seen))) <= NUMBER_TYPES:
         starts = list(map(operator.add, starts, map(operator.sub, seen, times)))
         spiders = list(map(dict.get, live, itertools.repeat("spider")))

@@ -115,7 +115,7 @@ def parse_snapshots(raws: list, now: float, slim: bool = False) -> tuple[list, l
             values = [parse_snapshot(raw, now, slim) for raw in block]
             after = [None if s is None or s["state"] == "closed" else stale_after(s) for s in values]
         else:  # as node_state and stale_after judge each one: seen (or timestamp) + STALE_INTERVALS * interval
-            reports = map(dict.get, values, repeat("seen"), map(dict.get, values, repeat("timestamp")))
+            reports = last_reports(values)  # gated: numbers
             intervals = list(map(dict.get, values, repeat("interval"), repeat(DEFAULT_INTERVAL)))
             if None in intervals:
                 intervals = [DEFAULT_INTERVAL if i is None else i for i in intervals]
@@ -235,11 +235,15 @@ def age(snapshot, now):
     return max(int(now - last_report(snapshot)), 0)
 
 
+def last_reports(snapshots):
+    """Each of ``snapshots``' ``seen``, else its ``timestamp``, as stored, found at C speed: ``last_report`` of each
+    when they are all numbers (the caller checks)."""
+    return list(map(dict.get, snapshots, repeat("seen"), map(dict.get, snapshots, repeat("timestamp"))))
+
+
 def ages(snapshots, now):
-    """``age`` of each of ``snapshots``, at C speed when each has a number for its report time (``last_report``: its
-    ``seen`` stamp, as every write stamps it, else its ``timestamp``)."""
-    seens = list(map(dict.get, snapshots, itertools.repeat("seen"), map(dict.get, snapshots,
-                                                                        itertools.repeat("timestamp"))))
+    """``age`` of each of ``snapshots``, at C speed when each has a number for its report time (``last_reports``)."""
+    seens = last_reports(snapshots)
     if set(map(type, seens)) <= NUMBER_TYPES and all(map(math.isfinite, seens)):
         return list(map(max, map(int, map(operator.sub, itertools.repeat(now), seens)), itertools.repeat(0)))
     return [age(s, now) for s in snapshots]
