@@ -55,19 +55,8 @@ from monitor_channels import (
 )
 from monitor_contract import Outage, as_text, dumps, loads, redact, redis_now, slow_delays, slow_key, status_key
 from monitor_digest import Digest, due_day, log_notes
-from monitor_read import (
-    QUEUE_WINDOW,
-    NodeReader,
-    forecast_nodes,
-    gc_paused,
-    gc_tidy,
-    memo_firsts,
-    parse_histories,
-    queue_histories,
-    read_snapshots,
-    spiders_view,
-    wrong_type,
-)
+from monitor_nodes import NodeReader, gc_paused, gc_tidy, read_snapshots, wrong_type
+from monitor_read import QUEUE_WINDOW, forecast_nodes, memo_firsts, parse_histories, queue_histories, spiders_view
 from monitor_redis import RedisWatch, node_figures
 from monitor_rules import (
     RULE,

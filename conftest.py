@@ -52,9 +52,9 @@ def no_hub_outlives_its_test(monkeypatch):
     this process is stopped when the test ends. A hub left running on the session's Redis reads /alerts at every
     change, and on its clock (Redis's) tidies away as expired the silences that explicit-clock tests set at T0."""
     import monitor_events
-    import monitor_read
+    import monitor_nodes
 
-    started, start, feed = [], monitor_events.Hub.start, monitor_read.ChangeFeed.__init__
+    started, start, feed = [], monitor_events.Hub.start, monitor_nodes.ChangeFeed.__init__
 
     def tracked(hub):
         started.append(hub)
@@ -65,7 +65,7 @@ def no_hub_outlives_its_test(monkeypatch):
         feed(self, *args)
 
     monkeypatch.setattr(monitor_events.Hub, "start", tracked)
-    monkeypatch.setattr(monitor_read.ChangeFeed, "__init__", made)
+    monkeypatch.setattr(monitor_nodes.ChangeFeed, "__init__", made)
     yield
     for hub in started:
         hub.stop()

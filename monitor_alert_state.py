@@ -33,7 +33,7 @@ from monitor_contract import (
     redis_now,
     run_meta_key,
 )
-from monitor_read import read_snapshots
+from monitor_nodes import read_snapshots
 from monitor_records import parse_recent
 from monitor_rules import RULE, RULES, SILENCE_MATCHERS, SilenceIndex, live_value
 from monitor_settings import SETTING, ConfigError, duration

@@ -55,21 +55,10 @@ from monitor_events import Hub
 from monitor_export import DAY_COLUMNS, RUN_COLUMNS, csv_text, days_rows, runs_rows
 from monitor_fields import NODE_FIELDS, VIEW_FIELDS, closed, node_json, parse_fields, project_view, projected
 from monitor_gate import ADMIN, MAX_BODY, OPERATOR, SEED_BODY, TICKET_SECONDS, Gate, gate, identity, log_acting, needs
+from monitor_nodes import ChangeFeed, NodeEntry, NodeReader, gc_paused, wrong_type
 from monitor_prometheus import LEVELS, NODE_LABELS, RedisCollector, ScrapeReader, exposition
 from monitor_queues import DEAD_LIMIT, MAX_DEAD_LIMIT, dead_bound, read_dead
-from monitor_read import (
-    STATES,
-    ChangeFeed,
-    NodeEntry,
-    NodeReader,
-    gc_paused,
-    read_histories,
-    read_markers,
-    read_rollups,
-    spider_points,
-    spiders_view,
-    wrong_type,
-)
+from monitor_read import STATES, read_histories, read_markers, read_rollups, spider_points, spiders_view
 from monitor_records import read_audit, read_control_log, read_runs, run_bound
 from monitor_records import runs_summary as read_runs_summary
 from monitor_redis import RedisWatch

@@ -2,7 +2,7 @@
 
 Writers publish on ``events_channel(prefix)`` (monitor_contract): a node's snapshot write publishes ``node <id>``
 in the same script, pruning publishes the ids it deletes, the alerter and the silence routes ``alerts``, a
-control command ``control <JSON>``. The API process's one subscription (``monitor_read.ChangeFeed``, which also
+control command ``control <JSON>``. The API process's one subscription (``monitor_nodes.ChangeFeed``, which also
 tells the node reader what changed) hands them to its ``Hub``, whose thread reads what changed (the changed nodes
 in one HMGET), computes live -> stale when it becomes true (a change nobody writes), and appends numbered entries
 to a bounded in-memory ring. Each stream (a waitress worker
@@ -36,7 +36,7 @@ from monitor_contract import (
     slim,
     status_key,
 )
-from monitor_read import ChangeFeed
+from monitor_nodes import ChangeFeed
 from monitor_snapshot import last_report, parse_snapshot
 
 logger = logging.getLogger("monitor_api")

@@ -21,7 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 import monitor_api
 import monitor_contract
 import monitor_gate
-import monitor_read
+import monitor_nodes
 from testbed import ROOT, make_app, snap, store
 from testbed_servers import RedisServer, clean_env, free_port, serving, wait_for
 
@@ -156,7 +156,7 @@ def test_a_silent_node_turns_stale_though_its_stored_value_is_unchanged(client, 
     store(redis_client, snap("a:2", pages=11))  # a:2 reports again, a:1 falls silent for a minute
     later = time.time() + 60  # liveness is judged on Redis's clock: move it a minute on
     redis_now = monitor_contract.redis_now
-    monkeypatch.setattr(monitor_read, "redis_now", lambda reply: redis_now(reply) + 60)
+    monkeypatch.setattr(monitor_nodes, "redis_now", lambda reply: redis_now(reply) + 60)
     store(redis_client, snap("a:2", timestamp=int(later), pages=12))
     body = client.get("/metrics").get_json()
     assert (body["a:1"]["state"], body["a:2"]["state"], body["a:2"]["pages"]) == ("stale", "live", 12)
@@ -525,7 +525,7 @@ def test_nodes_silent_past_retention_are_pruned_with_their_history(redis_url, re
 
     store(redis_client, snap("old:2", age=7200))  # housekeeping runs at most once a minute
     assert "old:2" in c.get("/metrics").get_json()
-    app.extensions["reader"].node_reader.last_prune -= monitor_read.PRUNE_EVERY
+    app.extensions["reader"].node_reader.last_prune -= monitor_nodes.PRUNE_EVERY
     assert "old:2" not in c.get("/spiders").get_json()["main_spider"]["nodes"]
     assert not redis_client.hexists("scrapy:node:status", "old:2")
 

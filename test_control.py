@@ -11,7 +11,7 @@ import pytest
 
 import monitor_acting
 import monitor_contract
-import monitor_read
+import monitor_nodes
 import monitor_snapshot
 import testbed
 from testbed import PAGE, WAIT, make_app, polls_after, publish, snap, snapshot, store
@@ -333,7 +333,7 @@ def test_the_newest_command_of_a_nodes_three_targets_wins(redis_client, redis_ur
     # A pruned node's own command goes with it.
     store(redis_client, snap("gone:1", age=100_000))
     send(api, "pause", node="gone:1")
-    monitor_read.prune_nodes(redis_client, nodes(redis_client), 86400, "scrapy")
+    monitor_nodes.prune_nodes(redis_client, nodes(redis_client), 86400, "scrapy")
     assert not redis_client.hexists(monitor_contract.control_key("scrapy", "commands"), "node:gone:1")
 
 

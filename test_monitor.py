@@ -15,6 +15,7 @@ from scrapy.utils.test import get_crawler
 import alert
 import monitor_api
 import monitor_contract
+import monitor_nodes
 import monitor_read
 import monitor_snapshot
 import monitors
@@ -264,7 +265,7 @@ def test_read_side_states_cluster_view_and_malformed_values(redis_client):
     assert set(monitor_read.spiders_view(found)) == {"s", "other"}
     assert testbed.get_node(redis_client, "a", "scrapy", now)["state"] == "live"
     assert testbed.get_node(redis_client, "bad1", "scrapy") is None
-    assert monitor_read.prune_nodes(redis_client, found, 400, "scrapy", now) == ["c"]
+    assert monitor_nodes.prune_nodes(redis_client, found, 400, "scrapy", now) == ["c"]
     assert not redis_client.hexists(key, "c")
 
 
@@ -356,7 +357,7 @@ def test_liveness_is_judged_on_redis_clock_and_a_stored_age_is_ignored(redis_cli
     with redis_client.pipeline() as pipe:
         monitor_contract.write_snapshot(pipe, "scrapy", snapshot, 10, stamp=True)
         server = monitor_contract.redis_now(pipe.execute()[0])
-    reader = monitor_read.NodeReader(redis_client, "scrapy")
+    reader = monitor_nodes.NodeReader(redis_client, "scrapy")
     nodes, skipped, now = reader.read()
     stored = nodes["n"]
     assert skipped == 0 and "age" not in stored

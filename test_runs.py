@@ -18,7 +18,7 @@ import alert
 import monitor_api
 import monitor_channels
 import monitor_contract
-import monitor_read
+import monitor_nodes
 import monitor_records
 import monitor_settings
 import monitor_snapshot
@@ -277,7 +277,7 @@ def test_a_late_node_keeps_its_run_and_corrects_the_lost_record(redis_client, re
     proc = crawlers(env=crawler_env(redis_url), settings={"MAX_IDLE_TIME_BEFORE_CLOSE": 4})
     node = f"main_spider:{socket.gethostname()}:{proc.pid}"
     wait_for(lambda: testbed.get_node(redis_client, node) is not None, 60, what="node reporting")
-    reader = monitor_read.NodeReader(redis_client, P, 0, lost_after=2)
+    reader = monitor_nodes.NodeReader(redis_client, P, 0, lost_after=2)
     proc.send_signal(signal.SIGSTOP)  # late, not dead
     try:
         wait_for(lambda: reader.read() and [r for r in runs(redis_client) if r["finish_reason"] == "lost"], 30,
@@ -305,7 +305,7 @@ def test_pruning_waits_for_the_lost_run(redis_client, redis_url):
     [run] = runs(redis_client, "p")
     assert run["finish_reason"] == "lost" and run["pages"] == 3 and run["duration"] == 1000
     claim = monitor_contract.run_claim_key(P, "old:1", now - 9000)
-    assert 0 < redis_client.ttl(claim) <= monitor_read.CLAIM_AFTER_PRUNE
+    assert 0 < redis_client.ttl(claim) <= monitor_nodes.CLAIM_AFTER_PRUNE
 
 
 # ---------------------------------------------------------------------------- the alert rule
@@ -414,7 +414,7 @@ def test_a_node_is_never_lost_between_its_reports(redis_client):
     slow = {"node": "slow:1", "spider": "q", "start_time": now - 100, "timestamp": now - 20, "seen": now - 20,
             "status": "running", "interval": 10}
     redis_client.hset(monitor_contract.status_key(P), "slow:1", json.dumps(slow))
-    reader = monitor_read.NodeReader(redis_client, P, lost_after=1)
+    reader = monitor_nodes.NodeReader(redis_client, P, lost_after=1)
     reader.read()
     assert runs(redis_client, "q") == []  # 20 s silent, reports every 10 s: not stale yet
     redis_client.hset(monitor_contract.status_key(P), "slow:1", json.dumps(dict(slow, seen=now - 31)))

@@ -17,8 +17,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 import monitor_alert_state
 import monitor_contract
+import monitor_nodes
 import monitor_prometheus
-import monitor_read
 import monitor_rules
 import monitor_snapshot
 import testbed
@@ -365,7 +365,7 @@ def test_slim_readers_read_a_node_without_a_slim_value_from_the_status_hash(redi
     testbed.publish(redis_client, *(testbed.snapshot(f"s:h:{i}", "s", pages=i) for i in range(3)))
     redis_client.hset(monitor_contract.status_key("scrapy"), "s:old:9",  # an older extension writes no slim value
                       json.dumps(testbed.snapshot("s:old:9", "s", pages=9)))
-    reader = monitor_read.NodeReader(redis_client, "scrapy", slim=True)
+    reader = monitor_nodes.NodeReader(redis_client, "scrapy", slim=True)
     nodes, skipped, _ = reader.read(T0)
     assert skipped == 0 and {n: s["pages"] for n, s in nodes.items()} == {"s:h:0": 0, "s:h:1": 1, "s:h:2": 2,
                                                                           "s:old:9": 9}
@@ -379,16 +379,16 @@ def test_a_big_clusters_reads_take_only_the_nodes_written_since_and_a_whole_read
     and keeps the others as last read: the same nodes as a whole read. A value changed without a notification shows
     at the next whole read (every FULL_EVERY seconds), nodes added or deleted without one at once (the count
     differs); a lost subscription makes the next read whole."""
-    monkeypatch.setattr(monitor_read, "FEED_FROM", 5)
+    monkeypatch.setattr(monitor_nodes, "FEED_FROM", 5)
     testbed.publish(redis_client, *(testbed.snapshot(f"s:h:{i}", "s", pages=i) for i in range(8)))
-    feed = monitor_read.ChangeFeed(redis_url, "scrapy")
-    reader = monitor_read.NodeReader(monitor_contract.connect(redis_url), "scrapy", slim=True, feed=feed)
+    feed = monitor_nodes.ChangeFeed(redis_url, "scrapy")
+    reader = monitor_nodes.NodeReader(monitor_contract.connect(redis_url), "scrapy", slim=True, feed=feed)
     whole, parse = [], reader.parse
     monkeypatch.setattr(reader, "parse", lambda *a: whole.append(1) or parse(*a))
 
     def read():
         nodes = reader.read(T0)[0]
-        assert nodes == monitor_read.NodeReader(redis_client, "scrapy", slim=True).read(T0)[0]  # as a whole read
+        assert nodes == monitor_nodes.NodeReader(redis_client, "scrapy", slim=True).read(T0)[0]  # as a whole read
         return nodes
 
     read()
@@ -397,7 +397,7 @@ def test_a_big_clusters_reads_take_only_the_nodes_written_since_and_a_whole_read
     read()  # whole again: the first since it subscribed
     assert len(whole) == 3
     testbed.publish(redis_client, testbed.snapshot("s:h:3", "s", pages=999), testbed.snapshot("s:h:new", "s"))
-    monitor_read.prune_nodes(redis_client, {"s:h:0": testbed.get_node(redis_client, "s:h:0")}, 0, "scrapy",
+    monitor_nodes.prune_nodes(redis_client, {"s:h:0": testbed.get_node(redis_client, "s:h:0")}, 0, "scrapy",
                              now=time.time() + 10 ** 6)
     redis_client.hset("scrapy:node:slim", "s:h:5", b"not JSON")  # by hand: no notification
     redis_client.hset("scrapy:node:status", "s:h:old", monitor_contract.dumps(testbed.snapshot("s:h:old", "s")))
@@ -407,9 +407,9 @@ def test_a_big_clusters_reads_take_only_the_nodes_written_since_and_a_whole_read
     assert len(whole) == 3 and nodes["s:h:3"]["pages"] == 999 and "s:h:new" in nodes and "s:h:0" not in nodes
     assert nodes["s:h:old"]["node"] == "s:h:old"
     assert "s:h:5" in nodes  # not seen yet: nobody told
-    monkeypatch.setattr(monitor_read, "FULL_EVERY", 0)
+    monkeypatch.setattr(monitor_nodes, "FULL_EVERY", 0)
     assert "s:h:5" not in read() and len(whole) == 4  # the whole read sees it (malformed: skipped)
-    monkeypatch.setattr(monitor_read, "FULL_EVERY", 30.0)
+    monkeypatch.setattr(monitor_nodes, "FULL_EVERY", 30.0)
     generation = feed.generation
     redis_client.client_kill_filter(_type="pubsub")
     wait_for(lambda: feed.subscribed and feed.generation > generation, what="a new subscription")

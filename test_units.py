@@ -21,6 +21,7 @@ import alert
 import monitor_alert_state
 import monitor_cache
 import monitor_contract
+import monitor_nodes
 import monitor_prometheus
 import monitor_read
 import monitor_records
@@ -1012,8 +1013,8 @@ def test_a_pause_freezes_what_lives_on_and_a_tidy_collects_frozen_cycles(monkeyp
     class Node:
         pass
 
-    monkeypatch.setattr(monitor_read, "_tidied", [time.monotonic()])
-    with monitor_read.gc_paused():
+    monkeypatch.setattr(monitor_nodes, "_tidied", [time.monotonic()])
+    with monitor_nodes.gc_paused():
         cycle = Node()
         cycle.me, ref = cycle, weakref.ref(cycle)
         assert not gc.isenabled()
@@ -1021,9 +1022,9 @@ def test_a_pause_freezes_what_lives_on_and_a_tidy_collects_frozen_cycles(monkeyp
     del cycle
     gc.collect()
     assert ref() is not None  # frozen: no collection looks at it
-    monitor_read.gc_tidy(within=monitor_read.TIDY_EVERY / 2)
+    monitor_nodes.gc_tidy(within=monitor_nodes.TIDY_EVERY / 2)
     assert ref() is not None  # not due yet
-    monitor_read.gc_tidy(within=monitor_read.TIDY_EVERY)
+    monitor_nodes.gc_tidy(within=monitor_nodes.TIDY_EVERY)
     assert ref() is None and gc.get_freeze_count() == 0
 
 
@@ -1578,10 +1579,10 @@ READS = [
 
 
 def test_a_reader_decodes_again_only_what_changed_and_reads_as_a_fresh_reader_does():
-    reader, last = monitor_read.NodeReader(None, "p"), {}
+    reader, last = monitor_nodes.NodeReader(None, "p"), {}
     for held, now, kept in READS:
         nodes, skipped = reader._decode(held, now)
-        fresh, fresh_skipped = monitor_read.NodeReader(None, "p")._decode(held, now)
+        fresh, fresh_skipped = monitor_nodes.NodeReader(None, "p")._decode(held, now)
         assert (nodes, skipped) == (fresh, fresh_skipped) and list(nodes) == list(fresh), now
         assert {n for n in nodes if nodes[n] is last.get(n)} == set(kept), now
         assert {n: e.snapshot for n, e in reader.entries.items() if e.snapshot is not None} == nodes

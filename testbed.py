@@ -22,6 +22,7 @@ import time
 import redis
 
 import monitor_contract
+import monitor_nodes
 import monitor_read
 import monitor_snapshot
 from testbed_servers import ROOT, Site, clean_env
@@ -183,7 +184,7 @@ def publish(client, *snapshots, prefix="scrapy", history=0, history_len=None, tr
 
 def list_nodes(client, prefix="scrapy", now=None):
     """``({node: snapshot with state}, malformed count)``, read as the API and the alerter read them."""
-    nodes, skipped, _ = monitor_read.NodeReader(client, prefix).read(now)
+    nodes, skipped, _ = monitor_nodes.NodeReader(client, prefix).read(now)
     return nodes, skipped
 
 
