@@ -43,6 +43,7 @@ from monitor_contract import (
     Outage,
     dead_totals_key,
     history_key,
+    insight_key,
     redact,
     redis_now,
     run_meta_key,
@@ -56,7 +57,7 @@ from monitor_export import DAY_COLUMNS, RUN_COLUMNS, csv_text, days_rows, runs_r
 from monitor_fields import NODE_FIELDS, VIEW_FIELDS, closed, node_json, parse_fields, project_view, projected
 from monitor_gate import ADMIN, MAX_BODY, OPERATOR, SEED_BODY, TICKET_SECONDS, Gate, gate, identity, log_acting, needs
 from monitor_nodes import ChangeFeed, NodeEntry, NodeReader, gc_paused, wrong_type
-from monitor_prometheus import LEVELS, NODE_LABELS, RedisCollector, ScrapeReader, exposition
+from monitor_prometheus import LEVELS, NODE_LABELS, RedisCollector, exposition, scrape_input
 from monitor_queues import DEAD_LIMIT, MAX_DEAD_LIMIT, dead_bound, read_dead
 from monitor_read import STATES, read_histories, read_markers, read_rollups, spider_points, spiders_view
 from monitor_records import read_audit, read_control_log, read_runs, run_bound
@@ -415,17 +416,21 @@ def prometheus():
         abort(400, f"detail must be {' or '.join(LEVELS)}, node_label {' or '.join(NODE_LABELS)}")
 
     def compute():
-        # Not through the full reader, whose whole decoded snapshots stay in memory: see ScrapeReader.
-        scrapes = current_app.extensions.setdefault("prometheus", ScrapeReader())
-        decoded, now = scrapes.read(reader().redis, reader().key)
-        totals = reader().redis.hgetall(run_meta_key(reader().prefix, "totals"))
-        dead = reader().redis.hgetall(dead_totals_key(reader().prefix))
+        nodes, skipped, now = reader().nodes()  # the slim read the list views share; insight from its own hash
+        r, prefix = reader().redis, reader().prefix
+        with r.pipeline(transaction=False) as pipe:
+            if nodes:  # HMGET of no field is an error
+                pipe.hmget(insight_key(prefix), list(nodes))
+            pipe.hgetall(run_meta_key(prefix, "totals"))
+            pipe.hgetall(dead_totals_key(prefix))
+            *insights, totals, dead = pipe.execute()
         extra = []
         with contextlib.suppress(redis.ResponseError):  # INFO renamed away (some managed Redis): no Redis figures
             extra.append(RedisCollector(reader().redis_health()))
         with gc_paused():  # a bulk decode: see gc_paused
+            decoded = scrape_input(nodes, now, insights[0] if nodes else [], lambda names: r.hmget(reader().key, names))
             return Body(exposition(decoded, now, totals, dead, detail, node_label == "nopid",
-                                   current_app.config["MONITOR_FINISHED_AFTER"], extra), CONTENT_TYPE_LATEST)
+                                   current_app.config["MONITOR_FINISHED_AFTER"], extra, skipped), CONTENT_TYPE_LATEST)
 
     return cached(compute)
 

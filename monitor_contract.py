@@ -60,6 +60,11 @@ def slim_key(prefix):
     return f"{prefix}:node:slim"
 
 
+def insight_key(prefix):
+    """HASH beside ``status_key``, written with it: node id -> ``insight_value`` (what /prometheus adds up)."""
+    return f"{prefix}:node:insight"
+
+
 def history_key(prefix, node):
     """Full-resolution history of one node: a LIST of rows, newest first, the last hour."""
     return f"{prefix}:node:history:{node}"
@@ -294,6 +299,24 @@ def slim_value(snapshot):
     return dumps({**slim(snapshot), **extra})
 
 
+def insight_value(snapshot):
+    """``insight_key``'s JSON of a snapshot: its crawl insight as /prometheus adds it up, as columns that decode and
+    add up at C speed: ``latency_buckets``, ``domains`` (``[names, *DOMAIN_COUNTS]``, one list per figure, every
+    domain with ``other``) and ``fields`` (``[names, shares]``), each only when the snapshot has it (``{}``
+    without insight). A figure that is not a number is null."""
+    out = {}
+    if snapshot.get("latency_buckets"):
+        out["latency_buckets"] = snapshot["latency_buckets"]
+    domains, fields = snapshot.get("domains"), snapshot.get("fields")
+    if isinstance(domains, dict) and domains:
+        named = [(name, d) for name, d in domains.items() if isinstance(d, dict)]
+        out["domains"] = [[name for name, _ in named], *([d.get(count) if is_number(d.get(count)) else None
+                                                          for _, d in named] for count in DOMAIN_COUNTS)]
+    if isinstance(fields, dict) and fields:
+        out["fields"] = [list(fields), list(fields.values())]
+    return dumps(out)
+
+
 def slim_domains(domains):
     """A slim value's ``domains``: ``[names, pages, refused (429 + 503 answers), delays]`` of each named domain of
     ``{name: figures}`` (``other``, many domains, left out), one list per figure; ``delays`` only when one is set.
@@ -321,13 +344,19 @@ return out
 """
 # Publishes a snapshot stamped with Redis's clock: the stored object gains ``seen``, the server's time of
 # the write, which every reader judges liveness by; the reply is that time (TIME's two parts). The same step
-# writes the slim value (KEYS[2], ARGV[3]), stamped alike, and tells readers (``events_channel``, ARGV[4]) which
-# node changed.
+# writes the slim value (KEYS[2], ARGV[3]) and the insight value (KEYS[3], ARGV[5]), stamped alike (an empty
+# object gains only the stamp), and tells readers (``events_channel``, ARGV[4]) which node changed.
 STAMP_LUA = """
 local t = redis.call('TIME')
-local seen = ',"seen":' .. string.format('%d.%03d', t[1], math.floor(t[2] / 1000)) .. '}'
+local stamp = string.format('%d.%03d', t[1], math.floor(t[2] / 1000))
+local seen = ',"seen":' .. stamp .. '}'
 redis.call('HSET', KEYS[1], ARGV[1], string.sub(ARGV[2], 1, -2) .. seen)
 redis.call('HSET', KEYS[2], ARGV[1], string.sub(ARGV[3], 1, -2) .. seen)
+if ARGV[5] == '{}' then
+  redis.call('HSET', KEYS[3], ARGV[1], '{"seen":' .. stamp .. '}')
+else
+  redis.call('HSET', KEYS[3], ARGV[1], string.sub(ARGV[5], 1, -2) .. seen)
+end
 redis.call('PUBLISH', ARGV[4], 'node ' .. ARGV[1])
 return t
 """
@@ -335,8 +364,8 @@ return t
 
 def write_snapshot(pipe: redis.client.Pipeline, prefix: str, snapshot: Snapshot, history_len: int, trend_rows=(),
                    stamp: bool = False, row: Optional[list] = None, rollup: Optional[tuple] = None) -> Optional[dict]:
-    """Queue the commands that publish one snapshot: status and slim hashes, capped history, trend, expiries, the
-    change notification (``events_channel``), and with ``rollup`` (``(at, previous counts)``, see
+    """Queue the commands that publish one snapshot: status, slim and insight hashes, capped history, trend, expiries,
+    the change notification (``events_channel``), and with ``rollup`` (``(at, previous counts)``, see
     ``write_rollup``) the spider's rollups, whose counts it returns.
 
     With ``stamp`` (the extension always stamps) Redis adds ``seen`` and the first reply is its clock;
@@ -345,11 +374,12 @@ def write_snapshot(pipe: redis.client.Pipeline, prefix: str, snapshot: Snapshot,
     node = snapshot["node"]
     if stamp:
         # EVAL by name: a cluster pipeline has no eval()
-        pipe.execute_command("EVAL", STAMP_LUA, 2, status_key(prefix), slim_key(prefix), node, dumps(snapshot),
-                             slim_value(snapshot), events_channel(prefix))
+        pipe.execute_command("EVAL", STAMP_LUA, 3, status_key(prefix), slim_key(prefix), insight_key(prefix), node,
+                             dumps(snapshot), slim_value(snapshot), events_channel(prefix), insight_value(snapshot))
     else:
         pipe.hset(status_key(prefix), node, dumps(snapshot))
         pipe.hset(slim_key(prefix), node, slim_value(snapshot))
+        pipe.hset(insight_key(prefix), node, insight_value(snapshot))
         notify(pipe, prefix, "node", node)
     hkey = history_key(prefix, node)
     pipe.lpush(hkey, dumps(row or history_row(snapshot)))

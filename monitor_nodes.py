@@ -25,6 +25,7 @@ from monitor_contract import (
     control_key,
     events_channel,
     history_key,
+    insight_key,
     is_number,
     notify,
     redis_now,
@@ -460,6 +461,7 @@ def prune_nodes(r, nodes, retention, prefix, now=None):
         with r.pipeline(transaction=False) as pipe:
             pipe.hdel(status_key(prefix), *gone)
             pipe.hdel(slim_key(prefix), *gone)
+            pipe.hdel(insight_key(prefix), *gone)
             pipe.hdel(control_key(prefix, "commands"), *(f"node:{node}" for node in gone))  # ends with its node
             for node in gone:
                 pipe.delete(history_key(prefix, node), trend_key(prefix, node))

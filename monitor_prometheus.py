@@ -1,4 +1,4 @@
-"""The cluster in Prometheus's text format, written per scrape over one read of the status hash.
+"""The cluster in Prometheus's text format, written per scrape over one read of the node hashes.
 
 Two levels. ``spider`` (the default): per node only a core of CORE series (up, state, host CPU and memory,
 process CPU and RSS, last report, pages, items, requests, errors, retries), the rest summed per spider (status
@@ -7,8 +7,9 @@ field coverage weighted by items) or per host (network bytes); ``node``: every s
 Per-spider node counts, queues and run totals come at both levels. ``prometheus-rules.yml`` reads these names at
 the default level (a test checks it).
 
-The status hash is read by ScrapeReader: one value decoded at a time, its big fields reduced at once to the
-figures the export adds up (Insight), so a scrape never holds every whole snapshot. The node and spider families
+A scrape reads no whole snapshot of a node that writes its insight value: the core and summed figures come
+from the API's read of the slim hash, crawl insight from the insight hash, whose columns decode and add up at C
+speed (``scrape_input``, ``Insight``). The node and spider families
 (10,000 nodes: over 120,000 lines, two million with ``?detail=node``) are written here as prometheus_client's
 ``generate_latest`` writes them (same lines, labels in name order), but each node's or spider's labels are
 escaped once, not once a sample, and the body is encoded in blocks of BLOCK lines into one buffer; the small
@@ -25,10 +26,10 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.utils import floatToGoString
 
-from monitor_contract import BIG_FIELDS, LATENCY_BUCKETS, as_text, is_number, number, redis_now
+from monitor_contract import BIG_FIELDS, LATENCY_BUCKETS, as_text, is_number, number
 from monitor_read import CRAWL_STATES, FINISHED_AFTER, STATES, combine, numbers, queued_work, spider_state
 from monitor_records import run_totals
-from monitor_snapshot import decode_snapshot, node_state
+from monitor_snapshot import decode_snapshot, node_state, parse_insights
 
 # (snapshot field, metric name, help, scale): base units, so percentages become ratios.
 GAUGES = (
@@ -84,14 +85,14 @@ SPIDER_COUNTERS = "Summed over the spider's nodes."
 
 
 def exposition(decoded, now, raw_totals, raw_dead, detail="spider", stable=False, finished_after=FINISHED_AFTER,
-               extra=()):
-    """The /prometheus body (bytes) over one read of the status hash and Redis's clock ``now``: ``decoded``,
-    ``(node, snapshot with state and without BIG_FIELDS, its Insight.part)`` triples (snapshot None for a value
-    the gate refused) taken one at a time (``ScrapeReader.read``); the run totals and the dead letter totals
-    hashes; at ``detail`` ``spider`` or ``node`` (LEVELS); with ``stable`` the node label is the id without its
-    pid (``stable_ids``). ``extra``: more prometheus_client collectors."""
+               extra=(), skipped=0):
+    """The /prometheus body (bytes) over one read of the node hashes and Redis's clock ``now``: ``decoded``,
+    ``(node, snapshot with state, its Insight.part)`` triples (snapshot None for a value the gate refused; its big
+    fields are not read) taken one at a time (``scrape_input``), and ``skipped`` values the read left out; the run
+    totals and the dead letter totals hashes; at ``detail`` ``spider`` or ``node`` (LEVELS); with ``stable`` the
+    node label is the id without its pid (``stable_ids``). ``extra``: more prometheus_client collectors."""
     per_node = detail == "node"
-    insight, nodes, skipped = Insight(), {}, 0
+    insight, nodes = Insight(), {}
     for node, s, part in decoded:
         if s is None:
             skipped += 1
@@ -127,42 +128,32 @@ def exposition(decoded, now, raw_totals, raw_dead, detail="spider", stable=False
     return body.getvalue()
 
 
-class ScrapeReader:
-    """/prometheus's reads of the status hash, one round trip each, its values decoded through the gate one at a
-    time and kept small: a snapshot without insight's big fields (BIG_FIELDS), and of those only the figures the
-    export adds up (``Insight.part``). A scrape holds no whole snapshot but the one being decoded. Between scrapes
-    only the nodes that stopped reporting (closed or stale) are kept, as they were last decoded: their values do
-    not change, so they are not decoded again; a reporting node's value is new at the next scrape anyway."""
-
-    def __init__(self):
-        self.kept = {}  # stored field -> (value, snapshot without big fields and state, Insight.part)
-
-    def read(self, r, key):
-        """``(decoded, now)``: a generator of ``(node, snapshot with state, Insight.part)`` over the hash ``key``
-        (``exposition``'s input), and Redis's clock at the read."""
-        with r.pipeline(transaction=False) as pipe:
-            pipe.hgetall(key)
-            pipe.execute_command("TIME")  # pipe.time() is refused in a cluster pipeline
-            raw, server_now = pipe.execute()
-        return self._decoded(raw, redis_now(server_now)), redis_now(server_now)
-
-    def _decoded(self, raw, now):
-        kept, before = {}, self.kept
-        for field in list(raw):
-            value = raw.pop(field)  # let go of each value once decoded
-            entry = before.get(field)
-            if entry is None or entry[0] != value:
-                snapshot = decode_snapshot(value)
-                if snapshot is None:
-                    yield as_text(field), None, None
-                    continue
-                snapshot.pop("age", None)  # readers derive it
-                entry = (value, snapshot, Insight.part(snapshot))
-            snapshot = dict(entry[1], state=node_state(entry[1], now))
-            if snapshot["state"] in IDLE:
-                kept[field] = entry
-            yield as_text(field), snapshot, entry[2]
-        self.kept = kept
+def scrape_input(nodes, now, insights, whole):
+    """``exposition``'s triples ``(node, snapshot with state, Insight.part)`` (snapshot None for a value the gate
+    refused) from the API's read of the slim hash (``nodes``: ``{node: snapshot with state}`` at Redis's clock
+    ``now``) and, in the same order, their values in the insight hash (``insights``). A node whose insight value is
+    not usual or not in step with its slim value (``parse_insights``: an older extension's, one written by hand) is
+    read and decoded whole: ``whole(names)`` gives those nodes' values in the status hash. So no scrape decodes a
+    whole snapshot for a node that writes its insight value."""
+    names, snaps = list(nodes), list(nodes.values())
+    parts = parse_insights(insights, list(map(dict.get, snaps, itertools.repeat("seen"))))
+    redo = [name for name, part in zip(names, parts) if part is None]
+    wholes = dict(zip(redo, whole(redo))) if redo else {}
+    for name, s, part in zip(names, snaps, parts):
+        if part is None:
+            raw = wholes.get(name)
+            if raw is None:  # deleted since the read
+                continue
+            s = decode_snapshot(raw)
+            if s is None:
+                yield name, None, None
+                continue
+            s.pop("age", None)  # readers derive it
+            part = Insight.part(s)
+            s["state"] = node_state(s, now)
+        else:
+            part = (part[0], number(s.get("latency_sum"), 0), part[1], part[2], max(number(s.get("items"), 0), 0))
+        yield name, s, part
 
 
 def _escaped(value):
@@ -361,9 +352,8 @@ def insight_lines(insight, labels, per_node):
     for key, (counts, total) in histograms.items():
         yield from (f'{name}_bucket{{le="{bound}",{key}}} {_value(count)}\n' for bound, count in zip(BOUNDS, counts))
         yield f"{name}_count{{{key}}} {_value(counts[-1])}\n{name}_sum{{{key}}} {_value(total)}\n"
-    width = len(DOMAIN_FIGURES)
-    merged = {key: {_escaped(domain): rows if len(rows) == width else [_total(rows[i::width]) for i in range(width)]
-                    for domain, rows in mine.items()} for key, mine in domains.items()}
+    merged = {key: {_escaped(domain): figures for domain, figures in _domain_totals(groups).items()}
+              for key, groups in domains.items()}
     for i, (_, name, doc) in enumerate(DOMAIN_COUNTERS):
         yield f"# HELP {name}_total {doc}\n# TYPE {name}_total counter\n"
         for key, mine in merged.items():
@@ -380,31 +370,33 @@ def insight_lines(insight, labels, per_node):
     name = "scrapy_item_field_coverage_ratio"
     yield (f"# HELP {name} Share of the run's items with the field present and not empty.\n"
            f"# TYPE {name} gauge\n")
-    for key, mine in fields.items():
-        for field, rows in mine.items():
-            yield f'{name}{{field="{_escaped(field)}",{key}}} {_value(_coverage(rows))}\n'
+    for key, groups in fields.items():
+        for field, (shares, items) in _field_rows(groups).items():
+            yield f'{name}{{field="{_escaped(field)}",{key}}} {_value(_coverage(shares, items))}\n'
 
 
 class Insight:
     """Crawl insight gathered per key (a node or a spider), one snapshot at a time (``add``): ``histograms``
-    ``{key: [latency buckets, latency sum]}`` added up, ``domains`` ``{key: {domain: [DOMAIN_FIGURES of each
-    node, one after the other]}}`` and ``fields`` ``{key: {field: [share, items, share, items ...]}}`` (flat
-    lists: no object a node; in node order, so sums add up as a running total would)."""
-
-    figures = operator.itemgetter(*DOMAIN_FIGURES)
+    ``{key: [latency buckets, latency sum]}`` added up; ``domains`` ``{key: {domain names: [each node's domain
+    columns]}}`` and ``fields`` ``{key: {field names: [(each node's shares, its items)]}}``, grouped by the names
+    each node lists (in node order), so that the nodes that list the same names add up column by column at C
+    speed (``_domain_totals``, ``_field_rows``)."""
 
     def __init__(self):
         self.histograms, self.domains, self.fields = {}, {}, {}
 
-    @classmethod
-    def part(cls, snapshot):
-        """What ``add`` needs of a snapshot's big fields, which are taken off it: ``(latency buckets, latency
-        sum, [(domain, DOMAIN_FIGURES)], [(field, share)], items)``."""
+    @staticmethod
+    def part(snapshot):
+        """What ``add`` needs of a whole snapshot's big fields, which are taken off it: ``(latency buckets, latency
+        sum, domains [names, *DOMAIN_FIGURES], fields [names, shares], items)``, as ``scrape_input`` makes of an
+        insight value (``monitor_contract.insight_value``)."""
         big = {field: snapshot.pop(field, None) for field in BIG_FIELDS}
         domains, fields = big["domains"], big["fields"]
+        figures = list(domains.values()) if domains else ()
         return (big["latency_buckets"] or None, number(snapshot.get("latency_sum"), 0),
-                [(domain, cls.figures(values)) for domain, values in domains.items()] if domains else None,
-                list(fields.items()) if fields else None, max(number(snapshot.get("items"), 0), 0))
+                [list(domains), *(list(map(dict.get, figures, itertools.repeat(f)))
+                                  for f in DOMAIN_FIGURES)] if domains else None,
+                [list(fields), list(fields.values())] if fields else None, max(number(snapshot.get("items"), 0), 0))
 
     def add(self, key, part):
         """One node's ``part`` added to ``key``'s figures."""
@@ -417,20 +409,37 @@ class Insight:
                 kept[0] = list(map(operator.add, kept[0], buckets))
                 kept[1] += latency_sum
         if domains:
-            _extend(self.domains, key, domains)
+            self.domains.setdefault(key, {}).setdefault(tuple(domains[0]), []).append(domains)
         if fields:
-            _extend(self.fields, key, ((field, (share, items)) for field, share in fields))
+            self.fields.setdefault(key, {}).setdefault(tuple(fields[0]), []).append((fields[1], items))
 
 
-def _extend(table, key, rows):
-    """``table[key][name]`` extended by the values of each ``(name, values)`` of ``rows``."""
-    mine = table.setdefault(key, {})
-    for name, values in rows:
-        kept = mine.get(name)
-        if kept is None:
-            mine[name] = list(values)
-        else:
-            kept += values
+def _domain_totals(groups):
+    """``{domain: its DOMAIN_FIGURES summed over the nodes}`` (each None when no node has it) from ``Insight.domains``'
+    groups of one key, in the order the domains first come."""
+    out = {}
+    for names, tables in groups.items():
+        columns = tables[0][1:] if len(tables) == 1 else [
+            list(map(_total, zip(*map(operator.itemgetter(i), tables)))) for i in range(1, 1 + len(DOMAIN_FIGURES))]
+        for name, figures in zip(names, zip(*columns)):
+            kept = out.get(name)
+            out[name] = list(figures) if kept is None else list(map(_plus, kept, figures))
+    return out
+
+
+def _field_rows(groups):
+    """``{field: (each node's share, each node's items)}`` from ``Insight.fields``' groups of one key."""
+    out = {}
+    for names, rows in groups.items():
+        items = [count for _, count in rows]
+        for name, shares in zip(names, zip(*map(operator.itemgetter(0), rows))):
+            kept = out.get(name)
+            if kept is None:
+                out[name] = (list(shares), list(items))
+            else:
+                kept[0].extend(shares)
+                kept[1].extend(items)
+    return out
 
 
 def _total(values):
@@ -442,11 +451,15 @@ def _total(values):
     return sum(values[1:], values[0])
 
 
-def _coverage(rows):
-    """A field's coverage over ``[share, items, share, items ...]``: its share for one node, else the mean of the
+def _plus(a, b):
+    """``a + b`` of two figures, either None when no node had it."""
+    return a if b is None else b if a is None else a + b
+
+
+def _coverage(shares, items):
+    """A field's coverage over its nodes' ``shares`` and ``items``: its share for one node, else the mean of the
     shares weighted by items (plain mean when no node has items), to 4 places."""
-    if len(rows) == 2:
-        return rows[0]
-    shares, items = rows[::2], rows[1::2]
+    if len(shares) == 1:
+        return shares[0]
     weight = sum(items)
     return round(sum(map(operator.mul, shares, items)) / weight if weight else sum(shares) / len(shares), 4)

@@ -207,6 +207,72 @@ def _kinds(values):
     return set(map(type, values))
 
 
+# The keys of an insight value (``monitor_contract.insight_value``), and each key's columns: ``(count, most names,
+# highest figure, whether a figure may be null)``.
+INSIGHT_COLUMNS = {"domains": (1 + len(DOMAIN_COUNTS), MAX_TOP_DOMAINS + 1, NUMBER_LIMIT - 1, True),
+                   "fields": (2, MAX_FIELDS, 1, False)}
+INSIGHT_KEYS = frozenset(("seen", "latency_buckets", *INSIGHT_COLUMNS))
+
+
+def parse_insights(raws: list, seens: list) -> list:
+    """For each of ``raws`` (``insight_key``'s values, None where missing) and the ``seen`` stamp of the snapshot it
+    goes with: ``(latency_buckets, domains, fields)`` (each None when absent) when the value is usual and stamped
+    alike, so the same as that snapshot's own, cleaned by the gate; else None: an older extension's node, a value
+    written by hand or not yet in step, which the caller reads from the whole snapshot. Usual: every name ASCII
+    text and distinct, every figure a number within the gate's bounds (a domain's may be null: the gate's None for
+    a figure the node did not give); checked BLOCK values at a time at C speed, a block that is not usual value by
+    value."""
+    out = []
+    for start in range(0, len(raws), BLOCK):
+        block = raws[start:start + BLOCK]
+        values = _usual_insights(block)
+        if values is None:
+            values = [(_usual_insights([raw]) or (None,))[0] for raw in block]
+        out += [None if v is None or v.get("seen") != seen else
+                (v.get("latency_buckets"), v.get("domains"), v.get("fields"))
+                for v, seen in zip(values, seens[start:start + BLOCK])]
+    return out
+
+
+def _usual_insights(raws):
+    """The decoded ``raws`` when each is a usual insight value (``parse_insights``), else None."""
+    if orjson is None or None in raws or not surely_in_bounds(*raws):
+        return None
+    try:
+        values = list(map(orjson.loads, raws))
+    except orjson.JSONDecodeError:
+        return None
+    if not (_kinds(values) == {dict} and set(itertools.chain.from_iterable(values)) <= INSIGHT_KEYS
+            and _kinds(_column(values, "seen", 0)) <= NUMBER_TYPES):
+        return None
+    buckets = _present(values, "latency_buckets")
+    if not (_kinds(buckets) <= {list} and set(map(len, buckets)) <= {len(LATENCY_BUCKETS) + 1}
+            and _counts_ok(list(itertools.chain.from_iterable(buckets)))):
+        return None
+    if all(_columns_ok(_present(values, key), *shape) for key, shape in INSIGHT_COLUMNS.items()):
+        return values
+    return None
+
+
+def _columns_ok(tables, width, most, high, nulls):
+    """Whether each of ``tables`` is ``width`` lists of one length, at most ``most``: distinct ``_names_ok`` names,
+    then columns of numbers within [0, ``high``] (or null, with ``nulls``); checked over all at C speed."""
+    if not (_kinds(tables) <= {list} and set(map(len, tables)) <= {width}
+            and _kinds(itertools.chain.from_iterable(tables)) <= {list}):
+        return False
+    names = list(map(operator.itemgetter(0), tables))
+    lengths = list(map(len, names))
+    flat = list(itertools.chain.from_iterable(names))
+    figures = list(itertools.chain.from_iterable(itertools.chain.from_iterable(
+        map(operator.itemgetter(slice(1, None)), tables))))
+    if nulls and None in figures:
+        figures = list(filter(NOT_NONE, figures))
+    return (max(lengths, default=0) <= most and _kinds(flat) <= {str} and _names_ok(flat)
+            and lengths == list(map(len, map(set, names)))
+            and all(lengths == list(map(len, map(operator.itemgetter(i), tables))) for i in range(1, width))
+            and _counts_ok(figures, high))
+
+
 def node_state(snapshot: Snapshot, now: Optional[float] = None) -> str:
     """``closed``, ``stale`` (silent for more than three intervals), ``paused`` or ``live``; derived, never
     stored. ``now`` is on Redis's clock, as is the report time (see ``last_report``)."""

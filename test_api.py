@@ -519,6 +519,7 @@ def test_nodes_silent_past_retention_are_pruned_with_their_history(redis_url, re
     c = app.test_client()
     assert set(c.get("/metrics").get_json()) == {"young:1"}
     assert redis_client.hkeys("scrapy:node:status") == [b"young:1"]
+    assert redis_client.hkeys("scrapy:node:slim") == redis_client.hkeys("scrapy:node:insight") == [b"young:1"]
     assert not redis_client.exists(monitor_contract.history_key("scrapy", "old:1"),
                                    monitor_contract.trend_key("scrapy", "old:1"))
     assert redis_client.exists(monitor_contract.history_key("scrapy", "young:1"))

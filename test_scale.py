@@ -317,28 +317,73 @@ def test_a_prometheus_scrape_keeps_no_decoded_snapshot(redis_client, redis_url):
     assert len(whole) == 300 and kept < decoded / 10, (kept, decoded)
 
 
-def test_prometheus_decodes_again_only_the_values_that_changed_or_keep_changing(redis_client, redis_url,
-                                                                                 monkeypatch):
-    domains = {"x.com": {"pages": 3, "errors": 1}}
-
-    def node(i, **fields):
-        return testbed.snapshot(f"s:h:{i}", "s", **{"domains": domains, **({"status": "closed"} if i < 10 else {}),
-                                                    **fields})
-
-    testbed.publish(redis_client, *(node(i) for i in range(20)))  # 10 closed, 10 live
+def test_prometheus_adds_up_insight_values_as_it_would_whole_snapshots(redis_client, redis_url, monkeypatch):
+    # 300 nodes of two spiders (two blocks of the insight values' check), each listing its domains and fields in
+    # its own order, some figures missing, some nodes closed or without insight; figures in quarters, so any order
+    # of addition gives the same float.
+    width = len(monitor_contract.LATENCY_BUCKETS) + 1
+    names = [f"shop-{d}.example.com" for d in range(6)] + ["other"]
+    node = lambda i: f"{'st'[i % 2]}:h{i // 8}:{i}"  # noqa: E731
+    snaps = []
+    for i in range(300):
+        mine = names[i % 7:] + names[:i % 7]
+        domains = {name: {"pages": (i + d) % 11, "errors": d % 3, "4xx": i % 5, "5xx": 1, "429": d % 2,
+                          **({"503": 2} if i % 3 else {}), "latency_p95": 0.25, "delay": None}
+                   for d, name in enumerate(mine[:3 + i % 5])}
+        fields = {f"field_{f}": ((i + f) % 5) / 4 for f in range(i % 4 * 3)}
+        insight = {} if i % 10 == 9 else {"latency_buckets": [k * (i % 7) for k in range(width)],
+                                          "latency_sum": i + 0.25, "domains": domains, "fields": fields}
+        snaps.append(testbed.snapshot(node(i), "st"[i % 2], items=(i % 6) * 4,
+                                      **({"status": "closed", "finish_reason": "finished"} if i % 13 == 0 else {}),
+                                      **insight))
+    testbed.publish(redis_client, *snaps, stamp=True)
+    stored = [json.loads(redis_client.hget(f"scrapy:node:{kind}", node(1))) for kind in ("slim", "insight")]
+    assert stored[1] == {"seen": stored[0]["seen"], "latency_buckets": snaps[1]["latency_buckets"],
+                         "domains": [list(snaps[1]["domains"]), *([d.get(count) for d in snaps[1]["domains"].values()]
+                                                                  for count in monitor_contract.DOMAIN_COUNTS)],
+                         "fields": [list(snaps[1]["fields"]), list(snaps[1]["fields"].values())]}
+    bare = {k: v for k, v in testbed.snapshot("u:h:1", "u").items() if k not in monitor_contract.BIG_FIELDS}
+    testbed.publish(redis_client, bare, stamp=True)  # no insight: its value is the stamp alone
+    stored = [json.loads(redis_client.hget(f"scrapy:node:{kind}", "u:h:1")) for kind in ("slim", "insight")]
+    assert stored[1] == {"seen": stored[0]["seen"]}
+    old = snaps[7] | {"node": "s:old:7", "domains": {"shop-1.example.com": {"pages": 4}}}
+    redis_client.hset("scrapy:node:status", "s:old:7", monitor_contract.dumps(old))  # an older extension's: no slim
     c = testbed.make_app(redis_url).test_client()
-    c.get("/prometheus")
-    decoded = []
+    whole = []
     gate = monitor_prometheus.decode_snapshot
-    monkeypatch.setattr(monitor_prometheus, "decode_snapshot", lambda raw: decoded.append(raw) or gate(raw))
-    text = c.get("/prometheus").get_data(as_text=True)
-    assert len(decoded) == 10  # the live nodes' (they report between two scrapes); the closed ones kept
-    assert 'scrapy_domain_responses_total{domain="x.com",spider="s"} 60.0' in text
-    assert 'scrapy_nodes{spider="s",state="closed"} 10.0' in text
-    testbed.publish(redis_client, node(3, domains={"x.com": {"pages": 33}}))  # a closed node written again
-    decoded.clear()
-    text = c.get("/prometheus").get_data(as_text=True)
-    assert len(decoded) == 11 and 'scrapy_domain_responses_total{domain="x.com",spider="s"} 90.0' in text
+    monkeypatch.setattr(monitor_prometheus, "decode_snapshot", lambda raw: whole.append(raw) or gate(raw))
+
+    def body(query=""):
+        text = c.get(f"/prometheus{query}").get_data(as_text=True)
+        # Redis's own figures move; the nodes come in the hash's order, which Redis may change between reads
+        return sorted(line for line in text.splitlines() if not line.startswith("scrapy_redis_"))
+
+    default, detail = body(), body("?detail=node")
+    assert len(whole) == 2  # the older extension's node, once a scrape
+    assert 'scrapy_domain_responses_total{domain="shop-1.example.com",node="s:old:7",spider="t"} 4.0' in detail
+    assert len([line for line in default if line.startswith("scrapy_domain_error_responses_total")]) > 40
+    # Hand-written insight values, each of a wrong shape or out of step with its snapshot: read from the whole
+    # snapshot instead, so nothing changes.
+    values = redis_client.hgetall("scrapy:node:insight")
+    stamped = {node(i): json.loads(values[node(i).encode()]) for i in range(20)}
+    wrongs = {node(2): b"not json", node(3): b"[]", node(4): stamped[node(4)] | {"colour": 1},
+              node(5): stamped[node(5)] | {"seen": stamped[node(5)]["seen"] - 1},
+              node(8): stamped[node(8)] | {"fields": [["a", "a"], [0.5, 0.5]]},
+              node(10): stamped[node(10)] | {"fields": [["a"], [1.5]]},
+              node(17): stamped[node(17)] | {"fields": [["a"], [None]]},
+              node(11): stamped[node(11)] | {"domains": [["é.com"], *[[1]] * 6]},
+              node(12): stamped[node(12)] | {"domains": [["a.com"], [-1], *[[1]] * 5]},
+              node(14): stamped[node(14)] | {"domains": [["a.com"], *[[1]] * 5]},
+              node(15): stamped[node(15)] | {"latency_buckets": [1, 2]}}
+    redis_client.hset("scrapy:node:insight", mapping={k: v if isinstance(v, bytes) else json.dumps(v)
+                                                      for k, v in wrongs.items()})
+    redis_client.hdel("scrapy:node:insight", node(16))
+    whole.clear()
+    assert body() == default and len(whole) == len(wrongs) + 2
+    # Without any insight value (every node an older extension's), every figure is the same.
+    redis_client.delete("scrapy:node:insight")
+    whole.clear()
+    assert body() == default and body("?detail=node") == detail and len(whole) == 2 * 302
 
 
 def test_the_page_ages_last_seen_while_an_idle_cluster_answers_304(api, redis_client, open_page):
