@@ -6,6 +6,7 @@ without going through Flask, through the same gate.
 
 import gzip
 import hashlib
+import io
 import threading
 import time
 
@@ -115,6 +116,18 @@ class Body:
         return 200, headers, data
 
 
+# A body of WRAP_FROM bytes up to SPILL goes out through the server's file wrapper: waitress sends it from the bytes
+# as they are, never copied into its output buffer. A larger one is still copied, to a temporary file (waitress's
+# outbuf_overflow: monitor_api sets it to SPILL), which keeps the API's memory down: its bytes go at once.
+WRAP_FROM, SPILL = 256 * 1024, 4 * 1024 * 1024
+
+
+def wrapped(environ, data):
+    """``data`` as a WSGI app_iter: in the server's ``wsgi.file_wrapper`` when it has one and the size is right."""
+    wrapper = environ.get("wsgi.file_wrapper")
+    return wrapper(io.BytesIO(data)) if wrapper is not None and WRAP_FROM <= len(data) < SPILL else [data]
+
+
 def json_body(payload, skipped=None, tag=None, now=None):
     """A Body of ``payload`` (a JSON-able value, or JSON bytes already), with its skipped-entries count;
     ``tag`` and ``now`` for a body with ages (see Body)."""
@@ -153,5 +166,5 @@ class CachedFastPath:
                     headers = headers + [("Content-Length", str(len(data)))]
                 start_response("200 OK" if status == 200 else "304 Not Modified",
                                headers + self.gate.headers(environ))
-                return [data]
+                return wrapped(environ, data)
         return self.app(environ, start_response)

@@ -179,9 +179,9 @@ class NodeEntry:
         # When its state would change with time alone (stale_after), or None: never (closed, malformed).
         self.flips = (None if snapshot is None or snapshot["state"] == "closed" else stale_after(snapshot)) \
             if flips is False else flips
-        self.json = None  # without insight.BIG_FIELDS, as list views send it
-        self.full = None  # with every field (?fields=all)
-        self.projection = None  # (fields, JSON) of the last ?fields= projection asked for
+        # (JSON, its digest): without insight.BIG_FIELDS, as list views send it; with every field (?fields=all)
+        self.json = self.full = None
+        self.projection = None  # (fields, (JSON, digest)) of the last ?fields= projection asked for
 
     def restated(self, now):
         """The entry anew with its snapshot's state judged at ``now`` (a state that time alone changes)."""

@@ -16,6 +16,7 @@ import requests
 from prometheus_client.parser import text_string_to_metric_families
 
 import monitor_alert_state
+import monitor_cache
 import monitor_contract
 import monitor_nodes
 import monitor_prometheus
@@ -384,6 +385,28 @@ def test_prometheus_adds_up_insight_values_as_it_would_whole_snapshots(redis_cli
     redis_client.delete("scrapy:node:insight")
     whole.clear()
     assert body() == default and body("?detail=node") == detail and len(whole) == 2 * 302
+
+
+def test_a_large_answer_goes_out_whole_from_its_bytes(api, redis_client):
+    # 600 nodes: lists of 600 KB, sent through waitress's file wrapper (monitor_cache.wrapped), computed and then
+    # from the cache; ?fields=all, past SPILL, as waitress copies it
+    domains = {f"shop-{d}.example.com": {"pages": d, "errors": 0, "4xx": 1, "5xx": 0, "429": 1, "503": 0}
+               for d in range(100)}
+    nodes = [testbed.snapshot(f"big:h{i}:{i}", "big", pages=i, domains=domains) for i in range(600)]
+    testbed.publish(redis_client, *nodes)
+    for path in ("/metrics?spider=big", "/metrics?spider=big", "/metrics/big", "/metrics?spider=big&fields=all"):
+        for encoding in ("identity", "gzip"):
+            answer = requests.get(api.url + path, headers={"Accept-Encoding": encoding}, timeout=30)
+            assert answer.status_code == 200
+            body = answer.json()
+            listed = body["nodes"] if path == "/metrics/big" else body
+            assert sorted(listed) == sorted(n["node"] for n in nodes), path
+            assert [listed[n["node"]]["pages"] for n in nodes] == list(range(600))
+            if encoding == "identity":
+                assert int(answer.headers["Content-Length"]) == len(answer.content) >= monitor_cache.WRAP_FROM
+        again = requests.get(api.url + path, headers={"If-None-Match": answer.headers["ETag"]}, timeout=30)
+        assert again.status_code == 304 and again.content == b""
+    assert len(requests.get(api.url + "/metrics?spider=big&fields=all", timeout=30).content) > monitor_cache.SPILL
 
 
 def test_the_page_ages_last_seen_while_an_idle_cluster_answers_304(api, redis_client, open_page):
