@@ -88,7 +88,7 @@ FEED_BATCH = 1000  # node ids per HMGET
 
 
 class ChangeFeed:
-    """An API process's one subscription to the change notifications (``events_channel``), started on first use: it
+    """An API process's one subscription to the change notifications (``events_channel``), started with its reader: it
     keeps the node ids written since a reader last took them (``take``: every snapshot write and pruning publishes
     ``node <id>``) and hands every notification to its listeners (``listen``: the /events hub). Its generation
     changes at each subscription: what was written while it was not subscribed is unknown, so a reader reads whole
@@ -201,6 +201,8 @@ class NodeReader:
     def __init__(self, client, prefix, retention=0, lost_after=0, runs_keep=RUNS_KEEP, slim=False, feed=None):
         self.redis = client
         self.feed = feed  # a ChangeFeed: from FEED_FROM nodes, read only the nodes written since the last read
+        if feed is not None:
+            feed.start()  # subscribed by the first read, which the next one can then build on
         self.fed = None  # (the feed's generation, monotonic time) of the last whole read, while the feed is used
         self.lock = threading.Lock()  # reads from the feed go one at a time: each builds on the last
         self.prefix = prefix
@@ -218,10 +220,12 @@ class NodeReader:
     def read(self, now: Optional[float] = None) -> tuple[dict[str, Snapshot], int, float]:
         """``(nodes, skipped, now)``: ``{node: snapshot with state}``, how many stored values failed the gate,
         and Redis's clock at the read (states are judged on it), or ``now`` when given (tests, replays)."""
-        if self.feed is not None and self.last is not None and len(self.last[0]) >= FEED_FROM:
-            with self.lock:
+        if self.feed is None:
+            return self._read_whole(None, now)
+        with self.lock:
+            if self.last is not None and len(self.last[0]) >= FEED_FROM:
                 return self._read_fed(now)
-        return self._read_whole(None, now)
+            return self._read_whole(self.feed.take(), now)  # from here on the feed's notifications are followed
 
     def _read_fed(self, now):
         """``read`` of the nodes written since the last read (``ChangeFeed``), the others as last read: a whole read

@@ -419,8 +419,12 @@ def _domain_totals(groups):
     groups of one key, in the order the domains first come."""
     out = {}
     for names, tables in groups.items():
-        columns = tables[0][1:] if len(tables) == 1 else [
-            list(map(_total, zip(*map(operator.itemgetter(i), tables)))) for i in range(1, 1 + len(DOMAIN_FIGURES))]
+        columns = tables[0][1:]
+        if len(tables) > 1:  # each figure's columns end to end, then each domain's figures taken every len(names)
+            width = len(names)
+            columns = [[_total(flat[i::width]) for i in range(width)] for flat in (
+                list(itertools.chain.from_iterable(map(operator.itemgetter(f), tables)))
+                for f in range(1, 1 + len(DOMAIN_FIGURES)))]
         for name, figures in zip(names, zip(*columns)):
             kept = out.get(name)
             out[name] = list(figures) if kept is None else list(map(_plus, kept, figures))
@@ -444,11 +448,11 @@ def _field_rows(groups):
 
 def _total(values):
     """The sum of the figures that are not None (None if none is)."""
-    if None in values:
+    try:
+        return sum(values[1:], values[0])  # no None among them, the usual case (sought first, it costs more)
+    except TypeError:
         values = [v for v in values if v is not None]
-        if not values:
-            return None
-    return sum(values[1:], values[0])
+        return sum(values[1:], values[0]) if values else None
 
 
 def _plus(a, b):

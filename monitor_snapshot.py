@@ -208,8 +208,8 @@ def _kinds(values):
 
 
 # The keys of an insight value (``monitor_contract.insight_value``), and each key's columns: ``(count, most names,
-# highest figure, whether a figure may be null)``.
-INSIGHT_COLUMNS = {"domains": (1 + len(DOMAIN_COUNTS), MAX_TOP_DOMAINS + 1, NUMBER_LIMIT - 1, True),
+# highest figure (None: the bounds ``surely_in_bounds`` found), whether a figure may be null)``.
+INSIGHT_COLUMNS = {"domains": (1 + len(DOMAIN_COUNTS), MAX_TOP_DOMAINS + 1, None, True),
                    "fields": (2, MAX_FIELDS, 1, False)}
 INSIGHT_KEYS = frozenset(("seen", "latency_buckets", *INSIGHT_COLUMNS))
 
@@ -256,21 +256,24 @@ def _usual_insights(raws):
 
 def _columns_ok(tables, width, most, high, nulls):
     """Whether each of ``tables`` is ``width`` lists of one length, at most ``most``: distinct ``_names_ok`` names,
-    then columns of numbers within [0, ``high``] (or null, with ``nulls``); checked over all at C speed."""
+    then columns of numbers within [0, ``high``] (or null, with ``nulls``); checked over all at C speed. (``high``
+    None: only found within bounds, by the caller.)"""
     if not (_kinds(tables) <= {list} and set(map(len, tables)) <= {width}
             and _kinds(itertools.chain.from_iterable(tables)) <= {list}):
         return False
     names = list(map(operator.itemgetter(0), tables))
     lengths = list(map(len, names))
     flat = list(itertools.chain.from_iterable(names))
+    if not (max(lengths, default=0) <= most and _kinds(flat) <= {str} and _names_ok(flat)
+            and lengths == list(map(len, map(set, names)))
+            and all(lengths == list(map(len, map(operator.itemgetter(i), tables))) for i in range(1, width))):
+        return False
     figures = list(itertools.chain.from_iterable(itertools.chain.from_iterable(
         map(operator.itemgetter(slice(1, None)), tables))))
-    if nulls and None in figures:
-        figures = list(filter(NOT_NONE, figures))
-    return (max(lengths, default=0) <= most and _kinds(flat) <= {str} and _names_ok(flat)
-            and lengths == list(map(len, map(set, names)))
-            and all(lengths == list(map(len, map(operator.itemgetter(i), tables))) for i in range(1, width))
-            and _counts_ok(figures, high))
+    kinds = _kinds(figures)  # (a type set, not ``None in``: comparing each number to None is slow)
+    if nulls and NONE in kinds:
+        figures, kinds = list(filter(NOT_NONE, figures)), kinds - {NONE}
+    return kinds <= NUMBER_TYPES and (not figures or min(figures) >= 0 and (high is None or max(figures) <= high))
 
 
 def node_state(snapshot: Snapshot, now: Optional[float] = None) -> str:
