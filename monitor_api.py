@@ -126,7 +126,7 @@ def create_app(config=None):
     app.debug = False  # never, whatever FLASK_DEBUG says: errors are JSON, tracebacks go to the log
     app.extensions["gate"] = Gate(app.config)
     app.extensions["reader"] = StatusReader(app.config)
-    app.extensions["events"] = Hub(app.config["REDIS_URL"], app.config["MONITOR_KEY_PREFIX"],
+    app.extensions["events"] = Hub(app.config["REDIS_URL"], app.extensions["reader"].prefix,  # {prefix} on a cluster
                                    app.config["MONITOR_EVENTS_KEEP"], app.config["MONITOR_EVENTS_CLIENTS"],
                                    app.config["MONITOR_EVENTS_DROP"], app.extensions["reader"].node_reader.feed)
     app.extensions["gate"].tokens.reloaded = functools.partial(audit_reload, app.extensions["reader"], app.config)

@@ -27,7 +27,6 @@ from monitor_contract import (
     STALE_INTERVALS,
     Outage,
     as_text,
-    connect,
     dumps,
     number,
     redact,
@@ -37,6 +36,7 @@ from monitor_contract import (
     status_key,
 )
 from monitor_nodes import ChangeFeed
+from monitor_settings import connect
 from monitor_snapshot import last_report, parse_snapshot
 
 logger = logging.getLogger("monitor_api")

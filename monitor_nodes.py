@@ -21,7 +21,6 @@ import redis
 from monitor_contract import (
     Snapshot,
     as_text,
-    connect,
     control_key,
     events_channel,
     history_key,
@@ -35,6 +34,7 @@ from monitor_contract import (
     trend_key,
 )
 from monitor_records import RUNS_KEEP, record_lost_runs
+from monitor_settings import connect  # every Redis URL a setting takes: Sentinel and Cluster too
 from monitor_snapshot import last_report, node_state, parse_snapshot, parse_snapshots, stale_after
 
 logger = logging.getLogger(__name__)

@@ -18,7 +18,7 @@ import monitor_rules
 import monitor_settings
 from monitor_contract import redact, safe_url, scrub
 from monitor_settings import connect, ha_url, key_prefix
-from testbed import make_app, run_script, snapshot, store
+from testbed import EventReader, make_app, run_script, snapshot, store
 from testbed_servers import ApiServer, Site, crawl_log, wait_for
 
 NOW = 1_800_000_000.0
@@ -208,6 +208,11 @@ def test_on_a_cluster_crawl_api_alerter_runs_and_control_all_work(redis_cluster,
         (node, snap), = wait_for(seen_all, 10, what="the node's report of the dupefilter (on its own shard)")
         assert snap["state"] == "live"
         assert client.hexists("{scrapy}:node:status", node) and not client.exists("scrapy:node:status")
+        stream = EventReader(api.url)  # push: the API's one subscription on the cluster hears the node's writes
+        try:
+            assert stream.wait("nodes", lambda d: node in d["nodes"])["nodes"][node]["spider"] == "main_spider"
+        finally:
+            stream.close()
         # fleet control: a Lua script and a MULTI on the one slot of {scrapy}
         sent = requests.post(api.url + "/control", json={"command": "stop", "node": node}, timeout=5)
         assert sent.status_code == 202, sent.text
