@@ -157,6 +157,11 @@ def test_a_failover_mid_crawl_the_crawl_goes_on_the_api_comes_back_and_no_false_
         ticker.start()
         wait_for(lambda: len(site.page_hits()) >= 15, 30, what="the crawl to be under way")
         assert requests.get(api.url + "/health", timeout=5).status_code == 200
+        stream = EventReader(api.url)  # push behind Sentinel: the API's subscription is on the master
+        try:
+            assert stream.wait("nodes", lambda d: d["nodes"])
+        finally:
+            stream.close()
         hits_at_kill = len(site.page_hits())
         sentinel_group.kill_master()
         killed = time.monotonic()
