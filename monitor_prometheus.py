@@ -80,7 +80,6 @@ def stable_ids(nodes):
 BLOCK = 20_000
 EXACT = 2 ** 53  # ints below this are floats exactly
 QUEUE_FIELDS = tuple(field for field, _ in QUEUES)
-IDLE = ("closed", "stale")  # states of nodes that no longer report
 SPIDER_COUNTERS = "Summed over the spider's nodes."
 
 
