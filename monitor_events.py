@@ -6,7 +6,8 @@ control command ``control <JSON>``. The API process's one subscription (``monito
 tells the node reader what changed) hands them to its ``Hub``, whose thread reads what changed (the changed nodes
 in one HMGET), computes live -> stale when it becomes true (a change nobody writes), and appends numbered entries
 to a bounded in-memory ring. Each stream (a waitress worker
-thread, see ``Stream``) sends what came after its cursor, coalesced, at most every PUSH_EVERY seconds; a client
+thread, see ``Stream``) sends what came after its cursor, coalesced, at most every PUSH_EVERY seconds (longer past
+FANOUT streams: ``push_every``); a client
 that reconnects with ``Last-Event-ID`` gets what it missed, or ``reset`` when the ring no longer holds it.
 """
 
@@ -43,6 +44,10 @@ logger = logging.getLogger("monitor_api")
 
 # A stream sends at most one push (its coalesced changes) per this many seconds: 4 a second.
 PUSH_EVERY = 0.25
+# Past this many open streams each one pushes less often, so that all of them together push about FANOUT / PUSH_EVERY
+# times a second (400): the pushes' bytes go through waitress's one I/O thread, which the other routes' answers
+# wait behind (at 200 streams, every 0.5 s).
+FANOUT = 100
 # An idle stream sends a comment line this often (11 bytes with chunk framing: under 50 bytes a minute), which
 # keeps proxies from closing it and shows when its client left.
 KEEPALIVE = 15.0
@@ -80,7 +85,7 @@ class Hub:
         self.offset = 0.0  # Redis's clock minus time.time()
         self.alerts_seen = None
         self.memo = {}  # cursor -> (seq, bytes): streams at the same cursor share one push
-        self.woken, self.unwoken = 0.0, False  # streams are woken at most every PUSH_EVERY, all at once
+        self.woken, self.unwoken = 0.0, False  # streams are woken at most every ``every``, all at once
         self.thread = None
         self.stopped = False
         self.ready = threading.Event()
@@ -133,7 +138,7 @@ class Hub:
         if self.deadlines:
             wait = min(wait, self.deadlines[0][0] - self.redis_clock())
         if self.unwoken:
-            wait = min(wait, self.woken + PUSH_EVERY - time.monotonic())
+            wait = min(wait, self.woken + self.every - time.monotonic())
         data = _next(messages, max(wait, 0.01))
         nodes, controls, alerts = set(), [], False
         until = time.monotonic() + GATHER
@@ -162,15 +167,20 @@ class Hub:
         return True
 
     def wake(self):
-        """Wake the streams if changes wait and they were not woken within PUSH_EVERY: all at once, so they push
+        """Wake the streams if changes wait and they were not woken within ``every``: all at once, so they push
         together, at the same cursor, sharing one push (``memo``) and the GIL's turns."""
         with self.cond:
-            if self.unwoken and time.monotonic() - self.woken >= PUSH_EVERY:
+            if self.unwoken and time.monotonic() - self.woken >= self.every:
                 self.woken, self.unwoken = time.monotonic(), False
                 self.cond.notify_all()
 
     def redis_clock(self):
         return time.time() + self.offset
+
+    @property
+    def every(self):
+        """Seconds between two pushes of a stream now (``push_every`` of the streams open)."""
+        return push_every(self.streams)
 
     def read_nodes(self, client, names):
         """Entries for the changed nodes: their list-view snapshot with state, or null once deleted."""
@@ -374,7 +384,7 @@ class Stream:
             now, seen = time.monotonic(), hub.seq
             backlog = self.backlog()
             if seen > self.cursor and backlog < MAX_BACKLOG:
-                wait = self.pushed + PUSH_EVERY - now
+                wait = self.pushed + hub.every - now
                 if wait <= 0:
                     data, self.cursor = hub.since(self.cursor)
                     self.pushed = now
@@ -432,6 +442,12 @@ class Stream:
             self.closed = True
             with self.hub.cond:
                 self.hub.streams -= 1
+
+
+def push_every(streams):
+    """Seconds between two pushes of each of ``streams`` open streams: PUSH_EVERY, longer past FANOUT streams so
+    that together they push at most FANOUT / PUSH_EVERY times a second."""
+    return PUSH_EVERY * max(1.0, streams / FANOUT)
 
 
 def _next(messages, timeout):

@@ -12,8 +12,9 @@ import time
 import requests
 
 import monitor_api
+import monitor_events
 from monitor_alert_state import Lock, Store
-from testbed import EventReader, make_app, publish, snapshot
+from testbed import EventReader, make_app, publish, reporting, snapshot
 from testbed_servers import serving, wait_for
 
 NODE = "main_spider:h:1"
@@ -175,3 +176,25 @@ def test_with_a_token_the_stream_takes_a_short_lived_ticket_not_the_token_in_its
         assert wrong.status == 401 and "ticket" in wrong.body.decode()
         # A ticket opens /events only.
         assert requests.get(f"{base}/metrics?ticket={ticket}", timeout=5).status_code == 401
+
+
+def test_past_fanout_streams_each_stream_pushes_less_often(redis_url, redis_client, monkeypatch):
+    # All the streams together push about FANOUT / PUSH_EVERY times a second: with FANOUT 1, three streams push
+    # each every 0.75 s, however often the node writes.
+    monkeypatch.setattr(monitor_events, "FANOUT", 1)
+    assert [monitor_events.push_every(n) for n in (0, 1, 2, 3)] == [0.25, 0.25, 0.5, 0.75]
+    app, server = served(redis_url)
+    with server as base:
+        streams = [EventReader(base) for _ in range(3)]
+        for s in streams:
+            s.wait("hello")
+        times = []
+        with reporting(lambda: publish(redis_client, snapshot(NODE), stamp=True), every=0.05):
+            while len(times) < 4:
+                name, _, data, arrived = streams[0].events.get(timeout=5)
+                if name == "nodes":
+                    times.append(arrived)
+        for s in streams:
+            s.close()
+    gaps = [b - a for a, b in zip(times, times[1:])]
+    assert min(gaps) >= 0.7, gaps
