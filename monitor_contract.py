@@ -964,10 +964,10 @@ def surely_in_bounds(*raws) -> bool:
     if len(raws) == 1 and raws[0].__class__ is bytes:  # one text (as loads checks): no join, one count
         shape = raws[0].translate(_SHAPE)
         nested = shape.count(b"[")
-    elif len(raws) > 1 and set(map(type, raws)) == {bytes}:  # a block: its most nested text, at most
+    elif len(raws) > 1 and set(map(type, raws)) == {bytes}:  # a block: its most bracketed text
         shape = b" ".join(raws).translate(_SHAPE)
-        nested = max(map(bytes.count, raws, itertools.repeat(b"["))) + max(map(bytes.count, raws,
-                                                                                itertools.repeat(b"{")))
+        ends = list(itertools.accumulate(map(len, raws), lambda end, size: end + 1 + size))  # each text's end
+        nested = max(map(shape.count, itertools.repeat(b"["), [0, *(end + 1 for end in ends[:-1])], ends))
     else:
         return False
     return b"0e" not in shape and _LIMIT_DIGITS not in shape and nested < _SHALLOW

@@ -1037,6 +1037,10 @@ def test_surely_in_bounds_of_a_block_is_each_texts():
     assert monitor_contract.surely_in_bounds(b"1234567890", b"123456789")  # kept apart: no run of 19 digits
     assert not monitor_contract.surely_in_bounds(b"1234567890123456789", usual)
     assert not monitor_contract.surely_in_bounds(usual, '{"a": 1}') and not monitor_contract.surely_in_bounds()
+    curly = b'{"a":' * 150 + b"1" + b"}" * 150
+    assert monitor_contract.surely_in_bounds(nested, curly)  # each text's own brackets, not the block's most of each
+    assert monitor_contract.surely_in_bounds(curly, nested, usual) and not monitor_contract.surely_in_bounds(
+        usual, b"[" * 60 + curly + b"]" * 60)
 
 
 WHOLE = dict.fromkeys(monitor_contract.DOMAIN_COUNTS + ("latency_p95", "delay"), 1)  # a domain's every figure
