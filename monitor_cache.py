@@ -116,16 +116,16 @@ class Body:
         return 200, headers, data
 
 
-# A body of WRAP_FROM bytes up to SPILL goes out through the server's file wrapper: waitress sends it from the bytes
-# as they are, never copied into its output buffer. A larger one is still copied, to a temporary file (waitress's
-# outbuf_overflow: monitor_api sets it to SPILL), which keeps the API's memory down: its bytes go at once.
-WRAP_FROM, SPILL = 256 * 1024, 4 * 1024 * 1024
+# A body of WRAP_FROM bytes or more goes out through the server's file wrapper: waitress sends it from the bytes as
+# they are, never copied into its output buffer, nor spilled to a temporary file past its outbuf_overflow. The bytes
+# live until sent, and waitress's I/O thread frees them (see monitor_api.steady_memory).
+WRAP_FROM = 256 * 1024
 
 
 def wrapped(environ, data):
-    """``data`` as a WSGI app_iter: in the server's ``wsgi.file_wrapper`` when it has one and the size is right."""
+    """``data`` as a WSGI app_iter: a large body in the server's ``wsgi.file_wrapper`` when it has one."""
     wrapper = environ.get("wsgi.file_wrapper")
-    return wrapper(io.BytesIO(data)) if wrapper is not None and WRAP_FROM <= len(data) < SPILL else [data]
+    return wrapper(io.BytesIO(data)) if wrapper is not None and len(data) >= WRAP_FROM else [data]
 
 
 def json_body(payload, skipped=None, tag=None, now=None):

@@ -16,6 +16,7 @@ import requests
 from prometheus_client.parser import text_string_to_metric_families
 
 import monitor_alert_state
+import monitor_api
 import monitor_cache
 import monitor_contract
 import monitor_nodes
@@ -388,8 +389,8 @@ def test_prometheus_adds_up_insight_values_as_it_would_whole_snapshots(redis_cli
 
 
 def test_a_large_answer_goes_out_whole_from_its_bytes(api, redis_client):
-    # 600 nodes: lists of 600 KB, sent through waitress's file wrapper (monitor_cache.wrapped), computed and then
-    # from the cache; ?fields=all, past SPILL, as waitress copies it
+    # 600 nodes: lists of 600 KB and (?fields=all) 5 MB, past waitress's outbuf_overflow, sent through its file
+    # wrapper (monitor_cache.wrapped), computed and then from the cache
     domains = {f"shop-{d}.example.com": {"pages": d, "errors": 0, "4xx": 1, "5xx": 0, "429": 1, "503": 0}
                for d in range(100)}
     nodes = [testbed.snapshot(f"big:h{i}:{i}", "big", pages=i, domains=domains) for i in range(600)]
@@ -406,7 +407,8 @@ def test_a_large_answer_goes_out_whole_from_its_bytes(api, redis_client):
                 assert int(answer.headers["Content-Length"]) == len(answer.content) >= monitor_cache.WRAP_FROM
         again = requests.get(api.url + path, headers={"If-None-Match": answer.headers["ETag"]}, timeout=30)
         assert again.status_code == 304 and again.content == b""
-    assert len(requests.get(api.url + "/metrics?spider=big&fields=all", timeout=30).content) > monitor_cache.SPILL
+    whole = requests.get(api.url + "/metrics?spider=big&fields=all", timeout=30)
+    assert len(whole.content) > monitor_api.WAITRESS_OUTBUF
 
 
 def test_the_page_ages_last_seen_while_an_idle_cluster_answers_304(api, redis_client, open_page):
