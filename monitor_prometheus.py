@@ -29,7 +29,7 @@ from prometheus_client.utils import floatToGoString
 from monitor_contract import BIG_FIELDS, LATENCY_BUCKETS, as_text, is_number, number
 from monitor_read import CRAWL_STATES, FINISHED_AFTER, STATES, combine, numbers, queued_work, spider_state
 from monitor_records import run_totals
-from monitor_snapshot import decode_snapshot, node_state, parse_insights
+from monitor_snapshot import column, decode_snapshot, node_state, parse_insights
 
 # (snapshot field, metric name, help, scale): base units, so percentages become ratios.
 GAUGES = (
@@ -135,7 +135,7 @@ def scrape_input(nodes, now, insights, whole):
     read and decoded whole: ``whole(names)`` gives those nodes' values in the status hash. So no scrape decodes a
     whole snapshot for a node that writes its insight value."""
     names, snaps = list(nodes), list(nodes.values())
-    parts = parse_insights(insights, list(map(dict.get, snaps, itertools.repeat("seen"))))
+    parts = parse_insights(insights, column(snaps, "seen"))
     redo = [name for name, part in zip(names, parts) if part is None]
     wholes = dict(zip(redo, whole(redo))) if redo else {}
     for name, s, part in zip(names, snaps, parts):
@@ -393,8 +393,7 @@ class Insight:
         domains, fields = big["domains"], big["fields"]
         figures = list(domains.values()) if domains else ()
         return (big["latency_buckets"] or None, number(snapshot.get("latency_sum"), 0),
-                [list(domains), *(list(map(dict.get, figures, itertools.repeat(f)))
-                                  for f in DOMAIN_FIGURES)] if domains else None,
+                [list(domains), *(column(figures, f) for f in DOMAIN_FIGURES)] if domains else None,
                 [list(fields), list(fields.values())] if fields else None, max(number(snapshot.get("items"), 0), 0))
 
     def add(self, key, part):

@@ -12,7 +12,7 @@ import time
 from typing import Callable, NamedTuple, Optional
 
 from monitor_contract import DEFAULT_INTERVAL, STALE_INTERVALS, number
-from monitor_snapshot import NUMBER_TYPES, age, last_report, last_reports, newest_error
+from monitor_snapshot import NUMBER_TYPES, age, column, last_report, last_reports, newest_error
 
 MIB = 1024 * 1024
 
@@ -113,13 +113,13 @@ def queue_growing(rule, view, limit, started, now):
 def crawl_starts(nodes):
     """``{spider: when its longest-running crawling node started}`` on Redis's clock (the node's start_time
     moved by its clock's offset, learnt from its last report); when every figure is a number, at C speed."""
-    live = list(itertools.compress(nodes.values(), map(("live", "paused").__contains__, map(
-        dict.get, nodes.values(), itertools.repeat("state")))))
-    starts, times = (list(map(dict.get, live, itertools.repeat(field))) for field in ("start_time", "timestamp"))
+    snaps = nodes.values()
+    live = list(itertools.compress(snaps, map(("live", "paused").__contains__, column(snaps, "state"))))
+    starts, times = column(live, "start_time"), column(live, "timestamp")
     seen = last_reports(live)
     if set(map(type, itertools.chain(starts, times, seen))) <= NUMBER_TYPES:
         starts = list(map(operator.add, starts, map(operator.sub, seen, times)))
-        spiders = list(map(dict.get, live, itertools.repeat("spider")))
+        spiders = column(live, "spider")
         if len(set(spiders)) == 1:
             return {spiders[0]: min(starts)}
         out = {}
@@ -482,19 +482,16 @@ def to_judge(nodes, judged, stall, records_of, now):
     of another kind leaves every node in). The snapshots are the gate's: their numbers are finite."""
     ids, snaps = list(nodes), list(nodes.values())
 
-    def column(field):
-        return list(map(dict.get, snaps, itertools.repeat(field)))
-
     def over(field, scale, limit):  # per node: over_limit(its value, scale, limit) is not None
-        values = column(field)
+        values = column(snaps, field)
         if set(map(type, values)) <= NUMBER_TYPES:
             return list(map(operator.gt, map(operator.truediv, values, itertools.repeat(scale)),
                             itertools.repeat(limit)))
         return [v.__class__ in NUMBER_TYPES and v / scale > limit for v in values]
 
-    states = column("state")
+    states = column(snaps, "state")
     live_running = map(operator.and_, map(operator.eq, states, itertools.repeat("live")),
-                       map(operator.eq, column("status"), itertools.repeat("running")))
+                       map(operator.eq, column(snaps, "status"), itertools.repeat("running")))
     idle = map(operator.not_, over("pages_per_min", 1, 0))
     masks = [list(map(operator.eq, states, itertools.repeat("stale"))),  # down
              list(map(operator.and_, live_running, idle))]  # stalled, or to be tracked (track_stall)
@@ -503,7 +500,7 @@ def to_judge(nodes, judged, stall, records_of, now):
             if limit:
                 masks.append(over(field, scale, limit))
         elif rule.check is low_coverage:
-            masks.append(low_covered(snaps, column, rule, limit, now))
+            masks.append(low_covered(snaps, rule, limit, now))
         elif not (rule.check is down_for or rule.check is stalled_for or rule.name == "run"):
             return ids  # down: stale, above; stalled: the tracker, above; run: judged on run records
     judge = list(map(any, zip(*masks)))
@@ -514,14 +511,14 @@ def to_judge(nodes, judged, stall, records_of, now):
     return list(itertools.compress(ids, judge))
 
 
-def low_covered(snaps, column, rule, limit, now):
+def low_covered(snaps, rule, limit, now):
     """Per node: whether the coverage rule may hold (``low_coverage``): its fields listed and, from slim values'
     ``fields_lowest`` at C speed, its lowest share under the limit (its items not looked at)."""
-    listed = list(map(operator.is_, column("fields_listed"), itertools.repeat(True)))
+    listed = list(map(operator.is_, column(snaps, "fields_listed"), itertools.repeat(True)))
     if not (limit and any(listed)):
         return listed
-    lowest = column("fields_lowest")
-    if set(map(type, lowest)) == {list} and set(map(len, lowest)) == {2} and not any(column("fields")):
+    lowest = column(snaps, "fields_lowest")
+    if set(map(type, lowest)) == {list} and set(map(len, lowest)) == {2} and not any(column(snaps, "fields")):
         shares = list(map(operator.itemgetter(1), lowest))
         if set(map(type, shares)) <= NUMBER_TYPES:
             return list(map(operator.and_, listed, map(operator.lt, map(operator.mul, shares, itertools.repeat(100)),
@@ -667,8 +664,7 @@ def refusal_counts(nodes):
     added up column by column at C speed."""
     listed = {}  # spider -> its nodes' domains
     snaps = nodes.values()
-    for spider, domains in zip(map(dict.get, snaps, itertools.repeat("spider")),
-                               map(dict.get, snaps, itertools.repeat("domains"))):
+    for spider, domains in zip(column(snaps, "spider"), column(snaps, "domains")):
         if domains and domains[0]:
             listed.setdefault(spider, []).append(domains)
     alike = {}  # (spider, names) -> ([each node's pages], [each node's refused])

@@ -116,7 +116,7 @@ def parse_snapshots(raws: list, now: float, slim: bool = False) -> tuple[list, l
             after = [None if s is None or s["state"] == "closed" else stale_after(s) for s in values]
         else:  # as node_state and stale_after judge each one: seen (or timestamp) + STALE_INTERVALS * interval
             reports = last_reports(values)  # gated: numbers
-            intervals = list(map(dict.get, values, repeat("interval"), repeat(DEFAULT_INTERVAL)))
+            intervals = column(values, "interval", DEFAULT_INTERVAL)
             if None in intervals:
                 intervals = [DEFAULT_INTERVAL if i is None else i for i in intervals]
             after = list(map(operator.add, reports, map(operator.mul, repeat(STALE_INTERVALS), intervals)))
@@ -130,12 +130,13 @@ def parse_snapshots(raws: list, now: float, slim: bool = False) -> tuple[list, l
     return snapshots, flips
 
 
-def _column(values, key, default=None):
-    return list(map(dict.get, values, repeat(key), repeat(default)))
+def column(snapshots, key, default=None):
+    """Each of ``snapshots``' ``key`` (``default`` where it has none), read at C speed."""
+    return list(map(dict.get, snapshots, repeat(key), repeat(default)))
 
 
 def _present(values, key):
-    return list(filter(NOT_NONE, _column(values, key)))
+    return list(filter(NOT_NONE, column(values, key)))
 
 
 def _usual(raws, slim):
@@ -152,22 +153,22 @@ def _usual(raws, slim):
         return None
     if set(map(type, values)) != {dict}:
         return None
-    texts = list(itertools.chain.from_iterable(_column(values, field) for field in TEXT_FIELDS))
+    texts = list(itertools.chain.from_iterable(column(values, field) for field in TEXT_FIELDS))
     intervals = _present(values, "interval")
-    if not (_kinds(_column(values, "spider", 0)) == {str} and _kinds(_column(values, "timestamp")) <= NUMBER_TYPES
-            and _kinds(_column(values, "seen", 0)) <= NUMBER_TYPES and _kinds(texts) <= {str, NONE}
+    if not (_kinds(column(values, "spider", 0)) == {str} and _kinds(column(values, "timestamp")) <= NUMBER_TYPES
+            and _kinds(column(values, "seen", 0)) <= NUMBER_TYPES and _kinds(texts) <= {str, NONE}
             and _kinds(intervals) <= NUMBER_TYPES
             and (not intervals or min(intervals) > 0 and max(intervals) <= MAX_INTERVAL)
-            and _kinds(_column(values, "error_samples")) <= {NONE}
+            and _kinds(column(values, "error_samples")) <= {NONE}
             and all(_counts_ok(_present(values, q)) for q in LATENCY_FIGURES)):
         return None
     queues = _present(values, "queues")
     if len(queues) != sum(map(operator.contains, values, repeat("queues"))) or not _kinds(queues) <= {dict}:
         return None
-    names = list(itertools.chain.from_iterable(_column(queues, name, 0) for name in QUEUE_NAMES))
+    names = list(itertools.chain.from_iterable(column(queues, name, 0) for name in QUEUE_NAMES))
     if not (_kinds(names) <= {str} and max(map(len, names), default=0) <= SAMPLE_TEXT
-            and _kinds(types := _column(queues, "start_urls_type", "")) <= {str} and set(types) <= set(START_URL_TYPES)
-            and _kinds(_column(queues, "apart", False)) <= {bool}):
+            and _kinds(types := column(queues, "start_urls_type", "")) <= {str} and set(types) <= set(START_URL_TYPES)
+            and _kinds(column(queues, "apart", False)) <= {bool}):
         return None
     buckets, fields, lowest = (_present(values, key) for key in ("latency_buckets", "fields", "fields_lowest"))
     if not (_kinds(buckets) <= {list} and set(map(len, buckets)) <= {len(LATENCY_BUCKETS) + 1}
@@ -243,7 +244,7 @@ def _usual_insights(raws):
     except orjson.JSONDecodeError:
         return None
     if not (_kinds(values) == {dict} and set(itertools.chain.from_iterable(values)) <= INSIGHT_KEYS
-            and _kinds(_column(values, "seen", 0)) <= NUMBER_TYPES):
+            and _kinds(column(values, "seen", 0)) <= NUMBER_TYPES):
         return None
     buckets = _present(values, "latency_buckets")
     if not (_kinds(buckets) <= {list} and set(map(len, buckets)) <= {len(LATENCY_BUCKETS) + 1}
@@ -307,7 +308,7 @@ def age(snapshot, now):
 def last_reports(snapshots):
     """Each of ``snapshots``' ``seen``, else its ``timestamp``, as stored, found at C speed: ``last_report`` of each
     when they are all numbers (the caller checks)."""
-    return list(map(dict.get, snapshots, repeat("seen"), map(dict.get, snapshots, repeat("timestamp"))))
+    return list(map(dict.get, snapshots, repeat("seen"), column(snapshots, "timestamp")))
 
 
 def ages(snapshots, now):
