@@ -182,36 +182,19 @@ def _usual(raws, slim):
     if not (_kinds(lowest_names) <= {str} and _names_ok(lowest_names) and _counts_ok(
             list(map(operator.itemgetter(1), lowest)), 1)):
         return None
-    domains = _present(values, "domains")
-    if domains and not (slim and _usual_slim_domains(domains)):
+    domains = _present(values, "domains")  # slim: [names, pages, refused(, delays)], as _slim_domains keeps them
+    if domains and not (slim and _columns_ok(domains, {3, 4}, MAX_TOP_DOMAINS + 1, NUMBER_LIMIT - 1)):
         return None
     return values
-
-
-def _usual_slim_domains(domains):
-    """Whether each of ``domains`` (slim values' columns) passes ``_slim_domains`` as it is, checked over all."""
-    if not (_kinds(domains) <= {list} and set(map(len, domains)) <= {3, 4}
-            and _kinds(itertools.chain.from_iterable(domains)) <= {list}):
-        return False
-    names, pages, refused = (list(map(operator.itemgetter(i), domains)) for i in range(3))
-    delays = [d for d in domains if len(d) == 4]
-    lengths = list(map(len, names))
-    flat = list(itertools.chain.from_iterable(names))
-    return (max(lengths, default=0) <= MAX_TOP_DOMAINS + 1 and lengths == list(map(len, pages))
-            == list(map(len, refused)) and list(map(len, map(operator.itemgetter(0), delays)))
-            == list(map(len, map(operator.itemgetter(3), delays))) and _kinds(flat) <= {str} and _names_ok(flat)
-            and _counts_ok(list(itertools.chain.from_iterable(itertools.chain(
-                pages, refused, map(operator.itemgetter(3), delays)))), NUMBER_LIMIT - 1))
 
 
 def _kinds(values):
     return set(map(type, values))
 
 
-# The keys of an insight value (``monitor_contract.insight_value``), and each key's columns: ``(count, most names,
-# highest figure (None: the bounds ``surely_in_bounds`` found), whether a figure may be null)``.
-INSIGHT_COLUMNS = {"domains": (1 + len(DOMAIN_COUNTS), MAX_TOP_DOMAINS + 1, None, True),
-                   "fields": (2, MAX_FIELDS, 1, False)}
+# The keys of an insight value (``monitor_contract.insight_value``), and ``_columns_ok``'s shape of each key's columns.
+INSIGHT_COLUMNS = {"domains": ({1 + len(DOMAIN_COUNTS)}, MAX_TOP_DOMAINS + 1, NUMBER_LIMIT - 1, True, True),
+                   "fields": ({2}, MAX_FIELDS, 1, False, True)}
 INSIGHT_KEYS = frozenset(("seen", "latency_buckets", *INSIGHT_COLUMNS))
 
 
@@ -255,26 +238,30 @@ def _usual_insights(raws):
     return None
 
 
-def _columns_ok(tables, width, most, high, nulls):
-    """Whether each of ``tables`` is ``width`` lists of one length, at most ``most``: distinct ``_names_ok`` names,
-    then columns of numbers within [0, ``high``] (or null, with ``nulls``); checked over all at C speed. (``high``
-    None: only found within bounds, by the caller.)"""
-    if not (_kinds(tables) <= {list} and set(map(len, tables)) <= {width}
+def _columns_ok(tables, widths, most, high, nulls=False, distinct=False):
+    """Whether each of ``tables`` is names, then columns of figures (as many lists in all as one of ``widths``), each
+    column as long as its names, at most ``most``: ``_names_ok`` names (``distinct`` ones), numbers within [0,
+    ``high``] (or null, with ``nulls``); checked over all at C speed."""
+    if not (_kinds(tables) <= {list} and set(map(len, tables)) <= widths
             and _kinds(itertools.chain.from_iterable(tables)) <= {list}):
         return False
     names = list(map(operator.itemgetter(0), tables))
     lengths = list(map(len, names))
     flat = list(itertools.chain.from_iterable(names))
     if not (max(lengths, default=0) <= most and _kinds(flat) <= {str} and _names_ok(flat)
-            and lengths == list(map(len, map(set, names)))
-            and all(lengths == list(map(len, map(operator.itemgetter(i), tables))) for i in range(1, width))):
+            and (not distinct or lengths == list(map(len, map(set, names))))):
         return False
+    for i in range(1, max(widths)):
+        having = tables if i < min(widths) else [t for t in tables if len(t) > i]  # a column not every table has
+        if list(map(len, map(operator.itemgetter(i), having))) != (
+                lengths if having is tables else list(map(len, map(operator.itemgetter(0), having)))):
+            return False
     figures = list(itertools.chain.from_iterable(itertools.chain.from_iterable(
         map(operator.itemgetter(slice(1, None)), tables))))
     kinds = _kinds(figures)  # (a type set, not ``None in``: comparing each number to None is slow)
     if nulls and NONE in kinds:
         figures, kinds = list(filter(NOT_NONE, figures)), kinds - {NONE}
-    return kinds <= NUMBER_TYPES and (not figures or min(figures) >= 0 and (high is None or max(figures) <= high))
+    return kinds <= NUMBER_TYPES and (not figures or min(figures) >= 0 and max(figures) <= high)
 
 
 def node_state(snapshot: Snapshot, now: Optional[float] = None) -> str:

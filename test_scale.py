@@ -379,6 +379,11 @@ def test_prometheus_adds_up_insight_values_as_it_would_whole_snapshots(redis_cli
               node(15): stamped[node(15)] | {"latency_buckets": [1, 2]}}
     redis_client.hset("scrapy:node:insight", mapping={k: v if isinstance(v, bytes) else json.dumps(v)
                                                       for k, v in wrongs.items()})
+    # a figure written without an exponent or 19 digits that reads as 1e18, past the gate's bounds
+    wrongs[node(18)] = json.dumps(stamped[node(18)] | {"domains": [["a.com"], *[[1]] * 5, ["big"]]}).replace(
+        '["big"]', "[999999999999999999.5]")
+    assert "999999999999999999.5" in wrongs[node(18)]
+    redis_client.hset("scrapy:node:insight", node(18), wrongs[node(18)])
     redis_client.hdel("scrapy:node:insight", node(16))
     whole.clear()
     assert body() == default and len(whole) == len(wrongs) + 2
