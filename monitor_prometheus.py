@@ -151,7 +151,7 @@ def scrape_input(nodes, now, insights, whole):
             part = Insight.part(s)
             s["state"] = node_state(s, now)
         else:
-            part = (part[0], number(s.get("latency_sum"), 0), part[1], part[2], max(number(s.get("items"), 0), 0))
+            part = Insight.part(s, part)
         yield name, s, part
 
 
@@ -385,16 +385,20 @@ class Insight:
         self.histograms, self.domains, self.fields = {}, {}, {}
 
     @staticmethod
-    def part(snapshot):
-        """What ``add`` needs of a whole snapshot's big fields, which are taken off it: ``(latency buckets, latency
-        sum, domains [names, *DOMAIN_FIGURES], fields [names, shares], items)``, as ``scrape_input`` makes of an
-        insight value (``monitor_contract.insight_value``)."""
-        big = {field: snapshot.pop(field, None) for field in BIG_FIELDS}
-        domains, fields = big["domains"], big["fields"]
-        figures = list(domains.values()) if domains else ()
-        return (big["latency_buckets"] or None, number(snapshot.get("latency_sum"), 0),
-                [list(domains), *(column(figures, f) for f in DOMAIN_FIGURES)] if domains else None,
-                [list(fields), list(fields.values())] if fields else None, max(number(snapshot.get("items"), 0), 0))
+    def part(snapshot, insight=None):
+        """What ``add`` needs of a node: ``(latency buckets, latency sum, domains [names, *DOMAIN_FIGURES], fields
+        [names, shares], items)``: its insight from ``insight`` (``(latency buckets, domains, fields)`` of its insight
+        value, ``parse_insights``), else from the whole snapshot's big fields, which are taken off it."""
+        if insight is None:
+            big = {field: snapshot.pop(field, None) for field in BIG_FIELDS}
+            domains, fields = big["domains"], big["fields"]
+            figures = list(domains.values()) if domains else ()
+            insight = (big["latency_buckets"],
+                       [list(domains), *(column(figures, f) for f in DOMAIN_FIGURES)] if domains else None,
+                       [list(fields), list(fields.values())] if fields else None)
+        buckets, domains, fields = insight
+        return (buckets or None, number(snapshot.get("latency_sum"), 0), domains, fields,
+                max(number(snapshot.get("items"), 0), 0))
 
     def add(self, key, part):
         """One node's ``part`` added to ``key``'s figures."""
