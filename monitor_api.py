@@ -31,7 +31,7 @@ from werkzeug.exceptions import HTTPException
 from werkzeug.routing import PathConverter
 
 from monitor_alert_state import read_alerts, read_silences
-from monitor_cache import CACHE_ENTRIES, Body, Cache, CachedFastPath, cache_key, json_body, to_json, wrapped
+from monitor_cache import CACHE_ENTRIES, Body, Cache, CachedFastPath, cache_key, json_body, to_json
 from monitor_changes import audit_refusal, audit_reload, changes, reader
 from monitor_contract import (
     BIG_FIELDS,
@@ -280,13 +280,11 @@ def add_cors_headers(response):
 
 
 def cached(compute):
-    """The response for this URL, computed at most once per cache period (see ``Body.pick``)."""
+    """The response for this URL, computed at most once per cache period (see ``Body.sent``)."""
     body = reader().cache.get(cache_key(request.environ), compute)
     reader().answered()
-    status, headers, data = body.pick(request.environ)
-    if status == 200:
-        headers = headers + [("Content-Length", str(len(data)))]
-    return Response(wrapped(request.environ, data), status, headers, direct_passthrough=True)
+    status, headers, app_iter = body.sent(request.environ)
+    return Response(app_iter, status, headers, direct_passthrough=True)
 
 
 # ---------------------------------------------------------------------------- routes

@@ -115,6 +115,14 @@ class Body:
             data = self.zipped[0] = gzip.compress(self.plain[0], 4, mtime=0)
         return 200, headers, data
 
+    def sent(self, environ):
+        """``(status, headers, WSGI app_iter)`` for this request: ``pick``'s, with the Content-Length of a 200, its
+        bytes sent as ``wrapped`` sends them."""
+        status, headers, data = self.pick(environ)
+        if status == 200:
+            headers = headers + [("Content-Length", str(len(data)))]
+        return status, headers, wrapped(environ, data)
+
 
 # A body of WRAP_FROM bytes or more goes out through the server's file wrapper: waitress sends it from the bytes as
 # they are, never copied into its output buffer, nor spilled to a temporary file past its outbuf_overflow. The bytes
@@ -161,10 +169,8 @@ class CachedFastPath:
         if environ["REQUEST_METHOD"] == "GET" and self.gate.authorize(environ) is None:
             body = self.reader.cache.fresh(cache_key(environ))
             if body is not None:
-                status, headers, data = body.pick(environ)
-                if status == 200:
-                    headers = headers + [("Content-Length", str(len(data)))]
+                status, headers, app_iter = body.sent(environ)
                 start_response("200 OK" if status == 200 else "304 Not Modified",
                                headers + self.gate.headers(environ))
-                return wrapped(environ, data)
+                return app_iter
         return self.app(environ, start_response)
