@@ -5,10 +5,9 @@ in the same script, pruning publishes the ids it deletes, the alerter and the si
 control command ``control <JSON>``. The API process's one subscription (``monitor_nodes.ChangeFeed``, which also
 tells the node reader what changed) hands them to its ``Hub``, whose thread reads what changed (the changed nodes
 in one HMGET), computes live -> stale when it becomes true (a change nobody writes), and appends numbered entries
-to a bounded in-memory ring. Each stream (a waitress worker
-thread, see ``Stream``) sends what came after its cursor, coalesced, at most every PUSH_EVERY seconds (longer past
-FANOUT streams: ``push_every``); a client
-that reconnects with ``Last-Event-ID`` gets what it missed, or ``reset`` when the ring no longer holds it.
+to a bounded in-memory ring. Each stream (a waitress worker thread, see ``Stream``) sends what came after its
+cursor, coalesced, at most every PUSH_EVERY seconds (longer past FANOUT streams: ``push_every``); a client that
+reconnects with ``Last-Event-ID`` gets what it missed, or ``reset`` when the ring no longer holds it.
 """
 
 import heapq

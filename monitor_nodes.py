@@ -108,8 +108,8 @@ class ChangeFeed:
                 self.thread.start()
 
     def take(self):
-        """``(generation, the stored fields of the nodes written since the last take)``; None while not subscribed."""
-        self.start()
+        """``(generation, the stored fields of the nodes written since the last take)``; None while not subscribed (its
+        reader started it)."""
         with self.lock:
             if not self.subscribed:
                 return None
