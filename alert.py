@@ -53,7 +53,7 @@ from monitor_channels import (
     text_lines,
     within,
 )
-from monitor_contract import Outage, as_text, dumps, loads, redact, redis_now, slow_delays, slow_key, status_key
+from monitor_contract import as_text, dumps, loads, redis_now, slow_delays, slow_key, status_key
 from monitor_digest import Digest, due_day, log_notes
 from monitor_nodes import NodeReader, gc_paused, gc_tidy, read_snapshots, wrong_type
 from monitor_read import QUEUE_WINDOW, forecast_nodes, memo_firsts, parse_histories, queue_histories, spiders_view
@@ -76,6 +76,7 @@ from monitor_rules import (
 from monitor_settings import (
     ALERT,
     ConfigError,
+    Outage,
     Parser,
     connect,
     duration,
@@ -84,6 +85,7 @@ from monitor_settings import (
     ha_kind,
     key_prefix,
     readers_of,
+    redact,
     unknown_settings,
     value,
 )

@@ -19,8 +19,7 @@ from scrapy.utils.defer import deferred_from_coro
 from scrapy_redis.spiders import RedisSpider
 from twisted.internet import task
 
-from monitor_contract import redact, scrub
-from monitor_settings import connect
+from monitor_settings import connect, redact, scrub
 
 # How often an idle node looks for new start URLs (the engine's own idle check runs only every 5 s).
 START_URLS_POLL_INTERVAL = 1.0

@@ -18,8 +18,9 @@ import urllib.request
 from email.message import EmailMessage
 from email.utils import formatdate, make_msgid
 
-from monitor_contract import Outage, as_text, safe_url, scrub, status_key
+from monitor_contract import as_text, status_key
 from monitor_rules import RULE, iso
+from monitor_settings import Outage, safe_url, scrub
 
 logger = logging.getLogger(__name__)
 

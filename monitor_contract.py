@@ -3,21 +3,17 @@
 Both sides import this module: the extension on crawler machines (``monitors.py``) and the readers (the API and
 the alerter, which decode snapshots through ``monitor_snapshot.py``). It imports only the standard library and
 redis-py (and orjson when it is installed: ``loads`` decodes faster with it). It also holds the small helpers
-every script shares: strict JSON, numbers, text, redaction of secrets.
+every script shares: strict JSON, numbers, text (a Redis URL becomes a client in ``monitor_settings``).
 """
 
 import hashlib
 import itertools
 import json
-import logging
 import math
 import re
 from typing import Optional, TypedDict, Union
-from urllib.parse import parse_qsl, urlencode, urlsplit
 
 import redis
-from redis.backoff import NoBackoff
-from redis.retry import Retry
 
 try:  # readers decode every node's snapshot: orjson does it in half the time; a crawler machine needs none
     import orjson
@@ -26,8 +22,6 @@ except ImportError:  # pragma: no cover - orjson is in requirements.txt
 
 # The interval assumed for a snapshot that does not say its own (the extension's default).
 DEFAULT_INTERVAL = 10.0
-# A metrics write gives up after this long: a slow Redis must never hold up a crawl.
-REDIS_TIMEOUT = 1.0
 # A node is stale when it has not reported for this many of its own intervals.
 STALE_INTERVALS = 3
 # Full-resolution history covers the last hour; the second tier covers a day in 5-minute means.
@@ -759,108 +753,6 @@ def newest_command(raws):
 
 
 # ---------------------------------------------------------------------------- shared helpers
-
-def connect(url: str, timeout: float = REDIS_TIMEOUT) -> redis.Redis:
-    """A Redis client that fails fast: short socket timeouts and no retries with backoff.
-
-    Clients connect lazily; the URL is checked here, so a malformed one or an option redis-py does not
-    know raises ValueError (naming no password) at start rather than an error on every later call. A Sentinel
-    or Cluster URL is ``monitor_settings.connect``'s."""
-    try:
-        client = redis.Redis.from_url(
-            url,
-            socket_timeout=timeout,
-            socket_connect_timeout=timeout,
-            retry=Retry(NoBackoff(), 0),
-            health_check_interval=0,
-            driver_info=None,  # no CLIENT SETINFO round trips on connect
-        )
-        pool = client.connection_pool
-        pool.connection_class(**pool.connection_kwargs)  # builds, does not connect
-    except (ValueError, TypeError) as exc:
-        reason = str(exc)
-        unknown = re.search(r"unexpected keyword argument '([^']*)'", reason)
-        reason = f"unknown option {unknown.group(1)!r}" if unknown else scrub(reason, url)
-        raise ValueError(f"{redact(url)} is not a usable Redis URL ({reason})") from None
-    return client
-
-
-# Query options whose value is a secret (redis-py reads ?password=; webhooks put tokens in queries).
-SECRET_OPTIONS = frozenset(("password", "pass", "pw", "token", "secret", "key", "apikey", "api_key",
-                            "access_token", "auth", "sig", "signature"))
-
-
-def redact(url: str) -> str:
-    """The URL with any password (``user:pw@``, ``:pw@``, ``?password=``) masked, fit for a log line."""
-    try:
-        parts = urlsplit(str(url))
-        netloc = parts.netloc
-        if "@" in netloc:
-            userinfo, _, hostport = netloc.rpartition("@")
-            if ":" in userinfo:
-                userinfo = f"{userinfo.split(':', 1)[0]}:***"
-            netloc = f"{userinfo}@{hostport}"
-        query = parts.query
-        if query:
-            query = urlencode([(k, "***" if k.lower() in SECRET_OPTIONS else v)
-                               for k, v in parse_qsl(query, keep_blank_values=True)], safe="*")
-        url = str(url)
-        head, sep, rest = url.partition(parts.netloc) if parts.netloc else ("", "", url)
-        if query:
-            rest = rest.replace(parts.query, query, 1)
-        return head + (netloc if sep else "") + rest
-    except ValueError:
-        return "<unparsable URL>"
-
-
-def safe_url(url):
-    """Scheme and host only: a webhook's path and query are often its secret (Slack, Teams, Discord)."""
-    try:
-        parts = urlsplit(str(url))
-        if "+" in parts.scheme:  # redis+sentinel://, redis+cluster://: host:port[,host:port...]
-            return f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}/..."
-        port = f":{parts.port}" if parts.port else ""
-        return f"{parts.scheme}://{parts.hostname}{port}/..."
-    except ValueError:
-        return "<unparsable URL>"
-
-
-# A URL quoted in a message: scheme://, then anything up to a blank, a quote or an angle bracket.
-QUOTED_URL = re.compile(r"\b[A-Za-z][A-Za-z0-9+.-]*://[^\s<>\"']+")
-
-
-def scrub(text: object, *urls: str) -> str:
-    """``text`` (an error message, a log record) with each of ``urls`` cut to scheme and host, and every
-    other URL it quotes ``redact``-ed: no password, no secret query option."""
-    text = str(text)
-    for url in urls:
-        if url:
-            text = text.replace(str(url), safe_url(url))
-    return QUOTED_URL.sub(lambda m: redact(m.group(0)), text)
-
-
-class Outage:
-    """Logs a lost service once per outage, and once when it answers again, never once per attempt."""
-
-    def __init__(self, log, level=logging.WARNING):
-        self.log = log
-        self.level = level
-        self.down = False
-
-    def failed(self, message, *args):
-        """The service failed: log ``message`` if this starts an outage. Returns True if it did."""
-        started = not self.down
-        if started:
-            self.log.log(self.level, message, *args)
-        self.down = True
-        return started
-
-    def ok(self, message, *args):
-        """The service answered: log ``message`` if an outage ends here."""
-        if self.down:
-            self.log.info(message, *args)
-        self.down = False
-
 
 def is_number(value):
     """A finite int or float, not a bool."""

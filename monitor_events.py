@@ -22,21 +22,9 @@ import time
 import redis
 
 from monitor_alert_state import read_alerts
-from monitor_contract import (
-    DEFAULT_INTERVAL,
-    STALE_INTERVALS,
-    Outage,
-    as_text,
-    dumps,
-    number,
-    redact,
-    redis_now,
-    scrub,
-    slim,
-    status_key,
-)
+from monitor_contract import DEFAULT_INTERVAL, STALE_INTERVALS, as_text, dumps, number, redis_now, slim, status_key
 from monitor_nodes import ChangeFeed
-from monitor_settings import connect
+from monitor_settings import Outage, connect, redact, scrub
 from monitor_snapshot import last_report, parse_snapshot
 
 logger = logging.getLogger("monitor_api")

@@ -7,8 +7,9 @@ read a page at a time (``read_dead``). The writes themselves are monitor_acting.
 
 from urllib.parse import urlsplit
 
-from monitor_contract import DEAD_ID, QUEUE_NAMES, as_text, dead_key, dumps, is_text, number, redact
+from monitor_contract import DEAD_ID, QUEUE_NAMES, as_text, dead_key, dumps, is_text, number
 from monitor_records import parse_member
+from monitor_settings import redact
 
 # At most this many URLs or requests in one seed (413 beyond).
 MAX_SEED = 10000

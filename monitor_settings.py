@@ -4,12 +4,14 @@ Each script reads its settings through ``value`` (the extension offers its Scrap
 first); ``--help`` and the README's environment table come from SETTINGS, and a test checks both. An empty
 environment variable counts as unset. A value a script cannot run with is a ConfigError naming the setting:
 the scripts print it on one line and exit 2, the extension logs it and turns itself off. Redis URL settings
-also take Sentinel and Cluster URLs: ``connect`` opens every kind (``monitor_contract.connect`` plain ones).
+also take Sentinel and Cluster URLs: ``connect`` opens every kind (``plain_connect`` plain ones), and the URLs'
+secrets stay out of logs (``redact``, ``scrub``; an outage is logged once: ``Outage``).
 """
 
 import argparse
 import datetime
 import difflib
+import logging
 import math
 import os
 import re
@@ -18,16 +20,13 @@ import threading
 import time
 import zoneinfo
 from typing import NamedTuple, Optional
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit
 
 import redis
 import redis.cluster
 import redis.sentinel
 from redis.backoff import NoBackoff
 from redis.retry import Retry
-
-from monitor_contract import REDIS_TIMEOUT, redact
-from monitor_contract import connect as plain_connect
 
 # Who reads a setting: the Scrapy extension (crawler machines), the API, the alerter, the demo, and the
 # demo crawler's own Scrapy project (settings.py).
@@ -319,13 +318,118 @@ def port(name, raw):
 
 # ---------------------------------------------------------------------------- Redis URLs
 
+# A metrics write gives up after this long: a slow Redis must never hold up a crawl.
+REDIS_TIMEOUT = 1.0
+
+
+def plain_connect(url: str, timeout: float = REDIS_TIMEOUT) -> redis.Redis:
+    """A Redis client that fails fast: short socket timeouts and no retries with backoff.
+
+    Clients connect lazily; the URL is checked here, so a malformed one or an option redis-py does not
+    know raises ValueError (naming no password) at start rather than an error on every later call. A Sentinel
+    or Cluster URL is ``connect``'s."""
+    try:
+        client = redis.Redis.from_url(
+            url,
+            socket_timeout=timeout,
+            socket_connect_timeout=timeout,
+            retry=Retry(NoBackoff(), 0),
+            health_check_interval=0,
+            driver_info=None,  # no CLIENT SETINFO round trips on connect
+        )
+        pool = client.connection_pool
+        pool.connection_class(**pool.connection_kwargs)  # builds, does not connect
+    except (ValueError, TypeError) as exc:
+        reason = str(exc)
+        unknown = re.search(r"unexpected keyword argument '([^']*)'", reason)
+        reason = f"unknown option {unknown.group(1)!r}" if unknown else scrub(reason, url)
+        raise ValueError(f"{redact(url)} is not a usable Redis URL ({reason})") from None
+    return client
+
+
+# Query options whose value is a secret (redis-py reads ?password=; webhooks put tokens in queries).
+SECRET_OPTIONS = frozenset(("password", "pass", "pw", "token", "secret", "key", "apikey", "api_key",
+                            "access_token", "auth", "sig", "signature"))
+
+
+def redact(url: str) -> str:
+    """The URL with any password (``user:pw@``, ``:pw@``, ``?password=``) masked, fit for a log line."""
+    try:
+        parts = urlsplit(str(url))
+        netloc = parts.netloc
+        if "@" in netloc:
+            userinfo, _, hostport = netloc.rpartition("@")
+            if ":" in userinfo:
+                userinfo = f"{userinfo.split(':', 1)[0]}:***"
+            netloc = f"{userinfo}@{hostport}"
+        query = parts.query
+        if query:
+            query = urlencode([(k, "***" if k.lower() in SECRET_OPTIONS else v)
+                               for k, v in parse_qsl(query, keep_blank_values=True)], safe="*")
+        url = str(url)
+        head, sep, rest = url.partition(parts.netloc) if parts.netloc else ("", "", url)
+        if query:
+            rest = rest.replace(parts.query, query, 1)
+        return head + (netloc if sep else "") + rest
+    except ValueError:
+        return "<unparsable URL>"
+
+
+def safe_url(url):
+    """Scheme and host only: a webhook's path and query are often its secret (Slack, Teams, Discord)."""
+    try:
+        parts = urlsplit(str(url))
+        if "+" in parts.scheme:  # redis+sentinel://, redis+cluster://: host:port[,host:port...]
+            return f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}/..."
+        port = f":{parts.port}" if parts.port else ""
+        return f"{parts.scheme}://{parts.hostname}{port}/..."
+    except ValueError:
+        return "<unparsable URL>"
+
+
+# A URL quoted in a message: scheme://, then anything up to a blank, a quote or an angle bracket.
+QUOTED_URL = re.compile(r"\b[A-Za-z][A-Za-z0-9+.-]*://[^\s<>\"']+")
+
+
+def scrub(text: object, *urls: str) -> str:
+    """``text`` (an error message, a log record) with each of ``urls`` cut to scheme and host, and every
+    other URL it quotes ``redact``-ed: no password, no secret query option."""
+    text = str(text)
+    for url in urls:
+        if url:
+            text = text.replace(str(url), safe_url(url))
+    return QUOTED_URL.sub(lambda m: redact(m.group(0)), text)
+
+
+class Outage:
+    """Logs a lost service once per outage, and once when it answers again, never once per attempt."""
+
+    def __init__(self, log, level=logging.WARNING):
+        self.log = log
+        self.level = level
+        self.down = False
+
+    def failed(self, message, *args):
+        """The service failed: log ``message`` if this starts an outage. Returns True if it did."""
+        started = not self.down
+        if started:
+            self.log.log(self.level, message, *args)
+        self.down = True
+        return started
+
+    def ok(self, message, *args):
+        """The service answered: log ``message`` if an outage ends here."""
+        if self.down:
+            self.log.info(message, *args)
+        self.down = False
+
+
 def connect(url: str, timeout: float = REDIS_TIMEOUT, retry: Optional[Retry] = None,
             cluster_class=redis.cluster.RedisCluster) -> redis.Redis:
-    """``monitor_contract.connect`` (a fail-fast client: short timeouts, no retries, the URL checked at once,
-    ValueError naming no password) for every Redis URL a setting takes: also ``redis+sentinel://``, the master
-    of a Sentinel service (found again after a failover), and ``redis+cluster://``, a Redis Cluster client
-    (``rediss+`` for TLS); see ``ha_url``. ``retry`` replaces the default of none (main_spider's queue waits
-    through a failover). Here rather than in monitor_contract.py, which has no room left."""
+    """``plain_connect`` (a fail-fast client: short timeouts, no retries, the URL checked at once, ValueError
+    naming no password) for every Redis URL a setting takes: also ``redis+sentinel://``, the master of a Sentinel
+    service (found again after a failover), and ``redis+cluster://``, a Redis Cluster client (``rediss+`` for
+    TLS); see ``ha_url``. ``retry`` replaces the default of none (main_spider's queue waits through a failover)."""
     try:
         kind, nodes, path, options = ha_url(url)
         if kind is None:

@@ -39,7 +39,6 @@ from monitor_contract import (
     SAMPLE_TEXT,
     SAMPLES,
     STOPPED,
-    Outage,
     TrendBuffer,
     control_ack_key,
     control_key,
@@ -49,10 +48,8 @@ from monitor_contract import (
     history_row,
     newest_command,
     percentile,
-    redact,
     redis_now,
     run_record,
-    scrub,
     slow_delays,
     slow_key,
     write_dead,
@@ -60,7 +57,7 @@ from monitor_contract import (
     write_run,
     write_snapshot,
 )
-from monitor_settings import SETTING, ConfigError, connect, key_prefix, unknown_settings, value
+from monitor_settings import SETTING, ConfigError, Outage, connect, key_prefix, redact, scrub, unknown_settings, value
 
 logger = logging.getLogger(__name__)
 

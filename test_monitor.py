@@ -17,6 +17,7 @@ import monitor_api
 import monitor_contract
 import monitor_nodes
 import monitor_read
+import monitor_settings
 import monitor_snapshot
 import monitors
 import testbed
@@ -281,15 +282,15 @@ def test_sampler_rates_and_redacted_urls():
     assert 0 <= later["cpu"] <= 100 and later["rss"] > 0
     too_soon = sampler.sample({**stats, "response_received_count": 41}, 110.1)
     assert too_soon["pages"] == 41 and too_soon["pages_per_min"] == 180.0
-    assert monitor_contract.redact("redis://:s3cret@h:6379/0") == "redis://:***@h:6379/0"
-    assert monitor_contract.redact("rediss://user:pw@h/1") == "rediss://user:***@h/1"
-    assert monitor_contract.redact("redis://h:6379/0") == "redis://h:6379/0"
-    assert "s3cret" not in monitor_contract.redact("redis://u:s3cret@[::1]:7/0")
+    assert monitor_settings.redact("redis://:s3cret@h:6379/0") == "redis://:***@h:6379/0"
+    assert monitor_settings.redact("rediss://user:pw@h/1") == "rediss://user:***@h/1"
+    assert monitor_settings.redact("redis://h:6379/0") == "redis://h:6379/0"
+    assert "s3cret" not in monitor_settings.redact("redis://u:s3cret@[::1]:7/0")
     # A message quoting a URL: passwords and secret query options are masked, named URLs cut to the host.
-    assert monitor_contract.scrub("Error downloading <GET https://api.example/v1?api_key=s3cret&q=1>") == \
+    assert monitor_settings.scrub("Error downloading <GET https://api.example/v1?api_key=s3cret&q=1>") == \
         "Error downloading <GET https://api.example/v1?api_key=***&q=1>"
-    assert monitor_contract.scrub("refused redis://:s3c@ret@h:1/0") == "refused redis://:***@h:1/0"
-    assert monitor_contract.scrub("POST https://hooks.example/T0/s3cret: 404", "https://hooks.example/T0/s3cret") == \
+    assert monitor_settings.scrub("refused redis://:s3c@ret@h:1/0") == "refused redis://:***@h:1/0"
+    assert monitor_settings.scrub("POST https://hooks.example/T0/s3cret: 404", "https://hooks.example/T0/s3cret") == \
         "POST https://hooks.example/...: 404"
 
 

@@ -16,8 +16,7 @@ import requests
 import monitor_contract
 import monitor_rules
 import monitor_settings
-from monitor_contract import redact, safe_url, scrub
-from monitor_settings import connect, ha_url, key_prefix
+from monitor_settings import connect, ha_url, key_prefix, redact, safe_url, scrub
 from testbed import EventReader, make_app, run_script, snapshot, store
 from testbed_servers import ApiServer, Site, crawl_log, wait_for
 

@@ -22,6 +22,7 @@ import monitor_contract
 import monitor_nodes
 import monitor_prometheus
 import monitor_rules
+import monitor_settings
 import monitor_snapshot
 import testbed
 from testbed import MB, T0, CountingConnection, report
@@ -457,7 +458,7 @@ def test_a_big_clusters_reads_take_only_the_nodes_written_since_and_a_whole_read
     monkeypatch.setattr(monitor_nodes, "FEED_FROM", 5)
     testbed.publish(redis_client, *(testbed.snapshot(f"s:h:{i}", "s", pages=i) for i in range(8)))
     feed = monitor_nodes.ChangeFeed(redis_url, "scrapy")
-    reader = monitor_nodes.NodeReader(monitor_contract.connect(redis_url), "scrapy", slim=True, feed=feed)
+    reader = monitor_nodes.NodeReader(monitor_settings.connect(redis_url), "scrapy", slim=True, feed=feed)
     whole, parse = [], reader.parse
     monkeypatch.setattr(reader, "parse", lambda *a: whole.append(1) or parse(*a))
 

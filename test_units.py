@@ -1225,7 +1225,7 @@ def test_loads_unbounded_still_refuses_nan():
     pytest.param("http://[::1", "<unparsable URL>", id="unparsable"),
 ])
 def test_redact(url, expected):
-    assert monitor_contract.redact(url) == expected
+    assert monitor_settings.redact(url) == expected
 
 
 @pytest.mark.parametrize("url, expected", [
@@ -1234,12 +1234,12 @@ def test_redact(url, expected):
     pytest.param("http://h:99999/x", "<unparsable URL>", id="bad-port"),
 ])
 def test_safe_url(url, expected):
-    assert monitor_contract.safe_url(url) == expected
+    assert monitor_settings.safe_url(url) == expected
 
 
 def test_scrub_cuts_the_given_url_and_redacts_others():
     text = "cannot post to https://h/secret/path: refused; also redis://:pw@x:1/0?token=t down"
-    out = monitor_contract.scrub(text, "https://h/secret/path", None)
+    out = monitor_settings.scrub(text, "https://h/secret/path", None)
     assert out == "cannot post to https://h/...: refused; also redis://:***@x:1/0?token=*** down"
     assert "secret" not in out and "pw" not in out
 

@@ -27,7 +27,7 @@ import redis  # noqa: E402
 
 import alert  # noqa: E402
 import monitor_alert_state  # noqa: E402
-import monitor_contract  # noqa: E402
+import monitor_settings  # noqa: E402
 import testbed  # noqa: E402
 from testbed_servers import RedisServer  # noqa: E402
 
@@ -97,7 +97,7 @@ def main():
         cfg = alert.load_config([
             "--redis-url", server.url, "--webhook-url", f"http://127.0.0.1:{receiver.server_address[1]}/hook",
             "--for", str(INTERVAL), "--interval", str(INTERVAL), "--stall-seconds", str(2 * INTERVAL)])
-        client = monitor_contract.connect(server.url, timeout=10)
+        client = monitor_settings.connect(server.url, timeout=10)
         client.connection_pool.connection_class = Counting
         alerter = alert.Alerter(cfg, client=client)
         t0 = time.time()
