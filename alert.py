@@ -53,7 +53,17 @@ from monitor_channels import (
     text_lines,
     within,
 )
-from monitor_contract import as_text, dumps, loads, redis_now, slow_delays, slow_key, status_key
+from monitor_contract import (
+    REFUSAL_STEP,
+    as_text,
+    dumps,
+    loads,
+    redis_now,
+    refusals_key,
+    slow_delays,
+    slow_key,
+    status_key,
+)
 from monitor_digest import Digest, due_day, log_notes
 from monitor_nodes import NodeReader, gc_paused, gc_tidy, read_snapshots, wrong_type
 from monitor_read import QUEUE_WINDOW, forecast_nodes, memo_firsts, parse_histories, queue_histories, spiders_view
@@ -67,10 +77,10 @@ from monitor_rules import (
     iso,
     needs_details,
     next_delay,
-    refusal_counts,
+    refusal_shares,
+    refusal_starts,
     run_alerts,
     span,
-    window_shares,
     with_details,
 )
 from monitor_settings import (
@@ -380,7 +390,8 @@ class Alerter:
         self.actions = dict(cfg.actions or {})
         if cfg.finished_action != "none":
             self.actions.setdefault("finished", cfg.finished_action)
-        self.samples = []  # [(now, refusal_counts)]: the per-domain 429/503 window, kept in memory
+        self.clock = None  # Redis's clock less this machine's at the last evaluation: the refusal buckets to read
+        self.queued_buckets = []  # the starts of the refusal buckets queued on the evaluation's read
         self.forecast = ([], 0)  # (nodes, rows) whose histories the queue forecasts read last time
         self.window = max(cfg.for_seconds or 0, cfg.interval)
 
@@ -422,7 +433,7 @@ class Alerter:
         alert.py holds the lock (it does the work). The clock is Redis's, unless ``now`` is given (tests)."""
         if self.dry_run:
             return self.dry_run.run(*self.read_nodes(now))
-        replies = self.lock_and_read()
+        replies = self.lock_and_read(now)
         if replies is None:
             logger.debug("Alert: another alert.py is evaluating; skipping")
             return None
@@ -430,6 +441,7 @@ class Alerter:
             replies, extra = replies[:self.reader.queued + Store.QUEUED], replies[self.reader.queued + Store.QUEUED:]
             try:
                 nodes, now = self.read_nodes(now, replies[:self.reader.queued])
+                self.clock = now - time.time()
                 if self.recovering:
                     self.answering_since, self.recovering = now, False
             except WrongTypeError:
@@ -451,14 +463,15 @@ class Alerter:
         finally:
             self.lock.release()
 
-    def lock_and_read(self):
+    def lock_and_read(self, now=None):
         """Take the evaluation lock and read everything the evaluation needs, in one round trip: the replies
-        (the node reader's, the store's, then ``queue_extras``'), or None when another alert.py holds the lock."""
+        (the node reader's, the store's, then ``queue_extras``'), or None when another alert.py holds the lock.
+        ``now``: the evaluation's time when given (tests), else Redis's clock as the last evaluation saw it."""
         with self.r.pipeline(transaction=False) as pipe:
             token = self.lock.queue(pipe)
             self.reader.queue(pipe)
             self.store.queue(pipe)
-            self.queue_extras(pipe)
+            self.queue_extras(pipe, now)
             took, *replies = pipe.execute(raise_on_error=False)
         if isinstance(took, Exception):
             raise took
@@ -469,16 +482,23 @@ class Alerter:
         with self.r.pipeline(transaction=False) as pipe:  # read again now that the lock is ours
             self.reader.queue(pipe)
             self.store.queue(pipe)
-            self.queue_extras(pipe)
+            self.queue_extras(pipe, now)
             return pipe.execute(raise_on_error=False)
 
-    def queue_extras(self, pipe):
+    def queue_extras(self, pipe, now=None):
         """Queue on the evaluation's read what else it needs: the queue forecasts' histories of the nodes they
-        read last time (the same ones, unless a node came or went), and INFO for the Redis rules on one server
-        (on a cluster each master's INFO is one more round trip, see ``redis_views``). The forecast nodes are
-        queued first; ``extras`` parses the replies."""
+        read last time (the same ones, unless a node came or went), the refusal buckets of the window ending at
+        ``now`` (else at Redis's time as the last evaluation saw its clock, a bucket more each side; none at
+        first: ``add_refusals`` reads them), and INFO for the Redis rules on one server (on a cluster each master's
+        INFO is one more round trip, see ``redis_views``). ``extras`` parses the replies."""
         nodes, rows = self.forecast
         queue_histories(pipe, nodes, QUEUE_WINDOW / 60, self.cfg.prefix, rows)
+        self.queued_buckets = []
+        if RULE["domain_refusing"] in active_rules(self.cfg) and (now is not None or self.clock is not None):
+            self.queued_buckets = refusal_starts(now, self.window) if now is not None else refusal_starts(
+                time.time() + self.clock + REFUSAL_STEP, self.window + 2 * REFUSAL_STEP)
+        for start in self.queued_buckets:
+            pipe.hgetall(refusals_key(self.cfg.prefix, start))
         if self.info_in_read():
             pipe.execute_command("INFO")
 
@@ -491,10 +511,14 @@ class Alerter:
         return not hasattr(pool, "get_master_address") and hasattr(pool, "connection_kwargs")
 
     def extras(self, replies, now):
-        """``(histories read as queue_forecasts takes them, INFO reply or None)`` from ``queue_extras``' replies."""
+        """``(histories read as queue_forecasts takes them, INFO reply or None, {refusal bucket start: its hash})``
+        from ``queue_extras``' replies."""
         nodes, rows = self.forecast
         histories = (rows, parse_histories(nodes, replies[:len(nodes)], QUEUE_WINDOW / 60, now))
-        return histories, (replies[len(nodes)] if len(replies) > len(nodes) else None)
+        read, rest = len(nodes) + len(self.queued_buckets), replies[len(nodes) + len(self.queued_buckets):]
+        buckets = {start: hash_ for start, hash_ in zip(self.queued_buckets, replies[len(nodes):read])
+                   if isinstance(hash_, dict)}
+        return histories, (rest[0] if rest else None), buckets
 
     def read_nodes(self, now=None, replies=None):
         """``({node: snapshot with state}, now)``: states judged on Redis's clock, or at ``now`` if given;
@@ -511,16 +535,16 @@ class Alerter:
             self.malformed = bad
         return nodes, now
 
-    def evaluate_once(self, nodes, now, reading, extras=(None, None)):
+    def evaluate_once(self, nodes, now, reading, extras=(None, None, None)):
         """The one evaluation, for the real loop and the dry run alike: every rule over the nodes and spiders,
         then the runs recorded since the cursor. ``extras``: what the evaluation's read brought besides
         (``extras``). Returns an Outcome; stores and sends nothing."""
-        histories, info = extras
+        histories, info, buckets = extras
         spiders = spider_views(self.r, nodes, self.cfg.prefix, now, self.cfg, histories, self.spider_memo)
         if spiders:  # each spider's forecast node, found by the views
             chosen, rows = forecast_nodes(nodes, memo_firsts(self.spider_memo))
             self.forecast = (sorted(chosen.values()), rows)
-        self.add_refusals(nodes, now, spiders)
+        self.add_refusals(now, spiders, buckets or {})
         state_changes, stall_changes, notes = evaluate(nodes, reading.state, reading.stall, now, self.cfg,
                                                        reading.silences, spiders, self.answering_since,
                                                        self.redis_views(info))
@@ -530,15 +554,21 @@ class Alerter:
         run_notes, cursor = run_alerts(reading.recent, reading.runs_cursor, self.cfg)
         return Outcome(state_changes, stall_changes, notes + run_notes, cursor, spiders)
 
-    def add_refusals(self, nodes, now, spiders):
-        """Each spider view gains ``refusals``: its domains' share of 429/503 answers over the window (ALERT_FOR,
-        at least one ALERT_INTERVAL), from the samples this process took (at first, over the nodes' whole runs)."""
+    def add_refusals(self, now, spiders, buckets):
+        """Each spider view gains ``refusals``: its domains' share of 429/503 answers over the window (ALERT_FOR, at
+        least one ALERT_INTERVAL, at most REFUSAL_KEEP), from the refusal buckets the nodes added to (``buckets``:
+        those read already, by start; the others are read here)."""
         if not spiders or RULE["domain_refusing"] not in active_rules(self.cfg):
             return
-        self.samples.append((now, refusal_counts(nodes)))
-        old = [i for i, (t, _) in enumerate(self.samples) if now - t >= self.window]
-        self.samples = self.samples[old[-1] if old else 0:]
-        shares = window_shares(self.samples, now, self.window)
+        starts = refusal_starts(now, self.window)
+        missing = [start for start in starts if start not in buckets]
+        if missing:
+            with self.r.pipeline(transaction=False) as pipe:
+                for start in missing:
+                    pipe.hgetall(refusals_key(self.cfg.prefix, start))
+                read = pipe.execute(raise_on_error=False)  # a bucket of another type counts nothing
+            buckets = {**buckets, **{start: h for start, h in zip(missing, read) if isinstance(h, dict)}}
+        shares = refusal_shares(buckets.get(start, {}) for start in starts)
         for spider, view in spiders.items():
             view["refusals"] = shares.get(spider, {})
 

@@ -99,6 +99,13 @@ def rollup_key(prefix, spider, step, start):
     return f"{prefix}:rollup:{spider}:{step}:{int(start)}"
 
 
+def refusals_key(prefix, start):
+    """One REFUSAL_STEP-second bucket of every spider's per-domain answers, the domain_refusing rule's figures: a
+    HASH ``["spider","domain","pages"|"refused"]`` -> what the nodes counted in the bucket starting at ``start``
+    (refused: 429 and 503 answers), added at write time (``write_rollup``)."""
+    return f"{prefix}:refusals:{int(start)}"
+
+
 def markers_key(prefix, spider):
     """The spider's version changes: a LIST of JSON ``{"at", "version", "node"}``, newest first (MARKERS_KEEP)."""
     return f"{prefix}:markers:{spider}"
@@ -283,13 +290,15 @@ def slim(snapshot):
 
 def slim_value(snapshot):
     """``slim_key``'s JSON of a snapshot: ``slim(snapshot)``, ``fields_lowest`` (``[name, share]`` of its least
-    covered item field: the coverage rule's figure) and ``domains`` cut to what the refusal rule and the slowed
-    domains read, as columns (``slim_domains``)."""
+    covered item field: the coverage rule's figure) and, when one of its domains is slowed, ``domains`` as columns
+    (``slim_domains``: what the spider views' ``slowed`` reads). The refusal rule reads ``refusals_key``."""
     fields, domains = snapshot.get("fields"), snapshot.get("domains")
     shares = {k: v for k, v in fields.items() if is_number(v)} if isinstance(fields, dict) else {}
     extra = {"fields_lowest": [min(shares, key=shares.get), min(shares.values())]} if shares else {}
     if isinstance(domains, dict) and domains:
-        extra["domains"] = slim_domains({name: d for name, d in domains.items() if isinstance(d, dict)})
+        columns = slim_domains({name: d for name, d in domains.items() if isinstance(d, dict)})
+        if len(columns) > 3:
+            extra["domains"] = columns
     return dumps({**slim(snapshot), **extra})
 
 
@@ -422,6 +431,34 @@ for i, key in ipairs(KEYS) do
 end
 return 0
 """
+# The domain_refusing rule's figures, added up at write time as the rollups are (its readers decode no node's
+# domains): each write adds the answers the node counted per domain since its last rollup into the REFUSAL_STEP-second
+# bucket of its time (``refusals_key``), kept REFUSAL_KEEP after its end (the rule's window at most).
+REFUSAL_STEP = 10
+REFUSAL_KEEP = 3600
+# KEYS: the bucket. ARGV: its time to live (seconds from the write), then field, count pairs (HINCRBY; pcall: a
+# hand-edited bucket is skipped).
+REFUSALS_LUA = """
+for j = 2, #ARGV, 2 do redis.pcall('HINCRBY', KEYS[1], ARGV[j], ARGV[j + 1]) end
+redis.pcall('EXPIRE', KEYS[1], ARGV[1])
+return 0
+"""
+
+
+def refusal_counts(snapshot):
+    """``{(domain, "pages" | "refused"): count}`` of the snapshot's named domains (not ``other``): responses, and
+    429 + 503 answers, whole numbers."""
+    domains = snapshot.get("domains")
+    if not isinstance(domains, dict):
+        return {}
+    out = {}
+    for name, d in domains.items():
+        if name != "other" and isinstance(d, dict):
+            out[name, "pages"] = int(number(d.get("pages"), 0))
+            out[name, "refused"] = int(number(d.get("429"), 0)) + int(number(d.get("503"), 0))
+    return out
+
+
 # Version markers kept per spider (the key itself expires MARKERS_TTL after the newest).
 MARKERS_KEEP = 200
 MARKERS_TTL = 90 * 86400
@@ -443,13 +480,17 @@ return 1
 
 
 def rollup_counts(snapshot):
-    """The snapshot's rolled-up counters: ``{field: count}`` for those it has as numbers."""
-    return {f: int(snapshot[f]) for f in ROLLUP_COUNTERS if is_bounded(snapshot.get(f))}
+    """The snapshot's rolled-up counters: ``{field: count}`` for those it has as numbers, with its
+    ``refusal_counts``."""
+    counts = refusal_counts(snapshot)
+    counts.update((f, int(snapshot[f])) for f in ROLLUP_COUNTERS if is_bounded(snapshot.get(f)))
+    return counts
 
 
 def write_rollup(pipe, prefix, snapshot, at, previous):
     """Queue ROLLUP_LUA: ``snapshot``'s figures into its spider's buckets for time ``at`` (Redis's clock),
-    counters as the increase since ``previous`` (the counts of the node's last rollup; {} at its start).
+    counters as the increase since ``previous`` (the counts of the node's last rollup; {} at its start), and
+    REFUSALS_LUA: its domains' increase into the refusal bucket of ``at``.
     Returns the counts to pass as ``previous`` next time, once this write succeeded."""
     counts = rollup_counts(snapshot)
     crawling = snapshot.get("status") in ("running", "paused")
@@ -460,14 +501,20 @@ def write_rollup(pipe, prefix, snapshot, at, previous):
         keys.append(rollup_key(prefix, snapshot["spider"], step, start))
         expiry.append(start + step + keep)
     queue, p95 = number(snapshot.get("queue_requests")), number(snapshot.get("latency_p95"))
-    pairs = []
+    pairs, refusals = [], []
     for field, count in counts.items():
         grown = count - previous.get(field, 0)
-        if grown > 0:
+        if grown > 0 and field.__class__ is tuple:
+            refusals += [dumps([snapshot["spider"], *field]), grown]
+        elif grown > 0:
             pairs += [ROLLUP_COUNTERS[field], grown]
     pipe.execute_command("EVAL", ROLLUP_LUA, len(keys), *keys, *expiry, repr(float(at)),
                          int(interval * 1000) if crawling else 0, "" if queue is None else int(queue),
                          "" if p95 is None else repr(round(float(p95), 3)), *pairs)
+    if refusals:
+        start = int(at) // REFUSAL_STEP * REFUSAL_STEP
+        pipe.execute_command("EVAL", REFUSALS_LUA, 1, refusals_key(prefix, start),
+                             start + REFUSAL_STEP + REFUSAL_KEEP - int(at), *refusals)
     return counts
 
 
@@ -816,6 +863,11 @@ def _bounded_int(text):
     if not -NUMBER_LIMIT < value < NUMBER_LIMIT:
         raise ValueError(f"a number is out of range: {_cut(text)}")
     return value
+
+
+def is_name(value):
+    """A name readers keep (a domain, a field, a queue key): text of 1 to SAMPLE_TEXT characters."""
+    return value.__class__ is str and 0 < len(value) <= SAMPLE_TEXT and (value.isascii() or is_text(value))
 
 
 def loads(raw: Union[bytes, str], bounded: bool = True) -> object:

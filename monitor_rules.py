@@ -11,7 +11,16 @@ import operator
 import time
 from typing import Callable, NamedTuple, Optional
 
-from monitor_contract import DEFAULT_INTERVAL, STALE_INTERVALS, number
+from monitor_contract import (
+    DEFAULT_INTERVAL,
+    NUMBER_LIMIT,
+    REFUSAL_KEEP,
+    REFUSAL_STEP,
+    STALE_INTERVALS,
+    is_name,
+    loads,
+    number,
+)
 from monitor_snapshot import NUMBER_TYPES, age, column, last_report, last_reports, newest_error
 
 MIB = 1024 * 1024
@@ -657,61 +666,32 @@ REFUSAL_MIN = 50
 FIRST_DELAY = 1.0
 
 
-def refusal_counts(nodes):
-    """``{spider: {domain: (responses, 429 + 503 answers)}}`` summed over the nodes' per-domain figures (slim
-    snapshots' ``domains``: ``[names, pages, refused, ...]``, see ``monitor_contract.slim_domains``); a fraction
-    counts its whole part. Nodes of a spider listing the same domains in the same order (the usual case) are
-    added up column by column at C speed."""
-    listed = {}  # spider -> its nodes' domains
-    snaps = nodes.values()
-    for spider, domains in zip(column(snaps, "spider"), column(snaps, "domains")):
-        if domains and domains[0]:
-            listed.setdefault(spider, []).append(domains)
-    alike = {}  # (spider, names) -> ([each node's pages], [each node's refused])
-    for spider, lists in listed.items():
-        names = list(map(operator.itemgetter(0), lists))
-        if names.count(names[0]) == len(names):  # every node lists the same (compared at C speed)
-            alike[spider, tuple(names[0])] = tuple(list(map(operator.itemgetter(i), lists)) for i in (1, 2))
-            continue
-        for domains in lists:
-            columns = alike.setdefault((spider, tuple(domains[0])), ([], []))
-            columns[0].append(domains[1])
-            columns[1].append(domains[2])
+def refusal_starts(now, window):
+    """The starts of the refusal buckets (``monitor_contract.refusals_key``) a window of ``window`` seconds ending at
+    ``now`` reads: from the bucket holding ``now - window`` (the window at most REFUSAL_KEEP) to now's."""
+    first = int(now - min(window, REFUSAL_KEEP)) // REFUSAL_STEP * REFUSAL_STEP
+    return list(range(first, int(now) // REFUSAL_STEP * REFUSAL_STEP + 1, REFUSAL_STEP))
+
+
+def refusal_shares(buckets):
+    """``{spider: {domain: {"share", "responses"}}}``: each spider's domains' share of 429/503 answers, added up over
+    ``buckets`` (the refusal buckets' hashes as read: ``{field: count}``, bytes or text). A field or count that is
+    not as the nodes write it (hand-edited) is skipped."""
+    totals = {}
+    for bucket in buckets:
+        for field, count in bucket.items():
+            try:
+                spider, domain, figure = loads(field)
+                count = int(count)
+            except (ValueError, TypeError):
+                continue
+            if 0 <= count < NUMBER_LIMIT and figure in ("pages", "refused") and is_name(spider) and is_name(domain):
+                pages, refused = totals.get((spider, domain), (0, 0))
+                totals[spider, domain] = (pages + count, refused) if figure == "pages" else (pages, refused + count)
     out = {}
-    for (spider, names), (pages, refused) in alike.items():
-        mine = out.setdefault(spider, {})
-        for name, seen, refusals in zip(names, map(_whole_sum, zip(*pages)), map(_whole_sum, zip(*refused))):
-            kept = mine.get(name)
-            mine[name] = (seen, refusals) if kept is None else (kept[0] + seen, kept[1] + refusals)
-    return out
-
-
-def _whole_sum(values):
-    """The sum of the whole parts of ``values`` (gated numbers: a float among them makes the plain sum a float)."""
-    total = sum(values)
-    return total if total.__class__ is int else sum(map(int, values))
-
-
-def window_shares(samples, now, window):
-    """``{spider: {domain: {"share", "responses"}}}`` over the last ``window`` seconds, from ``samples``
-    (``[(time, refusal_counts)]``, oldest first, the last one now's): now's counts less those of the newest
-    sample at least ``window`` old (the oldest one, if none is that old yet: at first, the whole run). A count
-    that went down (a node restarted or pruned) counts from zero."""
-    if not samples:
-        return {}
-    base = samples[0][1]
-    for t, counts in samples:
-        if now - t >= window:
-            base = counts
-    out = {}
-    for spider, domains in samples[-1][1].items():
-        for name, (pages, refused) in domains.items():
-            old = base.get(spider, {}).get(name, (0, 0)) if base is not samples[-1][1] else (0, 0)
-            if pages < old[0] or refused < old[1]:
-                old = (0, 0)
-            seen = pages - old[0]
-            out.setdefault(spider, {})[name] = {"share": (refused - old[1]) / seen if seen else 0.0,
-                                                "responses": seen}
+    for (spider, domain), (pages, refused) in totals.items():
+        out.setdefault(spider, {})[domain] = {"share": min(refused / pages, 1.0) if pages else 0.0,
+                                              "responses": pages}
     return out
 
 

@@ -25,6 +25,7 @@ from monitor_contract import (
     START_URL_TYPES,
     Snapshot,
     in_bounds,
+    is_name,
     is_number,
     is_text,
     loads,
@@ -85,7 +86,7 @@ def decode_snapshot(raw: Union[bytes, str, None], slim: bool = False) -> Optiona
 
 
 def queue_names_ok(queues):
-    return (isinstance(queues, dict) and all(_name(queues.get(k)) or queues.get(k) == "" for k in QUEUE_NAMES)
+    return (isinstance(queues, dict) and all(is_name(queues.get(k)) or queues.get(k) == "" for k in QUEUE_NAMES)
             and queues.get("start_urls_type") in START_URL_TYPES and isinstance(queues.get("apart", False), bool))
 
 
@@ -310,10 +311,6 @@ def _num(value, low=0.0, high=math.inf):
     return isinstance(value, (int, float)) and not isinstance(value, bool) and low <= value <= high
 
 
-def _name(value):
-    return value.__class__ is str and 0 < len(value) <= SAMPLE_TEXT and (value.isascii() or is_text(value))
-
-
 def _names_ok(names):
     """Whether every one of ``names`` (an object's keys: text) is a ``_name`` in ASCII, checked at C speed."""
     return "".join(names).isascii() and "" not in names and (not names or max(map(len, names)) <= SAMPLE_TEXT)
@@ -352,7 +349,7 @@ def _domains(domains, slim=False):
                 return {name: NO_FIGURES | v for name, v in domains.items()}
     out = {}
     for i, (name, v) in enumerate(domains.items()):
-        if v.__class__ is not dict or i > MAX_TOP_DOMAINS or not _name(name):
+        if v.__class__ is not dict or i > MAX_TOP_DOMAINS or not is_name(name):
             if not in_bounds([v]):
                 raise ValueError("a number is out of range")
             continue
@@ -389,7 +386,7 @@ def _slim_domains(domains):
     if not all(map(_counts_ok, columns, itertools.repeat(NUMBER_LIMIT - 1))):
         return _unbounded(columns)
     if (len(names) <= MAX_TOP_DOMAINS + 1 and set(map(len, columns)) == {len(names)} and set(map(type, names)) <= {str}
-            and (_names_ok(names) or all(map(_name, names)))):
+            and (_names_ok(names) or all(map(is_name, names)))):
         return domains
     return None
 
@@ -414,11 +411,11 @@ def clean_insight(snapshot):
         if fields.__class__ is dict:
             if not (len(fields) <= MAX_FIELDS and _names_ok(fields) and _counts_ok(fields.values(), 1)):
                 snapshot["fields"] = {name: share for name, share in list(fields.items())[:MAX_FIELDS]
-                                      if _name(name) and _num(share, 0, 1)}
+                                      if is_name(name) and _num(share, 0, 1)}
         else:
             del snapshot["fields"]
     lowest = snapshot.get("fields_lowest")
-    if lowest is not None and not (isinstance(lowest, list) and len(lowest) == 2 and _name(lowest[0])
+    if lowest is not None and not (isinstance(lowest, list) and len(lowest) == 2 and is_name(lowest[0])
                                    and _num(lowest[1], 0, 1)):
         del snapshot["fields_lowest"]
     samples = snapshot.get("error_samples")

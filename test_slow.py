@@ -31,18 +31,56 @@ def test_next_delay(delay, changed, share, responses, raise_ok, now, expected):
     assert monitor_rules.next_delay(delay, changed, share, responses, LIMIT, raise_ok, now, WINDOW, MOST) == expected
 
 
-def test_window_shares_difference_the_counters_and_survive_a_restart():
-    c = lambda pages, refused: {"s": {"a.test": (pages, refused)}}  # noqa: E731
-    first = monitor_rules.window_shares([(T0, c(100, 30))], T0, 60)  # one sample: the whole run
-    assert first == {"s": {"a.test": {"share": 0.3, "responses": 100}}}
-    samples = [(T0, c(100, 30)), (T0 + 30, c(150, 30)), (T0 + 60, c(300, 80))]
-    assert monitor_rules.window_shares(samples, T0 + 60, 60)["s"]["a.test"] == {"share": 0.25, "responses": 200}
-    assert monitor_rules.window_shares(samples, T0 + 60, 30)["s"]["a.test"] == {"share": 50 / 150, "responses": 150}
-    restarted = samples + [(T0 + 90, c(20, 10))]
-    assert monitor_rules.window_shares(restarted, T0 + 90, 30)["s"]["a.test"] == {"share": 0.5, "responses": 20}
-    nodes = {"n1": {"spider": "s", "domains": [["a.test"], [10], [3]]},
-             "n2": {"spider": "s", "domains": [["a.test"], [5], [2]]}}
-    assert monitor_rules.refusal_counts(nodes) == {"s": {"a.test": (15, 5)}}
+@pytest.mark.parametrize("now, window, expected", [
+    pytest.param(T0 + 60, 60, list(range(T0, T0 + 61, 10)), id="a-window-of-whole-buckets"),
+    pytest.param(T0 + 65, 60, list(range(T0, T0 + 61, 10)), id="the-bucket-holding-its-start-counts"),
+    pytest.param(T0 + 7, 5, [T0], id="shorter-than-a-bucket"),
+    pytest.param(T0 + 12, 5, [T0, T0 + 10], id="shorter-than-a-bucket-across-two"),
+    pytest.param(T0 + 7200, 7200, list(range(T0 + 7200 - 3600, T0 + 7201, 10)), id="at-most-an-hour"),
+])
+def test_refusal_starts(now, window, expected):
+    assert monitor_rules.refusal_starts(now, window) == expected
+
+
+def test_refusal_buckets_add_up_what_each_node_counted_since_its_last_write(redis_client):
+    """Nodes of two spiders write as the extension does (their counts since their last rollup, through the Lua script
+    in a real Redis): a window's buckets hold each spider's growth within it, whatever the nodes' order of domains, a
+    restart (counting from zero again), a domain named like JSON, and ``other`` left out."""
+    rolled, at = {}, T0 + 3
+
+    def write(node, spider, t, **figures):  # figures: domain -> (pages, 429, 503)
+        doms = {name: {"pages": p, "429": a, "503": b} for name, (p, a, b) in figures.items()}
+        report(redis_client, node, T0 + t, rolled=rolled, spider=spider, domains=doms)
+
+    write("n1", "s", 3, **{"a.test": (10, 1, 0), "other": (99, 99, 0)})
+    write("n2", "s", 4, **{'x","y': (5, 0, 0), "a.test": (20, 0, 2)})
+    write("n3", "t", 5, **{"a.test": (7, 7, 0)})
+    first = monitor_rules.refusal_shares([redis_client.hgetall(monitor_contract.refusals_key("scrapy", T0))])
+    assert first == {"s": {"a.test": {"share": 0.1, "responses": 30}, 'x","y': {"share": 0.0, "responses": 5}},
+                     "t": {"a.test": {"share": 1.0, "responses": 7}}}
+    write("n1", "s", 63, **{"a.test": (40, 11, 5)})  # +30 pages, +15 refused
+    del rolled["n2"]  # n2 restarted: its counts start again
+    write("n2", "s", 64, **{"a.test": (4, 0, 1)})
+    buckets = [redis_client.hgetall(monitor_contract.refusals_key("scrapy", start))
+               for start in monitor_rules.refusal_starts(at + 60, 50)]
+    assert monitor_rules.refusal_shares(buckets) == {"s": {"a.test": {"share": 16 / 34, "responses": 34}}}
+    assert 3600 < redis_client.ttl(monitor_contract.refusals_key("scrapy", T0 + 60)) <= 3607  # an hour after its end
+
+
+@pytest.mark.parametrize("bucket, expected", [
+    pytest.param({}, {}, id="none"),
+    pytest.param({b'["s","a","pages"]': b"10", b'["s","a","refused"]': b"4"}, {"s": {"a": (0.4, 10)}}, id="bytes"),
+    pytest.param({'["s","a","refused"]': "4"}, {"s": {"a": (0.0, 0)}}, id="refusals-without-pages"),
+    pytest.param({'["s","a","pages"]': "2", '["s","a","refused"]': "9"}, {"s": {"a": (1.0, 2)}}, id="share-at-most-1"),
+    pytest.param({"not json": "1", '["s","a"]': "1", '["s","a","pages","x"]': "1", '[1,"a","pages"]': "1",
+                  '["s","","pages"]': "1", '["s","a","errors"]': "1", '["s","b","pages"]': "-1",
+                  '["s","c","pages"]': "1.5", '["s","d","pages"]': "x", '["s","e","pages"]': str(10 ** 18),
+                  '["s","' + "f" * 301 + '","pages"]': "1", '{"s":1}': "1", '["s","a","pages"]': "3"},
+                 {"s": {"a": (0.0, 3)}}, id="hand-edited-fields-skipped"),
+])
+def test_refusal_shares(bucket, expected):
+    got = monitor_rules.refusal_shares([bucket])
+    assert {s: {d: (v["share"], v["responses"]) for d, v in doms.items()} for s, doms in got.items()} == expected
 
 
 def domains(pages, refused):
@@ -52,10 +90,10 @@ def domains(pages, refused):
 def test_domain_refusing_fires_and_slow_doubles_then_halves_back_logged_as_the_alerter(make, redis_client, smtp):
     alerter = make("--for", "0", "--rules", "domain_refusing", ALERT_ACTIONS="domain_refusing=slow",
                    ALERT_INTERVAL="60", MONITOR_SLOW_MAX="4")
-    delays = []
+    delays, rolled = [], {}
     for t, pages, refused in [(0, 0, 0), (60, 100, 40), (120, 200, 80), (180, 300, 120), (240, 400, 160),
                               (300, 500, 160), (360, 600, 160), (420, 700, 160), (480, 800, 160)]:
-        report(redis_client, "n1", T0 + t, domains=domains(pages, refused))
+        report(redis_client, "n1", T0 + t - 5, rolled=rolled, domains=domains(pages, refused))  # 5 s before
         alerter.run_once(T0 + t)
         delays.append(monitor_contract.slow_delays(redis_client.hgetall("scrapy:slow")).get("a.test"))
     assert delays == [None, 1.0, 2.0, 4.0, 4.0, 2.0, 1.0, None, None]
@@ -64,6 +102,33 @@ def test_domain_refusing_fires_and_slow_doubles_then_halves_back_logged_as_the_a
     log = [monitor_contract.loads(x) for x in redis_client.lrange("scrapy:control:log", 0, -1)][::-1]
     assert [(e["command"], e["target"], e["who"], e["via"], e["delay"]) for e in log] == [
         ("slow", "domain:a.test", "alerter", "domain_refusing", d) for d in (1, 2, 4, 2, 1, None)]
+
+
+def test_on_redis_clock_the_window_rides_on_the_evaluations_read_after_the_first(make, redis_client, monkeypatch):
+    """The first evaluation knows Redis's clock only once it read it: it reads the window's buckets apart; the next
+    ones queue them on their one read (by the clock the last one saw, a bucket more each side)."""
+    import redis
+
+    alerter = make("--for", "0", "--rules", "domain_refusing")
+    pipelines = []
+    real = redis.client.Pipeline.execute
+
+    def execute(self, *args, **kwargs):
+        pipelines.append([(c[0][0], str(c[0][1])) for c in self.command_stack if len(c[0]) > 1])
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(redis.client.Pipeline, "execute", execute)
+    rolled = {}
+    for n in range(2):
+        report(redis_client, "n1", time.time(), rolled=rolled, domains=domains(100 * (n + 1), 40 * (n + 1)))
+        del pipelines[:]
+        alerter.run_once()
+        refusal_reads = [[k for name, k in p if name == "HGETALL" and ":refusals:" in k] for p in pipelines]
+        apart = [keys for p, keys in zip(pipelines, refusal_reads) if keys and len(keys) == len(p)]
+        assert bool(apart) == (n == 0), pipelines  # read apart only the first time
+        assert any(refusal_reads), pipelines
+    record = monitor_contract.loads(redis_client.hget("scrapy:alert:state", "domain_refusing:main_spider"))
+    assert record["state"] == "firing" and "a.test 40%" in record["summary"]
 
 
 # ---------------------------------------------------------------------------- against a real crawl

@@ -158,12 +158,14 @@ def snapshot(node, spider="main_spider", age=0, now=None, **fields):
 
 
 def publish(client, *snapshots, prefix="scrapy", history=0, history_len=None, trend_rows=(),
-            stamp=False):
+            stamp=False, rolled=None):
     """Write snapshots as their nodes do, in one pipeline. ``history`` earlier rows per node (one per interval,
     with figures that rise and fall, and their 5-minute trend rows) come first; ``history_len`` rows are kept
     (default: an hour's worth, as a node keeps); ``trend_rows`` go with each snapshot. With ``stamp`` Redis
     stamps each snapshot's report time (``seen``) with its own clock, as the extension's writes do; without,
-    a snapshot's age is its ``timestamp``'s (tests on a made-up clock)."""
+    a snapshot's age is its ``timestamp``'s (tests on a made-up clock). With ``rolled`` (``{node: the counts of its
+    last rollup}``, updated here) each write adds to its spider's rollups and refusal buckets at its ``timestamp``, as
+    the extension's do."""
     with client.pipeline(transaction=False) as pipe:
         for snap in snapshots:
             interval = monitor_contract.number(snap.get("interval"))
@@ -176,7 +178,10 @@ def publish(client, *snapshots, prefix="scrapy", history=0, history_len=None, tr
                            memory=round(50 + 10 * wave, 1), pages_per_min=round(80 + 80 * wave, 1))
                 done = trend.add(monitor_contract.history_row(old))
                 monitor_contract.write_snapshot(pipe, prefix, old, keep, [done] if done else [])
-            monitor_contract.write_snapshot(pipe, prefix, snap, keep, trend_rows, stamp=stamp)
+            rollup = None if rolled is None else (snap["timestamp"], rolled.get(snap["node"], {}))
+            counts = monitor_contract.write_snapshot(pipe, prefix, snap, keep, trend_rows, stamp=stamp, rollup=rollup)
+            if rolled is not None:
+                rolled[snap["node"]] = counts
         pipe.execute()
 
 
@@ -247,9 +252,10 @@ class CountingConnection(redis.Connection):
         return super().send_packed_command(command, check_health)
 
 
-def report(r, node, ts, prefix="scrapy", **fields):
-    """Write a quiet node's snapshot at ``ts``, with ``fields``, as the extension does."""
-    publish(r, snapshot(node, now=ts, **{**QUIET, **fields}), prefix=prefix, history_len=10)
+def report(r, node, ts, prefix="scrapy", rolled=None, **fields):
+    """Write a quiet node's snapshot at ``ts``, with ``fields``, as the extension does (with ``rolled``, its
+    rollups too: see ``publish``)."""
+    publish(r, snapshot(node, now=ts, **{**QUIET, **fields}), prefix=prefix, history_len=10, rolled=rolled)
 
 
 def run_script(*args, env, timeout=30):

@@ -7,11 +7,13 @@ again before each evaluation); a local HTTP receiver takes the webhook. Each fig
 with the alerter's CPU time (less sensitive to a busy machine than the wall clock), the Redis round trips it
 made (each pipeline or command sent) and the alert records it rewrote. With
 ``--insight`` every node carries crawl insight at its budget (20 domains, 30 fields, 5 samples, latency
-histogram). ``--root`` runs another checkout's code (before/after figures in one run).
+histogram; its domains' figures grow between evaluations, and each write adds to the refusal buckets as the
+extension's does). ``--root`` runs another checkout's code (before/after figures in one run).
 The issue's budget is 0.35 s per evaluation at 10,000 nodes, with or without insight; at most 3 round trips.
 """
 
 import argparse
+import multiprocessing
 import os
 import sys
 import threading
@@ -34,6 +36,7 @@ from testbed_servers import RedisServer  # noqa: E402
 BUDGET = 0.35
 INTERVAL = 60
 INSIGHT = {}  # with --insight: crawl insight figures at their budget, on every node
+ROLLED = {}  # node -> the counts of its last rollup (as the extension keeps them)
 
 
 class Counting(redis.Connection):
@@ -59,21 +62,41 @@ class Receiver(BaseHTTPRequestHandler):
         pass
 
 
+def grown(domains, now):
+    """Insight's domains ``now``: each with a page a second more, one in ten of them 429s."""
+    return {name: {**d, "pages": d["pages"] + int(now) % 100_000, "429": d["429"] + int(now) % 100_000 // 10}
+            for name, d in domains.items()}
+
+
 def snapshot(i, now, calm):
     """Node i's report: 1 in 10 runs hot, 1 in 20 is silent (down: it reported 300 s before the first
     evaluation, never since), 1 in 50 closed, 1 in 30 stalled."""
     stale, closed, stalled = i % 20 == 1, i % 50 == 2, i % 30 == 3
+    insight = {**INSIGHT, "domains": grown(INSIGHT["domains"], now)} if INSIGHT else {}
     return testbed.snapshot(
         f"spider{i % 7}:host{i}:{i}", spider=f"spider{i % 7}", age=300 if stale else 0, now=now, host=f"host{i}",
         pid=i, status="closed" if closed else "running", cpu=95.0 if i % 10 == 0 and not calm else 20.0,
         memory=50.0, bytes_sent=1000 * i, bytes_recv=2000 * i, rss=300 * 1024 * 1024, process_cpu=30.0,
         pages=5 if stalled else int(now), items=int(now), requests=int(now), errors=0, errors_per_min=0.0,
-        pages_per_min=0.0 if stalled else 60.0, items_per_min=60.0, queue_requests=500, **INSIGHT)
+        pages_per_min=0.0 if stalled else 60.0, items_per_min=60.0, queue_requests=500, **insight)
 
 
 def publish(r, nodes, now, calm=False, first=True):
     """Every node reports, but a silent (down) one only the first time: its age grows as a real one's does."""
-    testbed.publish(r, *(snapshot(i, now, calm) for i in range(nodes) if first or i % 20 != 1))
+    snaps = [snapshot(i, now, calm) for i in range(nodes) if first or i % 20 != 1]
+    try:
+        testbed.publish(r, *snaps, rolled=ROLLED)
+    except TypeError:  # a checkout before the refusal buckets (--root): its nodes wrote no rollups
+        testbed.publish(r, *snaps)
+
+
+def writer(url, requests, done):
+    """The nodes' side, in a process of its own as crawlers are (their writes' garbage and rollup counts kept out of
+    the alerter's heap): each request ``(nodes, now, calm, first)`` is published, then acknowledged."""
+    client = redis.Redis.from_url(url)
+    for request in iter(requests.get, None):
+        publish(client, *request)
+        done.put(True)
 
 
 def main():
@@ -91,6 +114,10 @@ def main():
     for name, *_ in alert.SETTINGS:
         os.environ.pop(name, None)
     server = RedisServer().start()
+    fork = multiprocessing.get_context("fork")
+    requests, done = fork.Queue(), fork.Queue()
+    nodes_side = fork.Process(target=writer, args=(server.url, requests, done), daemon=True)
+    nodes_side.start()
     receiver = ThreadingHTTPServer(("127.0.0.1", 0), Receiver)
     threading.Thread(target=receiver.serve_forever, daemon=True).start()
     try:
@@ -112,7 +139,8 @@ def main():
               f"{args.silences} silences, webhook to a local receiver; code of {os.path.abspath(args.root)}")
         for n, (what, calm) in enumerate(steps):
             now = t0 + n * INTERVAL
-            publish(server.client(), args.nodes, now, calm, first=n == 0)
+            requests.put((args.nodes, now, calm, n == 0))
+            done.get()
             before = server.client().hgetall("scrapy:alert:state")
             sends, start, cpu = Counting.sends, time.perf_counter(), time.process_time()
             notes = alerter.run_once(now)
@@ -130,6 +158,8 @@ def main():
         print(f"slowest evaluation: {worst:.3f} s, {verdict} the {BUDGET} s budget "
               f"for {args.nodes} nodes")
     finally:
+        requests.put(None)
+        nodes_side.join(10)
         receiver.shutdown()
         server.cleanup()
 
