@@ -80,7 +80,7 @@ from monitor_settings import (
     value,
     whole,
 )
-from monitor_snapshot import age, ages
+from monitor_snapshot import age, ages, last_report
 
 logger = logging.getLogger(__name__)
 
@@ -146,24 +146,25 @@ def create_app(config=None):
 
 
 def opened(node, snapshot, entry, fields):
-    """A node's ``node_json`` part as ``nodes_json`` sends it, with its digest: ``(part, digest)``, kept on its
-    reader's entry (``entry``: None, or one of another snapshot, keeps nothing) for as long as the snapshot is
-    unchanged, so an unchanged node's part is neither made nor hashed again."""
+    """A node's ``node_json`` part as ``nodes_json`` sends it, with its digest and its report time (``last_report``,
+    a number): ``(part, digest, time)``, kept on its reader's entry (``entry``: None, or one of another snapshot,
+    keeps nothing) for as long as the snapshot is unchanged, so an unchanged node's part is neither made nor hashed
+    again."""
     if entry is None or entry.snapshot is not snapshot:
         entry = NodeEntry(None, snapshot)
     if fields is None:
-        entry.json = entry.json or digested(node_json(node, snapshot, None))
+        entry.json = entry.json or digested(node_json(node, snapshot, None), snapshot)
         return entry.json
     if fields == "all":
-        entry.full = entry.full or digested(node_json(node, snapshot, "all"))
+        entry.full = entry.full or digested(node_json(node, snapshot, "all"), snapshot)
         return entry.full
     if entry.projection is None or entry.projection[0] != fields:
-        entry.projection = (fields, digested(node_json(node, snapshot, fields)))
+        entry.projection = (fields, digested(node_json(node, snapshot, fields), snapshot))
     return entry.projection[1]
 
 
-def digested(part):
-    return part, hashlib.blake2b(part, digest_size=12).digest()
+def digested(part, snapshot):
+    return part, hashlib.blake2b(part, digest_size=12).digest(), last_report(snapshot)
 
 
 class StatusReader:
@@ -215,14 +216,15 @@ class StatusReader:
         entries = (self.full_reader if fields == "all" or _big(fields) else self.node_reader).entries
         names = sorted(nodes)
         snaps = [nodes[node] for node in names]
-        pairs = list(map(opened, names, snaps, map(entries.get, names), itertools.repeat(fields)))
-        parts = list(map(operator.itemgetter(0), pairs))
+        opens = list(map(opened, names, snaps, map(entries.get, names), itertools.repeat(fields)))
+        parts = list(map(operator.itemgetter(0), opens))
         if isinstance(fields, tuple) and "age" not in fields:
             return head + b",".join(map(closed, parts, itertools.repeat(None))) + tail, None
-        tag = hashlib.blake2b(b"".join(map(operator.itemgetter(1), pairs)), digest_size=12).digest()
-        if any(map(operator.methodcaller("endswith", b"{"), parts)):  # an empty object: no comma before the age
-            return head + b",".join(map(closed, parts, ages(snaps, now))) + tail, tag
-        ends = list(map(b',"age":%d},'.__mod__, ages(snaps, now)))
+        tag = hashlib.blake2b(b"".join(map(operator.itemgetter(1), opens)), digest_size=12).digest()
+        aged = ages(map(operator.itemgetter(2), opens), now)  # from each report time kept beside its part
+        if isinstance(fields, tuple) and any(map(operator.methodcaller("endswith", b"{"), parts)):
+            return head + b",".join(map(closed, parts, aged)) + tail, tag  # an empty object: no comma before the age
+        ends = list(map(b',"age":%d},'.__mod__, aged))
         if ends:
             ends[-1] = ends[-1][:-1]  # no comma after the last node
         return b"".join([head, *itertools.chain.from_iterable(zip(parts, ends)), tail]), tag

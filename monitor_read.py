@@ -95,14 +95,15 @@ def combine(rows: list[dict], fields: Iterable[str], hosts: Optional[list] = Non
     return _combined(columns, fields)
 
 
-def _combined(columns, fields):
+def _combined(columns, fields, numeric=None):
     """``combine``'s figures from ``{field: values}``, each column in time order (a host field's: one value a
-    host, its newest)."""
-    out = {}
+    host, its newest); ``numeric``: ``{field: its value types}`` of the columns known to hold only numbers."""
+    out, numeric = {}, numeric or {}
     for field in fields:
         rule = SPIDER_FIELDS[field]
         # Rows come through the gate (decode_snapshot, read_histories): their numbers are finite already.
-        values = numbers(columns[field])
+        kinds = numeric.get(field)
+        values = numbers(columns[field]) if kinds is None else columns[field]
         if not values:
             out[field] = None
         elif rule == "newest":
@@ -110,7 +111,7 @@ def _combined(columns, fields):
         elif rule == "max":
             out[field] = max(values)
         else:
-            ints = set(map(type, values)) == {int}  # checked once, at C speed
+            ints = (set(map(type, values)) if kinds is None else kinds) == {int}  # checked once, at C speed
             total = sum(values) if ints else finite_sum(values)
             if rule == "host_mean":
                 out[field] = round(total / len(values), 2)
@@ -164,10 +165,11 @@ class SpiderColumns:
     with a few hundred new reports is not read row by row again. Never modified once made: ``update`` returns a
     new one (API threads share the memo)."""
 
-    def __init__(self, fields=tuple(SPIDER_FIELDS), ids=(), members=(), columns=None):
+    def __init__(self, fields=tuple(SPIDER_FIELDS), ids=(), members=(), columns=None, kinds=None):
         self.fields, self.ids, self.members = tuple(fields), ids, members
-        self.names = (*self.fields, "timestamp", "state", "host", "start_time")  # a column each
+        self.names = (*self.fields, "timestamp", "state", "host", "start_time", "domains")  # a column each
         self.columns = columns or {}
+        self.kinds = kinds or {}  # each column's value types (a superset after an update), so not checked again
 
     def update(self, ids, members):
         """The columns of ``members`` (snapshots of the nodes ``ids``), from these where they still hold."""
@@ -177,13 +179,20 @@ class SpiderColumns:
                 return self
             if len(changed) * 4 <= len(members):  # a few: their positions updated (else all read at C speed)
                 columns = {name: list(values) for name, values in self.columns.items()}
+                kinds = {name: set(types) for name, types in self.kinds.items()}
                 for i in changed:
                     get = members[i].get
                     for name in self.names:
-                        columns[name][i] = get(name)
-                return SpiderColumns(self.fields, ids, members, columns)
-        return SpiderColumns(self.fields, ids, members, {name: column(members, name)
-                                                         for name in self.names})
+                        columns[name][i] = value = get(name)
+                        kinds[name].add(value.__class__)
+                return SpiderColumns(self.fields, ids, members, columns, kinds)
+        columns = {name: column(members, name) for name in self.names}
+        return SpiderColumns(self.fields, ids, members, columns,
+                             {name: set(map(type, values)) for name, values in columns.items()})
+
+    def numeric(self):
+        """``{name: value types}`` of the columns holding only numbers."""
+        return {name: types for name, types in self.kinds.items() if types <= NUMBER_TYPES}
 
     @functools.cached_property
     def crawling(self):
@@ -197,7 +206,7 @@ class SpiderColumns:
         among equal times)."""
         cols = self.columns
         times = cols["timestamp"]
-        if not (set(map(type, times)) <= NUMBER_TYPES and all(map(math.isfinite, times))):  # gated: at C speed
+        if not (self.kinds["timestamp"] <= NUMBER_TYPES and all(map(math.isfinite, times))):  # gated: at C speed
             times = [number(t, 0) for t in times]
         order = sorted(range(len(self.ids)), key=times.__getitem__)
         pick = operator.itemgetter(*order) if len(order) > 1 else (lambda values: (values[order[0]],))
@@ -233,7 +242,7 @@ class SpiderColumns:
             newest = {host: i for host, i in zip(rows(pick(self.hosts()), in_time), rows(order, in_time))}
             get = operator.itemgetter(*newest.values(), -1)  # a tuple however few
             columns.update({f: get(cols[f])[:-1] for f in by_host})
-        return _combined(columns, fields)
+        return _combined(columns, fields, self.numeric())
 
     def hosts(self):
         """Each node's host (its node id when it names none), as ``combine`` reads them."""
@@ -242,7 +251,7 @@ class SpiderColumns:
 
     def started(self):
         """When the first of the nodes started (None if none says)."""
-        return min(filter(is_number, numbers(self.columns["start_time"])), default=None) if self.ids else None
+        return min(numbers(self.columns["start_time"]), default=None)  # gated: finite
 
 
 # A spider's crawl, derived by readers (``spider_state``), never stored.
@@ -255,7 +264,7 @@ def queued_work(figures) -> float:
     return sum(number(figures.get(f), 0) for f in ("queue_requests", "queue_start_urls"))
 
 
-def spider_state(snaps: list, queued, now: float, finished_after: float = FINISHED_AFTER) -> tuple:
+def spider_state(snaps: list, queued, now: float, finished_after: float = FINISHED_AFTER, states=None) -> tuple:
     """``(state, idle_for)`` of a spider from its nodes' snapshots (with their ``state``), the entries waiting in
     its requests queue and start URLs (``queued``; None for unknown, as for a spider without scrapy-redis), and
     Redis's clock: ``paused`` when every live node is paused; ``crawling`` while work is queued or a live node was
@@ -264,7 +273,7 @@ def spider_state(snaps: list, queued, now: float, finished_after: float = FINISH
     ``finished_after`` seconds, ``idle`` before. A spider with no live node and nothing queued is ``finished`` once
     every node closed, ``idle`` while one is stale (it may come back). ``idle_for``: seconds since the last live
     node's last page (None without a live node)."""
-    states = column(snaps, "state")  # at C speed: a spider may have 10,000
+    states = column(snaps, "state") if states is None else states  # at C speed: a spider may have 10,000
     live = list(itertools.compress(snaps, map(CRAWLING_STATES.__contains__, states)))
     if live and states.count("paused") == len(live):
         return "paused", None
@@ -281,11 +290,11 @@ def spider_state(snaps: list, queued, now: float, finished_after: float = FINISH
     return ("finished" if idle_for >= finished_after else "idle"), round(idle_for, 1)
 
 
-def slowed_domains(snaps):
-    """``{domain: delay}`` of the domains the nodes report slowed cluster-wide: a slim snapshot's ``domains`` has
-    a fourth column, ``delays``, only when one is set (``monitor_contract.slim_domains``); a whole snapshot's
-    domains (the views of ``?fields=all``) say each domain's ``delay``."""
-    out, listed = {}, list(filter(None, column(snaps, "domains")))
+def slowed_domains(domains):
+    """``{domain: delay}`` of the domains the nodes report slowed cluster-wide, from each node's ``domains``: a slim
+    snapshot's has a fourth column, ``delays``, only when one is set (``monitor_contract.slim_domains``); a whole
+    snapshot's (the views of ``?fields=all``) say each domain's ``delay``."""
+    out, listed = {}, list(filter(None, domains))
     if set(map(type, listed)) == {list}:  # slim columns, which have delays only when one is set: found at C speed
         listed = list(itertools.compress(listed, map((3).__lt__, map(len, listed))))
     for domains in listed:
@@ -326,13 +335,13 @@ def _spiders_view(nodes, r, prefix, now, finished_after, fields, memo, histories
             fresh = not kept or kept[0].fields != tuple(fields)
             columns = (SpiderColumns(fields) if fresh else kept[0]).update(ids, members)
             view = columns.view(spider)
-            view["slowed"] = slowed_domains(members)
+            view["slowed"] = slowed_domains(columns.columns["domains"])
             view["started"] = columns.started()
             view["nodes"] = sorted(ids)
             if memo is not None:
                 memo[spider] = (columns, dict(view))
         view["state"], view["idle_for"] = spider_state(members, queued_work(view), time.time() if now is None else now,
-                                                       finished_after)
+                                                       finished_after, columns.columns["state"])
         out[spider] = view
         firsts[spider] = columns.crawling
     for gone in set(memo or ()) - set(groups):

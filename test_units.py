@@ -1677,7 +1677,7 @@ def test_a_spider_view_by_columns_combines_as_rows_do_and_a_pass_updates_only_wh
     pytest.param([{}, None], {}, id="empty"),
 ])
 def test_slowed_domains(domains, expected):
-    assert monitor_read.slowed_domains([{"domains": d} for d in domains]) == expected
+    assert monitor_read.slowed_domains(domains) == expected
 
 
 @pytest.mark.parametrize("snapshots, expected", [
@@ -1686,5 +1686,6 @@ def test_slowed_domains(domains, expected):
     pytest.param([{"seen": "x", "timestamp": 95}, {}], [5, 100], id="no-number"),
     pytest.param([], [], id="none"),
 ])
-def test_ages(snapshots, expected):
-    assert monitor_snapshot.ages(snapshots, 100) == expected == [monitor_snapshot.age(s, 100) for s in snapshots]
+def test_ages(snapshots, expected):  # from each one's report time, as the list views keep it beside its JSON
+    times = list(map(monitor_snapshot.last_report, snapshots))
+    assert monitor_snapshot.ages(times, 100) == expected == [monitor_snapshot.age(s, 100) for s in snapshots]
