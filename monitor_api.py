@@ -216,7 +216,15 @@ class StatusReader:
         entries = (self.full_reader if fields == "all" or _big(fields) else self.node_reader).entries
         names = sorted(nodes)
         snaps = [nodes[node] for node in names]
-        opens = list(map(opened, names, snaps, map(entries.get, names), itertools.repeat(fields)))
+        kept = list(map(entries.get, names))
+        if fields is None and None not in kept:  # the list view's parts the entries keep, taken at C speed
+            opens = list(map(operator.attrgetter("json"), kept))
+            fresh = map(operator.is_, map(operator.attrgetter("snapshot"), kept), snaps)
+            for i in itertools.compress(range(len(names)), map(operator.not_, map(
+                    operator.and_, fresh, map(operator.is_not, opens, itertools.repeat(None))))):
+                opens[i] = opened(names[i], snaps[i], kept[i], None)  # a new snapshot, or a part never made
+        else:
+            opens = list(map(opened, names, snaps, kept, itertools.repeat(fields)))
         parts = list(map(operator.itemgetter(0), opens))
         if isinstance(fields, tuple) and "age" not in fields:
             return head + b",".join(map(closed, parts, itertools.repeat(None))) + tail, None

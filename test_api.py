@@ -1043,3 +1043,18 @@ def test_nodes_on_one_host_count_its_machine_figures_once(client, redis_client):
     assert (view["cpu"], view["bytes_recv"], view["pages"]) == (25.0, 1007, 25)  # 2 hosts; 3 nodes' pages
     point = client.get("/metrics/s/history?minutes=5").get_json()["points"][-1]
     assert (point["nodes"], point["net_recv_rate"], point["pages"]) == (3, 55.0, 25)
+
+
+def test_a_list_view_sends_the_snapshots_it_was_given_not_what_a_later_read_kept(redis_url, redis_client):
+    """A route joins the JSON its reader keeps per node: a request holding an earlier read's snapshots (another thread
+    read again meanwhile) still sends those, and their ages, not the newer ones' JSON."""
+    reader = make_app(redis_url).extensions["reader"]
+    now = time.time()
+    store(redis_client, snap("n1", now=now, cpu=11.0), snap("n2", now=now, cpu=12.0))
+    earlier, _, at = reader.nodes()
+    reader.nodes_json(earlier, at)  # their JSON kept
+    store(redis_client, snap("n1", now=now, cpu=77.0))
+    later, _, later_at = reader.nodes()
+    assert json.loads(reader.nodes_json(later, later_at)[0])["n1"]["cpu"] == 77.0  # the newer JSON kept now
+    sent = json.loads(reader.nodes_json(earlier, at)[0])
+    assert (sent["n1"]["cpu"], sent["n2"]["cpu"]) == (11.0, 12.0) and sent["n1"]["age"] == sent["n2"]["age"] == 0
