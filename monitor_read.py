@@ -112,7 +112,7 @@ def _combined(columns, fields, numeric=None):
             out[field] = max(values)
         else:
             ints = (set(map(type, values)) if kinds is None else kinds) == {int}  # checked once, at C speed
-            total = sum(values) if ints else finite_sum(values)
+            total = sum(values) if ints else finite_sum(values, kinds)
             if rule == "host_mean":
                 out[field] = round(total / len(values), 2)
             else:
@@ -137,9 +137,10 @@ def _time(row):
     return number(row.get("timestamp"), 0)
 
 
-def finite_sum(values):
-    """An exact sum of finite numbers (ints stay ints); never inf or nan, whatever the inputs' count."""
-    if all(issubclass(kind, int) for kind in set(map(type, values))):  # every one an int, checked at C speed
+def finite_sum(values, kinds=None):
+    """An exact sum of finite numbers (ints stay ints); never inf or nan, whatever the inputs' count. ``kinds``: the
+    values' types when known."""
+    if all(issubclass(kind, int) for kind in (set(map(type, values)) if kinds is None else kinds)):  # at C speed
         return sum(values)
     total = math.fsum(values)
     return total if math.isfinite(total) else 0.0
@@ -185,7 +186,10 @@ class SpiderColumns:
                     for name in self.names:
                         columns[name][i] = value = get(name)
                         kinds[name].add(value.__class__)
-                return SpiderColumns(self.fields, ids, members, columns, kinds)
+                updated = SpiderColumns(self.fields, ids, members, columns, kinds)
+                if "sorted_ids" in self.__dict__:  # the same nodes: their sorted ids too
+                    updated.sorted_ids = self.sorted_ids
+                return updated
         columns = {name: column(members, name) for name in self.names}
         return SpiderColumns(self.fields, ids, members, columns,
                              {name: set(map(type, values)) for name, values in columns.items()})
@@ -193,6 +197,11 @@ class SpiderColumns:
     def numeric(self):
         """``{name: value types}`` of the columns holding only numbers."""
         return {name: types for name, types in self.kinds.items() if types <= NUMBER_TYPES}
+
+    @functools.cached_property
+    def sorted_ids(self):
+        """The node ids, sorted (a view's ``nodes``)."""
+        return sorted(self.ids)
 
     @functools.cached_property
     def crawling(self):
@@ -229,20 +238,30 @@ class SpiderColumns:
     def _combine(self, order, pick, fields, mask):
         """``combine``'s figures over the rows (``order``: their positions in time order, ``pick`` taking them in
         that order), those of ``mask`` only if given."""
-        cols = self.columns
+        cols, numeric = self.columns, self.numeric()
+        if mask is not None and all(mask):  # every node (the usual case): nothing to leave out
+            mask = None
         in_time = mask if mask is None else pick(mask)
 
         def rows(values, keep):
             return values if keep is None else list(itertools.compress(values, keep))
 
-        columns = {f: rows(pick(cols[f]), in_time) if SPIDER_FIELDS[f] in ("newest", "max") else rows(cols[f], mask)
-                   for f in fields if not SPIDER_FIELDS[f].startswith("host")}
+        def in_order(f):
+            """The column as ``_combined`` reads it: in time order where that decides, at least."""
+            rule, kinds = SPIDER_FIELDS[f], numeric.get(f)
+            if rule == "newest" and kinds is not None and mask is None:
+                return (cols[f][order[-1]],)  # every one a number: the newest is the last in time
+            if rule == "max" and kinds is not None and len(kinds) == 1 and mask is None:
+                return cols[f]  # numbers of one type: the highest is the same in any order
+            return rows(pick(cols[f]), in_time) if rule in ("newest", "max") else rows(cols[f], mask)
+
+        columns = {f: in_order(f) for f in fields if not SPIDER_FIELDS[f].startswith("host")}
         by_host = [f for f in fields if SPIDER_FIELDS[f].startswith("host")]
         if by_host:  # each host's newest row
-            newest = {host: i for host, i in zip(rows(pick(self.hosts()), in_time), rows(order, in_time))}
+            newest = dict(zip(rows(pick(self.hosts()), in_time), rows(order, in_time)))  # a later one overwrites
             get = operator.itemgetter(*newest.values(), -1)  # a tuple however few
             columns.update({f: get(cols[f])[:-1] for f in by_host})
-        return _combined(columns, fields, self.numeric())
+        return _combined(columns, fields, numeric)
 
     def hosts(self):
         """Each node's host (its node id when it names none), as ``combine`` reads them."""
@@ -337,7 +356,7 @@ def _spiders_view(nodes, r, prefix, now, finished_after, fields, memo, histories
             view = columns.view(spider)
             view["slowed"] = slowed_domains(columns.columns["domains"])
             view["started"] = columns.started()
-            view["nodes"] = sorted(ids)
+            view["nodes"] = columns.sorted_ids
             if memo is not None:
                 memo[spider] = (columns, dict(view))
         view["state"], view["idle_for"] = spider_state(members, queued_work(view), time.time() if now is None else now,

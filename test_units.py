@@ -1633,20 +1633,29 @@ def test_crawl_starts_at_c_speed_is_node_by_node(seed):
     assert monitor_rules.crawl_starts(nodes) == expected
 
 
-def _random_nodes(rng, count, spider="s"):
+def _random_nodes(rng, count, spider="s", usual=False):
+    """``count`` nodes of ``spider`` with random figures; ``usual``: every node crawling, each figure a number (of
+    one type in some fields, ints and floats of equal value in others), every time a number."""
     def value():
         return rng.choice([None, "x", True, rng.randint(0, 9), float(rng.randint(0, 9)), round(rng.uniform(0, 9), 3)])
+
+    kinds = {f: rng.choice([(int,), (float,), (int, float)]) for f in monitor_read.SPIDER_FIELDS}
+
+    def number(f):
+        return rng.choice(kinds[f])(rng.randint(0, 9))
     return {f"n{i}": {"spider": spider, "node": f"n{i}", "host": f"h{rng.randint(0, count // 3)}",
-                      "state": rng.choice(monitor_read.STATES), "timestamp": rng.choice([1, 2, 3, None]),
+                      "state": rng.choice(monitor_read.CRAWLING_STATES if usual else monitor_read.STATES),
+                      "timestamp": rng.choice([1, 2, 3] if usual else [1, 2, 3, None]),
                       "start_time": rng.choice([None, rng.randint(0, 9)]),
-                      **{f: value() for f in monitor_read.SPIDER_FIELDS}} for i in range(count)}
+                      **{f: number(f) if usual else value() for f in monitor_read.SPIDER_FIELDS}} for i in range(count)}
 
 
 @pytest.mark.parametrize("seed", range(20))
 def test_a_spider_view_by_columns_combines_as_rows_do_and_a_pass_updates_only_what_changed(seed):
     import random
     rng = random.Random(seed)
-    nodes = _random_nodes(rng, 60)
+    usual = seed % 2 == 0  # every column a number and every node crawling: the views' shortcuts
+    nodes = _random_nodes(rng, 60, usual=usual)
     rows = list(nodes.values())
     crawling = [r for r in rows if r["state"] in monitor_read.CRAWLING_STATES]
     view = monitor_read.cluster_view(nodes, "s")
@@ -1661,7 +1670,7 @@ def test_a_spider_view_by_columns_combines_as_rows_do_and_a_pass_updates_only_wh
     monitor_read.spiders_view(nodes, memo=memo)
     for count in (3, 10, 30, 60):  # some nodes report: new snapshot objects (few: positions updated; many: all read)
         for node in rng.sample(sorted(nodes), count):
-            nodes[node] = _random_nodes(rng, 60)[node]
+            nodes[node] = _random_nodes(rng, 60, usual=usual)[node]
         passed = monitor_read.spiders_view(nodes, now=100, memo=memo)
         assert json.dumps(passed) == json.dumps(monitor_read.spiders_view(nodes, now=100))  # as one keeping nothing
         # the forecast's node, as the columns find it (the alerter's), is the one the rows give
