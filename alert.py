@@ -496,9 +496,8 @@ class Alerter:
         self.queued_buckets = []
         if RULE["domain_refusing"] in active_rules(self.cfg) and (now is not None or self.clock is not None):
             self.queued_buckets = refusal_starts(now, self.window) if now is not None else refusal_starts(
-                time.time() + self.clock + REFUSAL_STEP, self.window + 2 * REFUSAL_STEP)
-        for start in self.queued_buckets:
-            pipe.hgetall(refusals_key(self.cfg.prefix, start))
+                time.time() + self.clock, self.window, REFUSAL_STEP)
+        self.queue_buckets(pipe, self.queued_buckets)
         if self.info_in_read():
             pipe.execute_command("INFO")
 
@@ -515,10 +514,9 @@ class Alerter:
         from ``queue_extras``' replies."""
         nodes, rows = self.forecast
         histories = (rows, parse_histories(nodes, replies[:len(nodes)], QUEUE_WINDOW / 60, now))
-        read, rest = len(nodes) + len(self.queued_buckets), replies[len(nodes) + len(self.queued_buckets):]
-        buckets = {start: hash_ for start, hash_ in zip(self.queued_buckets, replies[len(nodes):read])
-                   if isinstance(hash_, dict)}
-        return histories, (rest[0] if rest else None), buckets
+        read = len(nodes) + len(self.queued_buckets)
+        return histories, (replies[read] if len(replies) > read else None), \
+            bucket_hashes(self.queued_buckets, replies[len(nodes):read])
 
     def read_nodes(self, now=None, replies=None):
         """``({node: snapshot with state}, now)``: states judged on Redis's clock, or at ``now`` if given;
@@ -564,13 +562,16 @@ class Alerter:
         missing = [start for start in starts if start not in buckets]
         if missing:
             with self.r.pipeline(transaction=False) as pipe:
-                for start in missing:
-                    pipe.hgetall(refusals_key(self.cfg.prefix, start))
-                read = pipe.execute(raise_on_error=False)  # a bucket of another type counts nothing
-            buckets = {**buckets, **{start: h for start, h in zip(missing, read) if isinstance(h, dict)}}
+                self.queue_buckets(pipe, missing)
+                buckets = {**buckets, **bucket_hashes(missing, pipe.execute(raise_on_error=False))}
         shares = refusal_shares(buckets.get(start, {}) for start in starts)
         for spider, view in spiders.items():
             view["refusals"] = shares.get(spider, {})
+
+    def queue_buckets(self, pipe, starts):
+        """Queue the read of the refusal buckets starting at ``starts`` (``bucket_hashes`` takes the replies)."""
+        for start in starts:
+            pipe.hgetall(refusals_key(self.cfg.prefix, start))
 
     def slow_changes(self, spiders, state, now):
         """The ``slow`` action (ALERT_ACTIONS domain_refusing=slow): ``[(domain, old delay, new delay, its stored
@@ -719,6 +720,12 @@ class DryRun:
                   f"{fmt(share * 100)}%)", file=out)
         out.flush()
         return notes
+
+
+def bucket_hashes(starts, replies):
+    """``{start: hash}`` of the refusal buckets read (``Alerter.queue_buckets``): a bucket of another type, whose
+    reply is an error, counts nothing."""
+    return {start: reply for start, reply in zip(starts, replies) if isinstance(reply, dict)}
 
 
 def json_or_empty(raw):

@@ -666,11 +666,12 @@ REFUSAL_MIN = 50
 FIRST_DELAY = 1.0
 
 
-def refusal_starts(now, window):
+def refusal_starts(now, window, slack=0):
     """The starts of the refusal buckets (``monitor_contract.refusals_key``) a window of ``window`` seconds ending at
-    ``now`` reads: from the bucket holding ``now - window`` (the window at most REFUSAL_KEEP) to now's."""
-    first = int(now - min(window, REFUSAL_KEEP)) // REFUSAL_STEP * REFUSAL_STEP
-    return list(range(first, int(now) // REFUSAL_STEP * REFUSAL_STEP + 1, REFUSAL_STEP))
+    ``now`` reads: from the bucket holding ``now - window`` (the window at most REFUSAL_KEEP) to now's; with
+    ``slack`` seconds more each side (``now`` an estimate)."""
+    first = int(now - min(window, REFUSAL_KEEP) - slack) // REFUSAL_STEP * REFUSAL_STEP
+    return list(range(first, int(now + slack) // REFUSAL_STEP * REFUSAL_STEP + 1, REFUSAL_STEP))
 
 
 def refusal_shares(buckets):

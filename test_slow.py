@@ -31,15 +31,17 @@ def test_next_delay(delay, changed, share, responses, raise_ok, now, expected):
     assert monitor_rules.next_delay(delay, changed, share, responses, LIMIT, raise_ok, now, WINDOW, MOST) == expected
 
 
-@pytest.mark.parametrize("now, window, expected", [
-    pytest.param(T0 + 60, 60, list(range(T0, T0 + 61, 10)), id="a-window-of-whole-buckets"),
-    pytest.param(T0 + 65, 60, list(range(T0, T0 + 61, 10)), id="the-bucket-holding-its-start-counts"),
-    pytest.param(T0 + 7, 5, [T0], id="shorter-than-a-bucket"),
-    pytest.param(T0 + 12, 5, [T0, T0 + 10], id="shorter-than-a-bucket-across-two"),
-    pytest.param(T0 + 7200, 7200, list(range(T0 + 7200 - 3600, T0 + 7201, 10)), id="at-most-an-hour"),
+@pytest.mark.parametrize("now, window, slack, expected", [
+    pytest.param(T0 + 60, 60, 0, list(range(T0, T0 + 61, 10)), id="a-window-of-whole-buckets"),
+    pytest.param(T0 + 65, 60, 0, list(range(T0, T0 + 61, 10)), id="the-bucket-holding-its-start-counts"),
+    pytest.param(T0 + 7, 5, 0, [T0], id="shorter-than-a-bucket"),
+    pytest.param(T0 + 12, 5, 0, [T0, T0 + 10], id="shorter-than-a-bucket-across-two"),
+    pytest.param(T0 + 7200, 7200, 0, list(range(T0 + 7200 - 3600, T0 + 7201, 10)), id="at-most-an-hour"),
+    pytest.param(T0 + 65, 60, 10, list(range(T0 - 10, T0 + 71, 10)), id="an-estimate-a-bucket-more-each-side"),
+    pytest.param(T0 + 7200, 7200, 10, list(range(T0 + 7200 - 3610, T0 + 7211, 10)), id="beyond-the-hour-too"),
 ])
-def test_refusal_starts(now, window, expected):
-    assert monitor_rules.refusal_starts(now, window) == expected
+def test_refusal_starts(now, window, slack, expected):
+    assert monitor_rules.refusal_starts(now, window, slack) == expected
 
 
 def test_refusal_buckets_add_up_what_each_node_counted_since_its_last_write(redis_client):
