@@ -3,21 +3,35 @@ entry is stored with its audit entry and its idempotency answer in one Lua scrip
 without its audit or twice. (On a Redis Cluster, a change to a spider's scrapy-redis keys, in other slots than the
 monitor's, is made key by key and then recorded: see ``act_apart``.)"""
 
+import hashlib
 import logging
 
-from monitor_contract import (
-    AUDIT_KEEP,
-    CONTROL_LOG_KEEP,
-    IDEMPOTENCY_TTL,
-    as_text,
-    audit_keys,
-    control_key,
-    dumps,
-    loads,
-    notify,
-)
+from monitor_contract import CONTROL_COMMANDS, as_text, control_key, dumps, loads, notify
 
 logger = logging.getLogger(__name__)
+
+# The control log keeps the newest this many commands; what it holds besides the fleet commands: the changes to a
+# spider's queues.
+CONTROL_LOG_KEEP = 1000
+LOGGED_COMMANDS = CONTROL_COMMANDS + ("seed", "flush", "requeue", "slow")
+# The audit log keeps the newest this many entries (never by TTL); an idempotency key's first answer is kept a day.
+AUDIT_KEEP = 10000
+IDEMPOTENCY_TTL = 86400
+
+
+def audit_key(prefix, name):
+    """The audit log's keys: ``log`` (a LIST of JSON entries, newest first, capped at AUDIT_KEEP) and ``seq``."""
+    return f"{prefix}:audit:{name}"
+
+
+def idempotency_key(prefix, who, key):
+    """The first answer to a change sent by ``who`` with ``Idempotency-Key: key``, kept IDEMPOTENCY_TTL."""
+    return f"{prefix}:idem:{hashlib.sha256(f'{who}{chr(0)}{key}'.encode()).hexdigest()[:32]}"
+
+
+def audit_keys(prefix):
+    return audit_key(prefix, "log"), audit_key(prefix, "seq")
+
 
 # Lua shared by the write scripts: every key's type is checked before anything is written (a key of the wrong
 # type fails the whole script, naming the key: "WRONGKEY <key> is a <type>, not a <type>"); ids are one above

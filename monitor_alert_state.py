@@ -14,14 +14,18 @@ from typing import NamedTuple, Optional
 
 import redis
 
-from monitor_acting import ADD_SILENCE_LUA, DELETE_SILENCE_LUA, audit_fields
-from monitor_contract import (
+from monitor_acting import (
+    ADD_SILENCE_LUA,
     AUDIT_KEEP,
+    DELETE_SILENCE_LUA,
     IDEMPOTENCY_TTL,
-    alert_key,
-    as_text,
+    audit_fields,
     audit_key,
     audit_keys,
+)
+from monitor_contract import (
+    alert_key,
+    as_text,
     dumps,
     events_channel,
     is_bounded,

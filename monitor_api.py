@@ -30,12 +30,12 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from werkzeug.exceptions import HTTPException
 from werkzeug.routing import PathConverter
 
+from monitor_acting import CONTROL_LOG_KEEP
 from monitor_alert_state import read_alerts, read_silences
 from monitor_cache import CACHE_ENTRIES, Body, Cache, CachedFastPath, cache_key, json_body, to_json
 from monitor_changes import audit_refusal, audit_reload, changes, reader
 from monitor_contract import (
     BIG_FIELDS,
-    CONTROL_LOG_KEEP,
     DEFAULT_INTERVAL,
     HISTORY_SECONDS,
     STALE_INTERVALS,

@@ -10,9 +10,18 @@ import redis
 from flask import Blueprint, abort, current_app, g, request
 from werkzeug.exceptions import HTTPException
 
-from monitor_acting import FLUSH_LUA, REQUEUE_LUA, SEED_LUA, act_on_queues, audit_fields, issue, write_audit
+from monitor_acting import (
+    FLUSH_LUA,
+    REQUEUE_LUA,
+    SEED_LUA,
+    act_on_queues,
+    audit_fields,
+    idempotency_key,
+    issue,
+    write_audit,
+)
 from monitor_alert_state import remove_silence, silence_from, store_silence
-from monitor_contract import CONTROL_COMMANDS, dead_key, dumps, idempotency_key, is_text, loads, redis_now
+from monitor_contract import CONTROL_COMMANDS, dead_key, dumps, is_text, loads, redis_now
 from monitor_gate import SEED_BODY, acting, shown
 from monitor_queues import QueueError, parse_flush, parse_requeue, parse_seed, queues_of
 from monitor_settings import redact, scrub

@@ -748,36 +748,11 @@ def write_run(pipe, prefix, record, start, keep, lost=False):
 CONTROL_COMMANDS = ("pause", "resume", "stop", "drain")
 # Finish reasons of a node closed by a command.
 STOPPED, DRAINED = "stopped", "drained"
-# The control log keeps the newest this many commands.
-CONTROL_LOG_KEEP = 1000
 # A command's acknowledgements are kept a week: longer than anyone reads the log for a command's outcome.
 ACK_TTL = 7 * 86400
-# The audit log keeps the newest this many entries (never by TTL); an idempotency key's first answer is kept a day.
-AUDIT_KEEP = 10000
-IDEMPOTENCY_TTL = 86400
-
-
-def audit_key(prefix, name):
-    """The audit log's keys: ``log`` (a LIST of JSON entries, newest first, capped at AUDIT_KEEP) and ``seq``."""
-    return f"{prefix}:audit:{name}"
-
-
-def idempotency_key(prefix, who, key):
-    """The first answer to a change sent by ``who`` with ``Idempotency-Key: key``, kept IDEMPOTENCY_TTL."""
-    return f"{prefix}:idem:{hashlib.sha256(f'{who}{chr(0)}{key}'.encode()).hexdigest()[:32]}"
-
-
-def audit_keys(prefix):
-    return audit_key(prefix, "log"), audit_key(prefix, "seq")
-
-
 def control_targets(node, spider):
     """The fields of ``<p>:control:commands`` a node obeys: its own, its spider's, everyone's."""
     return [f"node:{node}", f"spider:{spider}", "all"]
-
-
-# What the control log holds besides the fleet commands: the changes to a spider's queues.
-LOGGED_COMMANDS = CONTROL_COMMANDS + ("seed", "flush", "requeue", "slow")
 
 
 def decode_command(raw, known=CONTROL_COMMANDS):

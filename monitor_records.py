@@ -9,15 +9,13 @@ import json
 import logging
 import time
 
+from monitor_acting import AUDIT_KEEP, LOGGED_COMMANDS, audit_key
 from monitor_contract import (
-    AUDIT_KEEP,
     BASELINE_RUNS,
-    LOGGED_COMMANDS,
     MIN_BASELINE,
     NUMBER_LIMIT,
     RUN_ID,
     as_text,
-    audit_key,
     control_ack_key,
     control_key,
     decode_command,

@@ -309,7 +309,7 @@ def _num(value, low=0.0, high=math.inf):
 
 
 def _names_ok(names):
-    """Whether every one of ``names`` (an object's keys: text) is a ``_name`` in ASCII, checked at C speed."""
+    """Whether every one of ``names`` (an object's keys: text) is an ``is_name`` in ASCII, checked at C speed."""
     return "".join(names).isascii() and "" not in names and (not names or max(map(len, names)) <= SAMPLE_TEXT)
 
 

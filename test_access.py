@@ -403,12 +403,12 @@ def test_an_operator_acts_and_its_name_is_in_the_control_log_and_the_audit(redis
 
 
 def test_the_audit_log_is_capped_never_expired(redis_url, redis_client):
-    for i in range(monitor_contract.AUDIT_KEEP + 5):
+    for i in range(monitor_acting.AUDIT_KEEP + 5):
         monitor_acting.write_audit(redis_client, "scrapy", {"who": "t", "action": "x", "n": i})
-    assert redis_client.llen("scrapy:audit:log") == monitor_contract.AUDIT_KEEP
+    assert redis_client.llen("scrapy:audit:log") == monitor_acting.AUDIT_KEEP
     assert redis_client.ttl("scrapy:audit:log") == -1
     newest = json.loads(redis_client.lindex("scrapy:audit:log", 0))
-    assert newest["id"] == monitor_contract.AUDIT_KEEP + 5 and newest["n"] == monitor_contract.AUDIT_KEEP + 4
+    assert newest["id"] == monitor_acting.AUDIT_KEEP + 5 and newest["n"] == monitor_acting.AUDIT_KEEP + 4
 
 
 def test_a_rotated_tokens_file_takes_effect_without_a_restart(redis_url, redis_client, tmp_path, caplog):
@@ -515,7 +515,7 @@ def test_a_repeat_with_the_same_idempotency_key_returns_the_first_answer_and_cha
     assert [(e["action"], e["outcome"]) for e in entries] == [
         ("silence.delete", "refused"), ("silence.delete", "applied"), ("silence.add", "applied"),
         ("control.pause", "applied"), ("control.pause", "applied")]
-    assert 0 < redis_client.ttl(monitor_contract.idempotency_key("scrapy", "anonymous", "k1")) <= 86400
+    assert 0 < redis_client.ttl(monitor_acting.idempotency_key("scrapy", "anonymous", "k1")) <= 86400
     for bad in ("", "x" * 201, "caf\u00e9"):
         resp = c.post("/control", json=PAUSE_ALL, headers={"Idempotency-Key": bad.encode().decode("latin-1")})
         assert resp.status_code == 400 and "Idempotency-Key" in resp.get_json()["error"]

@@ -339,12 +339,12 @@ def test_the_newest_command_of_a_nodes_three_targets_wins(redis_client, redis_ur
 
 def test_the_control_log_is_capped_in_redis(redis_client, redis_url):
     store(redis_client, snap("a:1"))
-    for _ in range(monitor_contract.CONTROL_LOG_KEEP + 5):
+    for _ in range(monitor_acting.CONTROL_LOG_KEEP + 5):
         monitor_acting.issue_command(redis_client, "scrapy", "pause", "all")
-    assert redis_client.llen(monitor_contract.control_key("scrapy", "log")) == monitor_contract.CONTROL_LOG_KEEP
+    assert redis_client.llen(monitor_contract.control_key("scrapy", "log")) == monitor_acting.CONTROL_LOG_KEEP
     api = make_app(redis_url).test_client()
-    log = api.get(f"/control/log?limit={monitor_contract.CONTROL_LOG_KEEP}").get_json()["log"]
-    assert log[0]["id"] == monitor_contract.CONTROL_LOG_KEEP + 5 and len(log) == monitor_contract.CONTROL_LOG_KEEP
+    log = api.get(f"/control/log?limit={monitor_acting.CONTROL_LOG_KEEP}").get_json()["log"]
+    assert log[0]["id"] == monitor_acting.CONTROL_LOG_KEEP + 5 and len(log) == monitor_acting.CONTROL_LOG_KEEP
 
 
 # ---------------------------------------------------------------------------- the dashboard
