@@ -480,8 +480,10 @@ def events():
                                  "poll /metrics, or try again later")
         response.status_code, response.headers["Retry-After"] = 503, "10"
         return response
-    return Response(stream, 200, {"Cache-Control": "no-store", "X-Accel-Buffering": "no"},
-                    mimetype="text/event-stream")
+    headers = {"Cache-Control": "no-store", "X-Accel-Buffering": "no", "Vary": "Accept-Encoding"}
+    if stream.gzipped:
+        headers["Content-Encoding"] = "gzip"
+    return Response(stream, 200, headers, mimetype="text/event-stream")
 
 
 @bp.post("/events/ticket")

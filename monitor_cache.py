@@ -104,9 +104,7 @@ class Body:
 
     def pick(self, environ):
         """``(status, headers, bytes)`` for this request: gzipped if it takes gzip, 304 if its ETag holds."""
-        accept = environ.get("HTTP_ACCEPT_ENCODING", "")
-        zipped = self.zipped is not None and "gzip" in accept and (
-            ";" not in accept or parse_accept_header(accept)["gzip"] > 0)
+        zipped = self.zipped is not None and takes_gzip(environ)
         data, tag, headers = self.zipped if zipped else self.plain
         match = environ.get("HTTP_IF_NONE_MATCH")
         if match and (f'"{tag}"' in match or match.strip() == "*"):
@@ -122,6 +120,12 @@ class Body:
         if status == 200:
             headers = headers + [("Content-Length", str(len(data)))]
         return status, headers, wrapped(environ, data)
+
+
+def takes_gzip(environ):
+    """Whether the request's Accept-Encoding takes gzip (browsers' does)."""
+    accept = environ.get("HTTP_ACCEPT_ENCODING", "")
+    return "gzip" in accept and (";" not in accept or parse_accept_header(accept)["gzip"] > 0)
 
 
 # A body of WRAP_FROM bytes or more goes out through the server's file wrapper: waitress sends it from the bytes as

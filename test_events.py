@@ -8,7 +8,9 @@ import concurrent.futures
 import contextlib
 import socket
 import time
+import zlib
 
+import pytest
 import requests
 
 import monitor_api
@@ -18,6 +20,7 @@ from testbed import EventReader, make_app, publish, reporting, snapshot
 from testbed_servers import serving, wait_for
 
 NODE = "main_spider:h:1"
+GZIP = "gzip, deflate, br, zstd"  # what Chromium's EventSource sends
 
 
 def served(redis_url, **config):
@@ -93,7 +96,7 @@ def test_reconnecting_with_last_event_id_loses_nothing_and_a_lost_id_gets_reset(
         publish(redis_client, snapshot("a:h:2"), snapshot("a:h:3"), stamp=True)
         publish(redis_client, snapshot("a:h:2", pages=7), stamp=True)
         wait_for(lambda: app.extensions["events"].known.keys() >= {"a:h:2", "a:h:3"}, what="the hub reading them")
-        again = EventReader(base, headers={"Last-Event-ID": last})
+        again = EventReader(base, headers={"Last-Event-ID": last, "Accept-Encoding": GZIP})  # as browsers ask
         try:
             got = again.wait("nodes", lambda d: True)
             assert set(got["nodes"]) == {"a:h:2", "a:h:3"} and got["nodes"]["a:h:2"]["pages"] == 7
@@ -110,9 +113,52 @@ def test_reconnecting_with_last_event_id_loses_nothing_and_a_lost_id_gets_reset(
             publish(redis_client, *(snapshot(f"b:h:{n}", pages=i) for n in range(60)), stamp=True)
             time.sleep(0.2)
         wait_for(lambda: app.extensions["events"].seq > 150, what="150 changes")
-        old = EventReader(base, headers={"Last-Event-ID": last})
+        old = EventReader(base, headers={"Last-Event-ID": last, "Accept-Encoding": GZIP})
         assert "too old" in old.wait("reset")["reason"]
         old.close()
+
+
+@pytest.mark.parametrize("blocks", [
+    [b"retry: 2000\n\n"],
+    [b":\n\n", b":\n\n"],
+    [b"event: nodes\ndata: " + b'{"pages": 1}' * 500 + b"\n\n", b""],
+    [bytes(range(256)) * 300, b"event: x\ndata: 1\n\n", b"abc" * 50000],
+])
+def test_packed_blocks_decode_as_they_arrive_whatever_came_before(blocks):
+    # A packed block is decoded whole as soon as it arrives, and refers to nothing before it: streams with
+    # different beginnings (each its own hello) share the same packed push.
+    for opening in (b"", b"event: hello\ndata: {}\n\n", b"q" * 70000):
+        unzip = zlib.decompressobj(16 + zlib.MAX_WBITS)
+        assert unzip.decompress(monitor_events.GZIP_HEADER + monitor_events.packed(opening)) == opening
+        for block in blocks:
+            assert unzip.decompress(monitor_events.packed(block)) == block
+    assert monitor_events.PACKED_KEEPALIVE == monitor_events.packed(b":\n\n")
+
+
+def test_a_client_that_takes_gzip_gets_each_push_gzipped_and_decodable_as_it_arrives(redis_url, redis_client):
+    # The stream never ends, so a push the client could not decode until more came would never show: each push is
+    # a block of its own, flushed. Beside it an identity stream says the same, in several times the bytes.
+    app, server = served(redis_url)
+    with server as base:
+        zipped, plain = EventReader(base, headers={"Accept-Encoding": GZIP}), EventReader(base)
+        try:
+            assert zipped.headers["Content-Encoding"] == "gzip" and "Accept-Encoding" in zipped.headers["Vary"]
+            assert "Content-Encoding" not in plain.headers
+            names = {f"main_spider:h:{n}" for n in range(50)}
+            seen = []
+            for stream in (zipped, plain):
+                stream.wait("hello")
+            publish(redis_client, *(snapshot(n, pages=len(n)) for n in sorted(names)), stamp=True)
+            for stream in (zipped, plain):
+                got = {}
+                while not names <= got.keys():
+                    got.update(stream.wait("nodes", lambda d: True)["nodes"])
+                seen.append(got)
+            assert seen[0] == seen[1] and seen[0]["main_spider:h:7"]["pages"] == len("main_spider:h:7")
+            assert 0 < zipped.wire * 4 < plain.wire
+        finally:
+            zipped.close()
+            plain.close()
 
 
 def test_a_client_that_reads_nothing_is_dropped_and_its_thread_freed(redis_url, redis_client):

@@ -18,6 +18,7 @@ import subprocess
 import sys
 import threading
 import time
+import zlib
 
 import redis
 
@@ -31,7 +32,8 @@ from testbed_servers import ROOT, Site, clean_env
 class EventReader:
     """A client of ``GET /events`` (Server-Sent Events) on a thread: every event it reads goes to ``events``, as
     ``(name, id, parsed data, arrival time.monotonic())``; ``wait`` takes the first that matches. ``status`` and
-    ``headers`` are the response's."""
+    ``headers`` are the response's; ``headers={"Accept-Encoding": "gzip"}`` asks for the gzipped stream browsers
+    get."""
 
     def __init__(self, base, path="/events", headers=None, timeout=30.0):
         import http.client  # here: only the stream's tests and benchmarks read events
@@ -44,16 +46,32 @@ class EventReader:
         self.sock = self.conn.sock
         self.response = self.conn.getresponse()
         self.status, self.headers = self.response.status, dict(self.response.getheaders())
-        self.events, self.last_id, self.closed = queue.Queue(), None, False
+        self.events, self.last_id, self.closed, self.wire = queue.Queue(), None, False, 0
         if self.status == 200:
             threading.Thread(target=self._read, daemon=True).start()
         else:
             self.body = self.response.read()
 
+    def lines(self):
+        """The stream's lines as they arrive, gunzipped as they arrive when it is gzipped (``wire`` counts the bytes
+        as sent)."""
+        if self.headers.get("Content-Encoding") != "gzip":
+            for raw in iter(self.response.readline, b""):
+                self.wire += len(raw)
+                yield raw
+            return
+        unzip, rest = zlib.decompressobj(16 + zlib.MAX_WBITS), b""
+        for chunk in iter(lambda: self.response.read1(1 << 16), b""):
+            self.wire += len(chunk)
+            *done, rest = (rest + unzip.decompress(chunk)).split(b"\n")
+            yield from (line + b"\n" for line in done)
+
     def _read(self):
+        import http.client
+
         name, ident, data = "message", None, []
         try:
-            for raw in iter(self.response.readline, b""):
+            for raw in self.lines():
                 line = raw.decode().rstrip("\n")
                 if line.startswith("event: "):
                     name = line[7:]
@@ -65,7 +83,7 @@ class EventReader:
                     self.last_id = ident or self.last_id
                     self.events.put((name, ident, json.loads("\n".join(data)), time.monotonic()))
                     name, ident, data = "message", None, []
-        except (OSError, ValueError):
+        except (OSError, ValueError, http.client.HTTPException):  # hung up, or cut mid-chunk
             pass
         self.closed = True
 

@@ -6,8 +6,9 @@ Starts its own redis-server and ``monitor_api.py``, writes the nodes the way the
 write and publishes the change in the same script), then, while every node reports every 10 s (a tenth of them each
 second, in ten batches):
 - ``/metrics`` latency with no stream open, then with ``--clients`` streams open (each reading and dropping what it
-  gets) and the dashboard in headless Chromium taking pushed changes (goal: p99 <= 25 ms); beside it the API
-  process's CPU seconds per second in each phase (steadier than latency on a busy machine);
+  gets; they take gzip as browsers do, unless ``--identity``) and the dashboard in headless Chromium taking pushed
+  changes (goal: p99 <= 25 ms); beside it the API process's CPU seconds per second in each phase (steadier than
+  latency on a busy machine), and the bytes each stream got a second;
 - from a node's write to the frame that shows the change in the page (window.dashboardStats.painted), p50 and p99
   (goal: p99 <= 1 s);
 - how many subscriptions the API holds on Redis, whatever the number of clients (goal: 1);
@@ -36,18 +37,20 @@ from testbed import CHROMIUM, CHROMIUM_ARGS, publish, snapshot  # noqa: E402
 from testbed_servers import ApiServer, RedisServer, cpu_seconds  # noqa: E402
 
 INTERVAL = 10.0
+BROWSER_ENCODINGS = b"gzip, deflate, br, zstd"  # what Chromium's EventSource sends
 
 
 class Sinks:
-    """``n`` stream clients on raw sockets, read by one thread that counts and drops what they get."""
+    """``n`` stream clients on raw sockets, read by one thread that counts and drops what they get; they send
+    ``encoding`` as their Accept-Encoding (a browser's EventSource takes gzip)."""
 
-    def __init__(self, port, n):
+    def __init__(self, port, n, encoding):
         self.selector = selectors.DefaultSelector()
         self.bytes = [0] * n
         self.socks = []
         for i in range(n):
             sock = socket.create_connection(("127.0.0.1", port))
-            sock.sendall(b"GET /events HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+            sock.sendall(b"GET /events HTTP/1.1\r\nHost: 127.0.0.1\r\nAccept-Encoding: %s\r\n\r\n" % encoding)
             sock.setblocking(False)
             self.selector.register(sock, selectors.EVENT_READ, i)
             self.socks.append(sock)
@@ -107,6 +110,8 @@ def main():
     parser.add_argument("--seconds", type=float, default=30.0, help="how long the page is watched")
     parser.add_argument("--idle", type=float, default=60.0, help="seconds an idle stream is measured")
     parser.add_argument("--requests", type=int, default=1000, help="GET /metrics timed per measurement")
+    parser.add_argument("--identity", action="store_true",
+                        help="the stream clients do not take gzip (browsers do; Python's http.client does not)")
     parser.add_argument("--root", default=ROOT, help="the checkout whose API is measured (default: this one)")
     args = parser.parse_args()
     testbed_servers.ROOT = os.path.abspath(args.root)  # ApiServer starts that checkout's monitor_api.py
@@ -144,9 +149,10 @@ def main():
         print(f"{args.nodes} nodes, each writing every {INTERVAL:g} s; API of {testbed_servers.ROOT}")
         print(f"GET /metrics, no stream open:        p50 {statistics.median(alone):6.1f} ms   "
               f"p99 {percentile(alone, 0.99):6.1f} ms{load.reading()}")
-        sinks = Sinks(api.port, args.clients)
+        sinks = Sinks(api.port, args.clients, b"identity" if args.identity else BROWSER_ENCODINGS)
         time.sleep(2)
         load.reading()
+        received, since = sum(sinks.bytes), time.monotonic()
         subscribed = client.pubsub_numsub(monitor_contract.events_channel("scrapy"))[0][1]
         latencies, crowded = [], []
         if CHROMIUM:
@@ -176,8 +182,10 @@ def main():
             print("(Debian's chromium is not installed: no page, so no write-to-paint figures)")
             crowded = metrics_latency(api.url, args.requests)
         streams = sum(1 for b in sinks.bytes if b)
+        rate = (sum(sinks.bytes) - received) / (time.monotonic() - since) / args.clients / 1024
         print(f"GET /metrics, {args.clients} streams open:    p50 {statistics.median(crowded):6.1f} ms   "
-              f"p99 {percentile(crowded, 0.99):6.1f} ms   (goal: p99 <= 25 ms){load.reading()}")
+              f"p99 {percentile(crowded, 0.99):6.1f} ms   (goal: p99 <= 25 ms){load.reading()}\n"
+              f"  each stream got {rate:.1f} KB/s ({'identity' if args.identity else 'gzip'})")
         if latencies:
             print(f"write -> card painted ({len(latencies)} writes, {args.clients} other streams): "
                   f"p50 {statistics.median(latencies):.0f} ms   p99 {percentile(latencies, 0.99):.0f} ms   "
