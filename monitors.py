@@ -224,10 +224,10 @@ class SpiderMonitor:
         """Runs on the reactor: whether requests are being downloaded (or wait in a download slot, as with a
         download delay) or responses processed. In memory only: never the scheduler, which scrapy-redis keeps in
         Redis."""
-        engine = self.crawler.engine
         try:
+            engine = self.crawler.engine  # Scrapy 2.13+ raises RuntimeError until the crawl starts
             return bool(engine.downloader.active) or not engine.scraper.slot.is_idle()
-        except AttributeError:  # not open yet, or closing
+        except (AttributeError, RuntimeError):  # not open yet, or closing
             return False
 
     def control_fields(self):

@@ -201,6 +201,12 @@ def test_hanging_monitor_redis_does_not_slow_the_crawl(redis_url, crawlers, plai
             site.stop()
 
 
+def test_a_tick_before_the_crawl_starts_counts_nothing_in_flight():
+    # Scrapy 2.13+ raises RuntimeError for crawler.engine until the crawl starts (it was None before).
+    ext = monitors.SpiderMonitor.from_crawler(get_crawler(settings_dict={"REDIS_URL": "redis://127.0.0.1:1"}))
+    assert ext._in_flight() is False
+
+
 def test_disabled_monitor_raises_not_configured():
     with pytest.raises(NotConfigured):
         monitors.SpiderMonitor.from_crawler(get_crawler(settings_dict={"MONITOR_ENABLED": False}))
